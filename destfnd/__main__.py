@@ -1,0 +1,3 @@
+from destfnd.cli import main
+
+raise SystemExit(main())

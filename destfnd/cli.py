@@ -1,0 +1,195 @@
+"""The `destfnd` command: serve, check-config, stats, deliveries.
+
+Errors reach the user as one clear message and a named exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import sys
+
+import orjson
+
+from destfnd import logs
+from destfnd.config import Config, ConfigError, load_config
+from destfnd.store import Status, StoreError, open_db
+from destfnd.store import queue as q
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the daemon failed while running
+EXIT_USAGE = 2  # argparse's own
+EXIT_CONFIG = 3  # the config is invalid
+EXIT_STORE = 4  # the database cannot be opened or read
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print("destfnd: the config is invalid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
+        print(f"destfnd: {exc}", file=sys.stderr)
+        return EXIT_STORE
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="destfnd", description="Self-hosted Segment destination functions."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "--config",
+            metavar="PATH",
+            help="config file (default: $DESTFND_CONFIG, else config/destfnd.toml)",
+        )
+        p.set_defaults(func=func)
+        return p
+
+    command("serve", cmd_serve, "run the daemon in the foreground (logs to stderr)")
+    command("check-config", cmd_check_config, "validate the config; list every problem")
+    p = command("stats", cmd_stats, "per destination, how many deliveries are in each status")
+    p.add_argument("--json", action="store_true", help="print JSON keyed by destination")
+    p = command("deliveries", cmd_deliveries, "recent deliveries with their last error")
+    p.add_argument("--destination", metavar="N", help="only this destination")
+    p.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    p.add_argument("--limit", type=int, default=20, metavar="K", help="at most K (default 20)")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    from destfnd.daemon import unsupported
+
+    cfg = load_config(args.config)
+    problems = unsupported(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from destfnd.daemon import Daemon, install_signal_handlers
+
+    cfg = _load(args)
+    logs.setup(cfg.logging.level, cfg.logging.format)
+    daemon = Daemon(cfg)
+
+    async def run() -> None:
+        install_signal_handlers(daemon)
+        await daemon.run()
+
+    try:
+        import uvloop
+    except ImportError:  # optional: uvloop makes the HTTP client about a third faster
+        asyncio.run(run())
+    else:
+        uvloop.run(run())
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    kinds = ", ".join(f"{d.name} ({d.kind})" for d in cfg.destinations) or "none"
+    print(f"{cfg.path}: ok")
+    print(f"  sources: {', '.join(s.name for s in cfg.sources)}")
+    print(f"  destinations: {kinds}")
+    print(f"  database: {cfg.storage.path}")
+    return EXIT_OK
+
+
+def _read(cfg: Config) -> sqlite3.Connection:
+    return open_db(cfg.storage.path, readonly=True)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    conn = _read(cfg)
+    try:
+        counts = q.status_counts(conn)
+        leased = q.leased_counts(conn)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{cfg.storage.path}: cannot read: {exc}") from exc
+    finally:
+        conn.close()
+    names = [d.name for d in cfg.destinations] + sorted(set(counts) - {d.name for d in cfg.destinations})
+    table = {n: {s.value: counts.get(n, {}).get(s.value, 0) for s in Status} for n in names}
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(table, option=orjson.OPT_INDENT_2) + b"\n")
+        return EXIT_OK
+    statuses = [s.value for s in Status]
+    width = max([len("destination"), *map(len, names)])
+    print(f"{'destination':<{width}}  " + "  ".join(f"{s:>9}" for s in statuses) + "  in flight")
+    for name in names:
+        row = "  ".join(f"{table[name][s]:>9}" for s in statuses)
+        print(f"{name:<{width}}  {row}  {leased.get(name, 0):>9}")
+    return EXIT_OK
+
+
+_DELIVERIES = """
+SELECT d.id, d.destination, d.status, d.attempts, d.created_at, d.next_at, d.finished_at,
+       d.last_error_type, d.last_error, e.message_id,
+       json_extract(CAST(e.payload AS TEXT), '$.type')
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE (:destination IS NULL OR d.destination = :destination)
+  AND (:status IS NULL OR d.status = :status)
+ORDER BY d.id DESC LIMIT :limit
+"""
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from destfnd.spec import format_ms
+
+    cfg = load_config(args.config)
+    conn = _read(cfg)
+    try:
+        rows = conn.execute(
+            _DELIVERIES,
+            {"destination": args.destination, "status": args.status, "limit": max(args.limit, 0)},
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise StoreError(f"{cfg.storage.path}: cannot read: {exc}") from exc
+    finally:
+        conn.close()
+    keys = ("id", "destination", "status", "attempts", "created_at", "next_at", "finished_at",
+            "error_type", "error", "message_id", "type")  # fmt: skip
+    records = []
+    for row in rows:
+        rec = dict(zip(keys, row, strict=True))
+        for key in ("created_at", "next_at", "finished_at"):
+            if rec[key] is not None:
+                rec[key] = format_ms(rec[key])
+        if rec["status"] not in (Status.PENDING, Status.RETRYING):
+            rec["next_at"] = None
+        records.append(rec)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(records, option=orjson.OPT_INDENT_2) + b"\n")
+        return EXIT_OK
+    for rec in records:
+        line = (f"{rec['created_at']}  {rec['destination']}  {rec['status']:<9}  "
+                f"attempts={rec['attempts']}  {rec['type']}  {rec['message_id']}")  # fmt: skip
+        if rec["error_type"]:
+            line += f"\n    {rec['error_type']}: {rec['error']}"
+        if rec["next_at"]:
+            line += f"\n    next attempt at {rec['next_at']}"
+        print(line)
+    if not records:
+        print("no deliveries")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+

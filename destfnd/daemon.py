@@ -1,0 +1,202 @@
+"""The composition root: open the store, start ingest and one dispatcher per destination in one
+task group, handle signals, and shut down in order (ingest 503 -> dispatch drains -> SQLite)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+
+from destfnd import sdnotify
+from destfnd.config import Config, DestinationConfig
+from destfnd.dispatch import Deliverer, Dispatcher
+from destfnd.ingest import Ingest
+from destfnd.store import Writer, open_db
+from destfnd.store import queue as q
+from destfnd.webhook import FileSink, Webhook
+
+log = structlog.get_logger("destfnd.daemon")
+
+_PRUNE_EVERY_S = 60.0
+_PRUNE_CHUNK = 2000  # rows per transaction, so pruning never holds the writer for long
+# aiohttp waits this long for requests still running once the listener closes.
+_HTTP_SHUTDOWN_S = 5.0
+
+
+def unsupported(cfg: Config) -> list[str]:
+    """Config that validates but that this version cannot run yet, as dotted-path problems."""
+    problems = []
+    for i, d in enumerate(cfg.destinations):
+        if d.kind == "function":
+            problems.append(
+                f"destinations[{i}].function: function destinations are not available in this "
+                "version yet; use type = \"webhook\" or type = \"file\""
+            )
+        if d.insert_function is not None:
+            problems.append(
+                f"destinations[{i}].insert_function: insert functions are not available in this "
+                "version yet"
+            )
+    return problems
+
+
+def make_deliverer(dest: DestinationConfig) -> Deliverer:
+    if dest.kind == "webhook":
+        return Webhook(dest)
+    if dest.kind == "file":
+        return FileSink(dest)
+    raise ValueError(f"no deliverer for destination type {dest.kind!r}")
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self._clock = clock
+        self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self.dispatchers: dict[str, Dispatcher] = {}
+        self.bound: tuple[str, int] | None = None
+
+    def request_stop(self) -> None:
+        """First call: drain gracefully. Second call: stop now (leases are still released)."""
+        if self._stop.is_set():
+            log.warning("stop_hurried")
+            self._hurry.set()
+        self._stop.set()
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        conn = open_db(cfg.storage.path, synchronous=cfg.storage.synchronous)
+        recovered = q.recover(conn, self._now_ms())
+        if recovered:
+            log.info("leases_recovered", deliveries=recovered)
+        writer = Writer(conn)
+        for dest in cfg.destinations:
+            if dest.enabled:
+                self.dispatchers[dest.name] = Dispatcher(dest, writer, make_deliverer(dest))
+        by_source = {
+            s.name: [
+                self.dispatchers[d.name]
+                for d in cfg.destinations
+                if d.name in self.dispatchers and s.name in d.sources
+            ]
+            for s in cfg.sources
+        }
+
+        def on_commit(source: str) -> None:
+            for dispatcher in by_source[source]:
+                dispatcher.wake()
+
+        ingest = Ingest(cfg, writer, on_commit, clock=self._clock)
+        runner = web.AppRunner(
+            ingest.app(),
+            access_log=None,
+            auto_decompress=False,  # ingest inflates itself, with a cap on the size
+            handle_signals=False,
+            shutdown_timeout=_HTTP_SHUTDOWN_S,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(writer.serve(), name="writer")
+                tasks = [
+                    tg.create_task(d.run(), name=f"dispatch:{name}")
+                    for name, d in self.dispatchers.items()
+                ]
+                pruner = tg.create_task(self._prune_loop(writer), name="prune")
+                await runner.setup()
+                site = web.TCPSite(runner, cfg.server.host, cfg.server.port, backlog=1024)
+                await site.start()
+                self.bound = _bound_address(runner)
+                ingest.ready = True
+                log.info(
+                    "daemon_ready",
+                    listen=f"{self.bound[0]}:{self.bound[1]}",
+                    destinations=list(self.dispatchers),
+                    database=str(cfg.storage.path),
+                )
+                sdnotify.notify("READY=1", "STATUS=accepting events")
+                await self._stop.wait()
+
+                sdnotify.notify("STOPPING=1", "STATUS=draining")
+                log.info("daemon_draining", grace_s=cfg.server.drain_timeout_s)
+                ingest.draining = True
+                for d in self.dispatchers.values():
+                    d.stop()
+                await self._drain(tasks)
+                pruner.cancel()
+                await runner.cleanup()
+                writer.close()
+        finally:
+            writer.shutdown()
+        log.info("daemon_stopped")
+
+    async def _drain(self, tasks: list[asyncio.Task]) -> None:
+        """Give in-flight deliveries the grace period, then cancel (their leases go back)."""
+        if not tasks:
+            return
+        hurry = asyncio.create_task(self._hurry.wait(), name="hurry")
+        try:
+            await _wait_all_or(tasks, hurry, self.cfg.server.drain_timeout_s)
+        finally:
+            hurry.cancel()
+        late = [t for t in tasks if not t.done()]
+        if late:
+            log.warning("drain_timeout", destinations=len(late))
+            for t in late:
+                t.cancel()
+            await asyncio.wait(late)
+
+    async def _prune_loop(self, writer: Writer) -> None:
+        storage, server = self.cfg.storage, self.cfg.server
+        while True:
+            now = self._now_ms()
+            finished_before = now - int(storage.retention_s * 1000)
+            seen_before = now - int(server.dedupe_window_s * 1000)
+            total = [0, 0]
+            while True:
+                deleted = await writer.run(
+                    lambda c: q.prune(c, finished_before, seen_before, _PRUNE_CHUNK)
+                )
+                total[0] += deleted[0]
+                total[1] += deleted[1]
+                if max(deleted) < _PRUNE_CHUNK:
+                    break
+            if any(total):
+                log.info("pruned", deliveries=total[0], message_ids=total[1])
+            await asyncio.sleep(_PRUNE_EVERY_S)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+
+async def _wait_all_or(tasks: list[asyncio.Task], hurry: asyncio.Task, timeout_s: float) -> None:
+    """Wait until every task is done, `hurry` is done, or the timeout passes."""
+    pending = set(tasks)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while pending and not hurry.done():
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return
+        done, _ = await asyncio.wait([*pending, hurry], timeout=left,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        pending -= done
+
+
+def _bound_address(runner: web.AppRunner) -> tuple[str, int]:
+    for server in runner.sites:
+        sock = server._server.sockets[0] if server._server else None  # type: ignore[attr-defined]
+        if sock is not None:
+            host, port = sock.getsockname()[:2]
+            return host, port
+    return ("", 0)
+
+
+def install_signal_handlers(daemon: Daemon) -> None:
+    """SIGTERM/SIGINT only set the stop event; a second one means stop now."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)

@@ -1,0 +1,258 @@
+"""One dispatcher per destination: lease due deliveries, deliver them with bounded concurrency
+(one by one, or in batches), and record each outcome. Never touches another destination.
+
+A feeder leases work into memory, `concurrency` workers deliver it, a flusher group-commits
+the outcomes. Nothing here blocks on another destination: each has its own tasks and session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from destfnd.config import DestinationConfig
+from destfnd.outcome import ErrorType, Kind, Outcome, retry
+from destfnd.retry import decide_retry
+from destfnd.store import Claimed, Finished, Status, Writer
+from destfnd.store import queue as q
+
+log = structlog.get_logger("destfnd.dispatch")
+
+_IDLE_POLL_S = 1.0  # re-check for due work at least this often when nothing woke us
+_SUMMARY_EVERY_S = 60.0
+_OUTCOME_STATUS = {Kind.OK: Status.DELIVERED, Kind.DISCARD: Status.DISCARDED, Kind.DROP: Status.DROPPED}
+
+
+class Deliverer(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def deliver(self, payloads: list[bytes], batched: bool) -> Outcome | list[Outcome]: ...
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        dest: DestinationConfig,
+        writer: Writer,
+        deliverer: Deliverer,
+        *,
+        clock: Callable[[], int] = now_ms,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.dest = dest
+        self._writer = writer
+        self._deliverer = deliverer
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._batch = dest.batch
+        # Units of work leased but not started: enough to keep every worker busy between claims.
+        self._max_units = max(2 * dest.concurrency, 2 if self._batch else 64)
+        self._units: deque[list[Claimed]] = deque()
+        self._held: list[Claimed] = []  # a batch being filled by the feeder
+        self._running: dict[int, list[Claimed]] = {}  # worker -> unit in delivery
+        self._outcomes: list[Finished] = []
+        self._wake = asyncio.Event()  # new work may be due (ingest, a retry, stop)
+        self._unit_ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._flush_wake = asyncio.Event()
+        self._stopping = False
+        self._workers_left = dest.concurrency
+        self.counts: dict[str, int] = {}  # outcomes since start, for the periodic summary
+        self._log = log.bind(destination=dest.name)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop leasing and starting work; what is in delivery finishes (see daemon drain)."""
+        self._stopping = True
+        for event in (self._wake, self._unit_ready, self._room, self._flush_wake):
+            event.set()
+
+    async def run(self) -> None:
+        await self._deliverer.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._feed(), name=f"feed:{self.dest.name}")
+                for i in range(self.dest.concurrency):
+                    tg.create_task(self._work(i), name=f"deliver:{self.dest.name}:{i}")
+                tg.create_task(self._flush_loop(), name=f"flush:{self.dest.name}")
+        finally:
+            # Cancelled or stopped: record what finished, give back every lease not finished.
+            unfinished = [c for unit in self._units for c in unit] + self._held
+            unfinished += [c for unit in self._running.values() for c in unit]
+            self._units.clear()
+            self._held = []
+            self._running.clear()
+            outcomes, self._outcomes = self._outcomes, []
+            ids = [c.delivery_id for c in unfinished]
+            now = self._clock()
+
+            def settle(conn):
+                q.finish(conn, outcomes)
+                q.release(conn, ids, now)
+
+            try:
+                await self._writer.run(settle)
+            finally:
+                await self._deliverer.close()
+            if ids:
+                self._log.info("leases_released", deliveries=len(ids))
+
+    # -- feeder ------------------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        name = self.dest.name
+        batch_started = 0.0
+        while not self._stopping:
+            if len(self._units) >= self._max_units:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            if self._batch:
+                limit = self._batch.max_events - len(self._held)
+            else:
+                limit = self._max_units - len(self._units)
+            self._wake.clear()
+            now = self._clock()
+            claimed, next_due = await self._writer.run(lambda c: q.claim(c, name, now, limit))
+            if self._stopping:
+                self._held.extend(claimed)
+                return
+            wait_s = _IDLE_POLL_S
+            if next_due is not None:
+                wait_s = min(wait_s, max(0.0, (next_due - self._clock()) / 1000))
+            if self._batch:
+                if claimed and not self._held:
+                    batch_started = time.monotonic()
+                self._held.extend(claimed)
+                if self._held:
+                    left_s = batch_started + self._batch.max_wait_s - time.monotonic()
+                    if len(self._held) >= self._batch.max_events or left_s <= 0:
+                        self._push(self._held)
+                        self._held = []
+                        continue
+                    wait_s = min(wait_s, left_s)
+                if claimed:
+                    continue  # more may be due right now
+            elif claimed:
+                for c in claimed:
+                    self._units.append([c])
+                self._unit_ready.set()
+                continue
+            if wait_s > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                except TimeoutError:
+                    pass
+
+    def _push(self, unit: list[Claimed]) -> None:
+        self._units.append(unit)
+        self._unit_ready.set()
+
+    # -- workers -----------------------------------------------------------------------------
+
+    async def _work(self, worker: int) -> None:
+        try:
+            while True:
+                while not self._units and not self._stopping:
+                    self._unit_ready.clear()
+                    await self._unit_ready.wait()
+                if self._stopping:
+                    return
+                unit = self._units.popleft()
+                self._room.set()
+                self._running[worker] = unit
+                await self._deliver(unit)
+                del self._running[worker]
+        finally:
+            self._workers_left -= 1
+            self._flush_wake.set()
+
+    async def _deliver(self, unit: list[Claimed]) -> None:
+        started = time.monotonic()
+        # The deliverer enforces `timeout` itself; this guard catches one that does not.
+        guard_s = self.dest.timeout_s * 2 + 1
+        try:
+            async with asyncio.timeout(guard_s):
+                result = await self._deliverer.deliver(
+                    [c.payload for c in unit], self._batch is not None
+                )
+        except TimeoutError:
+            result = retry(ErrorType.TIMEOUT, f"no result within {guard_s:g}s")
+        except Exception as exc:  # a task boundary: one delivery
+            self._log.exception("deliverer_crashed")
+            result = retry(ErrorType.RETRY, f"internal error: {type(exc).__name__}: {exc}")
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        outcomes = result if isinstance(result, list) else [result] * len(unit)
+        now = self._clock()
+        for claimed, outcome in zip(unit, outcomes, strict=True):
+            self._record(claimed, outcome, now, duration_ms)
+        self._flush_wake.set()
+
+    def _record(self, c: Claimed, outcome: Outcome, now: int, duration_ms: float) -> None:
+        if outcome.kind is Kind.RETRY:
+            decision = decide_retry(
+                self.dest.retry,
+                attempt=c.attempt,
+                created_at=c.created_at,
+                now=now,
+                rng=self._rng,
+                retry_after_s=outcome.retry_after_s,
+            )
+            status, at = decision.status, decision.at
+        else:
+            status, at = _OUTCOME_STATUS[outcome.kind], now
+        error_type = str(outcome.error_type) if outcome.error_type else None
+        self._outcomes.append(Finished(c.delivery_id, status, at, error_type, outcome.message))
+        self.counts[status] = self.counts.get(status, 0) + 1
+        fields = {
+            "message_id": c.message_id,
+            "attempt": c.attempt,
+            "status": str(status),
+            "duration_ms": duration_ms,
+        }
+        if status is Status.DELIVERED:
+            self._log.debug("delivery_attempted", **fields)
+            return
+        fields.update(error_type=error_type, error=outcome.message)
+        if status is Status.RETRYING:
+            fields["retry_in_s"] = round((at - now) / 1000, 3)
+        self._log.warning("delivery_failed", **fields)
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        last_summary = time.monotonic()
+        while True:
+            if not self._outcomes:
+                if self._workers_left == 0:
+                    return
+                self._flush_wake.clear()
+                try:
+                    await asyncio.wait_for(self._flush_wake.wait(), _SUMMARY_EVERY_S)
+                except TimeoutError:
+                    pass
+            if self._outcomes:
+                outcomes, self._outcomes = self._outcomes, []
+                try:
+                    await self._writer.run(lambda c: q.finish(c, outcomes))
+                except BaseException:
+                    self._outcomes[:0] = outcomes  # settled at stop
+                    raise
+                if any(o.status is Status.RETRYING for o in outcomes):
+                    self._wake.set()  # the feeder recomputes when the next retry is due
+            if time.monotonic() - last_summary >= _SUMMARY_EVERY_S and self.counts:
+                self._log.info("delivery_summary", **self.counts)
+                self.counts = {}
+                last_summary = time.monotonic()

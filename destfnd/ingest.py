@@ -1,0 +1,212 @@
+"""The Segment HTTP Tracking API: auth, limits, validation, enrichment, commit, then 200.
+
+A request is all or nothing, and answered 200 only once every event of it is on disk.
+Bad input gets a 4xx with a JSON body naming the problem; never a 5xx, never a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import orjson
+import structlog
+from aiohttp import web
+
+from destfnd import spec
+from destfnd.config import Config
+from destfnd.store import IncomingEvent, StoreError, Writer
+from destfnd.store import queue as q
+
+log = structlog.get_logger("destfnd.ingest")
+
+# Enrichment adds messageId, receivedAt, timestamp, originalTimestamp: this much room is left
+# for them so an event the client kept under the limit is not refused after we enriched it.
+_ENRICH_ALLOWANCE = 512
+
+
+class Rejected(Exception):
+    """The request is refused with `status` and a JSON error body."""
+
+    def __init__(self, status: int, error: str, detail: str = "") -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def error_response(status: int, error: str, detail: str = "") -> web.Response:
+    body = {"success": False, "error": error}
+    if detail:
+        body["detail"] = detail
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+_OK = orjson.dumps({"success": True})
+
+
+class Ingest:
+    """The aiohttp app; `on_commit(source)` is told after events of a source were committed."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        writer: Writer,
+        on_commit: Callable[[str], None],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._server = cfg.server
+        self._writer = writer
+        self._on_commit = on_commit
+        self._clock = clock
+        self._sources = {s.write_key.value: s.name for s in cfg.sources}
+        self._fanout: dict[str, tuple[str, ...]] = {
+            s.name: tuple(
+                d.name for d in cfg.destinations if d.enabled and s.name in d.sources
+            )
+            for s in cfg.sources
+        }
+        self.ready = False  # /healthz and ingest answer 503 until ready and after draining
+        self.draining = False
+
+    def app(self) -> web.Application:
+        # client_max_size bounds the raw body; the decompressed size is bounded in _body().
+        app = web.Application(client_max_size=self._server.max_request_bytes)
+        app.router.add_get("/healthz", self.healthz)
+        for name, etype in spec.ENDPOINT_TYPES.items():
+            app.router.add_post(f"/v1/{name}", self._handler(etype))
+        app.router.add_post("/v1/batch", self._handler(None))
+        app.router.add_post("/v1/import", self._handler(None))
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if self.ready and not self.draining:
+            return web.json_response({"status": "ok"})
+        state = "draining" if self.draining else "starting"
+        return web.json_response({"status": state}, status=503)
+
+    def _handler(self, endpoint_type: str | None):
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                return await self._accept(request, endpoint_type)
+            except Rejected as exc:
+                log.info("request_rejected", path=request.path, status=exc.status, error=exc.error)
+                return error_response(exc.status, exc.error, exc.detail)
+
+        return handle
+
+    async def _accept(self, request: web.Request, endpoint_type: str | None) -> web.Response:
+        if not self.ready or self.draining:
+            raise Rejected(503, "unavailable", "the daemon is starting or shutting down; retry")
+        header_key = _basic_user(request.headers.get("Authorization"))
+        if header_key is not None and header_key not in self._sources:
+            raise Rejected(401, "unauthorized", "unknown write key")
+        raw = await self._body(request)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise Rejected(400, "malformed JSON", str(exc)) from None
+        key = header_key
+        if key is None and isinstance(body, dict):
+            key = body.get("writeKey")
+        if not isinstance(key, str) or not key:
+            raise Rejected(
+                401, "unauthorized", "send the write key as HTTP Basic user name or as writeKey"
+            )
+        source = self._sources.get(key)
+        if source is None:
+            raise Rejected(401, "unauthorized", "unknown write key")
+        events = self._prepare(body, endpoint_type)
+        if events:
+            destinations = self._fanout[source]
+            now_ms = int(self._clock() * 1000)
+            cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
+            try:
+                await self._writer.run(
+                    lambda c: q.insert_events(c, source, events, destinations, now_ms, cutoff)
+                )
+            except StoreError as exc:
+                # Not the client's fault and not lost: no 200, so the client sends it again.
+                log.error("commit_failed", error=str(exc))
+                raise Rejected(503, "unavailable", "could not store the events; retry") from None
+            if destinations:
+                self._on_commit(source)
+        return web.Response(body=_OK, content_type="application/json")
+
+    async def _body(self, request: web.Request) -> bytes:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise Rejected(
+                413, "request too large", f"over {self._server.max_request_bytes} bytes"
+            ) from None
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return raw
+        if encoding != "gzip":
+            raise Rejected(415, "unsupported Content-Encoding", f"{encoding!r}; use gzip")
+        cap = self._server.max_decompressed_bytes
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(raw, cap + 1)
+            if len(out) > cap or inflater.unconsumed_tail:
+                raise Rejected(413, "request too large", f"over {cap} bytes once decompressed")
+            out += inflater.flush()
+        except zlib.error as exc:
+            raise Rejected(400, "bad gzip body", str(exc)) from None
+        if not inflater.eof:
+            raise Rejected(400, "bad gzip body", "truncated gzip stream")
+        if len(out) > cap:
+            raise Rejected(413, "request too large", f"over {cap} bytes once decompressed")
+        return out
+
+    def _prepare(self, body: object, endpoint_type: str | None) -> list[IncomingEvent]:
+        try:
+            messages = spec.expand(body, endpoint_type)
+        except spec.SpecError as exc:
+            raise Rejected(400, "invalid request", str(exc)) from None
+        limit = self._server.max_batch_events
+        if len(messages) > limit:
+            raise Rejected(400, "batch too large", f"{len(messages)} events; at most {limit}")
+        received_at = datetime.fromtimestamp(self._clock(), UTC)
+        max_bytes = self._server.max_event_bytes + _ENRICH_ALLOWANCE
+        prefix = "batch[{}]." if endpoint_type is None else ""
+        events = []
+        for index, message in enumerate(messages):
+            path = prefix.format(index)
+            try:
+                spec.validate(message, path)
+                spec.enrich(message, received_at)
+                payload = orjson.dumps(message)
+            except spec.SpecError as exc:
+                raise Rejected(400, "invalid event", str(exc)) from None
+            except TypeError as exc:  # orjson: e.g. integers beyond 64 bits
+                raise Rejected(400, "invalid event", f"{path or 'body'}: {exc}") from None
+            if len(payload) > max_bytes:
+                where = f"batch[{index}]" if endpoint_type is None else "event"
+                raise Rejected(
+                    413,
+                    "event too large",
+                    f"{where}: {len(payload)} bytes; at most {self._server.max_event_bytes}",
+                )
+            events.append(IncomingEvent(message["messageId"], payload))
+        return events
+
+
+def _basic_user(header: str | None) -> str | None:
+    """The user name of an HTTP Basic header (Segment's write key), or None if absent/other."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[0]

@@ -1,0 +1,60 @@
+"""Pure retry decisions: policy + attempt + outcome + clock -> retry at a time, or give up.
+
+No I/O and no clock of its own: the caller passes `now` and the random source (for jitter).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
+from destfnd.store import Status
+
+
+class Policy(Protocol):
+    max_attempts: int
+    max_age_s: float
+    backoff_initial_s: float
+    backoff_max_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    status: Status  # RETRYING, or the terminal status to record
+    at: int  # unix ms: when to try again, or when it was finished
+
+
+def backoff_s(policy: Policy, attempt: int, rng: random.Random) -> float:
+    """Randomized exponential backoff after the `attempt`-th failure ("equal jitter").
+
+    Half the exponential step is fixed, half random, so retries of a burst spread out but
+    never come back sooner than half the nominal delay.
+    """
+    step = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
+    return step / 2 + rng.uniform(0, step / 2)
+
+
+def decide_retry(
+    policy: Policy,
+    *,
+    attempt: int,
+    created_at: int,
+    now: int,
+    rng: random.Random,
+    retry_after_s: float | None = None,
+) -> Decision:
+    """After a retryable failure of attempt number `attempt` (1-based): when to try again.
+
+    Gives up with EXPIRED once `max_attempts` tries were made, or when the next try would
+    fall after `created_at + max_age`. A downstream `Retry-After` is honoured as a minimum.
+    """
+    if attempt >= policy.max_attempts:
+        return Decision(Status.EXPIRED, now)
+    delay_s = backoff_s(policy, attempt, rng)
+    if retry_after_s is not None and retry_after_s > delay_s:
+        delay_s = retry_after_s
+    at = now + int(delay_s * 1000)
+    if at > created_at + int(policy.max_age_s * 1000):
+        return Decision(Status.EXPIRED, now)
+    return Decision(Status.RETRYING, at)

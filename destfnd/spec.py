@@ -1,0 +1,220 @@
+"""The Segment event spec: which messages are valid, and how an accepted one is enriched.
+
+Pure functions over plain dicts; no I/O, no clock (callers pass `received_at_ms`).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias", "delete"})
+
+# Path segment of /v1/<kind> -> event type; the short forms are analytics.js's.
+ENDPOINT_TYPES = {
+    "track": "track", "t": "track",
+    "identify": "identify", "i": "identify",
+    "page": "page", "p": "page",
+    "screen": "screen", "s": "screen",
+    "group": "group", "g": "group",
+    "alias": "alias", "a": "alias",
+}  # fmt: skip
+
+_OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
+_MAX_ID_CHARS = 1024
+
+# Lenient ISO-8601: Segment's own examples send one-digit months ("2015-2-02T00:30:08.276Z").
+_TIMESTAMP = re.compile(
+    r"^\s*(\d{4})-(\d{1,2})-(\d{1,2})"
+    r"(?:[T ](\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:[.,](\d{1,9}))?)?)?"
+    r"\s*(Z|z|UTC|[+-]\d{2}(?::?\d{2})?)?\s*$"
+)
+
+
+class SpecError(ValueError):
+    """A message does not follow the Segment spec."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse an ISO-8601 timestamp as leniently as Segment; naive times are UTC."""
+    m = _TIMESTAMP.match(text)
+    if m is None:
+        raise ValueError(f"not an ISO-8601 timestamp: {text[:64]!r}")
+    year, month, day, hour, minute, second, frac, zone = m.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    try:
+        dt = datetime(
+            int(year), int(month), int(day),
+            int(hour or 0), int(minute or 0), int(second or 0), micro, tzinfo=UTC,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise ValueError(f"not a valid date or time: {text[:64]!r} ({exc})") from None
+    if zone and zone not in ("Z", "z", "UTC"):
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
+        dt -= sign * offset
+    return dt
+
+
+def format_timestamp(dt: datetime) -> str:
+    """The one representation destfnd writes: UTC, milliseconds, `Z`."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def format_ms(at_ms: int) -> str:
+    return format_timestamp(datetime.fromtimestamp(at_ms / 1000, UTC))
+
+
+def _check_id(event: dict, key: str, path: str) -> bool:
+    """Validate an optional identifier; numbers are coerced to strings as Segment's SDKs do."""
+    value = event.get(key)
+    if value is None:
+        return False
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise SpecError(f"{path}{key}", "must be a string")
+    if not isinstance(value, str):
+        value = str(value)
+        event[key] = value
+    if not value.strip():
+        return False
+    if len(value) > _MAX_ID_CHARS:
+        raise SpecError(f"{path}{key}", f"longer than {_MAX_ID_CHARS} characters")
+    return True
+
+
+def validate(event: object, path: str = "") -> dict:
+    """Check one message against the spec and return it; raises SpecError naming the field.
+
+    `path` prefixes field names in errors, e.g. "batch[3]." for the fourth message of a batch.
+    Numeric ids are coerced to strings in place.
+    """
+    if not isinstance(event, dict):
+        raise SpecError(path.rstrip(".") or "body", "must be a JSON object")
+    etype = event.get("type")
+    if not isinstance(etype, str):
+        raise SpecError(f"{path}type", "required: one of " + ", ".join(sorted(EVENT_TYPES)))
+    if etype not in EVENT_TYPES:
+        raise SpecError(
+            f"{path}type", f"unknown type {etype[:40]!r}; one of " + ", ".join(sorted(EVENT_TYPES))
+        )
+    has_user = _check_id(event, "userId", path)
+    has_anon = _check_id(event, "anonymousId", path)
+    if etype == "alias":
+        if not has_user:
+            raise SpecError(f"{path}userId", "required for alias")
+        if not _check_id(event, "previousId", path):
+            raise SpecError(f"{path}previousId", "required for alias")
+    elif etype == "delete":
+        if not has_user:
+            raise SpecError(f"{path}userId", "required for delete")
+    elif not (has_user or has_anon):
+        raise SpecError(f"{path}userId", "userId or anonymousId is required")
+    if etype == "track":
+        name = event.get("event")
+        if not isinstance(name, str) or not name.strip():
+            raise SpecError(f"{path}event", "required for track: a non-empty string")
+    if etype == "group" and not _check_id(event, "groupId", path):
+        raise SpecError(f"{path}groupId", "required for group")
+    for key in _OBJECT_FIELDS:
+        value = event.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise SpecError(f"{path}{key}", "must be an object")
+    if etype in ("page", "screen"):
+        for key in ("name", "category"):
+            value = event.get(key)
+            if value is not None and not isinstance(value, str):
+                raise SpecError(f"{path}{key}", "must be a string")
+    message_id = event.get("messageId")
+    if message_id is not None and (not isinstance(message_id, str) or not message_id):
+        raise SpecError(f"{path}messageId", "must be a non-empty string")
+    if isinstance(message_id, str) and len(message_id) > _MAX_ID_CHARS:
+        raise SpecError(f"{path}messageId", f"longer than {_MAX_ID_CHARS} characters")
+    for key in ("timestamp", "sentAt"):
+        _parse_optional_time(event, key, path)
+    return event
+
+
+def _parse_optional_time(event: dict, key: str, path: str) -> datetime | None:
+    value = event.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SpecError(f"{path}{key}", "must be an ISO-8601 string")
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise SpecError(f"{path}{key}", str(exc)) from None
+
+
+def enrich(
+    event: dict,
+    received_at: datetime,
+    *,
+    new_message_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+) -> dict:
+    """Fill `messageId`, set `receivedAt`, correct `timestamp` for client clock skew.
+
+    As Segment: with `sentAt`, timestamp = receivedAt - (sentAt - originalTimestamp), and the
+    client's own `timestamp` is kept as `originalTimestamp`. Call after `validate`.
+    """
+    event.pop("writeKey", None)
+    if not event.get("messageId"):
+        event["messageId"] = new_message_id()
+    event["receivedAt"] = format_timestamp(received_at)
+    sent_at = _parse_optional_time(event, "sentAt", "")
+    original = _parse_optional_time(event, "timestamp", "")
+    if original is None:
+        event["timestamp"] = event["receivedAt"]
+        return event
+    event["originalTimestamp"] = format_timestamp(original)
+    if sent_at is not None:
+        event["sentAt"] = format_timestamp(sent_at)
+        original = received_at - (sent_at - original)
+    event["timestamp"] = format_timestamp(original)
+    return event
+
+
+def expand(body: object, endpoint_type: str | None) -> list[dict]:
+    """The messages of one request body, batch-level fields merged in, not yet validated.
+
+    `endpoint_type` is the type implied by /v1/<type>, or None for /v1/batch.
+    """
+    if not isinstance(body, dict):
+        raise SpecError("body", "must be a JSON object")
+    if endpoint_type is not None:
+        event = {k: v for k, v in body.items() if k != "writeKey"}
+        given = event.get("type")
+        if given is not None and given != endpoint_type:
+            raise SpecError("type", f"{given!r} sent to the {endpoint_type} endpoint")
+        event["type"] = endpoint_type
+        return [event]
+    batch = body.get("batch")
+    if not isinstance(batch, list):
+        raise SpecError("batch", "required: an array of messages")
+    shared = {key: body[key] for key in ("context", "integrations") if key in body}
+    for key, value in shared.items():
+        if value is not None and not isinstance(value, dict):
+            raise SpecError(key, "must be an object")
+    sent_at = body.get("sentAt")
+    events = []
+    for index, event in enumerate(batch):
+        if not isinstance(event, dict):
+            raise SpecError(f"batch[{index}]", "must be a JSON object")
+        event.pop("writeKey", None)
+        for key, value in shared.items():
+            if isinstance(value, dict):
+                own = event.get(key)
+                # The message's own keys win over the batch's.
+                event[key] = {**value, **own} if isinstance(own, dict) else own or dict(value)
+        if sent_at is not None and "sentAt" not in event:
+            event["sentAt"] = sent_at
+        events.append(event)
+    return events

@@ -1,0 +1,21 @@
+"""SQLite only: the connection, migrations, the write-ahead queue of events and deliveries.
+
+Imports nothing above it; callers hold plain values (ids, bytes), never a cursor.
+"""
+
+from __future__ import annotations
+
+from destfnd.store.db import StoreError, open_db
+from destfnd.store.models import TERMINAL, Claimed, Finished, IncomingEvent, Status
+from destfnd.store.writer import Writer
+
+__all__ = [
+    "TERMINAL",
+    "Claimed",
+    "Finished",
+    "IncomingEvent",
+    "Status",
+    "StoreError",
+    "Writer",
+    "open_db",
+]

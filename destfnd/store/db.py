@@ -1,0 +1,95 @@
+"""Opening the SQLite file: pragmas, migrations by PRAGMA user_version, named queries."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from importlib import resources
+from pathlib import Path
+
+
+class StoreError(Exception):
+    """The SQLite store failed."""
+
+
+def _load_queries() -> dict[str, str]:
+    text = resources.files("destfnd.store").joinpath("sql/queries.sql").read_text()
+    queries = {}
+    for block in re.split(r"^-- name: ", text, flags=re.M)[1:]:
+        name, _, body = block.partition("\n")
+        queries[name.strip()] = body.strip()
+    return queries
+
+
+SQL = _load_queries()
+
+
+def _migrations() -> list[tuple[int, str]]:
+    found = []
+    for entry in resources.files("destfnd.store").joinpath("sql").iterdir():
+        m = re.match(r"(\d+)_.*\.sql$", entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.read_text()))
+    return sorted(found)
+
+
+def open_db(path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
+    """Open (creating and migrating unless `readonly`) the database at `path`.
+
+    Autocommit mode: transactions are explicit (`BEGIN IMMEDIATE ... COMMIT`) in the writer.
+    """
+    try:
+        if readonly:
+            if not path.exists():
+                raise StoreError(f"{path}: no database yet (has the daemon ever started?)")
+            conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Readers and the writer wait this long for each other's locks instead of failing.
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if readonly:
+            return conn
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: the WAL is fsynced at every commit, so a 200 means the event is on disk.
+        conn.execute(f"PRAGMA synchronous = {'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _migrate(conn)
+        return conn
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the database: {exc}") from exc
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    migrations = _migrations()
+    newest = migrations[-1][0] if migrations else 0
+    if version > newest:
+        raise StoreError(
+            f"the database is at schema version {version}, newer than this destfnd ({newest})"
+        )
+    for number, script in migrations:
+        if number <= version:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _statements(script: str) -> list[str]:
+    # executescript would COMMIT on its own; split so the migration stays one transaction.
+    statements, current = [], []
+    for line in script.splitlines():
+        current.append(line)
+        if sqlite3.complete_statement("\n".join(current)):
+            statements.append("\n".join(current))
+            current = []
+    return statements

@@ -1,0 +1,47 @@
+"""The values that cross the store boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    RETRYING = "retrying"
+    DELIVERED = "delivered"
+    DISCARDED = "discarded"
+    DROPPED = "dropped"
+    EXPIRED = "expired"
+
+
+TERMINAL = frozenset({Status.DELIVERED, Status.DISCARDED, Status.DROPPED, Status.EXPIRED})
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingEvent:
+    message_id: str
+    payload: bytes  # the enriched event as JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A delivery leased to the dispatcher, with its event."""
+
+    delivery_id: int
+    event_id: int
+    attempt: int  # 1 for the first try
+    created_at: int  # unix ms
+    message_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What became of one attempt: a terminal status, or a retry at `next_at`."""
+
+    delivery_id: int
+    status: Status
+    at: int  # unix ms: finished_at, or next_at for a retry
+    error_type: str | None = None
+    error: str | None = None

@@ -1,0 +1,72 @@
+-- name: seen_upsert
+-- Inserts a messageId, or refreshes one last seen before the dedupe cutoff; 0 rows = duplicate.
+INSERT INTO seen (source, message_id, seen_at) VALUES (?, ?, ?)
+ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
+WHERE seen.seen_at < ?;
+
+-- name: insert_event
+INSERT INTO events (source, message_id, received_at, refs, payload) VALUES (?, ?, ?, ?, ?);
+
+-- name: insert_delivery
+INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
+VALUES (?, ?, 'pending', ?, ?);
+
+-- name: claim
+-- Walks deliveries_due in due order; a leased row is pushed out of the due range (next_at set
+-- past the lease) so neither this query nor next_due sees it until it is finished or released.
+UPDATE deliveries SET leased = 1, attempts = attempts + 1, next_at = :lease_until
+WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE destination = :destination AND status IN ('pending', 'retrying')
+      AND next_at <= :now AND leased = 0
+    ORDER BY next_at LIMIT :limit
+)
+RETURNING id, event_id, attempts, created_at;
+
+-- name: next_due
+SELECT min(next_at) FROM deliveries
+WHERE destination = ? AND status IN ('pending', 'retrying');
+
+-- name: finish
+UPDATE deliveries
+SET status = ?, leased = 0, finished_at = ?, last_error_type = ?, last_error = ?
+WHERE id = ?;
+
+-- name: schedule_retry
+UPDATE deliveries
+SET status = 'retrying', leased = 0, next_at = ?, last_error_type = ?, last_error = ?
+WHERE id = ?;
+
+-- name: release
+-- Gives back a lease whose attempt never ran to the end (shutdown): due now, attempt not counted.
+UPDATE deliveries SET leased = 0, next_at = ?, attempts = max(attempts - 1, 0) WHERE id = ?;
+
+-- name: recover
+-- Crash-only recovery: whatever was leased when the daemon died is due again, attempts kept.
+UPDATE deliveries SET leased = 0, next_at = ? WHERE leased = 1;
+
+-- name: prune_deliveries
+DELETE FROM deliveries WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE finished_at IS NOT NULL AND finished_at < ?
+    ORDER BY finished_at LIMIT ?
+)
+RETURNING event_id;
+
+-- name: unref_event
+UPDATE events SET refs = refs - ? WHERE id = ?;
+
+-- name: delete_unreferenced_event
+DELETE FROM events WHERE id = ? AND refs <= 0;
+
+-- name: prune_seen
+DELETE FROM seen WHERE (source, message_id) IN (
+    SELECT source, message_id FROM seen WHERE seen_at < ? ORDER BY seen_at LIMIT ?
+);
+
+-- name: status_counts
+SELECT destination, status, count(*) FROM deliveries GROUP BY destination, status;
+
+-- name: leased_counts
+SELECT destination, count(*) FROM deliveries
+WHERE status IN ('pending', 'retrying') AND leased = 1 GROUP BY destination;

@@ -1,0 +1,105 @@
+"""The built-in destinations: `webhook` (HTTP POST of the event, or a JSON array of a batch)
+and `file` (one JSON line per event). They turn a response into an Outcome; nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from pathlib import Path
+
+import aiohttp
+
+from destfnd import __version__
+from destfnd.config import DestinationConfig, Secret
+from destfnd.outcome import DELIVERED, ErrorType, Outcome, discard, retry
+
+# Retried as the contract says: server errors, request timeout, rate limiting.
+_RETRY_STATUSES = frozenset({408, 429})
+_MAX_ERROR_BODY = 200  # characters of a failed response kept in the error message
+
+
+def parse_retry_after(value: str | None, now_s: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now_s)
+
+
+class Webhook:
+    def __init__(self, cfg: DestinationConfig) -> None:
+        assert cfg.url is not None
+        self._url = cfg.url
+        self._timeout_s = cfg.timeout_s
+        self._headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"destfnd/{__version__}",
+            **{k: v.value if isinstance(v, Secret) else v for k, v in cfg.headers},
+        }
+        self._limit = cfg.concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._limit),
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def deliver(self, payloads: list[bytes], batched: bool) -> Outcome:
+        assert self._session is not None
+        body = b"[" + b",".join(payloads) + b"]" if batched else payloads[0]
+        try:
+            async with self._session.post(self._url, data=body, headers=self._headers) as resp:
+                if 200 <= resp.status < 300:
+                    await resp.read()
+                    return DELIVERED
+                text = (await resp.text(errors="replace"))[:_MAX_ERROR_BODY]
+                message = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
+                if text.strip():
+                    message += f": {text.strip()}"
+                if resp.status >= 500 or resp.status in _RETRY_STATUSES:
+                    after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+                    return retry(ErrorType.RETRY, message, after)
+                return discard(ErrorType.BAD_REQUEST, message)
+        except TimeoutError:
+            return retry(ErrorType.TIMEOUT, f"no response within {self._timeout_s:g}s")
+        except aiohttp.ClientError as exc:
+            return retry(ErrorType.RETRY, f"{type(exc).__name__}: {exc}")
+
+
+class FileSink:
+    """Appends each event as one JSON line: a destination that needs no outside service."""
+
+    def __init__(self, cfg: DestinationConfig) -> None:
+        assert cfg.path is not None
+        self._path: Path = cfg.path
+        self._file = None
+
+    async def start(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self._path.open("ab")
+
+    async def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    async def deliver(self, payloads: list[bytes], batched: bool) -> Outcome:
+        assert self._file is not None
+        try:
+            self._file.write(b"".join(p + b"\n" for p in payloads))
+            self._file.flush()
+        except OSError as exc:
+            return retry(ErrorType.RETRY, f"cannot write {self._path}: {exc.strerror}")
+        await asyncio.sleep(0)
+        return DELIVERED
