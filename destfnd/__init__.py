@@ -1,2 +1,3 @@
 """destfnd: self-hosted Segment destination functions."""
+
 __version__ = "0.1.0"

@@ -123,7 +123,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise StoreError(f"{cfg.storage.path}: cannot read: {exc}") from exc
     finally:
         conn.close()
-    names = [d.name for d in cfg.destinations] + sorted(set(counts) - {d.name for d in cfg.destinations})
+    configured = [d.name for d in cfg.destinations]
+    names = configured + sorted(set(counts) - set(configured))  # removed ones still count
     table = {n: {s.value: counts.get(n, {}).get(s.value, 0) for s in Status} for n in names}
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(table, option=orjson.OPT_INDENT_2) + b"\n")
@@ -191,5 +192,3 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-

@@ -34,7 +34,7 @@ def unsupported(cfg: Config) -> list[str]:
         if d.kind == "function":
             problems.append(
                 f"destinations[{i}].function: function destinations are not available in this "
-                "version yet; use type = \"webhook\" or type = \"file\""
+                'version yet; use type = "webhook" or type = "file"'
             )
         if d.insert_function is not None:
             problems.append(
@@ -158,9 +158,7 @@ class Daemon:
             seen_before = now - int(server.dedupe_window_s * 1000)
             total = [0, 0]
             while True:
-                deleted = await writer.run(
-                    lambda c: q.prune(c, finished_before, seen_before, _PRUNE_CHUNK)
-                )
+                deleted = await writer.run(q.prune, finished_before, seen_before, _PRUNE_CHUNK)
                 total[0] += deleted[0]
                 total[1] += deleted[1]
                 if max(deleted) < _PRUNE_CHUNK:

@@ -26,7 +26,11 @@ log = structlog.get_logger("destfnd.dispatch")
 
 _IDLE_POLL_S = 1.0  # re-check for due work at least this often when nothing woke us
 _SUMMARY_EVERY_S = 60.0
-_OUTCOME_STATUS = {Kind.OK: Status.DELIVERED, Kind.DISCARD: Status.DISCARDED, Kind.DROP: Status.DROPPED}
+_OUTCOME_STATUS = {
+    Kind.OK: Status.DELIVERED,
+    Kind.DISCARD: Status.DISCARDED,
+    Kind.DROP: Status.DROPPED,
+}
 
 
 class Deliverer(Protocol):
@@ -125,7 +129,7 @@ class Dispatcher:
                 limit = self._max_units - len(self._units)
             self._wake.clear()
             now = self._clock()
-            claimed, next_due = await self._writer.run(lambda c: q.claim(c, name, now, limit))
+            claimed, next_due = await self._writer.run(q.claim, name, now, limit)
             if self._stopping:
                 self._held.extend(claimed)
                 return
@@ -246,7 +250,7 @@ class Dispatcher:
             if self._outcomes:
                 outcomes, self._outcomes = self._outcomes, []
                 try:
-                    await self._writer.run(lambda c: q.finish(c, outcomes))
+                    await self._writer.run(q.finish, outcomes)
                 except BaseException:
                     self._outcomes[:0] = outcomes  # settled at stop
                     raise

@@ -66,9 +66,7 @@ class Ingest:
         self._clock = clock
         self._sources = {s.write_key.value: s.name for s in cfg.sources}
         self._fanout: dict[str, tuple[str, ...]] = {
-            s.name: tuple(
-                d.name for d in cfg.destinations if d.enabled and s.name in d.sources
-            )
+            s.name: tuple(d.name for d in cfg.destinations if d.enabled and s.name in d.sources)
             for s in cfg.sources
         }
         self.ready = False  # /healthz and ingest answer 503 until ready and after draining
@@ -128,7 +126,7 @@ class Ingest:
             cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
             try:
                 await self._writer.run(
-                    lambda c: q.insert_events(c, source, events, destinations, now_ms, cutoff)
+                    q.insert_events, source, events, destinations, now_ms, cutoff
                 )
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.

@@ -7,6 +7,7 @@ transaction committed runs next, together, in one `BEGIN IMMEDIATE ... COMMIT` (
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,15 +28,15 @@ class Writer:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="destfnd-sqlite")
         self.groups = 0  # transactions committed, for tests and stats
 
-    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `op(conn)` inside the next group's transaction; return once committed.
+    async def run(self, op: Callable[..., T], *args: Any) -> T:
+        """Run `op(conn, *args)` inside the next group's transaction; return once committed.
 
         If `op` raises, only its own savepoint is rolled back and the error is raised here.
         """
         if self._closing:
             raise StoreError("the store is closing")
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((op, future))
+        self._queue.append((functools.partial(op, *args) if args else op, future))
         self._wake.set()
         return await future
 
