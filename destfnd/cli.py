@@ -11,6 +11,7 @@ import sqlite3
 import sys
 
 import orjson
+import structlog
 
 from destfnd import logs
 from destfnd.config import Config, ConfigError, load_config
@@ -93,9 +94,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvloop
     except ImportError:  # optional: uvloop makes the HTTP client about a third faster
-        asyncio.run(run())
+        runner = asyncio.run
     else:
-        uvloop.run(run())
+        runner = uvloop.run
+    try:
+        runner(run())
+    except Exception:  # a long-lived task died: say so once, exit non-zero for systemd
+        structlog.get_logger("destfnd").exception("daemon_crashed")
+        return EXIT_ERROR
     return EXIT_OK
 
 

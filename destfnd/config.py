@@ -9,8 +9,9 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,28 +23,25 @@ DESTINATION_KINDS = ("function", "webhook", "file")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_DURATION_PART_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)", re.IGNORECASE)
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)\s*"
+_DURATION_PART_RE = re.compile(_NUMBER + "(ms|s|m|h|d)", re.IGNORECASE)
+_DURATION_RE = re.compile(rf"(?:\s*{_NUMBER}(?:ms|s|m|h|d))+", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(b|kb|kib|mb|mib|gb|gib)", re.IGNORECASE)
+_SIZE_RE = re.compile(_NUMBER + "(b|kb|kib|mb|mib|gb|gib)", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "k": KIB, "m": MIB, "g": 1024 * MIB}
-_SECRET_KEYS = ("env", "file", "credential")
 
-_TOP_KEYS = ("server", "storage", "logging", "sources", "destinations")
-_SERVER_KEYS = (
-    "listen",
-    "max_request_size",
-    "max_event_size",
-    "max_batch_events",
-    "max_decompressed_size",
-    "dedupe_window",
-    "drain_timeout",
+_SECRET_KEYS = ("env", "file", "credential")
+_TOP_KEYS = tuple("server storage logging sources destinations".split())
+_SERVER_KEYS = tuple(
+    "listen max_request_size max_event_size max_batch_events max_decompressed_size"
+    " dedupe_window drain_timeout".split()
 )
 _STORAGE_KEYS = ("path", "retention", "synchronous")
 _LOGGING_KEYS = ("level", "format")
 _SOURCE_KEYS = ("name", "write_key")
-_DESTINATION_KEYS = (
-    *("name", "type", "function", "insert_function", "url", "headers", "path", "sources"),
-    *("enabled", "concurrency", "timeout", "memory_limit", "settings", "batch", "retry"),
+_DESTINATION_KEYS = tuple(
+    "name type function insert_function url headers path sources enabled concurrency timeout"
+    " memory_limit settings batch retry".split()
 )
 _BATCH_KEYS = ("max_events", "max_wait")
 _RETRY_KEYS = ("max_attempts", "max_age", "backoff_initial", "backoff_max")
@@ -85,7 +83,7 @@ class ServerConfig:
     max_request_bytes: int = 500 * KIB
     max_event_bytes: int = 32 * KIB
     max_batch_events: int = 2500
-    max_decompressed_bytes: int = 2 * MIB
+    max_decompressed_bytes: int = 2 * MIB  # gzip bodies, after decompression
     dedupe_window_s: float = 86400.0
     drain_timeout_s: float = 20.0
 
@@ -154,47 +152,26 @@ class Config:
 
 def parse_duration(text: str) -> float:
     """Seconds in a duration string: "250ms", "1.5s", "10m", "4h", "7d" (or "1h30m")."""
-    s = str(text).strip()
-    try:
-        float(s)
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f'durations need a unit, e.g. "5s", got {text!r}')
-    total, pos = 0.0, 0
-    while pos < len(s) or pos == 0:
-        m = _DURATION_PART_RE.match(s, pos)
-        if m is None:
-            raise ValueError(
-                f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), "
-                'e.g. "5s" or "250ms"'
-            )
-        total += float(m[1]) * _DURATION_UNITS[m[2].lower()]
-        pos = m.end()
-    return total
+    s = _with_unit(text, "durations", "5s")
+    if not _DURATION_RE.fullmatch(s):
+        units = 'a unit (ms, s, m, h, d), e.g. "5s" or "250ms"'
+        raise ValueError(f"invalid duration {text!r}: use a number and {units}")
+    return sum(float(n) * _DURATION_UNITS[u.lower()] for n, u in _DURATION_PART_RE.findall(s))
 
 
 def parse_size(text: str) -> int:
     """Bytes in a size string: "512B", "32KB", "512MB", "1GB" (1024-based; KiB/MiB/GiB too)."""
-    s = str(text).strip()
-    try:
-        float(s)
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f'sizes need a unit, e.g. "512KB", got {text!r}')
-    m = _SIZE_RE.fullmatch(s)
+    m = _SIZE_RE.fullmatch(_with_unit(text, "sizes", "512KB"))
     if m is None:
-        raise ValueError(
-            f'invalid size {text!r}: use a number and a unit (B, KB, MB, GB), e.g. "512KB"'
-        )
+        units = 'a unit (B, KB, MB, GB), e.g. "512KB"'
+        raise ValueError(f"invalid size {text!r}: use a number and {units}")
     return int(float(m[1]) * _SIZE_UNITS[m[2][0].lower()])
 
 
 def redact(text: str, secrets: Iterable[Secret | str]) -> str:
     """`text` with every occurrence of every secret value replaced by "[redacted]"."""
     values = {s.value if isinstance(s, Secret) else s for s in secrets}
-    # Longest first, one pass: a secret that contains another is hidden whole.
+    # Longest first, in one pass: a secret that contains another is hidden whole.
     ordered = sorted((v for v in values if v), key=len, reverse=True)
     if not ordered:
         return text
@@ -202,36 +179,30 @@ def redact(text: str, secrets: Iterable[Secret | str]) -> str:
 
 
 def config_secrets(cfg: Config) -> list[str]:
-    """Every secret value in `cfg` that came from env, a file or a credential (inline ones are in
-    the file anyway), without duplicates."""
+    """Every secret value that came from env, a file or a credential, without duplicates
+    (inline values are not secrets: they are in the file anyway)."""
     found: list[Any] = [s.write_key for s in cfg.sources]
     for dest in cfg.destinations:
-        found += [value for _, value in dest.headers]
-        found += _walk(dest.settings)
+        found += [value for _, value in dest.headers] + _walk(dest.settings)
     values = (s.value for s in found if isinstance(s, Secret) and s.origin != "inline")
-    return list(dict.fromkeys(v for v in values if v))
-
-
-def reveal_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a destination's settings with each Secret replaced by its value (for the
-    function that needs them; never for logs)."""
-    return {key: _reveal(value) for key, value in settings.items()}
+    return list(dict.fromkeys(values))
 
 
 def load_config(
     path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
 ) -> Config:
-    """Read and validate the config; raise ConfigError listing every problem found."""
+    """Read and validate the config; raise ConfigError listing every problem found.
+
+    `path` defaults to $DESTFND_CONFIG, else config/destfnd.toml; `environ` to os.environ.
+    """
     env = os.environ if environ is None else environ
     if path is None:
         path = env.get("DESTFND_CONFIG") or DEFAULT_CONFIG_PATH
     cfg_path = Path(os.path.abspath(Path(path).expanduser()))
     try:
         raw = tomllib.loads(cfg_path.read_bytes().decode("utf-8"))
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{cfg_path}: cannot read config: {_why(exc)}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{cfg_path}: cannot read config: not UTF-8 text"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{cfg_path}: invalid TOML: {exc}"]) from exc
     reader = _Reader(cfg_path.parent, env)
@@ -241,8 +212,19 @@ def load_config(
     return cfg
 
 
+class _Invalid(ValueError):
+    """A value's problem; `at` extends the key path (".env") when a nested key is at fault."""
+
+    def __init__(self, message: str, at: str = "") -> None:
+        super().__init__(message)
+        self.at = at
+
+
 class _Reader:
-    """Validates one parsed file, collecting problems instead of stopping at the first."""
+    """Validates one parsed file, collecting every problem instead of stopping at the first.
+
+    Converters raise ValueError; a bad or missing value becomes its default plus a problem.
+    """
 
     def __init__(self, base: Path, environ: Mapping[str, str]) -> None:
         self.base = base
@@ -252,299 +234,28 @@ class _Reader:
     def fail(self, where: str, message: str) -> None:
         self.problems.append(f"{where}: {message}")
 
-    def config(self, raw: dict[str, Any], cfg_path: Path) -> Config:
-        top = self.table(raw, "", _TOP_KEYS)
-        server = self.server(self.table(top.get("server"), "server", _SERVER_KEYS))
-        storage = self.storage(self.table(top.get("storage"), "storage", _STORAGE_KEYS))
-        t = self.table(top.get("logging"), "logging", _LOGGING_KEYS)
-        logging = LoggingConfig(
-            level=self.choice(t, "logging", "level", ("info", "debug", "warning", "error")),
-            format=self.choice(t, "logging", "format", ("auto", "json", "console")),
-        )
-        sources = tuple(
-            SourceConfig(name=self.name(t, w), write_key=self.write_key(t, w))
-            for w, t in self.entries(top, "sources", _SOURCE_KEYS, required=True)
-        )
-        self.unique([s.name for s in sources], "sources")
-        keys: dict[str, int] = {}
-        for i, src in enumerate(sources):
-            if src.write_key is not None and src.write_key.value in keys:
-                j = keys[src.write_key.value]
-                self.fail(f"sources[{i}].write_key", f"same write key as sources[{j}]")
-            elif src.write_key is not None:
-                keys[src.write_key.value] = i
-        names = tuple(s.name for s in sources if s.name is not None)
-        entries = self.entries(top, "destinations", _DESTINATION_KEYS, required=False)
-        destinations = tuple(self.destination(t, w, names) for w, t in entries)
-        self.unique([d.name for d in destinations], "destinations")
-        return Config(cfg_path, server, storage, logging, sources, destinations)
-
-    def server(self, t: dict[str, Any]) -> ServerConfig:
-        d = ServerConfig()
-        host, port = self.listen(t.get("listen", f"{d.host}:{d.port}"))
-        request = self.size(t, "server", "max_request_size", d.max_request_bytes)
-        decompressed = self.size(t, "server", "max_decompressed_size", max(2 * MIB, request))
-        if decompressed < request:
-            at_least = f"must be at least server.max_request_size ({request} bytes)"
-            self.fail("server.max_decompressed_size", at_least)
-        return ServerConfig(
-            host=host,
-            port=port,
-            max_request_bytes=request,
-            max_event_bytes=self.size(t, "server", "max_event_size", d.max_event_bytes),
-            max_batch_events=self.integer(t, "server", "max_batch_events", d.max_batch_events, 1),
-            max_decompressed_bytes=decompressed,
-            dedupe_window_s=self.duration(
-                t, "server", "dedupe_window", d.dedupe_window_s, zero_ok=True
-            ),
-            drain_timeout_s=self.duration(
-                t, "server", "drain_timeout", d.drain_timeout_s, zero_ok=True
-            ),
-        )
-
-    def listen(self, value: Any) -> tuple[str, int]:
-        if isinstance(value, str):
-            if value.startswith("["):
-                host, sep, port = value[1:].partition("]:")
-            else:
-                host, sep, port = value.rpartition(":")
-                sep = "" if ":" in host else sep  # a bare IPv6 address needs brackets
-            bad_host = not host or any(c.isspace() or c in "[]/" for c in host)
-            if sep and not bad_host and port.isascii() and port.isdigit():
-                if 1 <= int(port) <= 65535:
-                    return host, int(port)
-        self.fail(
-            "server.listen",
-            'must be "host:port" with a port from 1 to 65535 (IPv6 as "[::1]:8088"), '
-            f"got {_show(value)}",
-        )
-        return ServerConfig.host, ServerConfig.port
-
-    def storage(self, t: dict[str, Any]) -> StorageConfig:
-        path = self.string(t, "storage", "path", default="var/destfnd.sqlite3")
-        return StorageConfig(
-            path=self.resolve(path or "var/destfnd.sqlite3"),
-            retention_s=self.duration(t, "storage", "retention", StorageConfig.retention_s),
-            synchronous=self.choice(t, "storage", "synchronous", ("FULL", "NORMAL")),
-        )
-
-    def destination(
-        self, t: dict[str, Any], where: str, source_names: tuple[str, ...]
-    ) -> DestinationConfig:
-        kind = t.get("type", "function")
-        if kind not in DESTINATION_KINDS:
-            expected = ' (expected "function", "webhook" or "file")'
-            self.fail(f"{where}.type", f"unknown type {_show(kind)}{expected}")
-        for key, owner in _KIND_ONLY_KEYS.items():
-            if key in t and kind in DESTINATION_KINDS and kind != owner:
-                only = f'only allowed with type = "{owner}" (this one has type = "{kind}")'
-                self.fail(f"{where}.{key}", only)
-        function = url = path = None
-        headers: tuple[tuple[str, str | Secret], ...] = ()
-        if kind == "function":
-            why = "for a function destination"
-            why += "" if "type" in t else ' (or set type = "webhook" or "file")'
-            function = self.code_file(t, where, "function", required=why)
-        elif kind == "webhook":
-            url = self.url(t, where)
-            headers = self.headers(t.get("headers"), f"{where}.headers")
-        elif kind == "file":
-            text = self.string(t, where, "path", required='for type = "file"')
-            path = self.resolve(text) if text else None
-        batch = None
-        if "batch" in t:
-            bt = self.table(t["batch"], f"{where}.batch", _BATCH_KEYS)
-            batch = BatchConfig(
-                max_events=self.integer(bt, f"{where}.batch", "max_events", 20, 1, 10000),
-                max_wait_s=self.duration(bt, f"{where}.batch", "max_wait", 10.0),
-            )
-        return DestinationConfig(
-            name=self.name(t, where),
-            kind=kind,
-            function=function,
-            insert_function=self.code_file(t, where, "insert_function"),
-            url=url,
-            headers=headers,
-            path=path,
-            sources=self.destination_sources(t, where, source_names),
-            enabled=self.boolean(t, where, "enabled", True),
-            concurrency=self.integer(t, where, "concurrency", 8, 1, 1024),
-            timeout_s=self.duration(t, where, "timeout", 5.0),
-            memory_limit_bytes=self.size(t, where, "memory_limit", 512 * MIB, minimum=16 * MIB),
-            settings=self.settings(t.get("settings"), f"{where}.settings"),
-            batch=batch,
-            retry=self.retry(self.table(t.get("retry"), f"{where}.retry", _RETRY_KEYS), where),
-        )
-
-    def retry(self, t: dict[str, Any], where: str) -> RetryPolicy:
-        d, w = RetryPolicy(), f"{where}.retry"
-        initial = self.duration(t, w, "backoff_initial", d.backoff_initial_s)
-        maximum = self.duration(t, w, "backoff_max", d.backoff_max_s)
-        if maximum < initial and "backoff_max" in t:
-            self.fail(f"{w}.backoff_max", f"must be >= backoff_initial ({initial:g}s)")
-        elif maximum < initial:
-            self.fail(f"{w}.backoff_initial", f"must be <= backoff_max ({maximum:g}s)")
-        return RetryPolicy(
-            max_attempts=self.integer(t, w, "max_attempts", d.max_attempts, 1),
-            max_age_s=self.duration(t, w, "max_age", d.max_age_s),
-            backoff_initial_s=initial,
-            backoff_max_s=maximum,
-        )
-
-    def destination_sources(
-        self, t: dict[str, Any], where: str, known: tuple[str, ...]
-    ) -> tuple[str, ...]:
-        if "sources" not in t:
-            return known
-        value = t["sources"]
-        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-            self.fail(f"{where}.sources", f"must be an array of source names, got {_show(value)}")
-            return ()
-        if not value:
-            self.fail(f"{where}.sources", "must name at least one source (leave it out for all)")
-        for j, name in enumerate(value):
-            if name not in known:
-                self.fail(f"{where}.sources[{j}]", f"unknown source {name!r}{_hint(name, known)}")
-            elif name in value[:j]:
-                self.fail(f"{where}.sources[{j}]", f"source {name!r} is listed twice")
-        return tuple(dict.fromkeys(value))
-
-    def url(self, t: dict[str, Any], where: str) -> str | None:
-        url = self.string(t, where, "url", required='for type = "webhook"')
-        if url is None:
-            return None
+    def attempt(self, where: str, conv: Callable[[Any], Any], value: Any, default: Any) -> Any:
         try:
-            parts = urlsplit(url)
-            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-        except ValueError:
-            ok = False
-        if not ok:
-            self.fail(
-                f"{where}.url", f"must be an http:// or https:// URL with a host, got {url!r}"
-            )
-        return url
+            return conv(value)
+        except ValueError as exc:
+            self.fail(where + getattr(exc, "at", ""), str(exc))
+            return default
 
-    def headers(self, raw: Any, where: str) -> tuple[tuple[str, str | Secret], ...]:
-        if raw is None:
-            return ()
-        if not isinstance(raw, dict):
-            self.fail(where, f"must be a table of header names to values, got {_show(raw)}")
-            return ()
-        out: list[tuple[str, str | Secret]] = []
-        for name, value in raw.items():
-            w = f"{where}.{name}"
-            if not _HEADER_NAME_RE.fullmatch(name):
-                self.fail(w, "not a valid HTTP header name")
-            header = self.secret(value, w, inline_ok=True)
-            if header is None:
-                continue
-            text = header.value
-            if "\r" in text or "\n" in text:  # header injection
-                self.fail(w, "header values must not contain line breaks")
-            out.append((name, header if header.origin != "inline" else text))
-        return tuple(out)
-
-    def settings(self, raw: Any, where: str) -> dict[str, Any]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            self.fail(where, f"must be a table, got {_show(raw)}")
-            return {}
-        return {key: self.setting(value, f"{where}.{key}") for key, value in raw.items()}
-
-    def setting(self, value: Any, where: str) -> Any:
-        if isinstance(value, dict):
-            if len(value) == 1 and _is_secret_ref(value):
-                return self.secret(value, where)
-            return {key: self.setting(v, f"{where}.{key}") for key, v in value.items()}
-        if isinstance(value, list):
-            return [self.setting(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return value
-
-    def write_key(self, t: dict[str, Any], where: str) -> Secret | None:
-        if "write_key" not in t:
-            self.fail(f"{where}.write_key", "is required")
-            return None
-        return self.secret(t["write_key"], f"{where}.write_key", inline_ok=True)
-
-    def secret(self, value: Any, where: str, *, inline_ok: bool = False) -> Secret | None:
-        if isinstance(value, str) and inline_ok:
-            if value:
-                return Secret(value, "inline")
-            self.fail(where, "must not be empty")
-            return None
-        if not isinstance(value, dict):
-            expected = 'must be a string or a secret such as { env = "NAME" }'
-            self.fail(where, f"{expected}, got {_show(value)}")
-            return None
-        for key in value:
-            if key not in _SECRET_KEYS:
-                self.fail(f"{where}.{key}", f"unknown key{_hint(key, _SECRET_KEYS)}")
-        if len(value) != 1 or not _is_secret_ref(value):
-            if all(key in _SECRET_KEYS for key in value):
-                self.fail(where, "a secret needs exactly one of env, file or credential (a string)")
-            return None
-        ((kind, ref),) = value.items()
-        if not ref:
-            self.fail(f"{where}.{kind}", "must not be empty")
-            return None
-        if kind == "env":
-            text = self.environ.get(ref)
-            if not text:
-                state = "empty" if text == "" else "not set"
-                self.fail(where, f"environment variable {ref} is {state}")
-                return None
-            return Secret(text, f"env:{ref}")
-        if kind == "credential":
-            folder = self.environ.get("CREDENTIALS_DIRECTORY")
-            if "/" in ref or ref in (".", ".."):
-                self.fail(f"{where}.credential", f"must be a credential name, got {ref!r}")
-                return None
-            if not folder:
-                needs = "needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)"
-                self.fail(where, f"credential {ref} {needs}")
-                return None
-            file, origin = Path(folder) / ref, f"credential:{ref}"
-        else:
-            file = self.resolve(ref)
-            origin = f"file:{file}"
-        try:
-            text = file.read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            self.fail(where, f"cannot read secret file {file}: {_why(exc)}")
-            return None
-        text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
-        if not text:
-            self.fail(where, f"secret file {file} is empty")
-            return None
-        return Secret(text, origin)
-
-    def entries(
-        self, top: dict[str, Any], key: str, allowed: tuple[str, ...], *, required: bool
-    ) -> list[tuple[str, dict[str, Any]]]:
-        raw = top.get(key, [])
-        if not isinstance(raw, list):
-            self.fail(key, f"must be an array of tables ([[{key}]]), got {_show(raw)}")
-            return []
-        if required and not raw:
-            self.fail(key, f"at least one [[{key}]] entry is required")
-        out = []
-        for i, item in enumerate(raw):
-            if isinstance(item, dict):
-                out.append((f"{key}[{i}]", self.table(item, f"{key}[{i}]", allowed)))
-            else:
-                self.fail(f"{key}[{i}]", f"must be a table, got {_show(item)}")
-        return out
-
-    def unique(self, names: list[str | None], key: str) -> None:
-        first: dict[str, int] = {}
-        for i, name in enumerate(names):
-            if name is not None and name in first:
-                self.fail(
-                    f"{key}[{i}].name", f"duplicate name {name!r} (also {key}[{first[name]}])"
-                )
-            elif name is not None:
-                first[name] = i
+    def get(
+        self,
+        t: dict[str, Any],
+        where: str,
+        key: str,
+        conv: Callable[[Any], Any],
+        default: Any = None,
+        required: str | None = None,
+    ) -> Any:
+        """`conv(t[key])`; `required` (a hint, maybe "") makes a missing key a problem."""
+        if key in t:
+            return self.attempt(f"{where}.{key}", conv, t[key], default)
+        if required is not None:
+            self.fail(f"{where}.{key}", f"is required{required}")
+        return default
 
     def table(self, raw: Any, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
         if raw is None:
@@ -554,121 +265,327 @@ class _Reader:
             return {}
         for key in raw:
             if key not in allowed:
-                path = f"{where}.{key}" if where else key
-                self.fail(path, f"unknown key{_hint(key, allowed)}")
+                self.fail(f"{where}.{key}" if where else key, f"unknown key{_hint(key, allowed)}")
         return raw
 
-    def name(self, t: dict[str, Any], where: str) -> str | None:
-        name = self.string(t, where, "name", required="")
-        if name is not None and not _NAME_RE.fullmatch(name):
-            charset = "must use only letters, digits, '_', '.' and '-'"
-            self.fail(f"{where}.name", f"{charset}, got {name!r}")
-            return None
-        return name
+    def entries(self, top: dict, key: str, allowed: tuple[str, ...]) -> list[tuple[str, dict]]:
+        raw = top.get(key, [])
+        if not isinstance(raw, list):
+            self.fail(key, f"must be an array of tables ([[{key}]]), got {_show(raw)}")
+            return []
+        out = []
+        for i, item in enumerate(raw):
+            if isinstance(item, dict):
+                out.append((f"{key}[{i}]", self.table(item, f"{key}[{i}]", allowed)))
+            else:
+                self.fail(f"{key}[{i}]", f"must be a table, got {_show(item)}")
+        return out
 
-    def string(
-        self,
-        t: dict[str, Any],
-        where: str,
-        key: str,
-        *,
-        default: str | None = None,
-        required: str | None = None,
-    ) -> str | None:
-        if key not in t:
-            if required is not None:
-                self.fail(f"{where}.{key}", f"is required {required}".rstrip())
-            return default
-        value = t[key]
-        if not isinstance(value, str) or not value:
-            self.fail(f"{where}.{key}", f"must be a non-empty string, got {_show(value)}")
-            return default
+    def config(self, raw: dict[str, Any], cfg_path: Path) -> Config:
+        top = self.table(raw, "", _TOP_KEYS)
+        server = self.server(self.table(top.get("server"), "server", _SERVER_KEYS))
+        t = self.table(top.get("storage"), "storage", _STORAGE_KEYS)
+        storage = StorageConfig(
+            path=self.get(t, "storage", "path", self.path, self.path("var/destfnd.sqlite3")),
+            retention_s=self.get(t, "storage", "retention", _duration(), 7 * 86400.0),
+            synchronous=self.get(t, "storage", "synchronous", _choice("FULL", "NORMAL"), "FULL"),
+        )
+        t = self.table(top.get("logging"), "logging", _LOGGING_KEYS)
+        levels = _choice("debug", "info", "warning", "error")
+        logging = LoggingConfig(
+            level=self.get(t, "logging", "level", levels, "info"),
+            format=self.get(t, "logging", "format", _choice("auto", "json", "console"), "auto"),
+        )
+        write_key = partial(self.secret, inline_ok=True)
+        sources = tuple(
+            SourceConfig(
+                name=self.get(t, w, "name", _name, required=""),
+                write_key=self.get(t, w, "write_key", write_key, required=""),
+            )
+            for w, t in self.entries(top, "sources", _SOURCE_KEYS)
+        )
+        if not sources and isinstance(top.get("sources", []), list):
+            self.fail("sources", "at least one [[sources]] entry is required")
+        self.unique("sources", [s.name for s in sources])
+        seen: dict[str, int] = {}
+        for i, source in enumerate(sources):
+            if source.write_key is not None and source.write_key.value in seen:
+                where = f"sources[{seen[source.write_key.value]}]"
+                self.fail(f"sources[{i}].write_key", f"same write key as {where}")
+            elif source.write_key is not None:
+                seen[source.write_key.value] = i
+        known = tuple(s.name for s in sources if s.name is not None)
+        destinations = tuple(
+            self.destination(t, w, known)
+            for w, t in self.entries(top, "destinations", _DESTINATION_KEYS)
+        )
+        self.unique("destinations", [d.name for d in destinations])
+        return Config(cfg_path, server, storage, logging, sources, destinations)
+
+    def server(self, t: dict[str, Any]) -> ServerConfig:
+        d, g = ServerConfig(), partial(self.get, t, "server")
+        host, port = g("listen", _listen, (d.host, d.port))
+        request = g("max_request_size", _size(), d.max_request_bytes)
+        decompressed = g("max_decompressed_size", _size(), max(d.max_decompressed_bytes, request))
+        if decompressed < request:
+            at_least = f"must be at least server.max_request_size ({request} bytes)"
+            self.fail("server.max_decompressed_size", at_least)
+        return ServerConfig(
+            host=host,
+            port=port,
+            max_request_bytes=request,
+            max_event_bytes=g("max_event_size", _size(), d.max_event_bytes),
+            max_batch_events=g("max_batch_events", _integer(1), d.max_batch_events),
+            max_decompressed_bytes=decompressed,
+            dedupe_window_s=g("dedupe_window", _duration(zero_ok=True), d.dedupe_window_s),
+            drain_timeout_s=g("drain_timeout", _duration(zero_ok=True), d.drain_timeout_s),
+        )
+
+    def destination(
+        self, t: dict[str, Any], where: str, known: tuple[str, ...]
+    ) -> DestinationConfig:
+        g = partial(self.get, t, where)
+        # An invalid type is reported once; None then skips the per-type checks.
+        kind = g("type", _choice(*DESTINATION_KINDS), None if "type" in t else "function")
+        for key, owner in _KIND_ONLY_KEYS.items():
+            if key in t and kind is not None and kind != owner:
+                only = f'only allowed with type = "{owner}" (this one has type = "{kind}")'
+                self.fail(f"{where}.{key}", only)
+        why = "" if "type" in t else ' (or set type = "webhook" or "file")'
+        batch, retry = f"{where}.batch", f"{where}.retry"
+        return DestinationConfig(
+            name=g("name", _name, required=""),
+            kind=kind,
+            function=g("function", self.code_file, required=why) if kind == "function" else None,
+            insert_function=g("insert_function", self.code_file),
+            url=g("url", _url, required=' for type = "webhook"') if kind == "webhook" else None,
+            headers=self.headers(t.get("headers", {}), f"{where}.headers")
+            if kind == "webhook"
+            else (),
+            path=g("path", self.path, required=' for type = "file"') if kind == "file" else None,
+            sources=g("sources", partial(self.source_names, known), known),
+            enabled=g("enabled", _boolean, True),
+            concurrency=g("concurrency", _integer(1, 1024), 8),
+            timeout_s=g("timeout", _duration(), 5.0),
+            memory_limit_bytes=g("memory_limit", _size(16 * MIB), 512 * MIB),
+            settings=g("settings", partial(self.settings, where=f"{where}.settings"), {}),
+            batch=self.batch(self.table(t["batch"], batch, _BATCH_KEYS), batch)
+            if "batch" in t
+            else None,
+            retry=self.retry(self.table(t.get("retry"), retry, _RETRY_KEYS), retry),
+        )
+
+    def batch(self, t: dict[str, Any], where: str) -> BatchConfig:
+        d, g = BatchConfig(), partial(self.get, t, where)
+        return BatchConfig(
+            max_events=g("max_events", _integer(1, 10000), d.max_events),
+            max_wait_s=g("max_wait", _duration(), d.max_wait_s),
+        )
+
+    def retry(self, t: dict[str, Any], where: str) -> RetryPolicy:
+        d, g = RetryPolicy(), partial(self.get, t, where)
+        initial = g("backoff_initial", _duration(), d.backoff_initial_s)
+        maximum = g("backoff_max", _duration(), d.backoff_max_s)
+        if maximum < initial and "backoff_max" in t:
+            self.fail(f"{where}.backoff_max", f"must be >= backoff_initial ({initial:g}s)")
+        elif maximum < initial:
+            self.fail(f"{where}.backoff_initial", f"must be <= backoff_max ({maximum:g}s)")
+        return RetryPolicy(
+            max_attempts=g("max_attempts", _integer(1), d.max_attempts),
+            max_age_s=g("max_age", _duration(), d.max_age_s),
+            backoff_initial_s=initial,
+            backoff_max_s=maximum,
+        )
+
+    def unique(self, key: str, names: list[str | None]) -> None:
+        first: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if name is not None and name in first:
+                self.fail(
+                    f"{key}[{i}].name", f"duplicate name {name!r} (also {key}[{first[name]}])"
+                )
+            elif name is not None:
+                first[name] = i
+
+    def source_names(self, known: tuple[str, ...], value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise ValueError(f"must be an array of source names, got {_show(value)}")
+        if not value:
+            raise ValueError("must name at least one source (leave it out for every source)")
+        for j, name in enumerate(value):
+            if name not in known:
+                raise _Invalid(f"unknown source {name!r}{_hint(name, known)}", f"[{j}]")
+        return tuple(dict.fromkeys(value))
+
+    def headers(self, raw: Any, where: str) -> tuple[tuple[str, str | Secret], ...]:
+        out = []
+        for name, value in self.attempt(where, _table, raw, {}).items():
+            if not _HEADER_NAME_RE.fullmatch(name):
+                self.fail(f"{where}.{name}", "not a valid HTTP header name")
+            secret = self.attempt(f"{where}.{name}", self.header_value, value, None)
+            if secret is not None:
+                out.append((name, secret if secret.origin != "inline" else secret.value))
+        return tuple(out)
+
+    def header_value(self, value: Any) -> Secret:
+        secret = self.secret(value, inline_ok=True)
+        if "\r" in secret.value or "\n" in secret.value:  # would inject headers
+            raise ValueError("header values must not contain line breaks")
+        return secret
+
+    def settings(self, value: Any, where: str) -> dict[str, Any]:
+        return {k: self.setting(v, f"{where}.{k}") for k, v in _table(value).items()}
+
+    def setting(self, value: Any, where: str) -> Any:
+        """Settings are plain values, except that a table like { env = "X" } is a Secret."""
+        if isinstance(value, dict) and _is_secret_ref(value):
+            return self.attempt(where, self.secret, value, None)
+        if isinstance(value, dict):
+            return {k: self.setting(v, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.setting(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return value
 
-    def choice(self, t: dict[str, Any], where: str, key: str, options: tuple[str, ...]) -> str:
-        """The option `t[key]` names (case-insensitively); options[0] is the default."""
-        value = t.get(key, options[0])
-        if isinstance(value, str):
-            for option in options:
-                if option.lower() == value.lower():
-                    return option
-        self.fail(f"{where}.{key}", f"must be one of {', '.join(options)}, got {_show(value)}")
-        return options[0]
-
-    def boolean(self, t: dict[str, Any], where: str, key: str, default: bool) -> bool:
-        value = t.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(f"{where}.{key}", f"must be true or false, got {_show(value)}")
-            return default
-        return value
-
-    def integer(
-        self, t: dict[str, Any], where: str, key: str, default: int, lo: int, hi: int | None = None
-    ) -> int:
-        value = t.get(key, default)
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if not is_int or value < lo or (hi is not None and value > hi):
-            bounds = f">= {lo}" if hi is None else f"from {lo} to {hi}"
-            self.fail(f"{where}.{key}", f"must be an integer {bounds}, got {_show(value)}")
-            return default
-        return value
-
-    def duration(
-        self, t: dict[str, Any], where: str, key: str, default: float, *, zero_ok: bool = False
-    ) -> float:
-        if key not in t:
-            return default
-        value = t[key]
+    def secret(self, value: Any, inline_ok: bool = False) -> Secret:
+        if isinstance(value, str) and value and inline_ok:
+            return Secret(value, "inline")
+        if not isinstance(value, dict):
+            kinds = "a string or " if inline_ok else ""
+            example = '{ env = "NAME" }'
+            raise ValueError(f"must be {kinds}a secret such as {example}, got {_show(value)}")
+        for key in value:
+            if key not in _SECRET_KEYS:
+                raise _Invalid(f"unknown key{_hint(key, _SECRET_KEYS)}", f".{key}")
+        if not _is_secret_ref(value) or not next(iter(value.values())):
+            raise ValueError("a secret needs exactly one of env, file or credential (non-empty)")
+        ((kind, ref),) = value.items()
+        if kind == "env":
+            if self.environ.get(ref):
+                return Secret(self.environ[ref], f"env:{ref}")
+            state = "empty" if ref in self.environ else "not set"
+            raise ValueError(f"environment variable {ref} is {state}")
+        if kind == "credential":
+            folder = self.environ.get("CREDENTIALS_DIRECTORY")
+            if "/" in ref or ref in (".", ".."):
+                raise _Invalid(f"must be a credential name, got {ref!r}", ".credential")
+            if not folder:
+                needs = "needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)"
+                raise ValueError(f"credential {ref} {needs}")
+            file, origin = Path(folder, ref), f"credential:{ref}"
+        else:
+            file = self.path(ref)
+            origin = f"file:{file}"
         try:
-            if isinstance(value, bool) or not isinstance(value, str | int | float):
-                raise ValueError(f'must be a duration such as "5s", got {_show(value)}')
-            seconds = parse_duration(value)
-        except ValueError as exc:
-            self.fail(f"{where}.{key}", str(exc))
-            return default
-        if seconds <= 0 and not zero_ok:
-            self.fail(f"{where}.{key}", f"must be greater than 0, got {value!r}")
-            return default
-        return seconds
+            text = file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read secret file {file}: {_why(exc)}") from None
+        text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+        if not text:
+            raise ValueError(f"secret file {file} is empty")
+        return Secret(text, origin)
 
-    def size(self, t: dict[str, Any], where: str, key: str, default: int, minimum: int = 1) -> int:
-        if key not in t:
-            return default
-        value = t[key]
-        try:
-            if isinstance(value, bool) or not isinstance(value, str | int | float):
-                raise ValueError(f'must be a size such as "512KB", got {_show(value)}')
-            size = parse_size(value)
-        except ValueError as exc:
-            self.fail(f"{where}.{key}", str(exc))
-            return default
-        if size < minimum:
-            at_least = f"{minimum // MIB}MB" if minimum >= MIB else f"{minimum}B"
-            self.fail(f"{where}.{key}", f"must be at least {at_least}, got {value!r}")
-            return default
-        return size
+    def path(self, value: Any) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return Path(os.path.abspath(self.base / Path(_text(value)).expanduser()))
 
-    def code_file(
-        self, t: dict[str, Any], where: str, key: str, required: str | None = None
-    ) -> Path | None:
-        text = self.string(t, where, key, required=required)
-        if text is None:
-            return None
-        path = self.resolve(text)
-        if not path.exists():
-            self.fail(f"{where}.{key}", f"file not found: {path}")
-        elif not path.is_file():
-            self.fail(f"{where}.{key}", f"not a file: {path}")
+    def code_file(self, value: Any) -> Path:
+        path = self.path(value)
+        if not path.is_file():
+            raise ValueError(f"{'not a file' if path.exists() else 'file not found'}: {path}")
         return path
 
-    def resolve(self, text: str) -> Path:
-        return Path(os.path.abspath(self.base / Path(text).expanduser()))
+
+def _with_unit(text: Any, what: str, example: str) -> str:
+    s = str(text).strip()
+    try:
+        float(s)
+    except ValueError:
+        return s
+    raise ValueError(f'{what} need a unit, e.g. "{example}", got {text!r}')
+
+
+def _check(
+    ok: Callable[[Any], Any], expected: str, then: Callable[[Any], Any] = lambda v: v
+) -> Callable[[Any], Any]:
+    """A converter: `then(value)` if `ok(value)`, else ValueError("<expected>, got <value>")."""
+
+    def conv(value: Any) -> Any:
+        if ok(value):
+            return then(value)
+        raise ValueError(f"{expected}, got {_show(value)}")
+
+    return conv
+
+
+_boolean = _check(lambda v: isinstance(v, bool), "must be true or false")
+_text = _check(lambda v: isinstance(v, str) and v, "must be a non-empty string")
+_table = _check(lambda v: isinstance(v, dict), "must be a table")
+_charset = "must use only letters, digits, '_', '.' and '-'"
+_name = _check(lambda v: isinstance(v, str) and _NAME_RE.fullmatch(v), _charset)
+_measure = _check(lambda v: type(v) in (str, int, float), 'must be a string such as "5s"')
+
+
+def _integer(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    bounds = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+    in_range = lambda v: type(v) is int and lo <= v and (hi is None or v <= hi)  # noqa: E731
+    return _check(in_range, f"must be an integer {bounds}")
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    by_lower = {option.lower(): option for option in options}
+    known = lambda v: isinstance(v, str) and v.lower() in by_lower  # noqa: E731
+    return _check(known, f"must be one of {', '.join(options)}", lambda v: by_lower[v.lower()])
+
+
+def _duration(zero_ok: bool = False) -> Callable[[Any], float]:
+    def conv(value: Any) -> float:
+        seconds = parse_duration(_measure(value))
+        if seconds > 0 or zero_ok:
+            return seconds
+        raise ValueError(f"must be greater than 0, got {value!r}")
+
+    return conv
+
+
+def _size(minimum: int = 1) -> Callable[[Any], int]:
+    def conv(value: Any) -> int:
+        size = parse_size(_measure(value))
+        if size >= minimum:
+            return size
+        at_least = f"{minimum // MIB}MB" if minimum >= MIB else f"{minimum}B"
+        raise ValueError(f"must be at least {at_least}, got {value!r}")
+
+    return conv
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    host, sep, port = "", "", ""
+    if isinstance(value, str) and value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    elif isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        sep = "" if ":" in host else sep  # a bare IPv6 address needs brackets
+    if sep and host and not any(c.isspace() or c in "[]/" for c in host):
+        # Port 0 asks the kernel for a free port (the bound one is logged in daemon_ready).
+        if port.isascii() and port.isdigit() and 0 <= int(port) <= 65535:
+            return host, int(port)
+    expected = 'must be "host:port" with a port from 0 to 65535 (IPv6 as "[::1]:8088")'
+    raise ValueError(f"{expected}, got {_show(value)}")
+
+
+def _url(value: Any) -> str:
+    try:
+        parts = urlsplit(_text(value))
+        if parts.scheme in ("http", "https") and parts.hostname:
+            return value
+    except ValueError:  # urlsplit rejects some malformed hosts, e.g. "http://[::1"
+        pass
+    raise ValueError(f"must be an http:// or https:// URL with a host, got {_show(value)}")
 
 
 def _is_secret_ref(value: dict[str, Any]) -> bool:
-    return len(value) == 1 and all(
-        k in _SECRET_KEYS and isinstance(v, str) for k, v in value.items()
-    )
+    ((key, ref),) = value.items() if len(value) == 1 else ((None, None),)
+    return key in _SECRET_KEYS and isinstance(ref, str)
 
 
 def _walk(value: Any) -> list[Any]:
@@ -679,33 +596,21 @@ def _walk(value: Any) -> list[Any]:
     return [value]
 
 
-def _reveal(value: Any) -> Any:
-    if isinstance(value, Secret):
-        return value.value
-    if isinstance(value, Mapping):
-        return {k: _reveal(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_reveal(v) for v in value]
-    return value
-
-
 def _hint(word: Any, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(word), list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _why(exc: Exception) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
+    if isinstance(value, dict | list):
+        return "a table" if isinstance(value, dict) else "an array"
     text = repr(value)
     return text if len(text) <= 60 else text[:56] + "...'"

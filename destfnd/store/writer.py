@@ -19,6 +19,10 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
 
+def _call(op: Callable[..., Any], args: tuple, conn: sqlite3.Connection) -> Any:
+    return op(conn, *args)
+
+
 class Writer:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -36,7 +40,7 @@ class Writer:
         if self._closing:
             raise StoreError("the store is closing")
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((functools.partial(op, *args) if args else op, future))
+        self._queue.append((functools.partial(_call, op, args), future))
         self._wake.set()
         return await future
 
@@ -65,6 +69,7 @@ class Writer:
                     else:
                         future.set_exception(value)
         finally:
+            self._closing = True  # also when cancelled or crashed: later run() calls fail fast
             for _, future in self._queue:
                 if not future.done():
                     future.set_exception(StoreError("the store closed before this write ran"))

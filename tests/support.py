@@ -1,0 +1,245 @@
+"""Test support: a recording HTTP sink and the real `destfnd serve` process.
+
+Everything listens on 127.0.0.1 only; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+WRITE_KEY = "wk_test_web"
+AUTH = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+FIXTURES = Path(__file__).parent / "fixtures" / "segment-docs"
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    body: str = "ok"
+
+
+@dataclass
+class Received:
+    at: float  # time.time() when the request arrived
+    body: bytes
+    headers: dict[str, str]
+    status: int  # what the sink answered
+
+    def events(self) -> list[dict]:
+        data = orjson.loads(self.body)
+        return data if isinstance(data, list) else [data]
+
+
+class Sink:
+    """A fake destination: records every request, answers per `script(n, request)`."""
+
+    def __init__(self, script: Callable[[int, Received], Reply] | None = None) -> None:
+        self.script = script or (lambda n, r: Reply())
+        self.requests: list[Received] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Sink:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/in"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        rec = Received(time.time(), await request.read(), dict(request.headers), 0)
+        reply = self.script(len(self.requests), rec)
+        rec.status = reply.status
+        self.requests.append(rec)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        return web.Response(status=reply.status, text=reply.body, headers=reply.headers)
+
+    def delivered(self) -> list[dict]:
+        """Every event of every 2xx-answered request, in arrival order."""
+        return [e for r in self.requests if 200 <= r.status < 300 for e in r.events()]
+
+    def delivered_ids(self) -> set[str]:
+        return {e["messageId"] for e in self.delivered()}
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"sink condition not met in {timeout_s}s; {len(self.requests)} requests"
+                )
+            await asyncio.sleep(0.02)
+
+
+def config_text(
+    db: Path,
+    destinations: str,
+    *,
+    server: str = "",
+    sources: str = f'[[sources]]\nname = "web"\nwrite_key = "{WRITE_KEY}"\n',
+) -> str:
+    return (
+        f'[server]\nlisten = "127.0.0.1:0"\ndrain_timeout = "5s"\n{server}\n'
+        f'[storage]\npath = "{db}"\n\n[logging]\nlevel = "debug"\nformat = "json"\n\n'
+        f"{sources}\n{destinations}"
+    )
+
+
+def webhook(name: str, url: str, **extra: object) -> str:
+    lines = [f'[[destinations]]\nname = "{name}"\ntype = "webhook"\nurl = "{url}"']
+    tables = {k: v for k, v in extra.items() if isinstance(v, dict)}
+    for key, value in extra.items():
+        if key not in tables:
+            lines.append(f"{key} = {_toml(value)}")
+    for key, table in tables.items():
+        lines.append(f"[destinations.{key}]")
+        lines.extend(f"{k} = {_toml(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+class DaemonProcess:
+    """The real `destfnd serve`, started from a config file in tmp_path."""
+
+    def __init__(self, tmp_path: Path, config: str, env: dict[str, str] | None = None) -> None:
+        self.dir = tmp_path
+        self.config = tmp_path / "destfnd.toml"
+        self.config.write_text(config)
+        self.log_path = tmp_path / "daemon.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self._log_offset = 0
+
+    async def start(self, timeout_s: float = 20.0) -> DaemonProcess:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "destfnd", "serve", "--config", str(self.config)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = [e for e in self.log_records() if e.get("event") == "daemon_ready"]
+            if ready:
+                self.url = f"http://{ready[-1]['listen']}"
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon not ready in {timeout_s}s: {self.log_text()}")
+            await asyncio.sleep(0.05)
+
+    def log_text(self, since_start: bool = True) -> str:
+        if not self.log_path.exists():
+            return ""
+        data = self.log_path.read_bytes()
+        return data[self._log_offset if since_start else 0 :].decode(errors="replace")
+
+    def log_records(self, since_start: bool = True) -> list[dict]:
+        records = []
+        for line in self.log_text(since_start).splitlines():
+            try:
+                records.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                records.append({"event": "<not json>", "line": line})
+        return records
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    async def terminate(self, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.wait(timeout_s)
+
+    async def wait(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"daemon did not exit in {timeout_s}s")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def stop_quietly(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return run_cli(*args, "--config", str(self.config), env=self.env)
+
+    def stats(self) -> dict:
+        result = self.cli("stats", "--json")
+        assert result.returncode == 0, result.stderr
+        return orjson.loads(result.stdout)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "destfnd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env or dict(os.environ),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: object | bytes,
+    *,
+    auth: bool = True,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    if auth:
+        all_headers["Authorization"] = AUTH
+    async with session.post(url, data=data, headers=all_headers) as resp:
+        text = await resp.read()
+        try:
+            return resp.status, orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return resp.status, {"raw": text.decode(errors="replace")}

@@ -1,0 +1,233 @@
+"""The Tracking API through the real `destfnd serve` process, to a recording webhook sink."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+import uuid
+from datetime import datetime
+
+import orjson
+import pytest
+from support import FIXTURES, WRITE_KEY, Sink, config_text, post, webhook
+
+from destfnd.spec import parse_timestamp
+
+
+async def start(make_daemon, tmp_path, sink: Sink, server: str = ""):
+    cfg = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url), server=server)
+    return await make_daemon(cfg).start()
+
+
+def fixture_body(name: str) -> dict:
+    body = orjson.loads((FIXTURES / "http-api" / name).read_bytes())
+    body["writeKey"] = WRITE_KEY
+    return body
+
+
+@pytest.mark.parametrize("use_gzip", [False, True], ids=["plain", "gzip"])
+async def test_ingest_segment_python_sdk_events_arrive_intact(make_daemon, tmp_path, use_gzip):
+    from segment.analytics.client import Client
+
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        user = f"user-{uuid.uuid4()}"
+
+        def send() -> None:
+            # The SDK's default mode: a background thread sends batches to /v1/batch.
+            client = Client(
+                WRITE_KEY, host=daemon.url, gzip=use_gzip, on_error=lambda e, b: errors.append(e)
+            )
+            client.identify(user, {"email": "peter@example.com", "plan": "premium"})
+            client.track(user, "Item Purchased", {"revenue": 14.99, "sku": "A-1"})
+            client.page(user, name="Home", properties={"url": "https://example.com"})
+            client.group(user, "group-1", {"name": "Initech"})
+            client.alias("previous-1", user)
+            client.screen(user, name="Main")
+            client.flush()
+            client.shutdown()
+
+        errors: list[Exception] = []
+        sent_at = time.time()
+        await asyncio.to_thread(send)
+        assert errors == []
+        await sink.wait_for(lambda: len(sink.delivered()) == 6)
+        by_type = {e["type"]: e for e in sink.delivered()}
+        assert set(by_type) == {"identify", "track", "page", "group", "alias", "screen"}
+        track = by_type["track"]
+        assert track["userId"] == user
+        assert track["event"] == "Item Purchased"
+        assert track["properties"] == {"revenue": 14.99, "sku": "A-1"}
+        assert track["context"]["library"]["name"] == "analytics-python"
+        assert by_type["identify"]["traits"] == {"email": "peter@example.com", "plan": "premium"}
+        assert by_type["alias"]["previousId"] == "previous-1"
+        assert by_type["group"]["groupId"] == "group-1"
+        for event in sink.delivered():
+            assert event["messageId"]
+            received = parse_timestamp(event["receivedAt"]).timestamp()
+            assert sent_at - 1 <= received <= time.time() + 1
+            # The SDK's clocks are ours: skew-corrected timestamp is within a second of arrival.
+            assert abs(parse_timestamp(event["timestamp"]).timestamp() - received) < 1
+
+
+async def test_ingest_segment_docs_bodies_accepted_and_delivered(make_daemon, tmp_path, session):
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        singles = ["alias", "group", "identify", "page", "screen", "track"]
+        for kind in singles:
+            status, body = await post(
+                session, f"{daemon.url}/v1/{kind}", fixture_body(f"v1-{kind}.json"), auth=False
+            )
+            assert (status, body) == (200, {"success": True}), kind
+        status, _ = await post(
+            session, f"{daemon.url}/v1/batch", fixture_body("v1-batch.json"), auth=False
+        )
+        assert status == 200
+        await sink.wait_for(lambda: len(sink.delivered()) == len(singles) + 4)
+        events = sink.delivered()
+        batch = [e for e in events if e.get("context", {}).get("device")]
+        assert len(batch) == 4
+        # The sloppy timestamps of Segment's own example are accepted and normalised.
+        originals = sorted(e["originalTimestamp"] for e in batch)
+        assert originals[-1] == "2015-02-02T00:30:12.984Z"
+        assert all("writeKey" not in e for e in events)
+        track = next(e for e in events if e["type"] == "track" and e["event"] == "Item Purchased")
+        assert track["properties"]["revenue"] == 14.99
+        assert track["timestamp"] == "2012-12-02T00:30:12.984Z"  # no sentAt: kept as sent
+
+
+async def test_ingest_analytics_js_text_plain_with_write_key_in_body(
+    make_daemon, tmp_path, session
+):
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        now = datetime.now().astimezone()
+        body = {
+            "type": "track",
+            "event": "Clicked",
+            "anonymousId": "anon-1",
+            "writeKey": WRITE_KEY,
+            "timestamp": now.isoformat(),
+            "sentAt": now.isoformat(),
+        }
+        status, _ = await post(
+            session,
+            f"{daemon.url}/v1/t",
+            orjson.dumps(body),
+            auth=False,
+            headers={"Content-Type": "text/plain"},
+        )
+        assert status == 200
+        await sink.wait_for(lambda: len(sink.delivered()) == 1)
+        assert sink.delivered()[0]["anonymousId"] == "anon-1"
+
+
+async def test_ingest_duplicate_message_id_delivered_once(make_daemon, tmp_path, session):
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        event = {"userId": "u1", "event": "Paid", "messageId": "dup-1"}
+        for _ in range(3):
+            assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        marker = {"userId": "u1", "event": "Marker", "messageId": "marker-1"}
+        assert (await post(session, f"{daemon.url}/v1/track", marker))[0] == 200
+        await sink.wait_for(lambda: "marker-1" in sink.delivered_ids())
+        await asyncio.sleep(0.3)
+        assert [e["messageId"] for e in sink.delivered()].count("dup-1") == 1
+
+
+def _gzip_bomb() -> bytes:
+    # 20 MB of JSON inside one valid object, about 20 KB compressed: far over the 2 MB cap.
+    payload = b'{"userId":"u","event":"e","properties":{"x":"' + b" " * 20_000_000 + b'"}}'
+    return gzip.compress(payload, 9)
+
+
+TRACK = {"userId": "u1", "event": "Bad"}
+BAD_INPUTS = [
+    # (id, path, body, headers, auth, status, error phrase, detail phrase)
+    ("no-key", "/v1/track", TRACK, {}, False, 401, "unauthorized", "write key"),
+    ("unknown-key-header", "/v1/track", TRACK,
+     {"Authorization": "Basic d3Jvbmdfa2V5Og=="}, False, 401, "unauthorized", "unknown"),
+    ("unknown-key-body", "/v1/track", {**TRACK, "writeKey": "nope"}, {}, False, 401,
+     "unauthorized", "unknown"),
+    ("malformed-json", "/v1/track", b'{"userId": "u1", "event": ', {}, True, 400,
+     "malformed JSON", ""),
+    ("not-an-object", "/v1/track", [1, 2], {}, True, 400, "invalid request", "body"),
+    ("batch-not-array", "/v1/batch", {"batch": {"type": "track"}}, {}, True, 400,
+     "invalid request", "batch"),
+    ("unknown-type", "/v1/batch", {"batch": [{"type": "purchase", "userId": "u"}]}, {}, True,
+     400, "invalid event", "batch[0].type"),
+    ("missing-ids", "/v1/track", {"event": "Bad"}, {}, True, 400, "invalid event", "userId"),
+    ("track-without-event", "/v1/track", {"userId": "u1"}, {}, True, 400, "invalid event",
+     "event"),
+    ("properties-not-object", "/v1/track", {**TRACK, "properties": "x"}, {}, True, 400,
+     "invalid event", "properties"),
+    ("bad-timestamp", "/v1/track", {**TRACK, "timestamp": "yesterday"}, {}, True, 400,
+     "invalid event", "timestamp"),
+    ("one-bad-in-batch", "/v1/batch",
+     {"batch": [{"type": "track", **TRACK}, {"type": "track", "userId": "u2"}]}, {}, True,
+     400, "invalid event", "batch[1].event"),
+    ("oversize-event", "/v1/track", {**TRACK, "properties": {"x": "a" * 40_000}}, {}, True,
+     413, "event too large", "bytes"),
+    ("oversize-request", "/v1/batch",
+     {"batch": [{"type": "track", **TRACK, "properties": {"x": "a" * 20_000}}] * 30}, {}, True,
+     413, "request too large", ""),
+    ("too-many-events", "/v1/batch", {"batch": [{"type": "track", **TRACK}] * 2501}, {}, True,
+     400, "batch too large", "2501"),
+    ("gzip-bomb", "/v1/track", "BOMB", {"Content-Encoding": "gzip"}, True, 413,
+     "request too large", "decompressed"),
+    ("bad-gzip", "/v1/track", b"\x1f\x8b\x08\x00garbage", {"Content-Encoding": "gzip"}, True,
+     400, "bad gzip", ""),
+    ("unknown-encoding", "/v1/track", TRACK, {"Content-Encoding": "br"}, True, 415,
+     "Content-Encoding", "gzip"),
+]  # fmt: skip
+
+
+async def test_ingest_bad_inputs_get_4xx_json_and_are_not_delivered(make_daemon, tmp_path, session):
+    bomb = _gzip_bomb()
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        for case_id, path, body, headers, auth, status, error, detail in BAD_INPUTS:
+            data = bomb if body == "BOMB" else body
+            got_status, got = await post(
+                session, daemon.url + path, data, auth=auth, headers=headers
+            )
+            assert got_status == status, (case_id, got)
+            assert got["success"] is False, case_id
+            assert error in got["error"], (case_id, got)
+            assert detail in got.get("detail", ""), (case_id, got)
+        # Healthy after all of it, and the first thing delivered is the good event.
+        async with session.get(f"{daemon.url}/healthz") as resp:
+            assert resp.status == 200
+        good = {"userId": "u1", "event": "Good", "messageId": "good-1"}
+        assert (await post(session, f"{daemon.url}/v1/track", good))[0] == 200
+        await sink.wait_for(lambda: len(sink.delivered()) >= 1)
+        await asyncio.sleep(0.3)
+        assert [e["messageId"] for e in sink.delivered()] == ["good-1"]
+        assert daemon.proc.poll() is None
+        assert not [r for r in daemon.log_records() if r.get("level") in ("error", "critical")]
+
+
+async def test_ingest_batch_context_merged_and_gzip_accepted(make_daemon, tmp_path, session):
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        body = {
+            "batch": [
+                {"type": "track", "userId": "u1", "event": "A"},
+                {"type": "identify", "userId": "u1", "context": {"ip": "1.2.3.4"}},
+            ],
+            "context": {"ip": "9.9.9.9", "app": {"name": "shop"}},
+            "integrations": {"All": False},
+        }
+        status, _ = await post(
+            session,
+            f"{daemon.url}/v1/batch",
+            gzip.compress(orjson.dumps(body)),
+            headers={"Content-Encoding": "gzip"},
+        )
+        assert status == 200
+        await sink.wait_for(lambda: len(sink.delivered()) == 2)
+        track, identify = sorted(sink.delivered(), key=lambda e: e["type"], reverse=True)
+        assert track["context"] == {"ip": "9.9.9.9", "app": {"name": "shop"}}
+        assert identify["context"] == {"ip": "1.2.3.4", "app": {"name": "shop"}}
+        assert track["integrations"] == {"All": False}
