@@ -135,7 +135,7 @@ class DestinationConfig:
     concurrency: int = 8
     timeout_s: float = 5.0
     memory_limit_bytes: int = 512 * MIB
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict, hash=False)  # keeps the config hashable
     batch: BatchConfig | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -584,7 +584,10 @@ def _url(value: Any) -> str:
 
 
 def _is_secret_ref(value: dict[str, Any]) -> bool:
-    ((key, ref),) = value.items() if len(value) == 1 else ((None, None),)
+    """A table like { env = "NAME" }: exactly one secret key, with a string."""
+    if len(value) != 1:
+        return False
+    [(key, ref)] = value.items()
     return key in _SECRET_KEYS and isinstance(ref, str)
 
 

@@ -124,9 +124,7 @@ def webhook(name: str, url: str, **extra: object) -> str:
 def _toml(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value)
+    return orjson.dumps(value).decode()  # JSON strings, numbers and arrays are valid TOML
 
 
 class DaemonProcess:
@@ -243,3 +241,64 @@ async def post(
             return resp.status, orjson.loads(text)
         except orjson.JSONDecodeError:
             return resp.status, {"raw": text.decode(errors="replace")}
+
+
+class running_daemon:  # noqa: N801 - used as `async with running_daemon(cfg) as d:`
+    """The real Daemon, in this process: for tests that need no signals or kill -9."""
+
+    def __init__(self, tmp_path: Path, config: str) -> None:
+        from destfnd.config import load_config
+
+        path = tmp_path / "destfnd.toml"
+        path.write_text(config)
+        self.cfg = load_config(path)
+        self.url = ""
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self):
+        from destfnd.daemon import Daemon
+
+        self.daemon = Daemon(self.cfg)
+        self._task = asyncio.create_task(self.daemon.run(), name="daemon-under-test")
+        deadline = time.monotonic() + 10
+        while self.daemon.bound is None:
+            if self._task.done():
+                self._task.result()
+            assert time.monotonic() < deadline, "daemon not ready in 10s"
+            await asyncio.sleep(0.01)
+        host, port = self.daemon.bound
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self.daemon.request_stop()
+        await asyncio.wait_for(self._task, 30)
+
+    def deliveries(self) -> list[dict]:
+        """Every delivery row, oldest first, read from the real SQLite file."""
+        import sqlite3
+
+        conn = sqlite3.connect(self.cfg.storage.path)
+        conn.row_factory = sqlite3.Row
+        try:
+            rows = conn.execute(
+                "SELECT d.*, e.message_id FROM deliveries d JOIN events e ON e.id = d.event_id "
+                "ORDER BY d.id"
+            ).fetchall()
+        finally:
+            conn.close()
+        return [dict(r) for r in rows]
+
+    async def wait_for_status(
+        self, statuses: set[str], count: int, timeout_s: float = 20.0
+    ) -> list[dict]:
+        """Wait until `count` deliveries are in one of `statuses`; returns all rows."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = self.deliveries()
+            if sum(r["status"] in statuses for r in rows) >= count:
+                return rows
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not {count} in {statuses} after {timeout_s}s: {rows}")
+            await asyncio.sleep(0.02)

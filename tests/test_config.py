@@ -1,0 +1,528 @@
+"""destfnd.config: the example loads, every kind of mistake is reported with its key path."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from destfnd.config import (
+    BatchConfig,
+    ConfigError,
+    RetryPolicy,
+    Secret,
+    config_secrets,
+    load_config,
+    parse_duration,
+    parse_size,
+    redact,
+)
+
+EXAMPLE = """
+[server]
+listen = "127.0.0.1:8088"
+[storage]
+path = "var/destfnd.sqlite3"
+retention = "7d"
+[[sources]]
+name = "web"
+write_key = "wk_web_example"
+[[sources]]
+name = "backend"
+write_key = { env = "BACKEND_WRITE_KEY" }
+[[destinations]]
+name = "crm"
+function = "functions/crm.py"
+insert_function = "functions/mask_pii.py"
+sources = ["web"]
+concurrency = 8
+timeout = "5s"
+memory_limit = "512MB"
+settings = { endpoint = "https://api.example.com", apiKey = { env = "CRM_API_KEY" } }
+[destinations.batch]
+max_events = 20
+max_wait = "10s"
+[destinations.retry]
+max_attempts = 10
+max_age = "4h"
+backoff_initial = "1s"
+backoff_max = "1h"
+[[destinations]]
+name = "hook"
+type = "webhook"
+url = "http://127.0.0.1:9999/in"
+headers = { Authorization = { env = "HOOK_TOKEN" } }
+[[destinations]]
+name = "archive"
+type = "file"
+path = "var/events.ndjson"
+"""
+ENV = {
+    "BACKEND_WRITE_KEY": "bk_secret_from_env",
+    "CRM_API_KEY": "crm_secret_from_env",
+    "HOOK_TOKEN": "Bearer hook_secret_from_env",
+}
+SOURCE = '[[sources]]\nname = "web"\nwrite_key = "wk_web"\n'
+DEST = '[[destinations]]\nname = "crm"\nfunction = "functions/crm.py"\n'
+HOOK = '[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = "http://127.0.0.1:9/in"\n'
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "functions").mkdir()
+    (tmp_path / "functions" / "crm.py").write_text("def on_track(event, settings):\n    pass\n")
+    (tmp_path / "functions" / "mask_pii.py").write_text("def on_track(e, s):\n    return e\n")
+    return tmp_path
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "destfnd.toml"
+    path.write_text(text)
+    return path
+
+
+def problems_of(folder: Path, text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(folder, text), environ=ENV if environ is None else environ)
+    assert str(info.value) == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+def test_config_example_loads_with_expected_values(folder: Path) -> None:
+    cfg = load_config(write(folder, EXAMPLE), environ=ENV)
+
+    assert cfg.path == folder / "destfnd.toml"
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8088)
+    assert cfg.server.max_request_bytes == 500 * 1024
+    assert cfg.server.max_event_bytes == 32 * 1024
+    assert cfg.server.max_batch_events == 2500
+    assert cfg.server.max_decompressed_bytes == 2 * 1024 * 1024
+    assert cfg.server.dedupe_window_s == 86400.0
+    assert cfg.server.drain_timeout_s == 20.0
+    assert cfg.storage.path == folder / "var" / "destfnd.sqlite3"
+    assert cfg.storage.retention_s == 7 * 86400
+    assert cfg.storage.synchronous == "FULL"
+    assert (cfg.logging.level, cfg.logging.format) == ("info", "auto")
+
+    assert [s.name for s in cfg.sources] == ["web", "backend"]
+    assert cfg.sources[0].write_key == Secret("wk_web_example", "inline")
+    assert cfg.sources[1].write_key == Secret("bk_secret_from_env", "env:BACKEND_WRITE_KEY")
+
+    crm, hook, archive = cfg.destinations
+    assert (crm.name, crm.kind) == ("crm", "function")
+    assert crm.function == folder / "functions" / "crm.py"
+    assert crm.insert_function == folder / "functions" / "mask_pii.py"
+    assert crm.sources == ("web",)
+    assert crm.enabled is True
+    assert crm.concurrency == 8
+    assert crm.timeout_s == 5.0
+    assert crm.memory_limit_bytes == 512 * 1024 * 1024
+    assert crm.settings["endpoint"] == "https://api.example.com"
+    assert crm.settings["apiKey"] == Secret("crm_secret_from_env", "env:CRM_API_KEY")
+    assert crm.batch == BatchConfig(max_events=20, max_wait_s=10.0)
+    assert crm.retry == RetryPolicy(10, 4 * 3600.0, 1.0, 3600.0)
+    assert crm.url is None and crm.path is None and crm.headers == ()
+
+    assert (hook.kind, hook.url, hook.function) == ("webhook", "http://127.0.0.1:9999/in", None)
+    token = Secret("Bearer hook_secret_from_env", "env:HOOK_TOKEN")
+    assert hook.headers == (("Authorization", token),)
+    assert hook.sources == ("web", "backend")  # default: every source, in config order
+    assert hook.batch is None
+    assert hook.retry == RetryPolicy()
+
+    assert (archive.kind, archive.path) == ("file", folder / "var" / "events.ndjson")
+    assert archive.sources == ("web", "backend")
+
+
+def test_config_minimal_file_gets_defaults_and_no_destinations(folder: Path) -> None:
+    cfg = load_config(write(folder, SOURCE), environ={})
+
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8088)
+    assert cfg.storage.path == folder / "var" / "destfnd.sqlite3"
+    assert cfg.storage.retention_s == 7 * 86400
+    assert cfg.destinations == ()
+
+
+def test_config_values_are_parsed_and_normalized(folder: Path) -> None:
+    text = (
+        '[server]\nlisten = "[::1]:9000"\nmax_request_size = "4MB"\nmax_event_size = "64KiB"\n'
+        'dedupe_window = "0s"\ndrain_timeout = "1m30s"\n'
+        '[storage]\npath = "/abs/q.db"\nsynchronous = "normal"\n'
+        '[logging]\nlevel = "DEBUG"\nformat = "json"\n'
+        + SOURCE
+        + DEST
+        + 'enabled = false\ntimeout = "250ms"\nmemory_limit = "1GB"\n'
+        "[destinations.batch]\n"
+    )
+    cfg = load_config(write(folder, text), environ={})
+
+    assert (cfg.server.host, cfg.server.port) == ("::1", 9000)
+    assert cfg.server.max_request_bytes == 4 * 1024 * 1024
+    assert cfg.server.max_decompressed_bytes == 4 * 1024 * 1024  # never below the request cap
+    assert cfg.server.max_event_bytes == 64 * 1024
+    assert cfg.server.dedupe_window_s == 0.0
+    assert cfg.server.drain_timeout_s == 90.0
+    assert cfg.storage.path == Path("/abs/q.db")
+    assert cfg.storage.synchronous == "NORMAL"
+    assert (cfg.logging.level, cfg.logging.format) == ("debug", "json")
+    (dest,) = cfg.destinations
+    assert dest.enabled is False
+    assert dest.timeout_s == 0.25
+    assert dest.memory_limit_bytes == 1024**3
+    assert dest.batch == BatchConfig()
+
+
+BAD_CONFIGS = [
+    # (id, config text, dotted key path, phrase in the problem)
+    ("unknown_top_key", 'colour = "red"\n' + SOURCE, "colour", "unknown key"),
+    ("unknown_dest_key", SOURCE + DEST + "concurency = 4\n", "destinations[0].concurency",
+     "unknown key (did you mean 'concurrency'?)"),
+    ("unknown_server_key", "[server]\nport = 80\n" + SOURCE, "server.port", "unknown key"),
+    ("unknown_retry_key", SOURCE + DEST + "[destinations.retry]\nmax_attempt = 3\n",
+     "destinations[0].retry.max_attempt", "did you mean 'max_attempts'?"),
+    ("unknown_batch_key", SOURCE + DEST + "[destinations.batch]\nsize = 3\n",
+     "destinations[0].batch.size", "unknown key"),
+    ("unknown_secret_key", '[[sources]]\nname = "web"\nwrite_key = { enb = "K" }\n',
+     "sources[0].write_key.enb", "did you mean 'env'?"),
+    ("server_not_table", 'server = "x"\n' + SOURCE, "server", "must be a table"),
+    ("sources_not_array", '[sources]\nname = "web"\n', "sources", "must be an array of tables"),
+    ("no_sources", '[server]\nlisten = "127.0.0.1:1"\n', "sources", "at least one"),
+    ("source_without_write_key", '[[sources]]\nname = "web"\n', "sources[0].write_key",
+     "is required"),
+    ("source_without_name", '[[sources]]\nwrite_key = "k"\n', "sources[0].name", "is required"),
+    ("source_bad_name", '[[sources]]\nname = "my web"\nwrite_key = "k"\n', "sources[0].name",
+     "must use only letters"),
+    ("empty_write_key", '[[sources]]\nname = "web"\nwrite_key = ""\n', "sources[0].write_key",
+     "must be a string or a secret"),
+    ("duplicate_source", SOURCE + '[[sources]]\nname = "web"\nwrite_key = "other"\n',
+     "sources[1].name", "duplicate name 'web' (also sources[0])"),
+    ("shared_write_key", SOURCE + '[[sources]]\nname = "app"\nwrite_key = "wk_web"\n',
+     "sources[1].write_key", "same write key as sources[0]"),
+    ("env_missing", '[[sources]]\nname = "web"\nwrite_key = { env = "WEB_WRITE_KEY" }\n',
+     "sources[0].write_key", "environment variable WEB_WRITE_KEY is not set"),
+    ("env_empty", '[[sources]]\nname = "web"\nwrite_key = { env = "EMPTY" }\n',
+     "sources[0].write_key", "environment variable EMPTY is empty"),
+    ("secret_two_kinds", '[[sources]]\nname = "web"\nwrite_key = { env = "A", file = "b" }\n',
+     "sources[0].write_key", "exactly one of env, file or credential"),
+    ("secret_file_missing", '[[sources]]\nname = "web"\nwrite_key = { file = "nope.txt" }\n',
+     "sources[0].write_key", "cannot read secret file"),
+    ("secret_file_empty", '[[sources]]\nname = "web"\nwrite_key = { file = "empty.txt" }\n',
+     "sources[0].write_key", "empty.txt is empty"),
+    ("credential_without_dir", '[[sources]]\nname = "web"\nwrite_key = { credential = "wk" }\n',
+     "sources[0].write_key", "credential wk needs $CREDENTIALS_DIRECTORY"),
+    ("dest_without_name", SOURCE + '[[destinations]]\nfunction = "functions/crm.py"\n',
+     "destinations[0].name", "is required"),
+    ("duplicate_destination", SOURCE + DEST + DEST, "destinations[1].name",
+     "duplicate name 'crm' (also destinations[0])"),
+    ("unknown_source", SOURCE + DEST + 'sources = ["web", "mobile"]\n',
+     "destinations[0].sources[1]", "unknown source 'mobile'"),
+    ("empty_sources", SOURCE + DEST + "sources = []\n", "destinations[0].sources",
+     "at least one source"),
+    ("sources_not_names", SOURCE + DEST + 'sources = "web"\n', "destinations[0].sources",
+     "must be an array of source names"),
+    ("unknown_type", SOURCE + '[[destinations]]\nname = "x"\ntype = "lambda"\n',
+     "destinations[0].type", "must be one of function, webhook, file"),
+    ("function_missing", SOURCE + '[[destinations]]\nname = "x"\n', "destinations[0].function",
+     "is required"),
+    ("function_file_not_found", SOURCE + '[[destinations]]\nname = "x"\nfunction = "fn/x.py"\n',
+     "destinations[0].function", "file not found"),
+    ("function_is_a_folder", SOURCE + '[[destinations]]\nname = "x"\nfunction = "functions"\n',
+     "destinations[0].function", "not a file"),
+    ("insert_function_not_found", SOURCE + DEST + 'insert_function = "functions/nope.py"\n',
+     "destinations[0].insert_function", "file not found"),
+    ("disabled_still_checked", SOURCE + DEST.replace("crm.py", "gone.py") + "enabled = false\n",
+     "destinations[0].function", "file not found"),
+    ("webhook_without_url", SOURCE + '[[destinations]]\nname = "h"\ntype = "webhook"\n',
+     "destinations[0].url", "is required"),
+    ("webhook_bad_url", SOURCE + HOOK.replace("http://127.0.0.1:9/in", "ftp://host/x"),
+     "destinations[0].url", "must be an http:// or https:// URL"),
+    ("webhook_url_without_host", SOURCE + HOOK.replace("http://127.0.0.1:9/in", "http:///in"),
+     "destinations[0].url", "with a host"),
+    ("url_on_function", SOURCE + DEST + 'url = "http://x/"\n', "destinations[0].url",
+     'only allowed with type = "webhook"'),
+    ("headers_on_file", SOURCE + '[[destinations]]\nname = "f"\ntype = "file"\npath = "o"\n'
+     'headers = { A = "b" }\n', "destinations[0].headers", 'only allowed with type = "webhook"'),
+    ("path_on_webhook", SOURCE + HOOK + 'path = "x"\n', "destinations[0].path",
+     'only allowed with type = "file"'),
+    ("function_on_webhook", SOURCE + HOOK + 'function = "functions/crm.py"\n',
+     "destinations[0].function", 'only allowed with type = "function"'),
+    ("file_without_path", SOURCE + '[[destinations]]\nname = "f"\ntype = "file"\n',
+     "destinations[0].path", "is required"),
+    ("header_secret_env_missing", SOURCE + HOOK + 'headers = { "X-Key" = { env = "NOPE" } }\n',
+     "destinations[0].headers.X-Key", "environment variable NOPE is not set"),
+    ("header_bad_name", SOURCE + HOOK + 'headers = { "Bad Name" = "v" }\n',
+     "destinations[0].headers.Bad Name", "not a valid HTTP header name"),
+    ("header_line_break", SOURCE + HOOK + 'headers = { A = "b\\r\\nX-Evil: 1" }\n',
+     "destinations[0].headers.A", "line breaks"),
+    ("settings_secret_missing", SOURCE + DEST + 'settings = { db = { pw = { env = "PW" } } }\n',
+     "destinations[0].settings.db.pw", "environment variable PW is not set"),
+    ("settings_not_table", SOURCE + DEST + 'settings = "x"\n', "destinations[0].settings",
+     "must be a table"),
+    ("concurrency_type", SOURCE + DEST + 'concurrency = "8"\n', "destinations[0].concurrency",
+     "must be an integer from 1 to 1024, got '8'"),
+    ("concurrency_zero", SOURCE + DEST + "concurrency = 0\n", "destinations[0].concurrency",
+     "from 1 to 1024, got 0"),
+    ("concurrency_bool", SOURCE + DEST + "concurrency = true\n", "destinations[0].concurrency",
+     "must be an integer"),
+    ("enabled_type", SOURCE + DEST + 'enabled = "yes"\n', "destinations[0].enabled",
+     "must be true or false"),
+    ("timeout_bad_unit", SOURCE + DEST + 'timeout = "5 seconds"\n', "destinations[0].timeout",
+     "invalid duration"),
+    ("timeout_bare_number", SOURCE + DEST + "timeout = 5\n", "destinations[0].timeout",
+     'durations need a unit, e.g. "5s"'),
+    ("timeout_zero", SOURCE + DEST + 'timeout = "0s"\n', "destinations[0].timeout",
+     "must be greater than 0"),
+    ("memory_bad", SOURCE + DEST + 'memory_limit = "lots"\n', "destinations[0].memory_limit",
+     "invalid size"),
+    ("memory_tiny", SOURCE + DEST + 'memory_limit = "1MB"\n', "destinations[0].memory_limit",
+     "must be at least 16MB"),
+    ("size_bare_number", '[server]\nmax_request_size = 500000\n' + SOURCE,
+     "server.max_request_size", 'sizes need a unit'),
+    ("decompressed_below_request", '[server]\nmax_request_size = "1MB"\n'
+     'max_decompressed_size = "512KB"\n' + SOURCE, "server.max_decompressed_size",
+     "at least server.max_request_size"),
+    ("batch_events_high", SOURCE + DEST + "[destinations.batch]\nmax_events = 10001\n",
+     "destinations[0].batch.max_events", "from 1 to 10000"),
+    ("batch_wait_table", SOURCE + DEST + "[destinations.batch]\nmax_wait = { s = 1 }\n",
+     "destinations[0].batch.max_wait", "got a table"),
+    ("retry_attempts_zero", SOURCE + DEST + "[destinations.retry]\nmax_attempts = 0\n",
+     "destinations[0].retry.max_attempts", "must be an integer >= 1, got 0"),
+    ("retry_backoff_order", SOURCE + DEST + '[destinations.retry]\nbackoff_initial = "1m"\n'
+     'backoff_max = "30s"\n', "destinations[0].retry.backoff_max", "must be >= backoff_initial"),
+    ("retry_initial_above_default_max", SOURCE + DEST + '[destinations.retry]\n'
+     'backoff_initial = "2h"\n', "destinations[0].retry.backoff_initial", "<= backoff_max"),
+    ("listen_without_port", '[server]\nlisten = "localhost"\n' + SOURCE, "server.listen",
+     '"host:port"'),
+    ("listen_port_negative", '[server]\nlisten = "127.0.0.1:-1"\n' + SOURCE, "server.listen",
+     "port from 0 to 65535"),
+    ("listen_port_too_big", '[server]\nlisten = "127.0.0.1:65536"\n' + SOURCE, "server.listen",
+     "port from 0 to 65535"),
+    ("listen_bare_ipv6", '[server]\nlisten = "::1:8088"\n' + SOURCE, "server.listen",
+     '"[::1]:8088"'),
+    ("listen_no_host", '[server]\nlisten = ":8088"\n' + SOURCE, "server.listen", "host:port"),
+    ("logging_level", '[logging]\nlevel = "verbose"\n' + SOURCE, "logging.level",
+     "must be one of debug, info, warning, error"),
+    ("logging_format", '[logging]\nformat = "xml"\n' + SOURCE, "logging.format",
+     "must be one of auto, json, console"),
+    ("storage_synchronous", '[storage]\nsynchronous = "OFF"\n' + SOURCE, "storage.synchronous",
+     "must be one of FULL, NORMAL"),
+    ("storage_retention", '[storage]\nretention = "forever"\n' + SOURCE, "storage.retention",
+     "invalid duration"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "phrase"), [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS]
+)
+def test_config_bad_value_is_reported_with_its_key_path(
+    folder: Path, text: str, where: str, phrase: str
+) -> None:
+    (folder / "empty.txt").write_text("\n")
+    problems = problems_of(folder, text, environ={"EMPTY": ""})
+
+    matching = [p for p in problems if p.startswith(f"{where}: ")]
+    assert matching, f"no problem at {where!r} in {problems}"
+    assert any(phrase in p for p in matching), f"{phrase!r} not in {matching}"
+
+
+def test_config_every_problem_is_reported_at_once(folder: Path) -> None:
+    text = (
+        '[server]\nlisten = "nowhere"\n[logging]\nlevel = "loud"\n'
+        + SOURCE
+        + DEST
+        + 'concurrency = 0\ntimeout = 5\nsources = ["mobile"]\n'
+        '[[destinations]]\nname = "h"\ntype = "webhook"\n'
+    )
+    problems = problems_of(folder, text)
+
+    wheres = [p.split(": ", 1)[0] for p in problems]
+    assert wheres == [
+        "server.listen",
+        "logging.level",
+        "destinations[0].sources[0]",
+        "destinations[0].concurrency",
+        "destinations[0].timeout",
+        "destinations[1].url",
+    ]
+
+
+def test_config_function_not_found_names_the_resolved_path(folder: Path) -> None:
+    text = SOURCE + '[[destinations]]\nname = "x"\nfunction = "functions/../fn/missing.py"\n'
+    (problem,) = problems_of(folder, text)
+
+    assert problem == f"destinations[0].function: file not found: {folder}/fn/missing.py"
+
+
+def test_config_missing_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.toml", environ={})
+
+    assert info.value.problems == [
+        f"{tmp_path}/absent.toml: cannot read config: No such file or directory"
+    ]
+
+
+def test_config_toml_syntax_error_gives_line_and_column(folder: Path) -> None:
+    (problem,) = problems_of(folder, '[server]\nlisten "127.0.0.1:8088"\n')
+
+    assert problem.startswith(f"{folder}/destfnd.toml: invalid TOML: ")
+    assert "line 2, column" in problem
+
+
+def test_config_listen_port_zero_means_any_free_port(folder: Path) -> None:
+    cfg = load_config(write(folder, '[server]\nlisten = "0.0.0.0:0"\n' + SOURCE), environ={})
+
+    assert (cfg.server.host, cfg.server.port) == ("0.0.0.0", 0)
+
+
+def test_config_path_defaults_to_env_then_cwd(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(folder, SOURCE)
+    assert load_config(environ={"DESTFND_CONFIG": str(path)}).path == path
+
+    (folder / "config").mkdir()
+    (folder / "config" / "destfnd.toml").write_text(SOURCE.replace("web", "cwd"))
+    monkeypatch.chdir(folder)
+    cfg = load_config(environ={})
+    assert cfg.path == folder / "config" / "destfnd.toml"
+    assert cfg.sources[0].name == "cwd"
+    assert cfg.storage.path == folder / "config" / "var" / "destfnd.sqlite3"
+
+
+def test_config_env_file_and_credential_secrets_resolve(folder: Path) -> None:
+    (folder / "secrets").mkdir()
+    (folder / "secrets" / "app.key").write_text("from_file\n")
+    (folder / "creds").mkdir()
+    (folder / "creds" / "cli_key").write_text("from_credential")
+    text = (
+        '[[sources]]\nname = "web"\nwrite_key = { env = "WEB_KEY" }\n'
+        '[[sources]]\nname = "app"\nwrite_key = { file = "secrets/app.key" }\n'
+        '[[sources]]\nname = "cli"\nwrite_key = { credential = "cli_key" }\n'
+    )
+    environ = {"WEB_KEY": "from_env", "CREDENTIALS_DIRECTORY": str(folder / "creds")}
+    cfg = load_config(write(folder, text), environ=environ)
+
+    assert [s.write_key for s in cfg.sources] == [
+        Secret("from_env", "env:WEB_KEY"),
+        Secret("from_file", f"file:{folder}/secrets/app.key"),  # one trailing newline stripped
+        Secret("from_credential", "credential:cli_key"),
+    ]
+
+
+def test_config_settings_keep_plain_values_and_nested_secrets(folder: Path) -> None:
+    text = (
+        SOURCE
+        + DEST
+        + (
+            'settings = { env = "prod", n = 3, flags = [true, { env = "A" }], '
+            'db = { user = "u", pw = { env = "PW" }, opts = { env = "x", file = "y" } } }\n'
+        )
+    )
+    (dest,) = load_config(write(folder, text), environ={"PW": "pw_value", "A": "a"}).destinations
+
+    assert dest.settings == {
+        "env": "prod",  # the settings table itself is never a secret
+        "n": 3,
+        "flags": [True, Secret("a", "env:A")],
+        "db": {"user": "u", "pw": Secret("pw_value", "env:PW"), "opts": {"env": "x", "file": "y"}},
+    }
+
+
+def test_config_secret_never_shows_its_value(folder: Path) -> None:
+    secret = Secret("hunter2", "env:PW")
+    assert repr(secret) == str(secret) == f"{secret}" == "Secret(<redacted>)"
+    assert "hunter2" not in repr([secret, {"k": secret}])
+
+    cfg = load_config(write(folder, EXAMPLE), environ=ENV)
+    for value in ENV.values():
+        assert value not in repr(cfg)
+
+    text = (
+        '[[sources]]\nname = "a"\nwrite_key = { env = "K1" }\n'
+        '[[sources]]\nname = "b"\nwrite_key = { env = "K2" }\n'
+        + HOOK
+        + 'headers = { A = { env = "K3" } }\n'
+    )
+    problems = problems_of(folder, text, {"K1": "s3cr3t", "K2": "s3cr3t", "K3": "x\ns3cr3t"})
+    assert [p.split(": ", 1)[0] for p in problems] == [
+        "sources[1].write_key",
+        "destinations[0].headers.A",
+    ]
+    assert "s3cr3t" not in "\n".join(problems)
+
+
+def test_config_secrets_lists_env_and_file_values_only(folder: Path) -> None:
+    (folder / "pw.txt").write_text("file_secret\n")
+    # The last destination becomes a webhook with an inline header and a file secret setting.
+    text = EXAMPLE.replace(
+        'type = "file"\npath = "var/events.ndjson"\n',
+        'type = "webhook"\nurl = "https://e.example/x"\n'
+        'headers = { "X-Plain" = "inline_header" }\nsettings = { p = { file = "pw.txt" } }\n',
+    )
+    cfg = load_config(write(folder, text), environ=ENV)
+
+    assert config_secrets(cfg) == [
+        "bk_secret_from_env",
+        "crm_secret_from_env",
+        "Bearer hook_secret_from_env",
+        "file_secret",
+    ]
+
+
+def test_config_error_survives_pickling() -> None:
+    error = pickle.loads(pickle.dumps(ConfigError(["a.b: bad", "c: worse"])))
+
+    assert error.problems == ["a.b: bad", "c: worse"]
+    assert str(error) == "a.b: bad\nc: worse"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("1.5s", 1.5), ("5s", 5.0), ("10m", 600.0), ("4h", 14400.0),
+     ("7d", 604800.0), ("1h30m", 5400.0), (" 2 s ", 2.0), ("0s", 0.0), ("1H", 3600.0)],
+)  # fmt: skip
+def test_config_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("5", "durations need a unit"), ("1.5", "durations need a unit"), ("", "invalid duration"),
+     ("5x", "invalid duration"), ("-1s", "invalid duration"), ("s", "invalid duration"),
+     ("1.2.3s", "invalid duration"), ("five seconds", "invalid duration")],
+)  # fmt: skip
+def test_config_parse_duration_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512B", 512), ("32KB", 32 * 1024), ("512MB", 512 * 1024**2), ("1GB", 1024**3),
+     ("2MiB", 2 * 1024**2), ("64KiB", 64 * 1024), ("1GiB", 1024**3), ("1.5KB", 1536),
+     ("64kb", 64 * 1024), (" 10 MB ", 10 * 1024**2)],
+)  # fmt: skip
+def test_config_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("512", "sizes need a unit"), ("", "invalid size"), ("12XB", "invalid size"),
+     ("-1KB", "invalid size"), ("KB", "invalid size"), ("1TB", "invalid size")],
+)  # fmt: skip
+def test_config_parse_size_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_size(text)
+
+
+def test_config_redact_replaces_every_secret() -> None:
+    text = "token=abc123 again abc123 and Bearer xyz-long-secret, pw=p"
+    secrets = [Secret("abc123", "env:A"), "xyz-long-secret", "xyz", "", Secret("pw=p")]
+
+    redacted = "token=[redacted] again [redacted] and Bearer [redacted], [redacted]"
+    assert redact(text, secrets) == redacted
+    assert redact("nothing here", []) == "nothing here"
+    assert redact("a.b*c", ["."]) == "a[redacted]b*c"

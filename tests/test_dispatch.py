@@ -1,0 +1,146 @@
+"""Webhook delivery outcomes, retries and batching: the real Daemon in this process, a real
+SQLite file and real aiohttp sinks on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+from support import Reply, Sink, config_text, post, running_daemon, webhook
+
+FAST_RETRY = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "20ms", "backoff_max": "50ms"}
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/in"  # nothing listens once the socket is closed
+
+
+async def send(d: running_daemon, n: int, prefix: str = "m") -> list[str]:
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    async with aiohttp.ClientSession() as s:
+        body = {"batch": [{"type": "track", "userId": "u", "event": "E", "messageId": i}
+                          for i in ids]}  # fmt: skip
+        status, reply = await post(s, f"{d.url}/v1/batch", body)
+    assert status == 200, reply
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("name", "replies", "retry", "final", "requests", "error_type", "error_phrase"),
+    [
+        ("ok", [Reply(200)], FAST_RETRY, "delivered", 1, None, None),
+        ("accepted-202", [Reply(202)], FAST_RETRY, "delivered", 1, None, None),
+        ("4xx-discarded-once", [Reply(404, body="no such hook")], FAST_RETRY, "discarded", 1,
+         "Bad Request", "HTTP 404"),
+        ("400-discarded-once", [Reply(400)], FAST_RETRY, "discarded", 1, "Bad Request",
+         "HTTP 400"),
+        ("5xx-then-ok", [Reply(500), Reply(503), Reply(200)], FAST_RETRY, "delivered", 3,
+         None, None),
+        ("408-retried", [Reply(408), Reply(200)], FAST_RETRY, "delivered", 2, None, None),
+        ("5xx-until-expired", [Reply(500)] * 3, {**FAST_RETRY, "max_attempts": 3}, "expired",
+         3, "Retry", "HTTP 500"),
+        ("timeout-retried", [Reply(200, delay_s=1.0), Reply(200)], FAST_RETRY, "delivered", 2,
+         None, None),
+        ("timeout-until-expired", [Reply(200, delay_s=1.0)] * 2,
+         {**FAST_RETRY, "max_attempts": 2}, "expired", 2, "Timeout", "no response"),
+        ("max-age-expires", [Reply(500)] * 5,
+         {"max_attempts": 10, "max_age": "1s", "backoff_initial": "600ms",
+          "backoff_max": "5s"}, "expired", 2, "Retry", "HTTP 500"),
+    ],
+)  # fmt: skip
+async def test_dispatch_webhook_outcome(
+    tmp_path, name, replies, retry, final, requests, error_type, error_phrase
+):
+    async with Sink(lambda n, r: replies[min(n, len(replies) - 1)]) as sink:
+        dest = webhook("hook", sink.url, timeout="300ms", retry=retry)
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 1)
+            rows = await d.wait_for_status({final}, 1)
+            await asyncio.sleep(0.2)  # nothing more arrives after a final status
+        assert len(sink.requests) == requests
+        (row,) = d.deliveries()
+        assert row["status"] == final
+        assert row["attempts"] == requests
+        assert row["last_error_type"] == error_type
+        if error_phrase:
+            assert error_phrase in row["last_error"]
+        assert rows[0]["finished_at"] is not None
+
+
+async def test_dispatch_connection_refused_is_retried(tmp_path):
+    dest = webhook("down", closed_port_url(), retry={**FAST_RETRY, "max_attempts": 2})
+    async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+        await send(d, 1)
+        (row,) = (await d.wait_for_status({"expired"}, 1))[-1:]
+    assert row["attempts"] == 2
+    assert row["last_error_type"] == "Retry"
+    assert "Connect" in row["last_error"]
+
+
+async def test_dispatch_retry_after_header_is_honoured(tmp_path):
+    replies = [Reply(429, headers={"Retry-After": "1"}), Reply(200)]
+    async with Sink(lambda n, r: replies[min(n, 1)]) as sink:
+        dest = webhook("hook", sink.url, retry=FAST_RETRY)  # backoff alone: 10-20 ms
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 1)
+            await d.wait_for_status({"delivered"}, 1)
+    first, second = sink.requests
+    assert second.at - first.at >= 0.95
+
+
+async def test_dispatch_batches_post_json_arrays_flushed_on_size_and_wait(tmp_path):
+    async with Sink() as sink:
+        dest = webhook("hook", sink.url, batch={"max_events": 5, "max_wait": "400ms"})
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            ids = await send(d, 12)
+            await d.wait_for_status({"delivered"}, 12)
+    sizes = [len(r.events()) for r in sink.requests]
+    assert sorted(sizes) == [2, 5, 5]
+    assert all(r.body.startswith(b"[") for r in sink.requests)
+    assert sorted(sink.delivered_ids()) == sorted(ids)
+    # The partial batch waited for max_wait, the full ones did not.
+    partial = next(r for r in sink.requests if len(r.events()) == 2)
+    full = [r for r in sink.requests if len(r.events()) == 5]
+    assert partial.at - max(r.at for r in full) >= 0.3
+
+
+async def test_dispatch_failed_batch_is_retried_as_a_whole_with_records_per_event(tmp_path):
+    replies = [Reply(500), Reply(200)]
+    async with Sink(lambda n, r: replies[min(n, 1)]) as sink:
+        dest = webhook(
+            "hook", sink.url, batch={"max_events": 3, "max_wait": "50ms"}, retry=FAST_RETRY
+        )
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 3)
+            rows = await d.wait_for_status({"delivered"}, 3)
+    assert [len(r.events()) for r in sink.requests] == [3, 3]
+    assert [r["attempts"] for r in rows] == [2, 2, 2]
+
+
+async def test_dispatch_sources_and_disabled_destinations_fan_out(tmp_path):
+    sources = (
+        '[[sources]]\nname = "web"\nwrite_key = "wk_test_web"\n'
+        '[[sources]]\nname = "ios"\nwrite_key = "wk_ios"\n'
+    )
+    async with Sink() as web_sink, Sink() as all_sink, Sink() as off_sink:
+        dests = (
+            webhook("web-only", web_sink.url, sources=["web"])
+            + webhook("everything", all_sink.url)
+            + webhook("off", off_sink.url, enabled=False)
+        )
+        cfg = config_text(tmp_path / "db", dests, sources=sources)
+        async with running_daemon(tmp_path, cfg) as d:
+            await send(d, 2, "web")
+            async with aiohttp.ClientSession() as s:
+                event = {"userId": "u", "event": "E", "messageId": "ios-0", "writeKey": "wk_ios"}
+                assert (await post(s, f"{d.url}/v1/track", event, auth=False))[0] == 200
+            await d.wait_for_status({"delivered"}, 5)
+    assert web_sink.delivered_ids() == {"web-0", "web-1"}
+    assert all_sink.delivered_ids() == {"web-0", "web-1", "ios-0"}
+    assert off_sink.requests == []
+    assert {r["destination"] for r in d.deliveries()} == {"web-only", "everything"}
