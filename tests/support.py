@@ -243,7 +243,7 @@ async def post(
             return resp.status, {"raw": text.decode(errors="replace")}
 
 
-class running_daemon:  # noqa: N801 - used as `async with running_daemon(cfg) as d:`
+class running_daemon:  # lower case: used as `async with running_daemon(cfg) as d:`
     """The real Daemon, in this process: for tests that need no signals or kill -9."""
 
     def __init__(self, tmp_path: Path, config: str) -> None:
