@@ -1,0 +1,192 @@
+"""Durability through the real `destfnd serve` process: kill -9 under load, restarts in the
+middle of a backoff schedule, SIGTERM draining, and isolation between destinations."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+
+import aiohttp
+from support import Reply, Sink, config_text, post, webhook
+
+LOAD_CLIENTS = 16
+
+
+async def load(url: str, acked: set[str], prefix: str, stop: asyncio.Event) -> None:
+    """Concurrent clients posting small batches until `stop` or the daemon goes away."""
+
+    async def client(n: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            for i in range(100_000):  # bounded; ends far sooner, at `stop` or a dead daemon
+                if stop.is_set():
+                    return
+                ids = [f"{prefix}-{n}-{i}-{k}" for k in range(1 + i % 5)]
+                body = {"batch": [{"type": "track", "userId": f"u{n}", "event": "Load",
+                                   "messageId": m} for m in ids]}  # fmt: skip
+                try:
+                    status, _ = await post(session, f"{url}/v1/batch", body)
+                except (aiohttp.ClientError, ConnectionError):
+                    return
+                if status == 200:
+                    acked.update(ids)
+
+    await asyncio.gather(*(client(n) for n in range(LOAD_CLIENTS)))
+
+
+async def test_kill9_under_load_every_acknowledged_event_is_delivered(make_daemon, tmp_path):
+    rng = random.Random(7)
+    acked: set[str] = set()
+    async with Sink() as sink:
+        dest = webhook("hook", sink.url, concurrency=16)
+        daemon = make_daemon(config_text(tmp_path / "db.sqlite3", dest))
+        for round_no in range(3):
+            await daemon.start()
+            stop = asyncio.Event()
+            before = len(acked)
+            loader = asyncio.create_task(load(daemon.url, acked, f"r{round_no}", stop))
+            # Kill at a random moment once the load is well under way.
+            deadline = time.monotonic() + 10
+            while len(acked) - before < 300 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(rng.uniform(0.05, 0.3))
+            daemon.kill9()
+            stop.set()
+            await asyncio.wait_for(loader, 30)
+            assert len(acked) - before >= 300, "the load never got going"
+        await daemon.start()
+        await sink.wait_for(lambda: acked <= sink.delivered_ids(), timeout_s=90)
+        stats = daemon.stats()["hook"]
+        assert stats["pending"] == 0 and stats["retrying"] == 0, stats
+        assert stats["delivered"] >= len(acked)
+        assert await daemon.terminate() == 0
+    assert any(r["event"] == "leases_recovered" for r in daemon.log_records(since_start=False))
+
+
+async def test_restart_in_the_middle_of_a_backoff_schedule_resumes_it(
+    make_daemon, tmp_path, session
+):
+    replies = [Reply(503), Reply(503), Reply(200)]
+    async with Sink(lambda n, r: replies[min(n, 2)]) as sink:
+        retry = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "1s", "backoff_max": "2s"}
+        daemon = make_daemon(
+            config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url, retry=retry))
+        )
+        await daemon.start()
+        event = {"userId": "u1", "event": "Paid", "messageId": "retry-me"}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        await sink.wait_for(lambda: len(sink.requests) == 1)
+        deadline = time.monotonic() + 10
+        while daemon.stats()["hook"]["retrying"] != 1:
+            assert time.monotonic() < deadline, daemon.stats()
+            await asyncio.sleep(0.05)
+        daemon.kill9()
+        (row,) = _deliveries(daemon)
+        assert row["status"] == "retrying"
+        assert row["attempts"] == 1
+        assert row["error_type"] == "Retry" and "HTTP 503" in row["error"]
+
+        await daemon.start()
+        await sink.wait_for(lambda: len(sink.delivered()) == 1, timeout_s=30)
+        await asyncio.sleep(0.2)
+        assert [r.status for r in sink.requests] == [503, 503, 200]
+        (row,) = _deliveries(daemon)
+        assert row["attempts"] == 3
+        # Backoff continued across the restart: each retry came at least half a step later.
+        gaps = [b.at - a.at for a, b in zip(sink.requests, sink.requests[1:], strict=False)]
+        assert gaps[0] >= 0.45 and gaps[1] >= 0.9, gaps
+
+
+def _deliveries(daemon) -> list[dict]:
+    import orjson
+
+    result = daemon.cli("deliveries", "--json")
+    assert result.returncode == 0, result.stderr
+    return orjson.loads(result.stdout)
+
+
+async def test_sigterm_drains_in_flight_returns_the_rest_and_exits_0(
+    make_daemon, tmp_path, session
+):
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.setblocking(False)
+    slow = Reply(200, delay_s=1.5)
+    async with Sink(lambda n, r: slow) as sink:
+        dest = webhook("hook", sink.url, concurrency=2, timeout="5s")
+        daemon = make_daemon(
+            config_text(tmp_path / "db.sqlite3", dest), env={"NOTIFY_SOCKET": str(notify_path)}
+        )
+        await daemon.start()
+        body = {"batch": [{"type": "track", "userId": "u", "event": "E", "messageId": f"d-{i}"}
+                          for i in range(6)]}  # fmt: skip
+        assert (await post(session, f"{daemon.url}/v1/batch", body))[0] == 200
+        await sink.wait_for(lambda: len(sink.requests) == 2)
+        daemon.proc.terminate()  # SIGTERM while two deliveries are in flight
+        saw_503 = False
+        deadline = time.monotonic() + 5
+        while daemon.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                async with session.get(f"{daemon.url}/healthz") as resp:
+                    if resp.status == 503:
+                        saw_503 = True
+                        status, reply = await post(session, f"{daemon.url}/v1/track",
+                                                   {"userId": "u", "event": "Late"})  # fmt: skip
+                        assert status == 503 and reply["success"] is False
+                        break
+            except aiohttp.ClientError:
+                break
+            await asyncio.sleep(0.01)
+        assert saw_503, "healthz never answered 503 while draining"
+        assert await daemon.wait(15) == 0
+        assert len(sink.requests) == 2  # nothing new was started while draining
+        stats = daemon.stats()["hook"]
+        assert stats == {**stats, "delivered": 2, "pending": 4}, stats
+        states = b"".join(_drain_socket(notify)).decode()
+        assert "READY=1" in states and "STOPPING=1" in states
+
+        await daemon.start()
+        await sink.wait_for(lambda: len(sink.delivered_ids()) == 6, timeout_s=30)
+        assert len(sink.delivered()) == 6  # the two in flight were not sent again
+        assert await daemon.terminate() == 0
+    notify.close()
+
+
+def _drain_socket(sock: socket.socket) -> list[bytes]:
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096))
+        except BlockingIOError:
+            return messages
+
+
+async def test_a_hanging_destination_does_not_delay_a_healthy_one(
+    make_daemon, tmp_path, session
+):
+    hang = Reply(200, delay_s=30)
+    async with Sink() as healthy, Sink(lambda n, r: hang) as stuck:
+        dests = webhook("healthy", healthy.url) + webhook(
+            "stuck", stuck.url, timeout="4s", concurrency=2
+        )
+        daemon = make_daemon(config_text(tmp_path / "db.sqlite3", dests))
+        await daemon.start()
+        posted: dict[str, float] = {}
+        for i in range(50):
+            mid = f"iso-{i}"
+            posted[mid] = time.time()
+            event = {"userId": "u", "event": "E", "messageId": mid}
+            assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+            await asyncio.sleep(0.02)
+        await healthy.wait_for(lambda: len(healthy.delivered_ids()) == 50)
+        arrived = {e["messageId"]: r.at for r in healthy.requests for e in r.events()}
+        worst_s = max(arrived[m] - posted[m] for m in posted)
+        # Had the healthy destination waited on the stuck one, events would lag by its 4 s
+        # timeout; they arrive while all of the stuck destination's attempts still hang.
+        assert worst_s < 2.0, worst_s
+        assert len(stuck.requests) <= 2
+        stats = daemon.stats()
+        assert stats["healthy"]["delivered"] == 50
+        assert stats["stuck"]["delivered"] == 0
