@@ -120,7 +120,7 @@ def _read(cfg: Config) -> sqlite3.Connection:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, resolve_secrets=False)
     conn = _read(cfg)
     try:
         counts = q.status_counts(conn)
@@ -158,7 +158,7 @@ ORDER BY d.id DESC LIMIT :limit
 def cmd_deliveries(args: argparse.Namespace) -> int:
     from destfnd.spec import format_ms
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, resolve_secrets=False)
     conn = _read(cfg)
     try:
         rows = conn.execute(

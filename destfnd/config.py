@@ -189,11 +189,17 @@ def config_secrets(cfg: Config) -> list[str]:
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    resolve_secrets: bool = True,
 ) -> Config:
     """Read and validate the config; raise ConfigError listing every problem found.
 
     `path` defaults to $DESTFND_CONFIG, else config/destfnd.toml; `environ` to os.environ.
+    With `resolve_secrets=False` secret references are checked but not read (their value is
+    ""): for commands such as `stats` that need no secret and may run without the daemon's
+    environment or systemd credentials.
     """
     env = os.environ if environ is None else environ
     if path is None:
@@ -205,7 +211,7 @@ def load_config(
         raise ConfigError([f"{cfg_path}: cannot read config: {_why(exc)}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{cfg_path}: invalid TOML: {exc}"]) from exc
-    reader = _Reader(cfg_path.parent, env)
+    reader = _Reader(cfg_path.parent, env, resolve_secrets)
     cfg = reader.config(raw, cfg_path)
     if reader.problems:
         raise ConfigError(reader.problems)
@@ -226,9 +232,10 @@ class _Reader:
     Converters raise ValueError; a bad or missing value becomes its default plus a problem.
     """
 
-    def __init__(self, base: Path, environ: Mapping[str, str]) -> None:
+    def __init__(self, base: Path, environ: Mapping[str, str], resolve: bool = True) -> None:
         self.base = base
         self.environ = environ
+        self.resolve = resolve
         self.problems: list[str] = []
 
     def fail(self, where: str, message: str) -> None:
@@ -309,10 +316,12 @@ class _Reader:
         self.unique("sources", [s.name for s in sources])
         seen: dict[str, int] = {}
         for i, source in enumerate(sources):
-            if source.write_key is not None and source.write_key.value in seen:
+            if source.write_key is None or not source.write_key.value:
+                continue  # unresolved (resolve_secrets=False): nothing to compare
+            if source.write_key.value in seen:
                 where = f"sources[{seen[source.write_key.value]}]"
                 self.fail(f"sources[{i}].write_key", f"same write key as {where}")
-            elif source.write_key is not None:
+            else:
                 seen[source.write_key.value] = i
         known = tuple(s.name for s in sources if s.name is not None)
         destinations = tuple(
@@ -459,6 +468,8 @@ class _Reader:
         if not _is_secret_ref(value) or not next(iter(value.values())):
             raise ValueError("a secret needs exactly one of env, file or credential (non-empty)")
         ((kind, ref),) = value.items()
+        if not self.resolve:
+            return Secret("", f"{kind}:{ref}")
         if kind == "env":
             if self.environ.get(ref):
                 return Secret(self.environ[ref], f"env:{ref}")

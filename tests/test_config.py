@@ -526,3 +526,16 @@ def test_config_redact_replaces_every_secret() -> None:
     assert redact(text, secrets) == redacted
     assert redact("nothing here", []) == "nothing here"
     assert redact("a.b*c", ["."]) == "a[redacted]b*c"
+
+
+def test_config_unresolved_secrets_load_without_their_environment(tmp_path):
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        '[[sources]]\nname = "a"\nwrite_key = { env = "A_KEY" }\n'
+        '[[sources]]\nname = "b"\nwrite_key = { credential = "b_key" }\n'
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, environ={})
+    assert any("A_KEY is not set" in p for p in exc.value.problems)
+    cfg = load_config(path, environ={}, resolve_secrets=False)
+    assert [s.write_key.origin for s in cfg.sources] == ["env:A_KEY", "credential:b_key"]

@@ -1,0 +1,116 @@
+"""The `destfnd` command as a user runs it: exit codes and messages, never a traceback."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import orjson
+import pytest
+from support import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cli_check_config_accepts_the_bundled_example(tmp_path):
+    shutil.copy(REPO / "config" / "destfnd.toml", tmp_path / "destfnd.toml")
+    result = run_cli("check-config", "--config", str(tmp_path / "destfnd.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout and "archive (file)" in result.stdout
+
+
+def test_cli_check_config_accepts_the_systemd_example(tmp_path):
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "web_write_key").write_text("wk_from_credential\n")
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds"), "PATH": "/usr/bin:/bin"}
+    result = run_cli(
+        "check-config", "--config", str(REPO / "config" / "destfnd.systemd.toml"), env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wk_from_credential" not in result.stdout + result.stderr
+
+
+BAD = [
+    ("unknown-key", '[server]\nlisten = "127.0.0.1:1"\nlistn = "x"\n', "server.listn",
+     "did you mean"),
+    ("bad-duration", '[storage]\nretention = "7"\n', "storage.retention", "unit"),
+    ("no-sources", "", "sources", "at least one"),
+    ("webhook-no-url", '[[destinations]]\nname = "h"\ntype = "webhook"\n',
+     "destinations[0].url", "required"),
+    ("unknown-source", '[[destinations]]\nname = "h"\ntype = "webhook"\n'
+     'url = "http://127.0.0.1:1/"\nsources = ["nope"]\n', "destinations[0].sources", "nope"),
+    ("missing-env", '[[destinations]]\nname = "h"\ntype = "webhook"\nurl = "http://x/"\n'
+     'headers = { Authorization = { env = "DESTFND_TEST_UNSET" } }\n',
+     "destinations[0].headers.Authorization", "DESTFND_TEST_UNSET"),
+    ("bad-toml", "[server\n", "invalid TOML", "line 1"),
+    ("function-not-yet", '[[destinations]]\nname = "f"\nfunction = "f.py"\n',
+     "destinations[0].function", "not available in this version"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "text", "where", "phrase"), BAD, ids=[b[0] for b in BAD])
+def test_cli_check_config_lists_problems_with_key_paths(tmp_path, case, text, where, phrase):
+    (tmp_path / "f.py").write_text("def on_track(event, settings):\n    pass\n")
+    source = '[[sources]]\nname = "web"\nwrite_key = "k"\n' if case != "no-sources" else ""
+    path = tmp_path / "destfnd.toml"
+    path.write_text(text + "\n" + source if case != "bad-toml" else text)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert where in result.stderr and phrase in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_check_config_reports_every_problem_at_once(tmp_path):
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        '[server]\nlisten = "nowhere"\n[storage]\nretention = "soon"\n'
+        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[[destinations]]\nname = "h"\ntype = "webhook"\nconcurrency = 0\n'
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 3
+    for where in ("server.listen", "storage.retention", "destinations[0].url",
+                  "destinations[0].concurrency"):  # fmt: skip
+        assert where in result.stderr, result.stderr
+
+
+def test_cli_missing_config_file_is_one_clear_line(tmp_path):
+    result = run_cli("check-config", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 3
+    assert "cannot read config" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_stats_before_the_daemon_ever_ran_says_so(tmp_path):
+    path = tmp_path / "destfnd.toml"
+    path.write_text('[[sources]]\nname = "web"\nwrite_key = { env = "NOT_NEEDED_FOR_STATS" }\n')
+    result = run_cli("stats", "--json", "--config", str(path))
+    assert result.returncode == 4
+    assert "no database yet" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_default_config_path_comes_from_the_environment(tmp_path):
+    path = tmp_path / "elsewhere.toml"
+    path.write_text('[[sources]]\nname = "web"\nwrite_key = "k"\n')
+    import os
+
+    result = run_cli("check-config", env={**os.environ, "DESTFND_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert str(path) in result.stdout
+
+
+def test_cli_stats_json_keyed_by_destination_with_every_status(tmp_path):
+    from destfnd.config import load_config
+    from destfnd.store import open_db
+
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[[destinations]]\nname = "h"\ntype = "webhook"\nurl = "http://127.0.0.1:1/"\n'
+    )
+    open_db(load_config(path).storage.path).close()
+    result = run_cli("stats", "--json", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout) == {
+        "h": {s: 0 for s in ("pending", "retrying", "delivered", "discarded", "dropped",
+                             "expired")}  # fmt: skip
+    }
