@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import anyio
 import orjson
 from aiohttp import web
 
@@ -86,13 +87,14 @@ class Sink:
         return {e["messageId"] for e in self.delivered()}
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"sink condition not met in {timeout_s}s; {len(self.requests)} requests"
-                )
-            await asyncio.sleep(0.02)
+        try:
+            with anyio.fail_after(timeout_s):
+                while not predicate():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(
+                f"sink condition not met in {timeout_s}s; {len(self.requests)} requests"
+            ) from None
 
 
 def config_text(
