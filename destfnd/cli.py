@@ -15,6 +15,7 @@ import structlog
 
 from destfnd import logs
 from destfnd.config import Config, ConfigError, load_config
+from destfnd.errors import DestfndError
 from destfnd.store import Status, StoreError, open_db
 from destfnd.store import queue as q
 
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as exc:
         print(f"destfnd: {exc}", file=sys.stderr)
         return EXIT_STORE
+    except DestfndError as exc:
+        print(f"destfnd: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_ERROR
 
@@ -99,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runner = uvloop.run
     try:
         runner(run())
+    except DestfndError:
+        raise  # a clear one-line reason (cannot listen, database locked, ...)
     except Exception:  # a long-lived task died: say so once, exit non-zero for systemd
         structlog.get_logger("destfnd").exception("daemon_crashed")
         return EXIT_ERROR

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from destfnd.errors import DestfndError
+
 DEFAULT_CONFIG_PATH = "config/destfnd.toml"
 KIB = 1024
 MIB = 1024 * KIB
@@ -49,7 +51,7 @@ _RETRY_KEYS = ("max_attempts", "max_age", "backoff_initial", "backoff_max")
 _KIND_ONLY_KEYS = {"function": "function", "url": "webhook", "headers": "webhook", "path": "file"}
 
 
-class ConfigError(Exception):
+class ConfigError(DestfndError):
     """The config file is invalid."""
 
     problems: list[str]

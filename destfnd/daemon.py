@@ -4,9 +4,12 @@ task group, handle signals, and shut down in order (ingest 503 -> dispatch drain
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import IO
 
 import structlog
 from aiohttp import web
@@ -14,6 +17,7 @@ from aiohttp import web
 from destfnd import sdnotify
 from destfnd.config import Config, DestinationConfig
 from destfnd.dispatch import Deliverer, Dispatcher
+from destfnd.errors import DestfndError
 from destfnd.ingest import Ingest
 from destfnd.store import Writer, open_db
 from destfnd.store import queue as q
@@ -25,6 +29,23 @@ _PRUNE_EVERY_S = 60.0
 _PRUNE_CHUNK = 2000  # rows per transaction, so pruning never holds the writer for long
 # aiohttp waits this long for requests still running once the listener closes.
 _HTTP_SHUTDOWN_S = 5.0
+
+
+class DaemonError(DestfndError):
+    """The daemon cannot start."""
+
+
+def lock_database(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock beside the database for the daemon's lifetime: two daemons on
+    one file would deliver everything twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = (path.parent / f"{path.name}.lock").open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise DaemonError(f"{path}: another destfnd is already serving this database") from None
+    return lock
 
 
 def unsupported(cfg: Config) -> list[str]:
@@ -69,6 +90,14 @@ class Daemon:
         self._stop.set()
 
     async def run(self) -> None:
+        lock = lock_database(self.cfg.storage.path)
+        try:
+            await self._run()
+        finally:
+            lock.close()
+        log.info("daemon_stopped")
+
+    async def _run(self) -> None:
         cfg = self.cfg
         conn = open_db(cfg.storage.path, synchronous=cfg.storage.synchronous)
         recovered = q.recover(conn, self._now_ms())
@@ -99,6 +128,17 @@ class Daemon:
             handle_signals=False,
             shutdown_timeout=_HTTP_SHUTDOWN_S,
         )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, cfg.server.host, cfg.server.port, backlog=1024)
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            writer.shutdown()
+            where = f"{cfg.server.host}:{cfg.server.port}"
+            raise DaemonError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        self.bound = _bound_address(runner)
+        http_open = True
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(writer.serve(), name="writer")
@@ -107,10 +147,6 @@ class Daemon:
                     for name, d in self.dispatchers.items()
                 ]
                 pruner = tg.create_task(self._prune_loop(writer), name="prune")
-                await runner.setup()
-                site = web.TCPSite(runner, cfg.server.host, cfg.server.port, backlog=1024)
-                await site.start()
-                self.bound = _bound_address(runner)
                 ingest.ready = True
                 log.info(
                     "daemon_ready",
@@ -128,11 +164,14 @@ class Daemon:
                     d.stop()
                 await self._drain(tasks)
                 pruner.cancel()
+                # Requests still running commit before the writer closes.
+                http_open = False
                 await runner.cleanup()
                 writer.close()
         finally:
+            if http_open:
+                await runner.cleanup()
             writer.shutdown()
-        log.info("daemon_stopped")
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """Give in-flight deliveries the grace period, then cancel (their leases go back)."""

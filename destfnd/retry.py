@@ -31,7 +31,8 @@ def backoff_s(policy: Policy, attempt: int, rng: random.Random) -> float:
     Half the exponential step is fixed, half random, so retries of a burst spread out but
     never come back sooner than half the nominal delay.
     """
-    step = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
+    # The exponent is capped so a large max_attempts cannot overflow the float.
+    step = min(policy.backoff_max_s, policy.backoff_initial_s * 2.0 ** min(attempt - 1, 64))
     return step / 2 + rng.uniform(0, step / 2)
 
 

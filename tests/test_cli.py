@@ -114,3 +114,27 @@ def test_cli_stats_json_keyed_by_destination_with_every_status(tmp_path):
         "h": {s: 0 for s in ("pending", "retrying", "delivered", "discarded", "dropped",
                              "expired")}  # fmt: skip
     }
+
+
+async def test_cli_serve_refuses_a_busy_port_and_a_second_daemon_clearly(make_daemon, tmp_path):
+
+    from support import config_text
+
+    daemon = await make_daemon(config_text(tmp_path / "db.sqlite3", "")).start()
+    port = int(daemon.url.rsplit(":", 1)[1])
+    second = run_cli("serve", "--config", str(daemon.config))
+    assert second.returncode == 1
+    assert "another destfnd is already serving this database" in second.stderr
+    assert "Traceback" not in second.stderr
+
+    busy = tmp_path / "busy.toml"
+    busy.write_text(
+        daemon.config.read_text()
+        .replace("127.0.0.1:0", f"127.0.0.1:{port}")
+        .replace("db.sqlite3", "other.sqlite3")
+    )
+    result = run_cli("serve", "--config", str(busy))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert await daemon.terminate() == 0

@@ -7,8 +7,10 @@ import sqlite3
 from importlib import resources
 from pathlib import Path
 
+from destfnd.errors import DestfndError
 
-class StoreError(Exception):
+
+class StoreError(DestfndError):
     """The SQLite store failed."""
 
 
