@@ -154,6 +154,8 @@ class Dispatcher:
                     self._units.append([c])
                 self._unit_ready.set()
                 continue
+            # Nothing was claimable: never spin, even if next_due says "now" (a clock step).
+            wait_s = max(wait_s, 0.005)
             if wait_s > 0:
                 try:
                     await asyncio.wait_for(self._wake.wait(), wait_s)

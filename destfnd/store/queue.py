@@ -57,10 +57,11 @@ def claim(
 
     Returns the claimed deliveries and, when none was due, when the next one is (unix ms).
     """
-    rows = conn.execute(
-        SQL["claim"],
-        {"destination": destination, "now": now, "limit": limit, "lease_until": now + LEASE_MS},
+    due = conn.execute(
+        SQL["due"], {"destination": destination, "now": now, "limit": limit}
     ).fetchall()
+    lease_until = now + LEASE_MS
+    rows = [conn.execute(SQL["lease"], (lease_until, i)).fetchone() for (i,) in due]
     if not rows:
         (next_due,) = conn.execute(SQL["next_due"], (destination,)).fetchone()
         return [], next_due
@@ -73,8 +74,6 @@ def claim(
             f"SELECT id, message_id, payload FROM events WHERE id IN ({marks})", chunk
         ):
             events[event_id] = (message_id, payload)
-    # RETURNING order is unspecified; deliver in due order (by id within one claim).
-    rows.sort()
     return [
         Claimed(delivery_id, event_id, attempt, created_at, *events[event_id])
         for delivery_id, event_id, attempt, created_at in rows

@@ -11,16 +11,18 @@ INSERT INTO events (source, message_id, received_at, refs, payload) VALUES (?, ?
 INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
 VALUES (?, ?, 'pending', ?, ?);
 
--- name: claim
--- Walks deliveries_due in due order; a leased row is pushed out of the due range (next_at set
--- past the lease) so neither this query nor next_due sees it until it is finished or released.
-UPDATE deliveries SET leased = 1, attempts = attempts + 1, next_at = :lease_until
-WHERE id IN (
-    SELECT id FROM deliveries
-    WHERE destination = :destination AND status IN ('pending', 'retrying')
-      AND next_at <= :now AND leased = 0
-    ORDER BY next_at LIMIT :limit
-)
+-- name: due
+-- Walks deliveries_due in due order, never delivered history.
+SELECT id FROM deliveries
+WHERE destination = :destination AND status IN ('pending', 'retrying')
+  AND next_at <= :now AND leased = 0
+ORDER BY next_at, id LIMIT :limit;
+
+-- name: lease
+-- A leased row is pushed out of the due range (next_at set past the lease) so neither `due`
+-- nor next_due sees it until it is finished or released.
+UPDATE deliveries SET leased = 1, attempts = attempts + 1, next_at = ?
+WHERE id = ?
 RETURNING id, event_id, attempts, created_at;
 
 -- name: next_due

@@ -1,0 +1,603 @@
+"""destfnd.store on a real SQLite file: migrations, queue operations, the group-committing writer.
+
+A restart is closing the connection and opening the same file again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import orjson
+import pytest
+
+from destfnd.store import Finished, IncomingEvent, Status, StoreError, Writer, open_db
+from destfnd.store import queue as q
+from destfnd.store.db import SQL
+
+T0 = 1_700_000_000_000  # unix ms
+WINDOW_MS = 24 * 3600 * 1000  # Segment's dedupe window
+DESTS = ("crm", "warehouse")
+
+
+def incoming(message_id: str) -> IncomingEvent:
+    return IncomingEvent(message_id, orjson.dumps({"messageId": message_id, "type": "track"}))
+
+
+def tx(conn: sqlite3.Connection, op: Callable[..., Any], *args: Any) -> Any:
+    """Run one queue function the way the writer does: in its own BEGIN IMMEDIATE ... COMMIT."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = op(conn, *args)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def insert(conn, ids, *, source="web", destinations=DESTS, now=T0) -> int:
+    return tx(
+        conn,
+        q.insert_events,
+        source,
+        [incoming(i) for i in ids],
+        destinations,
+        now,
+        now - WINDOW_MS,
+    )
+
+
+def rows(conn: sqlite3.Connection, sql: str, *args: Any) -> list[tuple]:
+    return conn.execute(sql, args).fetchall()
+
+
+def delivery(conn: sqlite3.Connection, delivery_id: int) -> dict[str, Any]:
+    cur = conn.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
+    names = [d[0] for d in cur.description]
+    return dict(zip(names, cur.fetchone(), strict=True))
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "var" / "destfnd.sqlite3"
+
+
+@pytest.fixture
+def conn(db_path):
+    c = open_db(db_path)
+    yield c
+    c.close()
+
+
+@asynccontextmanager
+async def running_writer(conn: sqlite3.Connection) -> AsyncIterator[Writer]:
+    """A Writer serving inside the test; closed, drained and shut down on the way out."""
+    writer = Writer(conn)
+    task = asyncio.create_task(writer.serve(), name="writer")
+    try:
+        async with asyncio.timeout(10):
+            yield writer
+    finally:
+        writer.close()
+        async with asyncio.timeout(10):
+            await task
+        writer.shutdown()
+
+
+# --- opening and migrations ------------------------------------------------------------------
+
+
+def newest_migration() -> int:
+    names = [e.name for e in resources.files("destfnd.store").joinpath("sql").iterdir()]
+    return max(int(m.group(1)) for n in names if (m := re.match(r"(\d+)_.*\.sql$", n)))
+
+
+def test_open_db_migrations_set_user_version_and_reopen_is_noop(db_path):
+    conn = open_db(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == newest_migration() >= 1
+    insert(conn, ["m1"])
+    conn.close()
+
+    # Re-running the migration would fail on CREATE TABLE, or lose the rows.
+    conn = open_db(db_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == newest_migration()
+        assert rows(conn, "SELECT message_id FROM events") == [("m1",)]
+        assert len(rows(conn, "SELECT id FROM deliveries")) == len(DESTS)
+    finally:
+        conn.close()
+
+
+def test_open_db_sets_wal_and_durability_pragmas(conn, db_path):
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+    # WAL is a property of the file: a read-only reader sees it too.
+    reader = open_db(db_path, readonly=True)
+    try:
+        assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        reader.close()
+
+
+def test_open_db_refuses_a_newer_schema(db_path):
+    conn = open_db(db_path)
+    conn.execute(f"PRAGMA user_version = {newest_migration() + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        open_db(db_path)
+
+
+def test_open_db_readonly_without_file_raises(tmp_path):
+    with pytest.raises(StoreError):
+        open_db(tmp_path / "missing.sqlite3", readonly=True)
+
+
+# --- insert_events ---------------------------------------------------------------------------
+
+
+def test_insert_events_fans_out_one_delivery_per_destination(conn):
+    assert insert(conn, ["m1", "m2"], destinations=("a", "b", "c")) == 2
+    events = rows(conn, "SELECT id, message_id, refs FROM events ORDER BY id")
+    assert [(m, r) for _, m, r in events] == [("m1", 3), ("m2", 3)]
+    for event_id, _, _ in events:
+        found = rows(
+            conn,
+            "SELECT destination, status, attempts, next_at FROM deliveries WHERE event_id = ?"
+            " ORDER BY destination",
+            event_id,
+        )
+        assert found == [("a", "pending", 0, T0), ("b", "pending", 0, T0), ("c", "pending", 0, T0)]
+    assert q.status_counts(conn) == {d: {"pending": 2} for d in ("a", "b", "c")}
+
+
+def test_insert_events_stores_payload_verbatim(conn):
+    event = IncomingEvent("m1", b'{"messageId":"m1","properties":{"x":1}}')
+    tx(conn, q.insert_events, "web", [event], DESTS, T0, T0 - WINDOW_MS)
+    assert rows(conn, "SELECT source, received_at, payload FROM events") == [
+        ("web", T0, event.payload)
+    ]
+
+
+def test_insert_events_dedupes_message_id_from_same_source_within_window(conn):
+    assert insert(conn, ["m1"]) == 1
+    assert insert(conn, ["m1", "m2"], now=T0 + 60_000) == 1  # only m2 is new
+    assert insert(conn, ["m3", "m3"], now=T0 + 60_000) == 1  # a duplicate inside one request
+    messages = [m for (m,) in rows(conn, "SELECT message_id FROM events ORDER BY id")]
+    assert messages == ["m1", "m2", "m3"]
+    assert len(rows(conn, "SELECT id FROM deliveries")) == 3 * len(DESTS)
+
+
+def test_insert_events_same_message_id_from_another_source_is_new(conn):
+    assert insert(conn, ["m1"], source="web") == 1
+    assert insert(conn, ["m1"], source="ios", now=T0 + 1) == 1
+    assert rows(conn, "SELECT source FROM events ORDER BY id") == [("web",), ("ios",)]
+
+
+def test_insert_events_accepts_same_message_id_after_dedupe_cutoff(conn):
+    assert insert(conn, ["m1"]) == 1
+    # Just inside the window: still a duplicate.
+    assert insert(conn, ["m1"], now=T0 + WINDOW_MS) == 0
+    # One ms past the window: the old sighting is before the cutoff, so it is new again.
+    assert insert(conn, ["m1"], now=T0 + WINDOW_MS + 1) == 1
+    assert len(rows(conn, "SELECT id FROM events WHERE message_id = 'm1'")) == 2
+    # And the window restarts from the new sighting.
+    assert insert(conn, ["m1"], now=T0 + WINDOW_MS + 2) == 0
+
+
+def test_insert_events_without_destinations_records_seen_but_no_event(conn):
+    assert insert(conn, ["m1"], destinations=()) == 1
+    assert rows(conn, "SELECT id FROM events") == []
+    assert insert(conn, ["m1"], now=T0 + 1) == 0
+
+
+# --- claim, finish, release ------------------------------------------------------------------
+
+
+def test_claim_returns_due_deliveries_with_payload_and_message_id(conn):
+    for i, mid in enumerate(["m1", "m2", "m3"]):
+        insert(conn, [mid], destinations=("crm",), now=T0 + i)
+    claimed, next_due = tx(conn, q.claim, "crm", T0 + 10, 10)
+    assert next_due is None
+    assert [c.message_id for c in claimed] == ["m1", "m2", "m3"]
+    for i, c in enumerate(claimed):
+        assert orjson.loads(c.payload) == {"messageId": c.message_id, "type": "track"}
+        assert c.attempt == 1
+        assert c.created_at == T0 + i
+        assert delivery(conn, c.delivery_id)["attempts"] == 1
+
+
+def test_claim_only_returns_its_destination(conn):
+    insert(conn, ["m1"], destinations=("crm", "warehouse"))
+    claimed, _ = tx(conn, q.claim, "crm", T0, 10)
+    assert len(claimed) == 1
+    assert delivery(conn, claimed[0].delivery_id)["destination"] == "crm"
+    other, _ = tx(conn, q.claim, "warehouse", T0, 10)
+    assert len(other) == 1
+    assert other[0].event_id == claimed[0].event_id
+
+
+def test_claim_limit_takes_earliest_due_first(conn):
+    for i, mid in enumerate(["m1", "m2", "m3", "m4"]):
+        insert(conn, [mid], destinations=("crm",), now=T0 + i)
+    first, _ = tx(conn, q.claim, "crm", T0 + 10, 2)
+    second, _ = tx(conn, q.claim, "crm", T0 + 10, 2)
+    assert [c.message_id for c in first] == ["m1", "m2"]
+    assert [c.message_id for c in second] == ["m3", "m4"]
+
+
+def test_claim_limit_prefers_older_due_retry_over_newer_id(conn):
+    insert(conn, ["m1"], destinations=("crm",), now=T0)
+    insert(conn, ["m2"], destinations=("crm",), now=T0 + 1)
+    (c1,), _ = tx(conn, q.claim, "crm", T0 + 10, 1)
+    # m1 fails and is due again at T0 + 100; m2 has been due since T0 + 1.
+    tx(conn, q.finish, [Finished(c1.delivery_id, Status.RETRYING, T0 + 100, "Retry", "HTTP 503")])
+    (picked,), _ = tx(conn, q.claim, "crm", T0 + 200, 1)
+    assert picked.message_id == "m2"
+
+
+def test_claim_returns_claimed_deliveries_in_due_order(conn):
+    insert(conn, ["m1"], destinations=("crm",), now=T0)
+    insert(conn, ["m2"], destinations=("crm",), now=T0 + 1)
+    (c1,), _ = tx(conn, q.claim, "crm", T0 + 10, 1)
+    tx(conn, q.finish, [Finished(c1.delivery_id, Status.RETRYING, T0 + 100, "Retry", "HTTP 503")])
+    claimed, _ = tx(conn, q.claim, "crm", T0 + 200, 10)
+    # m2 due at T0 + 1, m1 due at T0 + 100.
+    assert [c.message_id for c in claimed] == ["m2", "m1"]
+
+
+def test_claim_does_not_return_leased_deliveries_again(conn):
+    insert(conn, ["m1", "m2"], destinations=("crm",))
+    claimed, _ = tx(conn, q.claim, "crm", T0, 10)
+    assert len(claimed) == 2
+    again, _ = tx(conn, q.claim, "crm", T0 + 3_600_000, 10)
+    assert again == []
+    assert q.leased_counts(conn) == {"crm": 2}
+    assert q.status_counts(conn) == {"crm": {"pending": 2}}
+
+
+def test_claim_respects_next_at_of_scheduled_retry(conn):
+    insert(conn, ["m1"], destinations=("crm",))
+    (c,), _ = tx(conn, q.claim, "crm", T0, 10)
+    tx(conn, q.finish, [Finished(c.delivery_id, Status.RETRYING, T0 + 5_000, "Retry", "HTTP 503")])
+
+    early, next_due = tx(conn, q.claim, "crm", T0 + 4_999, 10)
+    assert early == []
+    assert next_due == T0 + 5_000
+
+    (retry,), next_due = tx(conn, q.claim, "crm", T0 + 5_000, 10)
+    assert next_due is None
+    assert retry.delivery_id == c.delivery_id
+    assert retry.attempt == 2
+
+
+def test_claim_with_nothing_queued_returns_no_next_due(conn):
+    assert tx(conn, q.claim, "crm", T0, 10) == ([], None)
+
+
+@pytest.mark.parametrize("status", [Status.DELIVERED, Status.DISCARDED, Status.EXPIRED])
+def test_finish_terminal_status_sets_status_and_finished_at(conn, status):
+    insert(conn, ["m1"], destinations=("crm",))
+    (c,), _ = tx(conn, q.claim, "crm", T0, 10)
+    tx(conn, q.finish, [Finished(c.delivery_id, status, T0 + 50, "Bad Request", "boom")])
+    row = delivery(conn, c.delivery_id)
+    assert row["status"] == str(status)
+    assert row["finished_at"] == T0 + 50
+    assert row["leased"] == 0
+    assert row["attempts"] == 1
+    assert (row["last_error_type"], row["last_error"]) == ("Bad Request", "boom")
+    assert q.status_counts(conn) == {"crm": {str(status): 1}}
+    assert q.leased_counts(conn) == {}
+    # Finished work is never due again.
+    assert tx(conn, q.claim, "crm", T0 + 10 * WINDOW_MS, 10) == ([], None)
+
+
+def test_finish_records_many_outcomes_at_once(conn):
+    insert(conn, ["m1", "m2", "m3"], destinations=("crm",))
+    c1, c2, c3 = tx(conn, q.claim, "crm", T0, 10)[0]
+    tx(
+        conn,
+        q.finish,
+        [
+            Finished(c1.delivery_id, Status.DELIVERED, T0 + 1),
+            Finished(c2.delivery_id, Status.RETRYING, T0 + 9_000, "Timeout", "no result"),
+            Finished(c3.delivery_id, Status.DISCARDED, T0 + 1, "Message Rejected", "bad"),
+        ],
+    )
+    assert q.status_counts(conn) == {"crm": {"delivered": 1, "retrying": 1, "discarded": 1}}
+
+
+def test_finish_retrying_schedules_and_keeps_delivery_unfinished(conn):
+    insert(conn, ["m1"], destinations=("crm",))
+    (c,), _ = tx(conn, q.claim, "crm", T0, 10)
+    tx(conn, q.finish, [Finished(c.delivery_id, Status.RETRYING, T0 + 7_000, "Timeout", "5s")])
+    row = delivery(conn, c.delivery_id)
+    assert row["status"] == "retrying"
+    assert row["finished_at"] is None
+    assert row["next_at"] == T0 + 7_000
+    assert row["leased"] == 0
+    assert (row["last_error_type"], row["last_error"]) == ("Timeout", "5s")
+    assert q.status_counts(conn) == {"crm": {"retrying": 1}}
+
+
+def test_release_gives_the_attempt_back(conn):
+    insert(conn, ["m1"], destinations=("crm",))
+    (c,), _ = tx(conn, q.claim, "crm", T0, 10)
+    tx(conn, q.release, [c.delivery_id], T0 + 20)
+    row = delivery(conn, c.delivery_id)
+    assert (row["attempts"], row["leased"], row["next_at"]) == (0, 0, T0 + 20)
+    assert tx(conn, q.claim, "crm", T0 + 19, 10) == ([], T0 + 20)
+    (again,), _ = tx(conn, q.claim, "crm", T0 + 20, 10)
+    assert again.delivery_id == c.delivery_id
+    assert again.attempt == 1
+
+
+# --- crash recovery --------------------------------------------------------------------------
+
+
+def test_recover_after_abandoned_claim_makes_delivery_due_with_attempts_kept(db_path):
+    conn = open_db(db_path)
+    insert(conn, ["m1", "later"], destinations=("crm",))
+    c, later = tx(conn, q.claim, "crm", T0, 10)[0]
+    tx(conn, q.finish, [Finished(later.delivery_id, Status.RETRYING, T0 + 60_000, "Retry", "x")])
+    assert c.message_id == "m1"
+    conn.close()  # the daemon died mid-delivery: no finish, no release
+
+    conn = open_db(db_path)
+    try:
+        # Still leased after the restart: without recovery it would wait out the lease.
+        assert q.leased_counts(conn) == {"crm": 1}
+        assert tx(conn, q.recover, T0 + 100) == 1
+        assert q.leased_counts(conn) == {}
+        claimed, _ = tx(conn, q.claim, "crm", T0 + 100, 10)
+        # Only the abandoned one is due, and its lost try counts; the retry keeps its time.
+        assert [(x.delivery_id, x.attempt) for x in claimed] == [(c.delivery_id, 2)]
+    finally:
+        conn.close()
+
+
+def test_recover_leaves_unleased_deliveries_alone(db_path):
+    conn = open_db(db_path)
+    insert(conn, ["m1", "m2", "m3"], destinations=("crm",))
+    (c1, c2), _ = tx(conn, q.claim, "crm", T0, 2)
+    tx(
+        conn,
+        q.finish,
+        [
+            Finished(c1.delivery_id, Status.RETRYING, T0 + 60_000, "Retry", "HTTP 503"),
+            Finished(c2.delivery_id, Status.DELIVERED, T0 + 5),
+        ],
+    )
+    before = rows(conn, "SELECT * FROM deliveries ORDER BY id")
+    conn.close()
+
+    conn = open_db(db_path)
+    try:
+        assert tx(conn, q.recover, T0 + 100) == 0
+        assert rows(conn, "SELECT * FROM deliveries ORDER BY id") == before
+    finally:
+        conn.close()
+
+
+# --- prune -----------------------------------------------------------------------------------
+
+
+def finish_all(conn, destination: str, now: int, status: Status = Status.DELIVERED) -> list[int]:
+    claimed, _ = tx(conn, q.claim, destination, now, 100)
+    tx(conn, q.finish, [Finished(c.delivery_id, status, now) for c in claimed])
+    return [c.delivery_id for c in claimed]
+
+
+def test_prune_deletes_finished_deliveries_older_than_cutoff(conn):
+    insert(conn, ["old"], destinations=("crm",), now=T0)
+    insert(conn, ["new"], destinations=("crm",), now=T0 + 1)
+    insert(conn, ["waiting"], destinations=("crm",), now=T0 + 900_000)
+    # "old" and "new" are due, "waiting" is not yet; "new" finishes after the cutoff.
+    (old, new), _ = tx(conn, q.claim, "crm", T0 + 10, 10)
+    tx(
+        conn,
+        q.finish,
+        [
+            Finished(old.delivery_id, Status.DELIVERED, T0 + 10),
+            Finished(new.delivery_id, Status.DELIVERED, T0 + 1_000),
+        ],
+    )
+
+    assert tx(conn, q.prune, T0 + 500, 0, 100) == (1, 0)
+    remaining = rows(
+        conn,
+        "SELECT e.message_id, d.status FROM deliveries d JOIN events e ON e.id = d.event_id"
+        " ORDER BY d.id",
+    )
+    assert remaining == [("new", "delivered"), ("waiting", "pending")]
+    assert rows(conn, "SELECT message_id FROM events ORDER BY id") == [("new",), ("waiting",)]
+
+
+def test_prune_keeps_event_until_all_its_deliveries_are_gone(conn):
+    insert(conn, ["m1"], destinations=("crm", "warehouse"))
+    finish_all(conn, "crm", T0 + 10)
+    assert tx(conn, q.prune, T0 + 500, 0, 100) == (1, 0)
+    assert rows(conn, "SELECT message_id, refs FROM events") == [("m1", 1)]
+    # The warehouse delivery still has its payload to deliver.
+    (c,), _ = tx(conn, q.claim, "warehouse", T0 + 600, 10)
+    assert orjson.loads(c.payload)["messageId"] == "m1"
+    tx(conn, q.finish, [Finished(c.delivery_id, Status.DISCARDED, T0 + 700)])
+    assert tx(conn, q.prune, T0 + 800, 0, 100) == (1, 0)
+    assert rows(conn, "SELECT id FROM events") == []
+
+
+def test_prune_never_deletes_unfinished_deliveries(conn):
+    insert(conn, ["pending", "retrying", "leased"], destinations=("crm",))
+    c1, c2 = tx(conn, q.claim, "crm", T0, 2)[0]
+    tx(conn, q.finish, [Finished(c1.delivery_id, Status.RETRYING, T0 + 1_000, "Retry", "x")])
+    # c2 stays leased; the third is pending.
+    assert tx(conn, q.prune, T0 + 100 * WINDOW_MS, 0, 100) == (0, 0)
+    assert len(rows(conn, "SELECT id FROM deliveries")) == 3
+    assert len(rows(conn, "SELECT id FROM events")) == 3
+    assert c2.delivery_id in [i for (i,) in rows(conn, "SELECT id FROM deliveries")]
+
+
+def test_prune_respects_limit_and_can_be_called_again(conn):
+    insert(conn, [f"m{i}" for i in range(5)], destinations=("crm",))
+    finish_all(conn, "crm", T0 + 10)
+    assert tx(conn, q.prune, T0 + 500, 0, 2) == (2, 0)
+    assert tx(conn, q.prune, T0 + 500, 0, 2) == (2, 0)
+    assert tx(conn, q.prune, T0 + 500, 0, 2) == (1, 0)
+    assert rows(conn, "SELECT id FROM deliveries") == []
+    assert rows(conn, "SELECT id FROM events") == []
+
+
+def test_prune_deletes_seen_ids_older_than_dedupe_cutoff(conn):
+    insert(conn, ["m1"], now=T0)
+    insert(conn, ["m2"], now=T0 + 1_000)
+    assert tx(conn, q.prune, 0, T0 + 500, 100) == (0, 1)
+    assert rows(conn, "SELECT message_id FROM seen") == [("m2",)]
+    # Deliveries are untouched by the seen cutoff.
+    assert len(rows(conn, "SELECT id FROM deliveries")) == 2 * len(DESTS)
+
+
+def test_status_counts_groups_by_destination_and_status(conn):
+    insert(conn, ["m1", "m2", "m3"], destinations=("crm", "warehouse"))
+    (c, *_), _ = tx(conn, q.claim, "crm", T0, 1)
+    tx(conn, q.finish, [Finished(c.delivery_id, Status.EXPIRED, T0 + 1)])
+    assert q.status_counts(conn) == {
+        "crm": {"pending": 2, "expired": 1},
+        "warehouse": {"pending": 3},
+    }
+
+
+# --- query plan ------------------------------------------------------------------------------
+
+
+def test_claim_query_plan_uses_deliveries_due_index(conn):
+    inner = SQL["due"]
+    # Some finished history, so the planner has something to avoid.
+    insert(conn, [f"m{i}" for i in range(50)], destinations=("crm", "warehouse"))
+    finish_all(conn, "crm", T0 + 10)
+    conn.execute("ANALYZE")
+    plan = [
+        row[3]
+        for row in conn.execute(
+            f"EXPLAIN QUERY PLAN {inner}", {"destination": "crm", "now": T0, "limit": 10}
+        )
+    ]
+    text = "\n".join(plan)
+    assert "deliveries_due" in text, text
+    assert not any(re.match(r"SCAN deliveries\b(?! USING)", d) for d in plan), text
+    # The index also yields due order: no sort step.
+    assert "TEMP B-TREE" not in text, text
+
+
+# --- the writer ------------------------------------------------------------------------------
+
+
+async def test_writer_runs_queue_functions_in_transactions(db_path):
+    conn = open_db(db_path)
+    async with running_writer(conn) as writer:
+        new = await writer.run(
+            q.insert_events, "web", [incoming("m1")], ("crm",), T0, T0 - WINDOW_MS
+        )
+        assert new == 1
+        claimed, _ = await writer.run(q.claim, "crm", T0, 10)
+        await writer.run(q.finish, [Finished(claimed[0].delivery_id, Status.DELIVERED, T0 + 1)])
+        counts = await writer.run(q.status_counts)
+    assert counts == {"crm": {"delivered": 1}}
+    assert writer.groups >= 4
+    # Committed: a fresh connection (a restart) sees it.
+    conn = open_db(db_path)
+    try:
+        assert q.status_counts(conn) == {"crm": {"delivered": 1}}
+    finally:
+        conn.close()
+
+
+async def test_writer_group_commits_concurrent_runs(db_path):
+    conn = open_db(db_path)
+    async with running_writer(conn) as writer:
+        await writer.run(q.status_counts)  # warm up: the serve task is waiting for work
+        before = writer.groups
+        results = await asyncio.gather(
+            *(
+                writer.run(q.insert_events, "web", [incoming(f"m{i}")], DESTS, T0, T0 - WINDOW_MS)
+                for i in range(200)
+            )
+        )
+        groups = writer.groups - before
+        counts = await writer.run(q.status_counts)
+    assert results == [1] * 200
+    assert counts == {d: {"pending": 200} for d in DESTS}
+    assert 1 <= groups <= 20
+
+
+async def test_writer_failing_op_fails_alone_in_its_group(db_path):
+    def insert_then_fail(c: sqlite3.Connection) -> None:
+        q.insert_events(c, "web", [incoming("doomed")], DESTS, T0, T0 - WINDOW_MS)
+        raise ValueError("handler bug")
+
+    def violate_constraint(c: sqlite3.Connection) -> None:
+        q.insert_events(c, "web", [incoming("doomed-too")], DESTS, T0, T0 - WINDOW_MS)
+        c.execute("INSERT INTO deliveries (event_id, destination, status) VALUES (1, 'x', 'y')")
+
+    def ok(i: int):
+        return writer.run(q.insert_events, "web", [incoming(f"m{i}")], DESTS, T0, T0 - WINDOW_MS)
+
+    conn = open_db(db_path)
+    async with running_writer(conn) as writer:
+        await writer.run(q.status_counts)
+        before = writer.groups
+        results = await asyncio.gather(
+            ok(0),
+            writer.run(insert_then_fail),
+            ok(1),
+            writer.run(violate_constraint),
+            ok(2),
+            return_exceptions=True,
+        )
+        groups = writer.groups - before
+        messages = await writer.run(
+            lambda c: sorted(m for (m,) in c.execute("SELECT message_id FROM seen"))
+        )
+    assert groups == 1  # all five were queued before the writer woke: one transaction
+    assert results[0] == results[2] == results[4] == 1
+    assert isinstance(results[1], ValueError)
+    # SQLite errors are wrapped once at the store boundary.
+    assert isinstance(results[3], StoreError)
+    # The failed ops' own writes were rolled back; the others committed.
+    assert messages == ["m0", "m1", "m2"]
+
+
+async def test_writer_close_commits_queued_work_then_refuses_more(db_path):
+    conn = open_db(db_path)
+    writer = Writer(conn)
+    task = asyncio.create_task(writer.serve(), name="writer")
+    try:
+        pending = [
+            asyncio.ensure_future(
+                writer.run(q.insert_events, "web", [incoming(f"m{i}")], DESTS, T0, 0)
+            )
+            for i in range(3)
+        ]
+        await asyncio.sleep(0)  # let the runs queue up
+        writer.close()
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(*pending) == [1, 1, 1]
+            await task
+        with pytest.raises(StoreError):
+            await writer.run(q.status_counts)
+    finally:
+        writer.close()
+        async with asyncio.timeout(10):
+            await task
+        writer.shutdown()
+    conn = open_db(db_path)
+    try:
+        assert len(rows(conn, "SELECT id FROM events")) == 3
+    finally:
+        conn.close()
