@@ -75,13 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    from destfnd.daemon import unsupported
-
-    cfg = load_config(args.config)
-    problems = unsupported(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return load_config(args.config)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -112,7 +106,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from destfnd.function_destination import check_functions
+
     cfg = _load(args)
+    problems, warnings = asyncio.run(check_functions(cfg))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if problems:
+        raise ConfigError(problems)
     kinds = ", ".join(f"{d.name} ({d.kind})" for d in cfg.destinations) or "none"
     print(f"{cfg.path}: ok")
     print(f"  sources: {', '.join(s.name for s in cfg.sources)}")

@@ -38,12 +38,12 @@ _SERVER_KEYS = tuple(
     "listen max_request_size max_event_size max_batch_events max_decompressed_size"
     " dedupe_window drain_timeout".split()
 )
-_STORAGE_KEYS = ("path", "retention", "synchronous")
+_STORAGE_KEYS = ("path", "retention", "synchronous", "records_max_size")
 _LOGGING_KEYS = ("level", "format")
 _SOURCE_KEYS = ("name", "write_key")
 _DESTINATION_KEYS = tuple(
     "name type function insert_function url headers path sources enabled concurrency timeout"
-    " memory_limit settings batch retry".split()
+    " memory_limit workers settings batch retry".split()
 )
 _BATCH_KEYS = ("max_events", "max_wait")
 _RETRY_KEYS = ("max_attempts", "max_age", "backoff_initial", "backoff_max")
@@ -95,6 +95,7 @@ class StorageConfig:
     path: Path
     retention_s: float = 7 * 86400.0
     synchronous: str = "FULL"
+    records_max_bytes: int = 1024 * MIB  # logs and requests of attempts, oldest pruned first
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,7 @@ class DestinationConfig:
     concurrency: int = 8
     timeout_s: float = 5.0
     memory_limit_bytes: int = 512 * MIB
+    workers: int = 1  # worker processes running this destination's functions
     settings: dict[str, Any] = field(default_factory=dict, hash=False)  # keeps the config hashable
     batch: BatchConfig | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -298,6 +300,7 @@ class _Reader:
             path=self.get(t, "storage", "path", self.path, self.path("var/destfnd.sqlite3")),
             retention_s=self.get(t, "storage", "retention", _duration(), 7 * 86400.0),
             synchronous=self.get(t, "storage", "synchronous", _choice("FULL", "NORMAL"), "FULL"),
+            records_max_bytes=self.get(t, "storage", "records_max_size", _size(MIB), 1024 * MIB),
         )
         t = self.table(top.get("logging"), "logging", _LOGGING_KEYS)
         levels = _choice("debug", "info", "warning", "error")
@@ -378,7 +381,8 @@ class _Reader:
             enabled=g("enabled", _boolean, True),
             concurrency=g("concurrency", _integer(1, 1024), 8),
             timeout_s=g("timeout", _duration(), 5.0),
-            memory_limit_bytes=g("memory_limit", _size(16 * MIB), 512 * MIB),
+            memory_limit_bytes=g("memory_limit", _size(64 * MIB), 512 * MIB),
+            workers=g("workers", _integer(1, 64), 1),
             settings=g("settings", partial(self.settings, where=f"{where}.settings"), {}),
             batch=self.batch(self.table(t["batch"], batch, _BATCH_KEYS), batch)
             if "batch" in t

@@ -15,9 +15,10 @@ import structlog
 from aiohttp import web
 
 from destfnd import sdnotify
-from destfnd.config import Config, DestinationConfig
-from destfnd.dispatch import Deliverer, Dispatcher
+from destfnd.config import Config, DestinationConfig, config_secrets
+from destfnd.dispatch import Deliverer, Dispatcher, Redactor
 from destfnd.errors import DestfndError
+from destfnd.function_destination import FunctionDestination, FunctionLoadError
 from destfnd.ingest import Ingest
 from destfnd.store import Writer, open_db
 from destfnd.store import queue as q
@@ -48,29 +49,40 @@ def lock_database(path: Path) -> IO[bytes]:
     return lock
 
 
-def unsupported(cfg: Config) -> list[str]:
-    """Config that validates but that this version cannot run yet, as dotted-path problems."""
-    problems = []
-    for i, d in enumerate(cfg.destinations):
-        if d.kind == "function":
-            problems.append(
-                f"destinations[{i}].function: function destinations are not available in this "
-                'version yet; use type = "webhook" or type = "file"'
-            )
-        if d.insert_function is not None:
-            problems.append(
-                f"destinations[{i}].insert_function: insert functions are not available in this "
-                "version yet"
-            )
-    return problems
-
-
-def make_deliverer(dest: DestinationConfig) -> Deliverer:
+def make_deliverer(dest: DestinationConfig, redactor: Redactor, where: str) -> Deliverer:
+    builtin: Deliverer | None = None
     if dest.kind == "webhook":
-        return Webhook(dest)
-    if dest.kind == "file":
-        return FileSink(dest)
-    raise ValueError(f"no deliverer for destination type {dest.kind!r}")
+        builtin = Webhook(dest)
+    elif dest.kind == "file":
+        builtin = FileSink(dest)
+    if dest.kind == "function" or dest.insert_function is not None:
+        return FunctionDestination(dest, redactor, builtin, where=where)
+    assert builtin is not None
+    return builtin
+
+
+async def start_deliverers(
+    cfg: Config, redactor: Redactor, *, enabled_only: bool = True
+) -> dict[str, Deliverer]:
+    """Start every destination's deliverer (workers load the functions); on any failure close
+    the ones started and raise one error listing every problem."""
+    started: dict[str, Deliverer] = {}
+    problems: list[str] = []
+    for i, dest in enumerate(cfg.destinations):
+        if enabled_only and not dest.enabled:
+            continue
+        deliverer = make_deliverer(dest, redactor, f"destinations[{i}]")
+        try:
+            await deliverer.start()
+        except FunctionLoadError as exc:
+            problems.append(str(exc))
+            continue
+        started[dest.name] = deliverer
+    if problems:
+        for deliverer in started.values():
+            await deliverer.close()
+        raise FunctionLoadError("\n".join(problems))
+    return started
 
 
 class Daemon:
@@ -104,9 +116,17 @@ class Daemon:
         if recovered:
             log.info("leases_recovered", deliveries=recovered)
         writer = Writer(conn)
+        redactor = Redactor(config_secrets(cfg))
+        try:
+            deliverers = await start_deliverers(cfg, redactor)
+        except BaseException:
+            writer.shutdown()
+            raise
         for dest in cfg.destinations:
-            if dest.enabled:
-                self.dispatchers[dest.name] = Dispatcher(dest, writer, make_deliverer(dest))
+            if dest.name in deliverers:
+                self.dispatchers[dest.name] = Dispatcher(
+                    dest, writer, deliverers[dest.name], redact=redactor
+                )
         by_source = {
             s.name: [
                 self.dispatchers[d.name]
@@ -134,6 +154,8 @@ class Daemon:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
+            for deliverer in deliverers.values():
+                await deliverer.close()
             writer.shutdown()
             where = f"{cfg.server.host}:{cfg.server.port}"
             raise DaemonError(f"cannot listen on {where}: {exc.strerror or exc}") from None

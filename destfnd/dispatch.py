@@ -14,13 +14,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+import orjson
 import structlog
 
 from destfnd.config import DestinationConfig
-from destfnd.outcome import ErrorType, Kind, Outcome, retry
+from destfnd.outcome import ErrorType, Kind, Outcome, Report, retry, same_for_all
 from destfnd.retry import decide_retry
 from destfnd.store import Claimed, Finished, Status, Writer
 from destfnd.store import queue as q
+from destfnd.store.models import Invocation
 
 log = structlog.get_logger("destfnd.dispatch")
 
@@ -36,7 +38,28 @@ _OUTCOME_STATUS = {
 class Deliverer(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
-    async def deliver(self, payloads: list[bytes], batched: bool) -> Outcome | list[Outcome]: ...
+    async def deliver(self, payloads: list[bytes], batched: bool) -> Report: ...
+
+
+class Redactor:
+    """Replaces every known secret value with "[redacted]"; more can be added at start-up
+    (settings a function declares secret)."""
+
+    def __init__(self, secrets: list[str] | None = None) -> None:
+        self._secrets: list[str] = []
+        for secret in secrets or []:
+            self.add(secret)
+
+    def add(self, secret: str) -> None:
+        if secret and secret not in self._secrets:
+            self._secrets.append(secret)
+            self._secrets.sort(key=len, reverse=True)  # longest first: no partial leftovers
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        return text
 
 
 def now_ms() -> int:
@@ -52,19 +75,21 @@ class Dispatcher:
         *,
         clock: Callable[[], int] = now_ms,
         rng: random.Random | None = None,
+        redact: Callable[[str], str] = str,
     ) -> None:
         self.dest = dest
         self._writer = writer
         self._deliverer = deliverer
         self._clock = clock
         self._rng = rng or random.Random()
+        self._redact = redact
         self._batch = dest.batch
         # Units of work leased but not started: enough to keep every worker busy between claims.
         self._max_units = max(2 * dest.concurrency, 2 if self._batch else 64)
         self._units: deque[list[Claimed]] = deque()
         self._held: list[Claimed] = []  # a batch being filled by the feeder
         self._running: dict[int, list[Claimed]] = {}  # worker -> unit in delivery
-        self._outcomes: list[Finished] = []
+        self._outcomes: list[tuple[list[Finished], Invocation | None]] = []
         self._wake = asyncio.Event()  # new work may be due (ingest, a retry, stop)
         self._unit_ready = asyncio.Event()
         self._room = asyncio.Event()
@@ -84,7 +109,7 @@ class Dispatcher:
             event.set()
 
     async def run(self) -> None:
-        await self._deliverer.start()
+        """Deliver until stopped; the deliverer was started by the daemon, closed here."""
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._feed(), name=f"feed:{self.dest.name}")
@@ -103,7 +128,7 @@ class Dispatcher:
             now = self._clock()
 
             def settle(conn):
-                q.finish(conn, outcomes)
+                q.finish_many(conn, outcomes)
                 q.release(conn, ids, now)
 
             try:
@@ -186,27 +211,44 @@ class Dispatcher:
             self._flush_wake.set()
 
     async def _deliver(self, unit: list[Claimed]) -> None:
+        started_at = self._clock()
         started = time.monotonic()
         # The deliverer enforces `timeout` itself; this guard catches one that does not.
-        guard_s = self.dest.timeout_s * 2 + 1
+        guard_s = self.dest.timeout_s * 2 + 5
         try:
             async with asyncio.timeout(guard_s):
-                result = await self._deliverer.deliver(
+                report = await self._deliverer.deliver(
                     [c.payload for c in unit], self._batch is not None
                 )
+            if len(report.outcomes) != len(unit):
+                raise RuntimeError(f"{len(report.outcomes)} outcomes for {len(unit)} events")
         except TimeoutError:
-            result = retry(ErrorType.TIMEOUT, f"no result within {guard_s:g}s")
+            report = same_for_all(
+                retry(ErrorType.TIMEOUT, f"no result within {guard_s:g}s"), len(unit)
+            )
         except Exception as exc:  # a task boundary: one delivery
             self._log.exception("deliverer_crashed")
-            result = retry(ErrorType.RETRY, f"internal error: {type(exc).__name__}: {exc}")
+            failed = retry(ErrorType.RETRY, f"internal error: {type(exc).__name__}: {exc}")
+            report = same_for_all(failed, len(unit))
         duration_ms = round((time.monotonic() - started) * 1000, 1)
-        outcomes = result if isinstance(result, list) else [result] * len(unit)
         now = self._clock()
-        for claimed, outcome in zip(unit, outcomes, strict=True):
+        redact = self._redact
+        invocation = Invocation(
+            self.dest.name,
+            started_at,
+            duration_ms,
+            report.version,
+            redact(report.logs),
+            redact(orjson.dumps(report.requests).decode()).encode(),
+        )
+        finished = [
             self._record(claimed, outcome, now, duration_ms)
+            for claimed, outcome in zip(unit, report.outcomes, strict=True)
+        ]
+        self._outcomes.append((finished, invocation))
         self._flush_wake.set()
 
-    def _record(self, c: Claimed, outcome: Outcome, now: int, duration_ms: float) -> None:
+    def _record(self, c: Claimed, outcome: Outcome, now: int, duration_ms: float) -> Finished:
         if outcome.kind is Kind.RETRY:
             decision = decide_retry(
                 self.dest.retry,
@@ -220,7 +262,8 @@ class Dispatcher:
         else:
             status, at = _OUTCOME_STATUS[outcome.kind], now
         error_type = str(outcome.error_type) if outcome.error_type else None
-        self._outcomes.append(Finished(c.delivery_id, status, at, error_type, outcome.message))
+        message = self._redact(outcome.message) if outcome.message else outcome.message
+        finished = Finished(c.delivery_id, status, at, error_type, message, c.attempt, now)
         self.counts[status] = self.counts.get(status, 0) + 1
         fields = {
             "message_id": c.message_id,
@@ -230,11 +273,15 @@ class Dispatcher:
         }
         if status is Status.DELIVERED:
             self._log.debug("delivery_attempted", **fields)
-            return
-        fields.update(error_type=error_type, error=outcome.message)
+            return finished
+        fields.update(error_type=error_type, error=message)
         if status is Status.RETRYING:
             fields["retry_in_s"] = round((at - now) / 1000, 3)
-        self._log.warning("delivery_failed", **fields)
+        if status is Status.DROPPED:
+            self._log.debug("delivery_attempted", **fields)
+        else:
+            self._log.warning("delivery_failed", **fields)
+        return finished
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -252,11 +299,11 @@ class Dispatcher:
             if self._outcomes:
                 outcomes, self._outcomes = self._outcomes, []
                 try:
-                    await self._writer.run(q.finish, outcomes)
+                    await self._writer.run(q.finish_many, outcomes)
                 except BaseException:
                     self._outcomes[:0] = outcomes  # settled at stop
                     raise
-                if any(o.status is Status.RETRYING for o in outcomes):
+                if any(f.status is Status.RETRYING for done, _ in outcomes for f in done):
                     self._wake.set()  # the feeder recomputes when the next retry is due
             if time.monotonic() - last_summary >= _SUMMARY_EVERY_S and self.counts:
                 self._log.info("delivery_summary", **self.counts)

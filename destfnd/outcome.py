@@ -39,3 +39,18 @@ def retry(error_type: ErrorType, message: str, retry_after_s: float | None = Non
 
 def discard(error_type: ErrorType, message: str) -> Outcome:
     return Outcome(Kind.DISCARD, error_type, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One invocation (a webhook request, a function call) for a unit of events: an outcome
+    per event, plus what the Event Delivery view shows (logs, outgoing requests, version)."""
+
+    outcomes: tuple[Outcome, ...]
+    logs: str = ""
+    requests: tuple[dict, ...] = ()
+    version: str | None = None
+
+
+def same_for_all(outcome: Outcome, n: int, **record: object) -> Report:
+    return Report((outcome,) * n, **record)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import aiohttp
 
 from destfnd import __version__
 from destfnd.config import DestinationConfig, Secret
-from destfnd.outcome import DELIVERED, ErrorType, Outcome, discard, retry
+from destfnd.outcome import DELIVERED, ErrorType, Outcome, Report, discard, retry, same_for_all
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
@@ -56,11 +56,19 @@ class Webhook:
         if self._session is not None:
             await self._session.close()
 
-    async def deliver(self, payloads: list[bytes], batched: bool) -> Outcome:
+    async def deliver(self, payloads: list[bytes], batched: bool) -> Report:
+        started = time.monotonic()
+        request: dict = {"method": "POST", "url": self._url, "events": len(payloads)}
+        outcome = await self._post(payloads, batched, request)
+        request["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+        return same_for_all(outcome, len(payloads), requests=(request,))
+
+    async def _post(self, payloads: list[bytes], batched: bool, request: dict) -> Outcome:
         assert self._session is not None
         body = b"[" + b",".join(payloads) + b"]" if batched else payloads[0]
         try:
             async with self._session.post(self._url, data=body, headers=self._headers) as resp:
+                request["status"] = resp.status
                 if 200 <= resp.status < 300:
                     await resp.read()
                     return DELIVERED
@@ -94,12 +102,13 @@ class FileSink:
         if self._file is not None:
             self._file.close()
 
-    async def deliver(self, payloads: list[bytes], batched: bool) -> Outcome:
+    async def deliver(self, payloads: list[bytes], batched: bool) -> Report:
         assert self._file is not None
         try:
             self._file.write(b"".join(p + b"\n" for p in payloads))
             self._file.flush()
         except OSError as exc:
-            return retry(ErrorType.RETRY, f"cannot write {self._path}: {exc.strerror}")
+            failed = retry(ErrorType.RETRY, f"cannot write {self._path}: {exc.strerror}")
+            return same_for_all(failed, len(payloads))
         await asyncio.sleep(0)
-        return DELIVERED
+        return same_for_all(DELIVERED, len(payloads))

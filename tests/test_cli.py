@@ -43,14 +43,32 @@ BAD = [
      'headers = { Authorization = { env = "DESTFND_TEST_UNSET" } }\n',
      "destinations[0].headers.Authorization", "DESTFND_TEST_UNSET"),
     ("bad-toml", "[server\n", "invalid TOML", "line 1"),
-    ("function-not-yet", '[[destinations]]\nname = "f"\nfunction = "f.py"\n',
-     "destinations[0].function", "not available in this version"),
+    ("function-missing", '[[destinations]]\nname = "f"\nfunction = "nope.py"\n',
+     "destinations[0].function", "file not found"),
+    ("function-syntax", '[[destinations]]\nname = "f"\nfunction = "bad_syntax.py"\n',
+     "destinations[0].function", "bad_syntax.py:2: SyntaxError"),
+    ("function-import", '[[destinations]]\nname = "f"\nfunction = "bad_import.py"\n',
+     "destinations[0].function", "ModuleNotFoundError: No module named 'no_such_pkg'"),
+    ("function-no-handler", '[[destinations]]\nname = "f"\nfunction = "no_handler.py"\n',
+     "destinations[0].function", "defines no handler"),
+    ("function-settings", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n'
+     'settings = { apiKey = 5 }\n', "destinations[0].settings.apiKey", "must be string"),
+    ("function-required", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n',
+     "destinations[0].settings.apiKey", "required by SETTINGS in needs_key.py"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("case", "text", "where", "phrase"), BAD, ids=[b[0] for b in BAD])
 def test_cli_check_config_lists_problems_with_key_paths(tmp_path, case, text, where, phrase):
-    (tmp_path / "f.py").write_text("def on_track(event, settings):\n    pass\n")
+    files = {
+        "bad_syntax.py": "def on_track(event, settings):\n    return event +\n",
+        "bad_import.py": "import no_such_pkg\n\ndef on_track(event, settings):\n    pass\n",
+        "no_handler.py": "def helper():\n    pass\n",
+        "needs_key.py": 'SETTINGS = {"apiKey": {"type": "string", "required": True}}\n'
+        "def on_track(event, settings):\n    pass\n",
+    }
+    for name, code in files.items():
+        (tmp_path / name).write_text(code)
     source = '[[sources]]\nname = "web"\nwrite_key = "k"\n' if case != "no-sources" else ""
     path = tmp_path / "destfnd.toml"
     path.write_text(text + "\n" + source if case != "bad-toml" else text)

@@ -276,7 +276,7 @@ BAD_CONFIGS = [
     ("memory_bad", SOURCE + DEST + 'memory_limit = "lots"\n', "destinations[0].memory_limit",
      "invalid size"),
     ("memory_tiny", SOURCE + DEST + 'memory_limit = "1MB"\n', "destinations[0].memory_limit",
-     "must be at least 16MB"),
+     "must be at least 64MB"),
     ("size_bare_number", '[server]\nmax_request_size = 500000\n' + SOURCE,
      "server.max_request_size", 'sizes need a unit'),
     ("decompressed_below_request", '[server]\nmax_request_size = "1MB"\n'

@@ -163,9 +163,7 @@ def _drain_socket(sock: socket.socket) -> list[bytes]:
             return messages
 
 
-async def test_a_hanging_destination_does_not_delay_a_healthy_one(
-    make_daemon, tmp_path, session
-):
+async def test_a_hanging_destination_does_not_delay_a_healthy_one(make_daemon, tmp_path, session):
     hang = Reply(200, delay_s=30)
     async with Sink() as healthy, Sink(lambda n, r: hang) as stuck:
         dests = webhook("healthy", healthy.url) + webhook(

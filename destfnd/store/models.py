@@ -45,3 +45,17 @@ class Finished:
     at: int  # unix ms: finished_at, or next_at for a retry
     error_type: str | None = None
     error: str | None = None
+    attempt: int = 0  # which attempt this was; 0 = not recorded in `attempts`
+    ended_at: int = 0  # unix ms, when the attempt ended (`at` is the next try for a retry)
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One webhook request or function call, shared by the attempts of the events in it."""
+
+    destination: str
+    started_at: int  # unix ms
+    duration_ms: float
+    version: str | None
+    logs: str
+    requests: bytes  # JSON array

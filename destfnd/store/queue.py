@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from destfnd.store.db import SQL
-from destfnd.store.models import Claimed, Finished, IncomingEvent, Status
+from destfnd.store.models import Claimed, Finished, IncomingEvent, Invocation, Status
 
 # A leased row's next_at is pushed this far out, so it cannot be claimed twice even if the
 # release were lost; crash recovery at start-up makes it due again at once.
@@ -80,7 +80,27 @@ def claim(
     ], None
 
 
-def finish(conn: sqlite3.Connection, outcomes: Iterable[Finished]) -> None:
+def finish(
+    conn: sqlite3.Connection, outcomes: Iterable[Finished], invocation: Invocation | None = None
+) -> None:
+    """Record attempts' outcomes (and the invocation they shared, for the Event Delivery view)."""
+    outcomes = list(outcomes)
+    invocation_id = None
+    if invocation is not None:
+        i = invocation
+        invocation_id = conn.execute(
+            SQL["insert_invocation"],
+            (i.destination, i.started_at, i.duration_ms, i.version, i.logs, i.requests,
+             len(i.logs) + len(i.requests)),
+        ).lastrowid  # fmt: skip
+    attempts = [
+        (o.delivery_id, o.attempt, invocation_id, o.ended_at, str(o.status), o.error_type,
+         o.error)
+        for o in outcomes
+        if o.attempt
+    ]  # fmt: skip
+    if attempts:
+        conn.executemany(SQL["insert_attempt"], attempts)
     done, retry = [], []
     for o in outcomes:
         if o.status is Status.RETRYING:
@@ -108,14 +128,39 @@ def prune(
 
     Returns (deliveries deleted, seen ids deleted); call again while either equals `limit`.
     """
-    unref = Counter(
-        row[0] for row in conn.execute(SQL["prune_deliveries"], (finished_before, limit))
-    )
+    deleted = conn.execute(SQL["prune_deliveries"], (finished_before, limit)).fetchall()
+    conn.executemany(SQL["delete_attempts"], [(delivery_id,) for delivery_id, _ in deleted])
+    unref = Counter(event_id for _, event_id in deleted)
     if unref:
         conn.executemany(SQL["unref_event"], [(n, i) for i, n in unref.items()])
         conn.executemany(SQL["delete_unreferenced_event"], [(i,) for i in unref])
     seen = conn.execute(SQL["prune_seen"], (seen_before, limit)).rowcount
     return sum(unref.values()), seen
+
+
+def prune_invocations(
+    conn: sqlite3.Connection,
+    started_before: int,
+    max_total_bytes: int,
+    total_bytes: int,
+    limit: int,
+) -> tuple[int, int]:
+    """Delete the oldest invocation records while older than `started_before` or while the
+    records take more than `max_total_bytes`. Returns (deleted, bytes freed)."""
+    deleted = freed = 0
+    for invocation_id, started_at, size in conn.execute(
+        SQL["oldest_invocations"], (limit,)
+    ).fetchall():
+        if started_at >= started_before and total_bytes - freed <= max_total_bytes:
+            break
+        conn.execute(SQL["delete_invocation"], (invocation_id,))
+        deleted += 1
+        freed += size
+    return deleted, freed
+
+
+def invocations_size(conn: sqlite3.Connection) -> int:
+    return conn.execute(SQL["invocations_size"]).fetchone()[0]
 
 
 def status_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
@@ -127,3 +172,10 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
 
 def leased_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(conn.execute(SQL["leased_counts"]).fetchall())
+
+
+def finish_many(
+    conn: sqlite3.Connection, items: Iterable[tuple[Sequence[Finished], Invocation | None]]
+) -> None:
+    for outcomes, invocation in items:
+        finish(conn, outcomes, invocation)

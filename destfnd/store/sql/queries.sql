@@ -47,13 +47,34 @@ UPDATE deliveries SET leased = 0, next_at = ?, attempts = max(attempts - 1, 0) W
 -- Crash-only recovery: whatever was leased when the daemon died is due again, attempts kept.
 UPDATE deliveries SET leased = 0, next_at = ? WHERE leased = 1;
 
+-- name: insert_invocation
+INSERT INTO invocations (destination, started_at, duration_ms, version, logs, requests, size)
+VALUES (?, ?, ?, ?, ?, ?, ?);
+
+-- name: insert_attempt
+INSERT OR REPLACE INTO attempts (delivery_id, attempt, invocation_id, at, status, error_type, error)
+VALUES (?, ?, ?, ?, ?, ?, ?);
+
 -- name: prune_deliveries
 DELETE FROM deliveries WHERE id IN (
     SELECT id FROM deliveries
     WHERE finished_at IS NOT NULL AND finished_at < ?
     ORDER BY finished_at LIMIT ?
 )
-RETURNING event_id;
+RETURNING id, event_id;
+
+-- name: delete_attempts
+DELETE FROM attempts WHERE delivery_id = ?;
+
+-- name: oldest_invocations
+-- Invocation ids grow with time, so the oldest are the first by id (no index needed).
+SELECT id, started_at, size FROM invocations ORDER BY id LIMIT ?;
+
+-- name: delete_invocation
+DELETE FROM invocations WHERE id = ?;
+
+-- name: invocations_size
+SELECT coalesce(sum(size), 0) FROM invocations;
 
 -- name: unref_event
 UPDATE events SET refs = refs - ? WHERE id = ?;

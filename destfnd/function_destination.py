@@ -1,0 +1,162 @@
+"""A destination whose code is the user's: a destination function, an insert function in
+front of a function or a built-in destination, run in the sandbox's worker processes.
+
+Turns worker replies into Reports; never runs user code itself.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from destfnd.config import Config, DestinationConfig, Secret
+from destfnd.dispatch import Deliverer, Redactor
+from destfnd.errors import DestfndError
+from destfnd.outcome import ErrorType, Kind, Outcome, Report, retry, same_for_all
+from destfnd.sandbox.pool import InitError, Pool, Spec, WorkerFailed
+from destfnd.sandbox.runtime import EVENT_TYPES
+
+
+class FunctionLoadError(DestfndError):
+    """A function file cannot be loaded, or its settings do not satisfy its SETTINGS."""
+
+
+def plain_settings(value: object) -> object:
+    """Settings as the function sees them: secrets resolved to their values."""
+    if isinstance(value, Secret):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain_settings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_settings(v) for v in value]
+    return value
+
+
+def spec_for(dest: DestinationConfig) -> Spec:
+    function = dest.function if dest.kind == "function" else None
+    return Spec(
+        name=dest.name,
+        function=function,
+        insert=dest.insert_function,
+        settings=plain_settings(dest.settings),  # type: ignore[arg-type]
+        timeout_s=dest.timeout_s,
+        memory_limit_bytes=dest.memory_limit_bytes,
+    )
+
+
+def problems_of(ready: dict, where: str) -> list[str]:
+    return [f"{where}.{p}" for p in ready.get("settings_problems", [])]
+
+
+def _outcome(o: dict) -> Outcome:
+    kind = Kind(o["kind"])
+    error_type = ErrorType(o["error_type"]) if o.get("error_type") else None
+    return Outcome(kind, error_type, o.get("message"), o.get("retry_after_s"))
+
+
+class FunctionDestination:
+    """Deliverer for `function` destinations and for any destination with an insert function
+    (then `downstream` is the built-in deliverer the surviving events go to)."""
+
+    def __init__(
+        self,
+        dest: DestinationConfig,
+        redactor: Redactor,
+        downstream: Deliverer | None = None,
+        *,
+        where: str = "destination",
+    ) -> None:
+        self.dest = dest
+        self.pool = Pool(spec_for(dest), size=dest.workers)
+        self._redactor = redactor
+        self._downstream = downstream
+        self._where = where
+        self._stages = (["insert"] if dest.insert_function else []) + (
+            ["function"] if dest.kind == "function" else []
+        )
+        self.version: str | None = None
+
+    async def start(self) -> None:
+        try:
+            ready = await self.pool.start()
+        except InitError as exc:
+            await self.pool.close()
+            raise FunctionLoadError(f"{self._where}: {self._redactor(str(exc))}") from None
+        problems = problems_of(ready, self._where)
+        if problems:
+            await self.pool.close()
+            raise FunctionLoadError("\n".join(problems))
+        for key in ready.get("secret_settings", []):
+            value = self.dest.settings.get(key)
+            if value is not None:
+                self._redactor.add(str(plain_settings(value)))
+        versions = ready.get("versions", {})
+        self.version = ",".join(f"{k}:{v}" for k, v in sorted(versions.items())) or None
+        if self._downstream is not None:
+            await self._downstream.start()
+
+    async def close(self) -> None:
+        try:
+            await self.pool.close()
+        finally:
+            if self._downstream is not None:
+                await self._downstream.close()
+
+    async def deliver(self, payloads: list[bytes], batched: bool) -> Report:
+        n = len(payloads)
+        try:
+            reply = await self.pool.call(
+                [orjson.Fragment(p) for p in payloads], batch=batched, stages=self._stages
+            )
+        except TimeoutError:
+            message = f"the function did not finish within {self.dest.timeout_s:g}s"
+            return same_for_all(retry(ErrorType.TIMEOUT, message), n, version=self.version)
+        except WorkerFailed as exc:
+            return same_for_all(retry(ErrorType.RETRY, str(exc)), n, version=self.version)
+        outcomes = [_outcome(o) for o in reply["outcomes"]]
+        logs = reply.get("logs") or ""
+        requests = tuple(reply.get("requests") or ())
+        if reply.get("request_count", 0) > len(requests):
+            logs += f"\n[{reply['request_count'] - len(requests)} more requests not recorded]\n"
+        if self._downstream is None:
+            return Report(tuple(outcomes), logs, requests, self.version)
+        # Insert function in front of a built-in destination: send on what it passed.
+        passed = [i for i, o in enumerate(outcomes) if o.kind is Kind.OK]
+        if passed:
+            events = reply["events"]
+            down = await self._downstream.deliver(
+                [orjson.dumps(events[i]) for i in passed], batched
+            )
+            for i, outcome in zip(passed, down.outcomes, strict=True):
+                outcomes[i] = outcome
+            requests += down.requests
+        return Report(tuple(outcomes), logs, requests, self.version)
+
+
+async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
+    """Load every destination's function files in a worker, as `serve` would; returns the
+    problems (dotted paths) and warnings. For `check-config`."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    for i, dest in enumerate(cfg.destinations):
+        if dest.kind != "function" and dest.insert_function is None:
+            continue
+        where = f"destinations[{i}]"
+        pool = Pool(spec_for(dest))
+        try:
+            ready = await pool.start()
+        except InitError as exc:
+            key = "function" if dest.kind == "function" else "insert_function"
+            problems.append(f"{where}.{key}: {exc}")
+            continue
+        finally:
+            await pool.close()
+        problems += problems_of(ready, where)
+        if dest.insert_function is not None:
+            have = set(ready.get("insert_handlers", []))
+            missing = [f"on_{t}" for t in EVENT_TYPES if f"on_{t}" not in have]
+            if missing:
+                warnings.append(
+                    f"{where}.insert_function: no {', '.join(missing)}: events of those types "
+                    "will be discarded as Unsupported Event Type"
+                )
+    return problems, warnings

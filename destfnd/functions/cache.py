@@ -1,0 +1,46 @@
+"""`cache`: a per-worker-process cache with a time to live, as Segment's functions have."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class Cache:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._values: dict[str, tuple[float, Any]] = {}
+        self._loading: dict[str, asyncio.Future] = {}
+
+    async def load(self, key: str, ttl_ms: float, fn: Callable[[], Awaitable[Any] | Any]) -> Any:
+        """The cached value of `key`, or `await fn()` stored for `ttl_ms` (one load at a time)."""
+        found = self._values.get(key)
+        if found is not None and found[0] > self._clock():
+            return found[1]
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            value = fn()
+            if inspect.isawaitable(value):
+                value = await value
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            raise
+        finally:
+            del self._loading[key]
+        self._values[key] = (self._clock() + ttl_ms / 1000, value)
+        future.set_result(value)
+        return value
+
+    def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+
+
+cache = Cache()

@@ -1,0 +1,105 @@
+"""`fetch`: the HTTP client user functions call; every call is recorded on the invocation.
+
+A network failure or a timeout raises FetchError, a RetryError: retried unless caught.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from destfnd.functions import record
+from destfnd.functions.errors import RetryError
+
+DEFAULT_TIMEOUT_S = 10.0  # the worker sets it to the destination's `timeout`
+_session: aiohttp.ClientSession | None = None
+
+
+class FetchError(RetryError):
+    """fetch() got no HTTP response (connection failed or timed out): retried by default."""
+
+
+class Response:
+    def __init__(self, status: int, reason: str, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.ok = 200 <= status < 300
+        self._body = body
+
+    async def text(self) -> str:
+        return self._body.decode("utf-8", errors="replace")
+
+    async def json(self) -> Any:
+        return orjson.loads(self._body)
+
+    async def read(self) -> bytes:
+        return self._body
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason}>"
+
+
+def _session_for_loop() -> aiohttp.ClientSession:
+    global _session
+    if _session is None or _session.closed:
+        _session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+    return _session
+
+
+async def close() -> None:
+    if _session is not None:
+        await _session.close()
+
+
+async def fetch(
+    url: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: str | bytes | None = None,
+    json: Any = None,
+    timeout: float | None = None,
+) -> Response:
+    """Make an HTTP request; `json=` serializes the body and sets Content-Type."""
+    if json is not None and body is not None:
+        raise TypeError("fetch() takes body= or json=, not both")
+    headers = dict(headers or {})
+    data: bytes | None
+    if json is not None:
+        data = orjson.dumps(json)
+        headers.setdefault("Content-Type", "application/json")
+    else:
+        data = body.encode() if isinstance(body, str) else body
+    timeout_s = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
+    entry: dict[str, Any] = {
+        "method": method.upper(),
+        "url": url,
+        "request_headers": record.safe_headers(headers),
+        "request_body": record.clip(data.decode("utf-8", "replace")) if data else None,
+    }
+    rec = record.current.get()
+    started = time.monotonic()
+    try:
+        async with _session_for_loop().request(
+            method, url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
+            raw = await resp.read()
+            response = Response(resp.status, resp.reason or "", dict(resp.headers), raw)
+    except TimeoutError:
+        entry["error"] = f"no response within {timeout_s:g}s"
+        raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
+    except aiohttp.ClientError as exc:
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+        raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
+    finally:
+        entry["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+        if rec is not None:
+            rec.request(entry)
+    entry["status"] = response.status
+    entry["response_headers"] = record.safe_headers(response.headers)
+    entry["response_body"] = record.clip(raw.decode("utf-8", "replace"))
+    return response

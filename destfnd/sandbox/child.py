@@ -1,0 +1,293 @@
+"""The worker process: `python -m destfnd.sandbox.child READ_FD WRITE_FD MEMORY_LIMIT`.
+
+Serves many invocations at once on its own event loop, over the frame protocol on the two
+inherited pipes. Its stdout/stderr are not the protocol: print() is captured per invocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import sys
+from typing import Any
+
+from destfnd.functions import fetch as fetch_module
+from destfnd.functions import record
+from destfnd.sandbox import protocol, runtime
+
+
+class _Capture:
+    """sys.stdout/sys.stderr: text goes to the current invocation's logs, else to the fd."""
+
+    def __init__(self, fallback: Any) -> None:
+        self._fallback = fallback
+
+    def write(self, text: str) -> int:
+        rec = record.current.get()
+        if rec is not None:
+            rec.log(text)
+        else:
+            self._fallback.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if record.current.get() is None:
+            self._fallback.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _LogHandler(logging.Handler):
+    def emit(self, rec: logging.LogRecord) -> None:
+        call = record.current.get()
+        line = self.format(rec) + "\n"
+        if call is not None:
+            call.log(line)
+        else:
+            sys.__stderr__.write(line)
+
+
+class Worker:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.function: Any = None
+        self.insert: Any = None
+        self.settings: dict = {}
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.on_thread: set[int] = set()  # invocations running a plain `def` on a thread
+        self.exit_after_reply = False
+
+    def send(self, message: dict) -> None:
+        self.writer.write(protocol.encode(message))
+
+    async def serve(self) -> None:
+        while True:
+            message = await protocol.read_frame(self.reader)
+            if message is None:
+                return  # the daemon closed the pipe: exit
+            kind = message.get("t")
+            if kind == "call":
+                call_id = message["id"]
+                task = asyncio.create_task(self.call(message))
+                self.tasks[call_id] = task
+                task.add_done_callback(lambda _t, i=call_id: self.tasks.pop(i, None))
+            elif kind == "cancel":
+                self.cancel(message["id"])
+            elif kind == "ping":
+                self.send({"t": "pong", "id": message.get("id")})
+            elif kind == "init":
+                self.init(message)
+            await self.writer.drain()
+
+    def init(self, message: dict) -> None:
+        modules = []
+        versions = {}
+        try:
+            fetch_module.DEFAULT_TIMEOUT_S = float(message.get("timeout_s") or 10)
+            for stage in ("insert", "function"):
+                path = message.get(stage)
+                if path:
+                    module, versions[stage] = runtime.load_function(path, f"destfnd_user_{stage}")
+                    setattr(self, stage, module)
+                    modules.append((path, module))
+        except runtime.LoadError as exc:
+            self.send({"t": "init_error", "message": str(exc)})
+            return
+        self.settings = message.get("settings") or {}
+        problems, secret_keys = runtime.check_settings(modules, self.settings)
+        self.send({
+            "t": "ready",
+            "pid": os.getpid(),
+            "versions": versions,
+            "handlers": _handlers(self.function),
+            "insert_handlers": _handlers(self.insert),
+            "settings_problems": problems,
+            "secret_settings": secret_keys,
+        })  # fmt: skip
+
+    def cancel(self, call_id: int) -> None:
+        task = self.tasks.get(call_id)
+        if task is None:
+            return
+        if call_id in self.on_thread:
+            # A thread cannot be interrupted: tell the daemon, which replaces this worker.
+            self.send({"t": "stuck", "id": call_id})
+        else:
+            task.cancel()
+
+    async def call(self, message: dict) -> None:
+        call_id = message["id"]
+        rec = record.CallRecord()
+        record.current.set(rec)
+        stages = message.get("stages") or ["function"]
+        events = message["events"]
+        reply: dict[str, Any] = {"t": "result", "id": call_id}
+        try:
+            if message.get("batch"):
+                outcomes, out_events = await self.run_batch(call_id, events, stages, rec)
+            else:
+                outcome, event = await self.run_one(call_id, events[0], stages, rec)
+                outcomes, out_events = [outcome], [event]
+        except asyncio.CancelledError:
+            outcomes = [{"kind": "retry", "error_type": "Timeout", "message": "cancelled"}]
+            out_events = [None]
+            outcomes *= len(events)
+            out_events *= len(events)
+        finally:
+            self.on_thread.discard(call_id)
+        reply["outcomes"] = outcomes
+        if "function" not in stages:
+            reply["events"] = out_events
+        reply["logs"] = rec.text()
+        reply["requests"] = rec.requests
+        reply["request_count"] = rec.request_count
+        self.send(reply)
+        await self.writer.drain()
+        if self.exit_after_reply:
+            os._exit(70)  # out of memory: the daemon replaces this worker
+
+    def _thread(self, call_id: int):
+        return lambda: self.on_thread.add(call_id)
+
+    async def run_one(self, call_id: int, event: Any, stages: list[str], rec) -> tuple[dict, Any]:
+        if not isinstance(event, dict) or event.get("type") not in runtime.EVENT_TYPES:
+            return runtime.outcome_of(ValueError("not a Segment event")), None
+        name = f"on_{event['type']}"
+        if "insert" in stages:
+            handler = getattr(self.insert, name, None)
+            if handler is None:
+                return runtime.unsupported(f"the insert function has no {name} handler"), None
+            try:
+                result = await runtime.invoke(handler, event, self.settings,
+                                              on_thread=self._thread(call_id))  # fmt: skip
+            except Exception as exc:
+                return self.failed(exc, rec), None
+            if not isinstance(result, dict):
+                what = "nothing (None)" if result is None else type(result).__name__
+                message = (
+                    f"the insert function's {name} returned {what}, not an event: "
+                    "return the event to pass it on, or raise DropEvent to drop it"
+                )
+                return {"kind": "discard", "error_type": "Bad Request", "message": message}, None
+            event = result
+        if "function" not in stages:
+            return runtime.ok(), event
+        handler = getattr(self.function, name, None)
+        if handler is None:
+            return runtime.unsupported(f"the function has no {name} handler"), None
+        try:
+            await runtime.invoke(handler, event, self.settings, on_thread=self._thread(call_id))
+        except Exception as exc:
+            return self.failed(exc, rec), None
+        return runtime.ok(), None
+
+    async def run_batch(self, call_id: int, events: list, stages: list[str], rec):
+        outcomes: list[dict | None] = [None] * len(events)
+        out_events: list[Any] = [None] * len(events)
+        todo = list(range(len(events)))
+        if "insert" in stages:
+            results = await asyncio.gather(
+                *(self.run_one(call_id, events[i], ["insert"], rec) for i in todo)
+            )
+            todo = []
+            for i, (outcome, event) in enumerate(results):
+                if outcome["kind"] == "ok":
+                    out_events[i] = event
+                    todo.append(i)
+                else:
+                    outcomes[i] = outcome
+        if "function" not in stages:
+            for i in todo:
+                outcomes[i] = runtime.ok()
+            return outcomes, out_events
+        batch = [out_events[i] if "insert" in stages else events[i] for i in todo]
+        on_batch = getattr(self.function, "on_batch", None)
+        if on_batch is None:  # no on_batch: each event through its own handler
+            results = await asyncio.gather(
+                *(self.run_one(call_id, e, ["function"], rec) for e in batch)
+            )
+            for i, (outcome, _) in zip(todo, results, strict=True):
+                outcomes[i] = outcome
+            return outcomes, out_events
+        try:
+            returned = await runtime.invoke(on_batch, batch, self.settings,
+                                            on_thread=self._thread(call_id))  # fmt: skip
+        except Exception as exc:
+            failure = self.failed(exc, rec)
+            for i in todo:
+                outcomes[i] = failure
+            return outcomes, out_events
+        for i, outcome in zip(todo, self.batch_outcomes(returned, len(batch)), strict=True):
+            outcomes[i] = outcome
+        return outcomes, out_events
+
+    def batch_outcomes(self, returned: Any, n: int) -> list[dict]:
+        """on_batch's return: None (all ok) or one outcome per event (None/"ok" or an error)."""
+        if returned is None:
+            return [runtime.ok()] * n
+        if not isinstance(returned, list | tuple) or len(returned) != n:
+            what = f"a list of {len(returned)}" if isinstance(returned, list | tuple) else (
+                type(returned).__name__)  # fmt: skip
+            message = f"on_batch returned {what}; return None or a list of {n} outcomes"
+            return [{"kind": "discard", "error_type": "Bad Request", "message": message}] * n
+        outcomes = []
+        for index, item in enumerate(returned):
+            if item is None or item == "ok" or item is True:
+                outcomes.append(runtime.ok())
+            elif isinstance(item, BaseException):
+                outcomes.append(runtime.outcome_of(item))
+            else:
+                message = f"on_batch outcome [{index}] is {item!r}: use None, 'ok' or an error"
+                outcomes.append({"kind": "discard", "error_type": "Bad Request",
+                                 "message": message})  # fmt: skip
+        return outcomes
+
+    def failed(self, exc: BaseException, rec: record.CallRecord) -> dict:
+        outcome = runtime.outcome_of(exc)
+        if outcome.get("error_type") == "Bad Request":
+            rec.log(runtime.user_traceback(exc))
+        if isinstance(exc, MemoryError):
+            self.exit_after_reply = True
+        return outcome
+
+
+def _handlers(module: Any) -> list[str]:
+    if module is None:
+        return []
+    return [h for h in runtime.HANDLER_NAMES if callable(getattr(module, h, None))]
+
+
+async def _main(read_fd: int, write_fd: int) -> None:
+    reader, writer = await protocol.open_pipes(read_fd, write_fd)
+    worker = Worker(reader, writer)
+    try:
+        await worker.serve()
+    finally:
+        await fetch_module.close()
+
+
+def main(argv: list[str]) -> None:
+    read_fd, write_fd, memory_limit = int(argv[0]), int(argv[1]), int(argv[2])
+    if memory_limit > 0:
+        # Address space, not RSS: a runaway allocation fails with MemoryError instead of
+        # growing until the kernel's OOM killer picks a process (maybe the daemon).
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+    sys.stdout = _Capture(sys.__stdout__)
+    sys.stderr = _Capture(sys.__stderr__)
+    handler = _LogHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_main(read_fd, write_fd))
+    else:
+        uvloop.run(_main(read_fd, write_fd))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,295 @@
+"""The daemon's side of the workers: spawn them (a fresh interpreter each, never a fork of the
+daemon), send invocations with many in flight, enforce the timeout, and replace a worker that
+dies, blocks or runs out of memory. User code never runs in the daemon process."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import structlog
+
+from destfnd.sandbox import protocol
+
+log = structlog.get_logger("destfnd.sandbox")
+
+_PING_GRACE_S = 1.0  # a worker that cannot answer a ping this fast after a timeout is stuck
+_START_TIMEOUT_S = 30.0  # importing a user's function (and its packages) may take a while
+_OUTPUT_LINE_CHARS = 1000  # of stray worker output (not print(): that goes to the attempt)
+
+
+class WorkerFailed(Exception):
+    """The worker died or was killed while the invocation ran."""
+
+
+class InitError(Exception):
+    """The function could not be loaded in a worker; the message is for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What a worker runs: the files, the settings, the limits."""
+
+    name: str  # the destination, for logs
+    function: Path | None
+    insert: Path | None
+    settings: dict
+    timeout_s: float
+    memory_limit_bytes: int
+
+
+@dataclass
+class Worker:
+    proc: asyncio.subprocess.Process
+    writer: asyncio.StreamWriter
+    ready: dict = field(default_factory=dict)
+    inflight: dict[int, asyncio.Future] = field(default_factory=dict)
+    retired: bool = False
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    on_exit: Callable[[Worker, str], None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, message: dict) -> None:
+        self.writer.write(protocol.encode(message))
+
+    def kill(self) -> None:
+        self.retired = True
+        if self.proc.returncode is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+async def spawn(spec: Spec, on_exit: Callable[[Worker, str], None] | None = None) -> Worker:
+    """Start a worker and load the function in it; raises InitError with a one-line reason."""
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "destfnd.sandbox.child",
+            str(to_child_r), str(from_child_w), str(spec.memory_limit_bytes),
+            pass_fds=(to_child_r, from_child_w),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+        )  # fmt: skip
+    finally:
+        os.close(to_child_r)
+        os.close(from_child_w)
+    reader, writer = await protocol.open_pipes(from_child_r, to_child_w)
+    worker = Worker(proc, writer)
+    worker.send({
+        "t": "init",
+        "function": str(spec.function) if spec.function else None,
+        "insert": str(spec.insert) if spec.insert else None,
+        "settings": spec.settings,
+        "timeout_s": spec.timeout_s,
+    })  # fmt: skip
+    try:
+        async with asyncio.timeout(_START_TIMEOUT_S):
+            reply = await protocol.read_frame(reader)
+    except (TimeoutError, protocol.ProtocolError) as exc:
+        worker.kill()
+        await proc.wait()
+        raise InitError(f"the worker did not start: {exc or 'timed out'}") from None
+    if reply is None or reply.get("t") != "ready":
+        worker.kill()
+        output = (await proc.stdout.read(4000)).decode(errors="replace").strip()
+        if reply is not None and reply.get("t") == "init_error":
+            raise InitError(reply["message"])
+        raise InitError(f"the worker exited while loading: {output[-500:] or 'no output'}")
+    worker.ready = reply
+    worker.on_exit = on_exit
+    worker.tasks = [
+        asyncio.create_task(_read_replies(worker, reader), name=f"worker-replies:{proc.pid}"),
+        asyncio.create_task(_read_output(worker, spec.name), name=f"worker-output:{proc.pid}"),
+    ]
+    return worker
+
+
+async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
+    try:
+        while True:
+            message = await protocol.read_frame(reader)
+            if message is None:
+                break
+            kind = message.get("t")
+            future = worker.inflight.get(message.get("id"))
+            if future is None or future.done():
+                continue  # a reply after its timeout: already recorded
+            if kind == "result":
+                future.set_result(message)
+            elif kind == "stuck":
+                future.set_exception(WorkerFailed("stuck in blocking code"))
+            elif kind == "pong":
+                future.set_result(message)
+    except (protocol.ProtocolError, orjson.JSONDecodeError) as exc:
+        log.error("worker_protocol_error", pid=worker.pid, error=str(exc))
+        worker.kill()
+    finally:
+        worker.retired = True
+        code = await worker.proc.wait()
+        reason = _exit_reason(code)
+        for future in worker.inflight.values():
+            if not future.done():
+                future.set_exception(WorkerFailed(f"the worker process {reason}"))
+        if worker.on_exit is not None:
+            worker.on_exit(worker, f"the worker process {reason}")
+
+
+async def _read_output(worker: Worker, name: str) -> None:
+    assert worker.proc.stdout is not None
+    while line := await worker.proc.stdout.readline():
+        text = line.decode(errors="replace").rstrip()[:_OUTPUT_LINE_CHARS]
+        log.info("worker_output", destination=name, pid=worker.pid, line=text)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "stopped"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    if code == 70:
+        return "ran out of memory (memory_limit) and exited"
+    return f"exited with code {code}"
+
+
+class Pool:
+    """`size` workers for one destination, each with many invocations in flight."""
+
+    def __init__(self, spec: Spec, size: int = 1) -> None:
+        self.spec = spec
+        self.size = size
+        self.workers: list[Worker] = []
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Event()
+        self._replacing = 0
+        self._closed = False
+        self.replacements = 0
+        self.last_init_error: str | None = None
+        self._log = log.bind(destination=spec.name)
+
+    async def start(self) -> dict:
+        """Start the workers; returns the first one's `ready` (versions, settings problems)."""
+        for _ in range(self.size):
+            self.workers.append(await spawn(self.spec, self._replace))
+        return self.workers[0].ready
+
+    async def close(self) -> None:
+        self._closed = True
+        workers, self.workers = self.workers, []
+        for worker in workers:
+            worker.retired = True
+            worker.writer.close()  # EOF: the worker exits on its own
+        for worker in workers:
+            try:
+                async with asyncio.timeout(2):
+                    await worker.proc.wait()
+            except TimeoutError:
+                worker.kill()
+            for task in worker.tasks:
+                task.cancel()
+            await asyncio.gather(*worker.tasks, return_exceptions=True)
+
+    async def call(self, events: list, *, batch: bool, stages: list[str]) -> dict:
+        """Run one invocation; raises TimeoutError or WorkerFailed (both retryable)."""
+        worker = await self._pick()
+        call_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        worker.inflight[call_id] = future
+        try:
+            worker.send({"t": "call", "id": call_id, "events": events, "batch": batch,
+                         "stages": stages})  # fmt: skip
+            async with asyncio.timeout(self.spec.timeout_s):
+                return await future
+        except TimeoutError:
+            await self._after_timeout(worker, call_id)
+            raise
+        except WorkerFailed as exc:
+            self._replace(worker, str(exc))
+            raise
+        finally:
+            worker.inflight.pop(call_id, None)
+
+    async def _after_timeout(self, worker: Worker, call_id: int) -> None:
+        """Cancel the invocation; a worker that cannot even answer a ping is replaced."""
+        if worker.retired:
+            return
+        worker.send({"t": "cancel", "id": call_id})
+        ping_id = next(self._ids)
+        pong = asyncio.get_running_loop().create_future()
+        worker.inflight[ping_id] = pong
+        try:
+            async with asyncio.timeout(_PING_GRACE_S):
+                await pong
+        except TimeoutError:
+            self._replace(worker, "blocked: no answer to a ping after a timeout")
+        except WorkerFailed as exc:
+            self._replace(worker, str(exc))
+        finally:
+            worker.inflight.pop(ping_id, None)
+
+    def _replace(self, worker: Worker, reason: str) -> None:
+        """Take `worker` out (killing it if alive) and start another in its place."""
+        if self._closed or worker not in self.workers:
+            return
+        self.workers.remove(worker)
+        worker.kill()
+        self.replacements += 1
+        self._log.warning("worker_replaced", pid=worker.pid, reason=reason)
+        self._replacing += 1
+        task = asyncio.create_task(self._respawn(worker), name=f"respawn:{self.spec.name}")
+        worker.tasks.append(task)
+
+    async def _respawn(self, old: Worker) -> None:
+        delay = 0.05
+        try:
+            while not self._closed:
+                try:
+                    new = await spawn(self.spec, self._replace)
+                except (InitError, OSError) as exc:
+                    self.last_init_error = str(exc)
+                    self._log.error("worker_start_failed", error=str(exc))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)  # a function that fails to load: back off
+                    continue
+                if self._closed:
+                    new.kill()
+                    return
+                self.workers.append(new)
+                self.last_init_error = None
+                self._log.info("worker_started", pid=new.pid, replaced=old.pid)
+                return
+        finally:
+            self._replacing -= 1
+            self._changed.set()
+
+    async def _pick(self) -> Worker:
+        """The live worker with the fewest invocations in flight; waits while all are being
+        replaced."""
+        while True:
+            live = [w for w in self.workers if not w.retired]
+            if live:
+                return min(live, key=lambda w: len(w.inflight))
+            if self._closed:
+                raise WorkerFailed("the destination is shutting down")
+            if self.last_init_error:
+                raise WorkerFailed(f"the function cannot be loaded: {self.last_init_error}")
+            self._changed.clear()
+            await self._changed.wait()

@@ -1,0 +1,66 @@
+"""The frame protocol between the daemon and a worker: a 4-byte big-endian length, then one
+orjson object. It runs on its own pipe pair (not stdout/stderr), so output cannot corrupt it.
+
+Daemon -> worker: {"t": "init", ...}, {"t": "call", "id", "events", "batch", "stages"},
+{"t": "cancel", "id"}, {"t": "ping", "id"}.
+Worker -> daemon: {"t": "ready", ...} or {"t": "init_error", "message"}, {"t": "result", "id",
+"outcomes", "events", "logs", "requests"}, {"t": "stuck", "id"}, {"t": "pong", "id"}.
+An outcome is {"kind": ok|retry|discard|drop, "error_type", "message", "retry_after_s"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+
+import orjson
+
+MAX_FRAME_BYTES = 256 * 1024 * 1024  # far above any legitimate frame; guards a corrupt length
+_HEADER = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """The other side sent something that is not a frame."""
+
+
+def encode(message: dict) -> bytes:
+    body = orjson.dumps(message)
+    return _HEADER.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dict | None:
+    """The next message, or None at a clean end of stream."""
+    try:
+        header = await reader.readexactly(_HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ProtocolError("stream ended inside a frame header") from None
+        return None
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {size} bytes")
+    try:
+        body = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("stream ended inside a frame") from None
+    message = orjson.loads(body)
+    if not isinstance(message, dict):
+        raise ProtocolError("a frame is not an object")
+    return message
+
+
+async def open_pipes(
+    read_fd: int, write_fd: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams over two pipe file descriptors (inherited or from os.pipe())."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_FRAME_BYTES)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    )
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0)
+    )
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return reader, writer

@@ -1,0 +1,165 @@
+"""Inside a worker: load user function files, check their SETTINGS, run handlers, and turn
+what they return or raise into Segment's outcomes. Never imported by the daemon process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from destfnd.functions.errors import (
+    DropEvent,
+    EventNotSupported,
+    InvalidEventPayload,
+    RetryError,
+    ValidationError,
+)
+
+EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias", "delete")
+HANDLER_NAMES = (*(f"on_{t}" for t in EVENT_TYPES), "on_batch")
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "number": (int, float),
+    "integer": (int,),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
+
+
+class LoadError(Exception):
+    """A function file could not be loaded; the message is one line for the user."""
+
+
+def load_function(path: str, name: str) -> tuple[ModuleType, str]:
+    """Import the file at `path` as module `name`; returns it and its version (content hash)."""
+    file = Path(path)
+    try:
+        source = file.read_bytes()
+    except OSError as exc:
+        raise LoadError(f"{path}: cannot read: {exc.strerror}") from None
+    version = hashlib.sha256(source).hexdigest()[:12]
+    folder = str(file.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # so a function can import its neighbours
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise LoadError(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        where = f"{path}:{exc.lineno}" if exc.lineno else path
+        raise LoadError(f"{where}: SyntaxError: {exc.msg}") from None
+    except BaseException as exc:  # user code at import time: anything can happen
+        raise LoadError(f"{path}{_user_line(exc, path)}: {_describe(exc)}") from None
+    handlers = [h for h in HANDLER_NAMES if callable(getattr(module, h, None))]
+    if not handlers:
+        raise LoadError(f"{path}: defines no handler ({', '.join(HANDLER_NAMES)})")
+    return module, version
+
+
+def _user_line(exc: BaseException, path: str) -> str:
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
+    return f":{lines[-1]}" if lines else ""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The traceback without destfnd's own frames: what the user needs to find their bug."""
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(_PACKAGE_DIR)
+    ]  # fmt: skip
+    text = "Traceback (most recent call last):\n" if frames else ""
+    text += "".join(traceback.format_list(frames))
+    return text + "".join(traceback.format_exception_only(type(exc), exc))
+
+
+def check_settings(modules: list[tuple[str, ModuleType]], settings: dict) -> tuple[list, list]:
+    """Problems of `settings` against each module's SETTINGS, and the keys declared secret."""
+    problems: list[str] = []
+    secret_keys: list[str] = []
+    for path, module in modules:
+        declared = getattr(module, "SETTINGS", None)
+        if declared is None:
+            continue
+        file = Path(path).name
+        if not isinstance(declared, dict):
+            problems.append(f"settings: SETTINGS in {file} must be a dict")
+            continue
+        for key, spec in declared.items():
+            if not isinstance(spec, dict):
+                problems.append(f"settings.{key}: SETTINGS[{key!r}] in {file} must be a dict")
+                continue
+            if spec.get("secret"):
+                secret_keys.append(str(key))
+            if key not in settings:
+                if spec.get("required"):
+                    about = f" ({spec['description']})" if spec.get("description") else ""
+                    problems.append(f"settings.{key}: required by SETTINGS in {file}{about}")
+                continue
+            kind = spec.get("type")
+            if kind is None:
+                continue
+            if kind not in _SETTING_TYPES:
+                problems.append(f"settings.{key}: unknown type {kind!r} in SETTINGS of {file}")
+                continue
+            value = settings[key]
+            wrong_bool = isinstance(value, bool) and kind != "boolean"
+            if wrong_bool or not isinstance(value, _SETTING_TYPES[kind]):
+                problems.append(f"settings.{key}: must be {kind}, got {type(value).__name__}")
+    return problems, secret_keys
+
+
+def ok() -> dict:
+    return {"kind": "ok"}
+
+
+def outcome_of(exc: BaseException) -> dict:
+    """Segment's taxonomy: what a raised exception means for the event."""
+    if isinstance(exc, RetryError):
+        return {"kind": "retry", "error_type": "Retry", "message": _describe(exc),
+                "retry_after_s": exc.retry_after_s}  # fmt: skip
+    if isinstance(exc, TimeoutError):
+        return {"kind": "retry", "error_type": "Timeout", "message": _describe(exc)}
+    if isinstance(exc, InvalidEventPayload | ValidationError):
+        return {"kind": "discard", "error_type": "Message Rejected", "message": _describe(exc)}
+    if isinstance(exc, EventNotSupported):
+        return {"kind": "discard", "error_type": "Unsupported Event Type",
+                "message": _describe(exc)}  # fmt: skip
+    if isinstance(exc, DropEvent):
+        return {"kind": "drop", "message": str(exc)}
+    if isinstance(exc, MemoryError):
+        message = "MemoryError: the function ran out of memory (memory_limit)"
+        return {"kind": "retry", "error_type": "Retry", "message": message}
+    return {"kind": "discard", "error_type": "Bad Request", "message": _describe(exc)}
+
+
+def unsupported(what: str) -> dict:
+    return {"kind": "discard", "error_type": "Unsupported Event Type", "message": what}
+
+
+async def invoke(fn: Any, *args: Any, on_thread: Any = None) -> Any:
+    """Call a handler: `async def` on this loop, plain `def` on a thread (so blocking code
+    does not stall the other invocations); `on_thread()` is told before a thread is used."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    if on_thread is not None:
+        on_thread()
+    result = await asyncio.to_thread(fn, *args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
