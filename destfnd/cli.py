@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sqlite3
 import sys
+from pathlib import Path
 
 import orjson
 import structlog
@@ -40,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"destfnd: {exc}", file=sys.stderr)
         return EXIT_STORE
     except DestfndError as exc:
+        from destfnd.run_function import RunError
+
         print(f"destfnd: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_CONFIG if isinstance(exc, RunError) else EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_ERROR
 
@@ -69,8 +72,24 @@ def _parser() -> argparse.ArgumentParser:
     p = command("deliveries", cmd_deliveries, "recent deliveries with their last error")
     p.add_argument("--destination", metavar="N", help="only this destination")
     p.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    p.add_argument("--message-id", metavar="ID", help="only the deliveries of this event")
     p.add_argument("--limit", type=int, default=20, metavar="K", help="at most K (default 20)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
+    p = sub.add_parser(
+        "run-function",
+        help="run a function file once on an event and print what happened",
+        description="Run a function once, like the editor's Run button: prints the outcome, "
+        "error type, logs, outgoing requests and, with --insert, the resulting event. "
+        "A JSON array of events runs on_batch. Exit code 0 when every event succeeded.",
+    )
+    p.add_argument("file", metavar="FILE", help="the function file (.py)")
+    p.add_argument("--event", metavar="FILE", help="the event as JSON (- for stdin)")
+    p.add_argument("--settings", metavar="JSON", help="the settings as a JSON object")
+    p.add_argument("--insert", action="store_true", help="run it as an insert function")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="seconds the run may take (default 5)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_run_function)
     return parser
 
 
@@ -158,8 +177,34 @@ SELECT d.id, d.destination, d.status, d.attempts, d.created_at, d.next_at, d.fin
 FROM deliveries d JOIN events e ON e.id = d.event_id
 WHERE (:destination IS NULL OR d.destination = :destination)
   AND (:status IS NULL OR d.status = :status)
+  AND (:message_id IS NULL OR e.message_id = :message_id)
 ORDER BY d.id DESC LIMIT :limit
 """
+
+_ATTEMPTS = """
+SELECT a.attempt, a.at, a.status, a.error_type, a.error, i.duration_ms, i.version, i.logs,
+       i.requests
+FROM attempts a LEFT JOIN invocations i ON i.id = a.invocation_id
+WHERE a.delivery_id = ? ORDER BY a.attempt
+"""
+_ATTEMPT_KEYS = ("attempt", "at", "status", "error_type", "error", "duration_ms", "version",
+                 "logs", "requests")  # fmt: skip
+
+
+def _print_attempt(a: dict) -> None:
+    outcome = a["status"] + (f" ({a['error_type']}: {a['error']})" if a["error_type"] else "")
+    version = f", version {a['version']}" if a["version"] else ""
+    print(f"    attempt {a['attempt']} at {a['at']}: {outcome}, {a['duration_ms']} ms{version}")
+    if a["logs"]:
+        print("      logs:")
+        for line in a["logs"].rstrip("\n").splitlines():
+            print(f"        {line}")
+    for req in a["requests"]:
+        answer = req.get("status", req.get("error", "?"))
+        print(f"      {req['method']} {req['url']} -> {answer} ({req.get('duration_ms')} ms)")
+        for key in ("request_body", "response_body"):
+            if req.get(key):
+                print(f"        {key.replace('_', ' ')}: {req[key]}")
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
@@ -170,8 +215,10 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     try:
         rows = conn.execute(
             _DELIVERIES,
-            {"destination": args.destination, "status": args.status, "limit": max(args.limit, 0)},
-        ).fetchall()
+            {"destination": args.destination, "status": args.status,
+             "message_id": args.message_id, "limit": max(args.limit, 0)},
+        ).fetchall()  # fmt: skip
+        attempts = {row[0]: conn.execute(_ATTEMPTS, (row[0],)).fetchall() for row in rows}
     except sqlite3.Error as exc:
         raise StoreError(f"{cfg.storage.path}: cannot read: {exc}") from exc
     finally:
@@ -186,6 +233,12 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 rec[key] = format_ms(rec[key])
         if rec["status"] not in (Status.PENDING, Status.RETRYING):
             rec["next_at"] = None
+        rec["history"] = []  # every recorded attempt: the Event Delivery view
+        for attempt in attempts[rec["id"]]:
+            a = dict(zip(_ATTEMPT_KEYS, attempt, strict=True))
+            a["at"] = format_ms(a["at"])
+            a["requests"] = orjson.loads(a["requests"]) if a["requests"] else []
+            rec["history"].append(a)
         records.append(rec)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(records, option=orjson.OPT_INDENT_2) + b"\n")
@@ -198,9 +251,27 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         if rec["next_at"]:
             line += f"\n    next attempt at {rec['next_at']}"
         print(line)
+        for a in rec["history"]:
+            _print_attempt(a)
     if not records:
         print("no deliveries")
     return EXIT_OK
+
+
+def cmd_run_function(args: argparse.Namespace) -> int:
+    from destfnd import run_function as rf
+
+    events, batch = rf.read_events(args.event, sys.stdin.isatty())
+    settings = rf.parse_settings(args.settings)
+    result = asyncio.run(
+        rf.run(Path(args.file), events, batch, settings, insert=args.insert,
+               timeout_s=args.timeout, memory_limit_bytes=512 * 1024 * 1024)
+    )  # fmt: skip
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(result.report, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(rf.render(result, batch, args.insert))
+    return EXIT_OK if result.ok else EXIT_ERROR
 
 
 if __name__ == "__main__":

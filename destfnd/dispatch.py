@@ -41,6 +41,9 @@ class Deliverer(Protocol):
     async def deliver(self, payloads: list[bytes], batched: bool) -> Report: ...
 
 
+MIN_SECRET_CHARS = 4
+
+
 class Redactor:
     """Replaces every known secret value with "[redacted]"; more can be added at start-up
     (settings a function declares secret)."""
@@ -51,7 +54,8 @@ class Redactor:
             self.add(secret)
 
     def add(self, secret: str) -> None:
-        if secret and secret not in self._secrets:
+        # Shorter values are too common to replace without mangling everything around them.
+        if len(secret) >= MIN_SECRET_CHARS and secret not in self._secrets:
             self._secrets.append(secret)
             self._secrets.sort(key=len, reverse=True)  # longest first: no partial leftovers
 

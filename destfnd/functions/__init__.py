@@ -13,7 +13,7 @@ from destfnd.functions.errors import (
     RetryError,
     ValidationError,
 )
-from destfnd.functions.fetch import Response, fetch
+from destfnd.functions.fetching import Response, fetch
 
 __all__ = [
     "DropEvent",

@@ -13,7 +13,7 @@ import resource
 import sys
 from typing import Any
 
-from destfnd.functions import fetch as fetch_module
+from destfnd.functions import fetching as fetch_module
 from destfnd.functions import record
 from destfnd.sandbox import protocol, runtime
 

@@ -4,9 +4,11 @@ what they return or raise into Segment's outcomes. Never imported by the daemon 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import importlib.util
 import inspect
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -24,6 +26,12 @@ from destfnd.functions.errors import (
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias", "delete")
 HANDLER_NAMES = (*(f"on_{t}" for t in EVENT_TYPES), "on_batch")
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+# Frames from these folders are plumbing: ours, and the thread hop of a plain `def` handler.
+_PLUMBING = (
+    _PACKAGE_DIR,
+    os.path.dirname(asyncio.__file__),
+    os.path.dirname(concurrent.futures.__file__),
+)
 _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "number": (int, float),
@@ -81,7 +89,7 @@ def user_traceback(exc: BaseException) -> str:
     """The traceback without destfnd's own frames: what the user needs to find their bug."""
     frames = [
         f for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.startswith(_PACKAGE_DIR)
+        if not f.filename.startswith(_PLUMBING)
     ]  # fmt: skip
     text = "Traceback (most recent call last):\n" if frames else ""
     text += "".join(traceback.format_list(frames))

@@ -1,0 +1,153 @@
+"""`destfnd run-function`: the editor's Run button. Runs a function file once, in a worker
+process as the daemon would, and prints the outcome, logs, requests and (insert) the event."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from destfnd.dispatch import Redactor
+from destfnd.errors import DestfndError
+from destfnd.sandbox.pool import InitError, Pool, Spec, WorkerFailed
+
+_STATUS = {"ok": "delivered", "retry": "retried", "discard": "discarded", "drop": "dropped"}
+
+
+class RunError(DestfndError):
+    """The function could not be run (bad file, event or settings)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    ok: bool  # every event delivered, passed on (insert) or dropped on purpose
+    report: dict  # what --json prints
+
+
+def read_events(source: str | None, stdin_is_tty: bool) -> tuple[list[dict], bool]:
+    """The events to run on and whether it is a batch (a JSON array)."""
+    if source is None:
+        if stdin_is_tty:
+            raise RunError("give the event with --event FILE (or --event - to read stdin)")
+        source = "-"
+    try:
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        raise RunError(f"{source}: cannot read the event: {exc.strerror}") from None
+    name = "stdin" if source == "-" else source
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RunError(f"{name}: not JSON: {exc}") from None
+    batch = isinstance(data, list)
+    events = data if batch else [data]
+    if not events:
+        raise RunError(f"{name}: an empty array has no event to run on")
+    for index, event in enumerate(events):
+        where = f"{name}[{index}]" if batch else name
+        if not isinstance(event, dict):
+            raise RunError(f"{where}: an event must be a JSON object")
+        if not isinstance(event.get("type"), str):
+            raise RunError(f'{where}: the event needs a "type" (track, identify, page, ...)')
+    return events, batch
+
+
+def parse_settings(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        settings = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise RunError(f"--settings: not JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise RunError('--settings: must be a JSON object, e.g. \'{"apiKey": "..."}\'')
+    return settings
+
+
+async def run(
+    file: Path, events: list[dict], batch: bool, settings: dict, *, insert: bool,
+    timeout_s: float, memory_limit_bytes: int,
+) -> RunResult:  # fmt: skip
+    if not file.is_file():
+        raise RunError(f"{file}: {'not a file' if file.exists() else 'file not found'}")
+    spec = Spec(
+        name=file.name,
+        function=None if insert else file.resolve(),
+        insert=file.resolve() if insert else None,
+        settings=settings,
+        timeout_s=timeout_s,
+        memory_limit_bytes=memory_limit_bytes,
+    )
+    pool = Pool(spec)
+    try:
+        ready = await pool.start()
+    except InitError as exc:
+        raise RunError(str(exc)) from None
+    try:
+        problems = ready.get("settings_problems", [])
+        if problems:
+            raise RunError("; ".join(f"--{p}" for p in problems))
+        redact = Redactor([str(settings[k]) for k in ready.get("secret_settings", [])
+                           if k in settings])  # fmt: skip
+        try:
+            reply = await pool.call(
+                events, batch=batch, stages=["insert" if insert else "function"]
+            )
+        except TimeoutError:
+            message = f"did not finish within {timeout_s:g}s"
+            reply = {"outcomes": [{"kind": "retry", "error_type": "Timeout", "message": message}]
+                     * len(events)}  # fmt: skip
+        except WorkerFailed as exc:
+            reply = {"outcomes": [{"kind": "retry", "error_type": "Retry", "message": str(exc)}]
+                     * len(events)}  # fmt: skip
+    finally:
+        await pool.close()
+    version = ready.get("versions", {}).get("insert" if insert else "function")
+    report = {
+        "version": version,
+        "outcomes": [
+            {"status": _STATUS[o["kind"]], "error_type": o.get("error_type"),
+             "message": redact(o["message"]) if o.get("message") else None}
+            for o in reply["outcomes"]
+        ],
+        "logs": redact(reply.get("logs") or ""),
+        "requests": orjson.loads(redact(orjson.dumps(reply.get("requests") or []).decode())),
+    }  # fmt: skip
+    if insert:
+        out = reply.get("events") or [None] * len(events)
+        report["events"] = orjson.loads(redact(orjson.dumps(out).decode()))
+    ok = all(o["kind"] in ("ok", "drop") for o in reply["outcomes"])
+    return RunResult(ok, report)
+
+
+def render(result: RunResult, batch: bool, insert: bool) -> str:
+    r = result.report
+    lines = []
+    for index, o in enumerate(r["outcomes"]):
+        prefix = f"[{index}] " if batch else ""
+        status = "passed on" if insert and o["status"] == "delivered" else o["status"]
+        text = f"{prefix}outcome: {status}"
+        if o["error_type"]:
+            text += f" ({o['error_type']}): {o['message']}"
+        elif o["message"]:
+            text += f": {o['message']}"
+        lines.append(text)
+    lines.append(f"version: {r['version']}")
+    lines.append("logs:" + ("" if r["logs"] else " (none)"))
+    lines += [f"  {line}" for line in r["logs"].rstrip("\n").splitlines()]
+    lines.append(f"requests: {len(r['requests']) or '(none)'}")
+    for req in r["requests"]:
+        answer = req.get("status", req.get("error", "?"))
+        lines.append(f"  {req['method']} {req['url']} -> {answer} ({req.get('duration_ms')} ms)")
+        for key in ("request_body", "response_body"):
+            if req.get(key):
+                lines.append(f"    {key.replace('_', ' ')}: {req[key]}")
+    if insert:
+        for index, event in enumerate(r["events"]):
+            prefix = f"[{index}] " if batch else ""
+            if event is not None:
+                pretty = orjson.dumps(event, option=orjson.OPT_INDENT_2).decode()
+                lines.append(f"{prefix}event:\n{pretty}")
+    return "\n".join(lines)
