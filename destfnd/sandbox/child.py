@@ -60,6 +60,7 @@ class Worker:
         self.tasks: dict[int, asyncio.Task] = {}
         self.on_thread: set[int] = set()  # invocations running a plain `def` on a thread
         self.exit_after_reply = False
+        self.stuck = False  # a timed-out plain `def` handler still runs on a thread
 
     def send(self, message: dict) -> None:
         self.writer.write(protocol.encode(message))
@@ -78,7 +79,7 @@ class Worker:
             elif kind == "cancel":
                 self.cancel(message["id"])
             elif kind == "ping":
-                self.send({"t": "pong", "id": message.get("id")})
+                self.send({"t": "pong", "id": message.get("id"), "stuck": self.stuck})
             elif kind == "init":
                 self.init(message)
             await self.writer.drain()
@@ -114,10 +115,9 @@ class Worker:
         if task is None:
             return
         if call_id in self.on_thread:
-            # A thread cannot be interrupted: tell the daemon, which replaces this worker.
-            self.send({"t": "stuck", "id": call_id})
-        else:
-            task.cancel()
+            # A thread cannot be interrupted: the next pong says so; the daemon replaces us.
+            self.stuck = True
+        task.cancel()
 
     async def call(self, message: dict) -> None:
         call_id = message["id"]
@@ -145,6 +145,8 @@ class Worker:
         reply["logs"] = rec.text()
         reply["requests"] = rec.requests
         reply["request_count"] = rec.request_count
+        if self.exit_after_reply:
+            reply["exiting"] = True
         self.send(reply)
         await self.writer.drain()
         if self.exit_after_reply:

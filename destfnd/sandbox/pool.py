@@ -23,10 +23,16 @@ log = structlog.get_logger("destfnd.sandbox")
 _PING_GRACE_S = 1.0  # a worker that cannot answer a ping this fast after a timeout is stuck
 _START_TIMEOUT_S = 30.0  # importing a user's function (and its packages) may take a while
 _OUTPUT_LINE_CHARS = 1000  # of stray worker output (not print(): that goes to the attempt)
+_OUT_OF_MEMORY_EXIT = 70  # child.py exits so after a MemoryError (EX_SOFTWARE)
 
 
 class WorkerFailed(Exception):
-    """The worker died or was killed while the invocation ran."""
+    """The worker died or was killed while the invocation ran. `shared`: other invocations
+    were running in the same worker, so this one may only have been caught in the crash."""
+
+    def __init__(self, message: str, shared: bool = False) -> None:
+        super().__init__(message)
+        self.shared = shared
 
 
 class InitError(Exception):
@@ -50,7 +56,8 @@ class Worker:
     proc: asyncio.subprocess.Process
     writer: asyncio.StreamWriter
     ready: dict = field(default_factory=dict)
-    inflight: dict[int, asyncio.Future] = field(default_factory=dict)
+    inflight: dict[int, asyncio.Future] = field(default_factory=dict)  # invocations
+    pings: dict[int, asyncio.Future] = field(default_factory=dict)
     retired: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
     on_exit: Callable[[Worker, str], None] | None = None
@@ -127,14 +134,13 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
             if message is None:
                 break
             kind = message.get("t")
-            future = worker.inflight.get(message.get("id"))
+            waiting = worker.pings if kind == "pong" else worker.inflight
+            future = waiting.get(message.get("id"))
+            if message.get("exiting"):
+                worker.retired = True  # it exits after this reply: send it nothing more
             if future is None or future.done():
                 continue  # a reply after its timeout: already recorded
-            if kind == "result":
-                future.set_result(message)
-            elif kind == "stuck":
-                future.set_exception(WorkerFailed("stuck in blocking code"))
-            elif kind == "pong":
+            if kind in ("result", "pong"):
                 future.set_result(message)
     except (protocol.ProtocolError, orjson.JSONDecodeError) as exc:
         log.error("worker_protocol_error", pid=worker.pid, error=str(exc))
@@ -143,7 +149,12 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
         worker.retired = True
         code = await worker.proc.wait()
         reason = _exit_reason(code)
-        for future in worker.inflight.values():
+        calls = [f for f in worker.inflight.values() if not f.done()]
+        # After an out-of-memory exit the culprit already has its answer: the rest are victims.
+        shared = len(calls) > 1 or code == _OUT_OF_MEMORY_EXIT
+        for future in calls:
+            future.set_exception(WorkerFailed(f"the worker process {reason}", shared))
+        for future in worker.pings.values():
             if not future.done():
                 future.set_exception(WorkerFailed(f"the worker process {reason}"))
         if worker.on_exit is not None:
@@ -165,7 +176,7 @@ def _exit_reason(code: int | None) -> str:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"was killed by signal {-code}"
-    if code == 70:
+    if code == _OUT_OF_MEMORY_EXIT:
         return "ran out of memory (memory_limit) and exited"
     return f"exited with code {code}"
 
@@ -181,6 +192,8 @@ class Pool:
         self._changed = asyncio.Event()
         self._replacing = 0
         self._closed = False
+        self._quarantine: Worker | None = None
+        self._quarantine_lock = asyncio.Lock()
         self.replacements = 0
         self.last_init_error: str | None = None
         self._log = log.bind(destination=spec.name)
@@ -194,6 +207,8 @@ class Pool:
     async def close(self) -> None:
         self._closed = True
         workers, self.workers = self.workers, []
+        if self._quarantine is not None:
+            workers.append(self._quarantine)
         for worker in workers:
             worker.retired = True
             worker.writer.close()  # EOF: the worker exits on its own
@@ -208,18 +223,46 @@ class Pool:
             await asyncio.gather(*worker.tasks, return_exceptions=True)
 
     async def call(self, events: list, *, batch: bool, stages: list[str]) -> dict:
-        """Run one invocation; raises TimeoutError or WorkerFailed (both retryable)."""
-        worker = await self._pick()
+        """Run one invocation; raises TimeoutError or WorkerFailed (both retryable).
+
+        An invocation caught in the crash of a worker it shared with others runs once more,
+        alone, on a quarantine worker: the crash was most likely another's and should not cost
+        this event an attempt, while the one that crashed it crashes the quarantine too.
+        """
+        try:
+            return await self._call_on(await self._pick(), events, batch, stages)
+        except WorkerFailed as exc:
+            if not exc.shared:
+                raise
+        async with self._quarantine_lock:  # one at a time: a crash there is that call's own
+            if self._quarantine is None or self._quarantine.retired:
+                try:
+                    self._quarantine = await spawn(self.spec)
+                except InitError as exc:
+                    raise WorkerFailed(f"the function cannot be loaded: {exc}") from None
+            return await self._call_on(self._quarantine, events, batch, stages)
+
+    async def _call_on(self, worker: Worker, events: list, batch: bool, stages: list[str]) -> dict:
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         worker.inflight[call_id] = future
         try:
+            if worker.retired or worker.writer.is_closing():
+                # It died between being picked and now: this invocation never ran.
+                raise WorkerFailed("the worker process exited", shared=True)
             worker.send({"t": "call", "id": call_id, "events": events, "batch": batch,
                          "stages": stages})  # fmt: skip
             async with asyncio.timeout(self.spec.timeout_s):
                 return await future
         except TimeoutError:
-            await self._after_timeout(worker, call_id)
+            shared = len(worker.inflight) > 1  # now, before the others time out too
+            if await self._healthy_after_timeout(worker, call_id):
+                raise  # a slow invocation, cancelled; the worker is fine
+            # The worker's loop is blocked or a thread is stuck: every invocation in it waits.
+            self._replace(worker, "blocked: a timed-out invocation did not let go")
+            if shared:
+                raise WorkerFailed("the worker was blocked, maybe by another invocation",
+                                   shared=True) from None  # fmt: skip
             raise
         except WorkerFailed as exc:
             self._replace(worker, str(exc))
@@ -227,27 +270,29 @@ class Pool:
         finally:
             worker.inflight.pop(call_id, None)
 
-    async def _after_timeout(self, worker: Worker, call_id: int) -> None:
-        """Cancel the invocation; a worker that cannot even answer a ping is replaced."""
+    async def _healthy_after_timeout(self, worker: Worker, call_id: int) -> bool:
+        """Cancel the invocation, then ping: a worker whose loop cannot answer, or that runs
+        the invocation on a thread that cannot be interrupted, is not healthy."""
         if worker.retired:
-            return
+            return False
         worker.send({"t": "cancel", "id": call_id})
         ping_id = next(self._ids)
         pong = asyncio.get_running_loop().create_future()
-        worker.inflight[ping_id] = pong
+        worker.pings[ping_id] = pong
+        worker.send({"t": "ping", "id": ping_id})
         try:
             async with asyncio.timeout(_PING_GRACE_S):
-                await pong
-        except TimeoutError:
-            self._replace(worker, "blocked: no answer to a ping after a timeout")
-        except WorkerFailed as exc:
-            self._replace(worker, str(exc))
+                reply = await pong
+        except (TimeoutError, WorkerFailed):
+            return False
         finally:
-            worker.inflight.pop(ping_id, None)
+            worker.pings.pop(ping_id, None)
+        return not reply.get("stuck")
 
     def _replace(self, worker: Worker, reason: str) -> None:
         """Take `worker` out (killing it if alive) and start another in its place."""
         if self._closed or worker not in self.workers:
+            worker.kill()  # e.g. the quarantine worker, blocked: nothing to start in its place
             return
         self.workers.remove(worker)
         worker.kill()

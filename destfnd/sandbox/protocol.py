@@ -4,7 +4,7 @@ orjson object. It runs on its own pipe pair (not stdout/stderr), so output canno
 Daemon -> worker: {"t": "init", ...}, {"t": "call", "id", "events", "batch", "stages"},
 {"t": "cancel", "id"}, {"t": "ping", "id"}.
 Worker -> daemon: {"t": "ready", ...} or {"t": "init_error", "message"}, {"t": "result", "id",
-"outcomes", "events", "logs", "requests"}, {"t": "stuck", "id"}, {"t": "pong", "id"}.
+"outcomes", "events", "logs", "requests"}, {"t": "pong", "id", "stuck"}.
 An outcome is {"kind": ok|retry|discard|drop, "error_type", "message", "retry_after_s"}.
 """
 

@@ -1,0 +1,359 @@
+"""Destination and insert functions through the real `destfnd serve` process, with real
+worker processes and real HTTP sinks on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+from support import Reply, Sink, config_text, post
+
+SECRET = "s3cr3t-api-key-42"
+
+OUTCOMES_PY = """
+import asyncio
+from destfnd.functions import (EventNotSupported, InvalidEventPayload, RetryError,
+                               ValidationError, fetch)
+
+SETTINGS = {"sink": {"type": "string", "required": True},
+            "apiKey": {"type": "string", "required": True, "secret": True}}
+
+async def on_track(event, settings):
+    name = event["event"]
+    print(f"handling {name} with key {settings['apiKey']}")
+    if name == "ok":
+        res = await fetch(settings["sink"], method="POST", json=event,
+                          headers={"Authorization": f"Bearer {settings['apiKey']}"})
+        if res.status >= 500:
+            raise RetryError(f"sink said {res.status}")
+    elif name == "retry":
+        raise RetryError("try later " + settings["apiKey"], retry_after_s=0.1)
+    elif name == "invalid":
+        raise InvalidEventPayload("no email")
+    elif name == "validation":
+        raise ValidationError("bad plan")
+    elif name == "unsupported":
+        raise EventNotSupported("not this one")
+    elif name == "boom":
+        raise KeyError("missing " + settings["apiKey"])
+    elif name == "slow":
+        await asyncio.sleep(30)
+
+def on_identify(event, settings):
+    print("plain def handler")
+"""
+
+
+def function_destination(name: str, file: str, settings: str, **extra: str) -> str:
+    lines = [f'[[destinations]]\nname = "{name}"\nfunction = "{file}"\nsettings = {settings}']
+    lines += [f"{k} = {v}" for k, v in extra.items() if not k.startswith("_")]
+    text = "\n".join(lines) + "\n"
+    return text + extra.get("_tables", "")
+
+
+FAST = '[destinations.retry]\nmax_attempts = 2\nbackoff_initial = "50ms"\nbackoff_max = "100ms"\n'
+
+
+def deliveries(daemon) -> dict[str, dict]:
+    result = daemon.cli("deliveries", "--json", "--limit", "1000")
+    assert result.returncode == 0, result.stderr
+    return {(r["destination"], r["message_id"]): r for r in orjson.loads(result.stdout)}
+
+
+async def send(session, daemon, events: list[dict]) -> None:
+    body = {"batch": [{"userId": "u1", **e} for e in events]}
+    status, reply = await post(session, f"{daemon.url}/v1/batch", body)
+    assert status == 200, reply
+
+
+async def wait_final(daemon, count: int, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = deliveries(daemon)
+        final = [r for r in rows.values() if r["status"] not in ("pending", "retrying")]
+        if len(final) >= count:
+            return rows
+        assert time.monotonic() < deadline, rows
+        await asyncio.sleep(0.1)
+
+
+async def test_functions_outcomes_follow_segments_table(make_daemon, tmp_path, session):
+    (tmp_path / "crm.py").write_text(OUTCOMES_PY)
+    async with Sink() as sink:
+        settings = f'{{ sink = "{sink.url}", apiKey = {{ env = "CRM_KEY" }} }}'
+        dest = function_destination("crm", "crm.py", settings, timeout='"1s"', _tables=FAST)
+        daemon = make_daemon(config_text(tmp_path / "db", dest), env={"CRM_KEY": SECRET})
+        await daemon.start()
+        names = ["ok", "retry", "invalid", "validation", "unsupported", "boom", "slow"]
+        events = [{"type": "track", "event": n, "messageId": n} for n in names]
+        events += [{"type": "page", "name": "Home", "messageId": "page"},
+                   {"type": "identify", "messageId": "identify"}]  # fmt: skip
+        await send(session, daemon, events)
+        rows = await wait_final(daemon, len(events))
+    expected = {
+        "ok": ("delivered", None),
+        "identify": ("delivered", None),
+        "retry": ("expired", "Retry"),
+        "slow": ("expired", "Timeout"),
+        "invalid": ("discarded", "Message Rejected"),
+        "validation": ("discarded", "Message Rejected"),
+        "unsupported": ("discarded", "Unsupported Event Type"),
+        "page": ("discarded", "Unsupported Event Type"),
+        "boom": ("discarded", "Bad Request"),
+    }
+    got = {m: (r["status"], r["error_type"]) for (_, m), r in rows.items()}
+    assert got == expected
+    assert rows["crm", "retry"]["attempts"] == 2
+    assert rows["crm", "boom"]["attempts"] == 1
+    assert "no on_page handler" in rows["crm", "page"]["error"]
+    # The Event Delivery view: logs, requests, version, per attempt.
+    ok = rows["crm", "ok"]["history"][0]
+    assert ok["logs"] == "handling ok with key [redacted]\n"
+    (request,) = ok["requests"]
+    assert request["status"] == 200 and request["url"] == sink.url
+    assert request["request_headers"]["Authorization"] == "[redacted]"
+    assert orjson.loads(request["request_body"])["messageId"] == "ok"
+    assert ok["version"].startswith("function:") and len(ok["version"]) == 21
+    boom = rows["crm", "boom"]["history"][0]
+    assert "KeyError" in boom["logs"] and 'crm.py", line' in boom["logs"]
+    assert [h["status"] for h in rows["crm", "retry"]["history"]] == ["retrying", "expired"]
+    assert rows["crm", "identify"]["history"][0]["logs"] == "plain def handler\n"
+    assert (sink.requests[0].headers["Authorization"]) == f"Bearer {SECRET}"
+    # The secret reached the function, and no output shows it.
+    outputs = [daemon.log_text(since_start=False), daemon.cli("deliveries", "--json").stdout,
+               daemon.cli("deliveries").stdout, daemon.cli("stats").stdout]  # fmt: skip
+    assert all(SECRET not in text for text in outputs)
+    assert "[redacted]" in outputs[1]
+
+
+ISOLATION_PY = """
+import ctypes, os, time
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    kind = event["event"]
+    if kind == "exit":
+        os._exit(3)
+    elif kind == "segfault":
+        ctypes.string_at(0)
+    elif kind == "block":
+        time.sleep(3600)        # ignores cancellation: the worker must be killed
+    elif kind == "memory":
+        hog = bytearray(4 * 1024 ** 3)
+    elif kind == "noise":
+        os.write(1, b"\\x00\\x00\\x00\\x08garbage!" * 100)   # on the worker's real stdout
+        os.write(2, b"\\xff\\xff\\xff\\xff")
+        print("printed, not written")
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+HEALTHY_PY = """
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+
+async def test_functions_isolation_crashes_blocks_and_memory_leave_others_unaffected(
+    make_daemon, tmp_path, session
+):
+    (tmp_path / "crashy.py").write_text(ISOLATION_PY)
+    (tmp_path / "healthy.py").write_text(HEALTHY_PY)
+    async with Sink() as crashy_sink, Sink() as healthy_sink:
+        dests = function_destination(
+            "crashy",
+            "crashy.py",
+            f'{{ sink = "{crashy_sink.url}" }}',
+            timeout='"1s"',
+            memory_limit='"256MB"',
+            _tables=FAST,
+        ) + function_destination("healthy", "healthy.py", f'{{ sink = "{healthy_sink.url}" }}')
+        daemon = make_daemon(config_text(tmp_path / "db", dests))
+        await daemon.start()
+        kinds = ["exit", "segfault", "block", "memory", "noise", "fine"]
+        posted: dict[str, float] = {}
+        for round_no in range(3):
+            for kind in kinds:
+                mid = f"{kind}-{round_no}"
+                posted[mid] = time.time()
+                await send(session, daemon, [{"type": "track", "event": kind, "messageId": mid}])
+                await asyncio.sleep(0.05)
+        await healthy_sink.wait_for(lambda: len(healthy_sink.delivered_ids()) == len(posted))
+        arrival = {e["messageId"]: r.at for r in healthy_sink.requests for e in r.events()}
+        worst_s = max(arrival[m] - posted[m] for m in posted)
+        rows = await wait_final(daemon, 2 * len(posted), timeout_s=60)
+        assert daemon.proc.poll() is None
+    # The healthy destination never waited for the crashing one (whose block costs 1 s+).
+    assert worst_s < 1.0, worst_s
+    crashy = {m: r for (d, m), r in rows.items() if d == "crashy"}
+    for round_no in range(3):
+        assert crashy[f"fine-{round_no}"]["status"] == "delivered", str(crashy[f"fine-{round_no}"])
+        assert crashy[f"noise-{round_no}"]["status"] == "delivered", str(
+            crashy[f"noise-{round_no}"]
+        )
+        assert crashy[f"noise-{round_no}"]["history"][-1]["logs"] == "printed, not written\n"
+        for kind in ("exit", "segfault", "block", "memory"):
+            assert crashy[f"{kind}-{round_no}"]["status"] == "expired", crashy[f"{kind}-{round_no}"]
+
+    # Each crash is reported with its cause (in some attempt: a crash can also catch a
+    # neighbour, whose attempt then says so and is run again alone).
+    def causes(kind: str) -> str:
+        return " | ".join(
+            h["error"] or "" for i in range(3) for h in crashy[f"{kind}-{i}"]["history"]
+        )
+
+    assert "exited with code 3" in causes("exit")
+    assert "SIGSEGV" in causes("segfault")
+    assert "did not finish within 1s" in causes("block")
+    assert "ran out of memory" in causes("memory")
+    replaced = [r for r in daemon.log_records() if r.get("event") == "worker_replaced"]
+    assert len(replaced) >= 3 * 3  # exit, segfault, block (memory exits on its own too)
+    assert {r["destination"] for r in replaced} == {"crashy"}
+    assert {e["messageId"] for e in crashy_sink.delivered()} >= {f"fine-{i}" for i in range(3)}
+
+
+BATCH_PY = """
+from destfnd.functions import RetryError, ValidationError, fetch
+
+seen = {}
+
+async def on_batch(events, settings):
+    outcomes = []
+    for event in events:
+        mid = event["messageId"]
+        seen[mid] = seen.get(mid, 0) + 1
+        if mid.startswith("flaky") and seen[mid] == 1:
+            outcomes.append(RetryError("first time fails"))
+        elif mid.startswith("bad"):
+            outcomes.append(ValidationError("never valid"))
+        else:
+            await fetch(settings["sink"], method="POST", json=event)
+            outcomes.append(None)
+    print(f"batch of {len(events)}")
+    return outcomes
+"""
+
+
+async def test_functions_on_batch_partial_failures_retry_only_failed_events(
+    make_daemon, tmp_path, session
+):
+    (tmp_path / "batchy.py").write_text(BATCH_PY)
+    async with Sink() as sink:
+        tables = '[destinations.batch]\nmax_events = 10\nmax_wait = "200ms"\n' + FAST
+        dest = function_destination("batchy", "batchy.py", f'{{ sink = "{sink.url}" }}',
+                                    _tables=tables)  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        ids = [f"good-{i}" for i in range(4)] + [f"flaky-{i}" for i in range(3)] + ["bad-0"]
+        await send(session, daemon, [{"type": "track", "event": "E", "messageId": m}
+                                     for m in ids])  # fmt: skip
+        rows = await wait_final(daemon, len(ids))
+    delivered = [e["messageId"] for e in sink.delivered()]
+    assert sorted(delivered) == sorted(m for m in ids if not m.startswith("bad"))  # once each
+    status = {m: (r["status"], r["attempts"]) for (_, m), r in rows.items()}
+    assert status["good-0"] == ("delivered", 1)
+    assert status["flaky-0"] == ("delivered", 2)
+    assert status["bad-0"][0] == "discarded"
+    assert rows["batchy", "bad-0"]["error_type"] == "Message Rejected"
+    # The retry carried only the three flaky events.
+    second = rows["batchy", "flaky-0"]["history"][1]
+    assert second["logs"] == "batch of 3\n"
+
+
+INSERT_PY = """
+from destfnd.functions import DropEvent
+
+def on_track(event, settings):
+    if event["event"] == "drop me":
+        raise DropEvent("internal test event")
+    if event["event"] == "forgot":
+        event["properties"] = {}          # ... and no return
+        return
+    event.setdefault("properties", {})["enriched_by"] = settings["team"]
+    event.get("context", {}).pop("ip", None)  # mask
+    return event
+
+async def on_identify(event, settings):
+    event["traits"].pop("email", None)
+    return event
+"""
+
+
+async def test_functions_insert_function_enriches_drops_and_reports_forgotten_return(
+    make_daemon, tmp_path, session
+):
+    (tmp_path / "mask.py").write_text(INSERT_PY)
+    async with Sink() as sink:
+        dest = (
+            f'[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = "{sink.url}"\n'
+            'insert_function = "mask.py"\nsettings = { team = "growth" }\n'
+        )
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        await send(session, daemon, [
+            {"type": "track", "event": "kept", "messageId": "kept", "context": {"ip": "1.2.3.4"}},
+            {"type": "track", "event": "drop me", "messageId": "dropped"},
+            {"type": "track", "event": "forgot", "messageId": "forgot"},
+            {"type": "identify", "messageId": "identify",
+             "traits": {"email": "a@example.com", "plan": "pro"}},
+            {"type": "page", "name": "Home", "messageId": "page"},
+        ])  # fmt: skip
+        rows = await wait_final(daemon, 5)
+    by_id = {e["messageId"]: e for e in sink.delivered()}
+    assert set(by_id) == {"kept", "identify"}
+    assert by_id["kept"]["properties"] == {"enriched_by": "growth"}
+    assert by_id["kept"]["context"] == {}
+    assert by_id["identify"]["traits"] == {"plan": "pro"}
+    status = {m: (r["status"], r["error_type"]) for (_, m), r in rows.items()}
+    assert status["dropped"] == ("dropped", None)
+    assert status["forgot"] == ("discarded", "Bad Request")
+    assert "returned nothing (None), not an event" in rows["hook", "forgot"]["error"]
+    assert status["page"] == ("discarded", "Unsupported Event Type")
+    assert "insert function has no on_page" in rows["hook", "page"]["error"]
+    # check-config warns about the types the insert function does not handle.
+    result = daemon.cli("check-config")
+    assert result.returncode == 0, result.stderr
+    assert "warning: destinations[0].insert_function: no on_page" in result.stderr
+
+
+RESTART_PY = """
+from destfnd.functions import RetryError, fetch
+
+async def on_track(event, settings):
+    res = await fetch(settings["sink"], method="POST", json=event)
+    if not res.ok:
+        raise RetryError(f"sink answered {res.status}")
+"""
+
+
+async def test_functions_restart_in_the_middle_of_retries_resumes(make_daemon, tmp_path, session):
+    (tmp_path / "fn.py").write_text(RESTART_PY)
+    replies = [Reply(503), Reply(200)]
+    async with Sink(lambda n, r: replies[min(n, 1)]) as sink:
+        retry = '[destinations.retry]\nbackoff_initial = "1s"\nbackoff_max = "1s"\n'
+        dest = function_destination("fn", "fn.py", f'{{ sink = "{sink.url}" }}', _tables=retry)
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        await send(session, daemon, [{"type": "track", "event": "E", "messageId": "r-1"}])
+        await sink.wait_for(lambda: len(sink.requests) == 1)
+        await asyncio.sleep(0.2)
+        daemon.kill9()
+        await daemon.start()
+        await sink.wait_for(lambda: len(sink.delivered()) == 1, timeout_s=20)
+        rows = await wait_final(daemon, 1)
+    row = rows["fn", "r-1"]
+    assert (row["status"], row["attempts"]) == ("delivered", 2)
+    assert [h["status"] for h in row["history"]] == ["retrying", "delivered"]
+    assert "sink answered 503" in row["history"][0]["error"]
+
+
+def test_functions_serve_refuses_a_function_whose_settings_do_not_satisfy_it(tmp_path):
+    from support import run_cli
+
+    (tmp_path / "crm.py").write_text(OUTCOMES_PY)
+    config = tmp_path / "destfnd.toml"
+    config.write_text(config_text(tmp_path / "db", function_destination(
+        "crm", "crm.py", '{ sink = "http://127.0.0.1:1/", apiKey = 42 }')))  # fmt: skip
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 3
+    assert "destinations[0].settings.apiKey: must be string, got int" in result.stderr
+    assert "Traceback" not in result.stderr
