@@ -114,6 +114,7 @@ async def spawn(spec: Spec, on_exit: Callable[[Worker, str], None] | None = None
         raise InitError(f"the worker did not start: {exc or 'timed out'}") from None
     if reply is None or reply.get("t") != "ready":
         worker.kill()
+        await proc.wait()  # reaped while the loop runs
         output = (await proc.stdout.read(4000)).decode(errors="replace").strip()
         if reply is not None and reply.get("t") == "init_error":
             raise InitError(reply["message"])

@@ -1,0 +1,182 @@
+"""`destfnd run-function`, the editor's Run button, as a user runs it."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from support import FIXTURES, Sink, run_cli
+
+FUNCTION = """
+from destfnd.functions import RetryError, ValidationError, fetch
+
+SETTINGS = {"endpoint": {"type": "string", "required": True},
+            "apiKey": {"type": "string", "secret": True}}
+
+async def on_track(event, settings):
+    print("sending", event["event"], "with", settings.get("apiKey"))
+    res = await fetch(settings["endpoint"], method="POST", json=event)
+    if res.status >= 500:
+        raise RetryError(f"HTTP {res.status}")
+
+async def on_identify(event, settings):
+    raise ValidationError("identify needs traits.email")
+
+async def on_batch(events, settings):
+    print(f"batch of {len(events)}")
+    return [None if e["type"] == "track" else ValidationError("tracks only") for e in events]
+"""
+
+INSERT = """
+from destfnd.functions import DropEvent
+
+def on_track(event, settings):
+    if event["event"] == "Internal":
+        raise DropEvent("internal event")
+    event["properties"]["region"] = settings["region"]
+    return event
+
+def on_identify(event, settings):
+    event["traits"].pop("email")
+"""
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "crm.py").write_text(FUNCTION)
+    (tmp_path / "insert.py").write_text(INSERT)
+    track = {"type": "track", "event": "Signed Up", "userId": "u1", "properties": {"plan": "pro"}}
+    (tmp_path / "track.json").write_bytes(orjson.dumps(track))
+    (tmp_path / "identify.json").write_text('{"type": "identify", "userId": "u1", '
+                                            '"traits": {"email": "a@example.com"}}')  # fmt: skip
+    return tmp_path
+
+
+async def test_run_function_success_prints_outcome_logs_and_requests(files):
+    import asyncio
+
+    async with Sink() as sink:
+        settings = orjson.dumps({"endpoint": sink.url, "apiKey": "key-9876"}).decode()
+        result = await asyncio.to_thread(
+            run_cli, "run-function", str(files / "crm.py"), "--event",
+            str(files / "track.json"), "--settings", settings,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "outcome: delivered" in result.stdout
+    assert "sending Signed Up with [redacted]" in result.stdout
+    assert f"POST {sink.url} -> 200" in result.stdout
+    assert "key-9876" not in result.stdout + result.stderr
+    assert sink.delivered()[0]["properties"] == {"plan": "pro"}
+
+
+def test_run_function_failure_exit_code_and_error_type(files):
+    result = run_cli(
+        "run-function", str(files / "crm.py"), "--event", str(files / "identify.json"),
+        "--settings", '{"endpoint": "http://127.0.0.1:1/"}', "--json",
+    )  # fmt: skip
+    assert result.returncode == 1
+    report = orjson.loads(result.stdout)
+    (outcome,) = report["outcomes"]
+    assert outcome["status"] == "discarded"
+    assert outcome["error_type"] == "Message Rejected"
+    assert outcome["message"] == "ValidationError: identify needs traits.email"
+
+
+def test_run_function_retryable_failure_from_fetch(files):
+    result = run_cli(
+        "run-function", str(files / "crm.py"), "--event", str(files / "track.json"),
+        "--settings", '{"endpoint": "http://127.0.0.1:1/"}',
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "outcome: retried (Retry): FetchError" in result.stdout
+
+
+def test_run_function_array_runs_on_batch_with_per_event_outcomes(files):
+    batch = FIXTURES / "functions" / "onBatch-events-example.json"
+    result = run_cli(
+        "run-function", str(files / "crm.py"), "--event", str(batch),
+        "--settings", '{"endpoint": "http://127.0.0.1:1/"}', "--json",
+    )  # fmt: skip
+    assert result.returncode == 1  # the identify is rejected
+    report = orjson.loads(result.stdout)
+    assert [o["status"] for o in report["outcomes"]] == ["discarded", "delivered", "delivered"]
+    assert report["logs"] == "batch of 3\n"
+
+
+def test_run_function_insert_prints_the_resulting_event(files):
+    result = run_cli(
+        "run-function", str(files / "insert.py"), "--insert", "--event",
+        str(files / "track.json"), "--settings", '{"region": "eu"}', "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout)
+    assert report["events"][0]["properties"] == {"plan": "pro", "region": "eu"}
+    human = run_cli("run-function", str(files / "insert.py"), "--insert", "--event",
+                    str(files / "track.json"), "--settings", '{"region": "eu"}')  # fmt: skip
+    assert "outcome: passed on" in human.stdout and '"region": "eu"' in human.stdout
+
+
+def test_run_function_insert_drop_and_forgotten_return(files, tmp_path):
+    (tmp_path / "internal.json").write_text(
+        '{"type": "track", "event": "Internal", "userId": "u", "properties": {}}'
+    )
+    dropped = run_cli("run-function", str(files / "insert.py"), "--insert",
+                      "--event", str(tmp_path / "internal.json"))  # fmt: skip
+    assert dropped.returncode == 0
+    assert "outcome: dropped: internal event" in dropped.stdout
+    forgot = run_cli("run-function", str(files / "insert.py"), "--insert",
+                     "--event", str(files / "identify.json"))  # fmt: skip
+    assert forgot.returncode == 1
+    assert "returned nothing (None), not an event" in forgot.stdout
+
+
+def test_run_function_reads_the_event_from_stdin(files):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "destfnd", "run-function", str(files / "crm.py"), "--event", "-",
+         "--settings", '{"endpoint": "http://127.0.0.1:1/"}'],
+        input=(files / "identify.json").read_text(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Message Rejected" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("code", "phrase"),
+    [
+        ("def on_track(event, settings):\n    return (\n", "broken.py:2: SyntaxError"),
+        ("import not_installed_pkg\n", "broken.py:1: ModuleNotFoundError"),
+        ("raise RuntimeError('at import')\n", "broken.py:1: RuntimeError: at import"),
+        ("X = 1\n", "defines no handler"),
+    ],
+)
+def test_run_function_broken_files_give_one_line(files, code, phrase):
+    (files / "broken.py").write_text(code)
+    result = run_cli("run-function", str(files / "broken.py"), "--event",
+                     str(files / "track.json"))  # fmt: skip
+    assert result.returncode == 3
+    assert phrase in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["missing.py", "--event", "track.json"], "missing.py: file not found"),
+        (["crm.py", "--event", "nope.json"], "nope.json: cannot read the event"),
+        (["crm.py", "--event", "crm.py"], "not JSON"),
+        (["crm.py", "--event", "track.json", "--settings", "{bad"], "--settings: not JSON"),
+        (["crm.py", "--event", "track.json"], "--settings.endpoint: required by SETTINGS"),
+    ],
+)
+def test_run_function_bad_input_is_one_clear_line(files, args, phrase):
+    import os
+
+    result = run_cli("run-function", *[str(files / a) if a.endswith((".py", ".json"))
+                                       else a for a in args],
+                     env={**os.environ})  # fmt: skip
+    assert result.returncode == 3, result
+    assert phrase in result.stderr
+    assert "Traceback" not in result.stderr
