@@ -172,14 +172,15 @@ class Ingest:
         if len(messages) > limit:
             raise Rejected(400, "batch too large", f"{len(messages)} events; at most {limit}")
         received_at = datetime.fromtimestamp(self._clock(), UTC)
+        received_text = spec.format_timestamp(received_at)
         max_bytes = self._server.max_event_bytes + _ENRICH_ALLOWANCE
         prefix = "batch[{}]." if endpoint_type is None else ""
         events = []
         for index, message in enumerate(messages):
             path = prefix.format(index)
             try:
-                spec.validate(message, path)
-                spec.enrich(message, received_at)
+                times = spec.check(message, path)
+                spec.enrich(message, received_at, times=times, received_text=received_text)
                 payload = orjson.dumps(message)
             except spec.SpecError as exc:
                 raise Rejected(400, "invalid event", str(exc)) from None

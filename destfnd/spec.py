@@ -44,6 +44,14 @@ class SpecError(ValueError):
 
 def parse_timestamp(text: str) -> datetime:
     """Parse an ISO-8601 timestamp as leniently as Segment; naive times are UTC."""
+    if len(text) >= 20 and text[10] == "T":
+        # The common, well-formed case, in C; the regex below takes everything else.
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
     m = _TIMESTAMP.match(text)
     if m is None:
         raise ValueError(f"not an ISO-8601 timestamp: {text[:64]!r}")
@@ -66,7 +74,9 @@ def parse_timestamp(text: str) -> datetime:
 
 def format_timestamp(dt: datetime) -> str:
     """The one representation destfnd writes: UTC, milliseconds, `Z`."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    if dt.tzinfo is not UTC:
+        dt = dt.astimezone(UTC)
+    return dt.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def format_ms(at_ms: int) -> str:
@@ -96,6 +106,15 @@ def validate(event: object, path: str = "") -> dict:
     `path` prefixes field names in errors, e.g. "batch[3]." for the fourth message of a batch.
     Numeric ids are coerced to strings in place.
     """
+    check(event, path)
+    return event  # type: ignore[return-value]
+
+
+Times = tuple[datetime | None, datetime | None]  # (timestamp, sentAt) as parsed by check()
+
+
+def check(event: object, path: str = "") -> Times:
+    """`validate`, returning the parsed `timestamp` and `sentAt` for `enrich`."""
     if not isinstance(event, dict):
         raise SpecError(path.rstrip(".") or "body", "must be a JSON object")
     etype = event.get("type")
@@ -137,9 +156,9 @@ def validate(event: object, path: str = "") -> dict:
         raise SpecError(f"{path}messageId", "must be a non-empty string")
     if isinstance(message_id, str) and len(message_id) > _MAX_ID_CHARS:
         raise SpecError(f"{path}messageId", f"longer than {_MAX_ID_CHARS} characters")
-    for key in ("timestamp", "sentAt"):
-        _parse_optional_time(event, key, path)
-    return event
+    return _parse_optional_time(event, "timestamp", path), _parse_optional_time(
+        event, "sentAt", path
+    )
 
 
 def _parse_optional_time(event: dict, key: str, path: str) -> datetime | None:
@@ -159,6 +178,8 @@ def enrich(
     received_at: datetime,
     *,
     new_message_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    times: Times | None = None,
+    received_text: str | None = None,
 ) -> dict:
     """Fill `messageId`, set `receivedAt`, correct `timestamp` for client clock skew.
 
@@ -168,18 +189,29 @@ def enrich(
     event.pop("writeKey", None)
     if not event.get("messageId"):
         event["messageId"] = new_message_id()
-    event["receivedAt"] = format_timestamp(received_at)
-    sent_at = _parse_optional_time(event, "sentAt", "")
-    original = _parse_optional_time(event, "timestamp", "")
+    event["receivedAt"] = received_text or format_timestamp(received_at)
+    if times is None:
+        times = (
+            _parse_optional_time(event, "timestamp", ""),
+            _parse_optional_time(event, "sentAt", ""),
+        )
+    original, sent_at = times
     if original is None:
         event["timestamp"] = event["receivedAt"]
         return event
-    event["originalTimestamp"] = format_timestamp(original)
+    event["originalTimestamp"] = _canonical(event["timestamp"], original)
     if sent_at is not None:
-        event["sentAt"] = format_timestamp(sent_at)
+        event["sentAt"] = _canonical(event["sentAt"], sent_at)
         original = received_at - (sent_at - original)
     event["timestamp"] = format_timestamp(original)
     return event
+
+
+def _canonical(text: str, parsed: datetime) -> str:
+    """`text` if already in destfnd's format (most SDKs send it), else `parsed` formatted."""
+    if len(text) == 24 and text[-1] == "Z" and text[10] == "T" and text[19] == ".":
+        return text
+    return format_timestamp(parsed)
 
 
 def expand(body: object, endpoint_type: str | None) -> list[dict]:
