@@ -39,7 +39,7 @@ _SERVER_KEYS = tuple(
     " dedupe_window drain_timeout".split()
 )
 _STORAGE_KEYS = ("path", "retention", "synchronous", "records_max_size")
-_LOGGING_KEYS = ("level", "format")
+_LOGGING_KEYS = ("level", "format", "summary_interval")
 _SOURCE_KEYS = ("name", "write_key")
 _DESTINATION_KEYS = tuple(
     "name type function insert_function url headers path sources enabled concurrency timeout"
@@ -102,6 +102,7 @@ class StorageConfig:
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"
+    summary_interval_s: float = 60.0  # per-destination delivery_summary lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +308,7 @@ class _Reader:
         logging = LoggingConfig(
             level=self.get(t, "logging", "level", levels, "info"),
             format=self.get(t, "logging", "format", _choice("auto", "json", "console"), "auto"),
+            summary_interval_s=self.get(t, "logging", "summary_interval", _duration(), 60.0),
         )
         write_key = partial(self.secret, inline_ok=True)
         sources = tuple(

@@ -93,6 +93,7 @@ class Daemon:
         self._hurry = asyncio.Event()
         self.dispatchers: dict[str, Dispatcher] = {}
         self.bound: tuple[str, int] | None = None
+        self.records_bytes = 0  # logs and requests recorded, against storage.records_max_size
 
     def request_stop(self) -> None:
         """First call: drain gracefully. Second call: stop now (leases are still released)."""
@@ -115,6 +116,7 @@ class Daemon:
         recovered = q.recover(conn, self._now_ms())
         if recovered:
             log.info("leases_recovered", deliveries=recovered)
+        self.records_bytes = q.invocations_size(conn)
         writer = Writer(conn)
         redactor = Redactor(config_secrets(cfg))
         try:
@@ -125,8 +127,10 @@ class Daemon:
         for dest in cfg.destinations:
             if dest.name in deliverers:
                 self.dispatchers[dest.name] = Dispatcher(
-                    dest, writer, deliverers[dest.name], redact=redactor
-                )
+                    dest, writer, deliverers[dest.name], redact=redactor,
+                    on_recorded=self._recorded,
+                    summary_every_s=cfg.logging.summary_interval_s,
+                )  # fmt: skip
         by_source = {
             s.name: [
                 self.dispatchers[d.name]
@@ -211,12 +215,35 @@ class Daemon:
                 t.cancel()
             await asyncio.wait(late)
 
+    def _recorded(self, size: int) -> None:
+        self.records_bytes += size
+
+    async def _prune_records(self, writer: Writer, finished_before: int) -> int:
+        """Attempt records go with their deliveries' retention, and sooner when they take more
+        than `records_max_size`: the oldest first."""
+        longest_ms = max((int(d.retry.max_age_s * 1000) for d in self.cfg.destinations), default=0)
+        # An invocation is at most max_age older than the delivery finish that keeps it.
+        started_before = finished_before - longest_ms
+        deleted_total = 0
+        while True:
+            deleted, freed = await writer.run(
+                q.prune_invocations, started_before, self.cfg.storage.records_max_bytes,
+                self.records_bytes, _PRUNE_CHUNK,
+            )  # fmt: skip
+            self.records_bytes -= freed
+            deleted_total += deleted
+            if deleted < _PRUNE_CHUNK:
+                return deleted_total
+
     async def _prune_loop(self, writer: Writer) -> None:
         storage, server = self.cfg.storage, self.cfg.server
         while True:
             now = self._now_ms()
             finished_before = now - int(storage.retention_s * 1000)
             seen_before = now - int(server.dedupe_window_s * 1000)
+            records = await self._prune_records(writer, finished_before)
+            if records:
+                log.info("records_pruned", invocations=records, kept_bytes=self.records_bytes)
             total = [0, 0]
             while True:
                 deleted = await writer.run(q.prune, finished_before, seen_before, _PRUNE_CHUNK)

@@ -27,7 +27,6 @@ from destfnd.store.models import Invocation
 log = structlog.get_logger("destfnd.dispatch")
 
 _IDLE_POLL_S = 1.0  # re-check for due work at least this often when nothing woke us
-_SUMMARY_EVERY_S = 60.0
 _OUTCOME_STATUS = {
     Kind.OK: Status.DELIVERED,
     Kind.DISCARD: Status.DISCARDED,
@@ -80,6 +79,8 @@ class Dispatcher:
         clock: Callable[[], int] = now_ms,
         rng: random.Random | None = None,
         redact: Callable[[str], str] = str,
+        on_recorded: Callable[[int], None] = lambda size: None,
+        summary_every_s: float = 60.0,
     ) -> None:
         self.dest = dest
         self._writer = writer
@@ -87,6 +88,8 @@ class Dispatcher:
         self._clock = clock
         self._rng = rng or random.Random()
         self._redact = redact
+        self._on_recorded = on_recorded
+        self._summary_every_s = summary_every_s
         self._batch = dest.batch
         # Units of work leased but not started: enough to keep every worker busy between claims.
         self._max_units = max(2 * dest.concurrency, 2 if self._batch else 64)
@@ -268,7 +271,8 @@ class Dispatcher:
         error_type = str(outcome.error_type) if outcome.error_type else None
         message = self._redact(outcome.message) if outcome.message else outcome.message
         finished = Finished(c.delivery_id, status, at, error_type, message, c.attempt, now)
-        self.counts[status] = self.counts.get(status, 0) + 1
+        key = str(status)  # a plain str: orjson refuses enum keys
+        self.counts[key] = self.counts.get(key, 0) + 1
         fields = {
             "message_id": c.message_id,
             "attempt": c.attempt,
@@ -297,19 +301,19 @@ class Dispatcher:
                     return
                 self._flush_wake.clear()
                 try:
-                    await asyncio.wait_for(self._flush_wake.wait(), _SUMMARY_EVERY_S)
+                    await asyncio.wait_for(self._flush_wake.wait(), self._summary_every_s)
                 except TimeoutError:
                     pass
             if self._outcomes:
                 outcomes, self._outcomes = self._outcomes, []
                 try:
-                    await self._writer.run(q.finish_many, outcomes)
+                    self._on_recorded(await self._writer.run(q.finish_many, outcomes))
                 except BaseException:
                     self._outcomes[:0] = outcomes  # settled at stop
                     raise
                 if any(f.status is Status.RETRYING for done, _ in outcomes for f in done):
                     self._wake.set()  # the feeder recomputes when the next retry is due
-            if time.monotonic() - last_summary >= _SUMMARY_EVERY_S and self.counts:
+            if time.monotonic() - last_summary >= self._summary_every_s and self.counts:
                 self._log.info("delivery_summary", **self.counts)
                 self.counts = {}
                 last_summary = time.monotonic()

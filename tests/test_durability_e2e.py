@@ -188,3 +188,26 @@ async def test_a_hanging_destination_does_not_delay_a_healthy_one(make_daemon, t
         stats = daemon.stats()
         assert stats["healthy"]["delivered"] == 50
         assert stats["stuck"]["delivered"] == 0
+
+
+async def test_delivery_summary_lines_are_logged_and_the_daemon_keeps_running(
+    make_daemon, tmp_path, session
+):
+    async with Sink() as sink:
+        cfg = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url)).replace(
+            'format = "json"', 'format = "json"\nsummary_interval = "200ms"'
+        )
+        daemon = await make_daemon(cfg).start()
+        body = {"batch": [{"type": "track", "userId": "u", "event": "E", "messageId": f"s-{i}"}
+                          for i in range(5)]}  # fmt: skip
+        assert (await post(session, f"{daemon.url}/v1/batch", body))[0] == 200
+        await sink.wait_for(lambda: len(sink.delivered()) == 5)
+        deadline = time.monotonic() + 10
+        while not [r for r in daemon.log_records() if r.get("event") == "delivery_summary"]:
+            assert time.monotonic() < deadline, daemon.log_text()
+            await asyncio.sleep(0.05)
+        (summary,) = [r for r in daemon.log_records() if r.get("event") == "delivery_summary"]
+        assert summary["destination"] == "hook" and summary["delivered"] == 5
+        await asyncio.sleep(0.5)  # more intervals pass: nothing new to say, still alive
+        assert daemon.proc.poll() is None
+        assert await daemon.terminate() == 0

@@ -601,3 +601,35 @@ async def test_writer_close_commits_queued_work_then_refuses_more(db_path):
         assert len(rows(conn, "SELECT id FROM events")) == 3
     finally:
         conn.close()
+
+
+# --- attempt records ---------------------------------------------------------------------------
+
+
+def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(conn):
+    from destfnd.store.models import Invocation
+
+    insert(conn, [f"m{i}" for i in range(6)], destinations=("crm",), now=T0)
+    claimed, _ = q.claim(conn, "crm", T0, 10)
+    sizes = []
+    for n, c in enumerate(claimed):
+        logs = "x" * (100 * (n + 1))
+        inv = Invocation("crm", T0 + n, 1.0, "function:abc", logs, b"[]")
+        done = Finished(c.delivery_id, Status.DELIVERED, T0 + n, None, None, c.attempt, T0 + n)
+        sizes.append(q.finish(conn, [done], inv))
+    assert sizes == [100 * (n + 1) + 2 for n in range(6)]
+    total = q.invocations_size(conn)
+    assert total == sum(sizes)
+    rows = conn.execute("SELECT delivery_id, attempt, status FROM attempts").fetchall()
+    assert len(rows) == 6 and {r[2] for r in rows} == {"delivered"}
+    # Nothing is old: only the budget prunes, oldest first, until the rest fits.
+    deleted, freed = q.prune_invocations(conn, T0 - 1, total - 250, total, 100)
+    assert (deleted, freed) == (2, sizes[0] + sizes[1])
+    left = [r[0] for r in conn.execute("SELECT started_at FROM invocations ORDER BY id")]
+    assert left == [T0 + n for n in range(2, 6)]
+    # Age prunes whatever started before the cutoff, whatever the budget.
+    deleted, _ = q.prune_invocations(conn, T0 + 4, 10**9, total - freed, 100)
+    assert deleted == 2
+    # Pruning a delivery takes its attempts along.
+    q.prune(conn, T0 + 100, 0, 100)
+    assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0

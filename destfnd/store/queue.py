@@ -82,17 +82,20 @@ def claim(
 
 def finish(
     conn: sqlite3.Connection, outcomes: Iterable[Finished], invocation: Invocation | None = None
-) -> None:
-    """Record attempts' outcomes (and the invocation they shared, for the Event Delivery view)."""
+) -> int:
+    """Record attempts' outcomes (and the invocation they shared, for the Event Delivery view).
+
+    Returns the bytes of logs and requests recorded (for the records size budget)."""
     outcomes = list(outcomes)
     invocation_id = None
+    size = 0
     if invocation is not None:
         i = invocation
+        size = len(i.logs) + len(i.requests)
         invocation_id = conn.execute(
             SQL["insert_invocation"],
-            (i.destination, i.started_at, i.duration_ms, i.version, i.logs, i.requests,
-             len(i.logs) + len(i.requests)),
-        ).lastrowid  # fmt: skip
+            (i.destination, i.started_at, i.duration_ms, i.version, i.logs, i.requests, size),
+        ).lastrowid
     attempts = [
         (o.delivery_id, o.attempt, invocation_id, o.ended_at, str(o.status), o.error_type,
          o.error)
@@ -111,6 +114,7 @@ def finish(
         conn.executemany(SQL["finish"], done)
     if retry:
         conn.executemany(SQL["schedule_retry"], retry)
+    return size
 
 
 def release(conn: sqlite3.Connection, delivery_ids: Iterable[int], now: int) -> None:
@@ -176,6 +180,5 @@ def leased_counts(conn: sqlite3.Connection) -> dict[str, int]:
 
 def finish_many(
     conn: sqlite3.Connection, items: Iterable[tuple[Sequence[Finished], Invocation | None]]
-) -> None:
-    for outcomes, invocation in items:
-        finish(conn, outcomes, invocation)
+) -> int:
+    return sum(finish(conn, outcomes, invocation) for outcomes, invocation in items)

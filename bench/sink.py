@@ -1,0 +1,146 @@
+"""A webhook sink for bench.py: counts the events it receives and answers 200.
+
+  POST /<anything>   a webhook delivery (one event, or a JSON array of events)
+  GET  /_count       {"events", "requests", "first", "last", "held", "mode"}; first/last are
+                     time.time() of the first/last answered delivery since the last reset
+  POST /_ctl         {"mode": "ok"|"hold", "delay_ms": N, "reset": true}
+
+Modes: "ok" answers 200 after `delay_ms`; "hold" keeps each request open until the mode
+becomes "ok" (or --hold-max-s passes: then 503), so a daemon's deliveries stay in flight
+while the bench loads its queue. A reset zeroes the counters; requests held from before a
+reset are answered 503 and not counted.
+Prints {"event": "ready", "listen": "127.0.0.1:PORT"} on stdout once bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import orjson
+from aiohttp import web
+
+
+class Sink:
+    def __init__(self, mode: str, delay_ms: float, hold_max_s: float) -> None:
+        self.mode = mode
+        self.delay_s = delay_ms / 1000
+        self.hold_max_s = hold_max_s
+        self.open = asyncio.Event()
+        if mode == "ok":
+            self.open.set()
+        self.gen = 0
+        self.held = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.events = 0
+        self.requests = 0
+        self.first: float | None = None
+        self.last: float | None = None
+
+    async def deliver(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        data = orjson.loads(body)
+        n = len(data) if isinstance(data, list) else 1
+        gen = self.gen
+        if not self.open.is_set():
+            self.held += 1
+            try:
+                await asyncio.wait_for(self.open.wait(), self.hold_max_s)
+            except TimeoutError:
+                return web.Response(status=503, text="held too long")
+            finally:
+                self.held -= 1
+        if gen != self.gen:
+            return web.Response(status=503, text="held across a reset")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        now = time.time()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.events += n
+        self.requests += 1
+        return web.Response(text="ok")
+
+    async def count(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "events": self.events,
+                "requests": self.requests,
+                "first": self.first,
+                "last": self.last,
+                "held": self.held,
+                "mode": self.mode,
+            },
+            dumps=lambda o: orjson.dumps(o).decode(),
+        )
+
+    async def ctl(self, request: web.Request) -> web.Response:
+        cmd = orjson.loads(await request.read())
+        if cmd.get("reset"):
+            self.gen += 1
+            self.reset()
+        if "delay_ms" in cmd:
+            self.delay_s = float(cmd["delay_ms"]) / 1000
+        if cmd.get("mode") == "ok":
+            self.mode = "ok"
+            self.open.set()
+        elif cmd.get("mode") == "hold":
+            self.mode = "hold"
+            self.open = asyncio.Event()
+        elif cmd.get("reset") and not self.open.is_set():
+            # wake the held requests so they answer 503; keep holding new ones
+            old, self.open = self.open, asyncio.Event()
+            old.set()
+        return await self.count(request)
+
+
+async def serve(args) -> None:
+    sink = Sink(args.mode, args.delay_ms, args.hold_max_s)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/_count", sink.count)
+    app.router.add_post("/_ctl", sink.ctl)
+    app.router.add_post("/{tail:.*}", sink.deliver)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=1024)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+    sys.stdout.write(orjson.dumps({"event": "ready", "listen": f"{bound[0]}:{bound[1]}"}).decode())
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    sink.open.set()
+    await runner.cleanup()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--mode", choices=["ok", "hold"], default="ok")
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--hold-max-s", type=float, default=1800.0)
+    p.add_argument("--cpu", type=int, default=None)
+    args = p.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    try:
+        import uvloop
+
+        uvloop.run(serve(args))
+    except ImportError:
+        asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()
