@@ -236,23 +236,21 @@ class Daemon:
                 return deleted_total
 
     async def _prune_loop(self, writer: Writer) -> None:
-        storage, server = self.cfg.storage, self.cfg.server
+        storage = self.cfg.storage
         while True:
             now = self._now_ms()
             finished_before = now - int(storage.retention_s * 1000)
-            seen_before = now - int(server.dedupe_window_s * 1000)
             records = await self._prune_records(writer, finished_before)
             if records:
                 log.info("records_pruned", invocations=records, kept_bytes=self.records_bytes)
-            total = [0, 0]
+            total = 0
             while True:
-                deleted = await writer.run(q.prune, finished_before, seen_before, _PRUNE_CHUNK)
-                total[0] += deleted[0]
-                total[1] += deleted[1]
-                if max(deleted) < _PRUNE_CHUNK:
+                deleted = await writer.run(q.prune, finished_before, _PRUNE_CHUNK)
+                total += deleted
+                if deleted < _PRUNE_CHUNK:
                     break
-            if any(total):
-                log.info("pruned", deliveries=total[0], message_ids=total[1])
+            if total:
+                log.info("pruned", deliveries=total)
             await asyncio.sleep(_PRUNE_EVERY_S)
 
     def _now_ms(self) -> int:

@@ -125,9 +125,8 @@ class Ingest:
             now_ms = int(self._clock() * 1000)
             cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
             try:
-                await self._writer.run(
-                    q.insert_events, source, events, destinations, now_ms, cutoff
-                )
+                request = q.IngestRequest(source, events, destinations, now_ms, cutoff)
+                await self._writer.run_batched(q.insert_many, request)
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
                 log.error("commit_failed", error=str(exc))

@@ -192,10 +192,29 @@ def test_insert_events_accepts_same_message_id_after_dedupe_cutoff(conn):
     assert insert(conn, ["m1"], now=T0 + WINDOW_MS + 2) == 0
 
 
-def test_insert_events_without_destinations_records_seen_but_no_event(conn):
+def test_insert_events_without_destinations_stores_nothing(conn):
+    # Nothing to deliver, nothing to dedupe against later: not even the messageId is kept.
     assert insert(conn, ["m1"], destinations=()) == 1
     assert rows(conn, "SELECT id FROM events") == []
-    assert insert(conn, ["m1"], now=T0 + 1) == 0
+    assert insert(conn, ["m1"], now=T0 + 1) == 1
+    assert insert(conn, ["m1"], now=T0 + 2) == 0
+
+
+def test_insert_many_dedupes_within_one_group_and_across_requests(conn):
+    first = q.IngestRequest("web", [incoming("a"), incoming("b"), incoming("a")], DESTS, T0,
+                            T0 - WINDOW_MS)  # fmt: skip
+    second = q.IngestRequest("web", [incoming("b"), incoming("c")], DESTS, T0, T0 - WINDOW_MS)
+    other = q.IngestRequest("ios", [incoming("a")], DESTS, T0, T0 - WINDOW_MS)
+    assert q.insert_many(conn, [first, second, other]) == [2, 1, 1]
+    stored = rows(conn, "SELECT source, message_id FROM events ORDER BY id")
+    assert stored == [("web", "a"), ("web", "b"), ("web", "c"), ("ios", "a")]
+    # Each new event fans out once per destination, pointing at its own event.
+    fanned = rows(
+        conn,
+        "SELECT e.message_id, count(*) FROM deliveries d "
+        "JOIN events e ON e.id = d.event_id GROUP BY e.id ORDER BY e.id",
+    )
+    assert fanned == [("a", len(DESTS)), ("b", len(DESTS)), ("c", len(DESTS)), ("a", len(DESTS))]
 
 
 # --- claim, finish, release ------------------------------------------------------------------
@@ -410,7 +429,7 @@ def test_prune_deletes_finished_deliveries_older_than_cutoff(conn):
         ],
     )
 
-    assert tx(conn, q.prune, T0 + 500, 0, 100) == (1, 0)
+    assert tx(conn, q.prune, T0 + 500, 100) == 1
     remaining = rows(
         conn,
         "SELECT e.message_id, d.status FROM deliveries d JOIN events e ON e.id = d.event_id"
@@ -423,13 +442,13 @@ def test_prune_deletes_finished_deliveries_older_than_cutoff(conn):
 def test_prune_keeps_event_until_all_its_deliveries_are_gone(conn):
     insert(conn, ["m1"], destinations=("crm", "warehouse"))
     finish_all(conn, "crm", T0 + 10)
-    assert tx(conn, q.prune, T0 + 500, 0, 100) == (1, 0)
+    assert tx(conn, q.prune, T0 + 500, 100) == 1
     assert rows(conn, "SELECT message_id, refs FROM events") == [("m1", 1)]
     # The warehouse delivery still has its payload to deliver.
     (c,), _ = tx(conn, q.claim, "warehouse", T0 + 600, 10)
     assert orjson.loads(c.payload)["messageId"] == "m1"
     tx(conn, q.finish, [Finished(c.delivery_id, Status.DISCARDED, T0 + 700)])
-    assert tx(conn, q.prune, T0 + 800, 0, 100) == (1, 0)
+    assert tx(conn, q.prune, T0 + 800, 100) == 1
     assert rows(conn, "SELECT id FROM events") == []
 
 
@@ -438,7 +457,7 @@ def test_prune_never_deletes_unfinished_deliveries(conn):
     c1, c2 = tx(conn, q.claim, "crm", T0, 2)[0]
     tx(conn, q.finish, [Finished(c1.delivery_id, Status.RETRYING, T0 + 1_000, "Retry", "x")])
     # c2 stays leased; the third is pending.
-    assert tx(conn, q.prune, T0 + 100 * WINDOW_MS, 0, 100) == (0, 0)
+    assert tx(conn, q.prune, T0 + 100 * WINDOW_MS, 100) == 0
     assert len(rows(conn, "SELECT id FROM deliveries")) == 3
     assert len(rows(conn, "SELECT id FROM events")) == 3
     assert c2.delivery_id in [i for (i,) in rows(conn, "SELECT id FROM deliveries")]
@@ -447,20 +466,11 @@ def test_prune_never_deletes_unfinished_deliveries(conn):
 def test_prune_respects_limit_and_can_be_called_again(conn):
     insert(conn, [f"m{i}" for i in range(5)], destinations=("crm",))
     finish_all(conn, "crm", T0 + 10)
-    assert tx(conn, q.prune, T0 + 500, 0, 2) == (2, 0)
-    assert tx(conn, q.prune, T0 + 500, 0, 2) == (2, 0)
-    assert tx(conn, q.prune, T0 + 500, 0, 2) == (1, 0)
+    assert tx(conn, q.prune, T0 + 500, 2) == 2
+    assert tx(conn, q.prune, T0 + 500, 2) == 2
+    assert tx(conn, q.prune, T0 + 500, 2) == 1
     assert rows(conn, "SELECT id FROM deliveries") == []
     assert rows(conn, "SELECT id FROM events") == []
-
-
-def test_prune_deletes_seen_ids_older_than_dedupe_cutoff(conn):
-    insert(conn, ["m1"], now=T0)
-    insert(conn, ["m2"], now=T0 + 1_000)
-    assert tx(conn, q.prune, 0, T0 + 500, 100) == (0, 1)
-    assert rows(conn, "SELECT message_id FROM seen") == [("m2",)]
-    # Deliveries are untouched by the seen cutoff.
-    assert len(rows(conn, "SELECT id FROM deliveries")) == 2 * len(DESTS)
 
 
 def test_status_counts_groups_by_destination_and_status(conn):
@@ -562,7 +572,7 @@ async def test_writer_failing_op_fails_alone_in_its_group(db_path):
         )
         groups = writer.groups - before
         messages = await writer.run(
-            lambda c: sorted(m for (m,) in c.execute("SELECT message_id FROM seen"))
+            lambda c: sorted(m for (m,) in c.execute("SELECT message_id FROM events"))
         )
     assert groups == 1  # all five were queued before the writer woke: one transaction
     assert results[0] == results[2] == results[4] == 1
@@ -631,5 +641,5 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     deleted, _ = q.prune_invocations(conn, T0 + 4, 10**9, total - freed, 100)
     assert deleted == 2
     # Pruning a delivery takes its attempts along.
-    q.prune(conn, T0 + 100, 0, 100)
+    q.prune(conn, T0 + 100, 100)
     assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0

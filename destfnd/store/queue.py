@@ -8,6 +8,7 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from destfnd.store.db import SQL
 from destfnd.store.models import Claimed, Finished, IncomingEvent, Invocation, Status
@@ -18,6 +19,69 @@ LEASE_MS = 24 * 3600 * 1000
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 
 
+@dataclass(frozen=True, slots=True)
+class IngestRequest:
+    """The events of one accepted request, for `insert_many`."""
+
+    source: str
+    events: Sequence[IncomingEvent]
+    destinations: Sequence[str]
+    now: int  # unix ms: received_at, and when the deliveries are first due
+    dedupe_cutoff: int  # a messageId stored since then is a duplicate
+
+
+def insert_many(conn: sqlite3.Connection, requests: list[IngestRequest]) -> list[int]:
+    """Store the events of several requests at once (one statement per table for all of them),
+    skipping messageIds stored from the same source since the dedupe cutoff, and fan each new
+    event out into one delivery per destination. Returns how many were new, per request.
+
+    Events of a source with no destinations are not stored: there is nothing to deliver.
+    """
+    wanted: dict[tuple[str, int], set[str]] = {}
+    for r in requests:
+        if r.destinations:
+            wanted.setdefault((r.source, r.dedupe_cutoff), set()).update(
+                e.message_id for e in r.events
+            )
+    stored: dict[str, set[str]] = {}
+    for (source, cutoff), ids in wanted.items():
+        found = stored.setdefault(source, set())
+        ids_list = list(ids)
+        for start in range(0, len(ids_list), _CHUNK):
+            chunk = ids_list[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                m
+                for (m,) in conn.execute(
+                    "SELECT message_id FROM events WHERE source = ? AND received_at >= ? "
+                    f"AND message_id IN ({marks})",
+                    (source, cutoff, *chunk),
+                )
+            )
+    (next_id,) = conn.execute(SQL["max_event_id"]).fetchone()
+    event_rows, delivery_rows, new_counts = [], [], []
+    for r in requests:
+        new = 0
+        seen = stored.setdefault(r.source, set())
+        for e in r.events:
+            if r.destinations and e.message_id in seen:
+                continue
+            new += 1
+            if not r.destinations:
+                continue
+            seen.add(e.message_id)  # a copy later in this same group is a duplicate too
+            next_id += 1
+            event_rows.append(
+                (next_id, r.source, e.message_id, r.now, len(r.destinations), e.payload)
+            )
+            delivery_rows.extend((next_id, name, r.now, r.now) for name in r.destinations)
+        new_counts.append(new)
+    if event_rows:
+        conn.executemany(SQL["insert_event"], event_rows)
+        conn.executemany(SQL["insert_delivery"], delivery_rows)
+    return new_counts
+
+
 def insert_events(
     conn: sqlite3.Connection,
     source: str,
@@ -26,28 +90,9 @@ def insert_events(
     now: int,
     dedupe_cutoff: int,
 ) -> int:
-    """Store the events not seen before from `source`, fanned out to `destinations`.
-
-    Returns how many were new (the rest were duplicates within the dedupe window).
-    """
-    new = 0
-    deliveries = []
-    for event in events:
-        cur = conn.execute(SQL["seen_upsert"], (source, event.message_id, now, dedupe_cutoff))
-        if cur.rowcount == 0:
-            continue
-        new += 1
-        if not destinations:
-            continue
-        cur = conn.execute(
-            SQL["insert_event"],
-            (source, event.message_id, now, len(destinations), event.payload),
-        )
-        event_id = cur.lastrowid
-        deliveries.extend((event_id, name, now, now) for name in destinations)
-    if deliveries:
-        conn.executemany(SQL["insert_delivery"], deliveries)
-    return new
+    """`insert_many` for one request: how many of `events` were new."""
+    request = IngestRequest(source, events, destinations, now, dedupe_cutoff)
+    return insert_many(conn, [request])[0]
 
 
 def claim(
@@ -125,12 +170,10 @@ def recover(conn: sqlite3.Connection, now: int) -> int:
     return conn.execute(SQL["recover"], (now,)).rowcount
 
 
-def prune(
-    conn: sqlite3.Connection, finished_before: int, seen_before: int, limit: int
-) -> tuple[int, int]:
-    """Delete up to `limit` finished deliveries (and events left with none) and stale ids.
+def prune(conn: sqlite3.Connection, finished_before: int, limit: int) -> int:
+    """Delete up to `limit` finished deliveries, their attempts, and events left with none.
 
-    Returns (deliveries deleted, seen ids deleted); call again while either equals `limit`.
+    Returns how many deliveries were deleted; call again while it equals `limit`.
     """
     deleted = conn.execute(SQL["prune_deliveries"], (finished_before, limit)).fetchall()
     conn.executemany(SQL["delete_attempts"], [(delivery_id,) for delivery_id, _ in deleted])
@@ -138,8 +181,7 @@ def prune(
     if unref:
         conn.executemany(SQL["unref_event"], [(n, i) for i, n in unref.items()])
         conn.executemany(SQL["delete_unreferenced_event"], [(i,) for i in unref])
-    seen = conn.execute(SQL["prune_seen"], (seen_before, limit)).rowcount
-    return sum(unref.values()), seen
+    return len(deleted)
 
 
 def prune_invocations(

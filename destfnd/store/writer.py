@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from destfnd.store.db import StoreError
 
 T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
+Op = Callable[[sqlite3.Connection], Any]  # or a _Batched item
 
 
 def _call(op: Callable[..., Any], args: tuple, conn: sqlite3.Connection) -> Any:
@@ -35,12 +35,23 @@ class Writer:
     async def run(self, op: Callable[..., T], *args: Any) -> T:
         """Run `op(conn, *args)` inside the next group's transaction; return once committed.
 
-        If `op` raises, only its own savepoint is rolled back and the error is raised here.
+        If `op` raises, the error is raised here and the rest of the group still commits.
         """
         if self._closing:
             raise StoreError("the store is closing")
         future = asyncio.get_running_loop().create_future()
         self._queue.append((functools.partial(_call, op, args), future))
+        self._wake.set()
+        return await future
+
+    async def run_batched(self, fn: Callable[[sqlite3.Connection, list], list], item: Any) -> Any:
+        """Like `run`, for work that is cheaper done together: every item submitted with the
+        same `fn` before the group starts goes to one call `fn(conn, items)`, which returns
+        one result per item (this item's is returned here)."""
+        if self._closing:
+            raise StoreError("the store is closing")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((_Batched(fn, item), future))
         self._wake.set()
         return await future
 
@@ -85,23 +96,64 @@ class Writer:
         self._conn.close()
 
     def _commit(self, group: list[tuple[Op, asyncio.Future]]) -> list[tuple[bool, Any]]:
-        conn = self._conn
-        results: list[tuple[bool, Any]] = []
+        """One transaction for the whole group. If an op raises, nothing of the group is kept
+        and each op runs again in a transaction of its own, so that only that op fails (rare:
+        the ops are destfnd's own; savepoints around every op would cost each request more)."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, _ in group:
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((True, op(conn)))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    error = exc if not isinstance(exc, sqlite3.Error) else StoreError(str(exc))
-                    results.append((False, error))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
+            return [(True, r) for r in self._transaction([op for op, _ in group])]
+        except _OpFailed:
+            pass
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             error = StoreError(f"commit failed: {exc}")
             return [(False, error) for _ in group]
+        results: list[tuple[bool, Any]] = []
+        for op, _ in group:
+            try:
+                results.append((True, self._transaction([op])[0]))
+            except _OpFailed as failed:
+                results.append((False, failed.error))
+            except sqlite3.Error as exc:
+                results.append((False, StoreError(f"commit failed: {exc}")))
         return results
+
+    def _transaction(self, ops: list[Op]) -> list[Any]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results: list[Any] = [None] * len(ops)
+            batches: dict[Callable, list[int]] = {}
+            for index, op in enumerate(ops):
+                if isinstance(op, _Batched):
+                    batches.setdefault(op.fn, []).append(index)
+            for index, op in enumerate(ops):
+                try:
+                    if not isinstance(op, _Batched):
+                        results[index] = op(conn)
+                    elif batches[op.fn][0] == index:  # the batch runs at its first item
+                        members = batches[op.fn]
+                        out = op.fn(conn, [ops[i].item for i in members])  # type: ignore[union-attr]
+                        for i, result in zip(members, out, strict=True):
+                            results[i] = result
+                except Exception as exc:
+                    error = StoreError(str(exc)) if isinstance(exc, sqlite3.Error) else exc
+                    raise _OpFailed(error) from exc
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+
+class _Batched:
+    __slots__ = ("fn", "item")
+
+    def __init__(self, fn: Callable, item: Any) -> None:
+        self.fn = fn
+        self.item = item
+
+
+class _OpFailed(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error

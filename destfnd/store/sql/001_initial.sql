@@ -9,14 +9,9 @@ CREATE TABLE events (
     payload     BLOB    NOT NULL            -- the enriched event, JSON (orjson)
 );
 
--- messageIds seen per source within the dedupe window.
-CREATE TABLE seen (
-    source     TEXT    NOT NULL,
-    message_id TEXT    NOT NULL,
-    seen_at    INTEGER NOT NULL,
-    PRIMARY KEY (source, message_id)
-) WITHOUT ROWID;
-CREATE INDEX seen_by_time ON seen (seen_at);
+-- Dedupe looks a messageId up here (an event is kept while it has deliveries). Not unique:
+-- the same messageId is stored again once the first is older than the dedupe window.
+CREATE INDEX events_by_message ON events (source, message_id, received_at);
 
 -- One row per (event, destination). status is one of destfnd.store.Status.
 -- An unfinished row is due at next_at; `leased` = 1 while the daemon holds it in memory.

@@ -1,11 +1,9 @@
--- name: seen_upsert
--- Inserts a messageId, or refreshes one last seen before the dedupe cutoff; 0 rows = duplicate.
-INSERT INTO seen (source, message_id, seen_at) VALUES (?, ?, ?)
-ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
-WHERE seen.seen_at < ?;
-
 -- name: insert_event
-INSERT INTO events (source, message_id, received_at, refs, payload) VALUES (?, ?, ?, ?, ?);
+-- Ids are given by the (single) writer, so deliveries can be inserted in the same batch.
+INSERT INTO events (id, source, message_id, received_at, refs, payload) VALUES (?, ?, ?, ?, ?, ?);
+
+-- name: max_event_id
+SELECT coalesce(max(id), 0) FROM events;
 
 -- name: insert_delivery
 INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
@@ -81,11 +79,6 @@ UPDATE events SET refs = refs - ? WHERE id = ?;
 
 -- name: delete_unreferenced_event
 DELETE FROM events WHERE id = ? AND refs <= 0;
-
--- name: prune_seen
-DELETE FROM seen WHERE (source, message_id) IN (
-    SELECT source, message_id FROM seen WHERE seen_at < ? ORDER BY seen_at LIMIT ?
-);
 
 -- name: status_counts
 SELECT destination, status, count(*) FROM deliveries GROUP BY destination, status;
