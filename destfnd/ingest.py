@@ -47,6 +47,9 @@ def error_response(status: int, error: str, detail: str = "") -> web.Response:
 
 
 _OK = orjson.dumps({"success": True})
+_JSON = {"Content-Type": "application/json"}
+_MISSING = object()
+_AUTH_CACHE_SIZE = 1024
 
 
 class Ingest:
@@ -69,6 +72,8 @@ class Ingest:
             s.name: tuple(d.name for d in cfg.destinations if d.enabled and s.name in d.sources)
             for s in cfg.sources
         }
+        self._auth_cache: dict[str, str | None] = {}
+        self._received_cache: tuple[int, datetime, str] = (-1, datetime.now(UTC), "")
         self.ready = False  # /healthz and ingest answer 503 until ready and after draining
         self.draining = False
 
@@ -101,7 +106,7 @@ class Ingest:
     async def _accept(self, request: web.Request, endpoint_type: str | None) -> web.Response:
         if not self.ready or self.draining:
             raise Rejected(503, "unavailable", "the daemon is starting or shutting down; retry")
-        header_key = _basic_user(request.headers.get("Authorization"))
+        header_key = self._auth(request.headers.get("Authorization"))
         if header_key is not None and header_key not in self._sources:
             raise Rejected(401, "unauthorized", "unknown write key")
         raw = await self._body(request)
@@ -119,10 +124,11 @@ class Ingest:
         source = self._sources.get(key)
         if source is None:
             raise Rejected(401, "unauthorized", "unknown write key")
-        events = self._prepare(body, endpoint_type)
+        now_s = self._clock()
+        events = self._prepare(body, endpoint_type, now_s)
         if events:
             destinations = self._fanout[source]
-            now_ms = int(self._clock() * 1000)
+            now_ms = int(now_s * 1000)
             cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
             try:
                 request = q.IngestRequest(source, events, destinations, now_ms, cutoff)
@@ -133,7 +139,7 @@ class Ingest:
                 raise Rejected(503, "unavailable", "could not store the events; retry") from None
             if destinations:
                 self._on_commit(source)
-        return web.Response(body=_OK, content_type="application/json")
+        return web.Response(body=_OK, headers=_JSON)
 
     async def _body(self, request: web.Request) -> bytes:
         try:
@@ -162,7 +168,28 @@ class Ingest:
             raise Rejected(413, "request too large", f"over {cap} bytes once decompressed")
         return out
 
-    def _prepare(self, body: object, endpoint_type: str | None) -> list[IncomingEvent]:
+    def _auth(self, header: str | None) -> str | None:
+        """The write key of an Authorization header; decoded once per distinct header."""
+        if header is None:
+            return None
+        key = self._auth_cache.get(header, _MISSING)
+        if key is _MISSING:
+            if len(self._auth_cache) >= _AUTH_CACHE_SIZE:
+                self._auth_cache.clear()  # bounded: junk headers cannot grow it
+            key = self._auth_cache[header] = _basic_user(header)
+        return key  # type: ignore[return-value]
+
+    def _received(self, now_s: float) -> tuple[datetime, str]:
+        """receivedAt as a datetime and as text; the text is reused within a millisecond."""
+        now_ms = int(now_s * 1000)
+        if now_ms != self._received_cache[0]:
+            at = datetime.fromtimestamp(now_ms / 1000, UTC)
+            self._received_cache = (now_ms, at, spec.format_timestamp(at))
+        return self._received_cache[1], self._received_cache[2]
+
+    def _prepare(
+        self, body: object, endpoint_type: str | None, now_s: float
+    ) -> list[IncomingEvent]:
         try:
             messages = spec.expand(body, endpoint_type)
         except spec.SpecError as exc:
@@ -170,8 +197,7 @@ class Ingest:
         limit = self._server.max_batch_events
         if len(messages) > limit:
             raise Rejected(400, "batch too large", f"{len(messages)} events; at most {limit}")
-        received_at = datetime.fromtimestamp(self._clock(), UTC)
-        received_text = spec.format_timestamp(received_at)
+        received_at, received_text = self._received(now_s)
         max_bytes = self._server.max_event_bytes + _ENRICH_ALLOWANCE
         prefix = "batch[{}]." if endpoint_type is None else ""
         events = []

@@ -222,7 +222,8 @@ def expand(body: object, endpoint_type: str | None) -> list[dict]:
     if not isinstance(body, dict):
         raise SpecError("body", "must be a JSON object")
     if endpoint_type is not None:
-        event = {k: v for k, v in body.items() if k != "writeKey"}
+        event = body  # the body is ours (just parsed): enriched in place
+        event.pop("writeKey", None)
         given = event.get("type")
         if given is not None and given != endpoint_type:
             raise SpecError("type", f"{given!r} sent to the {endpoint_type} endpoint")
