@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -13,10 +14,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cli_check_config_accepts_the_bundled_example(tmp_path):
-    shutil.copy(REPO / "config" / "destfnd.toml", tmp_path / "destfnd.toml")
-    result = run_cli("check-config", "--config", str(tmp_path / "destfnd.toml"))
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    result = run_cli("check-config", "--config", str(tmp_path / "config" / "destfnd.toml"))
     assert result.returncode == 0, result.stderr
-    assert "ok" in result.stdout and "archive (file)" in result.stdout
+    assert "archive (file)" in result.stdout and "hello (function)" in result.stdout
+
+
+async def test_cli_the_bundled_example_serves_and_delivers(make_daemon, tmp_path, session):
+    """The quick start: the example config, as shipped, takes an event to both destinations."""
+    from support import post
+
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    config = (tmp_path / "config" / "destfnd.toml").read_text()
+    daemon = make_daemon(config.replace("127.0.0.1:8088", "127.0.0.1:0"))
+    daemon.config.unlink()
+    daemon.config = tmp_path / "config" / "destfnd.toml"
+    daemon.config.write_text(config.replace("127.0.0.1:8088", "127.0.0.1:0"))
+    await daemon.start()
+    event = {"userId": "019mr8mf4r", "event": "Item Purchased", "writeKey": "wk_web_example"}
+    assert (await post(session, f"{daemon.url}/v1/track", event, auth=False))[0] == 200
+    archive = tmp_path / "var" / "events.ndjson"
+    for _ in range(200):
+        done = daemon.stats()["hello"]["delivered"] == 1 and archive.exists()
+        if done and archive.read_text():
+            break
+        await asyncio.sleep(0.05)
+    assert orjson.loads(archive.read_text().splitlines()[0])["event"] == "Item Purchased"
+    (row,) = orjson.loads(daemon.cli("deliveries", "--destination", "hello", "--json").stdout)
+    assert row["history"][0]["logs"] == "hello: Item Purchased by 019mr8mf4r\n"
+    assert await daemon.terminate() == 0
 
 
 def test_cli_check_config_accepts_the_systemd_example(tmp_path):
