@@ -357,3 +357,82 @@ def test_functions_serve_refuses_a_function_whose_settings_do_not_satisfy_it(tmp
     assert result.returncode == 3
     assert "destinations[0].settings.apiKey: must be string, got int" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+STUCK_PY = """
+import time
+from destfnd.functions import cache, fetch
+
+calls = {"token": 0}
+
+async def new_token():
+    calls["token"] += 1
+    return f"token-{calls['token']}"
+
+def on_track(event, settings):          # plain def: runs on a thread, cannot be cancelled
+    if event["event"] == "stuck":
+        time.sleep(3600)
+
+async def on_identify(event, settings):
+    token = await cache.load("token", 60_000, new_token)
+    print(f"using {token}")
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+
+async def test_functions_stuck_plain_def_replaces_worker_and_cache_lives_in_the_worker(
+    make_daemon, tmp_path, session
+):
+    (tmp_path / "stuck.py").write_text(STUCK_PY)
+    async with Sink() as sink:
+        retry = "[destinations.retry]\nmax_attempts = 1\n"
+        dest = function_destination("fn", "stuck.py", f'{{ sink = "{sink.url}" }}',
+                                    timeout='"1s"', _tables=retry)  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        await send(session, daemon, [{"type": "identify", "messageId": "id-1"},
+                                     {"type": "identify", "messageId": "id-2"}])  # fmt: skip
+        await sink.wait_for(lambda: len(sink.delivered()) == 2)
+        await send(session, daemon, [{"type": "track", "event": "stuck", "messageId": "stuck"}])
+        await send(session, daemon, [{"type": "identify", "messageId": "id-3"}])
+        rows = await wait_final(daemon, 4)
+    stuck = rows["fn", "stuck"]
+    assert (stuck["status"], stuck["error_type"]) == ("expired", "Timeout")
+    replaced = [r for r in daemon.log_records() if r.get("event") == "worker_replaced"]
+    assert replaced and "blocked" in replaced[0]["reason"]
+    assert rows["fn", "id-3"]["status"] == "delivered"
+    # The cache is per worker process: loaded once, then reused; a new worker loads again.
+    logs = [rows["fn", f"id-{i}"]["history"][-1]["logs"] for i in (1, 2, 3)]
+    assert logs[:2] == ["using token-1\n", "using token-1\n"]
+    assert logs[2] in ("using token-1\n", "using token-2\n")
+
+
+CHAIN_INSERT_PY = """
+def on_track(event, settings):
+    event["properties"]["tier"] = "gold"
+    return event
+"""
+
+CHAIN_FUNCTION_PY = """
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+
+async def test_functions_insert_function_in_front_of_a_destination_function(
+    make_daemon, tmp_path, session
+):
+    (tmp_path / "enrich.py").write_text(CHAIN_INSERT_PY)
+    (tmp_path / "fn.py").write_text(CHAIN_FUNCTION_PY)
+    async with Sink() as sink:
+        dest = function_destination("fn", "fn.py", f'{{ sink = "{sink.url}" }}',
+                                    insert_function='"enrich.py"')  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        await send(session, daemon, [{"type": "track", "event": "Paid", "messageId": "c-1",
+                                      "properties": {"plan": "pro"}}])  # fmt: skip
+        rows = await wait_final(daemon, 1)
+    assert rows["fn", "c-1"]["status"] == "delivered"
+    assert sink.delivered()[0]["properties"] == {"plan": "pro", "tier": "gold"}
+    version = rows["fn", "c-1"]["history"][0]["version"]
+    assert version.startswith("function:") and ",insert:" in version
