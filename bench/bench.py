@@ -49,9 +49,9 @@ def _pin(cpu: int | None):
     return lambda: os.sched_setaffinity(0, {cpu})
 
 
-def spawn(argv: list[str], *, cpu: int | None, stdout, stderr) -> subprocess.Popen:
+def spawn(argv: list[str], *, cpu: int | None, stdout, stderr, **kw) -> subprocess.Popen:
     proc = subprocess.Popen(
-        argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, preexec_fn=_pin(cpu)
+        argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, preexec_fn=_pin(cpu), **kw
     )
     _procs.append(proc)
     return proc
@@ -126,6 +126,10 @@ class Sink(Helper):
         with _http.open(self.url + "/_count", timeout=10) as resp:
             return json.loads(resp.read())
 
+    def latency(self) -> dict:
+        with _http.open(self.url + "/_latency", timeout=30) as resp:
+            return json.loads(resp.read())
+
     def ctl(self, **cmd) -> dict:
         req = urllib.request.Request(
             self.url + "/_ctl", data=json.dumps(cmd).encode(), method="POST"
@@ -144,6 +148,77 @@ def daemon_config(db: Path, sink_url: str, timeout: str = "30m") -> str:
         f'[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = {q(sink_url + "/in")}\n'
         f'concurrency = 64\ntimeout = "{timeout}"\n'
     )
+
+
+FN_SOURCE = """\
+from destfnd.functions import fetch
+
+
+async def on_track(event, settings):
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+BATCH_FN_SOURCE = """\
+from destfnd.functions import fetch
+
+
+async def on_batch(events, settings):
+    await fetch(settings["sink"], method="POST", json=events)
+"""
+
+
+def webhook_dest(name: str, url: str, *, batch: int = 0, source: str | None = None) -> str:
+    q = json.dumps
+    out = f'[[destinations]]\nname = "{name}"\ntype = "webhook"\nurl = {q(url)}\n'
+    return out + _dest_common(batch, source)
+
+
+def function_dest(
+    name: str, path: Path, sink: str, *, workers: int = 1, batch: int = 0, source: str | None = None
+) -> str:
+    q = json.dumps
+    out = (
+        f'[[destinations]]\nname = "{name}"\nfunction = {q(str(path))}\n'
+        f"settings = {{ sink = {q(sink)} }}\nworkers = {workers}\n"
+    )
+    return out + _dest_common(batch, source)
+
+
+def _dest_common(batch: int, source: str | None) -> str:
+    # timeout 30m as in figure 5: deliveries the sink holds must not time out meanwhile
+    out = 'concurrency = 64\ntimeout = "30m"\n'
+    if source:
+        out += f'sources = ["{source}"]\n'
+    if batch:
+        out += f'\n[destinations.batch]\nmax_events = {batch}\nmax_wait = "1s"\n'
+    return out + "\n"
+
+
+def multi_config(db: Path, sources: list[tuple[str, str]], dests: list[str]) -> str:
+    """A daemon config with the given (name, write key) sources and destination blocks."""
+    out = (
+        f'[server]\nlisten = "127.0.0.1:0"\ndrain_timeout = "1s"\n\n'
+        f"[storage]\npath = {json.dumps(str(db))}\n\n"
+        f'[logging]\nlevel = "info"\nformat = "json"\n\n'
+    )
+    for name, key in sources:
+        out += f'[[sources]]\nname = "{name}"\nwrite_key = "{key}"\n\n'
+    return out + "".join(dests)
+
+
+def children_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of each direct child of pid (the function worker processes)."""
+    out: dict[int, float] = {}
+    for entry in os.listdir("/proc")[:100_000]:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out[int(entry)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
 
 
 class Daemon:
@@ -244,6 +319,7 @@ class Bench:
         self.e2e_events = args.e2e_events or (10_000 if self.quick else 50_000)
         self.slow_events = args.slow_events or (2_560 if self.quick else 10_240)
         self.backlog = args.backlog or (100_000 if self.quick else 1_000_000)
+        self.batch_events = args.batch_events or (50_000 if self.quick else 200_000)
         self.run_id = f"b{int(time.time())}"
         self.tmp = Path(tempfile.mkdtemp(prefix="destfnd-bench-"))
         self.results: dict = {}
@@ -539,6 +615,230 @@ class Bench:
             d.stop()
             sink.stop()
 
+    # -- phase 8-11: destination functions ---------------------------------------------------
+
+    def functions(self) -> None:
+        """Figures 8-11: function deliveries/s next to the webhook's and huey's, on_batch x100,
+        and the latency the process hop adds. Every daemon here is fresh (its own database)."""
+        r = self.results
+        n, nb = self.e2e_events, self.batch_events
+        fdir = self.tmp / "functions"
+        fdir.mkdir(parents=True, exist_ok=True)
+        fn, batch_fn = fdir / "fn.py", fdir / "batch_fn.py"
+        fn.write_text(FN_SOURCE)
+        batch_fn.write_text(BATCH_FN_SOURCE)
+        sink = Sink(self.client_cpu, self.tmp / "sink-functions.log", mode="ok")
+        single, batch = sink.url + "/in", sink.url + "/batch"
+        try:
+            with self.phase(f"8a. webhook deliveries/s, {n:,} events (same-run baseline)"):
+                r["fn_webhook"] = self.drain_run("fn-hook", sink, n, webhook_dest("hook", single))
+            for w in (1, 2):
+                with self.phase(f"8{'bc'[w - 1]}. function deliveries/s, {n:,}, workers = {w}"):
+                    dest = function_dest("fn", fn, single, workers=w)
+                    r[f"fn_w{w}"] = self.drain_run(f"fn-w{w}", sink, n, dest)
+            best = max((1, 2), key=lambda w: r[f"fn_w{w}"]["deliveries_per_s"] or 0)
+            r["fn_best_workers"] = best
+            with self.phase(f"9. huey: SqliteHuey consumer, {n:,} tasks"):
+                r["fn_huey"] = self.huey_run(sink, n)
+            with self.phase(f"10. on_batch x100, {nb:,} events (and webhook batch x100)"):
+                dest = function_dest("batch", batch_fn, batch, workers=best, batch=100)
+                r["fn_batch"] = self.drain_run("fn-batch", sink, nb, dest)
+                dest = webhook_dest("hookbatch", batch, batch=100)
+                r["fn_batch_webhook"] = self.drain_run("fn-hookbatch", sink, nb, dest)
+            with self.phase("11. latency, ingest -> sink, one event at a time"):
+                r["fn_latency"] = self.latency_run(sink, fn, best)
+        finally:
+            sink.stop()
+
+    def drain_run(self, label: str, sink: Sink, n: int, dest: str) -> dict:
+        """Figure 5's method: ingest n events while the sink holds the first deliveries, open
+        the sink, and take the rate from its first to its last answered delivery."""
+        name = dest.split('name = "', 1)[1].split('"', 1)[0]
+        work = self.tmp / label
+        d = Daemon(
+            work, multi_config(work / "q.sqlite3", [("web", WRITE_KEY)], [dest]), self.server_cpu
+        )
+        try:
+            sink.ctl(mode="hold", reset=True)
+            d.start()
+            fill = self.fill(d, n, label)
+            kids0 = children_cpu_s(d.proc.pid)
+            t0 = time.monotonic()
+            sink.ctl(mode="ok")
+            res = self.wait_delivered(sink, d, n, 120 + n / 500)
+            wall = time.monotonic() - t0
+            kids1 = children_cpu_s(d.proc.pid)
+            res["workers"] = len(kids1)
+            res["workers_cpu_util"] = (
+                round(sum(v - kids0.get(k, 0.0) for k, v in kids1.items()) / wall, 3)
+                if kids1
+                else None
+            )
+            res["requests"] = sink.count()["requests"]
+            res["fill"] = fill
+            res["stats"] = d.stats().get(name)
+        finally:
+            d.stop()
+        workers = f", workers CPU {res['workers_cpu_util']:.0%}" if res["workers"] else ""
+        log(
+            f"   {name}: {res['deliveries_per_s'] or 0:,.0f} events/s "
+            f"({res['delivered']:,}/{res['events']:,} in {res['requests']:,} requests; daemon "
+            f"CPU {res['daemon_cpu_util'] or 0:.0%}{workers}); stats {res['stats']}"
+        )
+        return res
+
+    def huey_run(self, sink: Sink, n: int) -> dict:
+        """huey's rate for the same task: enqueue n tasks (no consumer running), start the
+        consumer pinned like the daemon, rate from the sink's first to last delivery."""
+        work = self.tmp / "huey"
+        work.mkdir(parents=True, exist_ok=True)
+        env = dict(
+            os.environ,
+            BENCH_HUEY_DB=str(work / "huey.db"),
+            BENCH_SINK_URL=sink.url + "/in",
+            PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        )
+        argv = [PY, str(HERE / "huey_task.py"), "enqueue", "--events", str(n)]
+        argv += ["--prefix", f"{self.run_id}-huey"]
+        if self.client_cpu is not None:
+            argv += ["--cpu", str(self.client_cpu)]
+        out = subprocess.run(
+            argv,
+            env=dict(env, BENCH_HUEY_PRODUCER="1"),
+            stdout=subprocess.PIPE,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"huey producer failed ({out.returncode})")
+        enq = json.loads(out.stdout)
+        log(f"   enqueued {enq['enqueued']:,} tasks ({enq['per_s']:,.0f}/s)")
+        sink.ctl(mode="ok", reset=True)
+        consumer = HueyConsumer(
+            ["huey_task.huey", "-w", str(self.args.huey_workers), "-k", "thread", "-q"],
+            self.server_cpu,
+            work / "consumer.log",
+            env,
+        )
+        try:
+            res = self.wait_delivered(sink, consumer, n, 120 + n / 100)
+            res["requests"] = sink.count()["requests"]
+        finally:
+            consumer.stop()
+        res.update(enqueue=enq, consumer_args=consumer.args)
+        log(
+            f"   huey: {res['deliveries_per_s'] or 0:,.0f} deliveries/s "
+            f"({res['delivered']:,}/{res['events']:,}; consumer CPU "
+            f"{res['daemon_cpu_util'] or 0:.0%}) with {shlex.join(consumer.args)}"
+        )
+        return res
+
+    def latency_run(self, sink: Sink, fn: Path, workers: int) -> dict:
+        """p50 of (time at the sink - time posted) for events posted one at a time at a low
+        rate, through a function destination and through a webhook, in one daemon (one source
+        each); 20 warm-up events each first. Alternates 2 rounds of half the events each."""
+        work = self.tmp / "fn-latency"
+        hook_key, fn_key = "wk_lat_hook", "wk_lat_fn"
+        cfg = multi_config(
+            work / "q.sqlite3",
+            [("lat_hook", hook_key), ("lat_fn", fn_key)],
+            [
+                webhook_dest("hook", sink.url + "/in", source="lat_hook"),
+                function_dest("fn", fn, sink.url + "/in", workers=workers, source="lat_fn"),
+            ],
+        )
+        d = Daemon(work, cfg, self.server_cpu)
+        rate, total = self.args.latency_rate, self.args.latency_events
+        lat: dict[str, list[float]] = {"hook": [], "fn": []}
+        posts: dict[str, list[dict]] = {"hook": [], "fn": []}
+        try:
+            sink.ctl(mode="ok", reset=True)
+            d.start()
+            for who, key in (("hook", hook_key), ("fn", fn_key)):  # warm-up
+                self._paced_to_sink(sink, d, key, f"lat-warm-{who}", 20, rate)
+            for rnd in range(2):
+                order = (("hook", hook_key), ("fn", fn_key))
+                for who, key in order if rnd == 0 else order[::-1]:
+                    k = total // 2
+                    got, post = self._paced_to_sink(sink, d, key, f"lat{rnd}-{who}", k, rate)
+                    lat[who] += got
+                    posts[who].append(post)
+        finally:
+            d.stop()
+        res: dict = {"rate": rate, "events_each": total}
+        for who in ("hook", "fn"):
+            v = sorted(lat[who])
+            res[who] = {
+                "n": len(v),
+                **{
+                    f"p{q}_ms": round(v[min(len(v) - 1, int(q / 100 * len(v)))], 3) if v else None
+                    for q in (50, 90, 99)
+                },
+                "max_ms": round(v[-1], 3) if v else None,
+                "ingest_p50_ms": [p["latency_ms"]["p50"] for p in posts[who]],
+            }
+        h, f = res["hook"]["p50_ms"], res["fn"]["p50_ms"]
+        res["added_p50_ms"] = round(f - h, 3) if h is not None and f is not None else None
+        log(
+            f"   p50 at the sink: webhook {h} ms, function {f} ms: added {res['added_p50_ms']} ms"
+            f" (p90 {res['hook']['p90_ms']} / {res['fn']['p90_ms']} ms)"
+        )
+        return res
+
+    def _paced_to_sink(
+        self, sink: Sink, d: Daemon, key: str, label: str, k: int, rate: float
+    ) -> tuple[list[float], dict]:
+        """Post k stamped events at `rate`/s, wait until the sink has them all; returns the
+        sink's per-event latencies (ms) and the load generator's result."""
+        sink.ctl(reset=True)
+        post = self.load(
+            d.url,
+            label=label,
+            mode="paced",
+            rate=rate,
+            warmup=0,
+            duration=k / rate,
+            max_conns=4,
+            auth=key,
+            stamp=True,
+        )
+        deadline = time.monotonic() + 30
+        while sink.count()["events"] < k and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = sink.count()["events"]
+        if got < k:
+            raise RuntimeError(f"latency run {label}: only {got}/{k} events reached the sink")
+        with _http.open(sink.url + "/_latency?all=1", timeout=30) as resp:
+            values = json.loads(resp.read())["all_ms"]
+        return values, post
+
+
+class HueyConsumer:
+    """`python -m huey.bin.huey_consumer huey_task.huey ...` (cwd bench/), pinned like the
+    daemon; quacks like Daemon for wait_delivered."""
+
+    def __init__(self, args: list[str], cpu: int | None, logfile: Path, env: dict) -> None:
+        self.args = args
+        self.log_path = logfile
+        with logfile.open("ab") as logf:
+            self.proc = spawn(
+                [PY, "-m", "huey.bin.huey_consumer", *args],
+                cpu=cpu,
+                stdout=logf,
+                stderr=logf,
+                env=env,
+                cwd=str(HERE),
+            )
+
+    def cpu_s(self) -> float:
+        return cpu_s_of(self.proc.pid)
+
+    def tail(self, n: int = 20) -> str:
+        return b"\n".join(self.log_path.read_bytes().splitlines()[-n:]).decode(errors="replace")
+
+    def stop(self) -> int | None:
+        return stop(self.proc, 30)
+
 
 # -- report --------------------------------------------------------------------------------
 
@@ -677,6 +977,77 @@ def build_rows(b: Bench) -> list[dict]:
             " MB",
         )
         row("7. daemon RSS end MB", d["rss_end_mb"], None, None, "—", None, " MB")
+    if "fn_best_workers" in r:
+        w = r["fn_best_workers"]
+        f, h = r[f"fn_w{w}"], r["fn_webhook"]
+        rate, base = f["deliveries_per_s"], h["deliveries_per_s"]
+        ratio = rate / base if rate and base else None
+        row(
+            f"8. function deliveries/s, {f['events']:,} events (workers={w})" + _incomplete(f),
+            rate,
+            base,
+            ratio,
+            ">= 5,000; ratio >= 0.50",
+            f["complete"]
+            and h["complete"]
+            and ratio is not None
+            and rate >= 5_000
+            and ratio >= 0.50,
+        )
+        other = r[f"fn_w{3 - w}"]
+        row(
+            f"8. (the other: workers={3 - w})" + _incomplete(other),
+            other["deliveries_per_s"],
+            base,
+            other["deliveries_per_s"] / base if other["deliveries_per_s"] and base else None,
+            "—",
+            None,
+        )
+    if "fn_huey" in r:
+        hu, f = r["fn_huey"], r[f"fn_w{r['fn_best_workers']}"]
+        rate, base = f["deliveries_per_s"], hu["deliveries_per_s"]
+        ratio = rate / base if rate and base else None
+        row(
+            f"9. function vs huey deliveries/s ({hu['events']:,})" + _incomplete(hu),
+            rate,
+            base,
+            ratio,
+            "ratio >= 3",
+            f["complete"] and ratio is not None and ratio >= 3,
+        )
+    if "fn_batch" in r:
+        bt, bw = r["fn_batch"], r["fn_batch_webhook"]
+        rate, base = bt["deliveries_per_s"], bw["deliveries_per_s"]
+        row(
+            f"10. on_batch x100 events/s, {bt['events']:,} events" + _incomplete(bt),
+            rate,
+            base,
+            rate / base if rate and base else None,
+            ">= 40,000",
+            bt["complete"] and rate is not None and rate >= 40_000,
+        )
+    if "fn_latency" in r:
+        la = r["fn_latency"]
+        rate = f"{la['rate']:g}/s"
+        row(
+            f"11. ingest->sink p50 ms @ {rate}, function vs webhook",
+            la["fn"]["p50_ms"],
+            la["hook"]["p50_ms"],
+            None,
+            "—",
+            None,
+            " ms",
+        )
+        added = la["added_p50_ms"]
+        row(
+            "11. added p50 ms (function - webhook)",
+            added,
+            None,
+            None,
+            "< 2 ms",
+            added is not None and added < 2,
+            " ms",
+        )
     return rows
 
 
@@ -727,6 +1098,17 @@ def render(rows: list[dict], b: Bench, command: str, date: str) -> str:
         "baselines: 1-4 bare aiohttp+orjson server, same bodies, same run; 5 aiohttp client "
         "alone -> same sink (64 conns, one POST/event);",
         "           6 concurrency/latency = 64/50 ms; 7 drain vs figure 5 (small queue).",
+        *(
+            [
+                "           8 built-in webhook, same method, same run; 9 huey (SqliteHuey, "
+                f"huey_consumer -w {b.args.huey_workers} -k thread, http.client keep-alive) "
+                "-> same sink;",
+                "           10 built-in webhook with batch x100; 11 webhook destination in the "
+                "same daemon, same rate.",
+            ]
+            if "fn_best_workers" in b.results
+            else []
+        ),
         "phases: " + "; ".join(f"{n.split('.')[0]} {t:.0f}s" for n, t in b.phases),
     ]
     return "\n".join(out)
@@ -795,6 +1177,51 @@ def notes(b: Bench) -> list[str]:
                 f"{x['delivered']:,} of {x['events']:,}; last log lines:\n"
                 + "\n".join("      " + ln for ln in _short_log(x["daemon_log_tail"]))
             )
+    if "fn_best_workers" in r:
+        parts = []
+        for key, label in (
+            ("fn_webhook", "webhook"),
+            ("fn_w1", "function workers=1"),
+            ("fn_w2", "function workers=2"),
+            ("fn_batch", "on_batch x100"),
+            ("fn_batch_webhook", "webhook batch x100"),
+        ):
+            x = r.get(key)
+            if not x:
+                continue
+            cpu = f"daemon CPU {x['daemon_cpu_util'] or 0:.0%}"
+            if x.get("workers"):
+                cpu += f" + {x['workers']} worker(s) {x['workers_cpu_util'] or 0:.0%}"
+            parts.append(
+                f"{label} {x['deliveries_per_s'] or 0:,.0f}/s ({cpu}; ingest "
+                f"{x['fill']['events_per_s']:,.0f} events/s)"
+            )
+        out.append("functions: " + "; ".join(parts) + " (CPU as a share of one core)")
+        bad = {
+            k: r[k]["stats"]
+            for k in ("fn_webhook", "fn_w1", "fn_w2", "fn_batch", "fn_batch_webhook")
+            if k in r
+            and isinstance(r[k].get("stats"), dict)
+            and any(v for s, v in r[k]["stats"].items() if s not in ("delivered",))
+        }
+        if bad:
+            out.append(f"functions: deliveries not all delivered: {bad}")
+    hu = r.get("fn_huey")
+    if hu:
+        out.append(
+            f"huey: {shlex.join(hu['consumer_args'])}; consumer CPU "
+            f"{hu['daemon_cpu_util'] or 0:.0%} of a core; {hu['requests']:,} requests at the "
+            f"sink; enqueue {hu['enqueue']['per_s']:,.0f} tasks/s (producer fsync off)"
+        )
+    la = r.get("fn_latency")
+    if la:
+        out.append(
+            f"latency at {la['rate']:g}/s, {la['fn']['n']} + {la['hook']['n']} events "
+            f"(2 alternating rounds): function p50/p90/p99 {la['fn']['p50_ms']}/"
+            f"{la['fn']['p90_ms']}/{la['fn']['p99_ms']} ms, webhook {la['hook']['p50_ms']}/"
+            f"{la['hook']['p90_ms']}/{la['hook']['p99_ms']} ms; ingest answer p50 "
+            f"{la['fn']['ingest_p50_ms']} / {la['hook']['ingest_p50_ms']} ms"
+        )
     d = r.get("backlog_drain")
     if d:
         out.append(
@@ -811,8 +1238,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="short phases, 10k/100k-event queues")
     p.add_argument(
         "--phases",
-        default="ingest,delivery,backlog",
-        help="comma-separated subset of ingest,delivery,backlog",
+        default="ingest,delivery,backlog,functions",
+        help="comma-separated subset of ingest,delivery,backlog,functions",
     )
     p.add_argument("--duration", type=float, default=None, help="seconds per measured figure")
     p.add_argument(
@@ -821,6 +1248,10 @@ def main() -> int:
     p.add_argument("--e2e-events", type=int, default=None)
     p.add_argument("--slow-events", type=int, default=None)
     p.add_argument("--backlog", type=int, default=None)
+    p.add_argument("--batch-events", type=int, default=None, help="figure 10 (on_batch)")
+    p.add_argument("--huey-workers", type=int, default=8, help="figure 9: huey_consumer -w")
+    p.add_argument("--latency-events", type=int, default=200, help="figure 11, per destination")
+    p.add_argument("--latency-rate", type=float, default=50.0, help="figure 11, events/s")
     p.add_argument("--fill-max-s", type=float, default=900.0)
     p.add_argument("--drain-max-s", type=float, default=900.0)
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
@@ -846,6 +1277,8 @@ def main() -> int:
             b.delivery()
         if "backlog" in phases:
             b.backlog_drain()
+        if "functions" in phases:
+            b.functions()
     except Exception as exc:  # report what was measured, then fail
         failed = f"{type(exc).__name__}: {exc}"
         log(f"bench failed: {failed}")

@@ -9,7 +9,9 @@ Modes (every loop is bounded in count and time):
 Clients: `raw` (default) is a minimal HTTP/1.1 keep-alive client on asyncio protocols,
 cheap enough that one core of it can saturate an aiohttp server on the other core;
 `aiohttp` is aiohttp's ClientSession (about 3x more CPU per request, see README).
-Bodies are Segment-spec events with a fresh messageId each (the daemon dedupes ids).
+Bodies are Segment-spec events with a fresh messageId each (the daemon dedupes ids); with
+--stamp each event also carries properties.bench_t = time.time() when it is sent, from which
+sink.py computes per-event delivery latency (GET /_latency).
 """
 
 from __future__ import annotations
@@ -68,15 +70,22 @@ _EVENT = orjson.dumps(
 class Bodies:
     """Request bodies with unique messageIds: one event, or {"batch": [n events]}."""
 
-    def __init__(self, prefix: str, events: int) -> None:
+    def __init__(self, prefix: str, events: int, stamp: bool = False) -> None:
         self.prefix = prefix.encode()
         self.events = events
         self.parts = _EVENT.split(_MID)
         assert len(self.parts) == 2
+        self.stamp = stamp
+        if stamp:  # properties.bench_t = time.time() when the body is made (just before sending)
+            tail = self.parts[1].split(b'"properties":{', 1)
+            assert len(tail) == 2
+            self.parts = [self.parts[0], tail[0] + b'"properties":{"bench_t":', b"," + tail[1]]
         self.counter = itertools.count()
 
     def one(self) -> bytes:
         mid = self.prefix + b"-%d" % next(self.counter)
+        if self.stamp:
+            return self.parts[0] + mid + self.parts[1] + b"%.6f" % time.time() + self.parts[2]
         return self.parts[0] + mid + self.parts[1]
 
     def make(self, n: int | None = None) -> bytes:
@@ -450,7 +459,7 @@ async def main_async(args) -> dict:
         client = RawClient(host, port, args.path, args.auth, max_conns)
     else:
         client = AiohttpClient(f"http://{host}:{port}{args.path}", args.auth, max_conns)
-    bodies = Bodies(args.id_prefix, args.events)
+    bodies = Bodies(args.id_prefix, args.events, stamp=args.stamp)
     try:
         if args.mode == "closed":
             result = await closed(args, client, bodies)
@@ -492,6 +501,9 @@ def main() -> None:
     p.add_argument("--total-events", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=900.0, help="fill: give up after")
     p.add_argument("--progress", action="store_true")
+    p.add_argument(
+        "--stamp", action="store_true", help="put time.time() in properties.bench_t (sink latency)"
+    )
     p.add_argument("--id-prefix", default=f"bench-{os.getpid()}-{int(time.time())}")
     p.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
     args = p.parse_args()

@@ -3,6 +3,10 @@
   POST /<anything>   a webhook delivery (one event, or a JSON array of events)
   GET  /_count       {"events", "requests", "first", "last", "held", "mode"}; first/last are
                      time.time() of the first/last answered delivery since the last reset
+  GET  /_latency     {"n", "p50_ms", "p90_ms", "p99_ms", "max_ms", "min_ms"} (?all=1 adds
+                     "all_ms", every value in arrival order): for events that carry a
+                     client timestamp `properties.bench_t` (time.time() when posted, see
+                     load.py --stamp), time.time() at the sink when answered minus bench_t
   POST /_ctl         {"mode": "ok"|"hold", "delay_ms": N, "reset": true}
 
 Modes: "ok" answers 200 after `delay_ms`; "hold" keeps each request open until the mode
@@ -24,6 +28,8 @@ import time
 import orjson
 from aiohttp import web
 
+_MAX_LATENCIES = 1_000_000  # bounded memory
+
 
 class Sink:
     def __init__(self, mode: str, delay_ms: float, hold_max_s: float) -> None:
@@ -42,6 +48,7 @@ class Sink:
         self.requests = 0
         self.first: float | None = None
         self.last: float | None = None
+        self.latencies: list[float] = []  # seconds, events stamped with properties.bench_t
 
     async def deliver(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -66,7 +73,47 @@ class Sink:
         self.last = now
         self.events += n
         self.requests += 1
+        self._latency(data, now)
         return web.Response(text="ok")
+
+    def _latency(self, data, now: float) -> None:
+        """Record now - properties.bench_t for stamped events (cheap when not stamped)."""
+        first = data[0] if isinstance(data, list) and data else data
+        if not isinstance(first, dict):
+            return
+        props = first.get("properties")
+        if not isinstance(props, dict) or "bench_t" not in props:
+            return
+        if len(self.latencies) >= _MAX_LATENCIES:
+            return
+        for event in data if isinstance(data, list) else (data,):
+            try:
+                self.latencies.append(now - float(event["properties"]["bench_t"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+
+    async def latency(self, request: web.Request) -> web.Response:
+        v = sorted(self.latencies)
+
+        def p(q: float) -> float | None:
+            return round(v[min(len(v) - 1, int(q * len(v)))] * 1000, 3) if v else None
+
+        return web.json_response(
+            {
+                "n": len(v),
+                "p50_ms": p(0.50),
+                "p90_ms": p(0.90),
+                "p99_ms": p(0.99),
+                "max_ms": round(v[-1] * 1000, 3) if v else None,
+                "min_ms": round(v[0] * 1000, 3) if v else None,
+                **(
+                    {"all_ms": [round(x * 1000, 3) for x in self.latencies]}
+                    if request.query.get("all")
+                    else {}
+                ),
+            },
+            dumps=lambda o: orjson.dumps(o).decode(),
+        )
 
     async def count(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -105,6 +152,7 @@ async def serve(args) -> None:
     sink = Sink(args.mode, args.delay_ms, args.hold_max_s)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_get("/_count", sink.count)
+    app.router.add_get("/_latency", sink.latency)
     app.router.add_post("/_ctl", sink.ctl)
     app.router.add_post("/{tail:.*}", sink.deliver)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)

@@ -43,6 +43,14 @@ class Response:
         return f"<Response {self.status} {self.reason}>"
 
 
+def _clip(data: bytes) -> str:
+    """The start of a body for the record: the first BODY_LIMIT bytes, decoding no more."""
+    if len(data) <= record.BODY_LIMIT:
+        return data.decode("utf-8", "replace")
+    head = data[: record.BODY_LIMIT].decode("utf-8", "replace")
+    return f"{head}... [{len(data)} bytes in all]"
+
+
 def _session_for_loop() -> aiohttp.ClientSession:
     global _session
     if _session is None or _session.closed:
@@ -79,7 +87,7 @@ async def fetch(
         "method": method.upper(),
         "url": url,
         "request_headers": record.safe_headers(headers),
-        "request_body": record.clip(data.decode("utf-8", "replace")) if data else None,
+        "request_body": _clip(data) if data else None,
     }
     rec = record.current.get()
     started = time.monotonic()
@@ -101,5 +109,5 @@ async def fetch(
             rec.request(entry)
     entry["status"] = response.status
     entry["response_headers"] = record.safe_headers(response.headers)
-    entry["response_body"] = record.clip(raw.decode("utf-8", "replace"))
+    entry["response_body"] = _clip(raw)
     return response

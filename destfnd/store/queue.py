@@ -105,8 +105,12 @@ def claim(
     due = conn.execute(
         SQL["due"], {"destination": destination, "now": now, "limit": limit}
     ).fetchall()
-    lease_until = now + LEASE_MS
-    rows = [conn.execute(SQL["lease"], (lease_until, i)).fetchone() for (i,) in due]
+    rows = []
+    if due:
+        ids = [i for (i,) in due]
+        lease = SQL["lease"].format(ids=",".join("?" * len(ids)))
+        leased = {row[0]: row for row in conn.execute(lease, (now + LEASE_MS, *ids))}
+        rows = [leased[i] for i in ids]  # in due order (RETURNING's order is unspecified)
     if not rows:
         (next_due,) = conn.execute(SQL["next_due"], (destination,)).fetchone()
         return [], next_due

@@ -18,9 +18,9 @@ ORDER BY next_at, id LIMIT :limit;
 
 -- name: lease
 -- A leased row is pushed out of the due range (next_at set past the lease) so neither `due`
--- nor next_due sees it until it is finished or released.
+-- nor next_due sees it until it is finished or released. {ids}: the ids `due` returned.
 UPDATE deliveries SET leased = 1, attempts = attempts + 1, next_at = ?
-WHERE id = ?
+WHERE id IN ({ids})
 RETURNING id, event_id, attempts, created_at;
 
 -- name: next_due
