@@ -194,6 +194,8 @@ class Pool:
         self._replacing = 0
         self._closed = False
         self._quarantine: Worker | None = None
+        self._tasks: set[asyncio.Task] = set()  # respawns in progress
+        self._retired: list[Worker] = []
         self._quarantine_lock = asyncio.Lock()
         self.replacements = 0
         self.last_init_error: str | None = None
@@ -207,7 +209,11 @@ class Pool:
 
     async def close(self) -> None:
         self._closed = True
-        workers, self.workers = self.workers, []
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        workers, self.workers = self.workers + self._retired, []
+        self._retired = []
         if self._quarantine is not None:
             workers.append(self._quarantine)
         for worker in workers:
@@ -219,6 +225,7 @@ class Pool:
                     await worker.proc.wait()
             except TimeoutError:
                 worker.kill()
+                await worker.proc.wait()
             for task in worker.tasks:
                 task.cancel()
             await asyncio.gather(*worker.tasks, return_exceptions=True)
@@ -301,7 +308,11 @@ class Pool:
         self._log.warning("worker_replaced", pid=worker.pid, reason=reason)
         self._replacing += 1
         task = asyncio.create_task(self._respawn(worker), name=f"respawn:{self.spec.name}")
-        worker.tasks.append(task)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # Kept until its reader tasks end (they do once the process is gone): awaited at close.
+        self._retired = [w for w in self._retired if not all(t.done() for t in w.tasks)]
+        self._retired.append(worker)
 
     async def _respawn(self, old: Worker) -> None:
         delay = 0.05
