@@ -50,7 +50,7 @@ async def send(d: running_daemon, n: int, prefix: str = "m") -> list[str]:
         ("timeout-until-expired", [Reply(200, delay_s=1.0)] * 2,
          {**FAST_RETRY, "max_attempts": 2}, "expired", 2, "Timeout", "no response"),
         ("max-age-expires", [Reply(500)] * 5,
-         {"max_attempts": 10, "max_age": "1s", "backoff_initial": "600ms",
+         {"max_attempts": 10, "max_age": "1s", "backoff_initial": "800ms",
           "backoff_max": "5s"}, "expired", 2, "Retry", "HTTP 500"),
     ],
 )  # fmt: skip
