@@ -436,3 +436,43 @@ async def test_functions_insert_function_in_front_of_a_destination_function(
     assert sink.delivered()[0]["properties"] == {"plan": "pro", "tier": "gold"}
     version = rows["fn", "c-1"]["history"][0]["version"]
     assert version.startswith("function:") and ",insert:" in version
+
+
+SLOW_PY = """
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+
+async def test_functions_sigterm_to_the_whole_group_drains_in_flight_invocations(
+    make_daemon, tmp_path, session
+):
+    """systemd's default stop sends SIGTERM to every process of the service: the workers must
+    leave it to the daemon, which lets in-flight invocations finish."""
+    import os
+    import signal
+    from pathlib import Path
+
+    (tmp_path / "slow.py").write_text(SLOW_PY)
+    slow = Reply(200, delay_s=1.0)
+    async with Sink(lambda n, r: slow) as sink:
+        dest = function_destination("fn", "slow.py", f'{{ sink = "{sink.url}" }}',
+                                    concurrency="2", timeout='"5s"')  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        await send(session, daemon, [{"type": "track", "event": "E", "messageId": f"t-{i}"}
+                                     for i in range(4)])  # fmt: skip
+        await sink.wait_for(lambda: len(sink.requests) == 2)
+        children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children")
+        workers = [int(p) for p in children.read_text().split()]
+        assert workers, "no worker process found"
+        for pid in [daemon.proc.pid, *workers]:
+            os.kill(pid, signal.SIGTERM)
+        assert await daemon.wait(15) == 0
+        rows = deliveries(daemon)
+    done = {m: r["status"] for (_, m), r in rows.items()}
+    # The two in flight finished as delivered; the two queued went back, untouched.
+    assert sorted(done.values()) == ["delivered", "delivered", "pending", "pending"], done
+    assert all(r["attempts"] == (1 if r["status"] == "delivered" else 0) for r in rows.values())
+    assert not [r for r in daemon.log_records() if r.get("event") == "worker_replaced"]

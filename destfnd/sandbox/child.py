@@ -7,9 +7,11 @@ inherited pipes. Its stdout/stderr are not the protocol: print() is captured per
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import resource
+import signal
 import sys
 from typing import Any
 
@@ -272,8 +274,22 @@ async def _main(read_fd: int, write_fd: int) -> None:
         await fetch_module.close()
 
 
+def _tie_to_daemon() -> None:
+    """The daemon decides when a worker stops (it closes the pipe): a Ctrl-C or a SIGTERM sent
+    to the whole group (systemd's default) must not kill invocations the daemon is draining;
+    and if the daemon dies by SIGKILL, its workers go too (Linux: PR_SET_PDEATHSIG)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the closed pipe still ends the worker once its loop runs
+
+
 def main(argv: list[str]) -> None:
     read_fd, write_fd, memory_limit = int(argv[0]), int(argv[1]), int(argv[2])
+    _tie_to_daemon()
     if memory_limit > 0:
         # Address space, not RSS: a runaway allocation fails with MemoryError instead of
         # growing until the kernel's OOM killer picks a process (maybe the daemon).
