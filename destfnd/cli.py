@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
             metavar="PATH",
             help="config file (default: $DESTFND_CONFIG, else config/destfnd.toml)",
         )
+        # `destfnd check-config path/to/destfnd.toml` works too: what people type first.
+        p.add_argument("config_file", nargs="?", metavar="CONFIG", help="same as --config")
         p.set_defaults(func=func)
         return p
 
@@ -95,7 +97,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
+    return load_config(_config_path(args))
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    if args.config and args.config_file and args.config != args.config_file:
+        raise ConfigError([f"two config files given: {args.config} and {args.config_file}"])
+    return args.config or args.config_file
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -147,7 +155,7 @@ def _read(cfg: Config) -> sqlite3.Connection:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, resolve_secrets=False)
+    cfg = load_config(_config_path(args), resolve_secrets=False)
     conn = _read(cfg)
     try:
         counts = q.status_counts(conn)
@@ -211,7 +219,7 @@ def _print_attempt(a: dict) -> None:
 def cmd_deliveries(args: argparse.Namespace) -> int:
     from destfnd.spec import format_ms
 
-    cfg = load_config(args.config, resolve_secrets=False)
+    cfg = load_config(_config_path(args), resolve_secrets=False)
     conn = _read(cfg)
     try:
         rows = conn.execute(
@@ -256,6 +264,10 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             _print_attempt(a)
     if not records:
         print("no deliveries")
+    names = {d.name for d in cfg.destinations}
+    if args.destination and args.destination not in names:
+        known = ", ".join(sorted(names)) or "none"
+        print(f"note: no destination {args.destination!r} in the config ({known})", file=sys.stderr)
     return EXIT_OK
 
 

@@ -298,6 +298,8 @@ class Dispatcher:
         while True:
             if not self._outcomes:
                 if self._workers_left == 0:
+                    if self.counts:  # what happened since the last summary, at shutdown
+                        self._log.info("delivery_summary", **self.counts)
                     return
                 self._flush_wake.clear()
                 try:

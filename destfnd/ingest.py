@@ -216,7 +216,8 @@ class Ingest:
                 raise Rejected(
                     413,
                     "event too large",
-                    f"{where}: {len(payload)} bytes; at most {self._server.max_event_bytes}",
+                    f"{where}: {len(payload)} bytes with destfnd's fields; at most "
+                    f"{self._server.max_event_bytes} + {_ENRICH_ALLOWANCE}",
                 )
             events.append(IncomingEvent(message["messageId"], payload))
         return events

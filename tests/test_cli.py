@@ -180,3 +180,13 @@ async def test_cli_serve_refuses_a_busy_port_and_a_second_daemon_clearly(make_da
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert await daemon.terminate() == 0
+
+
+def test_cli_config_path_may_be_given_without_the_flag(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('[[sources]]\nname = "web"\nwrite_key = "k"\n')
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert str(path) in result.stdout
+    both = run_cli("check-config", str(path), "--config", str(tmp_path / "other.toml"))
+    assert both.returncode == 3 and "two config files given" in both.stderr

@@ -57,8 +57,11 @@ async def test_kill9_under_load_every_acknowledged_event_is_delivered(make_daemo
             assert len(acked) - before >= 300, "the load never got going"
         await daemon.start()
         await sink.wait_for(lambda: acked <= sink.delivered_ids(), timeout_s=90)
-        stats = daemon.stats()["hook"]
-        assert stats["pending"] == 0 and stats["retrying"] == 0, stats
+        # Events committed but not acknowledged (the kill came first) are delivered too.
+        deadline = time.monotonic() + 30
+        while (stats := daemon.stats()["hook"])["pending"] or stats["retrying"]:
+            assert time.monotonic() < deadline, stats
+            await asyncio.sleep(0.1)
         assert stats["delivered"] >= len(acked)
         assert await daemon.terminate() == 0
     assert any(r["event"] == "leases_recovered" for r in daemon.log_records(since_start=False))
