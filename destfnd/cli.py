@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"destfnd: {exc}", file=sys.stderr)
         return EXIT_STORE
     except DestfndError as exc:
-        from destfnd.function_destination import FunctionLoadError
+        from destfnd.daemon import DestinationStartError
         from destfnd.run_function import RunError
 
         print(f"destfnd: {exc}", file=sys.stderr)
-        return EXIT_CONFIG if isinstance(exc, RunError | FunctionLoadError) else EXIT_ERROR
+        return EXIT_CONFIG if isinstance(exc, RunError | DestinationStartError) else EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_ERROR
 

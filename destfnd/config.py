@@ -173,16 +173,6 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * _SIZE_UNITS[m[2][0].lower()])
 
 
-def redact(text: str, secrets: Iterable[Secret | str]) -> str:
-    """`text` with every occurrence of every secret value replaced by "[redacted]"."""
-    values = {s.value if isinstance(s, Secret) else s for s in secrets}
-    # Longest first, in one pass: a secret that contains another is hidden whole.
-    ordered = sorted((v for v in values if v), key=len, reverse=True)
-    if not ordered:
-        return text
-    return re.sub("|".join(map(re.escape, ordered)), "[redacted]", text)
-
-
 def config_secrets(cfg: Config) -> list[str]:
     """Every secret value that came from env, a file or a credential, without duplicates
     (inline values are not secrets: they are in the file anyway)."""

@@ -16,10 +16,11 @@ from aiohttp import web
 
 from destfnd import sdnotify
 from destfnd.config import Config, DestinationConfig, config_secrets
-from destfnd.dispatch import Deliverer, Dispatcher, Redactor
+from destfnd.dispatch import Deliverer, Dispatcher
 from destfnd.errors import DestfndError
-from destfnd.function_destination import FunctionDestination, FunctionLoadError
+from destfnd.function_destination import FunctionDestination
 from destfnd.ingest import Ingest
+from destfnd.redact import Redactor
 from destfnd.store import Writer, open_db
 from destfnd.store import queue as q
 from destfnd.webhook import FileSink, Webhook
@@ -34,6 +35,10 @@ _HTTP_SHUTDOWN_S = 5.0
 
 class DaemonError(DestfndError):
     """The daemon cannot start."""
+
+
+class DestinationStartError(DestfndError):
+    """A destination cannot start: its function does not load, or its file cannot be opened."""
 
 
 def lock_database(path: Path) -> IO[bytes]:
@@ -61,27 +66,28 @@ def make_deliverer(dest: DestinationConfig, redactor: Redactor, where: str) -> D
     return builtin
 
 
-async def start_deliverers(
-    cfg: Config, redactor: Redactor, *, enabled_only: bool = True
-) -> dict[str, Deliverer]:
-    """Start every destination's deliverer (workers load the functions); on any failure close
-    the ones started and raise one error listing every problem."""
+async def start_deliverers(cfg: Config, redactor: Redactor) -> dict[str, Deliverer]:
+    """Start every enabled destination's deliverer (workers load the functions); on any failure
+    close the ones started and raise one error listing every problem."""
     started: dict[str, Deliverer] = {}
     problems: list[str] = []
-    for i, dest in enumerate(cfg.destinations):
-        if enabled_only and not dest.enabled:
-            continue
-        deliverer = make_deliverer(dest, redactor, f"destinations[{i}]")
-        try:
-            await deliverer.start()
-        except FunctionLoadError as exc:
-            problems.append(str(exc))
-            continue
-        started[dest.name] = deliverer
-    if problems:
+    try:
+        for i, dest in enumerate(cfg.destinations):
+            if not dest.enabled:
+                continue
+            deliverer = make_deliverer(dest, redactor, f"destinations[{i}]")
+            try:
+                await deliverer.start()
+            except DestfndError as exc:
+                problems.append(str(exc))
+                continue
+            started[dest.name] = deliverer
+        if problems:
+            raise DestinationStartError("\n".join(problems))
+    except BaseException:
         for deliverer in started.values():
             await deliverer.close()
-        raise FunctionLoadError("\n".join(problems))
+        raise
     return started
 
 
@@ -127,22 +133,14 @@ class Daemon:
         for dest in cfg.destinations:
             if dest.name in deliverers:
                 self.dispatchers[dest.name] = Dispatcher(
-                    dest, writer, deliverers[dest.name], redact=redactor,
+                    dest, writer, deliverers[dest.name], clock=self._now_ms, redact=redactor,
                     on_recorded=self._recorded,
                     summary_every_s=cfg.logging.summary_interval_s,
                 )  # fmt: skip
-        by_source = {
-            s.name: [
-                self.dispatchers[d.name]
-                for d in cfg.destinations
-                if d.name in self.dispatchers and s.name in d.sources
-            ]
-            for s in cfg.sources
-        }
 
-        def on_commit(source: str) -> None:
-            for dispatcher in by_source[source]:
-                dispatcher.wake()
+        def on_commit(destinations: tuple[str, ...]) -> None:
+            for name in destinations:
+                self.dispatchers[name].wake()
 
         ingest = Ingest(cfg, writer, on_commit, clock=self._clock)
         runner = web.AppRunner(

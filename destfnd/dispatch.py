@@ -40,31 +40,6 @@ class Deliverer(Protocol):
     async def deliver(self, payloads: list[bytes], batched: bool) -> Report: ...
 
 
-MIN_SECRET_CHARS = 4
-
-
-class Redactor:
-    """Replaces every known secret value with "[redacted]"; more can be added at start-up
-    (settings a function declares secret)."""
-
-    def __init__(self, secrets: list[str] | None = None) -> None:
-        self._secrets: list[str] = []
-        for secret in secrets or []:
-            self.add(secret)
-
-    def add(self, secret: str) -> None:
-        # Shorter values are too common to replace without mangling everything around them.
-        if len(secret) >= MIN_SECRET_CHARS and secret not in self._secrets:
-            self._secrets.append(secret)
-            self._secrets.sort(key=len, reverse=True)  # longest first: no partial leftovers
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "[redacted]")
-        return text
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -187,12 +162,10 @@ class Dispatcher:
                 self._unit_ready.set()
                 continue
             # Nothing was claimable: never spin, even if next_due says "now" (a clock step).
-            wait_s = max(wait_s, 0.005)
-            if wait_s > 0:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), wait_s)
-                except TimeoutError:
-                    pass
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(wait_s, 0.005))
+            except TimeoutError:
+                pass
 
     def _push(self, unit: list[Claimed]) -> None:
         self._units.append(unit)

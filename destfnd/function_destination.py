@@ -9,11 +9,12 @@ from __future__ import annotations
 import orjson
 
 from destfnd.config import Config, DestinationConfig, Secret
-from destfnd.dispatch import Deliverer, Redactor
+from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
 from destfnd.outcome import ErrorType, Kind, Outcome, Report, retry, same_for_all
+from destfnd.redact import Redactor
 from destfnd.sandbox.pool import InitError, Pool, Spec, WorkerFailed
-from destfnd.sandbox.runtime import EVENT_TYPES
+from destfnd.spec import EVENT_TYPES
 
 
 class FunctionLoadError(DestfndError):
@@ -85,10 +86,8 @@ class FunctionDestination:
         if problems:
             await self.pool.close()
             raise FunctionLoadError("\n".join(problems))
-        for key in ready.get("secret_settings", []):
-            value = self.dest.settings.get(key)
-            if value is not None:
-                self._redactor.add(str(plain_settings(value)))
+        settings = plain_settings(self.dest.settings)
+        self._redactor.add_settings(ready.get("secret_settings", []), settings)  # type: ignore[arg-type]
         versions = ready.get("versions", {})
         self.version = ",".join(f"{k}:{v}" for k, v in sorted(versions.items())) or None
         if self._downstream is not None:

@@ -53,13 +53,13 @@ _AUTH_CACHE_SIZE = 1024
 
 
 class Ingest:
-    """The aiohttp app; `on_commit(source)` is told after events of a source were committed."""
+    """The aiohttp app; `on_commit(destinations)` is told which destinations got new work."""
 
     def __init__(
         self,
         cfg: Config,
         writer: Writer,
-        on_commit: Callable[[str], None],
+        on_commit: Callable[[tuple[str, ...]], None],
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -126,8 +126,9 @@ class Ingest:
             raise Rejected(401, "unauthorized", "unknown write key")
         now_s = self._clock()
         events = self._prepare(body, endpoint_type, now_s)
-        if events:
-            destinations = self._fanout[source]
+        destinations = self._fanout[source]
+        # Valid but subscribed to by nothing: nothing to store (nor to dedupe later).
+        if events and destinations:
             now_ms = int(now_s * 1000)
             cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
             try:
@@ -137,8 +138,7 @@ class Ingest:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
                 log.error("commit_failed", error=str(exc))
                 raise Rejected(503, "unavailable", "could not store the events; retry") from None
-            if destinations:
-                self._on_commit(source)
+            self._on_commit(destinations)
         return web.Response(body=_OK, headers=_JSON)
 
     async def _body(self, request: web.Request) -> bytes:

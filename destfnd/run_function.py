@@ -9,8 +9,8 @@ from pathlib import Path
 
 import orjson
 
-from destfnd.dispatch import Redactor
 from destfnd.errors import DestfndError
+from destfnd.redact import Redactor
 from destfnd.sandbox.pool import InitError, Pool, Spec, WorkerFailed
 
 _STATUS = {"ok": "delivered", "retry": "retried", "discard": "discarded", "drop": "dropped"}
@@ -89,8 +89,8 @@ async def run(
         problems = ready.get("settings_problems", [])
         if problems:
             raise RunError("; ".join(f"--{p}" for p in problems))
-        redact = Redactor([str(settings[k]) for k in ready.get("secret_settings", [])
-                           if k in settings])  # fmt: skip
+        redact = Redactor()
+        redact.add_settings(ready.get("secret_settings", []), settings)
         try:
             reply = await pool.call(
                 events, batch=batch, stages=["insert" if insert else "function"]

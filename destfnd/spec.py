@@ -1,6 +1,6 @@
 """The Segment event spec: which messages are valid, and how an accepted one is enriched.
 
-Pure functions over plain dicts; no I/O, no clock (callers pass `received_at_ms`).
+Pure functions over plain dicts; no I/O, no clock (callers pass the time they received it).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias", "delete"})
+EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias", "delete")
 
 # Path segment of /v1/<kind> -> event type; the short forms are analytics.js's.
 ENDPOINT_TYPES = {

@@ -12,6 +12,7 @@ import aiohttp
 
 from destfnd import __version__
 from destfnd.config import DestinationConfig, Secret
+from destfnd.errors import DestfndError
 from destfnd.outcome import DELIVERED, ErrorType, Outcome, Report, discard, retry, same_for_all
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
@@ -95,8 +96,11 @@ class FileSink:
         self._file = None
 
     async def start(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self._path.open("ab")
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self._path.open("ab")
+        except OSError as exc:
+            raise DestfndError(f"{self._path}: cannot open for appending: {exc.strerror}") from None
 
     async def close(self) -> None:
         if self._file is not None:

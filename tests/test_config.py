@@ -16,7 +16,6 @@ from destfnd.config import (
     load_config,
     parse_duration,
     parse_size,
-    redact,
 )
 
 EXAMPLE = """
@@ -516,16 +515,6 @@ def test_config_parse_size(text: str, size: int) -> None:
 def test_config_parse_size_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_size(text)
-
-
-def test_config_redact_replaces_every_secret() -> None:
-    text = "token=abc123 again abc123 and Bearer xyz-long-secret, pw=p"
-    secrets = [Secret("abc123", "env:A"), "xyz-long-secret", "xyz", "", Secret("pw=p")]
-
-    redacted = "token=[redacted] again [redacted] and Bearer [redacted], [redacted]"
-    assert redact(text, secrets) == redacted
-    assert redact("nothing here", []) == "nothing here"
-    assert redact("a.b*c", ["."]) == "a[redacted]b*c"
 
 
 def test_config_unresolved_secrets_load_without_their_environment(tmp_path):

@@ -46,10 +46,6 @@ class CallRecord:
 current: ContextVar[CallRecord | None] = ContextVar("destfnd_call_record", default=None)
 
 
-def clip(text: str, limit: int = BODY_LIMIT) -> str:
-    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more]"
-
-
 def safe_headers(headers: object) -> dict[str, str]:
     items = headers.items() if hasattr(headers, "items") else []
     return {

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
 import structlog
 
 from destfnd.sandbox import protocol
@@ -111,11 +110,15 @@ async def spawn(spec: Spec, on_exit: Callable[[Worker, str], None] | None = None
     except (TimeoutError, protocol.ProtocolError) as exc:
         worker.kill()
         await proc.wait()
-        raise InitError(f"the worker did not start: {exc or 'timed out'}") from None
+        raise InitError(f"the worker did not start: {str(exc) or 'timed out'}") from None
+    except BaseException:  # cancelled (e.g. shutting down): leave no process behind
+        worker.kill()
+        await asyncio.shield(proc.wait())
+        raise
     if reply is None or reply.get("t") != "ready":
         worker.kill()
         await proc.wait()  # reaped while the loop runs
-        output = (await proc.stdout.read(4000)).decode(errors="replace").strip()
+        output = (await proc.stdout.read(64_000)).decode(errors="replace").strip()
         if reply is not None and reply.get("t") == "init_error":
             raise InitError(reply["message"])
         raise InitError(f"the worker exited while loading: {output[-500:] or 'no output'}")
@@ -143,7 +146,7 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
                 continue  # a reply after its timeout: already recorded
             if kind in ("result", "pong"):
                 future.set_result(message)
-    except (protocol.ProtocolError, orjson.JSONDecodeError) as exc:
+    except protocol.ProtocolError as exc:
         log.error("worker_protocol_error", pid=worker.pid, error=str(exc))
         worker.kill()
     finally:
@@ -197,7 +200,6 @@ class Pool:
         self._tasks: set[asyncio.Task] = set()  # respawns in progress
         self._retired: list[Worker] = []
         self._quarantine_lock = asyncio.Lock()
-        self.replacements = 0
         self.last_init_error: str | None = None
         self._log = log.bind(destination=spec.name)
 
@@ -304,7 +306,6 @@ class Pool:
             return
         self.workers.remove(worker)
         worker.kill()
-        self.replacements += 1
         self._log.warning("worker_replaced", pid=worker.pid, reason=reason)
         self._replacing += 1
         task = asyncio.create_task(self._respawn(worker), name=f"respawn:{self.spec.name}")

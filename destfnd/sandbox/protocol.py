@@ -44,7 +44,10 @@ async def read_frame(reader: asyncio.StreamReader) -> dict | None:
         body = await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         raise ProtocolError("stream ended inside a frame") from None
-    message = orjson.loads(body)
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"a frame is not JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("a frame is not an object")
     return message

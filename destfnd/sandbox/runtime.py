@@ -22,8 +22,8 @@ from destfnd.functions.errors import (
     RetryError,
     ValidationError,
 )
+from destfnd.spec import EVENT_TYPES
 
-EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias", "delete")
 HANDLER_NAMES = (*(f"on_{t}" for t in EVENT_TYPES), "on_batch")
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 # Frames from these folders are plumbing: ours, and the thread hop of a plain `def` handler.

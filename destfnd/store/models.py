@@ -15,9 +15,6 @@ class Status(StrEnum):
     EXPIRED = "expired"
 
 
-TERMINAL = frozenset({Status.DELIVERED, Status.DISCARDED, Status.DROPPED, Status.EXPIRED})
-
-
 @dataclass(frozen=True, slots=True)
 class IncomingEvent:
     message_id: str

@@ -37,14 +37,17 @@ def insert_many(conn: sqlite3.Connection, requests: list[IngestRequest]) -> list
 
     Events of a source with no destinations are not stored: there is nothing to deliver.
     """
-    wanted: dict[tuple[str, int], set[str]] = {}
+    wanted: dict[str, set[str]] = {}
+    cutoffs: dict[str, int] = {}
     for r in requests:
         if r.destinations:
-            wanted.setdefault((r.source, r.dedupe_cutoff), set()).update(
-                e.message_id for e in r.events
-            )
+            wanted.setdefault(r.source, set()).update(e.message_id for e in r.events)
+            # One lookup per source for the whole group: the requests' cutoffs differ by
+            # milliseconds; the earliest is used for all.
+            cutoffs[r.source] = min(cutoffs.get(r.source, r.dedupe_cutoff), r.dedupe_cutoff)
     stored: dict[str, set[str]] = {}
-    for (source, cutoff), ids in wanted.items():
+    for source, ids in wanted.items():
+        cutoff = cutoffs[source]
         found = stored.setdefault(source, set())
         ids_list = list(ids)
         for start in range(0, len(ids_list), _CHUNK):

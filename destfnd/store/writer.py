@@ -19,6 +19,16 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]  # or a _Batched item
 
 
+def _resolve(group: list[tuple[Op, asyncio.Future]], results: list[tuple[bool, Any]]) -> None:
+    for (_, future), (ok, value) in zip(group, results, strict=True):
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
 def _call(op: Callable[..., Any], args: tuple, conn: sqlite3.Connection) -> Any:
     return op(conn, *args)
 
@@ -67,18 +77,16 @@ class Writer:
                     await self._wake.wait()
                     continue
                 group, self._queue = self._queue, []
-                # The thread is not cancelled with us: wait for the commit, then resolve.
-                results = await asyncio.shield(
-                    loop.run_in_executor(self._thread, self._commit, group)
-                )
+                running = loop.run_in_executor(self._thread, self._commit, group)
+                try:
+                    results = await asyncio.shield(running)
+                except asyncio.CancelledError:
+                    # The thread cannot be stopped: let it finish, answer its waiters (the
+                    # rows are committed), then stop.
+                    _resolve(group, await running)
+                    raise
                 self.groups += 1
-                for (_, future), (ok, value) in zip(group, results, strict=True):
-                    if future.done():
-                        continue
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
+                _resolve(group, results)
         finally:
             self._closing = True  # also when cancelled or crashed: later run() calls fail fast
             for _, future in self._queue:

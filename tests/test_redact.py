@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from destfnd.redact import Redactor
+
+
+def test_redact_replaces_every_secret_longest_first():
+    redact = Redactor(["abc123", "xyz-long-secret", "xyz-long", "", "pw=p", "ab"])
+    text = "token=abc123 again abc123 and Bearer xyz-long-secret, pw=p ab"
+    assert redact(text) == "token=[redacted] again [redacted] and Bearer [redacted], [redacted] ab"
+    assert redact("nothing here") == "nothing here"
+    assert Redactor()("abc123") == "abc123"
+
+
+def test_redact_settings_declared_secret_nested_values_too():
+    redact = Redactor()
+    settings = {"apiKey": "k-123456", "oauth": {"id": "client-1", "secret": "s-987654"},
+                "plain": "visible-value"}  # fmt: skip
+    redact.add_settings(["apiKey", "oauth", "missing"], settings)
+    assert redact("k-123456 client-1 s-987654 visible-value") == (
+        "[redacted] [redacted] [redacted] visible-value"
+    )
