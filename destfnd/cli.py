@@ -15,7 +15,7 @@ import orjson
 import structlog
 
 from destfnd import logs
-from destfnd.config import Config, ConfigError, load_config
+from destfnd.config import Config, ConfigError, DestinationConfig, load_config
 from destfnd.errors import DestfndError
 from destfnd.store import Status, StoreError, open_db
 from destfnd.store import queue as q
@@ -276,9 +276,10 @@ def cmd_run_function(args: argparse.Namespace) -> int:
 
     events, batch = rf.read_events(args.event, sys.stdin.isatty())
     settings = rf.parse_settings(args.settings)
+    memory_limit = DestinationConfig(name="", kind="").memory_limit_bytes  # as a destination's
     result = asyncio.run(
         rf.run(Path(args.file), events, batch, settings, insert=args.insert,
-               timeout_s=args.timeout, memory_limit_bytes=512 * 1024 * 1024)
+               timeout_s=args.timeout, memory_limit_bytes=memory_limit)
     )  # fmt: skip
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(result.report, option=orjson.OPT_INDENT_2) + b"\n")

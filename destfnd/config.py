@@ -287,18 +287,20 @@ class _Reader:
         top = self.table(raw, "", _TOP_KEYS)
         server = self.server(self.table(top.get("server"), "server", _SERVER_KEYS))
         t = self.table(top.get("storage"), "storage", _STORAGE_KEYS)
+        d, g = StorageConfig(self.path("var/destfnd.sqlite3")), partial(self.get, t, "storage")
         storage = StorageConfig(
-            path=self.get(t, "storage", "path", self.path, self.path("var/destfnd.sqlite3")),
-            retention_s=self.get(t, "storage", "retention", _duration(), 7 * 86400.0),
-            synchronous=self.get(t, "storage", "synchronous", _choice("FULL", "NORMAL"), "FULL"),
-            records_max_bytes=self.get(t, "storage", "records_max_size", _size(MIB), 1024 * MIB),
+            path=g("path", self.path, d.path),
+            retention_s=g("retention", _duration(), d.retention_s),
+            synchronous=g("synchronous", _choice("FULL", "NORMAL"), d.synchronous),
+            records_max_bytes=g("records_max_size", _size(MIB), d.records_max_bytes),
         )
         t = self.table(top.get("logging"), "logging", _LOGGING_KEYS)
         levels = _choice("debug", "info", "warning", "error")
+        d, g = LoggingConfig(), partial(self.get, t, "logging")
         logging = LoggingConfig(
-            level=self.get(t, "logging", "level", levels, "info"),
-            format=self.get(t, "logging", "format", _choice("auto", "json", "console"), "auto"),
-            summary_interval_s=self.get(t, "logging", "summary_interval", _duration(), 60.0),
+            level=g("level", levels, d.level),
+            format=g("format", _choice("auto", "json", "console"), d.format),
+            summary_interval_s=g("summary_interval", _duration(), d.summary_interval_s),
         )
         write_key = partial(self.secret, inline_ok=True)
         sources = tuple(
@@ -359,6 +361,7 @@ class _Reader:
                 self.fail(f"{where}.{key}", only)
         why = "" if "type" in t else ' (or set type = "webhook" or "file")'
         batch, retry = f"{where}.batch", f"{where}.retry"
+        d = DestinationConfig(name="", kind="")
         return DestinationConfig(
             name=g("name", _name, required=""),
             kind=kind,
@@ -370,11 +373,11 @@ class _Reader:
             else (),
             path=g("path", self.path, required=' for type = "file"') if kind == "file" else None,
             sources=g("sources", partial(self.source_names, known), known),
-            enabled=g("enabled", _boolean, True),
-            concurrency=g("concurrency", _integer(1, 1024), 8),
-            timeout_s=g("timeout", _duration(), 5.0),
-            memory_limit_bytes=g("memory_limit", _size(64 * MIB), 512 * MIB),
-            workers=g("workers", _integer(1, 64), 1),
+            enabled=g("enabled", _boolean, d.enabled),
+            concurrency=g("concurrency", _integer(1, 1024), d.concurrency),
+            timeout_s=g("timeout", _duration(), d.timeout_s),
+            memory_limit_bytes=g("memory_limit", _size(64 * MIB), d.memory_limit_bytes),
+            workers=g("workers", _integer(1, 64), d.workers),
             settings=g("settings", partial(self.settings, where=f"{where}.settings"), {}),
             batch=self.batch(self.table(t["batch"], batch, _BATCH_KEYS), batch)
             if "batch" in t
