@@ -17,7 +17,7 @@ from destfnd.outcome import DELIVERED, ErrorType, Outcome, Report, discard, retr
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
-_MAX_ERROR_BODY = 200  # characters of a failed response kept in the error message
+_MAX_ERROR_BODY = 4096  # bytes of a failed response's body kept on the attempt
 
 
 def parse_retry_after(value: str | None, now_s: float) -> float | None:
@@ -73,10 +73,11 @@ class Webhook:
                 if 200 <= resp.status < 300:
                     await resp.read()
                     return DELIVERED
-                text = (await resp.text(errors="replace"))[:_MAX_ERROR_BODY]
+                # The body goes to the Event Delivery view only: it may echo the event, and the
+                # error message is logged.
+                body_text = (await resp.content.read(_MAX_ERROR_BODY)).decode("utf-8", "replace")
+                request["response_body"] = body_text
                 message = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
-                if text.strip():
-                    message += f": {text.strip()}"
                 if resp.status >= 500 or resp.status in _RETRY_STATUSES:
                     after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
                     return retry(ErrorType.RETRY, message, after)

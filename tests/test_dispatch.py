@@ -146,3 +146,22 @@ async def test_dispatch_sources_and_disabled_destinations_fan_out(tmp_path):
     assert all_sink.delivered_ids() == {"web-0", "web-1", "ios-0"}
     assert off_sink.requests == []
     assert {r["destination"] for r in d.deliveries()} == {"web-only", "everything"}
+
+
+async def test_dispatch_failed_response_body_is_recorded_not_logged(tmp_path):
+    import sqlite3
+
+    import orjson
+
+    reply = Reply(422, body='{"error": "email a@example.com is invalid"}')
+    async with Sink(lambda n, r: reply) as sink:
+        dest = webhook("hook", sink.url, retry=FAST_RETRY)
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 1)
+            (row,) = await d.wait_for_status({"discarded"}, 1)
+    assert row["last_error"] == "HTTP 422 Unprocessable Entity"
+    conn = sqlite3.connect(d.cfg.storage.path)
+    (requests,) = conn.execute("SELECT requests FROM invocations").fetchone()
+    conn.close()
+    (request,) = orjson.loads(requests)
+    assert request["status"] == 422 and "a@example.com" in request["response_body"]
