@@ -136,6 +136,7 @@ class Daemon:
                     dest, writer, deliverers[dest.name], clock=self._now_ms, redact=redactor,
                     on_recorded=self._recorded,
                     summary_every_s=cfg.logging.summary_interval_s,
+                    log_successes=cfg.logging.level == "debug",
                 )  # fmt: skip
 
         def on_commit(destinations: tuple[str, ...]) -> None:

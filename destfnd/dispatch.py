@@ -56,6 +56,7 @@ class Dispatcher:
         redact: Callable[[str], str] = str,
         on_recorded: Callable[[int], None] = lambda size: None,
         summary_every_s: float = 60.0,
+        log_successes: bool = False,
     ) -> None:
         self.dest = dest
         self._writer = writer
@@ -65,6 +66,7 @@ class Dispatcher:
         self._redact = redact
         self._on_recorded = on_recorded
         self._summary_every_s = summary_every_s
+        self._log_successes = log_successes
         self._batch = dest.batch
         # Units of work leased but not started: enough to keep every worker busy between claims.
         self._max_units = max(2 * dest.concurrency, 2 if self._batch else 64)
@@ -246,6 +248,8 @@ class Dispatcher:
         finished = Finished(c.delivery_id, status, at, error_type, message, c.attempt, now)
         key = str(status)  # a plain str: orjson refuses enum keys
         self.counts[key] = self.counts.get(key, 0) + 1
+        if status is Status.DELIVERED and not self._log_successes:
+            return finished  # the hot path: one line per success only at level = "debug"
         fields = {
             "message_id": c.message_id,
             "attempt": c.attempt,
