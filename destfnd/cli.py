@@ -190,11 +190,18 @@ WHERE (:destination IS NULL OR d.destination = :destination)
 ORDER BY d.id DESC LIMIT :limit
 """
 
+# Every attempt that did not deliver has its row; the delivering one is the delivery itself.
 _ATTEMPTS = """
 SELECT a.attempt, a.at, a.status, a.error_type, a.error, i.duration_ms, i.version, i.logs,
        i.requests
 FROM attempts a LEFT JOIN invocations i ON i.id = a.invocation_id
-WHERE a.delivery_id = ? ORDER BY a.attempt
+WHERE a.delivery_id = :id
+UNION ALL
+SELECT d.attempts, d.finished_at, d.status, NULL, NULL, i.duration_ms, i.version, i.logs,
+       i.requests
+FROM deliveries d LEFT JOIN invocations i ON i.id = d.invocation_id
+WHERE d.id = :id AND d.status = 'delivered'
+ORDER BY 1
 """
 _ATTEMPT_KEYS = ("attempt", "at", "status", "error_type", "error", "duration_ms", "version",
                  "logs", "requests")  # fmt: skip
@@ -227,7 +234,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             {"destination": args.destination, "status": args.status,
              "message_id": args.message_id, "limit": max(args.limit, 0)},
         ).fetchall()  # fmt: skip
-        attempts = {row[0]: conn.execute(_ATTEMPTS, (row[0],)).fetchall() for row in rows}
+        attempts = {row[0]: conn.execute(_ATTEMPTS, {"id": row[0]}).fetchall() for row in rows}
     except sqlite3.Error as exc:
         raise StoreError(f"{cfg.storage.path}: cannot read: {exc}") from exc
     finally:

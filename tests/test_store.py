@@ -630,8 +630,13 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     assert sizes == [100 * (n + 1) + 2 for n in range(6)]
     total = q.invocations_size(conn)
     assert total == sum(sizes)
-    rows = conn.execute("SELECT delivery_id, attempt, status FROM attempts").fetchall()
-    assert len(rows) == 6 and {r[2] for r in rows} == {"delivered"}
+    # A delivered attempt is the delivery row itself, pointing at its invocation.
+    assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
+    linked = conn.execute(
+        "SELECT i.started_at FROM deliveries d JOIN invocations i ON i.id = d.invocation_id"
+        " ORDER BY d.id"
+    ).fetchall()
+    assert linked == [(T0 + n,) for n in range(6)]
     # Nothing is old: only the budget prunes, oldest first, until the rest fits.
     deleted, freed = q.prune_invocations(conn, T0 - 1, total - 250, total, 100)
     assert (deleted, freed) == (2, sizes[0] + sizes[1])
@@ -641,5 +646,12 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     deleted, _ = q.prune_invocations(conn, T0 + 4, 10**9, total - freed, 100)
     assert deleted == 2
     # Pruning a delivery takes its attempts along.
+    insert(conn, ["failing"], destinations=("crm",), now=T0)
+    (c,), _ = q.claim(conn, "crm", T0, 10)
+    failed = Finished(
+        c.delivery_id, Status.DISCARDED, T0 + 7, "Bad Request", "no", c.attempt, T0 + 7
+    )
+    q.finish(conn, [failed], Invocation("crm", T0 + 7, 1.0, None, "", b"[]"))
+    assert conn.execute("SELECT status FROM attempts").fetchall() == [("discarded",)]
     q.prune(conn, T0 + 100, 100)
     assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0

@@ -148,20 +148,23 @@ def finish(
             SQL["insert_invocation"],
             (i.destination, i.started_at, i.duration_ms, i.version, i.logs, i.requests, size),
         ).lastrowid
+    # A delivered attempt is the delivery row itself (finished_at, invocation_id): no row.
     attempts = [
         (o.delivery_id, o.attempt, invocation_id, o.ended_at, str(o.status), o.error_type,
          o.error)
         for o in outcomes
-        if o.attempt
+        if o.attempt and o.status is not Status.DELIVERED
     ]  # fmt: skip
     if attempts:
         conn.executemany(SQL["insert_attempt"], attempts)
     done, retry = [], []
     for o in outcomes:
         if o.status is Status.RETRYING:
-            retry.append((o.at, o.error_type, o.error, o.delivery_id))
+            retry.append((o.at, o.error_type, o.error, invocation_id, o.delivery_id))
         else:
-            done.append((str(o.status), o.at, o.error_type, o.error, o.delivery_id))
+            done.append(
+                (str(o.status), o.at, o.error_type, o.error, invocation_id, o.delivery_id)
+            )
     if done:
         conn.executemany(SQL["finish"], done)
     if retry:

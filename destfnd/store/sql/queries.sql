@@ -29,12 +29,14 @@ WHERE destination = ? AND status IN ('pending', 'retrying');
 
 -- name: finish
 UPDATE deliveries
-SET status = ?, leased = 0, finished_at = ?, last_error_type = ?, last_error = ?
+SET status = ?, leased = 0, finished_at = ?, last_error_type = ?, last_error = ?,
+    invocation_id = ?
 WHERE id = ?;
 
 -- name: schedule_retry
 UPDATE deliveries
-SET status = 'retrying', leased = 0, next_at = ?, last_error_type = ?, last_error = ?
+SET status = 'retrying', leased = 0, next_at = ?, last_error_type = ?, last_error = ?,
+    invocation_id = ?
 WHERE id = ?;
 
 -- name: release
