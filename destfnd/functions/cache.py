@@ -8,12 +8,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+_SWEEP_MIN = 1024  # entries before the first sweep of expired ones
+
 
 class Cache:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._values: dict[str, tuple[float, Any]] = {}
         self._loading: dict[str, asyncio.Future] = {}
+        self._sweep_at = _SWEEP_MIN
 
     async def load(self, key: str, ttl_ms: float, fn: Callable[[], Awaitable[Any] | Any]) -> Any:
         """The cached value of `key`, or `await fn()` stored for `ttl_ms` (one load at a time)."""
@@ -35,7 +38,11 @@ class Cache:
             raise
         finally:
             del self._loading[key]
-        self._values[key] = (self._clock() + ttl_ms / 1000, value)
+        now = self._clock()
+        if len(self._values) >= self._sweep_at:  # expired keys go, so the cache cannot grow
+            self._values = {k: v for k, v in self._values.items() if v[0] > now}
+            self._sweep_at = max(_SWEEP_MIN, 2 * len(self._values))
+        self._values[key] = (now + ttl_ms / 1000, value)
         future.set_result(value)
         return value
 

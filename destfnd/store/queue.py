@@ -162,9 +162,7 @@ def finish(
         if o.status is Status.RETRYING:
             retry.append((o.at, o.error_type, o.error, invocation_id, o.delivery_id))
         else:
-            done.append(
-                (str(o.status), o.at, o.error_type, o.error, invocation_id, o.delivery_id)
-            )
+            done.append((str(o.status), o.at, o.error_type, o.error, invocation_id, o.delivery_id))
     if done:
         conn.executemany(SQL["finish"], done)
     if retry:
