@@ -208,6 +208,8 @@ _ATTEMPT_KEYS = ("attempt", "at", "status", "error_type", "error", "duration_ms"
 
 
 def _print_attempt(a: dict) -> None:
+    from destfnd.run_function import request_lines
+
     outcome = a["status"] + (f" ({a['error_type']}: {a['error']})" if a["error_type"] else "")
     version = f", version {a['version']}" if a["version"] else ""
     print(f"    attempt {a['attempt']} at {a['at']}: {outcome}, {a['duration_ms']} ms{version}")
@@ -216,11 +218,7 @@ def _print_attempt(a: dict) -> None:
         for line in a["logs"].rstrip("\n").splitlines():
             print(f"        {line}")
     for req in a["requests"]:
-        answer = req.get("status", req.get("error", "?"))
-        print(f"      {req['method']} {req['url']} -> {answer} ({req.get('duration_ms')} ms)")
-        for key in ("request_body", "response_body"):
-            if req.get(key):
-                print(f"        {key.replace('_', ' ')}: {req[key]}")
+        print("\n".join(request_lines(req, "      ")))
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:

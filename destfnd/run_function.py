@@ -122,6 +122,16 @@ async def run(
     return RunResult(ok, report)
 
 
+def request_lines(req: dict, indent: str) -> list[str]:
+    """One recorded outgoing request as the commands print it (run-function, deliveries)."""
+    answer = req.get("status", req.get("error", "?"))
+    lines = [f"{indent}{req['method']} {req['url']} -> {answer} ({req.get('duration_ms')} ms)"]
+    for key in ("request_body", "response_body"):
+        if req.get(key):
+            lines.append(f"{indent}  {key.replace('_', ' ')}: {req[key]}")
+    return lines
+
+
 def render(result: RunResult, batch: bool, insert: bool) -> str:
     r = result.report
     lines = []
@@ -139,11 +149,7 @@ def render(result: RunResult, batch: bool, insert: bool) -> str:
     lines += [f"  {line}" for line in r["logs"].rstrip("\n").splitlines()]
     lines.append(f"requests: {len(r['requests']) or '(none)'}")
     for req in r["requests"]:
-        answer = req.get("status", req.get("error", "?"))
-        lines.append(f"  {req['method']} {req['url']} -> {answer} ({req.get('duration_ms')} ms)")
-        for key in ("request_body", "response_body"):
-            if req.get(key):
-                lines.append(f"    {key.replace('_', ' ')}: {req[key]}")
+        lines += request_lines(req, "  ")
     if insert:
         for index, event in enumerate(r["events"]):
             prefix = f"[{index}] " if batch else ""
