@@ -23,6 +23,7 @@ import itertools
 import os
 import sys
 import time
+import uuid
 from collections import Counter, deque
 
 import orjson
@@ -70,8 +71,11 @@ _EVENT = orjson.dumps(
 class Bodies:
     """Request bodies with unique messageIds: one event, or {"batch": [n events]}."""
 
-    def __init__(self, prefix: str, events: int, stamp: bool = False) -> None:
+    def __init__(
+        self, prefix: str, events: int, stamp: bool = False, sequential: bool = False
+    ) -> None:
         self.prefix = prefix.encode()
+        self.sequential = sequential
         self.events = events
         self.parts = _EVENT.split(_MID)
         assert len(self.parts) == 2
@@ -83,7 +87,10 @@ class Bodies:
         self.counter = itertools.count()
 
     def one(self) -> bytes:
-        mid = self.prefix + b"-%d" % next(self.counter)
+        if self.sequential:
+            mid = self.prefix + b"-%d" % next(self.counter)
+        else:  # random like Segment's SDKs (analytics-python: uuid4)
+            mid = str(uuid.uuid4()).encode()
         if self.stamp:
             return self.parts[0] + mid + self.parts[1] + b"%.6f" % time.time() + self.parts[2]
         return self.parts[0] + mid + self.parts[1]
@@ -459,7 +466,7 @@ async def main_async(args) -> dict:
         client = RawClient(host, port, args.path, args.auth, max_conns)
     else:
         client = AiohttpClient(f"http://{host}:{port}{args.path}", args.auth, max_conns)
-    bodies = Bodies(args.id_prefix, args.events, stamp=args.stamp)
+    bodies = Bodies(args.id_prefix, args.events, stamp=args.stamp, sequential=args.sequential_ids)
     try:
         if args.mode == "closed":
             result = await closed(args, client, bodies)
@@ -505,6 +512,11 @@ def main() -> None:
         "--stamp", action="store_true", help="put time.time() in properties.bench_t (sink latency)"
     )
     p.add_argument("--id-prefix", default=f"bench-{os.getpid()}-{int(time.time())}")
+    p.add_argument(
+        "--sequential-ids",
+        action="store_true",
+        help="messageIds <id-prefix>-<n> instead of random UUIDs (cheaper for an index)",
+    )
     p.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
     args = p.parse_args()
     if args.url.rstrip("/").count("/") > 2:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import signal
 import time
 from collections.abc import Callable
@@ -21,8 +22,9 @@ from destfnd.errors import DestfndError
 from destfnd.function_destination import FunctionDestination
 from destfnd.ingest import Ingest
 from destfnd.redact import Redactor
-from destfnd.store import Writer, open_db
+from destfnd.store import Dedupe, Writer, open_db
 from destfnd.store import queue as q
+from destfnd.store.dedupe import prune_keys
 from destfnd.webhook import FileSink, Webhook
 
 log = structlog.get_logger("destfnd.daemon")
@@ -123,7 +125,8 @@ class Daemon:
         if recovered:
             log.info("leases_recovered", deliveries=recovered)
         self.records_bytes = q.invocations_size(conn)
-        writer = Writer(conn)
+        dedupe = Dedupe.load(conn)
+        writer = Writer(conn, dedupe)
         redactor = Redactor(config_secrets(cfg))
         try:
             deliverers = await start_deliverers(cfg, redactor)
@@ -143,7 +146,7 @@ class Daemon:
             for name in destinations:
                 self.dispatchers[name].wake()
 
-        ingest = Ingest(cfg, writer, on_commit, clock=self._clock)
+        ingest = Ingest(cfg, writer, dedupe, on_commit, clock=self._clock)
         runner = web.AppRunner(
             ingest.app(),
             access_log=None,
@@ -163,6 +166,7 @@ class Daemon:
             where = f"{cfg.server.host}:{cfg.server.port}"
             raise DaemonError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         self.bound = _bound_address(runner)
+        _tune_gc()
         http_open = True
         try:
             async with asyncio.TaskGroup() as tg:
@@ -250,6 +254,10 @@ class Daemon:
                     break
             if total:
                 log.info("pruned", deliveries=total)
+            # Dedupe keys out of the window can never match again.
+            keys_before = now - int(self.cfg.server.dedupe_window_s * 1000)
+            while await writer.run(prune_keys, keys_before, _PRUNE_CHUNK) == _PRUNE_CHUNK:
+                pass
             await asyncio.sleep(_PRUNE_EVERY_S)
 
     def _now_ms(self) -> int:
@@ -267,6 +275,20 @@ async def _wait_all_or(tasks: list[asyncio.Task], hurry: asyncio.Task, timeout_s
         done, _ = await asyncio.wait([*pending, hurry], timeout=left,
                                      return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         pending -= done
+
+
+# Parsing a batch allocates a few containers per event, so the default gen-0 threshold (700)
+# ran the cyclic collector several times per request, and each older-generation pass walked
+# every module, config and library object loaded at start: a quarter of batch ingest's CPU
+# (bench/README.md). Those start-up objects are frozen out of collection, and collections
+# run less often; cycles made while serving are still collected.
+_GC_THRESHOLD = (10_000, 10, 10)
+
+
+def _tune_gc() -> None:
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLD)
 
 
 def _bound_address(runner: web.AppRunner) -> tuple[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import time
 import zlib
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from destfnd import spec
 from destfnd.config import Config
 from destfnd.store import IncomingEvent, StoreError, Writer
 from destfnd.store import queue as q
+from destfnd.store.dedupe import Dedupe
 
 log = structlog.get_logger("destfnd.ingest")
 
@@ -59,12 +61,15 @@ class Ingest:
         self,
         cfg: Config,
         writer: Writer,
+        dedupe: Dedupe,
         on_commit: Callable[[tuple[str, ...]], None],
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._server = cfg.server
         self._writer = writer
+        # One object for every request, so the writer batches them into one call.
+        self._insert = functools.partial(q.insert_many, dedupe=dedupe)
         self._on_commit = on_commit
         self._clock = clock
         self._sources = {s.write_key.value: s.name for s in cfg.sources}
@@ -133,7 +138,7 @@ class Ingest:
             cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
             try:
                 request = q.IngestRequest(source, events, destinations, now_ms, cutoff)
-                await self._writer.run_batched(q.insert_many, request)
+                await self._writer.run_batched(self._insert, request)
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
                 log.error("commit_failed", error=str(exc))

@@ -51,6 +51,8 @@ def parse_timestamp(text: str) -> datetime:
         except ValueError:
             pass
         else:
+            if dt.tzinfo is UTC:  # "...Z": already UTC
+                return dt
             return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
     m = _TIMESTAMP.match(text)
     if m is None:
@@ -88,6 +90,12 @@ def _check_id(event: dict, key: str, path: str) -> bool:
     value = event.get(key)
     if value is None:
         return False
+    if value.__class__ is str:  # the common case, without the calls below
+        if not value or value.isspace():
+            return False
+        if len(value) > _MAX_ID_CHARS:
+            raise SpecError(f"{path}{key}", f"longer than {_MAX_ID_CHARS} characters")
+        return True
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise SpecError(f"{path}{key}", "must be a string")
     if not isinstance(value, str):
@@ -118,7 +126,7 @@ def check(event: object, path: str = "") -> Times:
     if not isinstance(event, dict):
         raise SpecError(path.rstrip(".") or "body", "must be a JSON object")
     etype = event.get("type")
-    if not isinstance(etype, str):
+    if etype.__class__ is not str:
         raise SpecError(f"{path}type", "required: one of " + ", ".join(sorted(EVENT_TYPES)))
     if etype not in EVENT_TYPES:
         raise SpecError(
@@ -199,11 +207,12 @@ def enrich(
     if original is None:
         event["timestamp"] = event["receivedAt"]
         return event
-    event["originalTimestamp"] = _canonical(event["timestamp"], original)
-    if sent_at is not None:
-        event["sentAt"] = _canonical(event["sentAt"], sent_at)
-        original = received_at - (sent_at - original)
-    event["timestamp"] = format_timestamp(original)
+    event["originalTimestamp"] = text = _canonical(event["timestamp"], original)
+    if sent_at is None:  # no clock to correct for: the timestamp stands
+        event["timestamp"] = text
+        return event
+    event["sentAt"] = _canonical(event["sentAt"], sent_at)
+    event["timestamp"] = format_timestamp(received_at - (sent_at - original))
     return event
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from destfnd.store import Finished, IncomingEvent, Status, StoreError, Writer, open_db
+from destfnd.store import Dedupe, Finished, IncomingEvent, Status, StoreError, Writer, open_db
 from destfnd.store import queue as q
 from destfnd.store.db import SQL
 
@@ -42,9 +42,11 @@ def tx(conn: sqlite3.Connection, op: Callable[..., Any], *args: Any) -> Any:
 
 
 def insert(conn, ids, *, source="web", destinations=DESTS, now=T0) -> int:
+    # A Dedupe loaded afresh each time, as after a restart: its keys come from the events.
     return tx(
         conn,
         q.insert_events,
+        Dedupe.load(conn),
         source,
         [incoming(i) for i in ids],
         destinations,
@@ -160,7 +162,7 @@ def test_insert_events_fans_out_one_delivery_per_destination(conn):
 
 def test_insert_events_stores_payload_verbatim(conn):
     event = IncomingEvent("m1", b'{"messageId":"m1","properties":{"x":1}}')
-    tx(conn, q.insert_events, "web", [event], DESTS, T0, T0 - WINDOW_MS)
+    tx(conn, q.insert_events, Dedupe.load(conn), "web", [event], DESTS, T0, T0 - WINDOW_MS)
     assert rows(conn, "SELECT source, received_at, payload FROM events") == [
         ("web", T0, event.payload)
     ]
@@ -205,7 +207,7 @@ def test_insert_many_dedupes_within_one_group_and_across_requests(conn):
                             T0 - WINDOW_MS)  # fmt: skip
     second = q.IngestRequest("web", [incoming("b"), incoming("c")], DESTS, T0, T0 - WINDOW_MS)
     other = q.IngestRequest("ios", [incoming("a")], DESTS, T0, T0 - WINDOW_MS)
-    assert q.insert_many(conn, [first, second, other]) == [2, 1, 1]
+    assert q.insert_many(conn, [first, second, other], Dedupe.load(conn)) == [2, 1, 1]
     stored = rows(conn, "SELECT source, message_id FROM events ORDER BY id")
     assert stored == [("web", "a"), ("web", "b"), ("web", "c"), ("ios", "a")]
     # Each new event fans out once per destination, pointing at its own event.
@@ -512,7 +514,13 @@ async def test_writer_runs_queue_functions_in_transactions(db_path):
     conn = open_db(db_path)
     async with running_writer(conn) as writer:
         new = await writer.run(
-            q.insert_events, "web", [incoming("m1")], ("crm",), T0, T0 - WINDOW_MS
+            q.insert_events,
+            Dedupe.load(conn),
+            "web",
+            [incoming("m1")],
+            ("crm",),
+            T0,
+            T0 - WINDOW_MS,
         )
         assert new == 1
         claimed, _ = await writer.run(q.claim, "crm", T0, 10)
@@ -530,12 +538,15 @@ async def test_writer_runs_queue_functions_in_transactions(db_path):
 
 async def test_writer_group_commits_concurrent_runs(db_path):
     conn = open_db(db_path)
+    dedupe = Dedupe.load(conn)
     async with running_writer(conn) as writer:
         await writer.run(q.status_counts)  # warm up: the serve task is waiting for work
         before = writer.groups
         results = await asyncio.gather(
             *(
-                writer.run(q.insert_events, "web", [incoming(f"m{i}")], DESTS, T0, T0 - WINDOW_MS)
+                writer.run(
+                    q.insert_events, dedupe, "web", [incoming(f"m{i}")], DESTS, T0, T0 - WINDOW_MS
+                )
                 for i in range(200)
             )
         )
@@ -548,17 +559,22 @@ async def test_writer_group_commits_concurrent_runs(db_path):
 
 async def test_writer_failing_op_fails_alone_in_its_group(db_path):
     def insert_then_fail(c: sqlite3.Connection) -> None:
-        q.insert_events(c, "web", [incoming("doomed")], DESTS, T0, T0 - WINDOW_MS)
+        q.insert_events(c, Dedupe.load(c), "web", [incoming("doomed")], DESTS, T0, T0 - WINDOW_MS)
         raise ValueError("handler bug")
 
     def violate_constraint(c: sqlite3.Connection) -> None:
-        q.insert_events(c, "web", [incoming("doomed-too")], DESTS, T0, T0 - WINDOW_MS)
+        q.insert_events(
+            c, Dedupe.load(c), "web", [incoming("doomed-too")], DESTS, T0, T0 - WINDOW_MS
+        )
         c.execute("INSERT INTO deliveries (event_id, destination, status) VALUES (1, 'x', 'y')")
 
     def ok(i: int):
-        return writer.run(q.insert_events, "web", [incoming(f"m{i}")], DESTS, T0, T0 - WINDOW_MS)
+        return writer.run(
+            q.insert_events, dedupe, "web", [incoming(f"m{i}")], DESTS, T0, T0 - WINDOW_MS
+        )
 
     conn = open_db(db_path)
+    dedupe = Dedupe.load(conn)
     async with running_writer(conn) as writer:
         await writer.run(q.status_counts)
         before = writer.groups
@@ -585,12 +601,13 @@ async def test_writer_failing_op_fails_alone_in_its_group(db_path):
 
 async def test_writer_close_commits_queued_work_then_refuses_more(db_path):
     conn = open_db(db_path)
+    dedupe = Dedupe.load(conn)
     writer = Writer(conn)
     task = asyncio.create_task(writer.serve(), name="writer")
     try:
         pending = [
             asyncio.ensure_future(
-                writer.run(q.insert_events, "web", [incoming(f"m{i}")], DESTS, T0, 0)
+                writer.run(q.insert_events, dedupe, "web", [incoming(f"m{i}")], DESTS, T0, 0)
             )
             for i in range(3)
         ]

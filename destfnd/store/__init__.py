@@ -6,11 +6,13 @@ Imports nothing above it; callers hold plain values (ids, bytes), never a cursor
 from __future__ import annotations
 
 from destfnd.store.db import StoreError, open_db
+from destfnd.store.dedupe import Dedupe
 from destfnd.store.models import Claimed, Finished, IncomingEvent, Status
 from destfnd.store.writer import Writer
 
 __all__ = [
     "Claimed",
+    "Dedupe",
     "Finished",
     "IncomingEvent",
     "Status",

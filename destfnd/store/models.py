@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class Status(StrEnum):
@@ -15,8 +16,10 @@ class Status(StrEnum):
     EXPIRED = "expired"
 
 
-@dataclass(frozen=True, slots=True)
-class IncomingEvent:
+class IncomingEvent(NamedTuple):
+    """An accepted event on its way in. A NamedTuple, not a frozen dataclass: one is made per
+    event on the hot path, and a tuple is several times cheaper to build."""
+
     message_id: str
     payload: bytes  # the enriched event as JSON
 

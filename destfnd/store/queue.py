@@ -8,9 +8,10 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from destfnd.store.db import SQL
+from destfnd.store.dedupe import Dedupe, key_of
 from destfnd.store.models import Claimed, Finished, IncomingEvent, Invocation, Status
 
 # A leased row's next_at is pushed this far out, so it cannot be claimed twice even if the
@@ -19,9 +20,8 @@ LEASE_MS = 24 * 3600 * 1000
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 
 
-@dataclass(frozen=True, slots=True)
-class IngestRequest:
-    """The events of one accepted request, for `insert_many`."""
+class IngestRequest(NamedTuple):
+    """The events of one accepted request, for `insert_many` (a NamedTuple: one per request)."""
 
     source: str
     events: Sequence[IncomingEvent]
@@ -30,63 +30,98 @@ class IngestRequest:
     dedupe_cutoff: int  # a messageId stored since then is a duplicate
 
 
-def insert_many(conn: sqlite3.Connection, requests: list[IngestRequest]) -> list[int]:
+def insert_many(
+    conn: sqlite3.Connection, requests: list[IngestRequest], dedupe: Dedupe
+) -> list[int]:
     """Store the events of several requests at once (one statement per table for all of them),
-    skipping messageIds stored from the same source since the dedupe cutoff, and fan each new
-    event out into one delivery per destination. Returns how many were new, per request.
+    skipping messageIds stored from the same source since the request's dedupe cutoff, and fan
+    each new event out into one delivery per destination. Returns how many were new, per
+    request.
 
     Events of a source with no destinations are not stored: there is nothing to deliver.
     """
-    wanted: dict[str, set[str]] = {}
-    cutoffs: dict[str, int] = {}
-    for r in requests:
-        if r.destinations:
-            wanted.setdefault(r.source, set()).update(e.message_id for e in r.events)
-            # One lookup per source for the whole group: the requests' cutoffs differ by
-            # milliseconds; the earliest is used for all.
-            cutoffs[r.source] = min(cutoffs.get(r.source, r.dedupe_cutoff), r.dedupe_cutoff)
-    stored: dict[str, set[str]] = {}
-    for source, ids in wanted.items():
-        cutoff = cutoffs[source]
-        found = stored.setdefault(source, set())
-        ids_list = list(ids)
-        for start in range(0, len(ids_list), _CHUNK):
-            chunk = ids_list[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            found.update(
-                m
-                for (m,) in conn.execute(
-                    "SELECT message_id FROM events WHERE source = ? AND received_at >= ? "
-                    f"AND message_id IN ({marks})",
-                    (source, cutoff, *chunk),
-                )
-            )
+    keyed = [
+        [(key_of(r.source, e.message_id), e) for e in r.events] if r.destinations else ()
+        for r in requests
+    ]
+    stored = _stored_events(conn, dedupe, {k for ks in keyed for k, _ in ks})
     (next_id,) = conn.execute(SQL["max_event_id"]).fetchone()
-    event_rows, delivery_rows, new_counts = [], [], []
-    for r in requests:
-        new = 0
-        seen = stored.setdefault(r.source, set())
-        for e in r.events:
-            if r.destinations and e.message_id in seen:
+    event_rows: list[tuple] = []
+    delivery_rows: list[tuple] = []
+    new_counts = []
+    add = dedupe.add
+    in_group: dict[int, tuple[str, str]] = {}  # key -> (source, messageId) stored by this call
+    for r, pairs in zip(requests, keyed, strict=True):
+        source, destinations, now = r.source, r.destinations, r.now
+        if not destinations:
+            new_counts.append(len(r.events))
+            continue
+        refs = len(destinations)
+        single = destinations[0] if refs == 1 else None
+        before = len(event_rows)
+        for k, (message_id, payload) in pairs:
+            if (k in in_group or k in stored) and _is_copy(
+                in_group, stored, k, source, message_id, r.dedupe_cutoff
+            ):
                 continue
-            new += 1
-            if not r.destinations:
-                continue
-            seen.add(e.message_id)  # a copy later in this same group is a duplicate too
             next_id += 1
-            event_rows.append(
-                (next_id, r.source, e.message_id, r.now, len(r.destinations), e.payload)
-            )
-            delivery_rows.extend((next_id, name, r.now, r.now) for name in r.destinations)
-        new_counts.append(new)
+            in_group[k] = (source, message_id)
+            add(k, next_id, now)
+            event_rows.append((next_id, source, message_id, now, refs, payload))
+            if single is not None:
+                delivery_rows.append((next_id, single, now, now))
+            else:
+                delivery_rows.extend((next_id, name, now, now) for name in destinations)
+        new_counts.append(len(event_rows) - before)
     if event_rows:
         conn.executemany(SQL["insert_event"], event_rows)
         conn.executemany(SQL["insert_delivery"], delivery_rows)
     return new_counts
 
 
+def _is_copy(
+    in_group: dict[int, tuple[str, str]],
+    stored: dict[int, tuple[str, str, int]],
+    key: int,
+    source: str,
+    message_id: str,
+    cutoff: int,
+) -> bool:
+    """Whether (source, messageId), whose key matched, was stored earlier in this call or
+    since `cutoff` (a matching key alone is not enough: keys are hashes)."""
+    if in_group.get(key) == (source, message_id):
+        return True
+    prior = stored.get(key)
+    return (
+        prior is not None and prior[0] == source and prior[1] == message_id and (prior[2] >= cutoff)
+    )
+
+
+def _stored_events(
+    conn: sqlite3.Connection, dedupe: Dedupe, keys: set[int]
+) -> dict[int, tuple[str, str, int]]:
+    """key -> (source, messageId, received_at) of the stored event its dedupe entry names.
+
+    A key is a hash: the event itself says whether it is the same messageId. An entry whose
+    event is gone (pruned, or never committed) matches nothing, so dedupe reaches back as far
+    as events are kept, and an entry left by a rolled-back insert cannot drop a later one."""
+    found = dedupe.find(conn, keys)
+    if not found:
+        return {}
+    by_event = {event_id: k for k, (event_id, _) in found.items()}
+    event_ids = list(by_event)
+    out = {}
+    for start in range(0, len(event_ids), _CHUNK):
+        chunk = event_ids[start : start + _CHUNK]
+        query = SQL["confirm_events"].format(ids=",".join("?" * len(chunk)))
+        for event_id, source, message_id, received_at in conn.execute(query, chunk):
+            out[by_event[event_id]] = (source, message_id, received_at)
+    return out
+
+
 def insert_events(
     conn: sqlite3.Connection,
+    dedupe: Dedupe,
     source: str,
     events: Sequence[IncomingEvent],
     destinations: Sequence[str],
@@ -95,7 +130,7 @@ def insert_events(
 ) -> int:
     """`insert_many` for one request: how many of `events` were new."""
     request = IngestRequest(source, events, destinations, now, dedupe_cutoff)
-    return insert_many(conn, [request])[0]
+    return insert_many(conn, [request], dedupe)[0]
 
 
 def claim(

@@ -11,9 +11,13 @@ import functools
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+
+import structlog
 
 from destfnd.store.db import StoreError
+
+log = structlog.get_logger("destfnd.store")
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]  # or a _Batched item
@@ -33,9 +37,19 @@ def _call(op: Callable[..., Any], args: tuple, conn: sqlite3.Connection) -> Any:
     return op(conn, *args)
 
 
+class Deferred(Protocol):
+    """Work the writer does between groups, in a transaction of its own, when `due()`: so
+    that it never delays the answer to a group's requests (the dedupe keys' flush)."""
+
+    def due(self) -> bool: ...
+
+    def flush(self, conn: sqlite3.Connection) -> Any: ...
+
+
 class Writer:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, deferred: Deferred | None = None) -> None:
         self._conn = conn
+        self._deferred = deferred
         self._queue: list[tuple[Op, asyncio.Future]] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -87,12 +101,22 @@ class Writer:
                     raise
                 self.groups += 1
                 _resolve(group, results)
+                if self._deferred is not None and self._deferred.due():
+                    await self._run_deferred(loop)
         finally:
             self._closing = True  # also when cancelled or crashed: later run() calls fail fast
             for _, future in self._queue:
                 if not future.done():
                     future.set_exception(StoreError("the store closed before this write ran"))
             self._queue = []
+
+    async def _run_deferred(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Not shielded: if cancelled, the thread still finishes it before shutdown() returns.
+        try:
+            await loop.run_in_executor(self._thread, self._deferred.flush, self._conn)  # type: ignore[union-attr]
+        except sqlite3.Error as exc:
+            # Nothing is lost: the work stays due and is tried again after the next group.
+            log.warning("store_deferred_failed", error=str(exc))
 
     def close(self) -> None:
         """Stop taking work; `serve` returns once what is queued has committed."""

@@ -5,6 +5,28 @@ INSERT INTO events (id, source, message_id, received_at, refs, payload) VALUES (
 -- name: max_event_id
 SELECT coalesce(max(id), 0) FROM events;
 
+-- name: confirm_events
+-- {ids}: event ids a dedupe key matched; their (source, messageId) confirm the match.
+SELECT id, source, message_id, received_at FROM events WHERE id IN ({ids});
+
+-- name: dedupe_flushed_through
+SELECT flushed_through FROM dedupe_state;
+
+-- name: set_dedupe_flushed_through
+UPDATE dedupe_state SET flushed_through = ?;
+
+-- name: events_since
+SELECT id, source, message_id, received_at FROM events WHERE id > ? ORDER BY id LIMIT ?;
+
+-- name: insert_message_id
+-- A key seen again after the dedupe window replaces its older entry.
+INSERT OR REPLACE INTO message_ids (key, event_id, received_at) VALUES (?, ?, ?);
+
+-- name: prune_message_ids
+DELETE FROM message_ids WHERE key IN (
+    SELECT key FROM message_ids WHERE received_at < ? ORDER BY received_at LIMIT ?
+);
+
 -- name: insert_delivery
 INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
 VALUES (?, ?, 'pending', ?, ?);

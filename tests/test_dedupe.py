@@ -1,0 +1,201 @@
+"""messageId dedupe (destfnd.store.dedupe) on a real SQLite file: keys in memory, flushed in
+sorted bulk, rebuilt from the events table after a restart, confirmed against stored events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import orjson
+import pytest
+
+from destfnd.store import Dedupe, IncomingEvent, Writer, open_db
+from destfnd.store import db as store_db
+from destfnd.store import queue as q
+from destfnd.store.dedupe import key_of, prune_keys
+
+T0 = 1_700_000_000_000
+WINDOW_MS = 24 * 3600 * 1000
+DESTS = ("crm",)
+
+
+def incoming(message_id: str) -> IncomingEvent:
+    return IncomingEvent(message_id, orjson.dumps({"messageId": message_id, "type": "track"}))
+
+
+def insert(conn, dedupe, ids, *, source="web", now=T0) -> int:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        new = q.insert_events(
+            conn, dedupe, source, [incoming(i) for i in ids], DESTS, now, now - WINDOW_MS
+        )
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return new
+
+
+def stored_ids(conn) -> list[str]:
+    return [m for (m,) in conn.execute("SELECT message_id FROM events ORDER BY id")]
+
+
+def keys_on_disk(conn) -> int:
+    return conn.execute("SELECT count(*) FROM message_ids").fetchone()[0]
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "destfnd.sqlite3"
+
+
+@pytest.fixture
+def conn(db_path):
+    c = open_db(db_path)
+    yield c
+    c.close()
+
+
+def test_dedupe_key_is_stable_and_separates_sources():
+    assert key_of("web", "m1") == key_of("web", "m1")
+    assert key_of("web", "m1") != key_of("ios", "m1")
+    # The separator keeps ("ab", "c") and ("a", "bc") apart.
+    assert key_of("ab", "c") != key_of("a", "bc")
+    assert -(2**63) <= key_of("web", "\ud800 lone surrogate") < 2**63
+
+
+def test_dedupe_flush_moves_keys_to_disk_and_they_still_match(conn):
+    dedupe = Dedupe.load(conn, flush_at=3)
+    assert insert(conn, dedupe, ["a", "b"]) == 2
+    assert not dedupe.due() and keys_on_disk(conn) == 0
+    assert insert(conn, dedupe, ["c"]) == 1
+    assert dedupe.due()
+    assert dedupe.flush(conn) == 3
+    assert dedupe.recent == {} and keys_on_disk(conn) == 3
+    # Matched from disk now, memory empty.
+    assert insert(conn, dedupe, ["a", "b", "c", "d"], now=T0 + 1000) == 1
+    assert stored_ids(conn) == ["a", "b", "c", "d"]
+    (through,) = conn.execute("SELECT flushed_through FROM dedupe_state").fetchone()
+    assert through == 3  # the newest event id whose key was written
+
+
+def test_dedupe_restart_rebuilds_unflushed_keys_from_events(db_path):
+    conn = open_db(db_path)
+    dedupe = Dedupe.load(conn, flush_at=2)
+    insert(conn, dedupe, ["a", "b"])
+    dedupe.flush(conn)
+    insert(conn, dedupe, ["c"])  # in memory only when the daemon "dies"
+    conn.close()
+
+    conn = open_db(db_path)
+    try:
+        dedupe = Dedupe.load(conn, flush_at=1000)
+        # Only the unflushed tail is read back into memory; the rest stays on disk.
+        assert set(dedupe.recent) == {key_of("web", "c")}
+        assert insert(conn, dedupe, ["a", "b", "c", "e"], now=T0 + 5) == 1
+        assert stored_ids(conn) == ["a", "b", "c", "e"]
+    finally:
+        conn.close()
+
+
+def test_dedupe_a_colliding_key_does_not_drop_a_different_message(conn):
+    dedupe = Dedupe.load(conn)
+    insert(conn, dedupe, ["first"])
+    # Pretend "second" hashes to the same key as "first" did: the key points at event 1.
+    dedupe.add(key_of("web", "second"), 1, T0)
+    assert insert(conn, dedupe, ["second"], now=T0 + 1) == 1
+    # The same holds once the keys are on disk.
+    dedupe.add(key_of("web", "third"), 1, T0)
+    dedupe.flush(conn)
+    assert insert(conn, dedupe, ["third"], now=T0 + 2) == 1
+    assert stored_ids(conn) == ["first", "second", "third"]
+
+
+def test_dedupe_a_rolled_back_insert_leaves_no_false_duplicate(conn):
+    dedupe = Dedupe.load(conn)
+    conn.execute("BEGIN IMMEDIATE")
+    q.insert_events(conn, dedupe, "web", [incoming("m1")], DESTS, T0, T0 - WINDOW_MS)
+    conn.execute("ROLLBACK")  # the writer does this when an op in the group fails
+    assert key_of("web", "m1") in dedupe.recent  # memory still names the lost event id...
+    # ...but no stored event confirms it, so the retried request is stored.
+    assert insert(conn, dedupe, ["m1"]) == 1
+    assert insert(conn, dedupe, ["m1"], now=T0 + 1) == 0
+    assert stored_ids(conn) == ["m1"]
+
+
+def test_dedupe_keys_reach_only_as_far_as_stored_events(conn):
+    dedupe = Dedupe.load(conn)
+    insert(conn, dedupe, ["m1"])
+    dedupe.flush(conn)
+    # Retention pruned the event (here by hand): its key can no longer match.
+    conn.execute("DELETE FROM deliveries")
+    conn.execute("DELETE FROM events")
+    assert insert(conn, dedupe, ["m1"], now=T0 + 1) == 1
+
+
+def test_dedupe_prune_keys_forgets_only_keys_out_of_the_window(conn):
+    dedupe = Dedupe.load(conn)
+    insert(conn, dedupe, ["old"], now=T0)
+    insert(conn, dedupe, ["new1", "new2"], now=T0 + 10_000)
+    dedupe.flush(conn)
+    assert prune_keys(conn, T0 + 1, 10) == 1
+    left = {k for (k,) in conn.execute("SELECT key FROM message_ids")}
+    assert left == {key_of("web", "new1"), key_of("web", "new2")}
+    assert prune_keys(conn, T0 + 20_000, 1) == 1  # the limit holds
+    assert keys_on_disk(conn) == 1
+
+
+def test_dedupe_upgrade_from_schema_3_indexes_existing_events(db_path):
+    """A database from before message_ids: its stored events still dedupe after the upgrade."""
+    old = sqlite3.connect(db_path, isolation_level=None)
+    for number, script in store_db._migrations():
+        if number <= 3:
+            for statement in store_db._statements(script):
+                old.execute(statement)
+    old.execute("PRAGMA user_version = 3")
+    for i in range(5):
+        old.execute(
+            "INSERT INTO events (id, source, message_id, received_at, refs, payload)"
+            " VALUES (?, 'web', ?, ?, 1, x'7b7d')",
+            (i + 1, f"m{i}", T0),
+        )
+    old.close()
+
+    conn = open_db(db_path)
+    try:
+        dedupe = Dedupe.load(conn, flush_at=2)  # loading flushes as it goes
+        assert keys_on_disk(conn) + len(dedupe.recent) == 5
+        assert keys_on_disk(conn) >= 4
+        assert insert(conn, dedupe, [f"m{i}" for i in range(6)], now=T0 + 1) == 1
+    finally:
+        conn.close()
+
+
+async def test_dedupe_writer_flushes_between_groups_once_due(db_path):
+    conn = open_db(db_path)
+    dedupe = Dedupe.load(conn, flush_at=50)
+    writer = Writer(conn, dedupe)
+    task = asyncio.create_task(writer.serve(), name="writer")
+    try:
+        async with asyncio.timeout(10):
+            for start in range(0, 120, 10):
+                new = await writer.run(
+                    q.insert_events, dedupe, "web",
+                    [incoming(f"m{i}") for i in range(start, start + 10)],
+                    DESTS, T0, T0 - WINDOW_MS,
+                )  # fmt: skip
+                assert new == 10
+            on_disk = await writer.run(keys_on_disk)
+            assert on_disk == 100  # flushed after the 5th and the 10th group, not per group
+            assert len(dedupe.recent) == 120 - on_disk
+            again = await writer.run(
+                q.insert_events, dedupe, "web", [incoming(f"m{i}") for i in range(130)],
+                DESTS, T0 + 1, T0 + 1 - WINDOW_MS,
+            )  # fmt: skip
+            assert again == 10
+    finally:
+        writer.close()
+        async with asyncio.timeout(10):
+            await task
+        writer.shutdown()
