@@ -13,7 +13,7 @@ import pytest
 from destfnd.store import Dedupe, IncomingEvent, Writer, open_db
 from destfnd.store import db as store_db
 from destfnd.store import queue as q
-from destfnd.store.dedupe import key_of, prune_keys
+from destfnd.store.dedupe import KEY_MIN, key_of, sweep_keys
 
 T0 = 1_700_000_000_000
 WINDOW_MS = 24 * 3600 * 1000
@@ -80,6 +80,33 @@ def test_dedupe_flush_moves_keys_to_disk_and_they_still_match(conn):
     assert through == 3  # the newest event id whose key was written
 
 
+def test_dedupe_flush_goes_in_slices_and_keys_stay_found_meanwhile(db_path):
+    conn = open_db(db_path)
+    dedupe = Dedupe.load(conn, flush_at=5, slice_keys=2)
+    insert(conn, dedupe, [f"m{i}" for i in range(5)])
+    assert dedupe.flush(conn) == 2  # the first slice: one transaction, 2 keys
+    assert keys_on_disk(conn) == 2 and dedupe.due()
+    # Mid-flush, every key still matches, and new keys gather for the next flush.
+    assert insert(conn, dedupe, [f"m{i}" for i in range(7)], now=T0 + 1) == 2
+    assert set(dedupe.recent) == {key_of("web", "m5"), key_of("web", "m6")}
+    (through,) = conn.execute("SELECT flushed_through FROM dedupe_state").fetchone()
+    assert through == 0  # moves only with the last slice
+    assert dedupe.flush(conn) == 2
+    assert dedupe.flush(conn) == 1
+    assert not dedupe.due() and keys_on_disk(conn) == 5
+    (through,) = conn.execute("SELECT flushed_through FROM dedupe_state").fetchone()
+    assert through == 5  # the newest event when the flush started, not m5/m6's
+    conn.close()
+
+    conn = open_db(db_path)
+    try:
+        dedupe = Dedupe.load(conn)
+        assert set(dedupe.recent) == {key_of("web", "m5"), key_of("web", "m6")}
+        assert insert(conn, dedupe, [f"m{i}" for i in range(8)], now=T0 + 2) == 1
+    finally:
+        conn.close()
+
+
 def test_dedupe_restart_rebuilds_unflushed_keys_from_events(db_path):
     conn = open_db(db_path)
     dedupe = Dedupe.load(conn, flush_at=2)
@@ -134,16 +161,22 @@ def test_dedupe_keys_reach_only_as_far_as_stored_events(conn):
     assert insert(conn, dedupe, ["m1"], now=T0 + 1) == 1
 
 
-def test_dedupe_prune_keys_forgets_only_keys_out_of_the_window(conn):
+def test_dedupe_sweep_keys_forgets_only_keys_out_of_the_window(conn):
     dedupe = Dedupe.load(conn)
-    insert(conn, dedupe, ["old"], now=T0)
-    insert(conn, dedupe, ["new1", "new2"], now=T0 + 10_000)
+    insert(conn, dedupe, [f"old{i}" for i in range(10)], now=T0)
+    insert(conn, dedupe, [f"new{i}" for i in range(10)], now=T0 + 10_000)
     dedupe.flush(conn)
-    assert prune_keys(conn, T0 + 1, 10) == 1
+    # A slice of 4 keys at a time, resumed where the last one ended, until the end.
+    deleted, cursor, slices = 0, KEY_MIN, 0
+    while cursor is not None:
+        n, cursor = sweep_keys(conn, T0 + 1, cursor, 4)
+        deleted += n
+        slices += 1
+    assert deleted == 10
+    assert slices == 6  # 20 keys: 5 full slices of 4, then one that finds none
     left = {k for (k,) in conn.execute("SELECT key FROM message_ids")}
-    assert left == {key_of("web", "new1"), key_of("web", "new2")}
-    assert prune_keys(conn, T0 + 20_000, 1) == 1  # the limit holds
-    assert keys_on_disk(conn) == 1
+    assert left == {key_of("web", f"new{i}") for i in range(10)}
+    assert sweep_keys(conn, T0 + 1, KEY_MIN, 100) == (0, None)
 
 
 def test_dedupe_upgrade_from_schema_3_indexes_existing_events(db_path):

@@ -15,9 +15,14 @@ from hashlib import blake2b
 
 from destfnd.store.db import SQL
 
-# Keys gathered in memory before they are written out: about 200 bytes each. Larger flushes
-# share more pages; each flush holds the writer for tens of milliseconds.
-FLUSH_AT = 32_768
+# Keys gathered in memory before they are written out: about 200 bytes each. A flush rewrites
+# up to every leaf page of message_ids, so larger flushes cost less per key (about 1 us per
+# key at 100k stored keys, 3 us at 1M, for 64k-key flushes); each holds the writer for
+# 50-200 ms, between groups.
+FLUSH_AT = 65_536
+# Keys per flush step: each step is its own transaction, run between two groups, so it delays
+# the next group by a few milliseconds at most.
+FLUSH_SLICE = 4096
 _CHUNK = 500  # keys per IN (...) list, well under SQLite's variable limit
 _LOAD_CHUNK = 10_000
 
@@ -33,16 +38,25 @@ class Dedupe:
     """Which (source, messageId) keys were stored when: recent ones in memory, older ones in
     `message_ids`. Create with `load` on the writer's connection before any insert."""
 
-    def __init__(self, flush_at: int = FLUSH_AT) -> None:
+    def __init__(self, flush_at: int = FLUSH_AT, slice_keys: int = FLUSH_SLICE) -> None:
         self.flush_at = flush_at
-        # key -> (key, event id, received_at ms): the row `flush` writes, ready to sort.
+        self.slice_keys = slice_keys
+        # key -> (key, event id, received_at ms): the row a flush writes, ready to sort.
         self.recent: dict[int, tuple[int, int, int]] = {}
+        # A flush in progress: its keys (still looked up here until all are written), their
+        # rows in key order, how many are written, and the event id they cover.
+        self._flushing: dict[int, tuple[int, int, int]] | None = None
+        self._rows: list[tuple[int, int, int]] = []
+        self._written = 0
+        self._through = 0
 
     @classmethod
-    def load(cls, conn: sqlite3.Connection, flush_at: int = FLUSH_AT) -> Dedupe:
+    def load(
+        cls, conn: sqlite3.Connection, flush_at: int = FLUSH_AT, slice_keys: int = FLUSH_SLICE
+    ) -> Dedupe:
         """The keys of events stored since the last flush (all events, on a database from
         before message_ids existed), flushed in bounded chunks as they are read."""
-        dedupe = cls(flush_at)
+        dedupe = cls(flush_at, slice_keys)
         (last_id,) = conn.execute(SQL["dedupe_flushed_through"]).fetchone()
         while True:
             rows = conn.execute(SQL["events_since"], (last_id, _LOAD_CHUNK)).fetchall()
@@ -50,7 +64,8 @@ class Dedupe:
                 dedupe.add(key_of(source, message_id), event_id, received_at)
                 last_id = event_id
             if dedupe.due():
-                dedupe.flush(conn, through=last_id)
+                while dedupe.flush(conn, through=last_id):
+                    pass
             if len(rows) < _LOAD_CHUNK:
                 return dedupe
 
@@ -62,8 +77,9 @@ class Dedupe:
         found: dict[int, tuple[int, int]] = {}
         cold = []
         recent = self.recent
+        flushing = self._flushing or {}
         for k in keys:
-            hit = recent.get(k)
+            hit = recent.get(k) or flushing.get(k)
             if hit is None:
                 cold.append(k)
             else:
@@ -78,32 +94,59 @@ class Dedupe:
         return found
 
     def due(self) -> bool:
-        return len(self.recent) >= self.flush_at
+        return self._flushing is not None or len(self.recent) >= self.flush_at
 
     def flush(self, conn: sqlite3.Connection, through: int | None = None) -> int:
-        """Write the keys in memory to `message_ids` in key order, in a transaction of its
-        own; memory is cleared only once that committed. Returns how many were written.
+        """One step of writing the keys in memory to `message_ids`: the next `slice_keys` of
+        them in key order, in a transaction of its own, so that no step holds the writer
+        long. Returns how many were written (0: nothing to flush, or the flush is done).
 
+        A flush starts with the keys in memory at that moment (new ones gather anew). Sorted
+        keys make each slice a contiguous key range: a page is still rewritten once per
+        flush, not once per slice. The mark `flushed_through` moves with the last slice, so
+        a crash in between only means reading those events' keys again at start.
         `through`: the newest event id whose key is in memory; by default the newest stored
         event (every committed insert has added its keys by the time a flush runs)."""
-        if not self.recent:
-            return 0
-        rows = sorted(self.recent.values())
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        if self._flushing is None:
+            if not self.recent:
+                return 0
             if through is None:
                 (through,) = conn.execute(SQL["max_event_id"]).fetchone()
+            self._flushing, self.recent = self.recent, {}
+            self._rows = sorted(self._flushing.values())
+            self._written = 0
+            self._through = through
+        end = self._written + self.slice_keys
+        rows = self._rows[self._written : end]
+        last = end >= len(self._rows)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             conn.executemany(SQL["insert_message_id"], rows)
-            conn.execute(SQL["set_dedupe_flushed_through"], (through,))
+            if last:
+                conn.execute(SQL["set_dedupe_flushed_through"], (self._through,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self.recent.clear()
+        self._written = end
+        if last:
+            self._flushing, self._rows = None, []
         return len(rows)
 
 
-def prune_keys(conn: sqlite3.Connection, before: int, limit: int) -> int:
-    """Forget up to `limit` keys stored before `before` (out of the dedupe window)."""
-    return conn.execute(SQL["prune_message_ids"], (before, limit)).rowcount
+KEY_MIN = -(2**63)  # where a sweep of the keys starts
+
+
+def sweep_keys(
+    conn: sqlite3.Connection, before: int, after: int, rows: int
+) -> tuple[int, int | None]:
+    """Delete the keys stored before `before` (out of the dedupe window) among the next `rows`
+    keys above `after`. Returns (deleted, where the next slice starts, or None once the sweep
+    has reached the end). A key kept a little past the window is harmless: a match is checked
+    against the stored event's received_at."""
+    last, seen = conn.execute(SQL["key_slice"], (after, rows)).fetchone()
+    if not seen:
+        return 0, None
+    deleted = conn.execute(SQL["prune_key_slice"], (after, last, before)).rowcount
+    return deleted, (last if seen == rows else None)

@@ -8,8 +8,8 @@ CREATE TABLE message_ids (
     event_id    INTEGER NOT NULL,
     received_at INTEGER NOT NULL            -- unix ms
 );
--- Pruning walks keys out of the dedupe window, oldest first.
-CREATE INDEX message_ids_by_time ON message_ids (received_at);
+-- No index on received_at: it would double what a flush writes. Pruning sweeps the keys in
+-- key order instead, a bounded slice at a time (dedupe.sweep_keys).
 
 -- Events with an id above flushed_through have their keys only in the daemon's memory, which
 -- is rebuilt from them at start. 0: every stored event (a database from before this table).

@@ -22,10 +22,12 @@ SELECT id, source, message_id, received_at FROM events WHERE id > ? ORDER BY id 
 -- A key seen again after the dedupe window replaces its older entry.
 INSERT OR REPLACE INTO message_ids (key, event_id, received_at) VALUES (?, ?, ?);
 
--- name: prune_message_ids
-DELETE FROM message_ids WHERE key IN (
-    SELECT key FROM message_ids WHERE received_at < ? ORDER BY received_at LIMIT ?
-);
+-- name: key_slice
+-- The last key and the number of keys of the next slice of the sweep, in key order.
+SELECT max(key), count(*) FROM (SELECT key FROM message_ids WHERE key > ? ORDER BY key LIMIT ?);
+
+-- name: prune_key_slice
+DELETE FROM message_ids WHERE key > ? AND key <= ? AND received_at < ?;
 
 -- name: insert_delivery
 INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
