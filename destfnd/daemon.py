@@ -24,17 +24,14 @@ from destfnd.ingest import Ingest
 from destfnd.redact import Redactor
 from destfnd.store import Dedupe, Writer, open_db
 from destfnd.store import queue as q
-from destfnd.store.dedupe import KEY_MIN, sweep_keys
+from destfnd.store.dedupe import KEY_MIN, sweep_keys, sweep_rows
 from destfnd.webhook import FileSink, Webhook
 
 log = structlog.get_logger("destfnd.daemon")
 
 _PRUNE_EVERY_S = 60.0
 _PRUNE_CHUNK = 2000  # rows per transaction, so pruning never holds the writer for long
-# Dedupe keys looked at per prune pass, in slices of a few ms each: 200k a minute outpaces
-# any ingest rate this daemon sustains for a whole dedupe window.
-_KEY_SWEEP_ROWS = 20_000
-_KEY_SWEEP_SLICES = 10
+_KEY_SWEEP_SLICE = 20_000  # dedupe keys looked at per transaction: a few ms of the writer
 # aiohttp waits this long for requests still running once the listener closes.
 _HTTP_SHUTDOWN_S = 5.0
 
@@ -179,7 +176,7 @@ class Daemon:
                     tg.create_task(d.run(), name=f"dispatch:{name}")
                     for name, d in self.dispatchers.items()
                 ]
-                pruner = tg.create_task(self._prune_loop(writer), name="prune")
+                pruner = tg.create_task(self._prune_loop(writer, dedupe), name="prune")
                 ingest.ready = True
                 log.info(
                     "daemon_ready",
@@ -242,19 +239,20 @@ class Daemon:
             if deleted < _PRUNE_CHUNK:
                 return deleted_total
 
-    async def _sweep_keys(self, writer: Writer, before: int, cursor: int) -> int:
-        """Forget dedupe keys out of the window: a bounded part of the key space per pass,
-        resumed at `cursor` the next pass. Returns where the next pass starts."""
-        for _ in range(_KEY_SWEEP_SLICES):
-            _, after = await writer.run(sweep_keys, before, cursor, _KEY_SWEEP_ROWS)
+    async def _sweep_keys(self, writer: Writer, before: int, cursor: int, rows: int) -> int:
+        """Forget dedupe keys out of the window: `rows` keys of the key space this pass, in
+        slices of a few ms, resumed at `cursor`. Returns where the next pass starts."""
+        while rows > 0:
+            _, after = await writer.run(sweep_keys, before, cursor, _KEY_SWEEP_SLICE)
+            rows -= _KEY_SWEEP_SLICE
             if after is None:
                 return KEY_MIN
             cursor = after
         return cursor
 
-    async def _prune_loop(self, writer: Writer) -> None:
+    async def _prune_loop(self, writer: Writer, dedupe: Dedupe) -> None:
         storage = self.cfg.storage
-        key_cursor = KEY_MIN
+        key_cursor, keys_flushed = KEY_MIN, 0
         while True:
             now = self._now_ms()
             finished_before = now - int(storage.retention_s * 1000)
@@ -271,7 +269,9 @@ class Daemon:
                 log.info("pruned", deliveries=total)
             # Dedupe keys out of the window can never match again.
             keys_before = now - int(self.cfg.server.dedupe_window_s * 1000)
-            key_cursor = await self._sweep_keys(writer, keys_before, key_cursor)
+            rows = sweep_rows(dedupe.flushed_keys - keys_flushed)
+            keys_flushed = dedupe.flushed_keys
+            key_cursor = await self._sweep_keys(writer, keys_before, key_cursor, rows)
             await asyncio.sleep(_PRUNE_EVERY_S)
 
     def _now_ms(self) -> int:

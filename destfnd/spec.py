@@ -218,7 +218,13 @@ def enrich(
 
 def _canonical(text: str, parsed: datetime) -> str:
     """`text` if already in destfnd's format (most SDKs send it), else `parsed` formatted."""
-    if len(text) == 24 and text[-1] == "Z" and text[10] == "T" and text[19] == ".":
+    if (
+        len(text) == 24
+        and text[-1] == "Z"
+        and text[10] == "T"
+        and text[19] == "."
+        and text.isascii()  # the parser also takes other scripts' digits: those get rewritten
+    ):
         return text
     return format_timestamp(parsed)
 

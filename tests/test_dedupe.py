@@ -13,7 +13,7 @@ import pytest
 from destfnd.store import Dedupe, IncomingEvent, Writer, open_db
 from destfnd.store import db as store_db
 from destfnd.store import queue as q
-from destfnd.store.dedupe import KEY_MIN, key_of, sweep_keys
+from destfnd.store.dedupe import KEY_MIN, SWEEP_MIN_ROWS, key_of, sweep_keys, sweep_rows
 
 T0 = 1_700_000_000_000
 WINDOW_MS = 24 * 3600 * 1000
@@ -149,6 +149,66 @@ def test_dedupe_a_rolled_back_insert_leaves_no_false_duplicate(conn):
     assert insert(conn, dedupe, ["m1"]) == 1
     assert insert(conn, dedupe, ["m1"], now=T0 + 1) == 0
     assert stored_ids(conn) == ["m1"]
+
+
+def test_dedupe_ids_are_not_reused_after_the_newest_events_are_pruned(db_path):
+    conn = open_db(db_path)
+    dedupe = Dedupe.load(conn, flush_at=3)
+    insert(conn, dedupe, ["a", "b", "c"])
+    while dedupe.flush(conn):
+        pass
+    # Retention pruned every event (a long idle spell), then one more came in.
+    conn.execute("DELETE FROM deliveries")
+    conn.execute("DELETE FROM events")
+    insert(conn, dedupe, ["x"], now=T0 + 1)
+    (x_id,) = conn.execute("SELECT id FROM events WHERE message_id = 'x'").fetchone()
+    assert x_id == 4  # above flushed_through (3), not 1 again
+    conn.close()
+
+    conn = open_db(db_path)  # x's key was only in memory: a restart reads it back
+    try:
+        dedupe = Dedupe.load(conn)
+        assert insert(conn, dedupe, ["x"], now=T0 + 2) == 0
+    finally:
+        conn.close()
+
+
+def test_dedupe_a_left_over_entry_sharing_an_event_id_hides_no_duplicate(conn):
+    dedupe = Dedupe.load(conn)
+    # A group that failed half-way: "a" got a key naming event id 1, then rolled back
+    # before insert_many could record its high id.
+    dedupe.add(key_of("web", "a"), 1, T0)
+    insert(conn, dedupe, ["b"])  # really stored, as event id 1
+    (b_id,) = conn.execute("SELECT id FROM events WHERE message_id = 'b'").fetchone()
+    assert b_id == 1
+    # Both keys name event 1; "b" must still be found a duplicate, "a" must still be new.
+    assert insert(conn, dedupe, ["a", "b"], now=T0 + 1) == 1
+    assert stored_ids(conn) == ["b", "a"]
+
+
+def test_dedupe_a_crash_between_flush_slices_loses_no_key(db_path):
+    conn = open_db(db_path)
+    dedupe = Dedupe.load(conn, flush_at=6, slice_keys=2)
+    insert(conn, dedupe, [f"m{i}" for i in range(6)])
+    dedupe.flush(conn)
+    dedupe.flush(conn)  # 4 of 6 keys written, then the daemon is killed
+    conn.close()
+
+    conn = open_db(db_path)
+    try:
+        dedupe = Dedupe.load(conn)
+        assert len(dedupe.recent) == 6  # flushed_through had not moved: all read back
+        assert insert(conn, dedupe, [f"m{i}" for i in range(7)], now=T0 + 1) == 1
+        while dedupe.flush(conn):
+            pass
+        assert keys_on_disk(conn) == 7
+    finally:
+        conn.close()
+
+
+def test_dedupe_sweep_rows_outpace_what_was_written():
+    assert sweep_rows(0) == SWEEP_MIN_ROWS
+    assert sweep_rows(1_000_000) == 2_000_000
 
 
 def test_dedupe_keys_reach_only_as_far_as_stored_events(conn):

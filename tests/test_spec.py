@@ -318,3 +318,39 @@ def test_enrich_after_expand_keeps_every_http_api_example_valid():
             # An enriched event is still a valid one (it is what destinations receive).
             validate(enriched)
             assert enriched["receivedAt"] == "2024-05-01T12:00:00.000Z"
+
+
+def test_enrich_without_sent_at_writes_timestamp_in_destfnds_format():
+    # Kept verbatim when already canonical; rewritten otherwise (other digits, offsets).
+    for given, expected in [
+        ("2024-04-30T08:15:00.250Z", "2024-04-30T08:15:00.250Z"),
+        ("2024-04-30T10:15:00+02:00", "2024-04-30T08:15:00.000Z"),
+        ("٢٠٢٤-04-30T08:15:00.250Z", "2024-04-30T08:15:00.250Z"),
+    ]:
+        event = {"type": "track", "userId": "u1", "event": "e", "timestamp": given}
+        enrich(validate(event), RECEIVED_AT)
+        assert event["timestamp"] == expected, given
+        assert event["originalTimestamp"] == expected, given
+
+
+@pytest.mark.parametrize(
+    ("value", "present"),
+    [("u1", True), ("\t \n", False), ("", False), (42, True), (1.5, True)],
+)
+def test_validate_ids_blank_ones_count_as_missing_numbers_become_strings(value, present):
+    event = {"type": "track", "event": "e", "userId": value, "anonymousId": "a1"}
+    validate(event)
+    if present:
+        assert event["userId"] == str(value)
+    only = {"type": "track", "event": "e", "userId": value}
+    if present:
+        validate(only)
+    else:
+        with pytest.raises(SpecError, match="userId or anonymousId"):
+            validate(only)
+
+
+def test_validate_rejects_an_id_over_1024_characters():
+    with pytest.raises(SpecError, match="userId: longer than 1024"):
+        validate({"type": "track", "event": "e", "userId": "u" * 1025})
+    validate({"type": "track", "event": "e", "userId": "u" * 1024})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from destfnd.errors import DestfndError
 
@@ -24,6 +26,14 @@ def _load_queries() -> dict[str, str]:
 
 
 SQL = _load_queries()
+_IN_CHUNK = 500  # placeholders per IN (...) list, well under SQLite's variable limit
+
+
+def select_in(conn: sqlite3.Connection, query: str, ids: Sequence[Any]) -> Iterator[tuple]:
+    """The rows of `query`, a SELECT whose `{ids}` is an IN list, for all of `ids` (in chunks)."""
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        yield from conn.execute(query.format(ids=",".join("?" * len(chunk))), chunk)
 
 
 def _migrations() -> list[tuple[int, str]]:

@@ -13,17 +13,15 @@ import sqlite3
 from collections.abc import Iterable
 from hashlib import blake2b
 
-from destfnd.store.db import SQL
+from destfnd.store.db import SQL, select_in
 
 # Keys gathered in memory before they are written out: about 200 bytes each. A flush rewrites
 # up to every leaf page of message_ids, so larger flushes cost less per key (about 1 us per
-# key at 100k stored keys, 3 us at 1M, for 64k-key flushes); each holds the writer for
-# 50-200 ms, between groups.
+# key at 100k stored keys, 3 us at 1M, for 64k-key flushes).
 FLUSH_AT = 65_536
 # Keys per flush step: each step is its own transaction, run between two groups, so it delays
 # the next group by a few milliseconds at most.
 FLUSH_SLICE = 4096
-_CHUNK = 500  # keys per IN (...) list, well under SQLite's variable limit
 _LOAD_CHUNK = 10_000
 
 
@@ -49,6 +47,11 @@ class Dedupe:
         self._rows: list[tuple[int, int, int]] = []
         self._written = 0
         self._through = 0
+        # The highest event id handed out (or flushed through): new events get ids above it,
+        # even if pruning deleted the newest events, so an id below flushed_through is never
+        # reused for an event whose key is only in memory (load reads ids above it).
+        self.high_id = 0
+        self.flushed_keys = 0  # keys written to message_ids since start, for the sweep's pace
 
     @classmethod
     def load(
@@ -59,12 +62,14 @@ class Dedupe:
         dedupe = cls(flush_at, slice_keys)
         (last_id,) = conn.execute(SQL["dedupe_flushed_through"]).fetchone()
         while True:
+            dedupe.high_id = last_id
             rows = conn.execute(SQL["events_since"], (last_id, _LOAD_CHUNK)).fetchall()
             for event_id, source, message_id, received_at in rows:
                 dedupe.add(key_of(source, message_id), event_id, received_at)
                 last_id = event_id
+            dedupe.high_id = last_id
             if dedupe.due():
-                while dedupe.flush(conn, through=last_id):
+                while dedupe.flush(conn):
                     pass
             if len(rows) < _LOAD_CHUNK:
                 return dedupe
@@ -84,38 +89,30 @@ class Dedupe:
                 cold.append(k)
             else:
                 found[k] = hit[1:]
-        for start in range(0, len(cold), _CHUNK):
-            chunk = cold[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for k, event_id, received_at in conn.execute(
-                f"SELECT key, event_id, received_at FROM message_ids WHERE key IN ({marks})", chunk
-            ):
-                found[k] = (event_id, received_at)
+        for k, event_id, received_at in select_in(conn, SQL["find_keys"], cold):
+            found[k] = (event_id, received_at)
         return found
 
     def due(self) -> bool:
         return self._flushing is not None or len(self.recent) >= self.flush_at
 
-    def flush(self, conn: sqlite3.Connection, through: int | None = None) -> int:
+    def flush(self, conn: sqlite3.Connection) -> int:
         """One step of writing the keys in memory to `message_ids`: the next `slice_keys` of
         them in key order, in a transaction of its own, so that no step holds the writer
         long. Returns how many were written (0: nothing to flush, or the flush is done).
 
         A flush starts with the keys in memory at that moment (new ones gather anew). Sorted
         keys make each slice a contiguous key range: a page is still rewritten once per
-        flush, not once per slice. The mark `flushed_through` moves with the last slice, so
-        a crash in between only means reading those events' keys again at start.
-        `through`: the newest event id whose key is in memory; by default the newest stored
-        event (every committed insert has added its keys by the time a flush runs)."""
+        flush, not once per slice. The mark `flushed_through` (`high_id` when the flush
+        started: every key of an event up to it is in memory or written) moves with the last
+        slice, so a crash in between only means reading those events' keys again at start."""
         if self._flushing is None:
             if not self.recent:
                 return 0
-            if through is None:
-                (through,) = conn.execute(SQL["max_event_id"]).fetchone()
             self._flushing, self.recent = self.recent, {}
             self._rows = sorted(self._flushing.values())
             self._written = 0
-            self._through = through
+            self._through = self.high_id
         end = self._written + self.slice_keys
         rows = self._rows[self._written : end]
         last = end >= len(self._rows)
@@ -130,12 +127,21 @@ class Dedupe:
                 conn.execute("ROLLBACK")
             raise
         self._written = end
+        self.flushed_keys += len(rows)
         if last:
             self._flushing, self._rows = None, []
         return len(rows)
 
 
 KEY_MIN = -(2**63)  # where a sweep of the keys starts
+SWEEP_MIN_ROWS = 200_000  # keys a prune pass looks at, at the least
+
+
+def sweep_rows(keys_written: int) -> int:
+    """How many keys a prune pass sweeps, given how many were written since the last pass:
+    at least twice as many, so the sweep outpaces ingest and message_ids stays within about
+    twice the keys of one dedupe window, at any ingest rate."""
+    return max(SWEEP_MIN_ROWS, 2 * keys_written)
 
 
 def sweep_keys(

@@ -10,14 +10,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from destfnd.store.db import SQL
+from destfnd.store.db import SQL, select_in
 from destfnd.store.dedupe import Dedupe, key_of
 from destfnd.store.models import Claimed, Finished, IncomingEvent, Invocation, Status
 
 # A leased row's next_at is pushed this far out, so it cannot be claimed twice even if the
 # release were lost; crash recovery at start-up makes it due again at once.
 LEASE_MS = 24 * 3600 * 1000
-_CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 
 
 class IngestRequest(NamedTuple):
@@ -45,7 +44,8 @@ def insert_many(
         for r in requests
     ]
     stored = _stored_events(conn, dedupe, {k for ks in keyed for k, _ in ks})
-    (next_id,) = conn.execute(SQL["max_event_id"]).fetchone()
+    (max_id,) = conn.execute(SQL["max_event_id"]).fetchone()
+    next_id = max(max_id, dedupe.high_id)  # ids are never reused (see Dedupe.high_id)
     event_rows: list[tuple] = []
     delivery_rows: list[tuple] = []
     new_counts = []
@@ -73,6 +73,7 @@ def insert_many(
             else:
                 delivery_rows.extend((next_id, name, now, now) for name in destinations)
         new_counts.append(len(event_rows) - before)
+    dedupe.high_id = next_id
     if event_rows:
         conn.executemany(SQL["insert_event"], event_rows)
         conn.executemany(SQL["insert_delivery"], delivery_rows)
@@ -104,19 +105,14 @@ def _stored_events(
 
     A key is a hash: the event itself says whether it is the same messageId. An entry whose
     event is gone (pruned, or never committed) matches nothing, so dedupe reaches back as far
-    as events are kept, and an entry left by a rolled-back insert cannot drop a later one."""
+    as events are kept, and an entry left by a rolled-back insert cannot drop a later event.
+    (Several keys may name one event id, e.g. such a left-over entry and a real one.)"""
     found = dedupe.find(conn, keys)
     if not found:
         return {}
-    by_event = {event_id: k for k, (event_id, _) in found.items()}
-    event_ids = list(by_event)
-    out = {}
-    for start in range(0, len(event_ids), _CHUNK):
-        chunk = event_ids[start : start + _CHUNK]
-        query = SQL["confirm_events"].format(ids=",".join("?" * len(chunk)))
-        for event_id, source, message_id, received_at in conn.execute(query, chunk):
-            out[by_event[event_id]] = (source, message_id, received_at)
-    return out
+    event_ids = list({event_id for event_id, _ in found.values()})
+    events = {row[0]: row[1:] for row in select_in(conn, SQL["confirm_events"], event_ids)}
+    return {k: events[event_id] for k, (event_id, _) in found.items() if event_id in events}
 
 
 def insert_events(
@@ -154,13 +150,8 @@ def claim(
         return [], next_due
     events: dict[int, tuple[str, bytes]] = {}
     event_ids = list({row[1] for row in rows})
-    for start in range(0, len(event_ids), _CHUNK):
-        chunk = event_ids[start : start + _CHUNK]
-        marks = ",".join("?" * len(chunk))
-        for event_id, message_id, payload in conn.execute(
-            f"SELECT id, message_id, payload FROM events WHERE id IN ({marks})", chunk
-        ):
-            events[event_id] = (message_id, payload)
+    for event_id, message_id, payload in select_in(conn, SQL["claim_events"], event_ids):
+        events[event_id] = (message_id, payload)
     return [
         Claimed(delivery_id, event_id, attempt, created_at, *events[event_id])
         for delivery_id, event_id, attempt, created_at in rows

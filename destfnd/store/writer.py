@@ -38,8 +38,9 @@ def _call(op: Callable[..., Any], args: tuple, conn: sqlite3.Connection) -> Any:
 
 
 class Deferred(Protocol):
-    """Work the writer does between groups, in a transaction of its own, when `due()`: so
-    that it never delays the answer to a group's requests (the dedupe keys' flush)."""
+    """Work the writer does between groups, in a short transaction of its own, when `due()`:
+    after a group's waiters are answered, never inside their transaction (a slice of the
+    dedupe keys' flush; it delays the next group by its few milliseconds)."""
 
     def due(self) -> bool: ...
 

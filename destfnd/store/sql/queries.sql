@@ -5,6 +5,12 @@ INSERT INTO events (id, source, message_id, received_at, refs, payload) VALUES (
 -- name: max_event_id
 SELECT coalesce(max(id), 0) FROM events;
 
+-- name: claim_events
+SELECT id, message_id, payload FROM events WHERE id IN ({ids});
+
+-- name: find_keys
+SELECT key, event_id, received_at FROM message_ids WHERE key IN ({ids});
+
 -- name: confirm_events
 -- {ids}: event ids a dedupe key matched; their (source, messageId) confirm the match.
 SELECT id, source, message_id, received_at FROM events WHERE id IN ({ids});
