@@ -219,6 +219,26 @@ def test_insert_many_dedupes_within_one_group_and_across_requests(conn):
     assert fanned == [("a", len(DESTS)), ("b", len(DESTS)), ("c", len(DESTS)), ("a", len(DESTS))]
 
 
+def test_insert_many_fans_out_per_request_when_a_source_has_different_destinations(conn):
+    # Ingest always gives one source the same destinations; the store does not rely on it.
+    first = q.IngestRequest("web", [incoming("a"), incoming("b")], ("crm",), T0, T0 - WINDOW_MS)
+    second = q.IngestRequest("web", [incoming("c")], ("crm", "warehouse"), T0 + 1, 0)
+    other = q.IngestRequest("ios", [incoming("a")], ("warehouse",), T0 + 2, 0)
+    assert q.insert_many(conn, [first, second, other], Dedupe.load(conn)) == [2, 1, 1]
+    fanned = rows(
+        conn,
+        "SELECT e.source, e.message_id, d.destination, d.created_at, d.next_at, e.refs"
+        " FROM deliveries d JOIN events e ON e.id = d.event_id ORDER BY e.id, d.destination",
+    )
+    assert fanned == [
+        ("web", "a", "crm", T0, T0, 1),
+        ("web", "b", "crm", T0, T0, 1),
+        ("web", "c", "crm", T0 + 1, T0 + 1, 2),
+        ("web", "c", "warehouse", T0 + 1, T0 + 1, 2),
+        ("ios", "a", "warehouse", T0 + 2, T0 + 2, 1),
+    ]
+
+
 # --- claim, finish, release ------------------------------------------------------------------
 
 

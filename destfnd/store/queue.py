@@ -45,57 +45,62 @@ def insert_many(
     ]
     stored = _stored_events(conn, dedupe, {k for ks in keyed for k, _ in ks})
     (max_id,) = conn.execute(SQL["max_event_id"]).fetchone()
-    next_id = max(max_id, dedupe.high_id)  # ids are never reused (see Dedupe.high_id)
-    event_rows: list[tuple] = []
-    delivery_rows: list[tuple] = []
+    first_id = max(max_id, dedupe.high_id) + 1  # ids are never reused (see Dedupe.high_id)
+    rows: list[tuple] = []  # the event with id first_id + i is rows[i]
+    fanout: dict[str, Sequence[str]] = {}  # source -> destinations (the same for all, from ingest)
+    mixed = False
     new_counts = []
-    add = dedupe.add
-    in_group: dict[int, tuple[str, str]] = {}  # key -> (source, messageId) stored by this call
+    spans: list[tuple[int, int, Sequence[str], int]] = []  # a request's new ids, for fan-out
+    recent = dedupe.recent  # the keys of this call's events go in as they are taken
     for r, pairs in zip(requests, keyed, strict=True):
-        source, destinations, now = r.source, r.destinations, r.now
+        source, destinations, now, cutoff = r.source, r.destinations, r.now, r.dedupe_cutoff
         if not destinations:
             new_counts.append(len(r.events))
             continue
+        mixed = mixed or fanout.setdefault(source, destinations) != destinations
         refs = len(destinations)
-        single = destinations[0] if refs == 1 else None
-        before = len(event_rows)
+        before = len(rows)
         for k, (message_id, payload) in pairs:
-            if (k in in_group or k in stored) and _is_copy(
-                in_group, stored, k, source, message_id, r.dedupe_cutoff
-            ):
-                continue
-            next_id += 1
-            in_group[k] = (source, message_id)
-            add(k, next_id, now)
-            event_rows.append((next_id, source, message_id, now, refs, payload))
-            if single is not None:
-                delivery_rows.append((next_id, single, now, now))
-            else:
-                delivery_rows.extend((next_id, name, now, now) for name in destinations)
-        new_counts.append(len(event_rows) - before)
-    dedupe.high_id = next_id
-    if event_rows:
-        conn.executemany(SQL["insert_event"], event_rows)
-        conn.executemany(SQL["insert_delivery"], delivery_rows)
+            if k in recent or k in stored:  # seen before, maybe: keys are hashes, so check
+                hit = recent.get(k)
+                if hit is not None and hit[1] >= first_id:  # stored earlier in this call
+                    row = rows[hit[1] - first_id]
+                    if row[1] == source and row[2] == message_id:
+                        continue
+                prior = stored.get(k)  # stored before this call
+                if (
+                    prior is not None
+                    and prior[0] == source
+                    and prior[1] == message_id
+                    and prior[2] >= cutoff
+                ):
+                    continue
+            event_id = first_id + len(rows)
+            recent[k] = (k, event_id, now)  # Dedupe.add, inline: this loop is the hot path
+            rows.append((event_id, source, message_id, now, refs, payload))
+        new_counts.append(len(rows) - before)
+        spans.append((first_id + before, first_id + len(rows), destinations, now))
+    if not rows:
+        return new_counts
+    last_id = first_id + len(rows) - 1
+    dedupe.high_id = last_id
+    conn.executemany(SQL["insert_event"], rows)
+    if not mixed:
+        # Fanned out in SQL from the rows just inserted: no Python tuple per delivery.
+        for source, destinations in fanout.items():
+            for name in destinations:
+                conn.execute(SQL["fan_out"], (name, first_id, last_id, source))
+    else:  # one source with different destinations in one call (not something ingest does)
+        conn.executemany(
+            SQL["insert_delivery"],
+            [
+                (event_id, name, now, now)
+                for start, end, destinations, now in spans
+                for event_id in range(start, end)
+                for name in destinations
+            ],
+        )
     return new_counts
-
-
-def _is_copy(
-    in_group: dict[int, tuple[str, str]],
-    stored: dict[int, tuple[str, str, int]],
-    key: int,
-    source: str,
-    message_id: str,
-    cutoff: int,
-) -> bool:
-    """Whether (source, messageId), whose key matched, was stored earlier in this call or
-    since `cutoff` (a matching key alone is not enough: keys are hashes)."""
-    if in_group.get(key) == (source, message_id):
-        return True
-    prior = stored.get(key)
-    return (
-        prior is not None and prior[0] == source and prior[1] == message_id and (prior[2] >= cutoff)
-    )
 
 
 def _stored_events(

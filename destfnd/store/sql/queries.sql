@@ -39,6 +39,13 @@ DELETE FROM message_ids WHERE key > ? AND key <= ? AND received_at < ?;
 INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
 VALUES (?, ?, 'pending', ?, ?);
 
+-- name: fan_out
+-- One delivery to destination ?1 for each event of source ?4 just inserted with an id in
+-- [?2, ?3], due at once (received_at is the request's time). Walks the rowid range only.
+INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
+SELECT id, ?1, 'pending', received_at, received_at FROM events
+WHERE id BETWEEN ?2 AND ?3 AND source = ?4;
+
 -- name: due
 -- Walks deliveries_due in due order, never delivered history.
 SELECT id FROM deliveries
