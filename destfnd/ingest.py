@@ -131,6 +131,9 @@ class Ingest:
             raise Rejected(401, "unauthorized", "unknown write key")
         now_s = self._clock()
         events = self._prepare(body, endpoint_type, now_s)
+        # The parsed body (a few containers per event) must not stay alive while the commit
+        # is awaited: with 64 requests in flight, the cyclic collector kept walking them all.
+        del body, raw
         destinations = self._fanout[source]
         # Valid but subscribed to by nothing: nothing to store (nor to dedupe later).
         if events and destinations:
