@@ -139,6 +139,18 @@ def test_dedupe_a_colliding_key_does_not_drop_a_different_message(conn):
     assert stored_ids(conn) == ["first", "second", "third"]
 
 
+def test_dedupe_keys_colliding_within_one_call_are_both_stored(conn, monkeypatch):
+    dedupe = Dedupe.load(conn)
+    insert(conn, dedupe, ["q"])  # stored before, under its real key
+    # "p" and "q" hash alike: "p" is taken first in the call, so "q" finds an in-call entry
+    # that is not its own and must still be caught as the copy of the stored "q".
+    collide = {"p": 7, "q": 7}
+    monkeypatch.setattr(q, "key_of", lambda source, mid: collide.get(mid) or key_of(source, mid))
+    dedupe.add(7, 1, T0)  # the stored "q" under the colliding key
+    assert insert(conn, dedupe, ["p", "q", "p"], now=T0 + 1) == 1
+    assert stored_ids(conn) == ["q", "p"]
+
+
 def test_dedupe_a_rolled_back_insert_leaves_no_false_duplicate(conn):
     dedupe = Dedupe.load(conn)
     conn.execute("BEGIN IMMEDIATE")
@@ -184,6 +196,17 @@ def test_dedupe_a_left_over_entry_sharing_an_event_id_hides_no_duplicate(conn):
     # Both keys name event 1; "b" must still be found a duplicate, "a" must still be new.
     assert insert(conn, dedupe, ["a", "b"], now=T0 + 1) == 1
     assert stored_ids(conn) == ["b", "a"]
+
+
+def test_dedupe_an_entry_left_by_a_call_that_failed_half_way_names_nothing(conn):
+    dedupe = Dedupe.load(conn)
+    insert(conn, dedupe, ["a"])
+    # A call raised in the middle of its loop: its keys are in memory with ids it was about
+    # to use, and Dedupe.high_id never moved past them, so the next call hands them out again.
+    dedupe.add(key_of("web", "z"), dedupe.high_id + 3, T0)
+    dedupe.add(key_of("web", "y"), dedupe.high_id + 1, T0)
+    assert insert(conn, dedupe, ["y", "z", "z"], now=T0 + 1) == 2
+    assert stored_ids(conn) == ["a", "y", "z"]
 
 
 def test_dedupe_a_crash_between_flush_slices_loses_no_key(db_path):

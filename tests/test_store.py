@@ -219,6 +219,23 @@ def test_insert_many_dedupes_within_one_group_and_across_requests(conn):
     assert fanned == [("a", len(DESTS)), ("b", len(DESTS)), ("c", len(DESTS)), ("a", len(DESTS))]
 
 
+def test_insert_many_fans_out_in_sql_with_each_request_s_time(conn):
+    first = q.IngestRequest("web", [incoming("a")], DESTS, T0, T0 - WINDOW_MS)
+    dup = q.IngestRequest("web", [incoming("a"), incoming("b")], DESTS, T0 + 5, T0 - WINDOW_MS)
+    nothing = q.IngestRequest("web", [incoming("c")], (), T0 + 6, T0 - WINDOW_MS)
+    later = q.IngestRequest("web", [incoming("d")], DESTS, T0 + 9, T0 - WINDOW_MS)
+    counts = q.insert_many(conn, [first, dup, nothing, later], Dedupe.load(conn))
+    assert counts == [1, 1, 1, 1]  # "c" goes nowhere: counted, not stored
+    fanned = rows(
+        conn,
+        "SELECT e.message_id, d.destination, d.created_at, d.next_at"
+        " FROM deliveries d JOIN events e ON e.id = d.event_id ORDER BY e.id, d.destination",
+    )
+    assert fanned == [
+        (m, d, t, t) for m, t in (("a", T0), ("b", T0 + 5), ("d", T0 + 9)) for d in sorted(DESTS)
+    ]
+
+
 def test_insert_many_fans_out_per_request_when_a_source_has_different_destinations(conn):
     # Ingest always gives one source the same destinations; the store does not rely on it.
     first = q.IngestRequest("web", [incoming("a"), incoming("b")], ("crm",), T0, T0 - WINDOW_MS)

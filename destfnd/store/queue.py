@@ -32,10 +32,10 @@ class IngestRequest(NamedTuple):
 def insert_many(
     conn: sqlite3.Connection, requests: list[IngestRequest], dedupe: Dedupe
 ) -> list[int]:
-    """Store the events of several requests at once (one statement per table for all of them),
-    skipping messageIds stored from the same source since the request's dedupe cutoff, and fan
-    each new event out into one delivery per destination. Returns how many were new, per
-    request.
+    """Store the events of several requests at once (one statement for all the events, one
+    per source and destination for their deliveries), skipping messageIds stored from the same
+    source since the request's dedupe cutoff, and fan each new event out into one delivery per
+    destination. Returns how many were new, per request.
 
     Events of a source with no destinations are not stored: there is nothing to deliver.
     """
@@ -63,7 +63,9 @@ def insert_many(
         for k, (message_id, payload) in pairs:
             if k in recent or k in stored:  # seen before, maybe: keys are hashes, so check
                 hit = recent.get(k)
-                if hit is not None and hit[1] >= first_id:  # stored earlier in this call
+                # Stored earlier in this call? (An id past the rows taken so far is an entry
+                # left by a call that failed half-way: it names nothing.)
+                if hit is not None and first_id <= hit[1] < first_id + len(rows):
                     row = rows[hit[1] - first_id]
                     if row[1] == source and row[2] == message_id:
                         continue
