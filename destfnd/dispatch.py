@@ -40,6 +40,9 @@ class Deliverer(Protocol):
     async def deliver(self, payloads: list[bytes], batched: bool) -> Report: ...
 
 
+_BATCHES_PER_CLAIM = 8  # batched destinations: full batches leased per claim, at most
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -133,7 +136,9 @@ class Dispatcher:
                 await self._room.wait()
                 continue
             if self._batch:
-                limit = self._batch.max_events - len(self._held)
+                # Several batches per claim: one writer round trip feeds several workers.
+                batches = max(1, min(_BATCHES_PER_CLAIM, self._max_units - len(self._units)))
+                limit = self._batch.max_events * batches - len(self._held)
             else:
                 limit = self._max_units - len(self._units)
             self._wake.clear()
@@ -146,12 +151,19 @@ class Dispatcher:
             if next_due is not None:
                 wait_s = min(wait_s, max(0.0, (next_due - self._clock()) / 1000))
             if self._batch:
+                max_events = self._batch.max_events
                 if claimed and not self._held:
                     batch_started = time.monotonic()
                 self._held.extend(claimed)
+                if len(self._held) >= max_events:
+                    while len(self._held) >= max_events:
+                        self._push(self._held[:max_events])
+                        del self._held[:max_events]
+                    batch_started = time.monotonic()  # what is left starts its own wait
+                    continue
                 if self._held:
                     left_s = batch_started + self._batch.max_wait_s - time.monotonic()
-                    if len(self._held) >= self._batch.max_events or left_s <= 0:
+                    if left_s <= 0:
                         self._push(self._held)
                         self._held = []
                         continue
