@@ -18,6 +18,7 @@ import pytest
 
 from destfnd.store import Dedupe, Finished, IncomingEvent, Status, StoreError, Writer, open_db
 from destfnd.store import queue as q
+from destfnd.store import writer as writer_module
 from destfnd.store.db import SQL
 
 T0 = 1_700_000_000_000  # unix ms
@@ -592,6 +593,31 @@ async def test_writer_group_commits_concurrent_runs(db_path):
     assert results == [1] * 200
     assert counts == {d: {"pending": 200} for d in DESTS}
     assert 1 <= groups <= 20
+
+
+@pytest.mark.parametrize("turns", [16, 0])
+async def test_writer_gathers_work_that_keeps_arriving_into_one_group(db_path, monkeypatch, turns):
+    monkeypatch.setattr(writer_module, "GATHER_TURNS", turns)
+    conn = open_db(db_path)
+    dedupe = Dedupe.load(conn)
+
+    async def arrive_after(turns_later: int, i: int) -> int:
+        for _ in range(turns_later):
+            await asyncio.sleep(0)
+        return await writer.run(
+            q.insert_events, dedupe, "web", [incoming(f"m{i}")], DESTS, T0, T0 - WINDOW_MS
+        )
+
+    async with running_writer(conn) as writer:
+        await writer.run(q.status_counts)  # the writer now waits for work
+        before = writer.groups
+        # Five requests, one loop turn apart, as under load.
+        assert await asyncio.gather(*(arrive_after(i, i) for i in range(5))) == [1] * 5
+        groups = writer.groups - before
+    if turns:
+        assert groups == 1
+    else:
+        assert groups > 1  # without gathering the first group leaves at once
 
 
 async def test_writer_failing_op_fails_alone_in_its_group(db_path):

