@@ -130,6 +130,22 @@ def test_open_db_sets_wal_and_durability_pragmas(conn, db_path):
         reader.close()
 
 
+def test_open_db_every_foreign_key_has_an_index_on_its_child_column(conn):
+    # Else each delete of a parent row (pruning) makes SQLite scan the whole child table.
+    tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    checked = 0
+    for table in tables:
+        for fk in conn.execute(f"PRAGMA foreign_key_list({table})").fetchall():
+            child_column = fk[3]
+            leading = {
+                conn.execute(f"PRAGMA index_info({index[1]})").fetchone()[2]
+                for index in conn.execute(f"PRAGMA index_list({table})").fetchall()
+            }
+            assert child_column in leading, f"{table}.{child_column} has no index"
+            checked += 1
+    assert checked >= 1  # deliveries.event_id -> events.id
+
+
 def test_open_db_refuses_a_newer_schema(db_path):
     conn = open_db(db_path)
     conn.execute(f"PRAGMA user_version = {newest_migration() + 1}")
