@@ -177,6 +177,10 @@ class Daemon:
                     for name, d in self.dispatchers.items()
                 ]
                 pruner = tg.create_task(self._prune_loop(writer, dedupe), name="prune")
+                watchdog_s = sdnotify.watchdog_interval_s()
+                watchdog = None
+                if watchdog_s is not None:
+                    watchdog = tg.create_task(self._watchdog(writer, watchdog_s), name="watchdog")
                 ingest.ready = True
                 log.info(
                     "daemon_ready",
@@ -194,6 +198,8 @@ class Daemon:
                     d.stop()
                 await self._drain(tasks)
                 pruner.cancel()
+                if watchdog is not None:
+                    watchdog.cancel()
                 # Requests still running commit before the writer closes.
                 http_open = False
                 await runner.cleanup()
@@ -274,6 +280,18 @@ class Daemon:
             key_cursor = await self._sweep_keys(writer, keys_before, key_cursor, rows)
             await asyncio.sleep(_PRUNE_EVERY_S)
 
+    async def _watchdog(self, writer: Writer, every_s: float) -> None:
+        """WATCHDOG=1 every half WatchdogSec while the event loop runs and the SQLite writer
+        commits: a wedged writer (or loop) stops the pings, and systemd restarts the daemon."""
+        while True:
+            try:
+                await asyncio.wait_for(writer.run(_nothing), every_s)
+            except TimeoutError:
+                log.warning("watchdog_writer_slow", waited_s=every_s)
+            else:
+                sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(every_s)
+
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
@@ -297,6 +315,10 @@ async def _wait_all_or(tasks: list[asyncio.Task], hurry: asyncio.Task, timeout_s
 # ingest's throughput. Those start-up objects are frozen out of collection, and collections
 # run less often; cycles made while serving are still collected.
 _GC_THRESHOLD = (10_000, 10, 10)
+
+
+def _nothing(conn: object) -> None:
+    """An empty write transaction: proof that the writer thread still commits."""
 
 
 def _tune_gc() -> None:

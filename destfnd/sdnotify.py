@@ -1,4 +1,5 @@
-"""systemd's sd_notify protocol (READY=1, STOPPING=1, STATUS=...), a no-op outside systemd."""
+"""systemd's sd_notify protocol (READY=1, STOPPING=1, STATUS=..., WATCHDOG=1), a no-op outside
+systemd."""
 
 from __future__ import annotations
 
@@ -20,3 +21,17 @@ def notify(*states: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def watchdog_interval_s() -> float | None:
+    """How often to send WATCHDOG=1 (half of the unit's WatchdogSec, from $WATCHDOG_USEC), or
+    None when systemd does not watch this process."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if pid and pid != str(os.getpid()):
+        return None  # meant for another process (a parent that exec'd us)
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2_000_000 if value > 0 else None

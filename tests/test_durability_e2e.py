@@ -157,6 +157,37 @@ async def test_sigterm_drains_in_flight_returns_the_rest_and_exits_0(
     notify.close()
 
 
+async def test_watchdog_pings_systemd_while_the_daemon_runs(make_daemon, tmp_path):
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.setblocking(False)
+    try:
+        # WatchdogSec=0.4s: a ping every 0.2 s, each after an empty commit by the writer.
+        env = {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}
+        daemon = make_daemon(
+            config_text(tmp_path / "db.sqlite3", webhook("hook", "http://127.0.0.1:9/in")), env=env
+        )
+        await daemon.start()
+        await asyncio.sleep(1.5)
+        assert await daemon.terminate() == 0
+        states = b"\n".join(_drain_socket(notify)).decode().split("\n")
+        assert "READY=1" in states
+        assert states.count("WATCHDOG=1") >= 3, states
+        # Meant for another process (WATCHDOG_PID): no pings.
+        env["WATCHDOG_PID"] = "1"
+        daemon = make_daemon(
+            config_text(tmp_path / "db2.sqlite3", webhook("hook", "http://127.0.0.1:9/in")), env=env
+        )
+        await daemon.start()
+        await asyncio.sleep(0.8)
+        assert await daemon.terminate() == 0
+        states = b"\n".join(_drain_socket(notify)).decode().split("\n")
+        assert "READY=1" in states and "WATCHDOG=1" not in states, states
+    finally:
+        notify.close()
+
+
 def _drain_socket(sock: socket.socket) -> list[bytes]:
     messages = []
     while True:
