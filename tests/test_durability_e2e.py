@@ -162,27 +162,23 @@ async def test_watchdog_pings_systemd_while_the_daemon_runs(make_daemon, tmp_pat
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.setblocking(False)
+
+    async def states_of_a_run(db: str, env: dict[str, str], seconds: float) -> list[str]:
+        dest = webhook("hook", "http://127.0.0.1:9/in")
+        daemon = make_daemon(config_text(tmp_path / db, dest), env=env)
+        await daemon.start()
+        await asyncio.sleep(seconds)
+        assert await daemon.terminate() == 0
+        return b"\n".join(_drain_socket(notify)).decode().split("\n")
+
     try:
         # WatchdogSec=0.4s: a ping every 0.2 s, each after an empty commit by the writer.
         env = {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}
-        daemon = make_daemon(
-            config_text(tmp_path / "db.sqlite3", webhook("hook", "http://127.0.0.1:9/in")), env=env
-        )
-        await daemon.start()
-        await asyncio.sleep(1.5)
-        assert await daemon.terminate() == 0
-        states = b"\n".join(_drain_socket(notify)).decode().split("\n")
+        states = await states_of_a_run("db.sqlite3", env, 1.5)
         assert "READY=1" in states
         assert states.count("WATCHDOG=1") >= 3, states
         # Meant for another process (WATCHDOG_PID): no pings.
-        env["WATCHDOG_PID"] = "1"
-        daemon = make_daemon(
-            config_text(tmp_path / "db2.sqlite3", webhook("hook", "http://127.0.0.1:9/in")), env=env
-        )
-        await daemon.start()
-        await asyncio.sleep(0.8)
-        assert await daemon.terminate() == 0
-        states = b"\n".join(_drain_socket(notify)).decode().split("\n")
+        states = await states_of_a_run("db2.sqlite3", {**env, "WATCHDOG_PID": "1"}, 0.8)
         assert "READY=1" in states and "WATCHDOG=1" not in states, states
     finally:
         notify.close()
