@@ -22,7 +22,7 @@ from destfnd.errors import DestfndError
 from destfnd.function_destination import FunctionDestination
 from destfnd.ingest import Ingest
 from destfnd.redact import Redactor
-from destfnd.store import Dedupe, Writer, open_db
+from destfnd.store import Dedupe, StoreError, Writer, open_db
 from destfnd.store import queue as q
 from destfnd.store.dedupe import KEY_MIN, sweep_keys, sweep_rows
 from destfnd.webhook import FileSink, Webhook
@@ -192,14 +192,16 @@ class Daemon:
                 await self._stop.wait()
 
                 sdnotify.notify("STOPPING=1", "STATUS=draining")
+                if watchdog is not None:
+                    # systemd stops watching once stopping (TimeoutStopSec rules), but a late
+                    # WATCHDOG=1 would arm it again.
+                    watchdog.cancel()
                 log.info("daemon_draining", grace_s=cfg.server.drain_timeout_s)
                 ingest.draining = True
                 for d in self.dispatchers.values():
                     d.stop()
                 await self._drain(tasks)
                 pruner.cancel()
-                if watchdog is not None:
-                    watchdog.cancel()
                 # Requests still running commit before the writer closes.
                 http_open = False
                 await runner.cleanup()
@@ -282,15 +284,21 @@ class Daemon:
 
     async def _watchdog(self, writer: Writer, every_s: float) -> None:
         """WATCHDOG=1 every half WatchdogSec while the event loop runs and the SQLite writer
-        commits: a wedged writer (or loop) stops the pings, and systemd restarts the daemon."""
+        commits: a wedged writer (or loop) stops the pings, and systemd restarts the daemon.
+        A commit may take up to 1.5 intervals and still ping within WatchdogSec."""
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
-                await asyncio.wait_for(writer.run(_nothing), every_s)
+                await asyncio.wait_for(writer.run(_nothing), every_s * 1.5)
             except TimeoutError:
-                log.warning("watchdog_writer_slow", waited_s=every_s)
+                log.warning("watchdog_writer_slow", waited_s=every_s * 1.5)
+                continue  # no ping: systemd decides once WatchdogSec has passed
+            except StoreError as exc:
+                log.warning("watchdog_commit_failed", error=str(exc))
             else:
                 sdnotify.notify("WATCHDOG=1")
-            await asyncio.sleep(every_s)
+            await asyncio.sleep(max(0.0, every_s - (loop.time() - started)))
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)

@@ -41,6 +41,7 @@ class Deliverer(Protocol):
 
 
 _BATCHES_PER_CLAIM = 8  # batched destinations: full batches leased per claim, at most
+_CLAIM_ROWS = 1000  # ... unless that is more rows than this (then one batch per claim)
 
 
 def now_ms() -> int:
@@ -136,9 +137,12 @@ class Dispatcher:
                 await self._room.wait()
                 continue
             if self._batch:
-                # Several batches per claim: one writer round trip feeds several workers.
-                batches = max(1, min(_BATCHES_PER_CLAIM, self._max_units - len(self._units)))
-                limit = self._batch.max_events * batches - len(self._held)
+                # Several batches per claim (one writer round trip feeds several workers),
+                # as long as a claim stays small enough not to hold the writer long.
+                max_events = self._batch.max_events
+                room = self._max_units - len(self._units)
+                batches = max(1, min(_BATCHES_PER_CLAIM, room, _CLAIM_ROWS // max_events))
+                limit = max_events * batches - len(self._held)
             else:
                 limit = self._max_units - len(self._units)
             self._wake.clear()

@@ -137,9 +137,10 @@ def test_open_db_every_foreign_key_has_an_index_on_its_child_column(conn):
     for table in tables:
         for fk in conn.execute(f"PRAGMA foreign_key_list({table})").fetchall():
             child_column = fk[3]
-            leading = {
+            leading = {  # a partial index cannot serve the foreign key check
                 conn.execute(f"PRAGMA index_info({index[1]})").fetchone()[2]
                 for index in conn.execute(f"PRAGMA index_list({table})").fetchall()
+                if not index[4]
             }
             assert child_column in leading, f"{table}.{child_column} has no index"
             checked += 1
