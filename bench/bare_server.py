@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import sys
 
 import orjson
 from aiohttp import web
+from sink import serve_until_signalled  # bench/ is on sys.path: run as a script
 
 _OK = orjson.dumps({"success": True})
 
@@ -29,20 +28,7 @@ async def handle(request: web.Request) -> web.Response:
 async def serve(port: int) -> None:
     app = web.Application(client_max_size=500 * 1024)
     app.router.add_post("/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
-    sys.stdout.write(orjson.dumps({"event": "ready", "listen": f"{bound[0]}:{bound[1]}"}).decode())
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signalled(app, port)
 
 
 def main() -> None:

@@ -148,16 +148,12 @@ class Sink:
         return await self.count(request)
 
 
-async def serve(args) -> None:
-    sink = Sink(args.mode, args.delay_ms, args.hold_max_s)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_get("/_count", sink.count)
-    app.router.add_get("/_latency", sink.latency)
-    app.router.add_post("/_ctl", sink.ctl)
-    app.router.add_post("/{tail:.*}", sink.deliver)
+async def serve_until_signalled(app: web.Application, port: int, on_stop=None) -> None:
+    """Serve `app` on 127.0.0.1:`port` (0: any), print the ready line, run until SIGTERM or
+    SIGINT, call `on_stop()`, clean up. Shared with bare_server.py."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=1024)
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
     await site.start()
     bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
     sys.stdout.write(orjson.dumps({"event": "ready", "listen": f"{bound[0]}:{bound[1]}"}).decode())
@@ -168,8 +164,19 @@ async def serve(args) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    sink.open.set()
+    if on_stop is not None:
+        on_stop()
     await runner.cleanup()
+
+
+async def serve(args) -> None:
+    sink = Sink(args.mode, args.delay_ms, args.hold_max_s)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/_count", sink.count)
+    app.router.add_get("/_latency", sink.latency)
+    app.router.add_post("/_ctl", sink.ctl)
+    app.router.add_post("/{tail:.*}", sink.deliver)
+    await serve_until_signalled(app, args.port, on_stop=lambda: sink.open.set())
 
 
 def main() -> None:

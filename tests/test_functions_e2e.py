@@ -148,7 +148,8 @@ async def on_track(event, settings):
     await fetch(settings["sink"], method="POST", json=event)
 """
 
-HEALTHY_PY = """
+# A function that forwards each track event to the sink in its settings.
+FORWARD_PY = """
 from destfnd.functions import fetch
 
 async def on_track(event, settings):
@@ -160,7 +161,7 @@ async def test_functions_isolation_crashes_blocks_and_memory_leave_others_unaffe
     make_daemon, tmp_path, session
 ):
     (tmp_path / "crashy.py").write_text(ISOLATION_PY)
-    (tmp_path / "healthy.py").write_text(HEALTHY_PY)
+    (tmp_path / "healthy.py").write_text(FORWARD_PY)
     async with Sink() as crashy_sink, Sink() as healthy_sink:
         dests = function_destination(
             "crashy",
@@ -412,19 +413,12 @@ def on_track(event, settings):
     return event
 """
 
-CHAIN_FUNCTION_PY = """
-from destfnd.functions import fetch
-
-async def on_track(event, settings):
-    await fetch(settings["sink"], method="POST", json=event)
-"""
-
 
 async def test_functions_insert_function_in_front_of_a_destination_function(
     make_daemon, tmp_path, session
 ):
     (tmp_path / "enrich.py").write_text(CHAIN_INSERT_PY)
-    (tmp_path / "fn.py").write_text(CHAIN_FUNCTION_PY)
+    (tmp_path / "fn.py").write_text(FORWARD_PY)
     async with Sink() as sink:
         dest = function_destination("fn", "fn.py", f'{{ sink = "{sink.url}" }}',
                                     insert_function='"enrich.py"')  # fmt: skip
