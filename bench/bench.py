@@ -300,6 +300,20 @@ def cpu_s_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of the event loop's thread and of all the others (in the daemon, the SQLite
+    writer's; uvloop's are idle), for the notes."""
+    out = {"event loop": 0.0, "other threads": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = "event loop" if task.name == str(pid) else "other threads"
+        out[name] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 # -- load ----------------------------------------------------------------------------------
 
 
@@ -357,10 +371,15 @@ class Bench:
 
     def measured(self, pid: int, url: str, label: str, **opts) -> dict:
         """A load run, with the server's CPU use (all its threads) during it."""
-        cpu0 = cpu_s_of(pid)
+        cpu0, threads0 = cpu_s_of(pid), thread_cpu_s(pid)
         t0 = time.monotonic()
         res = self.load(url, label=label, **opts)
         wall = time.monotonic() - t0
+        res["server_thread_cpu_s"] = {
+            name: round(cpu - threads0.get(name, 0.0), 3)
+            for name, cpu in thread_cpu_s(pid).items()
+            if cpu - threads0.get(name, 0.0) > 0
+        }
         res["server_cpu_s"] = round(cpu_s_of(pid) - cpu0, 3)
         res["server_cpu_util"] = round(res["server_cpu_s"] / wall, 3)
         return res
@@ -1174,6 +1193,14 @@ def notes(b: Bench) -> list[str]:
                 f"{d['client_cpu']:.0%} / {base['client_cpu']:.0%}; rounds destfnd "
                 f"{_list(d.get('rounds'))}, bare {_list(base.get('rounds'))}"
             )
+    for key, label in (("track", "/v1/track"), ("batch", "/v1/batch x100")):
+        run = r.get(f"{key}_destfnd")
+        if run and run.get("all_ok") and run.get("server_thread_cpu_s"):
+            split = ", ".join(
+                f"{name} ~{cpu / run['all_ok'] * 1e6:,.1f} us"
+                for name, cpu in sorted(run["server_thread_cpu_s"].items(), key=lambda x: -x[1])
+            )
+            out.append(f"{label}: destfnd's CPU per request by thread (best round): {split}")
     for who in ("destfnd", "bare"):
         p = r.get(f"paced_{who}")
         if p:

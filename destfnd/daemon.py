@@ -7,6 +7,7 @@ import asyncio
 import fcntl
 import gc
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from destfnd.ingest import Ingest
 from destfnd.redact import Redactor
 from destfnd.store import Dedupe, StoreError, Writer, open_db
 from destfnd.store import queue as q
+from destfnd.store.db import PROGRESS_EVERY
 from destfnd.store.dedupe import KEY_MIN, sweep_keys, sweep_rows
 from destfnd.webhook import FileSink, Webhook
 
@@ -34,6 +36,7 @@ _PRUNE_CHUNK = 2000  # rows per transaction, so pruning never holds the writer f
 _KEY_SWEEP_SLICE = 20_000  # dedupe keys looked at per transaction: a few ms of the writer
 # aiohttp waits this long for requests still running once the listener closes.
 _HTTP_SHUTDOWN_S = 5.0
+_SLOW_START_S = 5.0  # opening the store took this long: say so (and what systemd was told)
 
 
 class DaemonError(DestfndError):
@@ -119,14 +122,37 @@ class Daemon:
             lock.close()
         log.info("daemon_stopped")
 
+    def _open_store(self, progress: sdnotify.StartProgress) -> tuple[sqlite3.Connection, Dedupe]:
+        """Open and migrate the database, take back the leases of a previous run and read the
+        dedupe keys not yet flushed; under systemd, a slow start (the first after an upgrade)
+        keeps extending its start timeout while SQLite makes progress."""
+        cfg = self.cfg
+        started = time.monotonic()
+        progress.status = "starting: opening and migrating the database"
+        conn = open_db(
+            cfg.storage.path, synchronous=cfg.storage.synchronous, progress=progress.tick
+        )
+        try:
+            conn.set_progress_handler(progress.tick, PROGRESS_EVERY)
+            progress.status = "starting: taking back the leases of the last run"
+            recovered = q.recover(conn, self._now_ms())
+            if recovered:
+                log.info("leases_recovered", deliveries=recovered)
+            self.records_bytes = q.invocations_size(conn)
+            progress.status = "starting: reading the messageIds of recent events (dedupe)"
+            dedupe = Dedupe.load(conn)
+            conn.set_progress_handler(None, 0)  # the writer's statements are not start-up
+        except BaseException:
+            conn.close()
+            raise
+        took = time.monotonic() - started
+        if took >= _SLOW_START_S or progress.sent:
+            log.info("slow_start", seconds=round(took, 1), timeout_extended=progress.sent)
+        return conn, dedupe
+
     async def _run(self) -> None:
         cfg = self.cfg
-        conn = open_db(cfg.storage.path, synchronous=cfg.storage.synchronous)
-        recovered = q.recover(conn, self._now_ms())
-        if recovered:
-            log.info("leases_recovered", deliveries=recovered)
-        self.records_bytes = q.invocations_size(conn)
-        dedupe = Dedupe.load(conn)
+        conn, dedupe = self._open_store(sdnotify.StartProgress())
         writer = Writer(conn, dedupe)
         redactor = Redactor(config_secrets(cfg))
         try:

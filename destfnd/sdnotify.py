@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 
 
 def notify(*states: str) -> bool:
@@ -35,3 +37,39 @@ def watchdog_interval_s() -> float | None:
     except ValueError:
         return None
     return value / 2_000_000 if value > 0 else None
+
+
+class StartProgress:
+    """Keeps systemd's TimeoutStartSec from killing a start that is slow but moving (the first
+    start after an upgrade: a migration building an index, or reading the dedupe keys of
+    millions of events): once start has taken `every_s`, each `tick()` at most once per
+    `every_s` sends EXTEND_TIMEOUT_USEC (`extend_s` more from now) and STATUS=`status`.
+
+    `tick` is also a SQLite progress handler (`conn.set_progress_handler(tick, n)`), so a
+    single long statement extends the timeout as long as SQLite is making progress; a start
+    that hangs stops ticking and is still killed."""
+
+    def __init__(
+        self,
+        every_s: float = 5.0,
+        extend_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.status = "starting"
+        self.sent = 0
+        self._every_s = every_s
+        self._extend_us = int(extend_s * 1_000_000)
+        self._clock = clock
+        self._last = clock()
+
+    def tick(self) -> int:
+        """Returns 0 (a non-zero return would abort the SQLite statement); never raises."""
+        try:
+            now = self._clock()
+            if now - self._last >= self._every_s:
+                self._last = now
+                if notify(f"EXTEND_TIMEOUT_USEC={self._extend_us}", f"STATUS={self.status}"):
+                    self.sent += 1
+        except Exception:  # raising here would abort the start itself
+            pass
+        return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,9 @@ def _load_queries() -> dict[str, str]:
 
 
 SQL = _load_queries()
-_IN_CHUNK = 500  # placeholders per IN (...) list, well under SQLite's variable limit
+_IN_CHUNK = 500
+# SQLite VM instructions between two calls of a progress handler (a fraction of a ms).
+PROGRESS_EVERY = 100_000  # placeholders per IN (...) list, well under SQLite's variable limit
 
 
 def select_in(conn: sqlite3.Connection, query: str, ids: Sequence[Any]) -> Iterator[tuple]:
@@ -45,10 +47,17 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def open_db(path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
+def open_db(
+    path: Path,
+    *,
+    synchronous: str = "FULL",
+    readonly: bool = False,
+    progress: Callable[[], int] | None = None,
+) -> sqlite3.Connection:
     """Open (creating and migrating unless `readonly`) the database at `path`.
 
     Autocommit mode: transactions are explicit (`BEGIN IMMEDIATE ... COMMIT`) in the writer.
+    `progress` is called every so often while migrations run (a SQLite progress handler).
     """
     try:
         if readonly:
@@ -68,7 +77,12 @@ def open_db(path: Path, *, synchronous: str = "FULL", readonly: bool = False) ->
         # FULL: the WAL is fsynced at every commit, so a 200 means the event is on disk.
         conn.execute(f"PRAGMA synchronous = {'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
         conn.execute("PRAGMA foreign_keys = ON")
-        _migrate(conn)
+        if progress is not None:
+            conn.set_progress_handler(progress, PROGRESS_EVERY)
+        try:
+            _migrate(conn)
+        finally:
+            conn.set_progress_handler(None, 0)
         return conn
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot open the database: {exc}") from exc
