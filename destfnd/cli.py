@@ -211,8 +211,10 @@ def _print_attempt(a: dict) -> None:
     from destfnd.run_function import request_lines
 
     outcome = a["status"] + (f" ({a['error_type']}: {a['error']})" if a["error_type"] else "")
+    # No duration once the attempt's record is pruned (retention or records_max_size).
+    took = f", {a['duration_ms']} ms" if a["duration_ms"] is not None else ""
     version = f", version {a['version']}" if a["version"] else ""
-    print(f"    attempt {a['attempt']} at {a['at']}: {outcome}, {a['duration_ms']} ms{version}")
+    print(f"    attempt {a['attempt']} at {a['at']}: {outcome}{took}{version}")
     if a["logs"]:
         print("      logs:")
         for line in a["logs"].rstrip("\n").splitlines():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 from pathlib import Path
 
 import orjson
@@ -43,6 +44,15 @@ async def test_cli_the_bundled_example_serves_and_delivers(make_daemon, tmp_path
     (row,) = orjson.loads(daemon.cli("deliveries", "--destination", "hello", "--json").stdout)
     assert row["history"][0]["logs"] == "hello: Item Purchased by 019mr8mf4r\n"
     assert await daemon.terminate() == 0
+    # Records pruned for size (storage.records_max_size) leave the attempt without its record:
+    # it is still listed, without a made-up duration.
+    db = sqlite3.connect(tmp_path / "var" / "destfnd.sqlite3")
+    with db:
+        assert db.execute("DELETE FROM invocations").rowcount >= 1
+    db.close()
+    out = daemon.cli("deliveries", "--destination", "hello").stdout
+    assert "attempt 1 at " in out and ": delivered" in out
+    assert "None" not in out
 
 
 def test_cli_check_config_accepts_the_systemd_example(tmp_path):
