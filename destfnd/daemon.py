@@ -122,29 +122,46 @@ class Daemon:
             lock.close()
         log.info("daemon_stopped")
 
-    def _open_store(self, progress: sdnotify.StartProgress) -> tuple[sqlite3.Connection, Dedupe]:
+    def _open_store(
+        self, progress: sdnotify.StartProgress
+    ) -> tuple[sqlite3.Connection, Dedupe] | None:
         """Open and migrate the database, take back the leases of a previous run and read the
-        dedupe keys not yet flushed; under systemd, a slow start (the first after an upgrade)
-        keeps extending its start timeout while SQLite makes progress."""
+        dedupe keys not yet flushed. Under systemd a slow start (the first after an upgrade)
+        keeps extending its start timeout while SQLite makes progress. This blocks the event
+        loop, so SIGTERM/SIGINT are caught here: they stop the start at SQLite's next progress
+        call (the statement running is rolled back) and None is returned."""
         cfg = self.cfg
         started = time.monotonic()
-        progress.status = "starting: opening and migrating the database"
-        conn = open_db(
-            cfg.storage.path, synchronous=cfg.storage.synchronous, progress=progress.tick
-        )
+        previous = _catch_stop_signals(progress)
         try:
-            conn.set_progress_handler(progress.tick, PROGRESS_EVERY)
-            progress.status = "starting: taking back the leases of the last run"
-            recovered = q.recover(conn, self._now_ms())
-            if recovered:
-                log.info("leases_recovered", deliveries=recovered)
-            self.records_bytes = q.invocations_size(conn)
-            progress.status = "starting: reading the messageIds of recent events (dedupe)"
-            dedupe = Dedupe.load(conn)
-            conn.set_progress_handler(None, 0)  # the writer's statements are not start-up
-        except BaseException:
-            conn.close()
-            raise
+            progress.status = "starting: opening and migrating the database"
+            try:
+                conn = open_db(
+                    cfg.storage.path, synchronous=cfg.storage.synchronous, progress=progress.tick
+                )
+            except StoreError:
+                if progress.stopping:
+                    return None
+                raise
+            try:
+                conn.set_progress_handler(progress.tick, PROGRESS_EVERY)
+                progress.status = "starting: taking back the leases of the last run"
+                recovered = q.recover(conn, self._now_ms())
+                if recovered:
+                    log.info("leases_recovered", deliveries=recovered)
+                self.records_bytes = q.invocations_size(conn)
+                progress.status = "starting: reading the messageIds of recent events (dedupe)"
+                dedupe = Dedupe.load(conn)
+                conn.set_progress_handler(None, 0)  # the writer's statements are not start-up
+            except BaseException as exc:
+                conn.close()
+                if not isinstance(exc, sqlite3.Error):
+                    raise
+                if progress.stopping:
+                    return None
+                raise StoreError(f"{cfg.storage.path}: cannot start on it: {exc}") from exc
+        finally:
+            _restore_signals(previous)
         took = time.monotonic() - started
         if took >= _SLOW_START_S or progress.sent:
             log.info("slow_start", seconds=round(took, 1), timeout_extended=progress.sent)
@@ -152,7 +169,11 @@ class Daemon:
 
     async def _run(self) -> None:
         cfg = self.cfg
-        conn, dedupe = self._open_store(sdnotify.StartProgress())
+        store = self._open_store(sdnotify.StartProgress())
+        if store is None:
+            log.info("stopped_while_starting")
+            return
+        conn, dedupe = store
         writer = Writer(conn, dedupe)
         redactor = Redactor(config_secrets(cfg))
         try:
@@ -368,6 +389,28 @@ def _bound_address(runner: web.AppRunner) -> tuple[str, int]:
             host, port = sock.getsockname()[:2]
             return host, port
     return ("", 0)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _catch_stop_signals(progress: sdnotify.StartProgress) -> list | None:
+    """While the start blocks the event loop, a stop signal sets `progress.stopping` (the loop
+    still hears of it through its wakeup fd once it runs). Returns the handlers to restore;
+    None off the main thread, where handlers cannot be set."""
+
+    def stop(signum: int, frame: object) -> None:
+        progress.stopping = True
+
+    try:
+        return [(sig, signal.signal(sig, stop)) for sig in _STOP_SIGNALS]
+    except ValueError:
+        return None
+
+
+def _restore_signals(previous: list | None) -> None:
+    for sig, handler in previous or ():
+        signal.signal(sig, handler)
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

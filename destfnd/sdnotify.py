@@ -1,5 +1,5 @@
-"""systemd's sd_notify protocol (READY=1, STOPPING=1, STATUS=..., WATCHDOG=1), a no-op outside
-systemd."""
+"""systemd's sd_notify protocol (READY=1, STOPPING=1, STATUS=..., WATCHDOG=1, and
+EXTEND_TIMEOUT_USEC while a start is slow), a no-op outside systemd."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import socket
 import time
 from collections.abc import Callable
+
+_SEND_TIMEOUT_S = 1.0
 
 
 def notify(*states: str) -> bool:
@@ -18,6 +20,9 @@ def notify(*states: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # systemd reads its socket at once; if it did not, the daemon (this runs on the
+            # event loop) must not hang on a full queue.
+            sock.settimeout(_SEND_TIMEOUT_S)
             sock.connect(address)
             sock.sendall("\n".join(states).encode())
     except OSError:
@@ -47,7 +52,9 @@ class StartProgress:
 
     `tick` is also a SQLite progress handler (`conn.set_progress_handler(tick, n)`), so a
     single long statement extends the timeout as long as SQLite is making progress; a start
-    that hangs stops ticking and is still killed."""
+    that hangs stops ticking and is still killed. Once `stopping` is set (a stop signal came
+    during the start), `tick` sends nothing more and returns 1, which makes SQLite abandon the
+    statement it runs: systemd would apply an extension to its stop timeout too."""
 
     def __init__(
         self,
@@ -56,6 +63,7 @@ class StartProgress:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.status = "starting"
+        self.stopping = False
         self.sent = 0
         self._every_s = every_s
         self._extend_us = int(extend_s * 1_000_000)
@@ -63,7 +71,9 @@ class StartProgress:
         self._last = clock()
 
     def tick(self) -> int:
-        """Returns 0 (a non-zero return would abort the SQLite statement); never raises."""
+        """Returns 0 (go on), or 1 once `stopping` (abort the SQLite statement); never raises."""
+        if self.stopping:
+            return 1
         try:
             now = self._clock()
             if now - self._last >= self._every_s:

@@ -4,6 +4,8 @@ SQLite files."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import sqlite3
 
@@ -96,46 +98,96 @@ def _schema_4_database(path, deliveries: int) -> None:
     old.close()
 
 
-def test_a_long_migration_keeps_extending_the_start_timeout(tmp_path, notify_socket):
+class CountingClock:
+    """A clock for StartProgress that counts its readings (one per progress call)."""
+
+    def __init__(self, on_reading=None) -> None:
+        self.readings = 0
+        self.on_reading = on_reading
+
+    def __call__(self) -> float:
+        self.readings += 1
+        if self.on_reading is not None:
+            self.on_reading(self.readings)
+        return float(self.readings)
+
+
+# About 200k SQLite VM steps: a progress handler still installed would be called twice.
+LONG_QUERY = (
+    "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 100000)"
+    " SELECT count(*) FROM n"
+)
+
+
+def test_open_db_keeps_extending_the_start_timeout_through_a_long_migration(
+    tmp_path, notify_socket
+):
     path = tmp_path / "destfnd.sqlite3"
     _schema_4_database(path, 20_000)
-    progress = StartProgress(every_s=0)  # every progress call sends: the migration's are seen
+    clock = CountingClock()
+    progress = StartProgress(every_s=0, clock=clock)  # every progress call sends
     progress.status = "starting: migrating"
     conn = open_db(path, progress=progress.tick)
     try:
         assert conn.execute("PRAGMA user_version").fetchone() == (5,)
-        sent = progress.sent
-        assert sent > 0
+        assert progress.sent > 0
         assert set(received(notify_socket)) == {
             "EXTEND_TIMEOUT_USEC=30000000\nSTATUS=starting: migrating"
         }
-        conn.execute("SELECT count(*) FROM deliveries WHERE destination != 'x'").fetchone()
-        assert progress.sent == sent  # the handler is gone once the migrations are done
+        readings = clock.readings
+        assert conn.execute(LONG_QUERY).fetchone() == (100_000,)
+        assert clock.readings == readings  # the handler went with the migrations
     finally:
         conn.close()
 
 
-def test_the_daemon_start_extends_while_reading_dedupe_keys(tmp_path, notify_socket):
+def _daemon(tmp_path, path) -> Daemon:
+    cfg_path = tmp_path / "destfnd.toml"
+    cfg_path.write_text(config_text(path, webhook("hook", "http://127.0.0.1:9/in")))
+    return Daemon(load_config(cfg_path))
+
+
+def test_daemon_start_extends_while_reading_dedupe_keys(tmp_path, notify_socket):
     """All of a schema-4 database's events have their keys read at the first start (nothing
     flushed yet): the daemon's start ticks through migration 005 and through that read, then
     leaves no handler behind on the writer's connection."""
     path = tmp_path / "destfnd.sqlite3"
     _schema_4_database(path, 20_000)
-    cfg_path = tmp_path / "destfnd.toml"
-    cfg_path.write_text(config_text(path, webhook("hook", "http://127.0.0.1:9/in")))
-    daemon = Daemon(load_config(cfg_path))
-    progress = StartProgress(every_s=0)
-    conn, dedupe = daemon._open_store(progress)
+    clock = CountingClock()
+    progress = StartProgress(every_s=0, clock=clock)
+    conn, dedupe = _daemon(tmp_path, path)._open_store(progress)
     try:
-        assert (
-            len(dedupe.recent) + conn.execute("SELECT count(*) FROM message_ids").fetchone()[0]
-            == 20_000
-        )
+        (flushed,) = conn.execute("SELECT count(*) FROM message_ids").fetchone()
+        assert len(dedupe.recent) + flushed == 20_000
         statuses = {m.partition("STATUS=")[2] for m in received(notify_socket)}
         assert "starting: opening and migrating the database" in statuses
         assert "starting: reading the messageIds of recent events (dedupe)" in statuses
-        sent = progress.sent
-        conn.execute("SELECT count(*) FROM events WHERE source != 'x'").fetchone()
-        assert progress.sent == sent
+        readings = clock.readings
+        assert conn.execute(LONG_QUERY).fetchone() == (100_000,)
+        assert clock.readings == readings
     finally:
         conn.close()
+
+
+def test_daemon_a_stop_signal_during_start_abandons_it_and_rolls_back(tmp_path, notify_socket):
+    """SIGTERM while the start blocks the event loop: the migration running is rolled back at
+    SQLite's next progress call, nothing more is sent to systemd, the start returns None and
+    the signal handlers are as they were."""
+    path = tmp_path / "destfnd.sqlite3"
+    _schema_4_database(path, 60_000)  # migration 005 alone makes several progress calls
+    before = signal.getsignal(signal.SIGTERM)
+
+    def sigterm_at_first_progress_call(reading: int) -> None:
+        if reading == 2:  # reading 1 is StartProgress's own start time
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    progress = StartProgress(every_s=0, clock=CountingClock(sigterm_at_first_progress_call))
+    assert _daemon(tmp_path, path)._open_store(progress) is None
+    assert progress.stopping
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert progress.sent <= 1  # at most the message of the call that was running
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone() == (4,)
+    finally:
+        check.close()

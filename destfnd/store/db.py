@@ -26,9 +26,9 @@ def _load_queries() -> dict[str, str]:
 
 
 SQL = _load_queries()
-_IN_CHUNK = 500
-# SQLite VM instructions between two calls of a progress handler (a fraction of a ms).
-PROGRESS_EVERY = 100_000  # placeholders per IN (...) list, well under SQLite's variable limit
+_IN_CHUNK = 500  # placeholders per IN (...) list, well under SQLite's variable limit
+# SQLite VM steps between two calls of a progress handler (1-2 ms of SQLite's work).
+PROGRESS_EVERY = 100_000
 
 
 def select_in(conn: sqlite3.Connection, query: str, ids: Sequence[Any]) -> Iterator[tuple]:
@@ -59,6 +59,7 @@ def open_db(
     Autocommit mode: transactions are explicit (`BEGIN IMMEDIATE ... COMMIT`) in the writer.
     `progress` is called every so often while migrations run (a SQLite progress handler).
     """
+    conn = None
     try:
         if readonly:
             if not path.exists():
@@ -79,13 +80,15 @@ def open_db(
         conn.execute("PRAGMA foreign_keys = ON")
         if progress is not None:
             conn.set_progress_handler(progress, PROGRESS_EVERY)
-        try:
-            _migrate(conn)
-        finally:
-            conn.set_progress_handler(None, 0)
+        _migrate(conn)
+        conn.set_progress_handler(None, 0)
         return conn
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot open the database: {exc}") from exc
+    except BaseException as exc:
+        if conn is not None:
+            conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"{path}: cannot open the database: {exc}") from exc
+        raise
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
