@@ -19,6 +19,7 @@ from destfnd.config import Config, ConfigError, DestinationConfig, load_config
 from destfnd.errors import DestfndError
 from destfnd.store import Status, StoreError, open_db
 from destfnd.store import queue as q
+from destfnd.store.dedupe import events_with_message_id
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the daemon failed while running
@@ -186,7 +187,7 @@ SELECT d.id, d.destination, d.status, d.attempts, d.created_at, d.next_at, d.fin
 FROM deliveries d JOIN events e ON e.id = d.event_id
 WHERE (:destination IS NULL OR d.destination = :destination)
   AND (:status IS NULL OR d.status = :status)
-  AND (:message_id IS NULL OR e.message_id = :message_id)
+  AND (:message_id IS NULL OR e.message_id = :message_id) {events}
 ORDER BY d.id DESC LIMIT :limit
 """
 
@@ -229,8 +230,18 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     cfg = load_config(_config_path(args), resolve_secrets=False)
     conn = _read(cfg)
     try:
+        events = ""
+        if args.message_id is not None:
+            # Within the dedupe window, through its keys; older events: a scan of the events.
+            sources = [s.name for s in cfg.sources]
+            try:
+                ids = events_with_message_id(conn, sources, args.message_id)
+            except sqlite3.OperationalError:  # a schema the daemon has not migrated yet
+                ids = []
+            if ids:
+                events = f"AND d.event_id IN ({','.join(str(int(i)) for i in ids)})"
         rows = conn.execute(
-            _DELIVERIES,
+            _DELIVERIES.format(events=events),
             {"destination": args.destination, "status": args.status,
              "message_id": args.message_id, "limit": max(args.limit, 0)},
         ).fetchall()  # fmt: skip

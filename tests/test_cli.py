@@ -43,6 +43,12 @@ async def test_cli_the_bundled_example_serves_and_delivers(make_daemon, tmp_path
     assert orjson.loads(archive.read_text().splitlines()[0])["event"] == "Item Purchased"
     (row,) = orjson.loads(daemon.cli("deliveries", "--destination", "hello", "--json").stdout)
     assert row["history"][0]["logs"] == "hello: Item Purchased by 019mr8mf4r\n"
+    # Found by its messageId (through the dedupe keys, no scan): one delivery per destination.
+    found = orjson.loads(
+        daemon.cli("deliveries", "--message-id", row["message_id"], "--json").stdout
+    )
+    assert sorted(r["destination"] for r in found) == ["archive", "hello"]
+    assert orjson.loads(daemon.cli("deliveries", "--message-id", "nope", "--json").stdout) == []
     assert await daemon.terminate() == 0
     # Records pruned for size (storage.records_max_size) leave the attempt without its record:
     # it is still listed, without a made-up duration.

@@ -13,7 +13,14 @@ import pytest
 from destfnd.store import Dedupe, IncomingEvent, Writer, open_db
 from destfnd.store import db as store_db
 from destfnd.store import queue as q
-from destfnd.store.dedupe import KEY_MIN, SWEEP_MIN_ROWS, key_of, sweep_keys, sweep_rows
+from destfnd.store.dedupe import (
+    KEY_MIN,
+    SWEEP_MIN_ROWS,
+    events_with_message_id,
+    key_of,
+    sweep_keys,
+    sweep_rows,
+)
 
 T0 = 1_700_000_000_000
 WINDOW_MS = 24 * 3600 * 1000
@@ -315,3 +322,43 @@ async def test_dedupe_writer_flushes_between_groups_once_due(db_path):
         async with asyncio.timeout(10):
             await task
         writer.shutdown()
+
+
+def test_dedupe_events_with_message_id_finds_flushed_and_unflushed_events(db_path):
+    """The Event Delivery lookup by messageId: through the keys on disk and the events whose
+    keys are only in the daemon's memory, each confirmed against the stored event."""
+    conn = open_db(db_path)
+    try:
+        dedupe = Dedupe.load(conn, flush_at=3)
+        insert(conn, dedupe, ["a", "b", "c"])
+        while dedupe.flush(conn):  # a, b, c: on disk, their events at or below the mark
+            pass
+        insert(conn, dedupe, ["d"])  # only in memory (above flushed_through)
+        insert(conn, dedupe, ["a"], source="app")  # the same messageId from another source
+        ids = {
+            m: i for i, m in conn.execute("SELECT id, message_id FROM events WHERE source = 'web'")
+        }
+        (app_a,) = conn.execute("SELECT id FROM events WHERE source = 'app'").fetchone()
+        reader = open_db(db_path, readonly=True)  # as `destfnd deliveries` reads, beside the daemon
+        try:
+            assert events_with_message_id(reader, ["web"], "b") == [ids["b"]]
+            assert events_with_message_id(reader, ["web"], "d") == [ids["d"]]
+            assert events_with_message_id(reader, ["web", "app"], "a") == sorted([ids["a"], app_a])
+            assert events_with_message_id(reader, ["web"], "zzz") == []
+        finally:
+            reader.close()
+    finally:
+        conn.close()
+
+
+def test_dedupe_events_with_message_id_does_not_trust_a_colliding_key(conn, monkeypatch):
+    from destfnd.store import dedupe as dedupe_module
+
+    dedupe = Dedupe.load(conn, flush_at=1)
+    insert(conn, dedupe, ["first"])
+    while dedupe.flush(conn):
+        pass
+    # Every messageId now hashes to the key of "first": the stored event must say no.
+    monkeypatch.setattr(dedupe_module, "key_of", lambda source, message_id: key_of("web", "first"))
+    assert events_with_message_id(conn, ["web"], "other") == []
+    assert len(events_with_message_id(conn, ["web"], "first")) == 1

@@ -134,6 +134,31 @@ class Dedupe:
         return len(rows)
 
 
+def events_with_message_id(
+    conn: sqlite3.Connection, sources: Iterable[str], message_id: str
+) -> list[int]:
+    """Ids of the stored events with `message_id` from `sources`, found without scanning the
+    events table: through the keys on disk (events within the dedupe window; the newest copy
+    per source) and among the events whose keys are not flushed yet. [] when there are none
+    within the window; older events need a scan. (A reader's query: it runs beside the daemon.)
+    """
+    keys = list({key_of(source, message_id) for source in sources})
+    candidates = {event_id for _, event_id, _ in select_in(conn, SQL["find_keys"], keys)}
+    (flushed_through,) = conn.execute(SQL["dedupe_flushed_through"]).fetchone()
+    candidates.update(
+        event_id
+        for (event_id,) in conn.execute(
+            SQL["unflushed_events_with_message_id"], (flushed_through, message_id)
+        )
+    )
+    # A key is a hash: the event itself says whether it has this messageId.
+    return sorted(
+        event_id
+        for event_id, _, stored_id, _ in select_in(conn, SQL["confirm_events"], list(candidates))
+        if stored_id == message_id
+    )
+
+
 KEY_MIN = -(2**63)  # where a sweep of the keys starts
 SWEEP_MIN_ROWS = 200_000  # keys a prune pass looks at, at the least
 

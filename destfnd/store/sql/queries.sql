@@ -21,6 +21,10 @@ SELECT flushed_through FROM dedupe_state;
 -- name: set_dedupe_flushed_through
 UPDATE dedupe_state SET flushed_through = ?;
 
+-- name: unflushed_events_with_message_id
+-- The events above flushed_through: their dedupe keys are only in the daemon's memory.
+SELECT id FROM events WHERE id > ? AND message_id = ?;
+
 -- name: events_since
 SELECT id, source, message_id, received_at FROM events WHERE id > ? ORDER BY id LIMIT ?;
 
