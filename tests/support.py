@@ -304,3 +304,19 @@ class running_daemon:  # lower case: used as `async with running_daemon(cfg) as 
             if time.monotonic() > deadline:
                 raise AssertionError(f"not {count} in {statuses} after {timeout_s}s: {rows}")
             await asyncio.sleep(0.02)
+
+
+def database_at_schema(path: Path, version: int):
+    """A new database file as destfnd left it at schema `version` (migrations up to it), for
+    upgrade tests; returns an autocommit connection to fill it with."""
+    import sqlite3
+
+    from destfnd.store import db as store_db
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number, script in store_db._migrations():
+        if number <= version:
+            for statement in store_db._statements(script):
+                conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
+    return conn

@@ -5,13 +5,12 @@ sorted bulk, rebuilt from the events table after a restart, confirmed against st
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import orjson
 import pytest
+from support import database_at_schema
 
 from destfnd.store import Dedupe, IncomingEvent, Writer, open_db
-from destfnd.store import db as store_db
 from destfnd.store import queue as q
 from destfnd.store.dedupe import (
     KEY_MIN,
@@ -271,12 +270,7 @@ def test_dedupe_sweep_keys_forgets_only_keys_out_of_the_window(conn):
 
 def test_dedupe_upgrade_from_schema_3_indexes_existing_events(db_path):
     """A database from before message_ids: its stored events still dedupe after the upgrade."""
-    old = sqlite3.connect(db_path, isolation_level=None)
-    for number, script in store_db._migrations():
-        if number <= 3:
-            for statement in store_db._statements(script):
-                old.execute(statement)
-    old.execute("PRAGMA user_version = 3")
+    old = database_at_schema(db_path, 3)
     for i in range(5):
         old.execute(
             "INSERT INTO events (id, source, message_id, received_at, refs, payload)"

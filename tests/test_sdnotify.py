@@ -11,12 +11,11 @@ import sqlite3
 
 import orjson
 import pytest
-from support import config_text, webhook
+from support import config_text, database_at_schema, webhook
 
 from destfnd.config import load_config
 from destfnd.daemon import Daemon
 from destfnd.sdnotify import StartProgress
-from destfnd.store import db as store_db
 from destfnd.store import open_db
 
 T0 = 1_700_000_000_000
@@ -78,12 +77,7 @@ def test_start_progress_without_systemd_sends_nothing_and_never_raises(monkeypat
 
 def _schema_4_database(path, deliveries: int) -> None:
     """A database as destfnd left it before migration 005 (the deliveries_by_event index)."""
-    old = sqlite3.connect(path, isolation_level=None)
-    for number, script in store_db._migrations():
-        if number <= 4:
-            for statement in store_db._statements(script):
-                old.execute(statement)
-    old.execute("PRAGMA user_version = 4")
+    old = database_at_schema(path, 4)
     old.execute("BEGIN")
     old.executemany(
         "INSERT INTO events (id, source, message_id, received_at, refs, payload)"
