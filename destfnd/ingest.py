@@ -213,7 +213,9 @@ class Ingest:
             path = prefix.format(index)
             try:
                 times = spec.check(message, path)
-                spec.enrich(message, received_at, times=times, received_text=received_text)
+                spec.enrich(
+                    message, received_at, times=times, received_text=received_text, path=path
+                )
                 payload = orjson.dumps(message)
             except spec.SpecError as exc:
                 raise Rejected(400, "invalid event", str(exc)) from None

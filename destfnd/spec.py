@@ -43,7 +43,15 @@ class SpecError(ValueError):
 
 
 def parse_timestamp(text: str) -> datetime:
-    """Parse an ISO-8601 timestamp as leniently as Segment; naive times are UTC."""
+    """Parse an ISO-8601 timestamp as leniently as Segment; naive times are UTC. ValueError if
+    it is not one, or if it falls outside years 1-9999 once moved to UTC."""
+    try:
+        return _parse_timestamp(text)
+    except OverflowError:
+        raise ValueError(f"out of range (years 1-9999 in UTC): {text[:64]!r}") from None
+
+
+def _parse_timestamp(text: str) -> datetime:
     if len(text) >= 20 and text[10] == "T":
         # The common, well-formed case, in C; the regex below takes everything else.
         try:
@@ -188,6 +196,7 @@ def enrich(
     new_message_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     times: Times | None = None,
     received_text: str | None = None,
+    path: str = "",
 ) -> dict:
     """Fill `messageId`, set `receivedAt`, correct `timestamp` for client clock skew.
 
@@ -212,7 +221,12 @@ def enrich(
         event["timestamp"] = text
         return event
     event["sentAt"] = _canonical(event["sentAt"], sent_at)
-    event["timestamp"] = format_timestamp(received_at - (sent_at - original))
+    try:
+        event["timestamp"] = format_timestamp(received_at - (sent_at - original))
+    except OverflowError:
+        raise SpecError(
+            f"{path}sentAt", "too far from timestamp to correct for clock skew"
+        ) from None
     return event
 
 

@@ -164,6 +164,14 @@ BAD_INPUTS = [
      "invalid event", "properties"),
     ("bad-timestamp", "/v1/track", {**TRACK, "timestamp": "yesterday"}, {}, True, 400,
      "invalid event", "timestamp"),
+    # Dates at the ends of the calendar: out of range once moved to UTC, or once corrected
+    # for the client's clock skew.
+    ("timestamp-out-of-range", "/v1/track",
+     {**TRACK, "timestamp": "0001-01-01T00:00:00+01:00"}, {}, True, 400, "invalid event",
+     "timestamp"),
+    ("skew-out-of-range", "/v1/track",
+     {**TRACK, "timestamp": "0001-01-01T00:00:00Z", "sentAt": "9999-12-31T00:00:00Z"}, {},
+     True, 400, "invalid event", "sentAt"),
     ("one-bad-in-batch", "/v1/batch",
      {"batch": [{"type": "track", **TRACK}, {"type": "track", "userId": "u2"}]}, {}, True,
      400, "invalid event", "batch[1].event"),

@@ -149,7 +149,17 @@ def test_parse_timestamp_converts_to_utc(text, expected):
 
 
 @pytest.mark.parametrize(
-    "text", ["yesterday", "2015-13-01T00:00:00Z", "2015-02-30T00:00:00Z", "2015-02-01T25:00Z", ""]
+    "text",
+    [
+        "yesterday",
+        "2015-13-01T00:00:00Z",
+        "2015-02-30T00:00:00Z",
+        "2015-02-01T25:00Z",
+        "",
+        "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+        "0001-01-01 00:00:00+0100",  # the same through the lenient parser
+        "9999-12-31T23:30:00-01:00",  # after year 9999 in UTC
+    ],
 )
 def test_parse_timestamp_rejects_unparseable(text):
     with pytest.raises(ValueError):
