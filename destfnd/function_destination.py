@@ -146,8 +146,8 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
         try:
             ready = await pool.start()
         except InitError as exc:
-            key = "function" if dest.kind == "function" else "insert_function"
-            problems.append(f"{where}.{key}: {exc}")
+            insert = exc.stage == "insert" or dest.kind != "function"
+            problems.append(f"{where}.{'insert_function' if insert else 'function'}: {exc}")
             continue
         finally:
             await pool.close()

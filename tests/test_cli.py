@@ -91,6 +91,9 @@ BAD = [
      "destinations[0].function", "bad_syntax.py:2: SyntaxError"),
     ("function-import", '[[destinations]]\nname = "f"\nfunction = "bad_import.py"\n',
      "destinations[0].function", "ModuleNotFoundError: No module named 'no_such_pkg'"),
+    ("insert-function-syntax", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n'
+     'insert_function = "bad_syntax.py"\nsettings = { apiKey = "k" }\n',
+     "destinations[0].insert_function: ", "bad_syntax.py:2: SyntaxError"),
     ("function-no-handler", '[[destinations]]\nname = "f"\nfunction = "no_handler.py"\n',
      "destinations[0].function", "defines no handler"),
     ("function-settings", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n'

@@ -271,6 +271,8 @@ def on_track(event, settings):
     if event["event"] == "forgot":
         event["properties"] = {}          # ... and no return
         return
+    if event["event"] == "not an event":
+        return {"oops": 1}
     event.setdefault("properties", {})["enriched_by"] = settings["team"]
     event.get("context", {}).pop("ip", None)  # mask
     return event
@@ -295,11 +297,12 @@ async def test_functions_insert_function_enriches_drops_and_reports_forgotten_re
             {"type": "track", "event": "kept", "messageId": "kept", "context": {"ip": "1.2.3.4"}},
             {"type": "track", "event": "drop me", "messageId": "dropped"},
             {"type": "track", "event": "forgot", "messageId": "forgot"},
+            {"type": "track", "event": "not an event", "messageId": "not-an-event"},
             {"type": "identify", "messageId": "identify",
              "traits": {"email": "a@example.com", "plan": "pro"}},
             {"type": "page", "name": "Home", "messageId": "page"},
         ])  # fmt: skip
-        rows = await wait_final(daemon, 5)
+        rows = await wait_final(daemon, 6)
     by_id = {e["messageId"]: e for e in sink.delivered()}
     assert set(by_id) == {"kept", "identify"}
     assert by_id["kept"]["properties"] == {"enriched_by": "growth"}
@@ -309,6 +312,11 @@ async def test_functions_insert_function_enriches_drops_and_reports_forgotten_re
     assert status["dropped"] == ("dropped", None)
     assert status["forgot"] == ("discarded", "Bad Request")
     assert "returned nothing (None), not an event" in rows["hook", "forgot"]["error"]
+    assert status["not-an-event"] == ("discarded", "Bad Request")
+    assert (
+        "returned a dict whose type is None, not an event"
+        in (rows["hook", "not-an-event"]["error"])
+    )
     assert status["page"] == ("discarded", "Unsupported Event Type")
     assert "insert function has no on_page" in rows["hook", "page"]["error"]
     # check-config warns about the types the insert function does not handle.

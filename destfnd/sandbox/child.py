@@ -89,6 +89,7 @@ class Worker:
     def init(self, message: dict) -> None:
         modules = []
         versions = {}
+        stage = None
         try:
             fetch_module.DEFAULT_TIMEOUT_S = float(message.get("timeout_s") or 10)
             for stage in ("insert", "function"):
@@ -98,7 +99,7 @@ class Worker:
                     setattr(self, stage, module)
                     modules.append((path, module))
         except runtime.LoadError as exc:
-            self.send({"t": "init_error", "message": str(exc)})
+            self.send({"t": "init_error", "message": str(exc), "stage": stage})
             return
         self.settings = message.get("settings") or {}
         problems, secret_keys = runtime.check_settings(modules, self.settings)
@@ -170,8 +171,11 @@ class Worker:
                                               on_thread=self._thread(call_id))  # fmt: skip
             except Exception as exc:
                 return self.failed(exc, rec), None
-            if not isinstance(result, dict):
-                what = "nothing (None)" if result is None else type(result).__name__
+            if not isinstance(result, dict) or result.get("type") not in runtime.EVENT_TYPES:
+                if isinstance(result, dict):
+                    what = f"a dict whose type is {result.get('type')!r}"
+                else:
+                    what = "nothing (None)" if result is None else type(result).__name__
                 message = (
                     f"the insert function's {name} returned {what}, not an event: "
                     "return the event to pass it on, or raise DropEvent to drop it"

@@ -35,7 +35,12 @@ class WorkerFailed(Exception):
 
 
 class InitError(Exception):
-    """The function could not be loaded in a worker; the message is for the user."""
+    """The function could not be loaded in a worker; the message is for the user. `stage` is
+    the file that failed ("insert" or "function"), when known."""
+
+    def __init__(self, message: str, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +125,7 @@ async def spawn(spec: Spec, on_exit: Callable[[Worker, str], None] | None = None
         await proc.wait()  # reaped while the loop runs
         output = (await proc.stdout.read(64_000)).decode(errors="replace").strip()
         if reply is not None and reply.get("t") == "init_error":
-            raise InitError(reply["message"])
+            raise InitError(reply["message"], reply.get("stage"))
         raise InitError(f"the worker exited while loading: {output[-500:] or 'no output'}")
     worker.ready = reply
     worker.on_exit = on_exit
