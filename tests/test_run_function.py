@@ -180,3 +180,30 @@ def test_run_function_bad_input_is_one_clear_line(files, args, phrase):
     assert result.returncode == 3, result
     assert phrase in result.stderr
     assert "Traceback" not in result.stderr
+
+
+HEADERS_FUNCTION = """
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    res = await fetch(settings["endpoint"], method="POST", json=event)
+    print("Retry-After:", res.headers.get("Retry-After"), "/", res.headers["RETRY-AFTER"])
+"""
+
+
+async def test_run_function_fetch_response_headers_are_looked_up_in_any_case(files):
+    """Servers send header names in any case; `res.headers.get("Retry-After")` (the README's
+    example) must find `retry-after`."""
+    import asyncio
+
+    from support import Reply
+
+    (files / "headers.py").write_text(HEADERS_FUNCTION)
+    async with Sink(lambda n, r: Reply(200, headers={"retry-after": "7"})) as sink:
+        settings = orjson.dumps({"endpoint": sink.url}).decode()
+        result = await asyncio.to_thread(
+            run_cli, "run-function", str(files / "headers.py"), "--event",
+            str(files / "track.json"), "--settings", settings,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Retry-After: 7 / 7" in result.stdout

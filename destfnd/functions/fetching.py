@@ -6,10 +6,12 @@ A network failure or a timeout raises FetchError, a RetryError: retried unless c
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from destfnd.functions import record
 from destfnd.functions.errors import RetryError
@@ -23,10 +25,12 @@ class FetchError(RetryError):
 
 
 class Response:
-    def __init__(self, status: int, reason: str, headers: dict[str, str], body: bytes) -> None:
+    def __init__(self, status: int, reason: str, headers: Mapping[str, str], body: bytes) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
+        # As the server sent them: looked up in any case (`headers.get("retry-after")`),
+        # a repeated header keeps every value (`headers.getall("Set-Cookie")`).
+        self.headers = CIMultiDictProxy(CIMultiDict(headers))
         self.ok = 200 <= status < 300
         self._body = body
 
@@ -96,7 +100,7 @@ async def fetch(
             method, url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
         ) as resp:
             raw = await resp.read()
-            response = Response(resp.status, resp.reason or "", dict(resp.headers), raw)
+            response = Response(resp.status, resp.reason or "", resp.headers, raw)
     except TimeoutError:
         entry["error"] = f"no response within {timeout_s:g}s"
         raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
