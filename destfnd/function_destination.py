@@ -108,9 +108,13 @@ class FunctionDestination:
             reply = await self.pool.call(
                 [orjson.Fragment(p) for p in payloads], batch=batched, stages=self._stages
             )
-        except TimeoutError:
+        except TimeoutError as exc:
             message = f"the function did not finish within {self.dest.timeout_s:g}s"
-            return same_for_all(retry(ErrorType.TIMEOUT, message), n, version=self.version)
+            late = getattr(exc, "reply", None) or {}  # CallTimedOut: what it did until then
+            return same_for_all(
+                retry(ErrorType.TIMEOUT, message), n, version=self.version,
+                logs=late.get("logs") or "", requests=tuple(late.get("requests") or ()),
+            )  # fmt: skip
         except WorkerFailed as exc:
             return same_for_all(retry(ErrorType.RETRY, str(exc)), n, version=self.version)
         outcomes = [_outcome(o) for o in reply["outcomes"]]

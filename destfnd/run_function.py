@@ -95,10 +95,12 @@ async def run(
             reply = await pool.call(
                 events, batch=batch, stages=["insert" if insert else "function"]
             )
-        except TimeoutError:
+        except TimeoutError as exc:
             message = f"did not finish within {timeout_s:g}s"
+            late = getattr(exc, "reply", None) or {}  # CallTimedOut: what it did until then
             reply = {"outcomes": [{"kind": "retry", "error_type": "Timeout", "message": message}]
-                     * len(events)}  # fmt: skip
+                     * len(events), "logs": late.get("logs") or "",
+                     "requests": late.get("requests") or []}  # fmt: skip
         except WorkerFailed as exc:
             reply = {"outcomes": [{"kind": "retry", "error_type": "Retry", "message": str(exc)}]
                      * len(events)}  # fmt: skip

@@ -110,6 +110,9 @@ async def test_functions_outcomes_follow_segments_table(make_daemon, tmp_path, s
     # The Event Delivery view: logs, requests, version, per attempt.
     ok = rows["crm", "ok"]["history"][0]
     assert ok["logs"] == "handling ok with key [redacted]\n"
+    # A timed-out attempt keeps what the function printed before it was cancelled.
+    slow = rows["crm", "slow"]["history"]
+    assert [a["logs"] for a in slow] == ["handling slow with key [redacted]\n"] * 2, slow
     (request,) = ok["requests"]
     assert request["status"] == 200 and request["url"] == sink.url
     assert request["request_headers"]["Authorization"] == "[redacted]"

@@ -207,3 +207,17 @@ async def test_run_function_fetch_response_headers_are_looked_up_in_any_case(fil
         )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Retry-After: 7 / 7" in result.stdout
+
+
+def test_run_function_timeout_keeps_what_the_function_printed(files):
+    (files / "slow.py").write_text(
+        "import asyncio\n\nasync def on_track(event, settings):\n"
+        "    print('started', event['event'])\n    await asyncio.sleep(30)\n"
+    )
+    result = run_cli(
+        "run-function", str(files / "slow.py"), "--event", str(files / "track.json"),
+        "--timeout", "0.5", "--json",
+    )  # fmt: skip
+    report = orjson.loads(result.stdout)
+    assert report["outcomes"][0]["error_type"] == "Timeout", report
+    assert report["logs"] == "started Signed Up\n"

@@ -25,6 +25,15 @@ _OUTPUT_LINE_CHARS = 1000  # of stray worker output (not print(): that goes to t
 _OUT_OF_MEMORY_EXIT = 70  # child.py exits so after a MemoryError (EX_SOFTWARE)
 
 
+class CallTimedOut(TimeoutError):
+    """The invocation did not finish in time and was cancelled. `reply`: what the worker sent
+    for it once cancelled (its logs and requests so far), if it answered within a grace."""
+
+    def __init__(self, reply: dict | None) -> None:
+        super().__init__("the invocation timed out")
+        self.reply = reply
+
+
 class WorkerFailed(Exception):
     """The worker died or was killed while the invocation ran. `shared`: other invocations
     were running in the same worker, so this one may only have been caught in the crash."""
@@ -268,11 +277,19 @@ class Pool:
             worker.send({"t": "call", "id": call_id, "events": events, "batch": batch,
                          "stages": stages})  # fmt: skip
             async with asyncio.timeout(self.spec.timeout_s):
-                return await future
+                # Shielded: on timeout the future stays, to take the cancelled call's reply.
+                return await asyncio.shield(future)
         except TimeoutError:
             shared = len(worker.inflight) > 1  # now, before the others time out too
             if await self._healthy_after_timeout(worker, call_id):
-                raise  # a slow invocation, cancelled; the worker is fine
+                # A slow invocation, cancelled; the worker is fine and answers for it with
+                # what it printed and requested so far.
+                try:
+                    async with asyncio.timeout(_PING_GRACE_S):
+                        late = await asyncio.shield(future)
+                except (TimeoutError, WorkerFailed):
+                    late = None
+                raise CallTimedOut(late) from None
             # The worker's loop is blocked or a thread is stuck: every invocation in it waits.
             self._replace(worker, "blocked: a timed-out invocation did not let go")
             if shared:
