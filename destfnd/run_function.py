@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 
 from destfnd.errors import DestfndError
+from destfnd.outcome import ErrorType
 from destfnd.redact import Redactor
 from destfnd.sandbox.pool import InitError, Pool, Spec, WorkerFailed
 
@@ -87,14 +88,17 @@ async def run(
         raise RunError(str(exc)) from None
     try:
         problems = ready.get("settings_problems", [])
-        if problems:
-            raise RunError("; ".join(f"--{p}" for p in problems))
         redact = Redactor()
         redact.add_settings(ready.get("secret_settings", []), settings)
         try:
-            reply = await pool.call(
-                events, batch=batch, stages=["insert" if insert else "function"]
-            )
+            if problems:  # Segment's editor runs nothing and says Invalid Settings
+                message = "; ".join(f"--{p}" for p in problems)
+                invalid = {"kind": "discard", "error_type": ErrorType.INVALID_SETTINGS.value,
+                           "message": message}  # fmt: skip
+                reply = {"outcomes": [invalid] * len(events)}
+            else:
+                stages = ["insert" if insert else "function"]
+                reply = await pool.call(events, batch=batch, stages=stages)
         except TimeoutError as exc:
             message = f"did not finish within {timeout_s:g}s"
             late = getattr(exc, "reply", None) or {}  # CallTimedOut: what it did until then

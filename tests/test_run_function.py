@@ -168,7 +168,6 @@ def test_run_function_broken_files_give_one_line(files, code, phrase):
         (["crm.py", "--event", "nope.json"], "nope.json: cannot read the event"),
         (["crm.py", "--event", "crm.py"], "not JSON"),
         (["crm.py", "--event", "track.json", "--settings", "{bad"], "--settings: not JSON"),
-        (["crm.py", "--event", "track.json"], "--settings.endpoint: required by SETTINGS"),
     ],
 )
 def test_run_function_bad_input_is_one_clear_line(files, args, phrase):
@@ -221,3 +220,15 @@ def test_run_function_timeout_keeps_what_the_function_printed(files):
     report = orjson.loads(result.stdout)
     assert report["outcomes"][0]["error_type"] == "Timeout", report
     assert report["logs"] == "started Signed Up\n"
+
+
+def test_run_function_invalid_settings_is_the_outcome_and_nothing_runs(files):
+    """As Segment's editor: settings that do not satisfy SETTINGS end as Invalid Settings,
+    discarded, and the handler does not run (no print, no request)."""
+    result = run_cli("run-function", str(files / "crm.py"), "--event", str(files / "track.json"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "outcome: discarded (Invalid Settings): --settings.endpoint: required by SETTINGS" in (
+        result.stdout
+    )
+    assert "logs: (none)" in result.stdout and "requests: (none)" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
