@@ -104,8 +104,11 @@ class Daemon:
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
         self.dispatchers: dict[str, Dispatcher] = {}
-        self.bound: tuple[str, int] | None = None
+        self.bound: tuple[str, int] | None = None  # listening (503 "starting" until ready)
+        self.ready = False
         self.records_bytes = 0  # logs and requests recorded, against storage.records_max_size
+        self._progress: sdnotify.StartProgress | None = None  # while the store opens
+        self._http_open = False
 
     def request_stop(self) -> None:
         """First call: drain gracefully. Second call: stop now (leases are still released)."""
@@ -113,6 +116,8 @@ class Daemon:
             log.warning("stop_hurried")
             self._hurry.set()
         self._stop.set()
+        if self._progress is not None:  # the store is still opening: stop that
+            self._progress.stopping = True
 
     async def run(self) -> None:
         lock = lock_database(self.cfg.storage.path)
@@ -126,75 +131,52 @@ class Daemon:
         self, progress: sdnotify.StartProgress
     ) -> tuple[sqlite3.Connection, Dedupe] | None:
         """Open and migrate the database, take back the leases of a previous run and read the
-        dedupe keys not yet flushed. Under systemd a slow start (the first after an upgrade)
-        keeps extending its start timeout while SQLite makes progress. This blocks the event
-        loop, so SIGTERM/SIGINT are caught here: they stop the start at SQLite's next progress
-        call (the statement running is rolled back) and None is returned."""
+        dedupe keys not yet flushed. Runs on a thread while the event loop answers 503
+        "starting". Under systemd a slow start (the first after an upgrade) keeps extending its
+        start timeout while SQLite makes progress. A stop requested meanwhile
+        (`progress.stopping`) stops it at SQLite's next progress call, rolling back the
+        statement running: None is returned."""
         cfg = self.cfg
         started = time.monotonic()
-        previous = _catch_stop_signals(progress)
+        progress.status = "starting: opening and migrating the database"
         try:
-            progress.status = "starting: opening and migrating the database"
-            try:
-                conn = open_db(
-                    cfg.storage.path, synchronous=cfg.storage.synchronous, progress=progress.tick
-                )
-            except StoreError:
-                if progress.stopping:
-                    return None
+            conn = open_db(
+                cfg.storage.path, synchronous=cfg.storage.synchronous, progress=progress.tick
+            )
+        except StoreError:
+            if progress.stopping:
+                return None
+            raise
+        try:
+            conn.set_progress_handler(progress.tick, PROGRESS_EVERY)
+            progress.status = "starting: taking back the leases of the last run"
+            recovered = q.recover(conn, self._now_ms())
+            if recovered:
+                log.info("leases_recovered", deliveries=recovered)
+            self.records_bytes = q.invocations_size(conn)
+            progress.status = "starting: reading the messageIds of recent events (dedupe)"
+            dedupe = Dedupe.load(conn)
+            conn.set_progress_handler(None, 0)  # the writer's statements are not start-up
+        except BaseException as exc:
+            conn.close()
+            if not isinstance(exc, sqlite3.Error):
                 raise
-            try:
-                conn.set_progress_handler(progress.tick, PROGRESS_EVERY)
-                progress.status = "starting: taking back the leases of the last run"
-                recovered = q.recover(conn, self._now_ms())
-                if recovered:
-                    log.info("leases_recovered", deliveries=recovered)
-                self.records_bytes = q.invocations_size(conn)
-                progress.status = "starting: reading the messageIds of recent events (dedupe)"
-                dedupe = Dedupe.load(conn)
-                conn.set_progress_handler(None, 0)  # the writer's statements are not start-up
-            except BaseException as exc:
-                conn.close()
-                if not isinstance(exc, sqlite3.Error):
-                    raise
-                if progress.stopping:
-                    return None
-                raise StoreError(f"{cfg.storage.path}: cannot start on it: {exc}") from exc
-        finally:
-            _restore_signals(previous)
+            if progress.stopping:
+                return None
+            raise StoreError(f"{cfg.storage.path}: cannot start on it: {exc}") from exc
         took = time.monotonic() - started
         if took >= _SLOW_START_S or progress.sent:
             log.info("slow_start", seconds=round(took, 1), timeout_extended=progress.sent)
         return conn, dedupe
 
+    def _on_commit(self, destinations: tuple[str, ...]) -> None:
+        for name in destinations:
+            self.dispatchers[name].wake()
+
     async def _run(self) -> None:
         cfg = self.cfg
-        store = self._open_store(sdnotify.StartProgress())
-        if store is None:
-            log.info("stopped_while_starting")
-            return
-        conn, dedupe = store
-        writer = Writer(conn, dedupe)
-        redactor = Redactor(config_secrets(cfg))
-        try:
-            deliverers = await start_deliverers(cfg, redactor)
-        except BaseException:
-            writer.shutdown()
-            raise
-        for dest in cfg.destinations:
-            if dest.name in deliverers:
-                self.dispatchers[dest.name] = Dispatcher(
-                    dest, writer, deliverers[dest.name], clock=self._now_ms, redact=redactor,
-                    on_recorded=self._recorded,
-                    summary_every_s=cfg.logging.summary_interval_s,
-                    log_successes=cfg.logging.level == "debug",
-                )  # fmt: skip
-
-        def on_commit(destinations: tuple[str, ...]) -> None:
-            for name in destinations:
-                self.dispatchers[name].wake()
-
-        ingest = Ingest(cfg, writer, dedupe, on_commit, clock=self._clock)
+        # Listening first: while the store opens, /healthz and ingest answer 503 "starting".
+        ingest = Ingest(cfg, self._on_commit, clock=self._clock)
         runner = web.AppRunner(
             ingest.app(),
             access_log=None,
@@ -208,55 +190,89 @@ class Daemon:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            for deliverer in deliverers.values():
-                await deliverer.close()
-            writer.shutdown()
             where = f"{cfg.server.host}:{cfg.server.port}"
             raise DaemonError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         self.bound = _bound_address(runner)
-        _tune_gc()
-        http_open = True
+        log.info("daemon_listening", listen=f"{self.bound[0]}:{self.bound[1]}")
+        writer: Writer | None = None
+        self._http_open = True
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(writer.serve(), name="writer")
-                tasks = [
-                    tg.create_task(d.run(), name=f"dispatch:{name}")
-                    for name, d in self.dispatchers.items()
-                ]
-                pruner = tg.create_task(self._prune_loop(writer, dedupe), name="prune")
-                watchdog_s = sdnotify.watchdog_interval_s()
-                watchdog = None
-                if watchdog_s is not None:
-                    watchdog = tg.create_task(self._watchdog(writer, watchdog_s), name="watchdog")
-                ingest.ready = True
-                log.info(
-                    "daemon_ready",
-                    listen=f"{self.bound[0]}:{self.bound[1]}",
-                    destinations=list(self.dispatchers),
-                    database=str(cfg.storage.path),
-                )
-                sdnotify.notify("READY=1", "STATUS=accepting events")
-                await self._stop.wait()
-
-                sdnotify.notify("STOPPING=1", "STATUS=draining")
-                if watchdog is not None:
-                    # systemd stops watching once stopping (TimeoutStopSec rules), but a late
-                    # WATCHDOG=1 would arm it again.
-                    watchdog.cancel()
-                log.info("daemon_draining", grace_s=cfg.server.drain_timeout_s)
-                ingest.draining = True
-                for d in self.dispatchers.values():
-                    d.stop()
-                await self._drain(tasks)
-                pruner.cancel()
-                # Requests still running commit before the writer closes.
-                http_open = False
-                await runner.cleanup()
-                writer.close()
+            self._progress = progress = sdnotify.StartProgress()
+            try:
+                store = await asyncio.to_thread(self._open_store, progress)
+            finally:
+                self._progress = None
+            if store is None or self._stop.is_set():
+                # `interrupted`: the step a stop cut short (its statement rolled back).
+                interrupted = progress.status if store is None else None
+                if store is not None:
+                    store[0].close()
+                log.info("stopped_while_starting", interrupted=interrupted)
+                return
+            conn, dedupe = store
+            writer = Writer(conn, dedupe)
+            redactor = Redactor(config_secrets(cfg))
+            deliverers = await start_deliverers(cfg, redactor)
+            for dest in cfg.destinations:
+                if dest.name in deliverers:
+                    self.dispatchers[dest.name] = Dispatcher(
+                        dest, writer, deliverers[dest.name], clock=self._now_ms,
+                        redact=redactor, on_recorded=self._recorded,
+                        summary_every_s=cfg.logging.summary_interval_s,
+                        log_successes=cfg.logging.level == "debug",
+                    )  # fmt: skip
+            ingest.attach(writer, dedupe)
+            _tune_gc()
+            await self._serve(ingest, runner, writer, dedupe)
         finally:
-            if http_open:
+            if self._http_open:
                 await runner.cleanup()
-            writer.shutdown()
+            if writer is not None:
+                writer.shutdown()
+
+    async def _serve(
+        self, ingest: Ingest, runner: web.AppRunner, writer: Writer, dedupe: Dedupe
+    ) -> None:
+        """Ready until stopped, then drain in order: deliveries, the listener (requests still
+        running commit first), the writer. The caller closes what an error left open."""
+        cfg = self.cfg
+        assert self.bound is not None
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(writer.serve(), name="writer")
+            tasks = [
+                tg.create_task(d.run(), name=f"dispatch:{name}")
+                for name, d in self.dispatchers.items()
+            ]
+            pruner = tg.create_task(self._prune_loop(writer, dedupe), name="prune")
+            watchdog_s = sdnotify.watchdog_interval_s()
+            watchdog = None
+            if watchdog_s is not None:
+                watchdog = tg.create_task(self._watchdog(writer, watchdog_s), name="watchdog")
+            ingest.ready = self.ready = True
+            log.info(
+                "daemon_ready",
+                listen=f"{self.bound[0]}:{self.bound[1]}",
+                destinations=list(self.dispatchers),
+                database=str(cfg.storage.path),
+            )
+            sdnotify.notify("READY=1", "STATUS=accepting events")
+            await self._stop.wait()
+
+            sdnotify.notify("STOPPING=1", "STATUS=draining")
+            if watchdog is not None:
+                # systemd stops watching once stopping (TimeoutStopSec rules), but a late
+                # WATCHDOG=1 would arm it again.
+                watchdog.cancel()
+            log.info("daemon_draining", grace_s=cfg.server.drain_timeout_s)
+            ingest.draining = True
+            for d in self.dispatchers.values():
+                d.stop()
+            await self._drain(tasks)
+            pruner.cancel()
+            # Requests still running commit before the writer closes.
+            self._http_open = False
+            await runner.cleanup()
+            writer.close()
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """Give in-flight deliveries the grace period, then cancel (their leases go back)."""
@@ -389,28 +405,6 @@ def _bound_address(runner: web.AppRunner) -> tuple[str, int]:
             host, port = sock.getsockname()[:2]
             return host, port
     return ("", 0)
-
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _catch_stop_signals(progress: sdnotify.StartProgress) -> list | None:
-    """While the start blocks the event loop, a stop signal sets `progress.stopping` (the loop
-    still hears of it through its wakeup fd once it runs). Returns the handlers to restore;
-    None off the main thread, where handlers cannot be set."""
-
-    def stop(signum: int, frame: object) -> None:
-        progress.stopping = True
-
-    try:
-        return [(sig, signal.signal(sig, stop)) for sig in _STOP_SIGNALS]
-    except ValueError:
-        return None
-
-
-def _restore_signals(previous: list | None) -> None:
-    for sig, handler in previous or ():
-        signal.signal(sig, handler)
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

@@ -55,21 +55,19 @@ _AUTH_CACHE_SIZE = 1024
 
 
 class Ingest:
-    """The aiohttp app; `on_commit(destinations)` is told which destinations got new work."""
+    """The aiohttp app. It listens while the daemon starts (503 until `attach` and `ready`);
+    `on_commit(destinations)` is told which destinations got new work."""
 
     def __init__(
         self,
         cfg: Config,
-        writer: Writer,
-        dedupe: Dedupe,
         on_commit: Callable[[tuple[str, ...]], None],
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._server = cfg.server
-        self._writer = writer
-        # One object for every request, so the writer batches them into one call.
-        self._insert = functools.partial(q.insert_many, dedupe=dedupe)
+        self._writer: Writer | None = None
+        self._insert: Callable | None = None
         self._on_commit = on_commit
         self._clock = clock
         self._sources = {s.write_key.value: s.name for s in cfg.sources}
@@ -81,6 +79,12 @@ class Ingest:
         self._received_cache: tuple[int, datetime, str] = (-1, datetime.now(UTC), "")
         self.ready = False  # /healthz and ingest answer 503 until ready and after draining
         self.draining = False
+
+    def attach(self, writer: Writer, dedupe: Dedupe) -> None:
+        """The store, once open; ingest still answers 503 until `ready`."""
+        self._writer = writer
+        # One object for every request, so the writer batches them into one call.
+        self._insert = functools.partial(q.insert_many, dedupe=dedupe)
 
     def app(self) -> web.Application:
         # client_max_size bounds the raw body; the decompressed size is bounded in _body().
@@ -141,7 +145,7 @@ class Ingest:
             cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
             try:
                 request = q.IngestRequest(source, events, destinations, now_ms, cutoff)
-                await self._writer.run_batched(self._insert, request)
+                await self._writer.run_batched(self._insert, request)  # type: ignore[union-attr]
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
                 log.error("commit_failed", error=str(exc))

@@ -142,7 +142,9 @@ class DaemonProcess:
         self.url = ""
         self._log_offset = 0
 
-    async def start(self, timeout_s: float = 20.0) -> DaemonProcess:
+    async def start(self, timeout_s: float = 20.0, until: str = "daemon_ready") -> DaemonProcess:
+        """Start it and wait for the log line `until` ("daemon_listening": the port is open,
+        the store may still be opening)."""
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -155,7 +157,7 @@ class DaemonProcess:
         log.close()
         deadline = time.monotonic() + timeout_s
         while True:
-            ready = [e for e in self.log_records() if e.get("event") == "daemon_ready"]
+            ready = [e for e in self.log_records() if e.get("event") == until]
             if ready:
                 self.url = f"http://{ready[-1]['listen']}"
                 return self
@@ -263,7 +265,7 @@ class running_daemon:  # lower case: used as `async with running_daemon(cfg) as 
         self.daemon = Daemon(self.cfg)
         self._task = asyncio.create_task(self.daemon.run(), name="daemon-under-test")
         deadline = time.monotonic() + 10
-        while self.daemon.bound is None:
+        while not self.daemon.ready:
             if self._task.done():
                 self._task.result()
             assert time.monotonic() < deadline, "daemon not ready in 10s"

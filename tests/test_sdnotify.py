@@ -4,14 +4,11 @@ SQLite files."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import sqlite3
 
 import orjson
 import pytest
-from support import config_text, database_at_schema, webhook
+from support import config_text, database_at_schema, post, webhook
 
 from destfnd.config import load_config
 from destfnd.daemon import Daemon
@@ -163,25 +160,23 @@ def test_daemon_start_extends_while_reading_dedupe_keys(tmp_path, notify_socket)
         conn.close()
 
 
-def test_daemon_a_stop_signal_during_start_abandons_it_and_rolls_back(tmp_path, notify_socket):
-    """SIGTERM while the start blocks the event loop: the migration running is rolled back at
-    SQLite's next progress call, nothing more is sent to systemd, the start returns None and
-    the signal handlers are as they were."""
+async def test_daemon_answers_503_starting_and_a_sigterm_abandons_a_slow_start(
+    make_daemon, tmp_path, session
+):
+    """The real `destfnd serve` on a database whose first start is slow (migration 005 and
+    every event's dedupe key to read): it listens at once, /healthz and ingest answer 503
+    "starting"; SIGTERM then abandons the start (the statement running rolls back) and the
+    daemon exits 0 without ever being ready."""
     path = tmp_path / "destfnd.sqlite3"
-    _schema_4_database(path, 60_000)  # migration 005 alone makes several progress calls
-    before = signal.getsignal(signal.SIGTERM)
-
-    def sigterm_at_first_progress_call(reading: int) -> None:
-        if reading == 2:  # reading 1 is StartProgress's own start time
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    progress = StartProgress(every_s=0, clock=CountingClock(sigterm_at_first_progress_call))
-    assert _daemon(tmp_path, path)._open_store(progress) is None
-    assert progress.stopping
-    assert signal.getsignal(signal.SIGTERM) is before
-    assert progress.sent <= 1  # at most the message of the call that was running
-    check = sqlite3.connect(path)
-    try:
-        assert check.execute("PRAGMA user_version").fetchone() == (4,)
-    finally:
-        check.close()
+    _schema_4_database(path, 400_000)
+    daemon = make_daemon(config_text(path, webhook("hook", "http://127.0.0.1:9/in")))
+    await daemon.start(until="daemon_listening")
+    async with session.get(f"{daemon.url}/healthz") as resp:
+        assert (resp.status, await resp.json()) == (503, {"status": "starting"})
+    status, body = await post(session, f"{daemon.url}/v1/track", {"userId": "u", "event": "e"})
+    assert status == 503 and body["error"] == "unavailable"
+    assert await daemon.terminate(timeout_s=20) == 0
+    records = {r["event"]: r for r in daemon.log_records()}
+    assert "daemon_ready" not in records
+    # Cut short inside SQLite's work (a migration or the dedupe read), not after it.
+    assert records["stopped_while_starting"]["interrupted"].startswith("starting: ")
