@@ -14,7 +14,7 @@ from destfnd.outcome import ErrorType
 from destfnd.redact import Redactor
 from destfnd.sandbox.pool import InitError, Pool, Spec, WorkerFailed
 
-_STATUS = {"ok": "delivered", "retry": "retried", "discard": "discarded", "drop": "dropped"}
+_STATUS = {"ok": "delivered", "retry": "retrying", "discard": "discarded", "drop": "dropped"}
 
 
 class RunError(DestfndError):

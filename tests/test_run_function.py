@@ -87,7 +87,7 @@ def test_run_function_retryable_failure_from_fetch(files):
         "--settings", '{"endpoint": "http://127.0.0.1:1/"}',
     )  # fmt: skip
     assert result.returncode == 1
-    assert "outcome: retried (Retry): FetchError" in result.stdout
+    assert "outcome: retrying (Retry): FetchError" in result.stdout
 
 
 def test_run_function_array_runs_on_batch_with_per_event_outcomes(files):
