@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"destfnd: {exc}", file=sys.stderr)
         return EXIT_STORE
     except DestfndError as exc:
-        from destfnd.daemon import DestinationStartError
+        from destfnd.deliverers import DestinationStartError
         from destfnd.run_function import RunError
 
         print(f"destfnd: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ task group, handle signals, and shut down in order (ingest 503 -> dispatch drain
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import gc
 import signal
@@ -17,17 +18,16 @@ import structlog
 from aiohttp import web
 
 from destfnd import sdnotify
-from destfnd.config import Config, DestinationConfig, config_secrets
-from destfnd.dispatch import Deliverer, Dispatcher
+from destfnd.config import Config, config_secrets
+from destfnd.deliverers import start_deliverers
+from destfnd.dispatch import Dispatcher
 from destfnd.errors import DestfndError
-from destfnd.function_destination import FunctionDestination
 from destfnd.ingest import Ingest
 from destfnd.redact import Redactor
 from destfnd.store import Dedupe, StoreError, Writer, open_db
 from destfnd.store import queue as q
 from destfnd.store.db import PROGRESS_EVERY
 from destfnd.store.dedupe import KEY_MIN, sweep_keys, sweep_rows
-from destfnd.webhook import FileSink, Webhook
 
 log = structlog.get_logger("destfnd.daemon")
 
@@ -43,10 +43,6 @@ class DaemonError(DestfndError):
     """The daemon cannot start."""
 
 
-class DestinationStartError(DestfndError):
-    """A destination cannot start: its function does not load, or its file cannot be opened."""
-
-
 def lock_database(path: Path) -> IO[bytes]:
     """Hold an exclusive lock beside the database for the daemon's lifetime: two daemons on
     one file would deliver everything twice."""
@@ -58,43 +54,6 @@ def lock_database(path: Path) -> IO[bytes]:
         lock.close()
         raise DaemonError(f"{path}: another destfnd is already serving this database") from None
     return lock
-
-
-def make_deliverer(dest: DestinationConfig, redactor: Redactor, where: str) -> Deliverer:
-    builtin: Deliverer | None = None
-    if dest.kind == "webhook":
-        builtin = Webhook(dest)
-    elif dest.kind == "file":
-        builtin = FileSink(dest)
-    if dest.kind == "function" or dest.insert_function is not None:
-        return FunctionDestination(dest, redactor, builtin, where=where)
-    assert builtin is not None
-    return builtin
-
-
-async def start_deliverers(cfg: Config, redactor: Redactor) -> dict[str, Deliverer]:
-    """Start every enabled destination's deliverer (workers load the functions); on any failure
-    close the ones started and raise one error listing every problem."""
-    started: dict[str, Deliverer] = {}
-    problems: list[str] = []
-    try:
-        for i, dest in enumerate(cfg.destinations):
-            if not dest.enabled:
-                continue
-            deliverer = make_deliverer(dest, redactor, f"destinations[{i}]")
-            try:
-                await deliverer.start()
-            except DestfndError as exc:
-                problems.append(str(exc))
-                continue
-            started[dest.name] = deliverer
-        if problems:
-            raise DestinationStartError("\n".join(problems))
-    except BaseException:
-        for deliverer in started.values():
-            await deliverer.close()
-        raise
-    return started
 
 
 class Daemon:
@@ -169,6 +128,31 @@ class Daemon:
             log.info("slow_start", seconds=round(took, 1), timeout_extended=progress.sent)
         return conn, dedupe
 
+    async def _start_store(self) -> tuple[sqlite3.Connection, Dedupe] | None:
+        """`_open_store` on a thread; None (logged) if a stop came before or meanwhile."""
+        progress = self._progress = sdnotify.StartProgress()
+        progress.stopping = self._stop.is_set()
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_store, progress))
+        try:
+            store = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            progress.stopping = True  # a thread cannot be cancelled: cut its SQLite work short
+            with contextlib.suppress(BaseException):
+                opened = await opening
+                if opened is not None:
+                    opened[0].close()
+            raise
+        finally:
+            self._progress = None
+        if store is not None and self._stop.is_set():
+            store[0].close()
+            store = None
+            progress.status = "nothing: the store had opened"
+        if store is None:
+            # `interrupted`: the step a stop cut short (its statement rolled back).
+            log.info("stopped_while_starting", interrupted=progress.status)
+        return store
+
     def _on_commit(self, destinations: tuple[str, ...]) -> None:
         for name in destinations:
             self.dispatchers[name].wake()
@@ -197,22 +181,18 @@ class Daemon:
         writer: Writer | None = None
         self._http_open = True
         try:
-            self._progress = progress = sdnotify.StartProgress()
-            try:
-                store = await asyncio.to_thread(self._open_store, progress)
-            finally:
-                self._progress = None
-            if store is None or self._stop.is_set():
-                # `interrupted`: the step a stop cut short (its statement rolled back).
-                interrupted = progress.status if store is None else None
-                if store is not None:
-                    store[0].close()
-                log.info("stopped_while_starting", interrupted=interrupted)
+            store = await self._start_store()
+            if store is None:
                 return
             conn, dedupe = store
             writer = Writer(conn, dedupe)
             redactor = Redactor(config_secrets(cfg))
             deliverers = await start_deliverers(cfg, redactor)
+            if self._stop.is_set():  # function workers can take seconds to start
+                for deliverer in deliverers.values():
+                    await deliverer.close()
+                log.info("stopped_while_starting", interrupted="starting the destinations")
+                return
             for dest in cfg.destinations:
                 if dest.name in deliverers:
                     self.dispatchers[dest.name] = Dispatcher(

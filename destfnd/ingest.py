@@ -145,7 +145,8 @@ class Ingest:
             cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
             try:
                 request = q.IngestRequest(source, events, destinations, now_ms, cutoff)
-                await self._writer.run_batched(self._insert, request)  # type: ignore[union-attr]
+                assert self._writer is not None and self._insert is not None  # ready: attached
+                await self._writer.run_batched(self._insert, request)
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
                 log.error("commit_failed", error=str(exc))

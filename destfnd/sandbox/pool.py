@@ -280,6 +280,8 @@ class Pool:
                 # Shielded: on timeout the future stays, to take the cancelled call's reply.
                 return await asyncio.shield(future)
         except TimeoutError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                return future.result()  # it finished as the deadline fired: not a timeout
             shared = len(worker.inflight) > 1  # now, before the others time out too
             if await self._healthy_after_timeout(worker, call_id):
                 # A slow invocation, cancelled; the worker is fine and answers for it with
@@ -301,6 +303,11 @@ class Pool:
             raise
         finally:
             worker.inflight.pop(call_id, None)
+            if future.done():
+                if not future.cancelled():
+                    future.exception()  # retrieved: a late WorkerFailed is not news
+            else:
+                future.cancel()
 
     async def _healthy_after_timeout(self, worker: Worker, call_id: int) -> bool:
         """Cancel the invocation, then ping: a worker whose loop cannot answer, or that runs

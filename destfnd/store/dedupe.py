@@ -142,9 +142,11 @@ def events_with_message_id(
     per source) and among the events whose keys are not flushed yet. [] when there are none
     within the window; older events need a scan. (A reader's query: it runs beside the daemon.)
     """
+    # The mark first: a flush that ends between the two reads then only makes more keys
+    # visible on disk, where in the other order an event could fall between them.
+    (flushed_through,) = conn.execute(SQL["dedupe_flushed_through"]).fetchone()
     keys = list({key_of(source, message_id) for source in sources})
     candidates = {event_id for _, event_id, _ in select_in(conn, SQL["find_keys"], keys)}
-    (flushed_through,) = conn.execute(SQL["dedupe_flushed_through"]).fetchone()
     candidates.update(
         event_id
         for (event_id,) in conn.execute(

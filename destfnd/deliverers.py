@@ -1,0 +1,52 @@
+"""Starting the destinations: a deliverer per enabled destination (the built-in webhook or
+file sink, or worker processes running the user's function), all or none."""
+
+from __future__ import annotations
+
+from destfnd.config import Config, DestinationConfig
+from destfnd.dispatch import Deliverer
+from destfnd.errors import DestfndError
+from destfnd.function_destination import FunctionDestination
+from destfnd.redact import Redactor
+from destfnd.webhook import FileSink, Webhook
+
+
+class DestinationStartError(DestfndError):
+    """A destination cannot start: its function does not load, or its file cannot be opened."""
+
+
+def make_deliverer(dest: DestinationConfig, redactor: Redactor, where: str) -> Deliverer:
+    builtin: Deliverer | None = None
+    if dest.kind == "webhook":
+        builtin = Webhook(dest)
+    elif dest.kind == "file":
+        builtin = FileSink(dest)
+    if dest.kind == "function" or dest.insert_function is not None:
+        return FunctionDestination(dest, redactor, builtin, where=where)
+    assert builtin is not None
+    return builtin
+
+
+async def start_deliverers(cfg: Config, redactor: Redactor) -> dict[str, Deliverer]:
+    """Start every enabled destination's deliverer (workers load the functions); on any failure
+    close the ones started and raise one error listing every problem."""
+    started: dict[str, Deliverer] = {}
+    problems: list[str] = []
+    try:
+        for i, dest in enumerate(cfg.destinations):
+            if not dest.enabled:
+                continue
+            deliverer = make_deliverer(dest, redactor, f"destinations[{i}]")
+            try:
+                await deliverer.start()
+            except DestfndError as exc:
+                problems.append(str(exc))
+                continue
+            started[dest.name] = deliverer
+        if problems:
+            raise DestinationStartError("\n".join(problems))
+    except BaseException:
+        for deliverer in started.values():
+            await deliverer.close()
+        raise
+    return started
