@@ -159,7 +159,12 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
         if dest.insert_function is not None:
             have = set(ready.get("insert_handlers", []))
             missing = [f"on_{t}" for t in EVENT_TYPES if f"on_{t}" not in have]
-            if missing:
+            if "on_batch" in have and dest.batch is None:
+                warnings.append(
+                    f"{where}.insert_function: on_batch runs only with [destinations.batch];"
+                    " without it each event goes to its own handler"
+                )
+            if missing and not ("on_batch" in have and dest.batch is not None):
                 warnings.append(
                     f"{where}.insert_function: no {', '.join(missing)}: events of those types "
                     "will be discarded as Unsupported Event Type"

@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import orjson
-from support import Reply, Sink, config_text, post
+from support import Reply, Sink, config_text, post, run_cli
 
 SECRET = "s3cr3t-api-key-42"
 
@@ -481,3 +481,55 @@ async def test_functions_sigterm_to_the_whole_group_drains_in_flight_invocations
     assert sorted(done.values()) == ["delivered", "delivered", "pending", "pending"], done
     assert all(r["attempts"] == (1 if r["status"] == "delivered" else 0) for r in rows.values())
     assert not [r for r in daemon.log_records() if r.get("event") == "worker_replaced"]
+
+
+BATCH_INSERT_PY = """
+from destfnd.functions import DropEvent
+
+def on_batch(events, settings):
+    print(f"insert batch of {len(events)}")
+    return [DropEvent("internal") if e["event"] == "Internal"
+            else {**e, "properties": {"tier": "gold"}} for e in events]
+"""
+
+
+async def test_functions_insert_on_batch_in_front_of_a_batched_webhook(
+    make_daemon, tmp_path, session
+):
+    """A batched destination hands the insert function's on_batch the whole batch; what it
+    passes on goes to the webhook as one JSON array."""
+    (tmp_path / "enrich.py").write_text(BATCH_INSERT_PY)
+    async with Sink() as sink:
+        dest = (
+            f'[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = "{sink.url}"\n'
+            'insert_function = "enrich.py"\n'
+            '[destinations.batch]\nmax_events = 3\nmax_wait = "5s"\n'
+        )
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        await send(session, daemon, [
+            {"type": "track", "event": "Paid", "messageId": "b-1"},
+            {"type": "track", "event": "Internal", "messageId": "b-2"},
+            {"type": "track", "event": "Paid", "messageId": "b-3"},
+        ])  # fmt: skip
+        rows = await wait_final(daemon, 3)
+    status = {m: r["status"] for (_, m), r in rows.items()}
+    assert status == {"b-1": "delivered", "b-2": "dropped", "b-3": "delivered"}
+    (request,) = sink.requests  # one POST: the batch, less what was dropped
+    assert [e["messageId"] for e in request.events()] == ["b-1", "b-3"]
+    assert all(e["properties"] == {"tier": "gold"} for e in request.events())
+    assert rows["hook", "b-1"]["history"][0]["logs"] == "insert batch of 3\n"
+    # check-config does not warn about single-event handlers a batched on_batch replaces.
+    result = daemon.cli("check-config")
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+
+
+def test_functions_check_config_says_an_insert_on_batch_needs_batching(tmp_path):
+    (tmp_path / "enrich.py").write_text(BATCH_INSERT_PY)
+    config = tmp_path / "destfnd.toml"
+    config.write_text(config_text(tmp_path / "db", (
+        '[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = "http://127.0.0.1:9/in"\n'
+        'insert_function = "enrich.py"\n'
+    )))  # fmt: skip
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "insert_function: on_batch runs only with [destinations.batch]" in result.stderr

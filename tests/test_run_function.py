@@ -232,3 +232,50 @@ def test_run_function_invalid_settings_is_the_outcome_and_nothing_runs(files):
     )
     assert "logs: (none)" in result.stdout and "requests: (none)" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+INSERT_BATCH = """
+from destfnd.functions import DropEvent, ValidationError
+
+def on_batch(events, settings):
+    if len(events) == 1:
+        return []  # the wrong length: an error the user sees
+    out = []
+    for event in events:
+        name = event.get("event")
+        if name == "Internal":
+            out.append(DropEvent("internal"))
+        elif name == "Bad":
+            out.append(ValidationError("bad event"))
+        elif name == "Junk":
+            out.append({"oops": 1})
+        else:
+            event["properties"] = {"region": settings["region"]}
+            out.append(event)
+    return out
+"""
+
+
+def test_run_function_insert_on_batch_answers_per_event_in_order(files):
+    """An insert function's on_batch returns one item per event, in order: the event to pass
+    on, or an error (DropEvent drops it); anything else is that event's Bad Request."""
+    (files / "insert_batch.py").write_text(INSERT_BATCH)
+    names = ["Signed Up", "Internal", "Bad", "Junk"]
+    batch = [{"type": "track", "event": n, "userId": "u1"} for n in names]
+    (files / "batch.json").write_bytes(orjson.dumps(batch))
+    result = run_cli(
+        "run-function", str(files / "insert_batch.py"), "--insert", "--event",
+        str(files / "batch.json"), "--settings", '{"region": "eu"}', "--json",
+    )  # fmt: skip
+    report = orjson.loads(result.stdout)
+    got = [(o["status"], o["error_type"]) for o in report["outcomes"]]
+    assert got == [("delivered", None), ("dropped", None), ("discarded", "Message Rejected"),
+                   ("discarded", "Bad Request")], report  # fmt: skip
+    assert report["events"][0]["properties"] == {"region": "eu"}
+    assert report["events"][1:] == [None, None, None]
+    assert "item [3] is dict, not an event" in report["outcomes"][3]["message"]
+    (files / "one.json").write_bytes(orjson.dumps(batch[:1]))
+    wrong = run_cli("run-function", str(files / "insert_batch.py"), "--insert", "--event",
+                    str(files / "one.json"), "--settings", '{"region": "eu"}')  # fmt: skip
+    assert wrong.returncode == 1
+    assert "on_batch returned a list of 0: return a list of 1" in wrong.stdout

@@ -198,9 +198,13 @@ class Worker:
         out_events: list[Any] = [None] * len(events)
         todo = list(range(len(events)))
         if "insert" in stages:
-            results = await asyncio.gather(
-                *(self.run_one(call_id, events[i], ["insert"], rec) for i in todo)
-            )
+            insert_batch = getattr(self.insert, "on_batch", None)
+            if insert_batch is not None:
+                results = await self.run_insert_batch(call_id, insert_batch, events, rec)
+            else:
+                results = await asyncio.gather(
+                    *(self.run_one(call_id, events[i], ["insert"], rec) for i in todo)
+                )
             todo = []
             for i, (outcome, event) in enumerate(results):
                 if outcome["kind"] == "ok":
@@ -232,6 +236,41 @@ class Worker:
         for i, outcome in zip(todo, self.batch_outcomes(returned, len(batch)), strict=True):
             outcomes[i] = outcome
         return outcomes, out_events
+
+    async def run_insert_batch(
+        self, call_id: int, on_batch: Any, events: list, rec
+    ) -> list[tuple[dict, Any]]:
+        """The insert function's on_batch returns one item per event, in order (Segment pairs
+        them by position): the event to pass on (changed or not), or an exception instance,
+        DropEvent to drop it or an error for its outcome. Raising applies to every event."""
+        n = len(events)
+        try:
+            returned = await runtime.invoke(on_batch, events, self.settings,
+                                            on_thread=self._thread(call_id))  # fmt: skip
+        except Exception as exc:
+            return [(self.failed(exc, rec), None)] * n
+        if not isinstance(returned, list | tuple) or len(returned) != n:
+            what = f"a list of {len(returned)}" if isinstance(returned, list | tuple) else (
+                "nothing (None)" if returned is None else type(returned).__name__)  # fmt: skip
+            message = (
+                f"the insert function's on_batch returned {what}: return a list of {n},"
+                " one per event in order: the event, or an error such as DropEvent"
+            )
+            return [({"kind": "discard", "error_type": "Bad Request", "message": message},
+                     None)] * n  # fmt: skip
+        results: list[tuple[dict, Any]] = []
+        for index, item in enumerate(returned):
+            if isinstance(item, BaseException):
+                results.append((runtime.outcome_of(item), None))
+            elif isinstance(item, dict) and item.get("type") in runtime.EVENT_TYPES:
+                results.append((runtime.ok(), item))
+            else:
+                message = (f"the insert function's on_batch item [{index}] is "
+                           f"{type(item).__name__}, not an event or an error")  # fmt: skip
+                results.append(
+                    ({"kind": "discard", "error_type": "Bad Request", "message": message}, None)
+                )
+        return results
 
     def batch_outcomes(self, returned: Any, n: int) -> list[dict]:
         """on_batch's return: None (all ok) or one outcome per event (None/"ok" or an error)."""
