@@ -533,3 +533,52 @@ def test_functions_check_config_says_an_insert_on_batch_needs_batching(tmp_path)
     result = run_cli("check-config", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "insert_function: on_batch runs only with [destinations.batch]" in result.stderr
+
+
+CHAIN_BATCH_INSERT_PY = """
+from destfnd.functions import DropEvent, ValidationError
+
+def on_batch(events, settings):
+    return [DropEvent("internal") if e["event"] == "Internal"
+            else ValidationError("bad") if e["event"] == "Bad"
+            else {**e, "properties": {"tier": "gold"}} for e in events]
+"""
+
+CHAIN_BATCH_FN_PY = """
+from destfnd.functions import fetch
+
+async def on_batch(events, settings):
+    events_seen = [e["messageId"] for e in events]
+    await fetch(settings["sink"], method="POST", json=events)
+    events.clear()  # the function may change what it is given: its outcomes still line up
+    print("function got", events_seen)
+"""
+
+
+async def test_functions_insert_on_batch_in_front_of_a_function_on_batch(
+    make_daemon, tmp_path, session
+):
+    """What the insert's on_batch passes on, and only that, is the function's batch; the
+    dropped and failed events keep their own outcomes, in their own places."""
+    (tmp_path / "enrich.py").write_text(CHAIN_BATCH_INSERT_PY)
+    (tmp_path / "fn.py").write_text(CHAIN_BATCH_FN_PY)
+    async with Sink() as sink:
+        dest = function_destination(
+            "fn", "fn.py", f'{{ sink = "{sink.url}" }}', insert_function='"enrich.py"',
+            _tables='[destinations.batch]\nmax_events = 4\nmax_wait = "5s"\n',
+        )  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        names = ["Paid", "Internal", "Bad", "Paid"]
+        await send(session, daemon, [{"type": "track", "event": n, "messageId": f"c-{i}"}
+                                     for i, n in enumerate(names)])  # fmt: skip
+        rows = await wait_final(daemon, 4)
+    got = {m: (r["status"], r["error_type"]) for (_, m), r in rows.items()}
+    assert got == {
+        "c-0": ("delivered", None),
+        "c-1": ("dropped", None),
+        "c-2": ("discarded", "Message Rejected"),
+        "c-3": ("delivered", None),
+    }
+    (request,) = sink.requests
+    assert [e["messageId"] for e in request.events()] == ["c-0", "c-3"]
+    assert all(e["properties"] == {"tier": "gold"} for e in request.events())

@@ -273,7 +273,7 @@ def test_run_function_insert_on_batch_answers_per_event_in_order(files):
                    ("discarded", "Bad Request")], report  # fmt: skip
     assert report["events"][0]["properties"] == {"region": "eu"}
     assert report["events"][1:] == [None, None, None]
-    assert "item [3] is dict, not an event" in report["outcomes"][3]["message"]
+    assert "item [3] is a dict whose type is None, not an event" in report["outcomes"][3]["message"]
     (files / "one.json").write_bytes(orjson.dumps(batch[:1]))
     wrong = run_cli("run-function", str(files / "insert_batch.py"), "--insert", "--event",
                     str(files / "one.json"), "--settings", '{"region": "eu"}')  # fmt: skip

@@ -225,6 +225,7 @@ class Worker:
             for i, (outcome, _) in zip(todo, results, strict=True):
                 outcomes[i] = outcome
             return outcomes, out_events
+        n = len(batch)  # now: user code may empty the list it is given
         try:
             returned = await runtime.invoke(on_batch, batch, self.settings,
                                             on_thread=self._thread(call_id))  # fmt: skip
@@ -233,7 +234,7 @@ class Worker:
             for i in todo:
                 outcomes[i] = failure
             return outcomes, out_events
-        for i, outcome in zip(todo, self.batch_outcomes(returned, len(batch)), strict=True):
+        for i, outcome in zip(todo, self.batch_outcomes(returned, n), strict=True):
             outcomes[i] = outcome
         return outcomes, out_events
 
@@ -265,8 +266,10 @@ class Worker:
             elif isinstance(item, dict) and item.get("type") in runtime.EVENT_TYPES:
                 results.append((runtime.ok(), item))
             else:
-                message = (f"the insert function's on_batch item [{index}] is "
-                           f"{type(item).__name__}, not an event or an error")  # fmt: skip
+                what = (f"a dict whose type is {item.get('type')!r}" if isinstance(item, dict)
+                        else type(item).__name__)  # fmt: skip
+                message = (f"the insert function's on_batch item [{index}] is {what},"
+                           " not an event or an error")  # fmt: skip
                 results.append(
                     ({"kind": "discard", "error_type": "Bad Request", "message": message}, None)
                 )
