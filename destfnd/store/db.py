@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,20 @@ def select_in(conn: sqlite3.Connection, query: str, ids: Sequence[Any]) -> Itera
     for start in range(0, len(ids), _IN_CHUNK):
         chunk = ids[start : start + _IN_CHUNK]
         yield from conn.execute(query.format(ids=",".join("?" * len(chunk))), chunk)
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """`BEGIN IMMEDIATE ... COMMIT`; on any error a ROLLBACK (if the transaction is still open:
+    SQLite may have ended it itself) and the error goes on."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -102,15 +117,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
     for number, script in migrations:
         if number <= version:
             continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             for statement in _statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
 
 def _statements(script: str) -> list[str]:

@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterable
 from hashlib import blake2b
 
-from destfnd.store.db import SQL, select_in
+from destfnd.store.db import SQL, select_in, transaction
 
 # Keys gathered in memory before they are written out: about 200 bytes each. A flush rewrites
 # up to every leaf page of message_ids, so larger flushes cost less per key (about 1 us per
@@ -117,16 +117,10 @@ class Dedupe:
         end = self._written + self.slice_keys
         rows = self._rows[self._written : end]
         last = end >= len(self._rows)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             conn.executemany(SQL["insert_message_id"], rows)
             if last:
                 conn.execute(SQL["set_dedupe_flushed_through"], (self._through,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         self._written = end
         self.flushed_keys += len(rows)
         if last:

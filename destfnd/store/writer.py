@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from destfnd.store.db import StoreError
+from destfnd.store.db import StoreError, transaction
 
 log = structlog.get_logger("destfnd.store")
 
@@ -162,8 +162,7 @@ class Writer:
 
     def _transaction(self, ops: list[Op]) -> list[Any]:
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             results: list[Any] = [None] * len(ops)
             batches: dict[Callable, list[int]] = {}
             for index, op in enumerate(ops):
@@ -181,11 +180,6 @@ class Writer:
                 except Exception as exc:
                     error = StoreError(str(exc)) if isinstance(exc, sqlite3.Error) else exc
                     raise _OpFailed(error) from exc
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return results
 
 
