@@ -159,7 +159,7 @@ class Worker:
         return lambda: self.on_thread.add(call_id)
 
     async def run_one(self, call_id: int, event: Any, stages: list[str], rec) -> tuple[dict, Any]:
-        if not isinstance(event, dict) or event.get("type") not in runtime.EVENT_TYPES:
+        if not _is_event(event):
             return runtime.outcome_of(ValueError("not a Segment event")), None
         name = f"on_{event['type']}"
         if "insert" in stages:
@@ -171,16 +171,12 @@ class Worker:
                                               on_thread=self._thread(call_id))  # fmt: skip
             except Exception as exc:
                 return self.failed(exc, rec), None
-            if not isinstance(result, dict) or result.get("type") not in runtime.EVENT_TYPES:
-                if isinstance(result, dict):
-                    what = f"a dict whose type is {result.get('type')!r}"
-                else:
-                    what = "nothing (None)" if result is None else type(result).__name__
+            if not _is_event(result):
                 message = (
-                    f"the insert function's {name} returned {what}, not an event: "
+                    f"the insert function's {name} returned {_what(result)}, not an event: "
                     "return the event to pass it on, or raise DropEvent to drop it"
                 )
-                return {"kind": "discard", "error_type": "Bad Request", "message": message}, None
+                return runtime.bad_request(message), None
             event = result
         if "function" not in stages:
             return runtime.ok(), event
@@ -251,28 +247,21 @@ class Worker:
         except Exception as exc:
             return [(self.failed(exc, rec), None)] * n
         if not isinstance(returned, list | tuple) or len(returned) != n:
-            what = f"a list of {len(returned)}" if isinstance(returned, list | tuple) else (
-                "nothing (None)" if returned is None else type(returned).__name__)  # fmt: skip
             message = (
-                f"the insert function's on_batch returned {what}: return a list of {n},"
-                " one per event in order: the event, or an error such as DropEvent"
+                f"the insert function's on_batch returned {_what(returned)}: return a list of"
+                f" {n}, one per event in order: the event, or an error such as DropEvent"
             )
-            return [({"kind": "discard", "error_type": "Bad Request", "message": message},
-                     None)] * n  # fmt: skip
+            return [(runtime.bad_request(message), None)] * n
         results: list[tuple[dict, Any]] = []
         for index, item in enumerate(returned):
             if isinstance(item, BaseException):
                 results.append((runtime.outcome_of(item), None))
-            elif isinstance(item, dict) and item.get("type") in runtime.EVENT_TYPES:
+            elif _is_event(item):
                 results.append((runtime.ok(), item))
             else:
-                what = (f"a dict whose type is {item.get('type')!r}" if isinstance(item, dict)
-                        else type(item).__name__)  # fmt: skip
-                message = (f"the insert function's on_batch item [{index}] is {what},"
+                message = (f"the insert function's on_batch item [{index}] is {_what(item)},"
                            " not an event or an error")  # fmt: skip
-                results.append(
-                    ({"kind": "discard", "error_type": "Bad Request", "message": message}, None)
-                )
+                results.append((runtime.bad_request(message), None))
         return results
 
     def batch_outcomes(self, returned: Any, n: int) -> list[dict]:
@@ -283,7 +272,7 @@ class Worker:
             what = f"a list of {len(returned)}" if isinstance(returned, list | tuple) else (
                 type(returned).__name__)  # fmt: skip
             message = f"on_batch returned {what}; return None or a list of {n} outcomes"
-            return [{"kind": "discard", "error_type": "Bad Request", "message": message}] * n
+            return [runtime.bad_request(message)] * n
         outcomes = []
         for index, item in enumerate(returned):
             if item is None or item == "ok" or item is True:
@@ -292,8 +281,7 @@ class Worker:
                 outcomes.append(runtime.outcome_of(item))
             else:
                 message = f"on_batch outcome [{index}] is {item!r}: use None, 'ok' or an error"
-                outcomes.append({"kind": "discard", "error_type": "Bad Request",
-                                 "message": message})  # fmt: skip
+                outcomes.append(runtime.bad_request(message))
         return outcomes
 
     def failed(self, exc: BaseException, rec: record.CallRecord) -> dict:
@@ -303,6 +291,21 @@ class Worker:
         if isinstance(exc, MemoryError):
             self.exit_after_reply = True
         return outcome
+
+
+def _is_event(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("type") in runtime.EVENT_TYPES
+
+
+def _what(value: Any) -> str:
+    """A handler's return value as an error message names it."""
+    if value is None:
+        return "nothing (None)"
+    if isinstance(value, dict):
+        return f"a dict whose type is {value.get('type')!r}"
+    if isinstance(value, list | tuple):
+        return f"a list of {len(value)}"
+    return type(value).__name__
 
 
 def _handlers(module: Any) -> list[str]:

@@ -153,11 +153,15 @@ def outcome_of(exc: BaseException) -> dict:
     if isinstance(exc, MemoryError):
         message = "MemoryError: the function ran out of memory (memory_limit)"
         return {"kind": "retry", "error_type": "Retry", "message": message}
-    return {"kind": "discard", "error_type": "Bad Request", "message": _describe(exc)}
+    return bad_request(_describe(exc))
 
 
 def unsupported(what: str) -> dict:
     return {"kind": "discard", "error_type": "Unsupported Event Type", "message": what}
+
+
+def bad_request(message: str) -> dict:
+    return {"kind": "discard", "error_type": "Bad Request", "message": message}
 
 
 async def invoke(fn: Any, *args: Any, on_thread: Any = None) -> Any:
