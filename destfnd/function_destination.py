@@ -13,7 +13,7 @@ from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
 from destfnd.outcome import DELIVERED, ErrorType, Kind, Outcome, Report, retry, same_for_all
 from destfnd.redact import Redactor
-from destfnd.sandbox.pool import InitError, Pool, Spec, WorkerFailed
+from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
 from destfnd.spec import EVENT_TYPES
 
 
@@ -108,9 +108,9 @@ class FunctionDestination:
             reply = await self.pool.call(
                 [orjson.Fragment(p) for p in payloads], batch=batched, stages=self._stages
             )
-        except TimeoutError as exc:
+        except CallTimedOut as exc:
             message = f"the function did not finish within {self.dest.timeout_s:g}s"
-            late = getattr(exc, "reply", None) or {}  # CallTimedOut: what it did until then
+            late = exc.reply or {}  # what it printed and requested until then
             return same_for_all(
                 retry(ErrorType.TIMEOUT, message), n, version=self.version,
                 logs=late.get("logs") or "", requests=tuple(late.get("requests") or ()),

@@ -12,7 +12,7 @@ import orjson
 from destfnd.errors import DestfndError
 from destfnd.outcome import ErrorType
 from destfnd.redact import Redactor
-from destfnd.sandbox.pool import InitError, Pool, Spec, WorkerFailed
+from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
 
 _STATUS = {"ok": "delivered", "retry": "retrying", "discard": "discarded", "drop": "dropped"}
 
@@ -99,9 +99,9 @@ async def run(
             else:
                 stages = ["insert" if insert else "function"]
                 reply = await pool.call(events, batch=batch, stages=stages)
-        except TimeoutError as exc:
+        except CallTimedOut as exc:
             message = f"did not finish within {timeout_s:g}s"
-            late = getattr(exc, "reply", None) or {}  # CallTimedOut: what it did until then
+            late = exc.reply or {}  # what it printed and requested until then
             reply = {"outcomes": [{"kind": "retry", "error_type": "Timeout", "message": message}]
                      * len(events), "logs": late.get("logs") or "",
                      "requests": late.get("requests") or []}  # fmt: skip

@@ -26,8 +26,9 @@ _OUT_OF_MEMORY_EXIT = 70  # child.py exits so after a MemoryError (EX_SOFTWARE)
 
 
 class CallTimedOut(TimeoutError):
-    """The invocation did not finish in time and was cancelled. `reply`: what the worker sent
-    for it once cancelled (its logs and requests so far), if it answered within a grace."""
+    """The invocation did not finish in time and was cancelled (every timeout of `Pool.call`
+    is one). `reply`: what the worker sent for it once cancelled (its logs and requests so
+    far), if it answered within a grace; None if it could not."""
 
     def __init__(self, reply: dict | None) -> None:
         super().__init__("the invocation timed out")
@@ -297,7 +298,7 @@ class Pool:
             if shared:
                 raise WorkerFailed("the worker was blocked, maybe by another invocation",
                                    shared=True) from None  # fmt: skip
-            raise
+            raise CallTimedOut(None) from None  # blocked: it could not answer for the call
         except WorkerFailed as exc:
             self._replace(worker, str(exc))
             raise
