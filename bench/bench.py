@@ -206,6 +206,16 @@ def multi_config(db: Path, sources: list[tuple[str, str]], dests: list[str]) -> 
     return out + "".join(dests)
 
 
+def _stat(path: Path) -> list[str]:
+    """The fields of a /proc stat file after the command name (which may hold spaces)."""
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_s(fields: list[str]) -> float:
+    """utime + stime of `_stat` fields, in seconds."""
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def children_cpu_s(pid: int) -> dict[int, float]:
     """CPU seconds of each direct child of pid (the function worker processes)."""
     out: dict[int, float] = {}
@@ -213,11 +223,11 @@ def children_cpu_s(pid: int) -> dict[int, float]:
         if not entry.isdigit():
             continue
         try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat(Path(f"/proc/{entry}/stat"))
         except OSError:
             continue
         if int(fields[1]) == pid:
-            out[int(entry)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            out[int(entry)] = _cpu_s(fields)
     return out
 
 
@@ -271,8 +281,7 @@ class Daemon:
     def cpu_s(self) -> float:
         """CPU seconds (user + system, all threads) used so far."""
         assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return cpu_s_of(self.proc.pid)
 
     def rss_mb(self) -> float | None:
         """Resident set size in MB; None once the process has exited (a zombie has none)."""
@@ -296,8 +305,7 @@ class Daemon:
 
 
 def cpu_s_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return _cpu_s(_stat(Path(f"/proc/{pid}/stat")))
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
@@ -306,11 +314,10 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     out = {"event loop": 0.0, "other threads": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            cpu = _cpu_s(_stat(task / "stat"))
         except OSError:  # the thread ended meanwhile
             continue
-        name = "event loop" if task.name == str(pid) else "other threads"
-        out[name] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        out["event loop" if task.name == str(pid) else "other threads"] += cpu
     return out
 
 
