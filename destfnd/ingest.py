@@ -90,10 +90,12 @@ class Ingest:
         # client_max_size bounds the raw body; the decompressed size is bounded in _body().
         app = web.Application(client_max_size=self._server.max_request_bytes)
         app.router.add_get("/healthz", self.healthz)
-        for name, etype in spec.ENDPOINT_TYPES.items():
-            app.router.add_post(f"/v1/{name}", self._handler(etype))
-        app.router.add_post("/v1/batch", self._handler(None))
-        app.router.add_post("/v1/import", self._handler(None))
+        routes = {f"/v1/{name}": etype for name, etype in spec.ENDPOINT_TYPES.items()}
+        # /v1/b: analytics.js with deliveryStrategy "batching" posts its batches there.
+        routes.update({"/v1/batch": None, "/v1/b": None, "/v1/import": None})
+        for path, etype in routes.items():
+            app.router.add_post(path, self._handler(etype))
+            app.router.add_route("OPTIONS", path, self._preflight)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -105,12 +107,30 @@ class Ingest:
     def _handler(self, endpoint_type: str | None):
         async def handle(request: web.Request) -> web.Response:
             try:
-                return await self._accept(request, endpoint_type)
+                response = await self._accept(request, endpoint_type)
             except Rejected as exc:
                 log.info("request_rejected", path=request.path, status=exc.status, error=exc.error)
-                return error_response(exc.status, exc.error, exc.detail)
+                response = error_response(exc.status, exc.error, exc.detail)
+            if "Origin" in request.headers:  # a browser: let the page's script read the answer
+                response.headers["Access-Control-Allow-Origin"] = "*"
+            return response
 
         return handle
+
+    async def _preflight(self, request: web.Request) -> web.Response:
+        """CORS preflight, for analytics.js on any site (a write key is public, as at Segment;
+        no cookies are used, so no credentials are allowed). Sent by browsers before a POST
+        with headers beyond text/plain, e.g. `Content-Type: application/json`."""
+        headers = {
+            "Access-Control-Allow-Origin": "*",
+            "Access-Control-Allow-Methods": "POST, OPTIONS",
+            "Access-Control-Max-Age": "86400",
+            "Vary": "Access-Control-Request-Headers",
+        }
+        requested = request.headers.get("Access-Control-Request-Headers")
+        if requested:
+            headers["Access-Control-Allow-Headers"] = requested
+        return web.Response(status=204, headers=headers)
 
     async def _accept(self, request: web.Request, endpoint_type: str | None) -> web.Response:
         if not self.ready or self.draining:

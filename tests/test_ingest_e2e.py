@@ -10,7 +10,7 @@ from datetime import datetime
 
 import orjson
 import pytest
-from support import FIXTURES, WRITE_KEY, Sink, config_text, post, webhook
+from support import AUTH, FIXTURES, WRITE_KEY, Sink, config_text, post, webhook
 
 from destfnd.spec import parse_timestamp
 
@@ -100,6 +100,10 @@ async def test_ingest_segment_docs_bodies_accepted_and_delivered(make_daemon, tm
 async def test_ingest_analytics_js_text_plain_with_write_key_in_body(
     make_daemon, tmp_path, session
 ):
+    """What analytics.js sends from a page on another site: text/plain with the write key in
+    the body (no preflight), so the answer must carry Access-Control-Allow-Origin or the
+    browser hides it from the script, which then counts the event as failed and sends it
+    again."""
     async with Sink() as sink:
         daemon = await start(make_daemon, tmp_path, sink)
         now = datetime.now().astimezone()
@@ -111,16 +115,85 @@ async def test_ingest_analytics_js_text_plain_with_write_key_in_body(
             "timestamp": now.isoformat(),
             "sentAt": now.isoformat(),
         }
-        status, _ = await post(
-            session,
-            f"{daemon.url}/v1/t",
-            orjson.dumps(body),
-            auth=False,
-            headers={"Content-Type": "text/plain"},
-        )
-        assert status == 200
+        browser = {"Content-Type": "text/plain", "Origin": "https://shop.example.com"}
+        async with session.post(
+            f"{daemon.url}/v1/t", data=orjson.dumps(body), headers=browser
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        # A refusal is readable by the page too (the script tells a 4xx from a network error).
+        bad_key = orjson.dumps({**body, "writeKey": "wk_nobody"})
+        async with session.post(f"{daemon.url}/v1/t", data=bad_key, headers=browser) as resp:
+            assert resp.status == 401
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
         await sink.wait_for(lambda: len(sink.delivered()) == 1)
         assert sink.delivered()[0]["anonymousId"] == "anon-1"
+        assert "writeKey" not in sink.delivered()[0]
+        # Server-side SDKs and curl send no Origin: no CORS header for them.
+        async with session.post(
+            f"{daemon.url}/v1/track", data=orjson.dumps(body), headers={"Authorization": AUTH}
+        ) as resp:
+            assert resp.status == 200
+            assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_ingest_cors_preflight_for_analytics_js_with_custom_headers(
+    make_daemon, tmp_path, session
+):
+    """analytics.js configured with other headers (e.g. Content-Type: application/json)
+    makes the browser ask first with OPTIONS; without a 2xx answer allowing them, the browser
+    never sends the events."""
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        for path in ("/v1/t", "/v1/track", "/v1/batch", "/v1/b", "/v1/import"):
+            async with session.options(
+                f"{daemon.url}{path}",
+                headers={
+                    "Origin": "https://shop.example.com",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type,authorization",
+                },
+            ) as resp:
+                assert resp.status == 204, path
+                assert resp.headers["Access-Control-Allow-Origin"] == "*"
+                assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+                allowed = resp.headers["Access-Control-Allow-Headers"].lower().split(",")
+                assert {"content-type", "authorization"} <= {h.strip() for h in allowed}
+                assert int(resp.headers["Access-Control-Max-Age"]) > 0
+        assert sink.delivered() == []
+
+
+async def test_ingest_analytics_js_batching_posts_to_v1_b(make_daemon, tmp_path, session):
+    """analytics.js with deliveryStrategy "batching" posts {writeKey, batch, sentAt} to /b
+    under its apiHost (api.segment.io/v1/b), each event without its own sentAt."""
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        now = datetime.now().astimezone().isoformat()
+        events = [
+            {
+                "type": kind,
+                "anonymousId": "anon-2",
+                "messageId": f"ajs-next-{uuid.uuid4()}",
+                "timestamp": now,
+                "writeKey": WRITE_KEY,
+                "context": {"library": {"name": "analytics.js", "version": "next-1.70.0"}},
+                **extra,
+            }
+            for kind, extra in (("page", {"name": "Home"}), ("track", {"event": "Clicked"}))
+        ]
+        body = {"writeKey": WRITE_KEY, "batch": events, "sentAt": now}
+        async with session.post(
+            f"{daemon.url}/v1/b",
+            data=orjson.dumps(body),
+            headers={"Content-Type": "text/plain", "Origin": "https://shop.example.com"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        await sink.wait_for(lambda: len(sink.delivered()) == 2)
+        assert sorted(e["messageId"] for e in sink.delivered()) == sorted(
+            e["messageId"] for e in events
+        )
+        assert {e["type"] for e in sink.delivered()} == {"page", "track"}
 
 
 async def test_ingest_duplicate_message_id_delivered_once(make_daemon, tmp_path, session):
