@@ -137,12 +137,12 @@ async def test_ingest_analytics_js_text_plain_with_write_key_in_body(
             assert "Access-Control-Allow-Origin" not in resp.headers
 
 
-async def test_ingest_cors_preflight_for_analytics_js_with_custom_headers(
+async def test_ingest_cors_preflight_for_analytics_js(
     make_daemon, tmp_path, session
 ):
-    """analytics.js configured with other headers (e.g. Content-Type: application/json)
-    makes the browser ask first with OPTIONS; without a 2xx answer allowing them, the browser
-    never sends the events."""
+    """analytics.js sends an Authorization header, so the browser asks first with OPTIONS;
+    without a 2xx answer allowing it, the browser never sends the events (see
+    test_browser_e2e.py for the real thing)."""
     async with Sink() as sink:
         daemon = await start(make_daemon, tmp_path, sink)
         for path in ("/v1/t", "/v1/track", "/v1/batch", "/v1/b", "/v1/import"):
