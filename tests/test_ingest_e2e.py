@@ -137,9 +137,7 @@ async def test_ingest_analytics_js_text_plain_with_write_key_in_body(
             assert "Access-Control-Allow-Origin" not in resp.headers
 
 
-async def test_ingest_cors_preflight_for_analytics_js(
-    make_daemon, tmp_path, session
-):
+async def test_ingest_cors_preflight_for_analytics_js(make_daemon, tmp_path, session):
     """analytics.js sends an Authorization header, so the browser asks first with OPTIONS;
     without a 2xx answer allowing it, the browser never sends the events (see
     test_browser_e2e.py for the real thing)."""
