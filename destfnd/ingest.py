@@ -112,6 +112,7 @@ class Ingest:
                 log.info("request_rejected", path=request.path, status=exc.status, error=exc.error)
                 response = error_response(exc.status, exc.error, exc.detail)
             if "Origin" in request.headers:  # a browser: let the page's script read the answer
+                # (No Vary: Origin: answers to POST are not cached.)
                 response.headers["Access-Control-Allow-Origin"] = "*"
             return response
 
@@ -119,8 +120,9 @@ class Ingest:
 
     async def _preflight(self, request: web.Request) -> web.Response:
         """CORS preflight, for analytics.js on any site (a write key is public, as at Segment;
-        no cookies are used, so no credentials are allowed). Sent by browsers before a POST
-        with headers beyond text/plain, e.g. `Content-Type: application/json`."""
+        no cookies are used, so no credentials are allowed). Browsers send it before a POST
+        with a header beyond the few a form could send: analytics.js sends `Authorization`
+        (and `X-Retry-Count` on retries), so it comes before the first POST to each path."""
         headers = {
             "Access-Control-Allow-Origin": "*",
             "Access-Control-Allow-Methods": "POST, OPTIONS",

@@ -101,9 +101,9 @@ async def test_ingest_analytics_js_text_plain_with_write_key_in_body(
     make_daemon, tmp_path, session
 ):
     """What analytics.js sends from a page on another site: text/plain with the write key in
-    the body (no preflight), so the answer must carry Access-Control-Allow-Origin or the
-    browser hides it from the script, which then counts the event as failed and sends it
-    again."""
+    the body (and, after the preflight, in an Authorization header). The answer must carry
+    Access-Control-Allow-Origin or the browser hides it from the script, which then counts
+    the event as failed and sends it again."""
     async with Sink() as sink:
         daemon = await start(make_daemon, tmp_path, sink)
         now = datetime.now().astimezone()
@@ -174,7 +174,7 @@ async def test_ingest_analytics_js_batching_posts_to_v1_b(make_daemon, tmp_path,
                 "messageId": f"ajs-next-{uuid.uuid4()}",
                 "timestamp": now,
                 "writeKey": WRITE_KEY,
-                "context": {"library": {"name": "analytics.js", "version": "next-1.70.0"}},
+                "context": {"library": {"name": "analytics.js", "version": "npm:next-1.84.3"}},
                 **extra,
             }
             for kind, extra in (("page", {"name": "Home"}), ("track", {"event": "Clicked"}))
