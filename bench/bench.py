@@ -138,11 +138,11 @@ class Sink(Helper):
             return json.loads(resp.read())
 
 
-def daemon_config(db: Path, sink_url: str, timeout: str = "30m") -> str:
+def daemon_config(db: Path, sink_url: str, timeout: str = "30m", synchronous: str = "FULL") -> str:
     q = json.dumps
     return (
         f'[server]\nlisten = "127.0.0.1:0"\ndrain_timeout = "1s"\n\n'
-        f"[storage]\npath = {q(str(db))}\n\n"
+        f"[storage]\npath = {q(str(db))}\nsynchronous = {q(synchronous)}\n\n"
         f'[logging]\nlevel = "info"\nformat = "json"\n\n'
         f'[[sources]]\nname = "web"\nwrite_key = "{WRITE_KEY}"\n\n'
         f'[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = {q(sink_url + "/in")}\n'
@@ -417,7 +417,9 @@ class Bench:
         # in flight, so dispatch costs nothing while ingest is measured.
         d = Daemon(
             self.tmp / "ingest",
-            daemon_config(self.tmp / "ingest" / "q.sqlite3", sink.url),
+            daemon_config(
+                self.tmp / "ingest" / "q.sqlite3", sink.url, synchronous=self.args.synchronous
+            ),
             self.server_cpu,
         )
         try:
@@ -541,7 +543,9 @@ class Bench:
         sink = Sink(self.client_cpu, self.tmp / "sink-e2e.log", mode="ok")
         d = Daemon(
             self.tmp / "e2e",
-            daemon_config(self.tmp / "e2e" / "q.sqlite3", sink.url),
+            daemon_config(
+                self.tmp / "e2e" / "q.sqlite3", sink.url, synchronous=self.args.synchronous
+            ),
             self.server_cpu,
         )
         try:
@@ -595,7 +599,7 @@ class Bench:
         n = self.backlog
         sink = Sink(self.client_cpu, self.tmp / "sink-backlog.log", mode="hold")
         work = self.tmp / "backlog"
-        cfg = daemon_config(work / "q.sqlite3", sink.url)
+        cfg = daemon_config(work / "q.sqlite3", sink.url, synchronous=self.args.synchronous)
         d = Daemon(work, cfg, self.server_cpu)
         try:
             with self.phase(f"7a. ingest a backlog of {n:,} events (/v1/batch of 100, 20 clients)"):
@@ -1128,7 +1132,8 @@ def render(rows: list[dict], b: Bench, command: str, date: str) -> str:
         f"Python {platform.python_version()}; {pin}",
         f"measure: warm-up {b.warmup:g}s, then {b.duration:g}s per throughput figure, "
         f"{b.paced_duration:g}s paced; 1-2 and 4: best of {b.rounds} alternating rounds; "
-        "load generator = bench/load.py raw HTTP/1.1 client",
+        "load generator = bench/load.py raw HTTP/1.1 client; "
+        f"daemon storage.synchronous = {b.args.synchronous}",
         "",
         line(head),
         "-+-".join("-" * w for w in widths),
@@ -1307,6 +1312,12 @@ def main() -> int:
     p.add_argument("--latency-rate", type=float, default=50.0, help="figure 11, events/s")
     p.add_argument("--fill-max-s", type=float, default=900.0)
     p.add_argument("--drain-max-s", type=float, default=900.0)
+    p.add_argument(
+        "--synchronous",
+        choices=("FULL", "NORMAL"),
+        default="FULL",
+        help="storage.synchronous of the daemon in figures 1-7 (FULL: an fsync per commit)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument(
         "--pin-functions",
