@@ -345,6 +345,52 @@ def test_dedupe_events_with_message_id_finds_flushed_and_unflushed_events(db_pat
         conn.close()
 
 
+class _Rows:
+    """What `execute` returned, read at once (as a cursor: fetchone, iteration)."""
+
+    def __init__(self, rows: list) -> None:
+        self.rows = rows
+
+    def fetchone(self):
+        return self.rows[0] if self.rows else None
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_dedupe_events_with_message_id_sees_an_event_whose_flush_ends_mid_lookup(db_path):
+    """`destfnd deliveries --message-id` reads beside the daemon, each statement on its own
+    snapshot. A flush that commits between its reads moves the event's key to disk and the
+    mark past the event at once: whichever read comes second must still find it."""
+    conn = open_db(db_path)
+    reader = open_db(db_path, readonly=True)
+    try:
+        dedupe = Dedupe.load(conn, flush_at=1)
+        insert(conn, dedupe, ["late"])  # its key only in memory, its id above the mark
+        (event_id,) = conn.execute("SELECT id FROM events").fetchone()
+
+        class FlushAfterFirstRead:
+            """The real reader; the daemon's flush commits right after its first statement."""
+
+            def __init__(self) -> None:
+                self.reads = 0
+
+            def execute(self, *args):
+                rows = _Rows(reader.execute(*args).fetchall())
+                self.reads += 1
+                if self.reads == 1:
+                    while dedupe.flush(conn):
+                        pass
+                return rows
+
+        looking = FlushAfterFirstRead()
+        assert events_with_message_id(looking, ["web"], "late") == [event_id]
+        assert looking.reads >= 3 and keys_on_disk(conn) == 1  # the flush did land in between
+    finally:
+        reader.close()
+        conn.close()
+
+
 def test_dedupe_events_with_message_id_does_not_trust_a_colliding_key(conn, monkeypatch):
     from destfnd.store import dedupe as dedupe_module
 
