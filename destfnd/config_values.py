@@ -1,0 +1,117 @@
+"""The config's value converters: each takes a TOML value and returns it converted, or raises
+ValueError with what was expected and what was found (the reader adds the key path)."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from destfnd.config import MIB, parse_duration, parse_size
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+SECRET_KEYS = ("env", "file", "credential")
+
+
+def check(
+    ok: Callable[[Any], Any], expected: str, then: Callable[[Any], Any] = lambda v: v
+) -> Callable[[Any], Any]:
+    """A converter: `then(value)` if `ok(value)`, else ValueError("<expected>, got <value>")."""
+
+    def conv(value: Any) -> Any:
+        if ok(value):
+            return then(value)
+        raise ValueError(f"{expected}, got {show(value)}")
+
+    return conv
+
+
+boolean = check(lambda v: isinstance(v, bool), "must be true or false")
+text = check(lambda v: isinstance(v, str) and v, "must be a non-empty string")
+table = check(lambda v: isinstance(v, dict), "must be a table")
+charset = "must use only letters, digits, '_', '.' and '-'"
+name = check(lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), charset)
+measure = check(lambda v: type(v) in (str, int, float), 'must be a string such as "5s"')
+
+
+def integer(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    bounds = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+    in_range = lambda v: type(v) is int and lo <= v and (hi is None or v <= hi)  # noqa: E731
+    return check(in_range, f"must be an integer {bounds}")
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    by_lower = {option.lower(): option for option in options}
+    known = lambda v: isinstance(v, str) and v.lower() in by_lower  # noqa: E731
+    return check(known, f"must be one of {', '.join(options)}", lambda v: by_lower[v.lower()])
+
+
+def duration(zero_ok: bool = False) -> Callable[[Any], float]:
+    def conv(value: Any) -> float:
+        seconds = parse_duration(measure(value))
+        if seconds > 0 or zero_ok:
+            return seconds
+        raise ValueError(f"must be greater than 0, got {value!r}")
+
+    return conv
+
+
+def size(minimum: int = 1) -> Callable[[Any], int]:
+    def conv(value: Any) -> int:
+        size = parse_size(measure(value))
+        if size >= minimum:
+            return size
+        at_least = f"{minimum // MIB}MB" if minimum >= MIB else f"{minimum}B"
+        raise ValueError(f"must be at least {at_least}, got {value!r}")
+
+    return conv
+
+
+def listen(value: Any) -> tuple[str, int]:
+    host, sep, port = "", "", ""
+    if isinstance(value, str) and value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    elif isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        sep = "" if ":" in host else sep  # a bare IPv6 address needs brackets
+    if sep and host and not any(c.isspace() or c in "[]/" for c in host):
+        # Port 0 asks the kernel for a free port (the bound one is logged in daemon_ready).
+        if port.isascii() and port.isdigit() and 0 <= int(port) <= 65535:
+            return host, int(port)
+    expected = 'must be "host:port" with a port from 0 to 65535 (IPv6 as "[::1]:8088")'
+    raise ValueError(f"{expected}, got {show(value)}")
+
+
+def url(value: Any) -> str:
+    try:
+        parts = urlsplit(text(value))
+        if parts.scheme in ("http", "https") and parts.hostname:
+            return value
+    except ValueError:  # urlsplit rejects some malformed hosts, e.g. "http://[::1"
+        pass
+    raise ValueError(f"must be an http:// or https:// URL with a host, got {show(value)}")
+
+
+def is_secret_ref(value: dict[str, Any]) -> bool:
+    """A table like { env = "NAME" }: exactly one secret key, with a string."""
+    if len(value) != 1:
+        return False
+    [(key, ref)] = value.items()
+    return key in SECRET_KEYS and isinstance(ref, str)
+
+
+def hint(word: Any, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return "a table" if isinstance(value, dict) else "an array"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:56] + "...'"
