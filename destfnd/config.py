@@ -65,6 +65,10 @@ class ServerConfig:
     max_decompressed_bytes: int = 2 * MIB  # gzip bodies, after decompression
     dedupe_window_s: float = 86400.0
     drain_timeout_s: float = 20.0
+    # Whose X-Forwarded-For is believed when filling context.ip (addresses or networks). By
+    # default this host only, as uvicorn and gunicorn do: a TLS proxy on the same host (the
+    # README's setup for https) passes the client's address on.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,7 @@ class LoggingConfig:
 class SourceConfig:
     name: str
     write_key: Secret
+    fill_ip: bool = False  # set context.ip from the request when an event has none
 
 
 @dataclass(frozen=True, slots=True)

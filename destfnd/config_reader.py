@@ -32,11 +32,11 @@ _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TOP_KEYS = tuple("server storage logging sources destinations".split())
 _SERVER_KEYS = tuple(
     "listen max_request_size max_event_size max_batch_events max_decompressed_size"
-    " dedupe_window drain_timeout".split()
+    " dedupe_window drain_timeout trusted_proxies".split()
 )
 _STORAGE_KEYS = ("path", "retention", "synchronous", "records_max_size")
 _LOGGING_KEYS = ("level", "format", "summary_interval")
-_SOURCE_KEYS = ("name", "write_key")
+_SOURCE_KEYS = ("name", "write_key", "fill_ip")
 _DESTINATION_KEYS = tuple(
     "name type function insert_function url headers path sources enabled concurrency timeout"
     " memory_limit workers settings batch retry".split()
@@ -45,14 +45,6 @@ _BATCH_KEYS = ("max_events", "max_wait")
 _RETRY_KEYS = ("max_attempts", "max_age", "backoff_initial", "backoff_max")
 # Keys that only make sense for one destination type.
 _KIND_ONLY_KEYS = {"function": "function", "url": "webhook", "headers": "webhook", "path": "file"}
-
-
-class _Invalid(ValueError):
-    """A value's problem; `at` extends the key path (".env") when a nested key is at fault."""
-
-    def __init__(self, message: str, at: str = "") -> None:
-        super().__init__(message)
-        self.at = at
 
 
 class Reader:
@@ -141,6 +133,7 @@ class Reader:
             SourceConfig(
                 name=self.get(t, w, "name", cv.name, required=""),
                 write_key=self.get(t, w, "write_key", write_key, required=""),
+                fill_ip=self.get(t, w, "fill_ip", cv.boolean, False),
             )
             for w, t in self.entries(top, "sources", _SOURCE_KEYS)
         )
@@ -181,6 +174,7 @@ class Reader:
             max_decompressed_bytes=decompressed,
             dedupe_window_s=g("dedupe_window", cv.duration(zero_ok=True), d.dedupe_window_s),
             drain_timeout_s=g("drain_timeout", cv.duration(zero_ok=True), d.drain_timeout_s),
+            trusted_proxies=g("trusted_proxies", cv.networks, d.trusted_proxies),
         )
 
     def destination(
@@ -258,7 +252,7 @@ class Reader:
             raise ValueError("must name at least one source (leave it out for every source)")
         for j, name in enumerate(value):
             if name not in known:
-                raise _Invalid(f"unknown source {name!r}{cv.hint(name, known)}", f"[{j}]")
+                raise cv.Invalid(f"unknown source {name!r}{cv.hint(name, known)}", f"[{j}]")
         return tuple(dict.fromkeys(value))
 
     def headers(self, raw: Any, where: str) -> tuple[tuple[str, str | Secret], ...]:
@@ -299,7 +293,7 @@ class Reader:
             raise ValueError(f"must be {kinds}a secret such as {example}, got {cv.show(value)}")
         for key in value:
             if key not in cv.SECRET_KEYS:
-                raise _Invalid(f"unknown key{cv.hint(key, cv.SECRET_KEYS)}", f".{key}")
+                raise cv.Invalid(f"unknown key{cv.hint(key, cv.SECRET_KEYS)}", f".{key}")
         if not cv.is_secret_ref(value) or not next(iter(value.values())):
             raise ValueError("a secret needs exactly one of env, file or credential (non-empty)")
         ((kind, ref),) = value.items()
@@ -313,7 +307,7 @@ class Reader:
         if kind == "credential":
             folder = self.environ.get("CREDENTIALS_DIRECTORY")
             if "/" in ref or ref in (".", ".."):
-                raise _Invalid(f"must be a credential name, got {ref!r}", ".credential")
+                raise cv.Invalid(f"must be a credential name, got {ref!r}", ".credential")
             if not folder:
                 needs = "needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)"
                 raise ValueError(f"credential {ref} {needs}")

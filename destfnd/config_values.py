@@ -4,16 +4,24 @@ ValueError with what was expected and what was found (the reader adds the key pa
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from destfnd.client_ip import parse_network
 from destfnd.config import MIB, parse_duration, parse_size
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 SECRET_KEYS = ("env", "file", "credential")
+
+
+class Invalid(ValueError):
+    """A value's problem; `at` extends the key path (".env") when a nested key is at fault."""
+
+    def __init__(self, message: str, at: str = "") -> None:
+        super().__init__(message)
+        self.at = at
 
 
 def check(
@@ -68,6 +76,18 @@ def size(minimum: int = 1) -> Callable[[Any], int]:
         raise ValueError(f"must be at least {at_least}, got {value!r}")
 
     return conv
+
+
+def networks(value: Any) -> tuple[str, ...]:
+    """IP addresses or networks ("10.0.0.0/8"), as given."""
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ValueError(f'must be an array of addresses such as "10.0.0.0/8", got {show(value)}')
+    for i, text in enumerate(value):
+        try:
+            parse_network(text)
+        except ValueError:
+            raise Invalid(f"not an IP address or network: {text!r}", f"[{i}]") from None
+    return tuple(value)
 
 
 def listen(value: Any) -> tuple[str, int]:

@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from destfnd import spec
+from destfnd.client_ip import ClientIP
 from destfnd.config import Config
 from destfnd.store import IncomingEvent, StoreError, Writer
 from destfnd.store import queue as q
@@ -71,6 +72,8 @@ class Ingest:
         self._on_commit = on_commit
         self._clock = clock
         self._sources = {s.write_key.value: s.name for s in cfg.sources}
+        self._fill_ip = frozenset(s.name for s in cfg.sources if s.fill_ip)
+        self._client_ip = ClientIP(cfg.server.trusted_proxies)
         self._fanout: dict[str, tuple[str, ...]] = {
             s.name: tuple(d.name for d in cfg.destinations if d.enabled and s.name in d.sources)
             for s in cfg.sources
@@ -156,7 +159,11 @@ class Ingest:
         if source is None:
             raise Rejected(401, "unauthorized", "unknown write key")
         now_s = self._clock()
-        events = self._prepare(body, endpoint_type, now_s)
+        ip = None
+        if source in self._fill_ip:
+            headers = request.headers
+            ip = self._client_ip.of(request.remote, headers.get("X-Forwarded-For"))
+        events = self._prepare(body, endpoint_type, now_s, ip)
         # The parsed body (a few containers per event) must not stay alive while the commit
         # is awaited: with 64 requests in flight, the cyclic collector kept walking them all.
         del body, raw
@@ -223,8 +230,11 @@ class Ingest:
         return self._received_cache[1], self._received_cache[2]
 
     def _prepare(
-        self, body: object, endpoint_type: str | None, now_s: float
+        self, body: object, endpoint_type: str | None, now_s: float, ip: str | None = None
     ) -> list[IncomingEvent]:
+        """The events of `body`, validated, enriched and serialized; `ip` goes into the
+        `context.ip` of each event that has none (Segment does so for client-side sources;
+        an event that wants no address recorded sends its own, such as "0.0.0.0")."""
         try:
             messages = spec.expand(body, endpoint_type)
         except spec.SpecError as exc:
@@ -240,6 +250,8 @@ class Ingest:
             path = prefix.format(index)
             try:
                 times = spec.check(message, path)
+                if ip is not None:
+                    spec.fill_ip(message, ip)
                 spec.enrich(
                     message, received_at, times=times, received_text=received_text, path=path
                 )

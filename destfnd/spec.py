@@ -230,6 +230,16 @@ def enrich(
     return event
 
 
+def fill_ip(event: dict, ip: str) -> None:
+    """Set `context.ip` unless the event has one (Segment's servers leave a set one alone, so
+    "0.0.0.0" opts out). Call after `validate`: `context` is then an object or absent."""
+    context = event.get("context")
+    if context is None:
+        event["context"] = {"ip": ip}
+    elif context.get("ip") is None:
+        context["ip"] = ip
+
+
 def _canonical(text: str, parsed: datetime) -> str:
     """`text` if already in destfnd's format (most SDKs send it), else `parsed` formatted."""
     if (

@@ -40,7 +40,9 @@ async def test_cli_the_bundled_example_serves_and_delivers(make_daemon, tmp_path
         if done and archive.read_text():
             break
         await asyncio.sleep(0.05)
-    assert orjson.loads(archive.read_text().splitlines()[0])["event"] == "Item Purchased"
+    archived = orjson.loads(archive.read_text().splitlines()[0])
+    assert archived["event"] == "Item Purchased"
+    assert archived["context"] == {"ip": "127.0.0.1"}  # the example's source has fill_ip = true
     (row,) = orjson.loads(daemon.cli("deliveries", "--destination", "hello", "--json").stdout)
     assert row["history"][0]["logs"] == "hello: Item Purchased by 019mr8mf4r\n"
     # Found by its messageId (through the dedupe keys, no scan): one delivery per destination.

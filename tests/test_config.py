@@ -99,6 +99,7 @@ def test_config_example_loads_with_expected_values(folder: Path) -> None:
     assert cfg.server.max_decompressed_bytes == 2 * 1024 * 1024
     assert cfg.server.dedupe_window_s == 86400.0
     assert cfg.server.drain_timeout_s == 20.0
+    assert cfg.server.trusted_proxies == ("127.0.0.1", "::1")
     assert cfg.storage.path == folder / "var" / "destfnd.sqlite3"
     assert cfg.storage.retention_s == 7 * 86400
     assert cfg.storage.synchronous == "FULL"
@@ -107,6 +108,7 @@ def test_config_example_loads_with_expected_values(folder: Path) -> None:
     assert [s.name for s in cfg.sources] == ["web", "backend"]
     assert cfg.sources[0].write_key == Secret("wk_web_example", "inline")
     assert cfg.sources[1].write_key == Secret("bk_secret_from_env", "env:BACKEND_WRITE_KEY")
+    assert [s.fill_ip for s in cfg.sources] == [False, False]
 
     crm, hook, archive = cfg.destinations
     assert (crm.name, crm.kind) == ("crm", "function")
@@ -147,9 +149,11 @@ def test_config_values_are_parsed_and_normalized(folder: Path) -> None:
     text = (
         '[server]\nlisten = "[::1]:9000"\nmax_request_size = "4MB"\nmax_event_size = "64KiB"\n'
         'dedupe_window = "0s"\ndrain_timeout = "1m30s"\n'
+        'trusted_proxies = ["10.0.0.0/8", "fd00::1"]\n'
         '[storage]\npath = "/abs/q.db"\nsynchronous = "normal"\n'
         '[logging]\nlevel = "DEBUG"\nformat = "json"\n'
         + SOURCE
+        + "fill_ip = true\n"
         + DEST
         + 'enabled = false\ntimeout = "250ms"\nmemory_limit = "1GB"\n'
         "[destinations.batch]\n"
@@ -162,6 +166,8 @@ def test_config_values_are_parsed_and_normalized(folder: Path) -> None:
     assert cfg.server.max_event_bytes == 64 * 1024
     assert cfg.server.dedupe_window_s == 0.0
     assert cfg.server.drain_timeout_s == 90.0
+    assert cfg.server.trusted_proxies == ("10.0.0.0/8", "fd00::1")
+    assert cfg.sources[0].fill_ip is True
     assert cfg.storage.path == Path("/abs/q.db")
     assert cfg.storage.synchronous == "NORMAL"
     assert (cfg.logging.level, cfg.logging.format) == ("debug", "json")
@@ -306,6 +312,13 @@ BAD_CONFIGS = [
      "must be one of auto, json, console"),
     ("storage_synchronous", '[storage]\nsynchronous = "OFF"\n' + SOURCE, "storage.synchronous",
      "must be one of FULL, NORMAL"),
+    ("source_fill_ip", SOURCE + 'fill_ip = "yes"\n', "sources[0].fill_ip",
+     "must be true or false"),
+    ("trusted_proxies_not_array", '[server]\ntrusted_proxies = "10.0.0.1"\n' + SOURCE,
+     "server.trusted_proxies", "must be an array of addresses"),
+    ("trusted_proxies_bad_entry",
+     '[server]\ntrusted_proxies = ["127.0.0.1", "10.0.0.0/33"]\n' + SOURCE,
+     "server.trusted_proxies[1]", "not an IP address or network: '10.0.0.0/33'"),
     ("storage_retention", '[storage]\nretention = "forever"\n' + SOURCE, "storage.retention",
      "invalid duration"),
 ]  # fmt: skip

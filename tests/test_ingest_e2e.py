@@ -310,3 +310,63 @@ async def test_ingest_batch_context_merged_and_gzip_accepted(make_daemon, tmp_pa
         assert track["context"] == {"ip": "9.9.9.9", "app": {"name": "shop"}}
         assert identify["context"] == {"ip": "1.2.3.4", "app": {"name": "shop"}}
         assert track["integrations"] == {"All": False}
+
+
+def _ip_sources() -> str:
+    return (
+        f'[[sources]]\nname = "web"\nwrite_key = "{WRITE_KEY}"\nfill_ip = true\n'
+        '[[sources]]\nname = "backend"\nwrite_key = "wk_test_backend"\n'
+    )
+
+
+async def test_ingest_fill_ip_sets_context_ip_from_the_request(make_daemon, tmp_path, session):
+    """A source with fill_ip gets context.ip as Segment's servers set it for client-side
+    sources: the peer's address, or the client's from X-Forwarded-For when a proxy on this host
+    sends it (trusted by default); an address the event brings is kept (0.0.0.0 opts out)."""
+    async with Sink() as sink:
+        cfg = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url), sources=_ip_sources())
+        daemon = await make_daemon(cfg).start()
+
+        async def send(body: dict, xff: str = "", path: str = "/v1/track") -> None:
+            headers = {"X-Forwarded-For": xff} if xff else {}
+            status, answer = await post(
+                session, daemon.url + path, body, auth=False, headers=headers
+            )
+            assert (status, answer) == (200, {"success": True})
+
+        def track(label: str, key: str = WRITE_KEY, **extra) -> dict:
+            return {"writeKey": key, "type": "track", "event": label, "anonymousId": "a-1", **extra}
+
+        await send(track("direct"))
+        await send(track("proxied"), xff="192.0.2.1, 198.51.100.7")
+        await send(track("opted out", context={"ip": "0.0.0.0", "locale": "de-DE"}))
+        await send(track("server side", key="wk_test_backend"))
+        batch = [track("batched"), track("batched own", context={"ip": "24.5.68.47"})]
+        await send({"writeKey": WRITE_KEY, "batch": batch}, "198.51.100.8", "/v1/batch")
+        await sink.wait_for(lambda: len(sink.delivered()) == 6)
+        context = {e["event"]: e.get("context") for e in sink.delivered()}
+        assert context == {
+            "direct": {"ip": "127.0.0.1"},
+            "proxied": {"ip": "198.51.100.7"},
+            "opted out": {"ip": "0.0.0.0", "locale": "de-DE"},
+            "server side": None,  # its source has no fill_ip: nothing added
+            "batched": {"ip": "198.51.100.8"},
+            "batched own": {"ip": "24.5.68.47"},
+        }
+
+
+async def test_ingest_fill_ip_ignores_forwarded_for_from_untrusted_peers(
+    make_daemon, tmp_path, session
+):
+    async with Sink() as sink:
+        server = 'trusted_proxies = ["10.0.0.0/8"]\n'  # not loopback, where the test posts from
+        cfg = config_text(
+            tmp_path / "db.sqlite3", webhook("hook", sink.url), server=server, sources=_ip_sources()
+        )
+        daemon = await make_daemon(cfg).start()
+        body = {"type": "track", "event": "spoofed", "anonymousId": "a-1"}
+        headers = {"X-Forwarded-For": "198.51.100.7"}
+        status, _ = await post(session, f"{daemon.url}/v1/track", body, headers=headers)
+        assert status == 200
+        await sink.wait_for(lambda: len(sink.delivered()) == 1)
+        assert sink.delivered()[0]["context"] == {"ip": "127.0.0.1"}
