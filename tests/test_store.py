@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support import database_at_schema
 
 from destfnd.store import Dedupe, Finished, IncomingEvent, Status, StoreError, Writer, open_db
 from destfnd.store import queue as q
@@ -540,6 +541,105 @@ def test_status_counts_groups_by_destination_and_status(conn):
     }
 
 
+def counted_by_scan(conn) -> dict[str, dict[str, int]]:
+    """What status_counts must say: every delivery row counted."""
+    counts: dict[str, dict[str, int]] = {}
+    for destination, status, n in conn.execute(SQL["status_counts_scan"]):
+        counts.setdefault(destination, {})[status] = n
+    return counts
+
+
+def test_status_counts_stay_exact_through_every_transition(conn):
+    """Finished deliveries are counted by triggers, not by a scan: after each kind of change
+    (fan-out, lease, retry, each finished status, a retry that finishes, pruning, release and
+    crash recovery) the counts equal a count of every row."""
+
+    def check() -> None:
+        assert q.status_counts(conn) == counted_by_scan(conn)
+
+    insert(conn, [f"m{i}" for i in range(12)], destinations=("crm", "warehouse"))
+    check()
+    claimed, _ = tx(conn, q.claim, "crm", T0, 12)
+    check()
+    statuses = [Status.DELIVERED, Status.DISCARDED, Status.EXPIRED, Status.DROPPED]
+    retry = [
+        Finished(c.delivery_id, Status.RETRYING, T0 + 5, "Retry", "HTTP 503") for c in claimed[:4]
+    ]
+    done = [Finished(c.delivery_id, statuses[i % 4], T0 + 1) for i, c in enumerate(claimed[4:10])]
+    tx(conn, q.finish, retry + done)
+    check()
+    tx(conn, q.release, [c.delivery_id for c in claimed[10:11]], T0 + 2)
+    check()
+    assert tx(conn, q.recover, T0 + 3) == 1  # claimed[11], as after a crash
+    check()
+    # The retries come due and finish, one of them delivered, one retried again.
+    again, _ = tx(conn, q.claim, "crm", T0 + 10, 100)
+    assert {c.delivery_id for c in retry} <= {c.delivery_id for c in again}
+    outcomes = [Finished(c.delivery_id, Status.DELIVERED, T0 + 11) for c in again[1:]]
+    outcomes.append(Finished(again[0].delivery_id, Status.RETRYING, T0 + 20, "Retry", "again"))
+    tx(conn, q.finish, outcomes)
+    check()
+    assert q.status_counts(conn)["crm"] == {
+        "retrying": 1,
+        "delivered": 7,  # 2 at once, then 3 retried + the released and the recovered one
+        "discarded": 2,
+        "expired": 1,
+        "dropped": 1,
+    }
+    assert q.status_counts(conn)["warehouse"] == {"pending": 12}
+    # A discarded delivery sent again by hand (SQL, as an operator might): out of the counts.
+    discarded = done[1].delivery_id
+    conn.execute(
+        "UPDATE deliveries SET status = 'pending', next_at = ? WHERE id = ?", (T0, discarded)
+    )
+    check()
+    tx(conn, q.claim, "crm", T0 + 30, 100)
+    tx(conn, q.finish, [Finished(discarded, Status.DELIVERED, T0 + 31)])
+    check()
+    assert q.status_counts(conn)["crm"]["discarded"] == 1
+    # Pruning takes finished rows out of the counts; a destination with none left disappears.
+    tx(conn, q.prune, T0 + 1_000, 3)
+    check()
+    while tx(conn, q.prune, T0 + 1_000, 100):
+        pass
+    check()
+    assert q.status_counts(conn) == {"crm": {"retrying": 1}, "warehouse": {"pending": 12}}
+
+
+def test_status_counts_upgrade_counts_existing_history(db_path):
+    """A database from before finished_counts (schema 5): `stats` still counts it (by a scan)
+    until the daemon opens it, and the upgrade counts every finished delivery once."""
+    db_path.parent.mkdir(parents=True)
+    old = database_at_schema(db_path, 5)
+    old.execute(
+        "INSERT INTO events (id, source, message_id, received_at, refs, payload)"
+        " VALUES (1, 'web', 'm1', 1, 4, x'7b7d')"
+    )
+    for dest, status in [
+        ("crm", "delivered"),
+        ("crm", "delivered"),
+        ("crm", "pending"),
+        ("hook", "expired"),
+    ]:
+        old.execute(
+            "INSERT INTO deliveries (event_id, destination, status, created_at, next_at)"
+            " VALUES (1, ?, ?, 1, 1)",
+            (dest, status),
+        )
+    old.close()
+    expected = {"crm": {"delivered": 2, "pending": 1}, "hook": {"expired": 1}}
+    reader = open_db(db_path, readonly=True)
+    assert q.status_counts(reader) == expected
+    reader.close()
+    conn = open_db(db_path)
+    assert rows(conn, "SELECT * FROM finished_counts ORDER BY 1, 2") == [
+        ("crm", "delivered", 2),
+        ("hook", "expired", 1),
+    ]
+    assert q.status_counts(conn) == expected
+    conn.close()
+
+
 # --- query plan ------------------------------------------------------------------------------
 
 
@@ -560,6 +660,16 @@ def test_claim_query_plan_uses_deliveries_due_index(conn):
     assert not any(re.match(r"SCAN deliveries\b(?! USING)", d) for d in plan), text
     # The index also yields due order: no sort step.
     assert "TEMP B-TREE" not in text, text
+
+
+def test_stats_queries_never_walk_delivered_history(conn):
+    insert(conn, [f"m{i}" for i in range(50)], destinations=("crm", "warehouse"))
+    finish_all(conn, "crm", T0 + 10)
+    conn.execute("ANALYZE")
+    for name in ("status_counts", "leased_counts"):
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {SQL[name]}")]
+        text = "\n".join(plan)
+        assert not any(re.match(r"SCAN deliveries\b(?! USING)", d) for d in plan), text
 
 
 # --- the writer ------------------------------------------------------------------------------

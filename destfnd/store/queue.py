@@ -17,6 +17,8 @@ from destfnd.store.models import Claimed, Finished, IncomingEvent, Invocation, S
 # A leased row's next_at is pushed this far out, so it cannot be claimed twice even if the
 # release were lost; crash recovery at start-up makes it due again at once.
 LEASE_MS = 24 * 3600 * 1000
+# The schema version from which finished deliveries are counted in finished_counts.
+FINISHED_COUNTS_SCHEMA = 6
 
 
 class IngestRequest(NamedTuple):
@@ -251,8 +253,11 @@ def invocations_size(conn: sqlite3.Connection) -> int:
 
 
 def status_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """destination -> status -> deliveries; statuses without any are left out."""
     counts: dict[str, dict[str, int]] = {}
-    for destination, status, n in conn.execute(SQL["status_counts"]):
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    query = SQL["status_counts"] if version >= FINISHED_COUNTS_SCHEMA else SQL["status_counts_scan"]
+    for destination, status, n in conn.execute(query):
         counts.setdefault(destination, {})[status] = n
     return counts
 

@@ -124,8 +124,18 @@ UPDATE events SET refs = refs - ? WHERE id = ?;
 DELETE FROM events WHERE id = ? AND refs <= 0;
 
 -- name: status_counts
+-- Finished deliveries from their counts (kept by triggers, see 006_finished_counts.sql),
+-- unfinished ones counted through deliveries_due: never a walk of delivered history.
+SELECT destination, status, n FROM finished_counts WHERE n > 0
+UNION ALL
+SELECT destination, status, count(*) FROM deliveries INDEXED BY deliveries_due
+WHERE status IN ('pending', 'retrying') GROUP BY destination, status;
+
+-- name: status_counts_scan
+-- The same from a database not yet migrated to finished_counts (a newer `stats` run before
+-- the daemon was restarted on it): every row counted.
 SELECT destination, status, count(*) FROM deliveries GROUP BY destination, status;
 
 -- name: leased_counts
-SELECT destination, count(*) FROM deliveries
+SELECT destination, count(*) FROM deliveries INDEXED BY deliveries_due
 WHERE status IN ('pending', 'retrying') AND leased = 1 GROUP BY destination;
