@@ -81,12 +81,14 @@ def size(minimum: int = 1) -> Callable[[Any], int]:
 def networks(value: Any) -> tuple[str, ...]:
     """IP addresses or networks ("10.0.0.0/8"), as given."""
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-        raise ValueError(f'must be an array of addresses such as "10.0.0.0/8", got {show(value)}')
+        expected = 'must be an array of addresses or networks such as ["10.0.0.0/8"]'
+        raise ValueError(f"{expected}, got {show(value)}")
     for i, text in enumerate(value):
         try:
             parse_network(text)
-        except ValueError:
-            raise Invalid(f"not an IP address or network: {text!r}", f"[{i}]") from None
+        except ValueError as exc:
+            why = str(exc) if "host bits" in str(exc) else "host names are not resolved"
+            raise Invalid(f"not an IP address or network: {text!r} ({why})", f"[{i}]") from None
     return tuple(value)
 
 

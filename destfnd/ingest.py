@@ -161,8 +161,8 @@ class Ingest:
         now_s = self._clock()
         ip = None
         if source in self._fill_ip:
-            headers = request.headers
-            ip = self._client_ip.of(request.remote, headers.get("X-Forwarded-For"))
+            forwarded_for = request.headers.getall("X-Forwarded-For", ())
+            ip = self._client_ip.of(request.remote, forwarded_for)
         events = self._prepare(body, endpoint_type, now_s, ip)
         # The parsed body (a few containers per event) must not stay alive while the commit
         # is awaited: with 64 requests in flight, the cyclic collector kept walking them all.

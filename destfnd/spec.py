@@ -232,11 +232,12 @@ def enrich(
 
 def fill_ip(event: dict, ip: str) -> None:
     """Set `context.ip` unless the event has one (Segment's servers leave a set one alone, so
-    "0.0.0.0" opts out). Call after `validate`: `context` is then an object or absent."""
+    "0.0.0.0" opts out; null and "" count as none). Call after `validate`: `context` is then
+    an object or absent."""
     context = event.get("context")
     if context is None:
         event["context"] = {"ip": ip}
-    elif context.get("ip") is None:
+    elif context.get("ip") in (None, ""):
         context["ip"] = ip
 
 

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import aiohttp
 import anyio
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 WRITE_KEY = "wk_test_web"
 AUTH = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
@@ -233,10 +234,11 @@ async def post(
     body: object | bytes,
     *,
     auth: bool = True,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
-    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    all_headers = CIMultiDict(headers or {})  # a header given twice goes as two lines
+    all_headers.setdefault("Content-Type", "application/json")
     if auth:
         all_headers["Authorization"] = AUTH
     async with session.post(url, data=data, headers=all_headers) as resp:

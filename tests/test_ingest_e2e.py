@@ -10,6 +10,7 @@ from datetime import datetime
 
 import orjson
 import pytest
+from multidict import CIMultiDict
 from support import AUTH, FIXTURES, WRITE_KEY, Sink, config_text, post, webhook
 
 from destfnd.spec import parse_timestamp
@@ -327,8 +328,8 @@ async def test_ingest_fill_ip_sets_context_ip_from_the_request(make_daemon, tmp_
         cfg = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url), sources=_ip_sources())
         daemon = await make_daemon(cfg).start()
 
-        async def send(body: dict, xff: str = "", path: str = "/v1/track") -> None:
-            headers = {"X-Forwarded-For": xff} if xff else {}
+        async def send(body: dict, *xff: str, path: str = "/v1/track") -> None:
+            headers = CIMultiDict(("X-Forwarded-For", line) for line in xff)
             status, answer = await post(
                 session, daemon.url + path, body, auth=False, headers=headers
             )
@@ -338,20 +339,27 @@ async def test_ingest_fill_ip_sets_context_ip_from_the_request(make_daemon, tmp_
             return {"writeKey": key, "type": "track", "event": label, "anonymousId": "a-1", **extra}
 
         await send(track("direct"))
-        await send(track("proxied"), xff="192.0.2.1, 198.51.100.7")
+        await send(track("proxied"), "192.0.2.1, 198.51.100.7")
+        # A proxy that adds its own header line after the client's (HAProxy): the later wins.
+        await send(track("two lines"), "6.6.6.6", "198.51.100.9")
         await send(track("opted out", context={"ip": "0.0.0.0", "locale": "de-DE"}))
         await send(track("server side", key="wk_test_backend"))
         batch = [track("batched"), track("batched own", context={"ip": "24.5.68.47"})]
-        await send({"writeKey": WRITE_KEY, "batch": batch}, "198.51.100.8", "/v1/batch")
-        await sink.wait_for(lambda: len(sink.delivered()) == 6)
+        await send({"writeKey": WRITE_KEY, "batch": batch}, "198.51.100.8", path="/v1/batch")
+        # A batch-level context.ip is merged into each message first, so it stands.
+        body = {"writeKey": WRITE_KEY, "batch": [track("batch ip")], "context": {"ip": "192.0.2.9"}}
+        await send(body, path="/v1/batch")
+        await sink.wait_for(lambda: len(sink.delivered()) == 8)
         context = {e["event"]: e.get("context") for e in sink.delivered()}
         assert context == {
             "direct": {"ip": "127.0.0.1"},
             "proxied": {"ip": "198.51.100.7"},
+            "two lines": {"ip": "198.51.100.9"},
             "opted out": {"ip": "0.0.0.0", "locale": "de-DE"},
             "server side": None,  # its source has no fill_ip: nothing added
             "batched": {"ip": "198.51.100.8"},
             "batched own": {"ip": "24.5.68.47"},
+            "batch ip": {"ip": "192.0.2.9"},
         }
 
 
