@@ -388,7 +388,23 @@ def _bound_address(runner: web.AppRunner) -> tuple[str, int]:
 
 
 def install_signal_handlers(daemon: Daemon) -> None:
-    """SIGTERM/SIGINT only set the stop event; a second one means stop now."""
+    """SIGTERM, SIGINT and SIGHUP only set the stop event; a second one means stop now.
+
+    SIGHUP stops too, gracefully: it is a closed terminal or someone's try at a reload, and
+    destfnd has no reload (a restart is how changed config and function files are loaded, and
+    it loses nothing). Left to its default, SIGHUP killed the daemon without a log line."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.request_stop)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, _on_signal, daemon, sig)
+
+
+def _on_signal(daemon: Daemon, sig: signal.Signals) -> None:
+    if sig is signal.SIGHUP:
+        log.info(
+            "signal_received",
+            signal=sig.name,
+            note="no reload: stopping; start again to load changes",
+        )
+    else:
+        log.info("signal_received", signal=sig.name)
+    daemon.request_stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import socket
 import time
 
@@ -241,3 +242,21 @@ async def test_delivery_summary_lines_are_logged_and_the_daemon_keeps_running(
         await asyncio.sleep(0.5)  # more intervals pass: nothing new to say, still alive
         assert daemon.proc.poll() is None
         assert await daemon.terminate() == 0
+
+
+async def test_sighup_stops_gracefully_with_a_log_line(make_daemon, tmp_path, session):
+    """A closed terminal or a try at `kill -HUP` (destfnd has no reload): the daemon drains
+    and exits 0, and says why; left to SIGHUP's default it died without a word."""
+    async with Sink() as sink:
+        daemon = make_daemon(config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url)))
+        await daemon.start()
+        body = {"userId": "u", "event": "Before the hangup"}
+        assert (await post(session, f"{daemon.url}/v1/track", body))[0] == 200
+        await sink.wait_for(lambda: len(sink.delivered()) == 1)
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert await daemon.wait(15) == 0
+        events = [r.get("event") for r in daemon.log_records()]
+        (hup,) = [r for r in daemon.log_records() if r.get("event") == "signal_received"]
+        assert hup["signal"] == "SIGHUP" and "no reload" in hup["note"]
+        assert events.index("signal_received") < events.index("daemon_draining")
+        assert events[-1] == "daemon_stopped"
