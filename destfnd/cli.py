@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import orjson
 import structlog
 
-from destfnd import logs
+from destfnd import __version__, logs
 from destfnd.config import Config, ConfigError, DestinationConfig, load_config
 from destfnd.errors import DestfndError
 from destfnd.store import Status, StoreError, open_db
@@ -26,6 +27,7 @@ EXIT_ERROR = 1  # the daemon failed while running
 EXIT_USAGE = 2  # argparse's own
 EXIT_CONFIG = 3  # the config is invalid
 EXIT_STORE = 4  # the database cannot be opened or read
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program the signal had stopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # `destfnd deliveries | head`: the reader has what it wanted. Quiet, as other tools;
+        # stdout goes to /dev/null so the interpreter's final flush fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         print("destfnd: the config is invalid:", file=sys.stderr)
         for problem in exc.problems:
@@ -55,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="destfnd", description="Self-hosted Segment destination functions."
     )
+    parser.add_argument("--version", action="version", version=f"destfnd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -77,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", metavar="N", help="only this destination")
     p.add_argument("--status", choices=[s.value for s in Status], help="only this status")
     p.add_argument("--message-id", metavar="ID", help="only the deliveries of this event")
-    p.add_argument("--limit", type=int, default=20, metavar="K", help="at most K (default 20)")
+    p.add_argument(
+        "--limit", type=_positive, default=20, metavar="K", help="at most K (default 20)"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p = sub.add_parser(
         "run-function",
@@ -95,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_run_function)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -143,7 +163,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if problems:
         raise ConfigError(problems)
-    kinds = ", ".join(f"{d.name} ({d.kind})" for d in cfg.destinations) or "none"
+    kinds = ", ".join(
+        f"{d.name} ({d.kind}{'' if d.enabled else ', disabled'})" for d in cfg.destinations
+    )
+    kinds = kinds or "none"
     print(f"{cfg.path}: ok")
     print(f"  sources: {', '.join(s.name for s in cfg.sources)}")
     print(f"  destinations: {kinds}")

@@ -19,6 +19,7 @@ def test_cli_check_config_accepts_the_bundled_example(tmp_path):
     result = run_cli("check-config", "--config", str(tmp_path / "config" / "destfnd.toml"))
     assert result.returncode == 0, result.stderr
     assert "archive (file)" in result.stdout and "hello (function)" in result.stdout
+    assert "hook (webhook, disabled)" in result.stdout
 
 
 async def test_cli_the_bundled_example_serves_and_delivers(make_daemon, tmp_path, session):
@@ -211,3 +212,48 @@ def test_cli_config_path_may_be_given_without_the_flag(tmp_path):
     assert str(path) in result.stdout
     both = run_cli("check-config", str(path), "--config", str(tmp_path / "other.toml"))
     assert both.returncode == 3 and "two config files given" in both.stderr
+
+
+def test_cli_deliveries_piped_into_head_exits_quietly(tmp_path):
+    """`destfnd deliveries | head -1`: the reader stops early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from destfnd.config import load_config
+    from destfnd.store import Dedupe, IncomingEvent, open_db
+    from destfnd.store import queue as q
+
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[[destinations]]\nname = "h"\ntype = "webhook"\nurl = "http://127.0.0.1:1/"\n'
+    )
+    conn = open_db(load_config(path).storage.path)
+    events = [IncomingEvent(f"m{i}", orjson.dumps({"type": "track", "messageId": f"m{i}"}))
+              for i in range(2_000)]  # fmt: skip
+    conn.execute("BEGIN IMMEDIATE")
+    q.insert_events(conn, Dedupe.load(conn), "web", events, ("h",), 1, 0)
+    conn.execute("COMMIT")
+    conn.close()
+    argv = [sys.executable, "-m", "destfnd", "deliveries", "--limit", "2000", "--config", str(path)]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # what `head -1` reads; then it exits
+    proc.stdout.close()
+    with proc.stderr:
+        stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, stderr
+    assert stderr == ""
+
+
+def test_cli_version_and_bad_limit():
+    from destfnd import __version__
+
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout) == (0, f"destfnd {__version__}\n")
+    for limit in ("0", "-1", "ten"):
+        result = run_cli("deliveries", "--limit", limit)
+        assert result.returncode == 2
+        assert f"--limit: must be a whole number of at least 1, got '{limit}'" in result.stderr
