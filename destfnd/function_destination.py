@@ -156,6 +156,9 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
         finally:
             await pool.close()
         problems += problems_of(ready, where)
+        for stage, misses in (ready.get("near_misses") or {}).items():
+            key = "insert_function" if stage == "insert" else "function"
+            warnings.extend(f"{where}.{key}: {miss}" for miss in misses)
         if dest.insert_function is not None:
             have = set(ready.get("insert_handlers", []))
             missing = [f"on_{t}" for t in EVENT_TYPES if f"on_{t}" not in have]

@@ -99,6 +99,16 @@ BAD = [
      "destinations[0].insert_function: ", "bad_syntax.py:2: SyntaxError"),
     ("function-no-handler", '[[destinations]]\nname = "f"\nfunction = "no_handler.py"\n',
      "destinations[0].function", "defines no handler"),
+    ("function-misspelled", '[[destinations]]\nname = "f"\nfunction = "misspelled.py"\n',
+     "destinations[0].function", "defines no handler (on_track, "),
+    ("function-misspelled-hint", '[[destinations]]\nname = "f"\nfunction = "misspelled.py"\n',
+     "destinations[0].function", "; did you mean on_track? (it has onTrack)"),
+    ("function-one-argument", '[[destinations]]\nname = "f"\nfunction = "one_arg.py"\n',
+     "destinations[0].function",
+     "one_arg.py:3: on_track(event) cannot be called as on_track(event, settings)"),
+    ("function-batch-arguments", '[[destinations]]\nname = "f"\nfunction = "batch_args.py"\n',
+     "destinations[0].function",
+     "on_batch(events, settings, mode) cannot be called as on_batch(events, settings)"),
     ("function-settings", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n'
      'settings = { apiKey = 5 }\n', "destinations[0].settings.apiKey", "must be string"),
     ("function-required", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n',
@@ -112,6 +122,9 @@ def test_cli_check_config_lists_problems_with_key_paths(tmp_path, case, text, wh
         "bad_syntax.py": "def on_track(event, settings):\n    return event +\n",
         "bad_import.py": "import no_such_pkg\n\ndef on_track(event, settings):\n    pass\n",
         "no_handler.py": "def helper():\n    pass\n",
+        "misspelled.py": "def onTrack(event, settings):\n    pass\n",
+        "one_arg.py": "X = 1\n\ndef on_track(event):\n    pass\n",
+        "batch_args.py": "async def on_batch(events, settings, mode):\n    pass\n",
         "needs_key.py": 'SETTINGS = {"apiKey": {"type": "string", "required": True}}\n'
         "def on_track(event, settings):\n    pass\n",
     }
@@ -257,3 +270,25 @@ def test_cli_version_and_bad_limit():
         result = run_cli("deliveries", "--limit", limit)
         assert result.returncode == 2
         assert f"--limit: must be a whole number of at least 1, got '{limit}'" in result.stderr
+
+
+def test_cli_check_config_warns_of_a_misspelled_handler(tmp_path):
+    """A file with real handlers and one misspelled: it loads (a missing handler is allowed:
+    Unsupported Event Type), but check-config points the misspelling out."""
+    (tmp_path / "crm.py").write_text(
+        "from destfnd.functions import fetch\n\n"  # imported names are not the user's
+        "def on_track(event, settings, *extra):\n    pass\n\n"
+        "def on_identfy(event, settings):\n    pass\n\n"
+        "def on_start():\n    pass\n"
+    )
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[[destinations]]\nname = "crm"\nfunction = "crm.py"\n'
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: destinations[0].function: did you mean on_identify? (it has on_identfy)"
+    ]

@@ -109,6 +109,8 @@ class Worker:
             "versions": versions,
             "handlers": _handlers(self.function),
             "insert_handlers": _handlers(self.insert),
+            "near_misses": {stage: runtime.near_misses(m) for stage, m in
+                            (("function", self.function), ("insert", self.insert)) if m},
             "settings_problems": problems,
             "secret_settings": secret_keys,
         })  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import difflib
 import hashlib
 import importlib.util
 import inspect
@@ -71,8 +72,46 @@ def load_function(path: str, name: str) -> tuple[ModuleType, str]:
         raise LoadError(f"{path}{_user_line(exc, path)}: {_describe(exc)}") from None
     handlers = [h for h in HANDLER_NAMES if callable(getattr(module, h, None))]
     if not handlers:
-        raise LoadError(f"{path}: defines no handler ({', '.join(HANDLER_NAMES)})")
+        hint = "".join(f"; {m}" for m in near_misses(module))
+        raise LoadError(f"{path}: defines no handler ({', '.join(HANDLER_NAMES)}){hint}")
+    for name in handlers:
+        _check_signature(path, name, getattr(module, name))
     return module, version
+
+
+def _check_signature(path: str, name: str, handler: Any) -> None:
+    """A handler is called as handler(event, settings) (on_batch: events, settings): one that
+    cannot be is refused at load, not found out at its first event."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # no signature to read (a builtin): let it run
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        code = getattr(handler, "__code__", None)
+        where = f"{path}:{code.co_firstlineno}" if code is not None else path
+        first = "events" if name == "on_batch" else "event"
+        raise LoadError(
+            f"{where}: {name}{signature} cannot be called as {name}({first}, settings)"
+        ) from None
+
+
+def near_misses(module: ModuleType) -> list[str]:
+    """Functions of `module` whose names look like a misspelled handler ("ontrack",
+    "on_identfy"), each as "did you mean on_track? (it has ontrack)"."""
+    found = []
+    for attr, value in vars(module).items():
+        if attr in HANDLER_NAMES or not attr.lower().startswith("on") or not callable(value):
+            continue
+        if getattr(value, "__module__", None) != module.__name__:
+            continue  # imported, not written here
+        flat = attr.lower().replace("_", "")
+        close = [h for h in HANDLER_NAMES if h.replace("_", "") == flat]
+        close = close or difflib.get_close_matches(attr.lower(), HANDLER_NAMES, n=1, cutoff=0.85)
+        if close:
+            found.append(f"did you mean {close[0]}? (it has {attr})")
+    return found
 
 
 def _user_line(exc: BaseException, path: str) -> str:
