@@ -287,6 +287,8 @@ class Reader:
     def secret(self, value: Any, inline_ok: bool = False) -> Secret:
         if isinstance(value, str) and value and inline_ok:
             return Secret(value, "inline")
+        if value == "" and inline_ok:
+            raise ValueError("must not be empty")
         if not isinstance(value, dict):
             kinds = "a string or " if inline_ok else ""
             example = '{ env = "NAME" }'

@@ -199,7 +199,7 @@ BAD_CONFIGS = [
     ("source_bad_name", '[[sources]]\nname = "my web"\nwrite_key = "k"\n', "sources[0].name",
      "must use only letters"),
     ("empty_write_key", '[[sources]]\nname = "web"\nwrite_key = ""\n', "sources[0].write_key",
-     "must be a string or a secret"),
+     "must not be empty"),
     ("duplicate_source", SOURCE + '[[sources]]\nname = "web"\nwrite_key = "other"\n',
      "sources[1].name", "duplicate name 'web' (also sources[0])"),
     ("shared_write_key", SOURCE + '[[sources]]\nname = "app"\nwrite_key = "wk_web"\n',
