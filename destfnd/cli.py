@@ -195,11 +195,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(table, option=orjson.OPT_INDENT_2) + b"\n")
         return EXIT_OK
     statuses = [s.value for s in Status]
-    width = max([len("destination"), *map(len, names)])
+    enabled = {d.name: d.enabled for d in cfg.destinations}
+    shown = {
+        n: n if enabled.get(n) else f"{n} ({'disabled' if n in enabled else 'not in config'})"
+        for n in names
+    }
+    width = max([len("destination"), *map(len, shown.values())])
     print(f"{'destination':<{width}}  " + "  ".join(f"{s:>9}" for s in statuses) + "  in flight")
     for name in names:
         row = "  ".join(f"{table[name][s]:>9}" for s in statuses)
-        print(f"{name:<{width}}  {row}  {leased.get(name, 0):>9}")
+        print(f"{shown[name]:<{width}}  {row}  {leased.get(name, 0):>9}")
     return EXIT_OK
 
 

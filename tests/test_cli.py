@@ -292,3 +292,27 @@ def test_cli_check_config_warns_of_a_misspelled_handler(tmp_path):
     assert warnings == [
         "warning: destinations[0].function: did you mean on_identify? (it has on_identfy)"
     ]
+
+
+def test_cli_stats_table_marks_disabled_and_removed_destinations(tmp_path):
+    from destfnd.config import load_config
+    from destfnd.store import Dedupe, IncomingEvent, open_db
+    from destfnd.store import queue as q
+
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[[destinations]]\nname = "h"\ntype = "webhook"\nurl = "http://127.0.0.1:1/"\n'
+        '[[destinations]]\nname = "off"\ntype = "webhook"\nurl = "http://127.0.0.1:1/"\n'
+        "enabled = false\n"
+    )
+    conn = open_db(load_config(path).storage.path)
+    conn.execute("BEGIN IMMEDIATE")
+    event = [IncomingEvent("m1", orjson.dumps({"type": "track", "messageId": "m1"}))]
+    q.insert_events(conn, Dedupe.load(conn), "web", event, ("h", "gone"), 1, 0)
+    conn.execute("COMMIT")
+    conn.close()
+    result = run_cli("stats", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    rows = {line.rsplit(None, 7)[0]: line.split()[-7] for line in result.stdout.splitlines()[1:]}
+    assert rows == {"h": "1", "off (disabled)": "0", "gone (not in config)": "1"}  # pending
