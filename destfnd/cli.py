@@ -31,15 +31,22 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program the signal had stopped
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            return _run(argv)
+        finally:  # what is still buffered goes out here, where a closed pipe is caught
+            sys.stdout.flush()
     except BrokenPipeError:
         # `destfnd deliveries | head`: the reader has what it wanted. Quiet, as other tools;
         # stdout goes to /dev/null so the interpreter's final flush fails no more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+
+
+def _run(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)  # --help, --version and usage errors: SystemExit
+    try:
+        return args.func(args)
     except ConfigError as exc:
         print("destfnd: the config is invalid:", file=sys.stderr)
         for problem in exc.problems:

@@ -87,7 +87,7 @@ def networks(value: Any) -> tuple[str, ...]:
         try:
             parse_network(text)
         except ValueError as exc:
-            why = str(exc) if "host bits" in str(exc) else "host names are not resolved"
+            why = str(exc) if "/" in text else "host names are not resolved"
             raise Invalid(f"not an IP address or network: {text!r} ({why})", f"[{i}]") from None
     return tuple(value)
 

@@ -69,6 +69,10 @@ class Daemon:
         self._progress: sdnotify.StartProgress | None = None  # while the store opens
         self._http_open = False
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         """First call: drain gracefully. Second call: stop now (leases are still released)."""
         if self._stop.is_set():
@@ -399,12 +403,12 @@ def install_signal_handlers(daemon: Daemon) -> None:
 
 
 def _on_signal(daemon: Daemon, sig: signal.Signals) -> None:
+    # Stop first: after a hangup the terminal is gone and the log line may not get out.
+    if sig is signal.SIGHUP and daemon.stop_requested:
+        return  # a terminal's hangup comes twice (shell, then kernel): not "stop now"
+    daemon.request_stop()
     if sig is signal.SIGHUP:
-        log.info(
-            "signal_received",
-            signal=sig.name,
-            note="no reload: stopping; start again to load changes",
-        )
+        note = "no reload: stopping; start again to load changes"
+        log.info("signal_received", signal=sig.name, note=note)
     else:
         log.info("signal_received", signal=sig.name)
-    daemon.request_stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -227,8 +228,12 @@ def test_cli_config_path_may_be_given_without_the_flag(tmp_path):
     assert both.returncode == 3 and "two config files given" in both.stderr
 
 
-def test_cli_deliveries_piped_into_head_exits_quietly(tmp_path):
-    """`destfnd deliveries | head -1`: the reader stops early; no BrokenPipeError traceback."""
+def test_cli_output_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`destfnd deliveries | head -1`: the reader stops early. No BrokenPipeError traceback,
+    whether the failing write comes while printing (a long listing), at the final flush (a
+    short one, still buffered) or from argparse (--version); exit 141 as a program SIGPIPE
+    stopped. The pipe's reading end is closed before the command starts, so every write fails:
+    the test does not depend on timing."""
     import subprocess
     import sys
 
@@ -248,17 +253,24 @@ def test_cli_deliveries_piped_into_head_exits_quietly(tmp_path):
     q.insert_events(conn, Dedupe.load(conn), "web", events, ("h",), 1, 0)
     conn.execute("COMMIT")
     conn.close()
-    argv = [sys.executable, "-m", "destfnd", "deliveries", "--limit", "2000", "--config", str(path)]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    assert proc.stdout.readline()  # what `head -1` reads; then it exits
-    proc.stdout.close()
-    with proc.stderr:
-        stderr = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 141, stderr
-    assert stderr == ""
+    # Block-buffered stdout, as on a machine without PYTHONUNBUFFERED.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    config = ("--config", str(path))
+    for args in (("deliveries", "--limit", "2000", *config), ("stats", *config), ("--version",)):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "destfnd", *args],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                timeout=60,
+            )
+        finally:
+            os.close(write_end)
+        assert (result.returncode, result.stderr.decode()) == (141, ""), args
 
 
 def test_cli_version_and_bad_limit():
@@ -279,7 +291,17 @@ def test_cli_check_config_warns_of_a_misspelled_handler(tmp_path):
         "from destfnd.functions import fetch\n\n"  # imported names are not the user's
         "def on_track(event, settings, *extra):\n    pass\n\n"
         "def on_identfy(event, settings):\n    pass\n\n"
-        "def on_start():\n    pass\n"
+        "def on_start():\n    pass\n\n"
+        "def on_tracked(event):\n    pass\n\n"  # a helper, not a misspelling
+        "class OnTrack:\n    pass\n\n"
+        "import functools\n\n"
+        "def with_client(f):\n"
+        "    @functools.wraps(f)\n"
+        "    def wrapper(event, settings):\n"
+        "        return f(event, settings, 'client')\n"
+        "    return wrapper\n\n"
+        "@with_client\n"  # called as (event, settings), whatever f takes
+        "def on_page(event, settings, client):\n    pass\n"
     )
     path = tmp_path / "destfnd.toml"
     path.write_text(

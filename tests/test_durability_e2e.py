@@ -4,13 +4,19 @@ middle of a backoff schedule, SIGTERM draining, and isolation between destinatio
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import re
+import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import aiohttp
-from support import Reply, Sink, config_text, post, webhook
+import orjson
+from support import WRITE_KEY, Reply, Sink, config_text, post, run_cli, webhook
 
 LOAD_CLIENTS = 16
 
@@ -244,19 +250,64 @@ async def test_delivery_summary_lines_are_logged_and_the_daemon_keeps_running(
         assert await daemon.terminate() == 0
 
 
-async def test_sighup_stops_gracefully_with_a_log_line(make_daemon, tmp_path, session):
-    """A closed terminal or a try at `kill -HUP` (destfnd has no reload): the daemon drains
-    and exits 0, and says why; left to SIGHUP's default it died without a word."""
-    async with Sink() as sink:
-        daemon = make_daemon(config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url)))
-        await daemon.start()
-        body = {"userId": "u", "event": "Before the hangup"}
-        assert (await post(session, f"{daemon.url}/v1/track", body))[0] == 200
-        await sink.wait_for(lambda: len(sink.delivered()) == 1)
-        daemon.proc.send_signal(signal.SIGHUP)
-        assert await daemon.wait(15) == 0
-        events = [r.get("event") for r in daemon.log_records()]
-        (hup,) = [r for r in daemon.log_records() if r.get("event") == "signal_received"]
-        assert hup["signal"] == "SIGHUP" and "no reload" in hup["note"]
-        assert events.index("signal_received") < events.index("daemon_draining")
-        assert events[-1] == "daemon_stopped"
+async def test_terminal_hangup_drains_and_stops_the_daemon_and_its_workers(tmp_path, session):
+    """`destfnd serve` in a terminal that is closed: its stderr then fails (EIO) and the whole
+    process group gets SIGHUP, twice (shell, then kernel). The daemon drains and exits 0, and
+    the function call in flight finishes delivered: the workers ignore the hangup as they do
+    SIGTERM (before, the log line's EIO stopped the stop, and the worker died mid-call)."""
+    marker = tmp_path / "started"
+    (tmp_path / "slow.py").write_text(
+        "import asyncio, pathlib\n\n"
+        "async def on_track(event, settings):\n"
+        "    pathlib.Path(settings['marker']).touch()\n"
+        "    await asyncio.sleep(1.5)\n"
+    )
+    config = tmp_path / "destfnd.toml"
+    config.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\ndrain_timeout = "10s"\n'
+        f'[storage]\npath = "{tmp_path / "db.sqlite3"}"\n'
+        f'[[sources]]\nname = "web"\nwrite_key = "{WRITE_KEY}"\n'
+        '[[destinations]]\nname = "slow"\nfunction = "slow.py"\n'
+        f'settings = {{ marker = "{marker}" }}\n'
+    )
+    master, terminal = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "destfnd", "serve", "--config", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,  # a TTY: the console log format, as a person running it sees
+        start_new_session=True,  # its own process group, as a terminal's job
+    )
+    os.close(terminal)
+    try:
+        screen = b""
+        deadline = time.monotonic() + 20
+        while b"daemon_ready" not in screen:
+            assert time.monotonic() < deadline and proc.poll() is None, screen.decode()
+            if select.select([master], [], [], 0.1)[0]:
+                screen += os.read(master, 65536)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", screen.decode())
+        url = "http://" + re.search(r"listen=(127\.0\.0\.1:\d+)", text).group(1)
+        body = {"userId": "u", "event": "Hung up on"}
+        assert (await post(session, f"{url}/v1/track", body))[0] == 200
+        while not marker.exists():  # the call is in flight in the worker
+            assert time.monotonic() < deadline, "the function never started"
+            await asyncio.sleep(0.02)
+        os.close(master)  # the terminal is gone: writes to it now fail
+        master = -1
+        os.killpg(proc.pid, signal.SIGHUP)
+        await asyncio.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGHUP)
+        for _ in range(300):
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert proc.poll() == 0
+    finally:
+        if master >= 0:
+            os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    stats = run_cli("stats", "--json", "--config", str(config))
+    assert orjson.loads(stats.stdout)["slow"]["delivered"] == 1, stats.stdout

@@ -597,6 +597,11 @@ def test_status_counts_stay_exact_through_every_transition(conn):
     tx(conn, q.finish, [Finished(discarded, Status.DELIVERED, T0 + 31)])
     check()
     assert q.status_counts(conn)["crm"]["discarded"] == 1
+    # A destination renamed by hand: its finished counts move with it.
+    conn.execute("UPDATE deliveries SET destination = 'crm2' WHERE destination = 'crm'")
+    check()
+    conn.execute("UPDATE deliveries SET destination = 'crm' WHERE destination = 'crm2'")
+    check()
     # Pruning takes finished rows out of the counts; a destination with none left disappears.
     tx(conn, q.prune, T0 + 1_000, 3)
     check()

@@ -326,11 +326,12 @@ async def _main(read_fd: int, write_fd: int) -> None:
 
 
 def _tie_to_daemon() -> None:
-    """The daemon decides when a worker stops (it closes the pipe): a Ctrl-C or a SIGTERM sent
-    to the whole group (systemd's default) must not kill invocations the daemon is draining;
-    and if the daemon dies by SIGKILL, its workers go too (Linux: PR_SET_PDEATHSIG)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """The daemon decides when a worker stops (it closes the pipe): a Ctrl-C, a closed
+    terminal's SIGHUP or a SIGTERM sent to the whole group (systemd's default) must not kill
+    invocations the daemon is draining; and if the daemon dies by SIGKILL, its workers go too
+    (Linux: PR_SET_PDEATHSIG)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -83,14 +83,15 @@ def _check_signature(path: str, name: str, handler: Any) -> None:
     """A handler is called as handler(event, settings) (on_batch: events, settings): one that
     cannot be is refused at load, not found out at its first event."""
     try:
-        signature = inspect.signature(handler)
+        # Not through __wrapped__: a decorator's wrapper is what gets called.
+        signature = inspect.signature(handler, follow_wrapped=False)
     except (TypeError, ValueError):  # no signature to read (a builtin): let it run
         return
     try:
         signature.bind(None, None)
     except TypeError:
         code = getattr(handler, "__code__", None)
-        where = f"{path}:{code.co_firstlineno}" if code is not None else path
+        where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else path
         first = "events" if name == "on_batch" else "event"
         raise LoadError(
             f"{where}: {name}{signature} cannot be called as {name}({first}, settings)"
@@ -102,13 +103,15 @@ def near_misses(module: ModuleType) -> list[str]:
     "on_identfy"), each as "did you mean on_track? (it has ontrack)"."""
     found = []
     for attr, value in vars(module).items():
-        if attr in HANDLER_NAMES or not attr.lower().startswith("on") or not callable(value):
+        if attr in HANDLER_NAMES or not attr.lower().startswith("on"):
             continue
+        if not inspect.isroutine(value):
+            continue  # a class (OnTrack) or a constant
         if getattr(value, "__module__", None) != module.__name__:
             continue  # imported, not written here
         flat = attr.lower().replace("_", "")
         close = [h for h in HANDLER_NAMES if h.replace("_", "") == flat]
-        close = close or difflib.get_close_matches(attr.lower(), HANDLER_NAMES, n=1, cutoff=0.85)
+        close = close or difflib.get_close_matches(attr.lower(), HANDLER_NAMES, n=1, cutoff=0.9)
         if close:
             found.append(f"did you mean {close[0]}? (it has {attr})")
     return found

@@ -15,8 +15,8 @@ SELECT destination, status, count(*) FROM deliveries
 WHERE status NOT IN ('pending', 'retrying')
 GROUP BY destination, status;
 
-CREATE TRIGGER finished_counts_on_update AFTER UPDATE OF status ON deliveries
-WHEN old.status IS NOT new.status
+CREATE TRIGGER finished_counts_on_update AFTER UPDATE OF status, destination ON deliveries
+WHEN old.status IS NOT new.status OR old.destination IS NOT new.destination
 BEGIN
     UPDATE finished_counts SET n = n - 1
     WHERE destination = old.destination AND status = old.status;
