@@ -311,22 +311,26 @@ class Daemon:
         while True:
             now = self._now_ms()
             finished_before = now - int(storage.retention_s * 1000)
-            records = await self._prune_records(writer, finished_before)
-            if records:
-                log.info("records_pruned", invocations=records, kept_bytes=self.records_bytes)
-            total = 0
-            while True:
-                deleted = await writer.run(q.prune, finished_before, _PRUNE_CHUNK)
-                total += deleted
-                if deleted < _PRUNE_CHUNK:
-                    break
-            if total:
-                log.info("pruned", deliveries=total)
-            # Dedupe keys out of the window can never match again.
-            keys_before = now - int(self.cfg.server.dedupe_window_s * 1000)
-            rows = sweep_rows(dedupe.flushed_keys - keys_flushed)
-            keys_flushed = dedupe.flushed_keys
-            key_cursor = await self._sweep_keys(writer, keys_before, key_cursor, rows)
+            try:
+                records = await self._prune_records(writer, finished_before)
+                if records:
+                    log.info("records_pruned", invocations=records, kept_bytes=self.records_bytes)
+                total = 0
+                while True:
+                    deleted = await writer.run(q.prune, finished_before, _PRUNE_CHUNK)
+                    total += deleted
+                    if deleted < _PRUNE_CHUNK:
+                        break
+                if total:
+                    log.info("pruned", deliveries=total)
+                # Dedupe keys out of the window can never match again.
+                keys_before = now - int(self.cfg.server.dedupe_window_s * 1000)
+                rows = sweep_rows(dedupe.flushed_keys - keys_flushed)
+                keys_flushed = dedupe.flushed_keys
+                key_cursor = await self._sweep_keys(writer, keys_before, key_cursor, rows)
+            except StoreError as exc:
+                # Even a delete needs room in the WAL: with the disk full, try next time.
+                log.warning("prune_failed", error=str(exc))
             await asyncio.sleep(_PRUNE_EVERY_S)
 
     async def _watchdog(self, writer: Writer, every_s: float) -> None:

@@ -20,13 +20,15 @@ import structlog
 from destfnd.config import DestinationConfig
 from destfnd.outcome import ErrorType, Kind, Outcome, Report, retry, same_for_all
 from destfnd.retry import decide_retry
-from destfnd.store import Claimed, Finished, Status, Writer
+from destfnd.store import Claimed, Finished, Status, StoreError, Writer
 from destfnd.store import queue as q
 from destfnd.store.models import Invocation
 
 log = structlog.get_logger("destfnd.dispatch")
 
 _IDLE_POLL_S = 1.0  # re-check for due work at least this often when nothing woke us
+# A failed store write (a full disk) is tried again after this long, doubling up to the second.
+_STORE_RETRY_S = (1.0, 10.0)
 _OUTCOME_STATUS = {
     Kind.OK: Status.DELIVERED,
     Kind.DISCARD: Status.DISCARDED,
@@ -83,6 +85,8 @@ class Dispatcher:
         self._room = asyncio.Event()
         self._flush_wake = asyncio.Event()
         self._stopping = False
+        self._stopped = asyncio.Event()  # set with _stopping: ends a wait after a store failure
+        self._store_wait_s = 0.0  # the last wait after failed store writes in a row
         self._workers_left = dest.concurrency
         self.counts: dict[str, int] = {}  # outcomes since start, for the periodic summary
         self._log = log.bind(destination=dest.name)
@@ -93,7 +97,7 @@ class Dispatcher:
     def stop(self) -> None:
         """Stop leasing and starting work; what is in delivery finishes (see daemon drain)."""
         self._stopping = True
-        for event in (self._wake, self._unit_ready, self._room, self._flush_wake):
+        for event in (self._wake, self._unit_ready, self._room, self._flush_wake, self._stopped):
             event.set()
 
     async def run(self) -> None:
@@ -121,6 +125,14 @@ class Dispatcher:
 
             try:
                 await self._writer.run(settle)
+            except StoreError as exc:
+                # Nothing is lost: at the next start the leases are due again (attempts kept),
+                # and deliveries whose outcome was not recorded are sent again (at least once).
+                self._log.error(
+                    "leases_not_released", deliveries=len(ids), outcomes=len(outcomes),
+                    error=str(exc),
+                )  # fmt: skip
+                ids = []
             finally:
                 await self._deliverer.close()
             if ids:
@@ -147,7 +159,12 @@ class Dispatcher:
                 limit = self._max_units - len(self._units)
             self._wake.clear()
             now = self._clock()
-            claimed, next_due = await self._writer.run(q.claim, name, now, limit)
+            try:
+                claimed, next_due = await self._writer.run(q.claim, name, now, limit)
+            except StoreError as exc:
+                await self._store_failed("claim", exc)
+                continue
+            self._store_wait_s = 0.0
             if self._stopping:
                 self._held.extend(claimed)
                 return
@@ -284,6 +301,18 @@ class Dispatcher:
             self._log.warning("delivery_failed", **fields)
         return finished
 
+    async def _store_failed(self, op: str, exc: StoreError) -> None:
+        """A store write failed (say the disk is full): its transaction changed nothing, so
+        wait and let the caller try again, longer each time in a row, instead of crashing the
+        daemon; a stop ends the wait."""
+        first, longest = _STORE_RETRY_S
+        wait_s = self._store_wait_s = min(longest, max(first, 2 * self._store_wait_s))
+        self._log.warning("store_write_failed", op=op, error=str(exc), retry_in_s=wait_s)
+        try:
+            await asyncio.wait_for(self._stopped.wait(), wait_s)
+        except TimeoutError:
+            pass
+
     # -- outcomes ----------------------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
@@ -303,9 +332,16 @@ class Dispatcher:
                 outcomes, self._outcomes = self._outcomes, []
                 try:
                     self._on_recorded(await self._writer.run(q.finish_many, outcomes))
+                except StoreError as exc:
+                    self._outcomes[:0] = outcomes  # kept, to be recorded later or at stop
+                    if self._workers_left == 0:
+                        return  # stopping: run() tries once more, then leaves them leased
+                    await self._store_failed("record outcomes", exc)
+                    continue
                 except BaseException:
                     self._outcomes[:0] = outcomes  # settled at stop
                     raise
+                self._store_wait_s = 0.0
                 if any(f.status is Status.RETRYING for done, _ in outcomes for f in done):
                     self._wake.set()  # the feeder recomputes when the next retry is due
             if time.monotonic() - last_summary >= self._summary_every_s and self.counts:

@@ -16,6 +16,7 @@ import time
 
 import aiohttp
 import orjson
+import pytest
 from support import WRITE_KEY, Reply, Sink, config_text, post, run_cli, webhook
 
 LOAD_CLIENTS = 16
@@ -311,3 +312,88 @@ async def test_terminal_hangup_drains_and_stops_the_daemon_and_its_workers(tmp_p
             proc.wait(timeout=10)
     stats = run_cli("stats", "--json", "--config", str(config))
     assert orjson.loads(stats.stdout)["slow"]["delivered"] == 1, stats.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB filesystem of its own (tmpfs): a real ENOSPC, not a simulated one. Needs the
+    right to mount (root, as in CI here); skipped otherwise."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_full_disk_answers_503_and_delivers_everything_once_there_is_room(
+    make_daemon, small_disk, session
+):
+    """With the disk full, ingest answers 503 (the client keeps the events), and leasing and
+    recording outcomes wait and try again instead of crashing the daemon (it did: a failed
+    write of the dispatcher ended it). Once there is room again, every event that got a 200
+    is delivered."""
+    ballast = small_disk / "ballast"
+    # Deleted later, as an operator would make room: more than the WAL takes before SQLite
+    # checkpoints it (1,000 pages), so the room is not all taken by the WAL again.
+    ballast.write_bytes(b"\0" * 6_000_000)
+    room = {"sink_up": False}  # the sink answers 503 until then: the dispatcher keeps writing
+    async with Sink(lambda n, r: Reply(200 if room["sink_up"] else 503)) as sink:
+        retry = {"max_attempts": 1000, "max_age": "10m", "backoff_initial": "100ms",
+                 "backoff_max": "200ms"}  # fmt: skip
+        cfg = config_text(small_disk / "db.sqlite3", webhook("hook", sink.url, retry=retry))
+        daemon = make_daemon(cfg)
+        await daemon.start()
+        acked: set[str] = set()
+        statuses = []
+        for i in range(2000):  # until the disk is full, and a few more
+            batch = [{"type": "track", "userId": "u", "event": "E", "messageId": f"full-{i}-{j}",
+                      "properties": {"pad": "x" * 900}} for j in range(20)]  # fmt: skip
+            status, body = await post(session, f"{daemon.url}/v1/batch", {"batch": batch})
+            statuses.append(status)
+            if status == 200:
+                acked.update(e["messageId"] for e in batch)
+            else:
+                assert (status, body["error"]) == (503, "unavailable"), body
+                if statuses.count(503) >= 20:
+                    break
+        assert acked and statuses.count(503) >= 20, statuses
+        # Fill what room is left, so no write of the daemon can succeed now.
+        filler = small_disk / "filler"
+        with filler.open("wb", buffering=0) as f:  # unbuffered: closing has nothing to write
+            try:
+                for _ in range(8192):  # 32 MB at most, twice the disk
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 20
+        while not [r for r in daemon.log_records() if r.get("event") == "store_write_failed"]:
+            assert daemon.proc.poll() is None, daemon.log_text()
+            assert time.monotonic() < deadline, "the full disk never got in the dispatcher's way"
+            await asyncio.sleep(0.1)
+        assert daemon.proc.poll() is None, daemon.log_text()
+        filler.unlink()
+        ballast.unlink()
+        room["sink_up"] = True
+        await sink.wait_for(lambda: acked <= sink.delivered_ids(), timeout_s=60)
+        stats = await _wait_stats(daemon, lambda s: s["hook"]["delivered"] == len(acked))
+        assert stats["hook"]["delivered"] == len(acked)
+        assert stats["hook"]["pending"] == stats["hook"]["retrying"] == 0
+        assert await daemon.terminate() == 0
+    assert "daemon_crashed" not in daemon.log_text()
+
+
+async def _wait_stats(daemon, done, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = daemon.stats()
+        if done(stats) or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.2)
