@@ -35,12 +35,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _run(argv)
         finally:  # what is still buffered goes out here, where a closed pipe is caught
-            sys.stdout.flush()
+            if sys.stdout is not None:  # None: started with stdout closed
+                sys.stdout.flush()
     except BrokenPipeError:
         # `destfnd deliveries | head`: the reader has what it wanted. Quiet, as other tools;
         # stdout goes to /dev/null so the interpreter's final flush fails no more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as exc:  # e.g. output to a full disk
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"destfnd: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _run(argv: list[str] | None) -> int:

@@ -325,9 +325,10 @@ class Daemon:
                     log.info("pruned", deliveries=total)
                 # Dedupe keys out of the window can never match again.
                 keys_before = now - int(self.cfg.server.dedupe_window_s * 1000)
-                rows = sweep_rows(dedupe.flushed_keys - keys_flushed)
-                keys_flushed = dedupe.flushed_keys
+                flushed = dedupe.flushed_keys
+                rows = sweep_rows(flushed - keys_flushed)
                 key_cursor = await self._sweep_keys(writer, keys_before, key_cursor, rows)
+                keys_flushed = flushed  # only once swept: a failed pass is made up next time
             except StoreError as exc:
                 # Even a delete needs room in the WAL: with the disk full, try next time.
                 log.warning("prune_failed", error=str(exc))

@@ -86,7 +86,7 @@ class Dispatcher:
         self._flush_wake = asyncio.Event()
         self._stopping = False
         self._stopped = asyncio.Event()  # set with _stopping: ends a wait after a store failure
-        self._store_wait_s = 0.0  # the last wait after failed store writes in a row
+        self._store_wait_s: dict[str, float] = {}  # op -> its last wait, while it fails
         self._workers_left = dest.concurrency
         self.counts: dict[str, int] = {}  # outcomes since start, for the periodic summary
         self._log = log.bind(destination=dest.name)
@@ -162,9 +162,12 @@ class Dispatcher:
             try:
                 claimed, next_due = await self._writer.run(q.claim, name, now, limit)
             except StoreError as exc:
+                if self._held and time.monotonic() - batch_started >= self._batch.max_wait_s:
+                    self._push(self._held)  # leased already: deliver it meanwhile
+                    self._held = []
                 await self._store_failed("claim", exc)
                 continue
-            self._store_wait_s = 0.0
+            self._store_wait_s.pop("claim", None)
             if self._stopping:
                 self._held.extend(claimed)
                 return
@@ -306,7 +309,8 @@ class Dispatcher:
         wait and let the caller try again, longer each time in a row, instead of crashing the
         daemon; a stop ends the wait."""
         first, longest = _STORE_RETRY_S
-        wait_s = self._store_wait_s = min(longest, max(first, 2 * self._store_wait_s))
+        wait_s = min(longest, max(first, 2 * self._store_wait_s.get(op, 0.0)))
+        self._store_wait_s[op] = wait_s
         self._log.warning("store_write_failed", op=op, error=str(exc), retry_in_s=wait_s)
         try:
             await asyncio.wait_for(self._stopped.wait(), wait_s)
@@ -318,30 +322,38 @@ class Dispatcher:
     async def _flush_loop(self) -> None:
         last_summary = time.monotonic()
         while True:
-            if not self._outcomes:
+            # Draining after a failed write: no more tries here, only wait for the workers.
+            given_up = self._stopping and "record outcomes" in self._store_wait_s
+            if not self._outcomes or given_up:
                 if self._workers_left == 0:
                     if self.counts:  # what happened since the last summary, at shutdown
                         self._log.info("delivery_summary", **self.counts)
-                    return
+                    return  # outcomes not written yet: run() tries once more
                 self._flush_wake.clear()
                 try:
                     await asyncio.wait_for(self._flush_wake.wait(), self._summary_every_s)
                 except TimeoutError:
                     pass
+                if given_up:
+                    continue
             if self._outcomes:
                 outcomes, self._outcomes = self._outcomes, []
                 try:
                     self._on_recorded(await self._writer.run(q.finish_many, outcomes))
                 except StoreError as exc:
                     self._outcomes[:0] = outcomes  # kept, to be recorded later or at stop
-                    if self._workers_left == 0:
-                        return  # stopping: run() tries once more, then leaves them leased
-                    await self._store_failed("record outcomes", exc)
+                    if not self._stopping:
+                        await self._store_failed("record outcomes", exc)
+                        continue
+                    # Draining (a stop would end each wait at once): give up until the
+                    # workers are done; run() then tries once more.
+                    self._store_wait_s["record outcomes"] = _STORE_RETRY_S[0]
+                    self._log.warning("store_write_failed", op="record outcomes", error=str(exc))
                     continue
                 except BaseException:
                     self._outcomes[:0] = outcomes  # settled at stop
                     raise
-                self._store_wait_s = 0.0
+                self._store_wait_s.pop("record outcomes", None)
                 if any(f.status is Status.RETRYING for done, _ in outcomes for f in done):
                     self._wake.set()  # the feeder recomputes when the next retry is due
             if time.monotonic() - last_summary >= self._summary_every_s and self.counts:

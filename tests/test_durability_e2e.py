@@ -333,61 +333,110 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def _full_disk_config(disk, sink_url: str) -> str:
+    retry = {"max_attempts": 1000, "max_age": "10m", "backoff_initial": "100ms",
+             "backoff_max": "200ms"}  # fmt: skip
+    return config_text(disk / "db.sqlite3", webhook("hook", sink_url, concurrency=4, retry=retry))
+
+
+async def _ingest_until_full(session, daemon) -> set[str]:
+    """Batches until 20 in a row are refused with 503 (the disk is full); the acked ids."""
+    acked: set[str] = set()
+    refused = 0
+    for i in range(2000):
+        batch = [{"type": "track", "userId": "u", "event": "E", "messageId": f"full-{i}-{j}",
+                  "properties": {"pad": "x" * 900}} for j in range(20)]  # fmt: skip
+        status, body = await post(session, f"{daemon.url}/v1/batch", {"batch": batch})
+        if status == 200:
+            acked.update(e["messageId"] for e in batch)
+            continue
+        assert (status, body["error"]) == (503, "unavailable"), body
+        refused += 1
+        if refused >= 20:
+            return acked
+    raise AssertionError("the disk never filled up")
+
+
+def _fill_what_is_left(disk) -> None:
+    """So that no write of the daemon can succeed now."""
+    with (disk / "filler").open("wb", buffering=0) as f:  # unbuffered: close writes nothing
+        try:
+            for _ in range(8192):  # 32 MB at most, twice the disk
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+async def _wait_for_log(daemon, event: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not [r for r in daemon.log_records() if r.get("event") == event]:
+        assert daemon.proc.poll() is None, daemon.log_text()
+        assert time.monotonic() < deadline, f"no {event} in {timeout_s}s"
+        await asyncio.sleep(0.1)
+
+
 async def test_full_disk_answers_503_and_delivers_everything_once_there_is_room(
     make_daemon, small_disk, session
 ):
     """With the disk full, ingest answers 503 (the client keeps the events), and leasing and
     recording outcomes wait and try again instead of crashing the daemon (it did: a failed
     write of the dispatcher ended it). Once there is room again, every event that got a 200
-    is delivered."""
-    ballast = small_disk / "ballast"
+    is delivered, once."""
     # Deleted later, as an operator would make room: more than the WAL takes before SQLite
     # checkpoints it (1,000 pages), so the room is not all taken by the WAL again.
-    ballast.write_bytes(b"\0" * 6_000_000)
+    (small_disk / "ballast").write_bytes(b"\0" * 6_000_000)
     room = {"sink_up": False}  # the sink answers 503 until then: the dispatcher keeps writing
     async with Sink(lambda n, r: Reply(200 if room["sink_up"] else 503)) as sink:
-        retry = {"max_attempts": 1000, "max_age": "10m", "backoff_initial": "100ms",
-                 "backoff_max": "200ms"}  # fmt: skip
-        cfg = config_text(small_disk / "db.sqlite3", webhook("hook", sink.url, retry=retry))
-        daemon = make_daemon(cfg)
+        daemon = make_daemon(_full_disk_config(small_disk, sink.url))
         await daemon.start()
-        acked: set[str] = set()
-        statuses = []
-        for i in range(2000):  # until the disk is full, and a few more
-            batch = [{"type": "track", "userId": "u", "event": "E", "messageId": f"full-{i}-{j}",
-                      "properties": {"pad": "x" * 900}} for j in range(20)]  # fmt: skip
-            status, body = await post(session, f"{daemon.url}/v1/batch", {"batch": batch})
-            statuses.append(status)
-            if status == 200:
-                acked.update(e["messageId"] for e in batch)
-            else:
-                assert (status, body["error"]) == (503, "unavailable"), body
-                if statuses.count(503) >= 20:
-                    break
-        assert acked and statuses.count(503) >= 20, statuses
-        # Fill what room is left, so no write of the daemon can succeed now.
-        filler = small_disk / "filler"
-        with filler.open("wb", buffering=0) as f:  # unbuffered: closing has nothing to write
-            try:
-                for _ in range(8192):  # 32 MB at most, twice the disk
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
-        deadline = time.monotonic() + 20
-        while not [r for r in daemon.log_records() if r.get("event") == "store_write_failed"]:
-            assert daemon.proc.poll() is None, daemon.log_text()
-            assert time.monotonic() < deadline, "the full disk never got in the dispatcher's way"
-            await asyncio.sleep(0.1)
+        acked = await _ingest_until_full(session, daemon)
+        _fill_what_is_left(small_disk)
+        await _wait_for_log(daemon, "store_write_failed")  # the dispatcher met the full disk
         assert daemon.proc.poll() is None, daemon.log_text()
-        filler.unlink()
-        ballast.unlink()
+        (small_disk / "filler").unlink()
+        (small_disk / "ballast").unlink()
         room["sink_up"] = True
         await sink.wait_for(lambda: acked <= sink.delivered_ids(), timeout_s=60)
         stats = await _wait_stats(daemon, lambda s: s["hook"]["delivered"] == len(acked))
         assert stats["hook"]["delivered"] == len(acked)
         assert stats["hook"]["pending"] == stats["hook"]["retrying"] == 0
+        delivered = [e["messageId"] for e in sink.delivered()]
+        assert len(delivered) == len(set(delivered)) == len(acked)
         assert await daemon.terminate() == 0
     assert "daemon_crashed" not in daemon.log_text()
+
+
+async def test_full_disk_stop_drains_without_spinning_and_a_restart_resumes(
+    make_daemon, small_disk, session
+):
+    """A stop while the disk is full: deliveries in flight finish, their outcomes cannot be
+    written and are not retried in a loop (a stop ends every wait at once), the daemon exits
+    0 leaving the leases to the next start; after room is made, that start delivers all."""
+    (small_disk / "ballast").write_bytes(b"\0" * 6_000_000)
+    room = {"sink_up": False}
+    async with Sink(
+        lambda n, r: Reply(200) if room["sink_up"] else Reply(503, delay_s=0.5)
+    ) as sink:
+        daemon = make_daemon(_full_disk_config(small_disk, sink.url))
+        await daemon.start()
+        acked = await _ingest_until_full(session, daemon)
+        _fill_what_is_left(small_disk)
+        await _wait_for_log(daemon, "store_write_failed")
+        failed_before = len(daemon.log_records())
+        assert await daemon.terminate() == 0
+        after = daemon.log_records()[failed_before:]
+        failures = [r for r in after if r.get("event") == "store_write_failed"]
+        assert len(failures) <= 10, f"{len(failures)} failed writes during the drain"
+        assert [r for r in after if r.get("event") == "leases_not_released"], after[-5:]
+        (small_disk / "filler").unlink()
+        (small_disk / "ballast").unlink()
+        room["sink_up"] = True
+        await daemon.start()
+        await sink.wait_for(lambda: acked <= sink.delivered_ids(), timeout_s=60)
+        stats = await _wait_stats(daemon, lambda s: s["hook"]["delivered"] == len(acked))
+        assert stats["hook"]["delivered"] == len(acked)
+        assert await daemon.terminate() == 0
+    assert "daemon_crashed" not in daemon.log_text(since_start=False)
 
 
 async def _wait_stats(daemon, done, timeout_s: float = 60.0) -> dict:
