@@ -18,6 +18,7 @@ from destfnd.outcome import DELIVERED, ErrorType, Outcome, Report, discard, retr
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
 _MAX_ERROR_BODY = 4096  # bytes of a failed response's body kept on the attempt
+_MAX_DRAIN = 1024 * 1024  # bytes of a 2xx answer read (and dropped) before its connection closes
 
 
 def parse_retry_after(value: str | None, now_s: float) -> float | None:
@@ -71,7 +72,15 @@ class Webhook:
             async with self._session.post(self._url, data=body, headers=self._headers) as resp:
                 request["status"] = resp.status
                 if 200 <= resp.status < 300:
-                    await resp.read()
+                    # Read and dropped, so the keep-alive connection can serve the next POST,
+                    # up to a cap: a large or endless answer is never held in memory, nor
+                    # waited for (past the cap the connection is closed instead).
+                    drained = 0
+                    async for chunk in resp.content.iter_any():
+                        drained += len(chunk)
+                        if drained > _MAX_DRAIN:
+                            resp.close()
+                            break
                     return DELIVERED
                 # The body goes to the Event Delivery view only: it may echo the event, and the
                 # error message is logged.

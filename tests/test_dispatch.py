@@ -9,6 +9,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from support import Reply, Sink, config_text, post, running_daemon, webhook
 
 FAST_RETRY = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "20ms", "backoff_max": "50ms"}
@@ -165,3 +166,40 @@ async def test_dispatch_failed_response_body_is_recorded_not_logged(tmp_path):
     conn.close()
     (request,) = orjson.loads(requests)
     assert request["status"] == 422 and "a@example.com" in request["response_body"]
+
+
+async def test_dispatch_webhook_answer_with_an_endless_body_is_delivered_not_held(tmp_path):
+    """A destination that answers 200 and then streams a body without end (or a very large
+    one): the event is delivered; destfnd reads at most 1 MB of it, dropping what it reads,
+    and does not wait for the rest (it used to read it all into memory, until `timeout`)."""
+    sent = {"bytes": 0}
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(status=200)
+        await resp.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            for _ in range(16_384):  # 1 GB at most: bounded
+                await resp.write(chunk)
+                sent["bytes"] += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass  # destfnd closed the connection
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/in", endless)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        dest = webhook("hook", f"http://127.0.0.1:{port}/in", timeout="5s", retry=FAST_RETRY)
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 1)
+            (row,) = await d.wait_for_status({"delivered", "retrying"}, 1)
+        assert (row["status"], row["attempts"]) == ("delivered", 1), row
+        assert sent["bytes"] < 64 * 1024 * 1024  # it stopped reading long before the end
+    finally:
+        await runner.cleanup()
