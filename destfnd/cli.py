@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sqlite3
 import sys
@@ -16,7 +17,7 @@ import orjson
 import structlog
 
 from destfnd import __version__, logs
-from destfnd.config import Config, ConfigError, DestinationConfig, load_config
+from destfnd.config import Config, ConfigError, DestinationConfig, load_config, parse_duration
 from destfnd.errors import DestfndError
 from destfnd.store import Status, StoreError, open_db
 from destfnd.store import queue as q
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)  # --help, --version and usage errors: SystemExit
+    # Log lines (a worker's stray output, say) go to stderr, never into a command's output;
+    # serve sets its own from the config.
+    logs.setup("info", "auto")
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -112,8 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--event", metavar="FILE", help="the event as JSON (- for stdin)")
     p.add_argument("--settings", metavar="JSON", help="the settings as a JSON object")
     p.add_argument("--insert", action="store_true", help="run it as an insert function")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                   help="seconds the run may take (default 5)")  # fmt: skip
+    p.add_argument("--timeout", type=_seconds, default=5.0, metavar="T",
+                   help='how long the run may take: seconds or a duration such as "500ms" '
+                        "(default 5)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_run_function)
     return parser
@@ -126,6 +131,22 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds ("2.5") or a duration as in the config ("500ms", "1m")."""
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = parse_duration(text)
+        except ValueError:
+            value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(
+            f'must be a number of seconds above 0 or a duration such as "500ms", got {text!r}'
+        )
     return value
 
 
@@ -249,9 +270,10 @@ _ATTEMPT_KEYS = ("attempt", "at", "status", "error_type", "error", "duration_ms"
 
 
 def _print_attempt(a: dict) -> None:
-    from destfnd.run_function import request_lines
+    from destfnd.run_function import printable, request_lines
 
-    outcome = a["status"] + (f" ({a['error_type']}: {a['error']})" if a["error_type"] else "")
+    error = f" ({a['error_type']}: {printable(a['error'])})" if a["error_type"] else ""
+    outcome = a["status"] + error
     # No duration once the attempt's record is pruned (retention or records_max_size).
     took = f", {a['duration_ms']} ms" if a["duration_ms"] is not None else ""
     version = f", version {a['version']}" if a["version"] else ""
@@ -259,7 +281,7 @@ def _print_attempt(a: dict) -> None:
     if a["logs"]:
         print("      logs:")
         for line in a["logs"].rstrip("\n").splitlines():
-            print(f"        {line}")
+            print(f"        {printable(line)}")
     for req in a["requests"]:
         print("\n".join(request_lines(req, "      ")))
 
@@ -310,11 +332,14 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(records, option=orjson.OPT_INDENT_2) + b"\n")
         return EXIT_OK
+    from destfnd.run_function import printable
+
     for rec in records:
         line = (f"{rec['created_at']}  {rec['destination']}  {rec['status']:<9}  "
-                f"attempts={rec['attempts']}  {rec['type']}  {rec['message_id']}")  # fmt: skip
+                f"attempts={rec['attempts']}  {printable(rec['type'])}  "
+                f"{printable(rec['message_id'])}")  # fmt: skip
         if rec["error_type"]:
-            line += f"\n    {rec['error_type']}: {rec['error']}"
+            line += f"\n    {rec['error_type']}: {printable(rec['error'])}"
         if rec["next_at"]:
             line += f"\n    next attempt at {rec['next_at']}"
         print(line)

@@ -65,6 +65,10 @@ class ServerConfig:
     max_decompressed_bytes: int = 2 * MIB  # gzip bodies, after decompression
     dedupe_window_s: float = 86400.0
     drain_timeout_s: float = 20.0
+    # A request's body must arrive within body_timeout (408 past it); a connection with no
+    # request on it is closed after keepalive_timeout (nginx's defaults: 60 s and 75 s).
+    body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 75.0
     # Whose X-Forwarded-For is believed when filling context.ip (addresses or networks). By
     # default this host only, as uvicorn and gunicorn do: a TLS proxy on the same host (the
     # README's setup for https) passes the client's address on.

@@ -32,7 +32,7 @@ _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TOP_KEYS = tuple("server storage logging sources destinations".split())
 _SERVER_KEYS = tuple(
     "listen max_request_size max_event_size max_batch_events max_decompressed_size"
-    " dedupe_window drain_timeout trusted_proxies".split()
+    " dedupe_window drain_timeout body_timeout keepalive_timeout trusted_proxies".split()
 )
 _STORAGE_KEYS = ("path", "retention", "synchronous", "records_max_size")
 _LOGGING_KEYS = ("level", "format", "summary_interval")
@@ -174,6 +174,8 @@ class Reader:
             max_decompressed_bytes=decompressed,
             dedupe_window_s=g("dedupe_window", cv.duration(zero_ok=True), d.dedupe_window_s),
             drain_timeout_s=g("drain_timeout", cv.duration(zero_ok=True), d.drain_timeout_s),
+            body_timeout_s=g("body_timeout", cv.duration(), d.body_timeout_s),
+            keepalive_timeout_s=g("keepalive_timeout", cv.duration(), d.keepalive_timeout_s),
             trusted_proxies=g("trusted_proxies", cv.networks, d.trusted_proxies),
         )
 

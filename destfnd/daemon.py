@@ -171,6 +171,7 @@ class Daemon:
             auto_decompress=False,  # ingest inflates itself, with a cap on the size
             handle_signals=False,
             shutdown_timeout=_HTTP_SHUTDOWN_S,
+            keepalive_timeout=cfg.server.keepalive_timeout_s,
         )
         await runner.setup()
         try:

@@ -267,6 +267,7 @@ class Dispatcher:
         self._flush_wake.set()
 
     def _record(self, c: Claimed, outcome: Outcome, now: int, duration_ms: float) -> Finished:
+        gave_up = ""
         if outcome.kind is Kind.RETRY:
             decision = decide_retry(
                 self.dest.retry,
@@ -276,11 +277,13 @@ class Dispatcher:
                 rng=self._rng,
                 retry_after_s=outcome.retry_after_s,
             )
-            status, at = decision.status, decision.at
+            status, at, gave_up = decision.status, decision.at, decision.why
         else:
             status, at = _OUTCOME_STATUS[outcome.kind], now
         error_type = str(outcome.error_type) if outcome.error_type else None
         message = self._redact(outcome.message) if outcome.message else outcome.message
+        if gave_up:
+            message = f"{message}; gave up: {gave_up}" if message else f"gave up: {gave_up}"
         finished = Finished(c.delivery_id, status, at, error_type, message, c.attempt, now)
         key = str(status)  # a plain str: orjson refuses enum keys
         self.counts[key] = self.counts.get(key, 0) + 1

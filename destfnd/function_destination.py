@@ -11,7 +11,16 @@ import orjson
 from destfnd.config import Config, DestinationConfig, Secret
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
-from destfnd.outcome import DELIVERED, ErrorType, Kind, Outcome, Report, retry, same_for_all
+from destfnd.outcome import (
+    DELIVERED,
+    ErrorType,
+    Kind,
+    Outcome,
+    Report,
+    retry,
+    retry_after_hint,
+    same_for_all,
+)
 from destfnd.redact import Redactor
 from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
 from destfnd.spec import EVENT_TYPES
@@ -51,9 +60,15 @@ def problems_of(ready: dict, where: str) -> list[str]:
 def _outcome(o: dict) -> Outcome:
     if o["kind"] == "ok":
         return DELIVERED  # the common case, shared: a batch of 100 makes no 100 objects
-    kind = Kind(o["kind"])
-    error_type = ErrorType(o["error_type"]) if o.get("error_type") else None
-    return Outcome(kind, error_type, o.get("message"), o.get("retry_after_s"))
+    try:  # what a worker sends is checked: user code runs in that process
+        kind = Kind(o["kind"])
+        error_type = ErrorType(o["error_type"]) if o.get("error_type") else None
+        message = o.get("message")
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"message {message!r}")
+    except (KeyError, TypeError, ValueError) as exc:
+        return retry(ErrorType.RETRY, f"the worker sent an outcome destfnd cannot read: {exc}")
+    return Outcome(kind, error_type, message, retry_after_hint(o.get("retry_after_s")))
 
 
 class FunctionDestination:

@@ -6,13 +6,16 @@ Bad input gets a 4xx with a JSON body naming the problem; never a 5xx, never a t
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import binascii
 import functools
+import json
+import re
 import time
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import structlog
@@ -52,6 +55,13 @@ def error_response(status: int, error: str, detail: str = "") -> web.Response:
 _OK = orjson.dumps({"success": True})
 _JSON = {"Content-Type": "application/json"}
 _MISSING = object()
+# What `_basic_user` makes of an `Authorization: Basic` header that does not hold base64 of
+# "writekey:" (or of "writekey:password").
+_MALFORMED: Any = object()
+_MALFORMED_DETAIL = (
+    "the Authorization header is not HTTP Basic with the write key as user name "
+    "(base64 of 'WRITE_KEY:')"
+)
 _AUTH_CACHE_SIZE = 1024
 
 
@@ -142,12 +152,14 @@ class Ingest:
             raise Rejected(503, "unavailable", "the daemon is starting or shutting down; retry")
         header_key = self._auth(request.headers.get("Authorization"))
         if header_key is not None and header_key not in self._sources:
+            if header_key is _MALFORMED:
+                raise Rejected(401, "unauthorized", _MALFORMED_DETAIL)
             raise Rejected(401, "unauthorized", "unknown write key")
         raw = await self._body(request)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise Rejected(400, "malformed JSON", str(exc)) from None
+            body = _loads_lone_surrogates(raw, exc)
         key = header_key
         if key is None and isinstance(body, dict):
             key = body.get("writeKey")
@@ -184,31 +196,27 @@ class Ingest:
         return web.Response(body=_OK, headers=_JSON)
 
     async def _body(self, request: web.Request) -> bytes:
+        limit = self._server.max_request_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:  # refused before it is sent
+            raise Rejected(413, "request too large", f"over {limit} bytes")
         try:
-            raw = await request.read()
+            if request.content.is_eof():  # all of it has arrived (nearly always)
+                raw = await request.read()
+            else:  # a client that sends it a trickle at a time holds a connection this long
+                async with asyncio.timeout(self._server.body_timeout_s):
+                    raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise Rejected(
-                413, "request too large", f"over {self._server.max_request_bytes} bytes"
-            ) from None
+            raise Rejected(413, "request too large", f"over {limit} bytes") from None
+        except TimeoutError:
+            within = f"the body did not arrive within {self._server.body_timeout_s:g}s"
+            raise Rejected(408, "request timeout", within) from None
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
             return raw
         if encoding != "gzip":
             raise Rejected(415, "unsupported Content-Encoding", f"{encoding!r}; use gzip")
-        cap = self._server.max_decompressed_bytes
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            out = inflater.decompress(raw, cap + 1)
-            if len(out) > cap or inflater.unconsumed_tail:
-                raise Rejected(413, "request too large", f"over {cap} bytes once decompressed")
-            out += inflater.flush()
-        except zlib.error as exc:
-            raise Rejected(400, "bad gzip body", str(exc)) from None
-        if not inflater.eof:
-            raise Rejected(400, "bad gzip body", "truncated gzip stream")
-        if len(out) > cap:
-            raise Rejected(413, "request too large", f"over {cap} bytes once decompressed")
-        return out
+        return _gunzip(raw, self._server.max_decompressed_bytes)
 
     def _auth(self, header: str | None) -> str | None:
         """The write key of an Authorization header; decoded once per distinct header."""
@@ -258,8 +266,9 @@ class Ingest:
                 payload = orjson.dumps(message)
             except spec.SpecError as exc:
                 raise Rejected(400, "invalid event", str(exc)) from None
-            except TypeError as exc:  # orjson: e.g. integers beyond 64 bits
-                raise Rejected(400, "invalid event", f"{path or 'body'}: {exc}") from None
+            except TypeError as exc:  # orjson writes at most 254 levels of nesting
+                why = "nested more than 254 levels deep" if "Recursion" in str(exc) else exc
+                raise Rejected(400, "invalid event", f"{path or 'body'}: {why}") from None
             if len(payload) > max_bytes:
                 where = f"batch[{index}]" if endpoint_type is None else "event"
                 raise Rejected(
@@ -272,8 +281,75 @@ class Ingest:
         return events
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_INT64 = range(-(2**63), 2**64)  # what orjson parses as an int; beyond, a float
+
+
+def _loads_lone_surrogates(raw: bytes, error: orjson.JSONDecodeError) -> object:
+    """A body orjson refused only for a lone surrogate escape (`"\\ud83d"` with no low half,
+    as JSON.stringify writes a string cut in the middle of an emoji), parsed with each lone
+    surrogate replaced by U+FFFD, as Go's encoding/json (Segment's API) does; any other
+    malformed body is refused with orjson's error."""
+    if "surrogate" not in str(error):
+        raise Rejected(400, "malformed JSON", str(error))
+
+    def fixed(value: object) -> object:
+        if isinstance(value, str):
+            return _LONE_SURROGATE.sub("\ufffd", value)
+        if isinstance(value, list):
+            return [fixed(v) for v in value]
+        if isinstance(value, dict):
+            return {fixed(k): fixed(v) for k, v in value.items()}
+        return value
+
+    def refuse_constant(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    def as_orjson_int(text: str) -> int | float:
+        number = int(text)
+        return number if number in _INT64 else float(text)
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # orjson says "surrogates not allowed" for any of these
+        detail = f"the body is not UTF-8: byte {exc.start} is 0x{raw[exc.start]:02x}"
+        raise Rejected(400, "malformed JSON", detail) from None
+    try:
+        return fixed(json.loads(text, parse_constant=refuse_constant, parse_int=as_orjson_int))
+    except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
+        raise Rejected(400, "malformed JSON", str(error)) from None
+
+
+def _gunzip(raw: bytes, cap: int) -> bytes:
+    """A gzip body inflated, every member of it (RFC 1952 allows several, one after another;
+    zero bytes after a member are padding, as for Python's gzip module), refused once it would
+    be over `cap` bytes; trailing bytes that are no gzip member are an error rather than
+    silently dropped."""
+    out = bytearray()
+    rest = memoryview(raw)
+    while True:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += inflater.decompress(rest, cap + 1 - len(out))
+            if len(out) > cap or inflater.unconsumed_tail:
+                raise Rejected(413, "request too large", f"over {cap} bytes once decompressed")
+            out += inflater.flush()
+        except zlib.error as exc:
+            raise Rejected(400, "bad gzip body", str(exc)) from None
+        if not inflater.eof:
+            raise Rejected(400, "bad gzip body", "truncated gzip stream")
+        if len(out) > cap:
+            raise Rejected(413, "request too large", f"over {cap} bytes once decompressed")
+        rest = memoryview(inflater.unused_data.lstrip(b"\0"))  # zero padding is allowed
+        if not rest:
+            return bytes(out)
+        if rest[:2] != b"\x1f\x8b":
+            raise Rejected(400, "bad gzip body", f"{len(rest)} bytes after the gzip stream")
+
+
 def _basic_user(header: str | None) -> str | None:
-    """The user name of an HTTP Basic header (Segment's write key), or None if absent/other."""
+    """The user name of an HTTP Basic header (Segment's write key), None if there is no Basic
+    header, `_MALFORMED` if it holds no user name."""
     if not header:
         return None
     scheme, _, value = header.partition(" ")
@@ -281,6 +357,6 @@ def _basic_user(header: str | None) -> str | None:
         return None
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return ""
-    return decoded.partition(":")[0]
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 once decoded
+        return _MALFORMED
+    return decoded.partition(":")[0] or _MALFORMED

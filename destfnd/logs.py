@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}  # fmt: skip
@@ -36,6 +37,44 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    # aiohttp and asyncio log through the standard library: to the same stream, in the same
+    # format, one line each (its default, with no handler set, is a multi-line traceback).
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _ToStructlog)]:
+        root.removeHandler(handler)
+    root.addHandler(_ToStructlog())
+    root.setLevel(max(_LEVELS.get(level, logging.INFO), logging.WARNING))
+
+
+# What a client can cause by sending a malformed request or going away in the middle of one:
+# aiohttp logs them with a traceback, although the daemon is fine and answered (or could not).
+_CLIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, HttpProcessingError)
+
+
+class _ToStructlog(logging.Handler):
+    """A standard-library record as a structlog line: `event` is its message, `logger` its
+    name; a client's fault (a malformed request, a connection lost in the middle of one) is
+    an `http_client_error` line at `info`, naming the error, without a traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log = structlog.get_logger(record.name)
+            exc = record.exc_info[1] if record.exc_info else None
+            if isinstance(exc, _CLIENT_ERRORS):
+                error = f"{type(exc).__name__}: {_first_line(exc)}"
+                log.info("http_client_error", error=error, detail=record.getMessage())
+            elif record.exc_info:
+                log.log(record.levelno, record.getMessage(), logger=record.name,
+                        exc_info=record.exc_info)  # fmt: skip
+            else:
+                log.log(record.levelno, record.getMessage(), logger=record.name)
+        except Exception:  # a log line must never take the daemon down
+            self.handleError(record)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error on one line: aiohttp's parse errors spread theirs over several."""
+    return " ".join(str(getattr(exc, "message", None) or exc).split())[:200]
 
 
 class _Tolerant:

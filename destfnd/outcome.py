@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.utils
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -54,3 +56,33 @@ class Report:
 
 def same_for_all(outcome: Outcome, n: int, **record: object) -> Report:
     return Report((outcome,) * n, **record)  # type: ignore[arg-type]
+
+
+# A wait longer than this (about 31 years) is this: past any max_age, and still an integer
+# of milliseconds, where 1e300 or infinity would not be.
+MAX_RETRY_AFTER_S = 1e9
+
+
+def retry_after_hint(value: object) -> float | None:
+    """A downstream hint as seconds to wait, clamped to 0..MAX_RETRY_AFTER_S; None if it is
+    no number (from a user's function anything is possible)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+
+
+def parse_retry_after(value: str | None, now_s: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds (fractions allowed) or an
+    HTTP date; None if it is neither."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return retry_after_hint(float(value)) if value.isascii() else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return retry_after_hint(when.timestamp() - now_s)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None

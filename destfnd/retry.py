@@ -6,9 +6,10 @@ No I/O and no clock of its own: the caller passes `now` and the random source (f
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from destfnd.outcome import retry_after_hint
 from destfnd.store import Status
 
 
@@ -23,6 +24,7 @@ class Policy(Protocol):
 class Decision:
     status: Status  # RETRYING, or the terminal status to record
     at: int  # unix ms: when to try again, or when it was finished
+    why: str = field(default="", compare=False)  # why it gave up (EXPIRED)
 
 
 def backoff_s(policy: Policy, attempt: int, rng: random.Random) -> float:
@@ -51,11 +53,13 @@ def decide_retry(
     fall after `created_at + max_age`. A downstream `Retry-After` is honoured as a minimum.
     """
     if attempt >= policy.max_attempts:
-        return Decision(Status.EXPIRED, now)
+        return Decision(Status.EXPIRED, now, f"{attempt} attempts made (max_attempts)")
     delay_s = backoff_s(policy, attempt, rng)
-    if retry_after_s is not None and retry_after_s > delay_s:
-        delay_s = retry_after_s
+    hinted = retry_after_hint(retry_after_s)
+    if hinted is not None and hinted > delay_s:
+        delay_s = hinted
     at = now + int(delay_s * 1000)
     if at > created_at + int(policy.max_age_s * 1000):
-        return Decision(Status.EXPIRED, now)
+        wait = f"the Retry-After of {hinted:g}s" if delay_s == hinted else "the next attempt"
+        return Decision(Status.EXPIRED, now, f"{wait} would fall past max_age")
     return Decision(Status.RETRYING, at)

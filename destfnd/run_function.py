@@ -128,13 +128,26 @@ async def run(
     return RunResult(ok, report)
 
 
+# Control characters (C0 but tab, DEL, C1) as escapes: what a sender or a remote server put
+# in a messageId, a log line or a response body must not move the cursor, recolour the
+# terminal or forge a line of the output.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c != 0x09}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r"})
+
+
+def printable(value: object) -> str:
+    """`value` as text that is safe to print on a terminal, on one line."""
+    return str(value).translate(_ESCAPES)
+
+
 def request_lines(req: dict, indent: str) -> list[str]:
     """One recorded outgoing request as the commands print it (run-function, deliveries)."""
-    answer = req.get("status", req.get("error", "?"))
-    lines = [f"{indent}{req['method']} {req['url']} -> {answer} ({req.get('duration_ms')} ms)"]
+    answer = printable(req.get("status", req.get("error", "?")))
+    url = printable(req["url"])
+    lines = [f"{indent}{req['method']} {url} -> {answer} ({req.get('duration_ms')} ms)"]
     for key in ("request_body", "response_body"):
         if req.get(key):
-            lines.append(f"{indent}  {key.replace('_', ' ')}: {req[key]}")
+            lines.append(f"{indent}  {key.replace('_', ' ')}: {printable(req[key])}")
     return lines
 
 

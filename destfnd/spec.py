@@ -27,10 +27,14 @@ _MAX_ID_CHARS = 1024
 
 # Lenient ISO-8601: Segment's own examples send one-digit months ("2015-2-02T00:30:08.276Z").
 _TIMESTAMP = re.compile(
-    r"^\s*(\d{4})-(\d{1,2})-(\d{1,2})"
+    r"(\d{4})-(\d{1,2})-(\d{1,2})"
     r"(?:[T ](\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:[.,](\d{1,9}))?)?)?"
-    r"\s*(Z|z|UTC|[+-]\d{2}(?::?\d{2})?)?\s*$"
+    r"\s*(Z|z|UTC|[+-]\d{2}(?::?\d{2})?)?"
 )
+# The longest text the pattern can match is 44 characters ("2015-12-10 04:08:31.123456789"
+# and a zone after spaces): anything longer is refused before the regex sees it, whose
+# `\s*` would otherwise backtrack over a long run of spaces for seconds.
+_TIMESTAMP_MAX = 64
 
 
 class SpecError(ValueError):
@@ -62,7 +66,8 @@ def _parse_timestamp(text: str) -> datetime:
             if dt.tzinfo is UTC:  # "...Z": already UTC
                 return dt
             return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    m = _TIMESTAMP.match(text)
+    stripped = text.strip()
+    m = _TIMESTAMP.fullmatch(stripped) if len(stripped) <= _TIMESTAMP_MAX else None
     if m is None:
         raise ValueError(f"not an ISO-8601 timestamp: {text[:64]!r}")
     year, month, day, hour, minute, second, frac, zone = m.groups()

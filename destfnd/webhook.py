@@ -4,7 +4,6 @@ and `file` (one JSON line per event). They turn a response into an Outcome; noth
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import time
 from pathlib import Path
 
@@ -13,26 +12,21 @@ import aiohttp
 from destfnd import __version__
 from destfnd.config import DestinationConfig, Secret
 from destfnd.errors import DestfndError
-from destfnd.outcome import DELIVERED, ErrorType, Outcome, Report, discard, retry, same_for_all
+from destfnd.outcome import (
+    DELIVERED,
+    ErrorType,
+    Outcome,
+    Report,
+    discard,
+    parse_retry_after,
+    retry,
+    same_for_all,
+)
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
 _MAX_ERROR_BODY = 4096  # bytes of a failed response's body kept on the attempt
 _MAX_DRAIN = 1024 * 1024  # bytes of a 2xx answer read (and dropped) before its connection closes
-
-
-def parse_retry_after(value: str | None, now_s: float) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now_s)
 
 
 class Webhook:
@@ -69,7 +63,9 @@ class Webhook:
         assert self._session is not None
         body = b"[" + b",".join(payloads) + b"]" if batched else payloads[0]
         try:
-            async with self._session.post(self._url, data=body, headers=self._headers) as resp:
+            async with self._session.post(
+                self._url, data=body, headers=self._headers, allow_redirects=False
+            ) as resp:
                 request["status"] = resp.status
                 if 200 <= resp.status < 300:
                     # Read and dropped, so the keep-alive connection can serve the next POST,
@@ -87,6 +83,14 @@ class Webhook:
                 body_text = (await resp.content.read(_MAX_ERROR_BODY)).decode("utf-8", "replace")
                 request["response_body"] = body_text
                 message = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
+                if 300 <= resp.status < 400:
+                    # Not followed: after a 301, 302 or 303 the POST would arrive as a GET
+                    # without the event, and a redirect elsewhere would carry the configured
+                    # headers (maybe secrets) to another host. Retried, so nothing is lost
+                    # while the url is corrected.
+                    where = resp.headers.get("Location", "")[:200]
+                    to = f" to {where}" if where else ""
+                    return retry(ErrorType.RETRY, f"{message}{to}: redirects are not followed")
                 if resp.status >= 500 or resp.status in _RETRY_STATUSES:
                     after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
                     return retry(ErrorType.RETRY, message, after)

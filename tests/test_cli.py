@@ -80,6 +80,7 @@ BAD = [
     ("unknown-key", '[server]\nlisten = "127.0.0.1:1"\nlistn = "x"\n', "server.listn",
      "did you mean"),
     ("bad-duration", '[storage]\nretention = "7"\n', "storage.retention", "unit"),
+    ("zero-body-timeout", '[server]\nbody_timeout = "0s"\n', "server.body_timeout", "0"),
     ("no-sources", "", "sources", "at least one"),
     ("webhook-no-url", '[[destinations]]\nname = "h"\ntype = "webhook"\n',
      "destinations[0].url", "required"),
@@ -338,3 +339,29 @@ def test_cli_stats_table_marks_disabled_and_removed_destinations(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = {line.rsplit(None, 7)[0]: line.split()[-7] for line in result.stdout.splitlines()[1:]}
     assert rows == {"h": "1", "off (disabled)": "0", "gone (not in config)": "1"}  # pending
+
+
+async def test_cli_deliveries_escapes_control_characters(make_daemon, tmp_path, session):
+    """A sender's messageId and a remote server's answer end up in `deliveries`: printed,
+    they must not recolour the terminal or forge lines of the output."""
+    from support import Reply, Sink, config_text, post, webhook
+
+    forged = "\n2026-01-01T00:00:00.000Z  hook  delivered  attempts=1  track  forged"
+    async with Sink(lambda n, r: Reply(400, body="\x1b[2Jwiped" + forged)) as sink:
+        daemon = await make_daemon(config_text(tmp_path / "db", webhook("hook", sink.url))).start()
+        event = {"userId": "u1", "event": "e", "messageId": "ansi-\x1b[31mRED\x1b[0m" + forged}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        for _ in range(200):
+            if daemon.stats()["hook"]["discarded"] == 1:
+                break
+            await asyncio.sleep(0.05)
+    result = daemon.cli("deliveries")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "\x1b" not in out
+    assert "ansi-\\x1b[31mRED\\x1b[0m\\n2026-01-01" in out
+    assert "response body: \\x1b[2Jwiped\\n2026-01-01" in out
+    assert [line for line in out.splitlines() if line.startswith("2026-01-01")] == []
+    # --json is JSON: the values as they are.
+    (row,) = orjson.loads(daemon.cli("deliveries", "--json").stdout)
+    assert row["message_id"] == event["messageId"]

@@ -50,6 +50,12 @@ async def send(d: running_daemon, n: int, prefix: str = "m") -> list[str]:
          None, None),
         ("timeout-until-expired", [Reply(200, delay_s=1.0)] * 2,
          {**FAST_RETRY, "max_attempts": 2}, "expired", 2, "Timeout", "no response"),
+        # Not followed: aiohttp would follow a 302 as a GET without the event.
+        ("302-not-followed", [Reply(302, headers={"Location": "/moved"})] * 2,
+         {**FAST_RETRY, "max_attempts": 2}, "expired", 2, "Retry",
+         "HTTP 302 Found to /moved: redirects are not followed"),
+        ("308-not-followed-then-ok", [Reply(308, headers={"Location": "/moved"}), Reply(200)],
+         FAST_RETRY, "delivered", 2, None, None),
         ("max-age-expires", [Reply(500)] * 5,
          {"max_attempts": 10, "max_age": "1s", "backoff_initial": "800ms",
           "backoff_max": "5s"}, "expired", 2, "Retry", "HTTP 500"),

@@ -582,3 +582,78 @@ async def test_functions_insert_on_batch_in_front_of_a_function_on_batch(
     (request,) = sink.requests
     assert [e["messageId"] for e in request.events()] == ["c-0", "c-3"]
     assert all(e["properties"] == {"tier": "gold"} for e in request.events())
+
+
+ODD_PY = """
+from destfnd.functions import RetryError
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no")
+
+class LazyRetry(RetryError):
+    def __init__(self):
+        pass  # RetryError.__init__ never called: no retry_after_s
+
+class Fatal(BaseException):
+    pass
+
+async def on_track(event, settings):
+    kind = event["event"]
+    if kind == "str-hint":  # a Retry-After header's text, passed on as it is
+        raise RetryError("HTTP 429", retry_after_s="1")
+    if kind == "list-hint":
+        raise RetryError("HTTP 429", retry_after_s=[1])
+    if kind == "inf-hint":
+        raise RetryError("HTTP 429", retry_after_s=float("inf"))
+    if kind == "unprintable":
+        raise Unprintable()
+    if kind == "lazy-retry":
+        raise LazyRetry()
+    if kind == "base":
+        raise Fatal("base")
+    if kind == "interrupt":
+        raise KeyboardInterrupt()
+    if kind == "exit":
+        raise SystemExit(3)
+"""
+
+
+async def test_functions_odd_exceptions_and_retry_hints_have_outcomes(
+    make_daemon, tmp_path, session
+):
+    """What a handler raises is its outcome, whatever it is: a Retry-After hint that is no
+    number crashed the daemon (again at every start, as the delivery was due again), and
+    exceptions that are no Exception, or whose str() raises, left the call unanswered until
+    its timeout."""
+    (tmp_path / "odd.py").write_text(ODD_PY)
+    dest = function_destination("odd", "odd.py", "{}", timeout='"30s"', _tables=FAST)
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    names = ["str-hint", "list-hint", "inf-hint", "unprintable", "lazy-retry", "base",
+             "interrupt", "exit"]  # fmt: skip
+    await send(session, daemon, [{"type": "track", "event": n, "messageId": n} for n in names])
+    rows = await wait_final(daemon, len(names))
+    got = {m: (r["status"], r["error_type"], r["attempts"]) for (_, m), r in rows.items()}
+    assert got == {
+        "str-hint": ("expired", "Retry", 2),
+        "list-hint": ("expired", "Retry", 2),
+        "inf-hint": ("expired", "Retry", 1),
+        "lazy-retry": ("expired", "Retry", 2),
+        "unprintable": ("discarded", "Bad Request", 1),
+        "base": ("discarded", "Bad Request", 1),
+        "interrupt": ("discarded", "Bad Request", 1),
+        "exit": ("discarded", "Bad Request", 1),
+    }
+    error = {m: r["error"] for (_, m), r in rows.items()}
+    assert error["str-hint"] == "RetryError: HTTP 429; gave up: 2 attempts made (max_attempts)"
+    first, second = rows["odd", "str-hint"]["history"]
+    assert second["at"] > first["at"]  # "1": waited for as a number of seconds
+    assert "retry_after_s=[1] is no number of seconds: ignored" in error["list-hint"]
+    assert error["inf-hint"].endswith("gave up: the Retry-After of 1e+09s would fall past max_age")
+    assert error["unprintable"].startswith("Unprintable: (its message could not be read")
+    assert error["base"] == "Fatal: base"
+    assert error["interrupt"] == "KeyboardInterrupt"
+    assert error["exit"] == "SystemExit: 3"
+    assert daemon.proc.poll() is None
+    events = {r.get("event") for r in daemon.log_records()}
+    assert "daemon_crashed" not in events and "worker_replaced" not in events

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import time
 import uuid
@@ -260,6 +261,21 @@ BAD_INPUTS = [
      400, "bad gzip", ""),
     ("unknown-encoding", "/v1/track", TRACK, {"Content-Encoding": "br"}, True, 415,
      "Content-Encoding", "gzip"),
+    ("gzip-trailing-junk", "/v1/track", gzip.compress(orjson.dumps(TRACK)) + b"JUNK",
+     {"Content-Encoding": "gzip"}, True, 400, "bad gzip", "4 bytes after the gzip stream"),
+    ("basic-not-base64", "/v1/track", {**TRACK, "writeKey": WRITE_KEY},
+     {"Authorization": "Basic wk_test_web"}, False, 401, "unauthorized", "HTTP Basic"),
+    ("basic-no-user", "/v1/track", TRACK,
+     {"Authorization": "Basic " + base64.b64encode(b":secret").decode()}, False, 401,
+     "unauthorized", "HTTP Basic"),
+    ("not-utf8", "/v1/track", b'{"userId": "\xe9", "event": "e"}', {}, True, 400,
+     "malformed JSON", "not UTF-8: byte 12 is 0xe9"),
+    ("timestamp-long-spaces", "/v1/track",
+     {**TRACK, "timestamp": "2015-12-10" + " " * 20_000 + "x"}, {}, True, 400,
+     "invalid event", "timestamp"),
+    ("nested-too-deep", "/v1/track",
+     b'{"userId": "u1", "event": "Bad", "properties": ' + b'{"a": ' * 300 + b"{}" + b"}" * 301,
+     {}, True, 400, "invalid event", "nested more than 254 levels deep"),
 ]  # fmt: skip
 
 
@@ -378,3 +394,78 @@ async def test_ingest_fill_ip_ignores_forwarded_for_from_untrusted_peers(
         assert status == 200
         await sink.wait_for(lambda: len(sink.delivered()) == 1)
         assert sink.delivered()[0]["context"] == {"ip": "127.0.0.1"}
+
+
+async def test_ingest_gzip_members_and_lone_surrogates_are_delivered(
+    make_daemon, tmp_path, session
+):
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        # Two gzip members (RFC 1952), the JSON split across them, then zero padding.
+        body = orjson.dumps({"userId": "u1", "event": "Two Members", "messageId": "gz-2"})
+        data = gzip.compress(body[:10]) + gzip.compress(body[10:]) + b"\0" * 8
+        headers = {"Content-Encoding": "gzip"}
+        assert (await post(session, f"{daemon.url}/v1/track", data, headers=headers))[0] == 200
+        # "\ud83d" alone: a string cut in the middle of an emoji by JSON.stringify.
+        cut = b'{"userId": "u1", "event": "Cut", "messageId": "cut-1", "properties": '
+        cut += b'{"title": "Caf\\u00e9 \\ud83d", "\\udc00k": "\\ud83d\\ude00"}}'
+        assert (await post(session, f"{daemon.url}/v1/track", cut))[0] == 200
+        await sink.wait_for(lambda: len(sink.delivered()) == 2)
+        by_id = {e["messageId"]: e for e in sink.delivered()}
+        assert by_id["gz-2"]["event"] == "Two Members"
+        assert by_id["cut-1"]["properties"] == {"title": "Café \ufffd", "\ufffdk": "😀"}
+
+
+async def _raw(url: str, request: bytes, wait_s: float = 10.0) -> bytes:
+    """Send `request` on a fresh connection; what comes back first (b"" if the server closes
+    the connection without answering)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(wait_s):
+            answer = await reader.read(65536)
+    finally:
+        writer.close()
+    return answer
+
+
+async def test_ingest_slow_and_broken_clients_are_answered_and_logged_on_one_line(
+    make_daemon, tmp_path
+):
+    async with Sink() as sink:
+        server = 'body_timeout = "1s"\nkeepalive_timeout = "1s"\n'
+        daemon = await start(make_daemon, tmp_path, sink, server=server)
+        head = f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH}\r\n"
+        # A body that never finishes arriving: 408 once body_timeout has passed.
+        answer = await _raw(daemon.url, f"{head}Content-Length: 100\r\n\r\n{{".encode())
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"did not arrive within 1s" in answer
+        # A declared length over max_request_size: 413 at once, without waiting for the body.
+        answer = await _raw(daemon.url, f"{head}Content-Length: 600000\r\n\r\n{{".encode())
+        assert answer.startswith(b"HTTP/1.1 413"), answer  # (a 408 while it waited for it)
+        # A connection that sends no request is closed after keepalive_timeout.
+        answer = await _raw(daemon.url, b"")
+        assert answer == b""
+        # Malformed HTTP, and a client gone in the middle of its body: aiohttp answers or
+        # drops them; the log gets one JSON line each, no traceback.
+        await _raw(
+            daemon.url, b"POST /v1/track HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+        )
+        _, writer = await asyncio.open_connection(*daemon.url.removeprefix("http://").split(":"))
+        writer.write(f"{head}Content-Length: 100\r\n\r\n{{".encode())
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        await asyncio.sleep(0.5)
+        errors = [r for r in daemon.log_records() if r.get("event") == "http_client_error"]
+        assert {r["error"].split(":")[0] for r in errors} == {
+            "BadHttpMessage",
+            "ConnectionResetError",
+        }, errors
+        assert all(r["level"] == "info" for r in errors)
+        assert "Traceback" not in daemon.log_text()
+        assert [r for r in daemon.log_records() if r.get("event") == "<not json>"] == []
+        assert daemon.proc.poll() is None
+        assert sink.delivered() == []

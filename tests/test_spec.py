@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -364,3 +366,30 @@ def test_validate_rejects_an_id_over_1024_characters():
     with pytest.raises(SpecError, match="userId: longer than 1024"):
         validate({"type": "track", "event": "e", "userId": "u" * 1025})
     validate({"type": "track", "event": "e", "userId": "u" * 1024})
+
+
+def test_parse_timestamp_refuses_text_longer_than_a_timestamp_can_be():
+    with pytest.raises(ValueError, match="not an ISO-8601 timestamp"):
+        parse_timestamp("2015-12-10" + " " * 100 + "10:00:00Z")
+
+
+def test_parse_timestamp_accepts_surrounding_and_inner_spaces():
+    assert parse_timestamp("  2015-12-10 10:00:00 +01:00 ") == datetime(2015, 12, 10, 9, tzinfo=UTC)
+
+
+def test_parse_timestamp_of_a_long_run_of_spaces_is_refused_at_once():
+    """A denial of service guard, not a speed test: the old pattern backtracked over the
+    spaces quadratically (40,000 took 4 s, these 400,000 about 7 minutes) on the event loop,
+    freezing ingest and delivery. Run in a child so a regression fails instead of hanging."""
+    code = (
+        "from destfnd.spec import parse_timestamp\n"
+        "spaces = ' ' * 400_000\n"
+        "for text in ['2015-12-10' + spaces + 'x', '2015-12-10T00:00:00' + spaces + 'x']:\n"
+        "    try:\n"
+        "        parse_timestamp(text)\n"
+        "    except ValueError as exc:\n"
+        "        print(str(exc)[:30])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["not an ISO-8601 timestamp: '20"] * 2

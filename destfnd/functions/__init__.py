@@ -13,11 +13,12 @@ from destfnd.functions.errors import (
     RetryError,
     ValidationError,
 )
-from destfnd.functions.fetching import Response, fetch
+from destfnd.functions.fetching import FetchError, Response, fetch
 
 __all__ = [
     "DropEvent",
     "EventNotSupported",
+    "FetchError",
     "InvalidEventPayload",
     "Response",
     "RetryError",

@@ -16,10 +16,11 @@ class ValidationError(Exception):
 
 
 class RetryError(Exception):
-    """A temporary failure: retried with backoff. `retry_after_s` is a downstream hint
-    (e.g. its Retry-After) that the scheduler honours as the minimum wait."""
+    """A temporary failure: retried with backoff. `retry_after_s` is a downstream hint that
+    the scheduler honours as the minimum wait: seconds, or a Retry-After header's text as it
+    came (seconds or an HTTP date)."""
 
-    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str = "", retry_after_s: float | str | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 

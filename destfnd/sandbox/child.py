@@ -142,6 +142,12 @@ class Worker:
             out_events = [None]
             outcomes *= len(events)
             out_events *= len(events)
+        except Exception as exc:  # destfnd's own failure: answered, never left to time out
+            message = f"the worker could not run the call: {type(exc).__name__}: {exc}"
+            outcomes = [{"kind": "retry", "error_type": "Retry", "message": message}]
+            out_events = [None]
+            outcomes *= len(events)
+            out_events *= len(events)
         finally:
             self.on_thread.discard(call_id)
         reply["outcomes"] = outcomes
@@ -171,7 +177,8 @@ class Worker:
             try:
                 result = await runtime.invoke(handler, event, self.settings,
                                               on_thread=self._thread(call_id))  # fmt: skip
-            except Exception as exc:
+            except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
+                _reraise_cancel(exc)
                 return self.failed(exc, rec), None
             if not _is_event(result):
                 message = (
@@ -187,7 +194,8 @@ class Worker:
             return runtime.unsupported(f"the function has no {name} handler"), None
         try:
             await runtime.invoke(handler, event, self.settings, on_thread=self._thread(call_id))
-        except Exception as exc:
+        except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
+            _reraise_cancel(exc)
             return self.failed(exc, rec), None
         return runtime.ok(), None
 
@@ -227,7 +235,8 @@ class Worker:
         try:
             returned = await runtime.invoke(on_batch, batch, self.settings,
                                             on_thread=self._thread(call_id))  # fmt: skip
-        except Exception as exc:
+        except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
+            _reraise_cancel(exc)
             failure = self.failed(exc, rec)
             for i in todo:
                 outcomes[i] = failure
@@ -246,7 +255,8 @@ class Worker:
         try:
             returned = await runtime.invoke(on_batch, events, self.settings,
                                             on_thread=self._thread(call_id))  # fmt: skip
-        except Exception as exc:
+        except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
+            _reraise_cancel(exc)
             return [(self.failed(exc, rec), None)] * n
         if not isinstance(returned, list | tuple) or len(returned) != n:
             message = (
@@ -293,6 +303,15 @@ class Worker:
         if isinstance(exc, MemoryError):
             self.exit_after_reply = True
         return outcome
+
+
+def _reraise_cancel(exc: BaseException) -> None:
+    """A handler's exception of any kind is its outcome: KeyboardInterrupt, SystemExit or a
+    class of its own derived from BaseException would otherwise end the call without a reply
+    (reported as a timeout) or end the worker. CancelledError is not the handler's: it is how
+    a timed-out invocation is stopped, so it goes on."""
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
 
 
 def _is_event(value: Any) -> bool:

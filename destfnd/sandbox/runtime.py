@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +24,7 @@ from destfnd.functions.errors import (
     RetryError,
     ValidationError,
 )
+from destfnd.outcome import parse_retry_after, retry_after_hint
 from destfnd.spec import EVENT_TYPES
 
 HANDLER_NAMES = (*(f"on_{t}" for t in EVENT_TYPES), "on_batch")
@@ -123,7 +125,10 @@ def _user_line(exc: BaseException, path: str) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    try:
+        text = str(exc)
+    except Exception:  # a user's __str__ that raises
+        text = "(its message could not be read: str() of it raised)"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -181,8 +186,16 @@ def ok() -> dict:
 def outcome_of(exc: BaseException) -> dict:
     """Segment's taxonomy: what a raised exception means for the event."""
     if isinstance(exc, RetryError):
-        return {"kind": "retry", "error_type": "Retry", "message": _describe(exc),
-                "retry_after_s": exc.retry_after_s}  # fmt: skip
+        message = _describe(exc)
+        # A subclass may not have called RetryError.__init__; a Retry-After header's text
+        # (seconds or an HTTP date) is taken as it is.
+        hint = getattr(exc, "retry_after_s", None)
+        after = parse_retry_after(hint, time.time()) if isinstance(hint, str) else (
+            retry_after_hint(hint))  # fmt: skip
+        if hint is not None and after is None:
+            message += f" (retry_after_s={_short_repr(hint)} is no number of seconds: ignored)"
+        return {"kind": "retry", "error_type": "Retry", "message": message,
+                "retry_after_s": after}  # fmt: skip
     if isinstance(exc, TimeoutError):
         return {"kind": "retry", "error_type": "Timeout", "message": _describe(exc)}
     if isinstance(exc, InvalidEventPayload | ValidationError):
@@ -196,6 +209,14 @@ def outcome_of(exc: BaseException) -> dict:
         message = "MemoryError: the function ran out of memory (memory_limit)"
         return {"kind": "retry", "error_type": "Retry", "message": message}
     return bad_request(_describe(exc))
+
+
+def _short_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def unsupported(what: str) -> dict:
