@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest
 
+from destfnd.outcome import MAX_RETRY_AFTER_S, parse_retry_after
 from destfnd.retry import backoff_s, decide_retry
 from destfnd.store import Status
 
@@ -163,3 +165,47 @@ def test_decide_retry_retry_after_past_max_age_expires():
         policy, attempt=1, created_at=NOW, now=NOW, rng=random.Random(1), retry_after_s=7200.0
     )
     assert decision.status is Status.EXPIRED
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 2.5 ", 2.5),  # fractions: not in RFC 9110, sent anyway
+        ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0),  # an HTTP date, 10 s after "now"
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # in the past: now
+        ("-5", 0.0),
+        ("1e300", MAX_RETRY_AFTER_S),
+        ("inf", MAX_RETRY_AFTER_S),
+        ("nan", None),
+        ("\u00b2", None),  # str.isdigit() says yes, float() says no
+        ("soon", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_retry_after_takes_seconds_or_a_date_and_never_raises(header, seconds):
+    now = datetime(2015, 10, 21, 7, 28, tzinfo=UTC).timestamp()
+    assert parse_retry_after(header, now) == seconds
+
+
+@pytest.mark.parametrize("hint", ["3", [3], {"s": 3}, True, float("nan"), object()])
+def test_decide_retry_ignores_a_hint_that_is_no_number(hint):
+    """From a user's function anything can come: it must not crash the decision."""
+    policy = Policy()
+    with_hint = decide_retry(
+        policy, attempt=1, created_at=NOW, now=NOW, rng=random.Random(3), retry_after_s=hint
+    )
+    without = decide_retry(policy, attempt=1, created_at=NOW, now=NOW, rng=random.Random(3))
+    assert with_hint == without
+
+
+def test_decide_retry_says_why_it_gave_up():
+    policy = Policy(max_attempts=3, max_age_s=3600.0)
+    rng = random.Random(1)
+    assert decide_retry(policy, attempt=3, created_at=NOW, now=NOW, rng=rng).why == (
+        "3 attempts made (max_attempts)"
+    )
+    late = decide_retry(policy, attempt=1, created_at=NOW, now=NOW, rng=rng, retry_after_s=1e300)
+    assert late.status is Status.EXPIRED
+    assert late.why == "the Retry-After of 1e+09s would fall past max_age"

@@ -279,3 +279,33 @@ def test_run_function_insert_on_batch_answers_per_event_in_order(files):
                     str(files / "one.json"), "--settings", '{"region": "eu"}')  # fmt: skip
     assert wrong.returncode == 1
     assert "on_batch returned a list of 0: return a list of 1" in wrong.stdout
+
+
+def test_run_function_json_stays_json_when_the_function_writes_to_its_stdout(files):
+    (files / "stray.py").write_text(
+        "import os\n\nasync def on_track(event, settings):\n"
+        "    os.write(1, b'raw on fd 1\\n')\n    print('printed')\n"
+    )
+    result = run_cli("run-function", str(files / "stray.py"), "--event",
+                     str(files / "track.json"), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout)  # all of stdout is the JSON
+    assert report["logs"] == "printed\n"
+    assert "raw on fd 1" in result.stderr  # the stray line is shown, on stderr
+
+
+@pytest.mark.parametrize(
+    ("timeout", "ok"),
+    [("0", False), ("-1", False), ("nan", False), ("inf", False), ("5x", False),
+     ("2.5", True), ("500ms", True), ("1m", True)],
+)  # fmt: skip
+def test_run_function_timeout_is_seconds_or_a_duration_above_zero(files, timeout, ok):
+    settings = '{"endpoint": "http://127.0.0.1:9/"}'
+    result = run_cli("run-function", str(files / "crm.py"), "--event",
+                     str(files / "identify.json"), "--settings", settings,
+                     "--timeout", timeout)  # fmt: skip
+    if ok:
+        assert "Message Rejected" in result.stdout, result.stderr
+    else:
+        assert result.returncode == 2
+        assert "--timeout: must be a number of seconds above 0" in result.stderr
