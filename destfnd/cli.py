@@ -244,7 +244,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 _DELIVERIES = """
 SELECT d.id, d.destination, d.status, d.attempts, d.created_at, d.next_at, d.finished_at,
        d.last_error_type, d.last_error, e.message_id,
-       json_extract(CAST(e.payload AS TEXT), '$.type')
+       json_extract(CAST(e.payload AS TEXT), '$.type'), d.leased
 FROM deliveries d JOIN events e ON e.id = d.event_id
 WHERE (:destination IS NULL OR d.destination = :destination)
   AND (:status IS NULL OR d.status = :status)
@@ -272,18 +272,39 @@ _ATTEMPT_KEYS = ("attempt", "at", "status", "error_type", "error", "duration_ms"
 def _print_attempt(a: dict) -> None:
     from destfnd.run_function import printable, request_lines
 
-    error = f" ({a['error_type']}: {printable(a['error'])})" if a["error_type"] else ""
+    if a["error_type"]:
+        error = f" ({a['error_type']}: {printable(a['error'])})"
+    else:
+        error = f" ({printable(a['error'])})" if a["error"] else ""
     outcome = a["status"] + error
     # No duration once the attempt's record is pruned (retention or records_max_size).
     took = f", {a['duration_ms']} ms" if a["duration_ms"] is not None else ""
     version = f", version {a['version']}" if a["version"] else ""
-    print(f"    attempt {a['attempt']} at {a['at']}: {outcome}{took}{version}")
+    when = f" at {a['at']}" if a["at"] else ""  # none for an unrecorded one
+    print(f"    attempt {a['attempt']}{when}: {outcome}{took}{version}")
     if a["logs"]:
         print("      logs:")
         for line in a["logs"].rstrip("\n").splitlines():
             print(f"        {printable(line)}")
     for req in a["requests"]:
         print("\n".join(request_lines(req, "      ")))
+
+
+def _with_unrecorded(history: list[dict], attempts: int, in_flight: bool) -> list[dict]:
+    """The history with a line for each counted attempt that has no record: one cut short by
+    a crash or kill -9 (counted when it started, recorded when it ends), or the one running."""
+    recorded = {a["attempt"] for a in history}
+    missing = [n for n in range(1, attempts + 1) if n not in recorded]
+    if not missing:
+        return history
+    for n in missing:
+        running = in_flight and n == attempts
+        history.append({
+            **dict.fromkeys(_ATTEMPT_KEYS), "attempt": n, "requests": [],
+            "status": "in flight" if running else "interrupted",
+            "error": None if running else "no record: the daemon stopped during this attempt",
+        })  # fmt: skip
+    return sorted(history, key=lambda a: a["attempt"])
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
@@ -313,14 +334,17 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     keys = ("id", "destination", "status", "attempts", "created_at", "next_at", "finished_at",
-            "error_type", "error", "message_id", "type")  # fmt: skip
+            "error_type", "error", "message_id", "type", "in_flight")  # fmt: skip
     records = []
     for row in rows:
         rec = dict(zip(keys, row, strict=True))
         for key in ("created_at", "next_at", "finished_at"):
             if rec[key] is not None:
                 rec[key] = format_ms(rec[key])
-        if rec["status"] not in (Status.PENDING, Status.RETRYING):
+        # Leased: its attempt is running (its next_at is only the lease's end), or was when
+        # the daemon stopped without giving it back (it runs again at the next start).
+        rec["in_flight"] = bool(rec["in_flight"])
+        if rec["status"] not in (Status.PENDING, Status.RETRYING) or rec["in_flight"]:
             rec["next_at"] = None
         rec["history"] = []  # every recorded attempt: the Event Delivery view
         for attempt in attempts[rec["id"]]:
@@ -328,6 +352,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             a["at"] = format_ms(a["at"])
             a["requests"] = orjson.loads(a["requests"]) if a["requests"] else []
             rec["history"].append(a)
+        rec["history"] = _with_unrecorded(rec["history"], rec["attempts"], rec["in_flight"])
         records.append(rec)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(records, option=orjson.OPT_INDENT_2) + b"\n")

@@ -117,6 +117,41 @@ def _deliveries(daemon) -> list[dict]:
     return orjson.loads(result.stdout)
 
 
+async def test_an_attempt_cut_short_by_kill9_is_shown_in_the_event_delivery_view(
+    make_daemon, tmp_path, session
+):
+    """An attempt is counted when it starts and recorded when it ends: one running shows as
+    in flight (not as a retry a day away, its lease's end), one cut short by kill -9 as
+    interrupted, so the history has a line for every counted attempt."""
+    replies = [Reply(200, delay_s=30), Reply(200)]
+    async with Sink(lambda n, r: replies[min(n, 1)]) as sink:
+        daemon = make_daemon(config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url)))
+        await daemon.start()
+        event = {"userId": "u1", "event": "Paid", "messageId": "cut-short"}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        await sink.wait_for(lambda: len(sink.requests) == 1)
+        (row,) = _deliveries(daemon)
+        assert (row["status"], row["in_flight"], row["next_at"]) == ("pending", True, None)
+        assert [(a["attempt"], a["status"]) for a in row["history"]] == [(1, "in flight")]
+        assert "attempt 1: in flight" in daemon.cli("deliveries").stdout
+        daemon.kill9()
+
+        await daemon.start()
+        await sink.wait_for(lambda: len(sink.requests) == 2)
+        for _ in range(100):
+            (row,) = _deliveries(daemon)
+            if row["status"] == "delivered":
+                break
+            await asyncio.sleep(0.05)
+        assert (row["status"], row["attempts"], row["in_flight"]) == ("delivered", 2, False)
+        interrupted, delivered = row["history"]
+        assert (interrupted["attempt"], interrupted["status"]) == (1, "interrupted")
+        assert "the daemon stopped during this attempt" in interrupted["error"]
+        assert (delivered["attempt"], delivered["status"]) == (2, "delivered")
+        out = daemon.cli("deliveries").stdout
+        assert "attempt 1: interrupted (no record: the daemon stopped during this attempt)" in out
+
+
 async def test_sigterm_drains_in_flight_returns_the_rest_and_exits_0(
     make_daemon, tmp_path, session
 ):
