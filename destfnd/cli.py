@@ -31,6 +31,10 @@ EXIT_STORE = 4  # the database cannot be opened or read
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program the signal had stopped
 
 
+class UsageError(Exception):
+    """Arguments that argparse accepts but that do not go together (exit 2, as argparse)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         try:
@@ -56,6 +60,9 @@ def _run(argv: list[str] | None) -> int:
     logs.setup("info", "auto")
     try:
         return args.func(args)
+    except UsageError as exc:
+        print(f"destfnd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as exc:
         print("destfnd: the config is invalid:", file=sys.stderr)
         for problem in exc.problems:
@@ -156,7 +163,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _config_path(args: argparse.Namespace) -> str | None:
     if args.config and args.config_file and args.config != args.config_file:
-        raise ConfigError([f"two config files given: {args.config} and {args.config_file}"])
+        raise UsageError(f"two config files given: {args.config} and {args.config_file}")
     return args.config or args.config_file
 
 

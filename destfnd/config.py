@@ -183,13 +183,19 @@ def load_config(
     environment or systemd credentials.
     """
     env = os.environ if environ is None else environ
+    given = path is not None or bool(env.get("DESTFND_CONFIG"))
     if path is None:
         path = env.get("DESTFND_CONFIG") or DEFAULT_CONFIG_PATH
     cfg_path = Path(os.path.abspath(Path(path).expanduser()))
     try:
         raw = tomllib.loads(cfg_path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{cfg_path}: cannot read config: {_why(exc)}"]) from exc
+        hint = (
+            ""
+            if given
+            else f" (the default, {DEFAULT_CONFIG_PATH}; give --config PATH or set DESTFND_CONFIG)"
+        )
+        raise ConfigError([f"{cfg_path}: cannot read config: {_why(exc)}{hint}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{cfg_path}: invalid TOML: {exc}"]) from exc
     from destfnd.config_reader import Reader  # the reader imports this module's types

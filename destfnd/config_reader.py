@@ -45,6 +45,8 @@ _BATCH_KEYS = ("max_events", "max_wait")
 _RETRY_KEYS = ("max_attempts", "max_age", "backoff_initial", "backoff_max")
 # Keys that only make sense for one destination type.
 _KIND_ONLY_KEYS = {"function": "function", "url": "webhook", "headers": "webhook", "path": "file"}
+# Keys of the worker processes that run a destination's function or insert function.
+_FUNCTION_ONLY_KEYS = ("memory_limit", "workers", "settings")
 
 
 class Reader:
@@ -65,6 +67,10 @@ class Reader:
     def attempt(self, where: str, conv: Callable[[Any], Any], value: Any, default: Any) -> Any:
         try:
             return conv(value)
+        except cv.Problems as exc:
+            for problem in exc.problems:
+                self.fail(where + problem.at, str(problem))
+            return default
         except ValueError as exc:
             self.fail(where + getattr(exc, "at", ""), str(exc))
             return default
@@ -115,7 +121,7 @@ class Reader:
         t = self.table(top.get("storage"), "storage", _STORAGE_KEYS)
         d, g = StorageConfig(self.path("var/destfnd.sqlite3")), partial(self.get, t, "storage")
         storage = StorageConfig(
-            path=g("path", self.path, d.path),
+            path=g("path", self.file_path, d.path),
             retention_s=g("retention", cv.duration(), d.retention_s),
             synchronous=g("synchronous", cv.choice("FULL", "NORMAL"), d.synchronous),
             records_max_bytes=g("records_max_size", cv.size(MIB), d.records_max_bytes),
@@ -189,6 +195,12 @@ class Reader:
             if key in t and kind is not None and kind != owner:
                 only = f'only allowed with type = "{owner}" (this one has type = "{kind}")'
                 self.fail(f"{where}.{key}", only)
+        if kind is not None and kind != "function" and "insert_function" not in t:
+            for key in _FUNCTION_ONLY_KEYS:
+                if key in t:
+                    only = (f'only used by functions: a destination with type = "{kind}" '
+                            "runs none unless it has an insert_function")  # fmt: skip
+                    self.fail(f"{where}.{key}", only)
         why = "" if "type" in t else ' (or set type = "webhook" or "file")'
         batch, retry = f"{where}.batch", f"{where}.retry"
         d = DestinationConfig(name="", kind="")
@@ -201,7 +213,9 @@ class Reader:
             headers=self.headers(t.get("headers", {}), f"{where}.headers")
             if kind == "webhook"
             else (),
-            path=g("path", self.path, required=' for type = "file"') if kind == "file" else None,
+            path=g("path", self.file_path, required=' for type = "file"')
+            if kind == "file"
+            else None,
             sources=g("sources", partial(self.source_names, known), known),
             enabled=g("enabled", cv.boolean, d.enabled),
             concurrency=g("concurrency", cv.integer(1, 1024), d.concurrency),
@@ -331,6 +345,13 @@ class Reader:
     def path(self, value: Any) -> Path:
         """A path from the config, relative to the config file's folder."""
         return Path(os.path.abspath(self.base / Path(cv.text(value)).expanduser()))
+
+    def file_path(self, value: Any) -> Path:
+        """A file destfnd writes (created with its folders if need be): not a folder."""
+        path = self.path(value)
+        if path.is_dir():
+            raise ValueError(f"is a directory, not a file: {path}")
+        return path
 
     def code_file(self, value: Any) -> Path:
         path = self.path(value)

@@ -24,6 +24,14 @@ class Invalid(ValueError):
         self.at = at
 
 
+class Problems(ValueError):
+    """Several problems of one value (items of an array), each reported."""
+
+    def __init__(self, problems: list[Invalid]) -> None:
+        super().__init__("; ".join(f"{p.at}: {p}" for p in problems))
+        self.problems = problems
+
+
 def check(
     ok: Callable[[Any], Any], expected: str, then: Callable[[Any], Any] = lambda v: v
 ) -> Callable[[Any], Any]:
@@ -80,15 +88,22 @@ def size(minimum: int = 1) -> Callable[[Any], int]:
 
 def networks(value: Any) -> tuple[str, ...]:
     """IP addresses or networks ("10.0.0.0/8"), as given."""
-    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+    if not isinstance(value, list):
         expected = 'must be an array of addresses or networks such as ["10.0.0.0/8"]'
         raise ValueError(f"{expected}, got {show(value)}")
+    problems = []
     for i, text in enumerate(value):
+        if not isinstance(text, str):
+            example = 'such as "10.0.0.0/8"'
+            problems.append(Invalid(f"must be a string {example}, got {show(text)}", f"[{i}]"))
+            continue
         try:
             parse_network(text)
         except ValueError as exc:
             why = str(exc) if "/" in text else "host names are not resolved"
-            raise Invalid(f"not an IP address or network: {text!r} ({why})", f"[{i}]") from None
+            problems.append(Invalid(f"not an IP address or network: {text!r} ({why})", f"[{i}]"))
+    if problems:
+        raise Problems(problems)
     return tuple(value)
 
 

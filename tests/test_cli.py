@@ -6,6 +6,8 @@ import asyncio
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -115,6 +117,19 @@ BAD = [
      'settings = { apiKey = 5 }\n', "destinations[0].settings.apiKey", "must be string"),
     ("function-required", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n',
      "destinations[0].settings.apiKey", "required by SETTINGS in needs_key.py"),
+    ("handler-not-callable", '[[destinations]]\nname = "f"\nfunction = "not_callable.py"\n',
+     "destinations[0].function", "on_track is not a function (it is int)"),
+    ("javascript-function", '[[destinations]]\nname = "f"\nfunction = "crm.js"\n',
+     "destinations[0].function", "JavaScript functions are not supported yet"),
+    ("webhook-settings", '[[destinations]]\nname = "h"\ntype = "webhook"\n'
+     'url = "http://127.0.0.1:1/"\nsettings = { apiKey = "k" }\n', "destinations[0].settings",
+     'only used by functions: a destination with type = "webhook" runs none'),
+    ("file-path-directory", '[[destinations]]\nname = "a"\ntype = "file"\npath = "."\n',
+     "destinations[0].path", "is a directory, not a file"),
+    ("storage-path-directory", '[storage]\npath = "."\n', "storage.path",
+     "is a directory, not a file"),
+    ("trusted-proxies-each", '[server]\ntrusted_proxies = ["bad", 5]\n',
+     "server.trusted_proxies[1]", 'must be a string such as "10.0.0.0/8", got 5'),
 ]  # fmt: skip
 
 
@@ -129,6 +144,8 @@ def test_cli_check_config_lists_problems_with_key_paths(tmp_path, case, text, wh
         "batch_args.py": "async def on_batch(events, settings, mode):\n    pass\n",
         "needs_key.py": 'SETTINGS = {"apiKey": {"type": "string", "required": True}}\n'
         "def on_track(event, settings):\n    pass\n",
+        "not_callable.py": "on_track = 5\n\ndef on_identify(event, settings):\n    pass\n",
+        "crm.js": "async function onTrack(event, settings) {}\n",
     }
     for name, code in files.items():
         (tmp_path / name).write_text(code)
@@ -226,7 +243,14 @@ def test_cli_config_path_may_be_given_without_the_flag(tmp_path):
     assert result.returncode == 0, result.stderr
     assert str(path) in result.stdout
     both = run_cli("check-config", str(path), "--config", str(tmp_path / "other.toml"))
-    assert both.returncode == 3 and "two config files given" in both.stderr
+    assert both.returncode == 2 and "two config files given" in both.stderr  # usage
+    # Without any, the default is read from the working directory: the error says how to
+    # give one.
+    env = {k: v for k, v in os.environ.items() if k != "DESTFND_CONFIG"}
+    none = subprocess.run([sys.executable, "-m", "destfnd", "stats"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert none.returncode == 3
+    assert "give --config PATH or set DESTFND_CONFIG" in none.stderr
 
 
 def test_cli_output_into_a_closed_pipe_exits_quietly(tmp_path):

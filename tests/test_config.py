@@ -471,11 +471,11 @@ def test_config_secret_never_shows_its_value(folder: Path) -> None:
 
 def test_config_secrets_lists_env_and_file_values_only(folder: Path) -> None:
     (folder / "pw.txt").write_text("file_secret\n")
-    # The last destination becomes a webhook with an inline header and a file secret setting.
+    # The last destination becomes a webhook with an inline header and a file secret header.
     text = EXAMPLE.replace(
         'type = "file"\npath = "var/events.ndjson"\n',
         'type = "webhook"\nurl = "https://e.example/x"\n'
-        'headers = { "X-Plain" = "inline_header" }\nsettings = { p = { file = "pw.txt" } }\n',
+        'headers = { "X-Plain" = "inline_header", "X-File" = { file = "pw.txt" } }\n',
     )
     cfg = load_config(write(folder, text), environ=ENV)
 

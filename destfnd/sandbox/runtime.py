@@ -62,7 +62,11 @@ def load_function(path: str, name: str) -> tuple[ModuleType, str]:
         sys.path.insert(0, folder)  # so a function can import its neighbours
     spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:
-        raise LoadError(f"{path}: not a Python file")
+        if file.suffix in (".js", ".mjs", ".cjs", ".ts"):
+            raise LoadError(
+                f"{path}: JavaScript functions are not supported yet; write it in Python"
+            )
+        raise LoadError(f"{path}: not a Python file (.py)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -72,6 +76,10 @@ def load_function(path: str, name: str) -> tuple[ModuleType, str]:
         raise LoadError(f"{where}: SyntaxError: {exc.msg}") from None
     except BaseException as exc:  # user code at import time: anything can happen
         raise LoadError(f"{path}{_user_line(exc, path)}: {_describe(exc)}") from None
+    for h in HANDLER_NAMES:
+        value = getattr(module, h, None)
+        if value is not None and not callable(value):
+            raise LoadError(f"{path}: {h} is not a function (it is {type(value).__name__})")
     handlers = [h for h in HANDLER_NAMES if callable(getattr(module, h, None))]
     if not handlers:
         hint = "".join(f"; {m}" for m in near_misses(module))
