@@ -187,4 +187,12 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
                     f"{where}.insert_function: no {', '.join(missing)}: events of those types "
                     "will be discarded as Unsupported Event Type"
                 )
+        if dest.kind == "function":
+            have = set(ready.get("handlers", []))
+            if have == {"on_batch"} and dest.batch is None:
+                warnings.append(
+                    f"{where}.function: it has only on_batch, which runs only with "
+                    "[destinations.batch]; without it every event will be discarded as "
+                    "Unsupported Event Type"
+                )
     return problems, warnings

@@ -535,6 +535,19 @@ def test_functions_check_config_says_an_insert_on_batch_needs_batching(tmp_path)
     assert "insert_function: on_batch runs only with [destinations.batch]" in result.stderr
 
 
+def test_functions_check_config_says_a_function_with_only_on_batch_needs_batching(tmp_path):
+    (tmp_path / "fn.py").write_text(CHAIN_BATCH_FN_PY)
+    config = tmp_path / "destfnd.toml"
+    dest = '[[destinations]]\nname = "fn"\nfunction = "fn.py"\nsettings = { sink = "x" }\n'
+    config.write_text(config_text(tmp_path / "db", dest))
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "destinations[0].function: it has only on_batch" in result.stderr
+    config.write_text(config_text(tmp_path / "db", dest + "[destinations.batch]\n"))
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0 and "only on_batch" not in result.stderr
+
+
 CHAIN_BATCH_INSERT_PY = """
 from destfnd.functions import DropEvent, ValidationError
 
