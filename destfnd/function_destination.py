@@ -171,6 +171,7 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
         finally:
             await pool.close()
         problems += problems_of(ready, where)
+        warnings.extend(f"{where}.{w}" for w in ready.get("settings_warnings", []))
         for stage, misses in (ready.get("near_misses") or {}).items():
             key = "insert_function" if stage == "insert" else "function"
             warnings.extend(f"{where}.{key}: {miss}" for miss in misses)

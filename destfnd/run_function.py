@@ -3,12 +3,14 @@ process as the daemon would, and prints the outcome, logs, requests and (insert)
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
+from destfnd import spec as segment_spec
 from destfnd.errors import DestfndError
 from destfnd.outcome import ErrorType
 from destfnd.redact import Redactor
@@ -87,6 +89,13 @@ async def run(
     except InitError as exc:
         raise RunError(str(exc)) from None
     try:
+        for warning in ready.get("settings_warnings", []):
+            print(f"warning: --{warning}", file=sys.stderr)
+        for index, event in enumerate(events):
+            try:  # a copy: validate turns numeric ids into strings, as ingest does
+                segment_spec.validate(copy.deepcopy(event), f"[{index}]." if batch else "")
+            except segment_spec.SpecError as exc:
+                print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
         problems = ready.get("settings_problems", [])
         redact = Redactor()
         redact.add_settings(ready.get("secret_settings", []), settings)
@@ -120,6 +129,7 @@ async def run(
         ],
         "logs": redact(reply.get("logs") or ""),
         "requests": orjson.loads(redact(orjson.dumps(reply.get("requests") or []).decode())),
+        "requests_made": reply.get("request_count", len(reply.get("requests") or [])),
     }  # fmt: skip
     if insert:
         out = reply.get("events") or [None] * len(events)
@@ -166,7 +176,11 @@ def render(result: RunResult, batch: bool, insert: bool) -> str:
     lines.append(f"version: {r['version']}")
     lines.append("logs:" + ("" if r["logs"] else " (none)"))
     lines += [f"  {line}" for line in r["logs"].rstrip("\n").splitlines()]
-    lines.append(f"requests: {len(r['requests']) or '(none)'}")
+    made, recorded = r["requests_made"], len(r["requests"])
+    if made > recorded:
+        lines.append(f"requests: {made}, the first {recorded} recorded")
+    else:
+        lines.append(f"requests: {recorded or '(none)'}")
     for req in r["requests"]:
         lines += request_lines(req, "  ")
     if insert:

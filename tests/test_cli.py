@@ -117,6 +117,11 @@ BAD = [
      'settings = { apiKey = 5 }\n', "destinations[0].settings.apiKey", "must be string"),
     ("function-required", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n',
      "destinations[0].settings.apiKey", "required by SETTINGS in needs_key.py"),
+    ("settings-decl-unknown-field", '[[destinations]]\nname = "f"\nfunction = "bad_decl.py"\n',
+     "destinations[0].settings.region",
+     "SETTINGS['region'] in bad_decl.py has an unknown field 'requird' (did you mean 'required'?)"),
+    ("settings-decl-unknown-type", '[[destinations]]\nname = "f"\nfunction = "bad_decl.py"\n',
+     "destinations[0].settings.region", "unknown type 'strin' (use string, number, integer"),
     ("handler-not-callable", '[[destinations]]\nname = "f"\nfunction = "not_callable.py"\n',
      "destinations[0].function", "on_track is not a function (it is int)"),
     ("javascript-function", '[[destinations]]\nname = "f"\nfunction = "crm.js"\n',
@@ -145,6 +150,8 @@ def test_cli_check_config_lists_problems_with_key_paths(tmp_path, case, text, wh
         "needs_key.py": 'SETTINGS = {"apiKey": {"type": "string", "required": True}}\n'
         "def on_track(event, settings):\n    pass\n",
         "not_callable.py": "on_track = 5\n\ndef on_identify(event, settings):\n    pass\n",
+        "bad_decl.py": 'SETTINGS = {"region": {"type": "strin", "requird": True}}\n'
+        "def on_track(event, settings):\n    pass\n",
         "crm.js": "async function onTrack(event, settings) {}\n",
     }
     for name, code in files.items():
@@ -389,3 +396,20 @@ async def test_cli_deliveries_escapes_control_characters(make_daemon, tmp_path, 
     # --json is JSON: the values as they are.
     (row,) = orjson.loads(daemon.cli("deliveries", "--json").stdout)
     assert row["message_id"] == event["messageId"]
+
+
+def test_cli_check_config_warns_of_settings_no_settings_declares(tmp_path):
+    (tmp_path / "crm.py").write_text(
+        'SETTINGS = {"region": {"type": "string"}}\n\ndef on_track(event, settings):\n    pass\n'
+    )
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        '[[sources]]\nname = "web"\nwrite_key = "k"\n[[destinations]]\nname = "crm"\n'
+        'function = "crm.py"\nsettings = { regoin = "eu" }\n'
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr  # a warning: the function may read it anyway
+    assert (
+        "warning: destinations[0].settings.regoin: not declared in SETTINGS "
+        "(did you mean 'region'? the function gets it all the same)"
+    ) in result.stderr

@@ -309,3 +309,22 @@ def test_run_function_timeout_is_seconds_or_a_duration_above_zero(files, timeout
     else:
         assert result.returncode == 2
         assert "--timeout: must be a number of seconds above 0" in result.stderr
+
+
+async def test_run_function_says_what_ingest_would_refuse_and_how_many_requests_were_made(files):
+    import asyncio
+
+    (files / "chatty.py").write_text(
+        "from destfnd.functions import fetch\n\nasync def on_track(event, settings):\n"
+        "    for _ in range(55):\n        await fetch(settings['sink'], method='POST', json={})\n"
+    )
+    (files / "no_event.json").write_text('{"type": "track", "userId": "u1"}')
+    async with Sink() as sink:
+        result = await asyncio.to_thread(
+            run_cli, "run-function", str(files / "chatty.py"), "--event",
+            str(files / "no_event.json"), "--settings", orjson.dumps({"sink": sink.url}).decode(),
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(sink.requests) == 55
+    assert "requests: 55, the first 50 recorded" in result.stdout
+    assert "warning: ingest would refuse this event: event: required" in result.stderr

@@ -102,7 +102,7 @@ class Worker:
             self.send({"t": "init_error", "message": str(exc), "stage": stage})
             return
         self.settings = message.get("settings") or {}
-        problems, secret_keys = runtime.check_settings(modules, self.settings)
+        problems, secret_keys, warnings = runtime.check_settings(modules, self.settings)
         self.send({
             "t": "ready",
             "pid": os.getpid(),
@@ -112,6 +112,7 @@ class Worker:
             "near_misses": {stage: runtime.near_misses(m) for stage, m in
                             (("function", self.function), ("insert", self.insert)) if m},
             "settings_problems": problems,
+            "settings_warnings": warnings,
             "secret_settings": secret_keys,
         })  # fmt: skip
 

@@ -35,6 +35,7 @@ _PLUMBING = (
     os.path.dirname(asyncio.__file__),
     os.path.dirname(concurrent.futures.__file__),
 )
+_SETTING_FIELDS = ("type", "required", "secret", "description")
 _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "number": (int, float),
@@ -151,40 +152,66 @@ def user_traceback(exc: BaseException) -> str:
     return text + "".join(traceback.format_exception_only(type(exc), exc))
 
 
-def check_settings(modules: list[tuple[str, ModuleType]], settings: dict) -> tuple[list, list]:
-    """Problems of `settings` against each module's SETTINGS, and the keys declared secret."""
+def check_settings(
+    modules: list[tuple[str, ModuleType]], settings: dict
+) -> tuple[list[str], list[str], list[str]]:
+    """Problems of `settings` against each module's SETTINGS (and of the declarations
+    themselves), the keys declared secret, and warnings: keys no SETTINGS declares."""
     problems: list[str] = []
     secret_keys: list[str] = []
+    declared_keys: set[str] = set()
+    declarations = 0
     for path, module in modules:
         declared = getattr(module, "SETTINGS", None)
         if declared is None:
             continue
+        declarations += 1
         file = Path(path).name
         if not isinstance(declared, dict):
             problems.append(f"settings: SETTINGS in {file} must be a dict")
             continue
+        declared_keys.update(map(str, declared))
         for key, spec in declared.items():
+            where = f"settings.{key}: SETTINGS[{key!r}] in {file}"
             if not isinstance(spec, dict):
-                problems.append(f"settings.{key}: SETTINGS[{key!r}] in {file} must be a dict")
+                problems.append(f"{where} must be a dict")
                 continue
             if spec.get("secret"):
                 secret_keys.append(str(key))
+            for field in [f for f in spec if f not in _SETTING_FIELDS]:
+                hint = difflib.get_close_matches(str(field), _SETTING_FIELDS, n=1)
+                known = (
+                    f"did you mean {hint[0]!r}?" if hint else f"use {', '.join(_SETTING_FIELDS)}"
+                )
+                problems.append(f"{where} has an unknown field {field!r} ({known})")
+            kind = spec.get("type")
+            if kind is not None and kind not in _SETTING_TYPES:
+                types = ", ".join(_SETTING_TYPES)
+                problems.append(f"{where}: unknown type {kind!r} (use {types})")
+                kind = None
+            for flag in ("required", "secret"):
+                if not isinstance(spec.get(flag, False), bool):
+                    problems.append(f"{where}: {flag} must be true or false")
             if key not in settings:
                 if spec.get("required"):
                     about = f" ({spec['description']})" if spec.get("description") else ""
                     problems.append(f"settings.{key}: required by SETTINGS in {file}{about}")
                 continue
-            kind = spec.get("type")
             if kind is None:
-                continue
-            if kind not in _SETTING_TYPES:
-                problems.append(f"settings.{key}: unknown type {kind!r} in SETTINGS of {file}")
                 continue
             value = settings[key]
             wrong_bool = isinstance(value, bool) and kind != "boolean"
             if wrong_bool or not isinstance(value, _SETTING_TYPES[kind]):
                 problems.append(f"settings.{key}: must be {kind}, got {type(value).__name__}")
-    return problems, secret_keys
+    warnings = []
+    if declarations:  # a key no SETTINGS declares is most likely misspelled
+        for key in settings:
+            if key not in declared_keys:
+                hint = difflib.get_close_matches(key, sorted(declared_keys), n=1)
+                also = f"did you mean {hint[0]!r}? " if hint else ""
+                warnings.append(f"settings.{key}: not declared in SETTINGS ({also}the "
+                                "function gets it all the same)")  # fmt: skip
+    return problems, secret_keys, warnings
 
 
 def ok() -> dict:
