@@ -122,10 +122,17 @@ async def spawn(spec: Spec, on_exit: Callable[[Worker, str], None] | None = None
     try:
         async with asyncio.timeout(_START_TIMEOUT_S):
             reply = await protocol.read_frame(reader)
-    except (TimeoutError, protocol.ProtocolError) as exc:
+    except TimeoutError:
         worker.kill()
         await proc.wait()
-        raise InitError(f"the worker did not start: {str(exc) or 'timed out'}") from None
+        raise InitError(
+            f"the function did not load within {_START_TIMEOUT_S:g}s: does code at its module "
+            "level (an import, a network call, a loop) block?"
+        ) from None
+    except protocol.ProtocolError as exc:
+        worker.kill()
+        await proc.wait()
+        raise InitError(f"the worker did not start: {exc}") from None
     except BaseException:  # cancelled (e.g. shutting down): leave no process behind
         worker.kill()
         await asyncio.shield(proc.wait())
