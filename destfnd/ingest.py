@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import json
 import re
 import time
 import zlib
@@ -88,7 +87,7 @@ class Ingest:
             s.name: tuple(d.name for d in cfg.destinations if d.enabled and s.name in d.sources)
             for s in cfg.sources
         }
-        self._auth_cache: dict[str, str | None] = {}
+        self._auth_cache: dict[str, Any] = {}  # str, None or _MALFORMED
         self._received_cache: tuple[int, datetime, str] = (-1, datetime.now(UTC), "")
         self.ready = False  # /healthz and ingest answer 503 until ready and after draining
         self.draining = False
@@ -197,13 +196,14 @@ class Ingest:
 
     async def _body(self, request: web.Request) -> bytes:
         limit = self._server.max_request_bytes
-        declared = request.content_length
-        if declared is not None and declared > limit:  # refused before it is sent
-            raise Rejected(413, "request too large", f"over {limit} bytes")
         try:
             if request.content.is_eof():  # all of it has arrived (nearly always)
                 raw = await request.read()
-            else:  # a client that sends it a trickle at a time holds a connection this long
+            else:
+                declared = request.content_length
+                if declared is not None and declared > limit:  # refused before it is sent
+                    raise Rejected(413, "request too large", f"over {limit} bytes")
+                # A client that sends it a trickle at a time holds a connection this long.
                 async with asyncio.timeout(self._server.body_timeout_s):
                     raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -219,7 +219,8 @@ class Ingest:
         return _gunzip(raw, self._server.max_decompressed_bytes)
 
     def _auth(self, header: str | None) -> str | None:
-        """The write key of an Authorization header; decoded once per distinct header."""
+        """The write key of an Authorization header (or _MALFORMED); decoded once per
+        distinct header."""
         if header is None:
             return None
         key = self._auth_cache.get(header, _MISSING)
@@ -281,8 +282,17 @@ class Ingest:
         return events
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_INT64 = range(-(2**63), 2**64)  # what orjson parses as an int; beyond, a float
+# Each escape in a JSON text, left to right (so "\\\\" is one escape and the next character
+# starts none): a valid surrogate pair (kept), a lone surrogate (1, replaced), anything else.
+_ESCAPES = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|(\\u[dD][89a-fA-F][0-9a-fA-F]{2})|\\.",
+    re.DOTALL,
+)
+
+
+def _replace_lone(match: re.Match[bytes]) -> bytes:
+    return b"\\ufffd" if match.group(1) else match.group(0)
 
 
 def _loads_lone_surrogates(raw: bytes, error: orjson.JSONDecodeError) -> object:
@@ -292,42 +302,28 @@ def _loads_lone_surrogates(raw: bytes, error: orjson.JSONDecodeError) -> object:
     malformed body is refused with orjson's error."""
     if "surrogate" not in str(error):
         raise Rejected(400, "malformed JSON", str(error))
-
-    def fixed(value: object) -> object:
-        if isinstance(value, str):
-            return _LONE_SURROGATE.sub("\ufffd", value)
-        if isinstance(value, list):
-            return [fixed(v) for v in value]
-        if isinstance(value, dict):
-            return {fixed(k): fixed(v) for k, v in value.items()}
-        return value
-
-    def refuse_constant(name: str) -> object:
-        raise ValueError(f"{name} is not JSON")
-
-    def as_orjson_int(text: str) -> int | float:
-        number = int(text)
-        return number if number in _INT64 else float(text)
-
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:  # orjson says "surrogates not allowed" for any of these
-        detail = f"the body is not UTF-8: byte {exc.start} is 0x{raw[exc.start]:02x}"
-        raise Rejected(400, "malformed JSON", detail) from None
-    try:
-        return fixed(json.loads(text, parse_constant=refuse_constant, parse_int=as_orjson_int))
-    except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
-        raise Rejected(400, "malformed JSON", str(error)) from None
+        return orjson.loads(_ESCAPES.sub(_replace_lone, raw))
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")  # orjson says "surrogates not allowed" for any bad byte
+        except UnicodeDecodeError as bad:
+            detail = f"the body is not UTF-8: byte {bad.start} is 0x{raw[bad.start]:02x}"
+            raise Rejected(400, "malformed JSON", detail) from None
+        raise Rejected(400, "malformed JSON", str(exc)) from None
+
+
+_GZIP_MEMBERS = 16
 
 
 def _gunzip(raw: bytes, cap: int) -> bytes:
     """A gzip body inflated, every member of it (RFC 1952 allows several, one after another;
     zero bytes after a member are padding, as for Python's gzip module), refused once it would
     be over `cap` bytes; trailing bytes that are no gzip member are an error rather than
-    silently dropped."""
+    silently dropped. At most _GZIP_MEMBERS members: each one copies what follows it."""
     out = bytearray()
     rest = memoryview(raw)
-    while True:
+    for _ in range(_GZIP_MEMBERS):
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
             out += inflater.decompress(rest, cap + 1 - len(out))
@@ -345,9 +341,10 @@ def _gunzip(raw: bytes, cap: int) -> bytes:
             return bytes(out)
         if rest[:2] != b"\x1f\x8b":
             raise Rejected(400, "bad gzip body", f"{len(rest)} bytes after the gzip stream")
+    raise Rejected(400, "bad gzip body", f"more than {_GZIP_MEMBERS} gzip members")
 
 
-def _basic_user(header: str | None) -> str | None:
+def _basic_user(header: str | None) -> str | Any:
     """The user name of an HTTP Basic header (Segment's write key), None if there is no Basic
     header, `_MALFORMED` if it holds no user name."""
     if not header:

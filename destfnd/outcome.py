@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import math
 from dataclasses import dataclass
+from datetime import UTC
 from enum import StrEnum
 
 
@@ -66,9 +67,11 @@ MAX_RETRY_AFTER_S = 1e9
 def retry_after_hint(value: object) -> float | None:
     """A downstream hint as seconds to wait, clamped to 0..MAX_RETRY_AFTER_S; None if it is
     no number (from a user's function anything is possible)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    if isinstance(value, int):  # any size: 10**400 is no float
+        return float(min(max(value, 0), int(MAX_RETRY_AFTER_S)))
+    return None if math.isnan(value) else min(max(value, 0.0), MAX_RETRY_AFTER_S)
 
 
 def parse_retry_after(value: str | None, now_s: float) -> float | None:
@@ -83,6 +86,8 @@ def parse_retry_after(value: str | None, now_s: float) -> float | None:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:  # "-0000": UTC, not this host's zone
+            when = when.replace(tzinfo=UTC)
         return retry_after_hint(when.timestamp() - now_s)
     except (TypeError, ValueError, OverflowError, OSError):
         return None

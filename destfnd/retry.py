@@ -60,6 +60,6 @@ def decide_retry(
         delay_s = hinted
     at = now + int(delay_s * 1000)
     if at > created_at + int(policy.max_age_s * 1000):
-        wait = f"the Retry-After of {hinted:g}s" if delay_s == hinted else "the next attempt"
+        wait = f"the wait asked for ({hinted:g}s)" if delay_s == hinted else "the next attempt"
         return Decision(Status.EXPIRED, now, f"{wait} would fall past max_age")
     return Decision(Status.RETRYING, at)

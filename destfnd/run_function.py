@@ -3,7 +3,6 @@ process as the daemon would, and prints the outcome, logs, requests and (insert)
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +74,12 @@ async def run(
 ) -> RunResult:  # fmt: skip
     if not file.is_file():
         raise RunError(f"{file}: {'not a file' if file.exists() else 'file not found'}")
+    for index, event in enumerate(events):
+        try:
+            orjson.dumps(event)  # what goes to the worker: orjson writes 254 levels at most
+        except TypeError:
+            where = f"event [{index}]" if batch else "the event"
+            raise RunError(f"{where} is nested more than 254 levels deep") from None
     spec = Spec(
         name=file.name,
         function=None if insert else file.resolve(),
@@ -93,7 +98,9 @@ async def run(
             print(f"warning: --{warning}", file=sys.stderr)
         for index, event in enumerate(events):
             try:  # a copy: validate turns numeric ids into strings, as ingest does
-                segment_spec.validate(copy.deepcopy(event), f"[{index}]." if batch else "")
+                segment_spec.validate(
+                    orjson.loads(orjson.dumps(event)), f"[{index}]." if batch else ""
+                )
             except segment_spec.SpecError as exc:
                 print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
         problems = ready.get("settings_problems", [])
@@ -169,13 +176,13 @@ def render(result: RunResult, batch: bool, insert: bool) -> str:
         status = "passed on" if insert and o["status"] == "delivered" else o["status"]
         text = f"{prefix}outcome: {status}"
         if o["error_type"]:
-            text += f" ({o['error_type']}): {o['message']}"
+            text += f" ({o['error_type']}): {printable(o['message'])}"
         elif o["message"]:
-            text += f": {o['message']}"
+            text += f": {printable(o['message'])}"
         lines.append(text)
     lines.append(f"version: {r['version']}")
     lines.append("logs:" + ("" if r["logs"] else " (none)"))
-    lines += [f"  {line}" for line in r["logs"].rstrip("\n").splitlines()]
+    lines += [f"  {printable(line)}" for line in r["logs"].rstrip("\n").splitlines()]
     made, recorded = r["requests_made"], len(r["requests"])
     if made > recorded:
         lines.append(f"requests: {made}, the first {recorded} recorded")

@@ -31,9 +31,9 @@ _TIMESTAMP = re.compile(
     r"(?:[T ](\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:[.,](\d{1,9}))?)?)?"
     r"\s*(Z|z|UTC|[+-]\d{2}(?::?\d{2})?)?"
 )
-# The longest text the pattern can match is 44 characters ("2015-12-10 04:08:31.123456789"
-# and a zone after spaces): anything longer is refused before the regex sees it, whose
-# `\s*` would otherwise backtrack over a long run of spaces for seconds.
+# A timestamp is at most about 40 characters ("2015-12-10T04:08:31.123456789+01:00"): text
+# longer than this is refused before the regex sees it, whose `\s*` would otherwise
+# backtrack over a long run of spaces for seconds.
 _TIMESTAMP_MAX = 64
 
 

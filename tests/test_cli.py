@@ -122,6 +122,9 @@ BAD = [
      "SETTINGS['region'] in bad_decl.py has an unknown field 'requird' (did you mean 'required'?)"),
     ("settings-decl-unknown-type", '[[destinations]]\nname = "f"\nfunction = "bad_decl.py"\n',
      "destinations[0].settings.region", "unknown type 'strin' (use string, number, integer"),
+    ("settings-decl-type-not-a-string",
+     '[[destinations]]\nname = "f"\nfunction = "list_type.py"\n',
+     "destinations[0].settings.k", "unknown type ['string'] (use string, number"),
     ("handler-not-callable", '[[destinations]]\nname = "f"\nfunction = "not_callable.py"\n',
      "destinations[0].function", "on_track is not a function (it is int)"),
     ("javascript-function", '[[destinations]]\nname = "f"\nfunction = "crm.js"\n',
@@ -151,6 +154,8 @@ def test_cli_check_config_lists_problems_with_key_paths(tmp_path, case, text, wh
         "def on_track(event, settings):\n    pass\n",
         "not_callable.py": "on_track = 5\n\ndef on_identify(event, settings):\n    pass\n",
         "bad_decl.py": 'SETTINGS = {"region": {"type": "strin", "requird": True}}\n'
+        "def on_track(event, settings):\n    pass\n",
+        "list_type.py": 'SETTINGS = {"k": {"type": ["string"]}}\n'
         "def on_track(event, settings):\n    pass\n",
         "crm.js": "async function onTrack(event, settings) {}\n",
     }

@@ -176,6 +176,8 @@ def test_decide_retry_retry_after_past_max_age_expires():
         ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # in the past: now
         ("-5", 0.0),
         ("1e300", MAX_RETRY_AFTER_S),
+        ("1" + "0" * 400, MAX_RETRY_AFTER_S),  # no float, as a number
+        ("Wed, 21 Oct 2015 07:28:10 -0000", 10.0),  # no zone: UTC
         ("inf", MAX_RETRY_AFTER_S),
         ("nan", None),
         ("\u00b2", None),  # str.isdigit() says yes, float() says no
@@ -208,4 +210,12 @@ def test_decide_retry_says_why_it_gave_up():
     )
     late = decide_retry(policy, attempt=1, created_at=NOW, now=NOW, rng=rng, retry_after_s=1e300)
     assert late.status is Status.EXPIRED
-    assert late.why == "the Retry-After of 1e+09s would fall past max_age"
+    assert late.why == "the wait asked for (1e+09s) would fall past max_age"
+
+
+@pytest.mark.parametrize("hint", [10**400, float("inf"), 1e300])
+def test_decide_retry_takes_any_huge_hint_as_past_max_age(hint):
+    decision = decide_retry(
+        Policy(), attempt=1, created_at=NOW, now=NOW, rng=random.Random(3), retry_after_s=hint
+    )
+    assert decision.status is Status.EXPIRED

@@ -328,3 +328,26 @@ async def test_run_function_says_what_ingest_would_refuse_and_how_many_requests_
     assert len(sink.requests) == 55
     assert "requests: 55, the first 50 recorded" in result.stdout
     assert "warning: ingest would refuse this event: event: required" in result.stderr
+
+
+def test_run_function_an_insert_result_that_is_not_json_is_a_bad_request(files):
+    """It was left unanswered (the reply could not be encoded) and ended as a timeout."""
+    (files / "odd_insert.py").write_text(
+        "def on_track(event, settings):\n    event['properties']['tags'] = {'a', 'b'}\n"
+        "    print('\\x1b[31mred\\x1b[0m')\n    return event\n"
+    )
+    result = run_cli("run-function", str(files / "odd_insert.py"), "--insert", "--event",
+                     str(files / "track.json"), "--timeout", "20")  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "outcome: discarded (Bad Request): the insert function's result is not JSON" in (
+        result.stdout
+    )
+    assert "\x1b" not in result.stdout and "\\x1b[31mred" in result.stdout  # escaped
+
+
+def test_run_function_an_event_nested_too_deep_is_one_clear_line(files):
+    deep = '{"type": "track", "event": "e", "userId": "u", "p": ' + '{"a": ' * 300 + "1"
+    (files / "deep.json").write_text(deep + "}" * 301)
+    result = run_cli("run-function", str(files / "crm.py"), "--event", str(files / "deep.json"))
+    assert result.returncode == 3
+    assert result.stderr.strip() == "destfnd: the event is nested more than 254 levels deep"

@@ -15,6 +15,8 @@ import signal
 import sys
 from typing import Any
 
+import orjson
+
 from destfnd.functions import fetching as fetch_module
 from destfnd.functions import record
 from destfnd.sandbox import protocol, runtime
@@ -102,7 +104,12 @@ class Worker:
             self.send({"t": "init_error", "message": str(exc), "stage": stage})
             return
         self.settings = message.get("settings") or {}
-        problems, secret_keys, warnings = runtime.check_settings(modules, self.settings)
+        try:
+            problems, secret_keys, warnings = runtime.check_settings(modules, self.settings)
+        except Exception as exc:  # a SETTINGS declaration no check foresaw
+            why = f"SETTINGS cannot be checked: {type(exc).__name__}: {exc}"
+            self.send({"t": "init_error", "message": why, "stage": stage})
+            return
         self.send({
             "t": "ready",
             "pid": os.getpid(),
@@ -159,7 +166,16 @@ class Worker:
         reply["request_count"] = rec.request_count
         if self.exit_after_reply:
             reply["exiting"] = True
-        self.send(reply)
+        try:
+            self.send(reply)
+        except TypeError:  # an insert function's event holds what JSON cannot (a set, a Decimal)
+            reply = _without_unsendable(reply)
+            try:
+                self.send(reply)
+            except TypeError as exc:  # then in what fetch recorded (a header given as an int)
+                reply["requests"] = []
+                reply["logs"] += f"[the recorded requests could not be sent: {exc}]\n"
+                self.send(reply)
         await self.writer.drain()
         if self.exit_after_reply:
             os._exit(70)  # out of memory: the daemon replaces this worker
@@ -304,6 +320,19 @@ class Worker:
         if isinstance(exc, MemoryError):
             self.exit_after_reply = True
         return outcome
+
+
+def _without_unsendable(reply: dict) -> dict:
+    """`reply` with each event that JSON cannot hold replaced by its Bad Request outcome."""
+    events = reply.get("events") or []
+    for index, event in enumerate(events):
+        try:
+            orjson.dumps(event)
+        except TypeError as exc:
+            what = "the insert function's result is not JSON"
+            reply["outcomes"][index] = runtime.bad_request(f"{what}: {exc}")
+            events[index] = None
+    return reply
 
 
 def _reraise_cancel(exc: BaseException) -> None:

@@ -178,14 +178,14 @@ def check_settings(
                 continue
             if spec.get("secret"):
                 secret_keys.append(str(key))
-            for field in [f for f in spec if f not in _SETTING_FIELDS]:
+            for field in [f for f in spec if not isinstance(f, str) or f not in _SETTING_FIELDS]:
                 hint = difflib.get_close_matches(str(field), _SETTING_FIELDS, n=1)
                 known = (
                     f"did you mean {hint[0]!r}?" if hint else f"use {', '.join(_SETTING_FIELDS)}"
                 )
                 problems.append(f"{where} has an unknown field {field!r} ({known})")
             kind = spec.get("type")
-            if kind is not None and kind not in _SETTING_TYPES:
+            if kind is not None and (not isinstance(kind, str) or kind not in _SETTING_TYPES):
                 types = ", ".join(_SETTING_TYPES)
                 problems.append(f"{where}: unknown type {kind!r} (use {types})")
                 kind = None
