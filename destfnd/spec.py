@@ -172,11 +172,9 @@ def check(event: object, path: str = "") -> Times:
             value = event.get(key)
             if value is not None and not isinstance(value, str):
                 raise SpecError(f"{path}{key}", "must be a string")
-    message_id = event.get("messageId")
-    if message_id is not None and (not isinstance(message_id, str) or not message_id):
-        raise SpecError(f"{path}messageId", "must be a non-empty string")
-    if isinstance(message_id, str) and len(message_id) > _MAX_ID_CHARS:
-        raise SpecError(f"{path}messageId", f"longer than {_MAX_ID_CHARS} characters")
+    if "messageId" in event and not _check_id(event, "messageId", path):
+        # Blank ("", " "): filled by enrich as if absent, rather than all deduplicated as one.
+        del event["messageId"]
     return _parse_optional_time(event, "timestamp", path), _parse_optional_time(
         event, "sentAt", path
     )

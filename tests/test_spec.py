@@ -220,9 +220,9 @@ INVALID_MESSAGES = [
         {"type": "identify", "userId": "u1", "context": ["ip"]}, "context", id="context-not-object"
     ),
     pytest.param(
-        {"type": "track", "userId": "u1", "event": "e", "messageId": 123},
+        {"type": "track", "userId": "u1", "event": "e", "messageId": {"id": 123}},
         "messageId",
-        id="messageId-not-string",
+        id="messageId-object",
     ),
     pytest.param({"type": "identify", "userId": {"id": 1}}, "userId", id="userId-object"),
 ]
@@ -243,9 +243,18 @@ def test_validate_rejects_non_object_message_naming_its_position():
 
 
 def test_validate_coerces_numeric_ids_to_strings():
-    event = validate({"type": "identify", "userId": 12345, "anonymousId": 7})
+    event = validate({"type": "identify", "userId": 12345, "anonymousId": 7, "messageId": 42})
     assert event["userId"] == "12345"
     assert event["anonymousId"] == "7"
+    assert event["messageId"] == "42"
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n"])
+def test_a_blank_message_id_is_filled_as_a_missing_one(blank):
+    """Refused before (""), or kept (" ") so that every blank id deduplicated into one."""
+    event = validate({"type": "track", "userId": "u1", "event": "e", "messageId": blank})
+    enrich(event, RECEIVED_AT, new_message_id=lambda: "generated-1")
+    assert event["messageId"] == "generated-1"
 
 
 def test_validate_accepts_partner_spec_delete_with_null_context():
