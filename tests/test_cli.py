@@ -321,10 +321,22 @@ def test_cli_version_and_bad_limit():
         assert f"--limit: must be a whole number of at least 1, got '{limit}'" in result.stderr
 
 
+def _check_crm(tmp_path, code: str, destination: str = "") -> subprocess.CompletedProcess:
+    """check-config of a config whose one destination runs `code` as crm.py."""
+    (tmp_path / "crm.py").write_text(code)
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        f'[[destinations]]\nname = "crm"\nfunction = "crm.py"\n{destination}'
+    )
+    return run_cli("check-config", "--config", str(path))
+
+
 def test_cli_check_config_warns_of_a_misspelled_handler(tmp_path):
     """A file with real handlers and one misspelled: it loads (a missing handler is allowed:
     Unsupported Event Type), but check-config points the misspelling out."""
-    (tmp_path / "crm.py").write_text(
+    result = _check_crm(
+        tmp_path,
         "from destfnd.functions import fetch\n\n"  # imported names are not the user's
         "def on_track(event, settings, *extra):\n    pass\n\n"
         "def on_identfy(event, settings):\n    pass\n\n"
@@ -338,14 +350,8 @@ def test_cli_check_config_warns_of_a_misspelled_handler(tmp_path):
         "        return f(event, settings, 'client')\n"
         "    return wrapper\n\n"
         "@with_client\n"  # called as (event, settings), whatever f takes
-        "def on_page(event, settings, client):\n    pass\n"
+        "def on_page(event, settings, client):\n    pass\n",
     )
-    path = tmp_path / "destfnd.toml"
-    path.write_text(
-        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
-        '[[destinations]]\nname = "crm"\nfunction = "crm.py"\n'
-    )
-    result = run_cli("check-config", "--config", str(path))
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == [
@@ -404,15 +410,11 @@ async def test_cli_deliveries_escapes_control_characters(make_daemon, tmp_path, 
 
 
 def test_cli_check_config_warns_of_settings_no_settings_declares(tmp_path):
-    (tmp_path / "crm.py").write_text(
-        'SETTINGS = {"region": {"type": "string"}}\n\ndef on_track(event, settings):\n    pass\n'
+    result = _check_crm(
+        tmp_path,
+        'SETTINGS = {"region": {"type": "string"}}\n\ndef on_track(event, settings):\n    pass\n',
+        'settings = { regoin = "eu" }\n',
     )
-    path = tmp_path / "destfnd.toml"
-    path.write_text(
-        '[[sources]]\nname = "web"\nwrite_key = "k"\n[[destinations]]\nname = "crm"\n'
-        'function = "crm.py"\nsettings = { regoin = "eu" }\n'
-    )
-    result = run_cli("check-config", "--config", str(path))
     assert result.returncode == 0, result.stderr  # a warning: the function may read it anyway
     assert (
         "warning: destinations[0].settings.regoin: not declared in SETTINGS "
