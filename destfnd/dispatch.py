@@ -19,6 +19,7 @@ import structlog
 
 from destfnd.config import DestinationConfig
 from destfnd.outcome import ErrorType, Kind, Outcome, Report, retry, same_for_all
+from destfnd.redact import redact_tree
 from destfnd.retry import decide_retry
 from destfnd.store import Claimed, Finished, Status, StoreError, Writer
 from destfnd.store import queue as q
@@ -27,6 +28,7 @@ from destfnd.store.models import Invocation
 log = structlog.get_logger("destfnd.dispatch")
 
 _IDLE_POLL_S = 1.0  # re-check for due work at least this often when nothing woke us
+_MAX_ERROR_CHARS = 4096  # of an error message, stored and logged (an exception can hold megabytes)
 # A failed store write (a full disk) is tried again after this long, doubling up to the second.
 _STORE_RETRY_S = (1.0, 10.0)
 _OUTCOME_STATUS = {
@@ -257,7 +259,7 @@ class Dispatcher:
             duration_ms,
             report.version,
             redact(report.logs),
-            redact(orjson.dumps(report.requests).decode()).encode(),
+            orjson.dumps(redact_tree(redact, report.requests)),
         )
         finished = [
             self._record(claimed, outcome, now, duration_ms)
@@ -282,6 +284,8 @@ class Dispatcher:
             status, at = _OUTCOME_STATUS[outcome.kind], now
         error_type = str(outcome.error_type) if outcome.error_type else None
         message = self._redact(outcome.message) if outcome.message else outcome.message
+        if message and len(message) > _MAX_ERROR_CHARS:  # a function's error can be any size
+            message = f"{message[:_MAX_ERROR_CHARS]}... [{len(message):,} characters in all]"
         if gave_up:
             message = f"{message}; gave up: {gave_up}" if message else f"gave up: {gave_up}"
         finished = Finished(c.delivery_id, status, at, error_type, message, c.attempt, now)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from destfnd.config import Config, DestinationConfig, Secret
+from destfnd.config import Config, DestinationConfig, Secret, config_secrets
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
 from destfnd.outcome import (
@@ -84,7 +84,7 @@ class FunctionDestination:
         where: str = "destination",
     ) -> None:
         self.dest = dest
-        self.pool = Pool(spec_for(dest), size=dest.workers)
+        self.pool = Pool(spec_for(dest), size=dest.workers, redact=redactor)
         self._redactor = redactor
         self._downstream = downstream
         self._where = where
@@ -161,16 +161,20 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
         if dest.kind != "function" and dest.insert_function is None:
             continue
         where = f"destinations[{i}]"
-        pool = Pool(spec_for(dest))
+        # What a function prints or raises while it loads may hold a secret it was given.
+        redact = Redactor(config_secrets(cfg))
+        pool = Pool(spec_for(dest), redact=redact)
         try:
             ready = await pool.start()
         except InitError as exc:
             insert = exc.stage == "insert" or dest.kind != "function"
-            problems.append(f"{where}.{'insert_function' if insert else 'function'}: {exc}")
+            key = "insert_function" if insert else "function"
+            problems.append(f"{where}.{key}: {redact(str(exc))}")
             continue
         finally:
             await pool.close()
-        problems += problems_of(ready, where)
+        redact.add_settings(ready.get("secret_settings", []), dict(spec_for(dest).settings))
+        problems += [redact(p) for p in problems_of(ready, where)]
         warnings.extend(f"{where}.{w}" for w in ready.get("settings_warnings", []))
         for stage, misses in (ready.get("near_misses") or {}).items():
             key = "insert_function" if stage == "insert" else "function"

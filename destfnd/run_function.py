@@ -12,7 +12,7 @@ import orjson
 from destfnd import spec as segment_spec
 from destfnd.errors import DestfndError
 from destfnd.outcome import ErrorType
-from destfnd.redact import Redactor
+from destfnd.redact import Redactor, redact_tree
 from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
 
 _STATUS = {"ok": "delivered", "retry": "retrying", "discard": "discarded", "drop": "dropped"}
@@ -88,7 +88,8 @@ async def run(
         timeout_s=timeout_s,
         memory_limit_bytes=memory_limit_bytes,
     )
-    pool = Pool(spec)
+    redact = Redactor()  # the function's secret settings, once it has said which they are
+    pool = Pool(spec, redact=redact)
     try:
         ready = await pool.start()
     except InitError as exc:
@@ -104,7 +105,6 @@ async def run(
             except segment_spec.SpecError as exc:
                 print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
         problems = ready.get("settings_problems", [])
-        redact = Redactor()
         redact.add_settings(ready.get("secret_settings", []), settings)
         try:
             if problems:  # Segment's editor runs nothing and says Invalid Settings
@@ -135,12 +135,12 @@ async def run(
             for o in reply["outcomes"]
         ],
         "logs": redact(reply.get("logs") or ""),
-        "requests": orjson.loads(redact(orjson.dumps(reply.get("requests") or []).decode())),
+        "requests": redact_tree(redact, reply.get("requests") or []),
         "requests_made": reply.get("request_count", len(reply.get("requests") or [])),
     }  # fmt: skip
     if insert:
         out = reply.get("events") or [None] * len(events)
-        report["events"] = orjson.loads(redact(orjson.dumps(out).decode()))
+        report["events"] = redact_tree(redact, out)
     ok = all(o["kind"] in ("ok", "drop") for o in reply["outcomes"])
     return RunResult(ok, report)
 

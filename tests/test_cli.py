@@ -125,6 +125,9 @@ BAD = [
     ("settings-decl-type-not-a-string",
      '[[destinations]]\nname = "f"\nfunction = "list_type.py"\n',
      "destinations[0].settings.k", "unknown type ['string'] (use string, number"),
+    ("handler-generator", '[[destinations]]\nname = "f"\nfunction = "gen.py"\n',
+     "destinations[0].function",
+     "gen.py:1: on_track is a generator (it has yield): a handler returns (or raises)"),
     ("handler-not-callable", '[[destinations]]\nname = "f"\nfunction = "not_callable.py"\n',
      "destinations[0].function", "on_track is not a function (it is int)"),
     ("javascript-function", '[[destinations]]\nname = "f"\nfunction = "crm.js"\n',
@@ -158,6 +161,7 @@ def test_cli_check_config_lists_problems_with_key_paths(tmp_path, case, text, wh
         "list_type.py": 'SETTINGS = {"k": {"type": ["string"]}}\n'
         "def on_track(event, settings):\n    pass\n",
         "crm.js": "async function onTrack(event, settings) {}\n",
+        "gen.py": "async def on_track(event, settings):\n    yield event\n",
     }
     for name, code in files.items():
         (tmp_path / name).write_text(code)

@@ -600,7 +600,7 @@ async def test_functions_insert_on_batch_in_front_of_a_function_on_batch(
 
 
 ODD_PY = """
-from destfnd.functions import RetryError
+from destfnd.functions import RetryError, ValidationError
 
 class Unprintable(Exception):
     def __str__(self):
@@ -631,6 +631,8 @@ async def on_track(event, settings):
         raise KeyboardInterrupt()
     if kind == "exit":
         raise SystemExit(3)
+    if kind == "huge":
+        raise ValidationError("E" * 100_000)
 """
 
 
@@ -645,7 +647,7 @@ async def test_functions_odd_exceptions_and_retry_hints_have_outcomes(
     dest = function_destination("odd", "odd.py", "{}", timeout='"30s"', _tables=FAST)
     daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
     names = ["str-hint", "list-hint", "inf-hint", "unprintable", "lazy-retry", "base",
-             "interrupt", "exit"]  # fmt: skip
+             "interrupt", "exit", "huge"]  # fmt: skip
     await send(session, daemon, [{"type": "track", "event": n, "messageId": n} for n in names])
     rows = await wait_final(daemon, len(names))
     got = {m: (r["status"], r["error_type"], r["attempts"]) for (_, m), r in rows.items()}
@@ -658,6 +660,7 @@ async def test_functions_odd_exceptions_and_retry_hints_have_outcomes(
         "base": ("discarded", "Bad Request", 1),
         "interrupt": ("discarded", "Bad Request", 1),
         "exit": ("discarded", "Bad Request", 1),
+        "huge": ("discarded", "Message Rejected", 1),
     }
     error = {m: r["error"] for (_, m), r in rows.items()}
     assert error["str-hint"] == "RetryError: HTTP 429; gave up: 2 attempts made (max_attempts)"
@@ -672,6 +675,53 @@ async def test_functions_odd_exceptions_and_retry_hints_have_outcomes(
     assert error["base"] == "Fatal: base"
     assert error["interrupt"] == "KeyboardInterrupt"
     assert error["exit"] == "SystemExit: 3"
+    # Stored and logged cut short: one line of the daemon's log was 5 MB.
+    assert error["huge"] == "ValidationError: " + "E" * 4079 + "... [100,017 characters in all]"
     assert daemon.proc.poll() is None
     events = {r.get("event") for r in daemon.log_records()}
     assert "daemon_crashed" not in events and "worker_replaced" not in events
+
+
+RUNNING_PY = """
+import os
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    if event["event"] == "crash":
+        os._exit(3)
+    os.write(1, b"L" * 200_000 + b"\\n")  # past the output reader's line limit (64 KB)
+    os.write(1, ("stray " + settings["apiKey"] + "\\n").encode())  # not captured: the fd
+    print("version one")
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+
+async def test_functions_a_running_daemon_keeps_the_code_it_started_with(
+    make_daemon, tmp_path, session
+):
+    """Editing (or breaking) a function file does not reach a running daemon: a replaced
+    worker ran the file as it was then, under the old version, and a broken edit made every
+    event of the destination fail and expire. Stray output is read whatever its length,
+    secrets redacted."""
+    fn = tmp_path / "fn.py"
+    fn.write_text(RUNNING_PY)
+    async with Sink() as sink:
+        settings = f'{{ sink = "{sink.url}", apiKey = {{ env = "FN_KEY" }} }}'
+        dest = function_destination("fn", "fn.py", settings, _tables=FAST)
+        daemon = make_daemon(config_text(tmp_path / "db", dest), env={"FN_KEY": SECRET})
+        await daemon.start()
+        fn.write_text("def broken(:\n")  # an edit that does not even compile
+        await send(session, daemon, [{"type": "track", "event": "crash", "messageId": "crash"}])
+        await wait_final(daemon, 1)  # its worker died (twice: the quarantine re-run too)
+        await send(session, daemon, [{"type": "track", "event": "ok", "messageId": "ok"}])
+        rows = await wait_final(daemon, 2)
+    ok = rows["fn", "ok"]
+    assert ok["status"] == "delivered", ok
+    assert ok["history"][0]["logs"] == "version one\n"
+    events = daemon.log_records()
+    assert [e for e in events if e.get("event") == "worker_started"]  # it was replaced
+    assert not [e for e in events if e.get("event") == "worker_start_failed"]
+    stray = [e["line"] for e in events if e.get("event") == "worker_output"]
+    assert "stray [redacted]" in stray
+    assert any(line.startswith("LLLL") for line in stray)
+    assert SECRET not in daemon.log_text()

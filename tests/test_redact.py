@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from destfnd.redact import Redactor
+import orjson
+
+from destfnd.redact import Redactor, redact_tree
 
 
 def test_redact_replaces_every_secret_longest_first():
@@ -19,3 +21,16 @@ def test_redact_settings_declared_secret_nested_values_too():
     assert redact("k-123456 client-1 s-987654 visible-value") == (
         "[redacted] [redacted] [redacted] visible-value"
     )
+
+
+def test_a_secret_is_redacted_where_json_escapes_it_too():
+    """Recorded requests are JSON: a secret with a quote or a backslash (a JSON key file)
+    appears escaped in a body that is JSON text, and was shown."""
+    secret = 'tok"en\\with-quote'
+    redact = Redactor([secret])
+    request = {"request_headers": {"X-Token": secret},
+               "request_body": orjson.dumps({"key": secret}).decode()}  # fmt: skip
+    shown = orjson.dumps(redact_tree(redact, [request])).decode()
+    assert "tok" not in shown
+    assert redact_tree(redact, [request])[0]["request_headers"] == {"X-Token": "[redacted]"}
+    assert redact(f"plain {secret}") == "plain [redacted]"

@@ -351,3 +351,50 @@ def test_run_function_an_event_nested_too_deep_is_one_clear_line(files):
     result = run_cli("run-function", str(files / "crm.py"), "--event", str(files / "deep.json"))
     assert result.returncode == 3
     assert result.stderr.strip() == "destfnd: the event is nested more than 254 levels deep"
+
+
+MISHAPS = """
+import asyncio, logging, sys
+from destfnd.functions import fetch
+
+def on_track(event, settings):  # a plain def: on a thread, with a loop of its own
+    asyncio.run(fetch(settings["sink"], method="POST", json={"from": "thread"}))
+
+async def on_identify(event, settings):
+    await asyncio.sleep(0.5)  # after the thread's loop has closed
+    logging.getLogger("crm").warning("two %s %s", "one")  # a bad format: reported, not raised
+    try:
+        sys.stdout.write(b"bytes")
+    except TypeError as exc:
+        print("refused:", exc)
+    await fetch(settings["sink"], method="POST", json={"from": "loop"})
+
+async def on_page(event, settings):
+    await fetch("ftp://example.com/file")
+"""
+
+
+async def test_run_function_fetch_on_any_loop_and_mishaps_that_real_python_forgives(files):
+    """A plain def's asyncio.run(fetch()) tied the worker's shared session to a loop that
+    then closed: every later fetch failed ("Event loop is closed"). Writing bytes to stdout
+    hung the call; a logging format mistake raised into the handler; a URL that is no
+    http(s) one was retried for hours."""
+    import asyncio
+
+    (files / "mishaps.py").write_text(MISHAPS)
+    events = [{"type": "track", "event": "e", "userId": "u"}, {"type": "identify", "userId": "u"},
+              {"type": "page", "userId": "u"}]  # fmt: skip
+    (files / "three.json").write_bytes(orjson.dumps(events))
+    async with Sink() as sink:
+        result = await asyncio.to_thread(
+            run_cli, "run-function", str(files / "mishaps.py"), "--event",
+            str(files / "three.json"), "--settings", orjson.dumps({"sink": sink.url}).decode(),
+            "--json", "--timeout", "20",
+        )  # fmt: skip
+    report = orjson.loads(result.stdout)
+    outcomes = [(o["status"], o["error_type"]) for o in report["outcomes"]]
+    assert outcomes == [("delivered", None), ("delivered", None), ("discarded", "Bad Request")]
+    assert "not an http(s) URL" in report["outcomes"][2]["message"]
+    assert sorted(orjson.loads(r.body)["from"] for r in sink.requests) == ["loop", "thread"]
+    assert "refused: write() argument must be str, not bytes" in report["logs"]
+    assert "--- Logging error ---" in report["logs"]

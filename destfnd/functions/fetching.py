@@ -5,6 +5,7 @@ A network failure or a timeout raises FetchError, a RetryError: retried unless c
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from destfnd.functions.errors import RetryError
 
 DEFAULT_TIMEOUT_S = 10.0  # the worker sets it to the destination's `timeout`
 _session: aiohttp.ClientSession | None = None
+_home_loop: asyncio.AbstractEventLoop | None = None
 
 
 class FetchError(RetryError):
@@ -55,11 +57,26 @@ def _clip(data: bytes) -> str:
     return f"{head}... [{len(data)} bytes in all]"
 
 
-def _session_for_loop() -> aiohttp.ClientSession:
-    global _session
+def _session_for_loop() -> aiohttp.ClientSession | None:
+    """The worker's shared session (keep-alive connections), on the worker's own loop; None
+    on another loop: a plain `def` handler that runs `asyncio.run(fetch(...))` closes that
+    loop after, and a shared session tied to it would fail every later fetch of the worker
+    ("Event loop is closed"). The first loop to fetch is taken as the worker's own."""
+    global _session, _home_loop
+    loop = asyncio.get_running_loop()
+    if _home_loop is None:
+        _home_loop = loop
+    if loop is not _home_loop:
+        return None
     if _session is None or _session.closed:
         _session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
     return _session
+
+
+def set_home_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The worker's own loop, where the shared session lives (else the first to fetch)."""
+    global _home_loop
+    _home_loop = loop
 
 
 async def close() -> None:
@@ -95,8 +112,10 @@ async def fetch(
     }
     rec = record.current.get()
     started = time.monotonic()
+    shared = _session_for_loop()
+    session = shared or aiohttp.ClientSession()  # one request's own on another loop
     try:
-        async with _session_for_loop().request(
+        async with session.request(
             method, url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
         ) as resp:
             raw = await resp.read()
@@ -104,10 +123,16 @@ async def fetch(
     except TimeoutError:
         entry["error"] = f"no response within {timeout_s:g}s"
         raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
+    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+        # The function's bug, not the network's: no retry helps (Bad Request).
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"fetch {method.upper()} {url!r}: not an http(s) URL") from None
     except aiohttp.ClientError as exc:
         entry["error"] = f"{type(exc).__name__}: {exc}"
         raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
     finally:
+        if shared is None:
+            await session.close()
         entry["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
         if rec is not None:
             rec.request(entry)

@@ -7,6 +7,7 @@ inherited pipes. Its stdout/stderr are not the protocol: print() is captured per
 from __future__ import annotations
 
 import asyncio
+import base64
 import ctypes
 import logging
 import os
@@ -28,7 +29,12 @@ class _Capture:
     def __init__(self, fallback: Any) -> None:
         self._fallback = fallback
 
+    encoding = "utf-8"
+    errors = "strict"
+
     def write(self, text: str) -> int:
+        if not isinstance(text, str):  # as a real text stream says
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         rec = record.current.get()
         if rec is not None:
             rec.log(text)
@@ -43,11 +49,22 @@ class _Capture:
     def isatty(self) -> bool:
         return False
 
+    def writable(self) -> bool:
+        return True
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
 
 class _LogHandler(logging.Handler):
     def emit(self, rec: logging.LogRecord) -> None:
+        try:
+            line = self.format(rec) + "\n"
+        except Exception:  # a bad format string: logging reports it and goes on, never raises
+            self.handleError(rec)
+            return
         call = record.current.get()
-        line = self.format(rec) + "\n"
         if call is not None:
             call.log(line)
         else:
@@ -94,10 +111,15 @@ class Worker:
         stage = None
         try:
             fetch_module.DEFAULT_TIMEOUT_S = float(message.get("timeout_s") or 10)
+            fetch_module.set_home_loop(asyncio.get_running_loop())
             for stage in ("insert", "function"):
                 path = message.get(stage)
                 if path:
-                    module, versions[stage] = runtime.load_function(path, f"destfnd_user_{stage}")
+                    code = message.get(f"{stage}_code")
+                    source = base64.b64decode(code) if code is not None else None
+                    module, versions[stage] = runtime.load_function(
+                        path, f"destfnd_user_{stage}", source
+                    )
                     setattr(self, stage, module)
                     modules.append((path, module))
         except runtime.LoadError as exc:
@@ -374,13 +396,19 @@ async def _main(read_fd: int, write_fd: int) -> None:
         await fetch_module.close()
 
 
+def _ignore(signum: int, frame: Any) -> None:
+    pass
+
+
 def _tie_to_daemon() -> None:
     """The daemon decides when a worker stops (it closes the pipe): a Ctrl-C, a closed
     terminal's SIGHUP or a SIGTERM sent to the whole group (systemd's default) must not kill
     invocations the daemon is draining; and if the daemon dies by SIGKILL, its workers go too
     (Linux: PR_SET_PDEATHSIG)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+        # A handler that does nothing rather than SIG_IGN: an ignored signal stays ignored
+        # in the processes a function starts, which would then outlive their worker.
+        signal.signal(sig, _ignore)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

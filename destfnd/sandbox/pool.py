@@ -5,6 +5,7 @@ dies, blocks or runs out of memory. User code never runs in the daemon process."
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import os
 import signal
@@ -92,8 +93,31 @@ class Worker:
                 pass
 
 
-async def spawn(spec: Spec, on_exit: Callable[[Worker, str], None] | None = None) -> Worker:
-    """Start a worker and load the function in it; raises InitError with a one-line reason."""
+def read_code(spec: Spec) -> dict[str, str]:
+    """The function files' contents (base64), read once: every worker a pool starts, the
+    replacements too, runs what was there when it started, whatever the file holds later."""
+    code = {}
+    for stage, path in (("function", spec.function), ("insert", spec.insert)):
+        if path is not None:
+            try:
+                code[f"{stage}_code"] = base64.b64encode(Path(path).read_bytes()).decode()
+            except OSError as exc:
+                raise InitError(f"{path}: cannot read: {exc.strerror}", stage) from None
+    return code
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+async def spawn(
+    spec: Spec,
+    on_exit: Callable[[Worker, str], None] | None = None,
+    code: dict[str, str] | None = None,
+    redact: Callable[[str], str] = _as_is,
+) -> Worker:
+    """Start a worker and load the function in it (`code`: from read_code, else the files as
+    they are now); raises InitError with a one-line reason."""
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
@@ -118,6 +142,7 @@ async def spawn(spec: Spec, on_exit: Callable[[Worker, str], None] | None = None
         "insert": str(spec.insert) if spec.insert else None,
         "settings": spec.settings,
         "timeout_s": spec.timeout_s,
+        **(code or {}),
     })  # fmt: skip
     try:
         async with asyncio.timeout(_START_TIMEOUT_S):
@@ -148,7 +173,9 @@ async def spawn(spec: Spec, on_exit: Callable[[Worker, str], None] | None = None
     worker.on_exit = on_exit
     worker.tasks = [
         asyncio.create_task(_read_replies(worker, reader), name=f"worker-replies:{proc.pid}"),
-        asyncio.create_task(_read_output(worker, spec.name), name=f"worker-output:{proc.pid}"),
+        asyncio.create_task(
+            _read_output(worker, spec.name, redact), name=f"worker-output:{proc.pid}"
+        ),
     ]
     return worker
 
@@ -187,11 +214,27 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
             worker.on_exit(worker, f"the worker process {reason}")
 
 
-async def _read_output(worker: Worker, name: str) -> None:
+async def _read_output(worker: Worker, name: str, redact: Callable[[str], str]) -> None:
+    """What the worker writes outside an invocation's captured output (a thread's prints, a
+    subprocess, C code), a log line each, secrets redacted; read in chunks, so a line of any
+    length is taken (its first _OUTPUT_LINE_CHARS logged) and the worker never blocks on it."""
     assert worker.proc.stdout is not None
-    while line := await worker.proc.stdout.readline():
-        text = line.decode(errors="replace").rstrip()[:_OUTPUT_LINE_CHARS]
-        log.info("worker_output", destination=name, pid=worker.pid, line=text)
+    pending = b""
+
+    def emit(line: bytes) -> None:
+        text = line[: _OUTPUT_LINE_CHARS * 4].decode(errors="replace").rstrip()
+        log.info("worker_output", destination=name, pid=worker.pid,
+                 line=redact(text)[:_OUTPUT_LINE_CHARS])  # fmt: skip
+
+    while chunk := await worker.proc.stdout.read(65536):
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            emit(line)
+        if len(pending) > 65536:  # a line without an end yet: its start now, the rest dropped
+            emit(pending)
+            pending = b""
+    if pending:
+        emit(pending)
 
 
 def _exit_reason(code: int | None) -> str:
@@ -210,8 +253,9 @@ def _exit_reason(code: int | None) -> str:
 class Pool:
     """`size` workers for one destination, each with many invocations in flight."""
 
-    def __init__(self, spec: Spec, size: int = 1) -> None:
+    def __init__(self, spec: Spec, size: int = 1, redact: Callable[[str], str] = _as_is) -> None:
         self.spec = spec
+        self._redact = redact  # for the workers' stray output
         self.size = size
         self.workers: list[Worker] = []
         self._ids = itertools.count(1)
@@ -224,11 +268,13 @@ class Pool:
         self._quarantine_lock = asyncio.Lock()
         self.last_init_error: str | None = None
         self._log = log.bind(destination=spec.name)
+        self._code: dict[str, str] = {}  # read at start()
 
     async def start(self) -> dict:
         """Start the workers; returns the first one's `ready` (versions, settings problems)."""
+        self._code = read_code(self.spec)
         for _ in range(self.size):
-            self.workers.append(await spawn(self.spec, self._replace))
+            self.workers.append(await spawn(self.spec, self._replace, self._code, self._redact))
         return self.workers[0].ready
 
     async def close(self) -> None:
@@ -269,7 +315,7 @@ class Pool:
         async with self._quarantine_lock:  # one at a time: a crash there is that call's own
             if self._quarantine is None or self._quarantine.retired:
                 try:
-                    self._quarantine = await spawn(self.spec)
+                    self._quarantine = await spawn(self.spec, code=self._code, redact=self._redact)
                 except InitError as exc:
                     raise WorkerFailed(f"the function cannot be loaded: {exc}") from None
             return await self._call_on(self._quarantine, events, batch, stages)
@@ -357,7 +403,7 @@ class Pool:
         try:
             while not self._closed:
                 try:
-                    new = await spawn(self.spec, self._replace)
+                    new = await spawn(self.spec, self._replace, self._code, self._redact)
                 except (InitError, OSError) as exc:
                     self.last_init_error = str(exc)
                     self._log.error("worker_start_failed", error=str(exc))

@@ -50,13 +50,16 @@ class LoadError(Exception):
     """A function file could not be loaded; the message is one line for the user."""
 
 
-def load_function(path: str, name: str) -> tuple[ModuleType, str]:
-    """Import the file at `path` as module `name`; returns it and its version (content hash)."""
+def load_function(path: str, name: str, source: bytes | None = None) -> tuple[ModuleType, str]:
+    """Import the file at `path` as module `name`; returns it and its version (content hash).
+    `source`: the file's content as the daemon read it at start (every worker of a running
+    daemon runs the same code, whatever happens to the file), else read now."""
     file = Path(path)
-    try:
-        source = file.read_bytes()
-    except OSError as exc:
-        raise LoadError(f"{path}: cannot read: {exc.strerror}") from None
+    if source is None:
+        try:
+            source = file.read_bytes()
+        except OSError as exc:
+            raise LoadError(f"{path}: cannot read: {exc.strerror}") from None
     version = hashlib.sha256(source).hexdigest()[:12]
     folder = str(file.parent)
     if folder not in sys.path:
@@ -71,7 +74,7 @@ def load_function(path: str, name: str) -> tuple[ModuleType, str]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, path, "exec", dont_inherit=True), module.__dict__)
     except SyntaxError as exc:
         where = f"{path}:{exc.lineno}" if exc.lineno else path
         raise LoadError(f"{where}: SyntaxError: {exc.msg}") from None
@@ -92,7 +95,14 @@ def load_function(path: str, name: str) -> tuple[ModuleType, str]:
 
 def _check_signature(path: str, name: str, handler: Any) -> None:
     """A handler is called as handler(event, settings) (on_batch: events, settings): one that
-    cannot be is refused at load, not found out at its first event."""
+    cannot be is refused at load, not found out at its first event. So is a generator, whose
+    body calling it would not even start."""
+    if inspect.isgeneratorfunction(handler) or inspect.isasyncgenfunction(handler):
+        code = handler.__code__
+        raise LoadError(
+            f"{code.co_filename}:{code.co_firstlineno}: {name} is a generator (it has yield): "
+            "a handler returns (or raises), it does not yield"
+        )
     try:
         # Not through __wrapped__: a decorator's wrapper is what gets called.
         signature = inspect.signature(handler, follow_wrapped=False)
