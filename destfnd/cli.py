@@ -109,7 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=[s.value for s in Status], help="only this status")
     p.add_argument("--message-id", metavar="ID", help="only the deliveries of this event")
     p.add_argument(
-        "--limit", type=_positive, default=20, metavar="K", help="at most K (default 20)"
+        "--limit",
+        type=_limit,
+        default=20,
+        metavar="K",
+        help="at most K (default 20, at most 10000)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p = sub.add_parser(
@@ -131,13 +135,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
+def _limit(text: str) -> int:
+    """1 to 10,000: every delivery listed is held in memory with all its attempts."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 10000, got {text!r}")
     return value
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import fcntl
 import gc
+import os
 import signal
 import sqlite3
 import time
@@ -43,11 +44,29 @@ class DaemonError(DestfndError):
     """The daemon cannot start."""
 
 
+_WATCH_FILE_S = 1.0
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def lock_database(path: Path) -> IO[bytes]:
     """Hold an exclusive lock beside the database for the daemon's lifetime: two daemons on
-    one file would deliver everything twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = (path.parent / f"{path.name}.lock").open("ab")
+    one file would deliver everything twice. Beside the file itself, symbolic links
+    resolved: two paths to one file are one lock."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        real = Path(os.path.realpath(path))
+        lock = (real.parent / f"{real.name}.lock").open("ab")
+    except OSError as exc:
+        raise StoreError(
+            f"{path}: cannot create the database's lock file: {exc.strerror}"
+        ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -68,6 +87,7 @@ class Daemon:
         self.records_bytes = 0  # logs and requests recorded, against storage.records_max_size
         self._progress: sdnotify.StartProgress | None = None  # while the store opens
         self._http_open = False
+        self.failure: str | None = None  # why the daemon stopped on its own (exit 1)
 
     @property
     def stop_requested(self) -> bool:
@@ -89,6 +109,8 @@ class Daemon:
         finally:
             lock.close()
         log.info("daemon_stopped")
+        if self.failure is not None:
+            raise DaemonError(self.failure)
 
     def _open_store(
         self, progress: sdnotify.StartProgress
@@ -117,6 +139,13 @@ class Daemon:
             if recovered:
                 log.info("leases_recovered", deliveries=recovered)
             self.records_bytes = q.invocations_size(conn)
+            configured = {d.name for d in self.cfg.destinations}
+            for name, counts in sorted(q.status_counts(conn).items()):
+                waiting = counts.get("pending", 0) + counts.get("retrying", 0)
+                if name not in configured and waiting:
+                    # Renamed or removed from the config: they wait for it to come back.
+                    log.warning("deliveries_without_destination", destination=name,
+                                unfinished=waiting)  # fmt: skip
             progress.status = "starting: reading the messageIds of recent events (dedupe)"
             dedupe = Dedupe.load(conn)
             conn.set_progress_handler(None, 0)  # the writer's statements are not start-up
@@ -229,6 +258,7 @@ class Daemon:
                 for name, d in self.dispatchers.items()
             ]
             pruner = tg.create_task(self._prune_loop(writer, dedupe), name="prune")
+            watcher = tg.create_task(self._watch_file(), name="watch-database")
             watchdog_s = sdnotify.watchdog_interval_s()
             watchdog = None
             if watchdog_s is not None:
@@ -254,6 +284,7 @@ class Daemon:
                 d.stop()
             await self._drain(tasks)
             pruner.cancel()
+            watcher.cancel()
             # Requests still running commit before the writer closes.
             self._http_open = False
             await runner.cleanup()
@@ -334,6 +365,23 @@ class Daemon:
                 # Even a delete needs room in the WAL: with the disk full, try next time.
                 log.warning("prune_failed", error=str(exc))
             await asyncio.sleep(_PRUNE_EVERY_S)
+
+    async def _watch_file(self) -> None:
+        """The database file deleted or replaced under the running daemon (`rm -rf var/`):
+        SQLite would go on committing to the unlinked file, and everything since would be
+        gone at the next start. Stop at once (ingest answers 503) and exit 1."""
+        path = self.cfg.storage.path
+        started = _identity(path)
+        while True:
+            await asyncio.sleep(_WATCH_FILE_S)
+            if _identity(path) != started:
+                self.failure = (
+                    f"{path}: the database file was deleted or replaced while the daemon ran; "
+                    f"events acknowledged in the last {_WATCH_FILE_S:g}s before this may be lost"
+                )
+                log.error("database_file_gone", database=str(path))
+                self.request_stop()
+                return
 
     async def _watchdog(self, writer: Writer, every_s: float) -> None:
         """WATCHDOG=1 every half WatchdogSec while the event loop runs and the SQLite writer

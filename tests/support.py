@@ -9,6 +9,7 @@ import asyncio
 import base64
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -324,3 +325,10 @@ def database_at_schema(path: Path, version: int):
                 conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {version}")
     return conn
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/in"  # nothing listens once the socket is closed

@@ -238,6 +238,23 @@ async def test_cli_serve_refuses_a_busy_port_and_a_second_daemon_clearly(make_da
     assert second.returncode == 1
     assert "another destfnd is already serving this database" in second.stderr
     assert "Traceback" not in second.stderr
+    # The same file through a symbolic link is the same database (it was served twice, and
+    # every event delivered twice).
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "link.sqlite3").symlink_to(tmp_path / "db.sqlite3")
+    linked = tmp_path / "other" / "linked.toml"
+    linked.write_text(config_text(tmp_path / "other" / "link.sqlite3", ""))
+    third = run_cli("serve", "--config", str(linked))
+    assert third.returncode == 1
+    assert "another destfnd is already serving this database" in third.stderr
+    # A database whose folder cannot be made: one line, exit 4 (it was a traceback).
+    (tmp_path / "a-file").write_text("")
+    nowhere = tmp_path / "nowhere.toml"
+    nowhere.write_text(config_text(tmp_path / "a-file" / "db.sqlite3", ""))
+    fourth = run_cli("serve", "--config", str(nowhere))
+    assert fourth.returncode == 4, fourth.stderr
+    assert "cannot create the database's lock file" in fourth.stderr
+    assert "Traceback" not in fourth.stderr
 
     busy = tmp_path / "busy.toml"
     busy.write_text(
@@ -319,10 +336,10 @@ def test_cli_version_and_bad_limit():
 
     result = run_cli("--version")
     assert (result.returncode, result.stdout) == (0, f"destfnd {__version__}\n")
-    for limit in ("0", "-1", "ten"):
+    for limit in ("0", "-1", "ten", "10001"):  # 200,000 took 530 MB: all held in memory
         result = run_cli("deliveries", "--limit", limit)
         assert result.returncode == 2
-        assert f"--limit: must be a whole number of at least 1, got '{limit}'" in result.stderr
+        assert f"--limit: must be a whole number from 1 to 10000, got '{limit}'" in result.stderr
 
 
 def _check_crm(tmp_path, code: str, destination: str = "") -> subprocess.CompletedProcess:

@@ -4,22 +4,14 @@ SQLite file and real aiohttp sinks on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import aiohttp
 import pytest
 from aiohttp import web
-from support import Reply, Sink, config_text, post, running_daemon, webhook
+from support import Reply, Sink, closed_port_url, config_text, post, running_daemon, webhook
 
 FAST_RETRY = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "20ms", "backoff_max": "50ms"}
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/in"  # nothing listens once the socket is closed
 
 
 async def send(d: running_daemon, n: int, prefix: str = "m") -> list[str]:

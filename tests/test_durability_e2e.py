@@ -17,7 +17,16 @@ import time
 import aiohttp
 import orjson
 import pytest
-from support import WRITE_KEY, Reply, Sink, config_text, post, run_cli, webhook
+from support import (
+    WRITE_KEY,
+    Reply,
+    Sink,
+    closed_port_url,
+    config_text,
+    post,
+    run_cli,
+    webhook,
+)
 
 LOAD_CLIENTS = 16
 
@@ -481,3 +490,40 @@ async def _wait_stats(daemon, done, timeout_s: float = 60.0) -> dict:
         if done(stats) or time.monotonic() > deadline:
             return stats
         await asyncio.sleep(0.2)
+
+
+async def test_a_database_deleted_under_the_running_daemon_stops_it(make_daemon, tmp_path, session):
+    """SQLite would go on committing to the unlinked file and answering 200, and a restart
+    would start empty: every event since lost without a word."""
+    async with Sink() as sink:
+        db = tmp_path / "db.sqlite3"
+        daemon = await make_daemon(config_text(db, webhook("hook", sink.url))).start()
+        event = {"userId": "u1", "event": "Paid"}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"db.sqlite3{suffix}").unlink(missing_ok=True)
+        assert await daemon.wait(timeout_s=20) == 1
+    gone = [r for r in daemon.log_records() if r.get("event") == "database_file_gone"]
+    assert gone and gone[0]["level"] == "error"
+    assert "the database file was deleted or replaced while the daemon ran" in daemon.log_text()
+
+
+async def test_deliveries_of_a_destination_gone_from_the_config_are_logged_at_start(
+    make_daemon, tmp_path, session
+):
+    """Renamed or removed: its unfinished deliveries wait for it, and the start says so."""
+    retry = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "1h", "backoff_max": "1h"}
+    config = config_text(tmp_path / "db.sqlite3", webhook("old", closed_port_url(), retry=retry))
+    daemon = await make_daemon(config).start()
+    assert (await post(session, f"{daemon.url}/v1/track", {"userId": "u", "event": "e"}))[0] == 200
+    deadline = time.monotonic() + 10
+    while daemon.stats()["old"]["retrying"] != 1:
+        assert time.monotonic() < deadline, daemon.stats()
+        await asyncio.sleep(0.05)
+    assert await daemon.terminate() == 0
+    daemon.config.write_text(config.replace('name = "old"', 'name = "new"'))
+    await daemon.start()
+    (line,) = [
+        r for r in daemon.log_records() if r.get("event") == "deliveries_without_destination"
+    ]
+    assert (line["destination"], line["unfinished"], line["level"]) == ("old", 1, "warning")
