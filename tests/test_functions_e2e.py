@@ -725,3 +725,38 @@ async def test_functions_a_running_daemon_keeps_the_code_it_started_with(
     assert "stray [redacted]" in stray
     assert any(line.startswith("LLLL") for line in stray)
     assert SECRET not in daemon.log_text()
+
+
+BLOCKING_PY = """
+import time
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    if event["event"] == "block":
+        time.sleep(5)  # in an async def: the worker's loop stops
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+
+async def test_functions_a_neighbour_of_a_blocking_invocation_loses_no_attempt(
+    make_daemon, tmp_path, session
+):
+    """The worker is killed for the one that blocked it; the neighbour waiting in it was
+    charged an attempt ("killed by SIGKILL") while the culprit got the free re-run."""
+    (tmp_path / "fn.py").write_text(BLOCKING_PY)
+    async with Sink() as sink:
+        settings = f'{{ sink = "{sink.url}" }}'
+        one_try = "[destinations.retry]\nmax_attempts = 1\n"
+        dest = function_destination("fn", "fn.py", settings, timeout='"2s"', _tables=one_try)
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        await send(session, daemon, [{"type": "track", "event": "block", "messageId": "block"}])
+        # In the blocked worker still when it is killed (at the culprit's timeout, 2 s, and a
+        # ping's grace, 1 s), its own timeout not yet come.
+        await asyncio.sleep(1.5)
+        await send(session, daemon, [{"type": "track", "event": "fine", "messageId": "fine"}])
+        rows = await wait_final(daemon, 2)
+    assert (rows["fn", "fine"]["status"], rows["fn", "fine"]["attempts"]) == ("delivered", 1)
+    assert (rows["fn", "block"]["status"], rows["fn", "block"]["error_type"]) == (
+        "expired",
+        "Timeout",
+    )

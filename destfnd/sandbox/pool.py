@@ -347,6 +347,12 @@ class Pool:
                     late = None
                 raise CallTimedOut(late) from None
             # The worker's loop is blocked or a thread is stuck: every invocation in it waits.
+            # The others did not block it: each runs again in quarantine, at no attempt's cost
+            # (once the worker is killed, the one left alone would look like its culprit).
+            for other_id, other in worker.inflight.items():
+                if other_id != call_id and not other.done():
+                    other.set_exception(WorkerFailed(
+                        "the worker was blocked by another invocation", shared=True))  # fmt: skip
             self._replace(worker, "blocked: a timed-out invocation did not let go")
             if shared:
                 raise WorkerFailed("the worker was blocked, maybe by another invocation",
