@@ -169,6 +169,16 @@ def config_secrets(cfg: Config) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def secret_env_names(cfg: Config) -> tuple[str, ...]:
+    """The environment variables the config reads secrets from (`{ env = "NAME" }`): kept
+    from function workers, which get their own settings, resolved, and no other's."""
+    found: list[Any] = [s.write_key for s in cfg.sources]
+    for dest in cfg.destinations:
+        found += [value for _, value in dest.headers] + _walk(dest.settings)
+    names = (s.origin[4:] for s in found if isinstance(s, Secret) and s.origin.startswith("env:"))
+    return tuple(dict.fromkeys(names))
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,

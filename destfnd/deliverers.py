@@ -3,7 +3,7 @@ file sink, or worker processes running the user's function), all or none."""
 
 from __future__ import annotations
 
-from destfnd.config import Config, DestinationConfig
+from destfnd.config import Config, DestinationConfig, secret_env_names
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
 from destfnd.function_destination import FunctionDestination
@@ -15,14 +15,16 @@ class DestinationStartError(DestfndError):
     """A destination cannot start: its function does not load, or its file cannot be opened."""
 
 
-def make_deliverer(dest: DestinationConfig, redactor: Redactor, where: str) -> Deliverer:
+def make_deliverer(
+    dest: DestinationConfig, redactor: Redactor, where: str, hidden_env: tuple[str, ...] = ()
+) -> Deliverer:
     builtin: Deliverer | None = None
     if dest.kind == "webhook":
         builtin = Webhook(dest)
     elif dest.kind == "file":
         builtin = FileSink(dest)
     if dest.kind == "function" or dest.insert_function is not None:
-        return FunctionDestination(dest, redactor, builtin, where=where)
+        return FunctionDestination(dest, redactor, builtin, where=where, hidden_env=hidden_env)
     assert builtin is not None
     return builtin
 
@@ -32,11 +34,12 @@ async def start_deliverers(cfg: Config, redactor: Redactor) -> dict[str, Deliver
     close the ones started and raise one error listing every problem."""
     started: dict[str, Deliverer] = {}
     problems: list[str] = []
+    hidden = secret_env_names(cfg)  # every destination's function gets its settings only
     try:
         for i, dest in enumerate(cfg.destinations):
             if not dest.enabled:
                 continue
-            deliverer = make_deliverer(dest, redactor, f"destinations[{i}]")
+            deliverer = make_deliverer(dest, redactor, f"destinations[{i}]", hidden)
             try:
                 await deliverer.start()
             except DestfndError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from destfnd.config import Config, DestinationConfig, Secret, config_secrets
+from destfnd.config import Config, DestinationConfig, Secret, config_secrets, secret_env_names
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
 from destfnd.outcome import (
@@ -41,9 +41,10 @@ def plain_settings(value: object) -> object:
     return value
 
 
-def spec_for(dest: DestinationConfig) -> Spec:
+def spec_for(dest: DestinationConfig, hidden_env: tuple[str, ...] = ()) -> Spec:
     function = dest.function if dest.kind == "function" else None
     return Spec(
+        hidden_env=hidden_env,
         name=dest.name,
         function=function,
         insert=dest.insert_function,
@@ -82,9 +83,10 @@ class FunctionDestination:
         downstream: Deliverer | None = None,
         *,
         where: str = "destination",
+        hidden_env: tuple[str, ...] = (),
     ) -> None:
         self.dest = dest
-        self.pool = Pool(spec_for(dest), size=dest.workers, redact=redactor)
+        self.pool = Pool(spec_for(dest, hidden_env), size=dest.workers, redact=redactor)
         self._redactor = redactor
         self._downstream = downstream
         self._where = where
@@ -163,7 +165,7 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
         where = f"destinations[{i}]"
         # What a function prints or raises while it loads may hold a secret it was given.
         redact = Redactor(config_secrets(cfg))
-        pool = Pool(spec_for(dest), redact=redact)
+        pool = Pool(spec_for(dest, secret_env_names(cfg)), redact=redact)
         try:
             ready = await pool.start()
         except InitError as exc:

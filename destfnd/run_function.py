@@ -162,6 +162,8 @@ def request_lines(req: dict, indent: str) -> list[str]:
     answer = printable(req.get("status", req.get("error", "?")))
     url = printable(req["url"])
     lines = [f"{indent}{req['method']} {url} -> {answer} ({req.get('duration_ms')} ms)"]
+    if req.get("redirected_to"):
+        lines.append(f"{indent}  redirected to: {printable(req['redirected_to'])}")
     for key in ("request_body", "response_body"):
         if req.get(key):
             lines.append(f"{indent}  {key.replace('_', ' ')}: {printable(req[key])}")

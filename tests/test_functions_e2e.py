@@ -691,7 +691,7 @@ async def on_track(event, settings):
         os._exit(3)
     os.write(1, b"L" * 200_000 + b"\\n")  # past the output reader's line limit (64 KB)
     os.write(1, ("stray " + settings["apiKey"] + "\\n").encode())  # not captured: the fd
-    print("version one")
+    print("version one; FN_KEY in the environment:", "FN_KEY" in os.environ)
     await fetch(settings["sink"], method="POST", json=event)
 """
 
@@ -717,7 +717,9 @@ async def test_functions_a_running_daemon_keeps_the_code_it_started_with(
         rows = await wait_final(daemon, 2)
     ok = rows["fn", "ok"]
     assert ok["status"] == "delivered", ok
-    assert ok["history"][0]["logs"] == "version one\n"
+    # The secret came in settings, and is not in the worker's environment (any function
+    # could read any destination's there).
+    assert ok["history"][0]["logs"] == "version one; FN_KEY in the environment: False\n"
     events = daemon.log_records()
     assert [e for e in events if e.get("event") == "worker_started"]  # it was replaced
     assert not [e for e in events if e.get("event") == "worker_start_failed"]

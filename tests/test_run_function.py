@@ -398,3 +398,61 @@ async def test_run_function_fetch_on_any_loop_and_mishaps_that_real_python_forgi
     assert sorted(orjson.loads(r.body)["from"] for r in sink.requests) == ["loop", "thread"]
     assert "refused: write() argument must be str, not bytes" in report["logs"]
     assert "--- Logging error ---" in report["logs"]
+
+
+FETCH_ARGS = """
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    res = await fetch(settings["sink"] + "/moved", method="POST", headers={"X-Count": 5},
+                      body="plain")
+    print("status", res.status)
+
+async def on_identify(event, settings):
+    await fetch(settings["sink"], body={"an": "object"})
+
+async def on_page(event, settings):
+    await fetch(settings["sink"], timeout=0)
+"""
+
+
+async def test_run_function_fetch_arguments_and_redirects(files):
+    import asyncio
+
+    from aiohttp import web
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/landed")
+
+    async def landed(request: web.Request) -> web.Response:
+        return web.Response(text=f"{request.method} {request.headers.get('X-Count')}")
+
+    app = web.Application()
+    app.router.add_post("/moved", moved)
+    app.router.add_get("/landed", landed)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    (files / "args.py").write_text(FETCH_ARGS)
+    events = [{"type": "track", "event": "e", "userId": "u"}, {"type": "identify", "userId": "u"},
+              {"type": "page", "userId": "u"}]  # fmt: skip
+    (files / "three.json").write_bytes(orjson.dumps(events))
+    try:
+        result = await asyncio.to_thread(
+            run_cli, "run-function", str(files / "args.py"), "--event", str(files / "three.json"),
+            "--settings", orjson.dumps({"sink": url}).decode(), "--json",
+        )  # fmt: skip
+    finally:
+        await runner.cleanup()
+    report = orjson.loads(result.stdout)
+    track, identify, page = report["outcomes"]
+    assert track["status"] == "delivered"
+    assert "status 200" in report["logs"]
+    (moved_request,) = [r for r in report["requests"] if r["url"].endswith("/moved")]
+    assert moved_request["redirected_to"] == f"{url}/landed"
+    assert moved_request["response_body"] == "GET 5"  # a 302 turns a POST into a GET
+    assert (identify["error_type"], page["error_type"]) == ("Bad Request", "Bad Request")
+    assert "use json= for an object" in identify["message"]
+    assert "timeout=) must be a number of seconds above 0" in page["message"]

@@ -96,7 +96,11 @@ async def fetch(
     """Make an HTTP request; `json=` serializes the body and sets Content-Type."""
     if json is not None and body is not None:
         raise TypeError("fetch() takes body= or json=, not both")
-    headers = dict(headers or {})
+    if body is not None and not isinstance(body, str | bytes):
+        what = type(body).__name__
+        raise TypeError(f"fetch(body=) takes str or bytes, not {what}: use json= for an object")
+    # Header values as text, as JavaScript's fetch makes them ({"X-Count": 5}).
+    headers = {str(k): v if isinstance(v, str) else str(v) for k, v in (headers or {}).items()}
     data: bytes | None
     if json is not None:
         data = orjson.dumps(json)
@@ -104,6 +108,8 @@ async def fetch(
     else:
         data = body.encode() if isinstance(body, str) else body
     timeout_s = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
+    if not timeout_s > 0:
+        raise ValueError(f"fetch(timeout=) must be a number of seconds above 0, got {timeout!r}")
     entry: dict[str, Any] = {
         "method": method.upper(),
         "url": url,
@@ -137,6 +143,8 @@ async def fetch(
         if rec is not None:
             rec.request(entry)
     entry["status"] = response.status
+    if resp.history:  # followed, as JavaScript's fetch does: the record says where it ended
+        entry["redirected_to"] = str(resp.url)
     entry["response_headers"] = record.safe_headers(response.headers)
     entry["response_body"] = _clip(raw)
     return response

@@ -64,6 +64,7 @@ class Spec:
     settings: dict
     timeout_s: float
     memory_limit_bytes: int
+    hidden_env: tuple[str, ...] = ()  # environment variables the worker does not get
 
 
 @dataclass
@@ -120,7 +121,8 @@ async def spawn(
     they are now); raises InitError with a one-line reason."""
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in spec.hidden_env}
+    env.update(MALLOC_ARENA_MAX="2", PYTHONUNBUFFERED="1")
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "destfnd.sandbox.child",
