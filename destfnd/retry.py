@@ -53,7 +53,8 @@ def decide_retry(
     fall after `created_at + max_age`. A downstream `Retry-After` is honoured as a minimum.
     """
     if attempt >= policy.max_attempts:
-        return Decision(Status.EXPIRED, now, f"{attempt} attempts made (max_attempts)")
+        made = f"{attempt} attempts made (max_attempts = {policy.max_attempts})"
+        return Decision(Status.EXPIRED, now, made)
     delay_s = backoff_s(policy, attempt, rng)
     hinted = retry_after_hint(retry_after_s)
     if hinted is not None and hinted > delay_s:

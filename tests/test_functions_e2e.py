@@ -663,7 +663,7 @@ async def test_functions_odd_exceptions_and_retry_hints_have_outcomes(
         "huge": ("discarded", "Message Rejected", 1),
     }
     error = {m: r["error"] for (_, m), r in rows.items()}
-    assert error["str-hint"] == "RetryError: HTTP 429; gave up: 2 attempts made (max_attempts)"
+    assert error["str-hint"] == "RetryError: HTTP 429; gave up: 2 attempts made (max_attempts = 2)"
     first, second = rows["odd", "str-hint"]["history"]
     gap_ms = parse_timestamp(second["at"]) - parse_timestamp(first["at"])
     assert gap_ms.total_seconds() >= 0.95  # "1" waited for as seconds (the backoff: 50-100 ms)

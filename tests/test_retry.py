@@ -206,7 +206,7 @@ def test_decide_retry_says_why_it_gave_up():
     policy = Policy(max_attempts=3, max_age_s=3600.0)
     rng = random.Random(1)
     assert decide_retry(policy, attempt=3, created_at=NOW, now=NOW, rng=rng).why == (
-        "3 attempts made (max_attempts)"
+        "3 attempts made (max_attempts = 3)"
     )
     late = decide_retry(policy, attempt=1, created_at=NOW, now=NOW, rng=rng, retry_after_s=1e300)
     assert late.status is Status.EXPIRED
