@@ -88,6 +88,7 @@ class Daemon:
         self._progress: sdnotify.StartProgress | None = None  # while the store opens
         self._http_open = False
         self.failure: str | None = None  # why the daemon stopped on its own (exit 1)
+        self._db_identity: tuple[int, int] | None = None  # the database file, once open
 
     @property
     def stop_requested(self) -> bool:
@@ -219,6 +220,7 @@ class Daemon:
             if store is None:
                 return
             conn, dedupe = store
+            self._db_identity = _identity(cfg.storage.path)  # before functions take seconds
             writer = Writer(conn, dedupe)
             redactor = Redactor(config_secrets(cfg))
             deliverers = await start_deliverers(cfg, redactor)
@@ -371,13 +373,13 @@ class Daemon:
         SQLite would go on committing to the unlinked file, and everything since would be
         gone at the next start. Stop at once (ingest answers 503) and exit 1."""
         path = self.cfg.storage.path
-        started = _identity(path)
+        started = self._db_identity
         while True:
             await asyncio.sleep(_WATCH_FILE_S)
             if _identity(path) != started:
                 self.failure = (
                     f"{path}: the database file was deleted or replaced while the daemon ran; "
-                    f"events acknowledged in the last {_WATCH_FILE_S:g}s before this may be lost"
+                    "what it held (every unfinished delivery) went with it"
                 )
                 log.error("database_file_gone", database=str(path))
                 self.request_stop()

@@ -14,12 +14,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-import orjson
 import structlog
 
 from destfnd.config import DestinationConfig
 from destfnd.outcome import ErrorType, Kind, Outcome, Report, retry, same_for_all
-from destfnd.redact import redact_tree
+from destfnd.redact import redacted_json
 from destfnd.retry import decide_retry
 from destfnd.store import Claimed, Finished, Status, StoreError, Writer
 from destfnd.store import queue as q
@@ -259,7 +258,7 @@ class Dispatcher:
             duration_ms,
             report.version,
             redact(report.logs),
-            orjson.dumps(redact_tree(redact, report.requests)),
+            redacted_json(redact, report.requests),
         )
         finished = [
             self._record(claimed, outcome, now, duration_ms)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import orjson
 
@@ -18,6 +19,7 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self._escaped = False  # a secret has a character JSON escapes
         for secret in secrets:
             self.add(secret)
 
@@ -25,11 +27,12 @@ class Redactor:
         if len(secret) < MIN_SECRET_CHARS or secret in self._secrets:
             return
         self._secrets.add(secret)
-        # As JSON writes it too (recorded request bodies and headers are JSON): a secret with
-        # a quote or a backslash (a JSON key file) appears there escaped.
+        # As JSON writes it too (a request body in JSON): a secret with a quote or a backslash
+        # (a JSON key file) appears there escaped.
+        # And as a URL's query or a form body carries it (a key in `?api_key=`).
         escaped = orjson.dumps(secret).decode()[1:-1]
-        if escaped != secret:
-            self._secrets.add(escaped)
+        self._escaped = self._escaped or escaped != secret
+        self._secrets.update({escaped, quote(secret, safe=""), quote_plus(secret)})
         # Longest first, in one pass: a secret that contains another is hidden whole.
         ordered = sorted(self._secrets, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered)))
@@ -44,10 +47,27 @@ class Redactor:
     def empty(self) -> bool:
         return self._pattern is None
 
+    def maybe_in_json(self, text: str) -> bool:
+        """Whether a secret may be in the strings of the JSON `text`. Certain when none has
+        a character JSON escapes: then a secret in a string is in the text as it is. A secret
+        with one may be in a string that is itself JSON (a request body), escaped twice."""
+        if self._pattern is None:
+            return False
+        return self._escaped or self._pattern.search(text) is not None
+
     def __call__(self, text: str) -> str:
         if self._pattern is None:
             return text
         return self._pattern.sub("[redacted]", text)
+
+
+def redacted_json(redact: Callable[[str], str], value: Any) -> bytes:
+    """`value` as JSON, secrets redacted in its strings; the text is searched first, so the
+    usual case (no secret in it) costs one search, not a walk."""
+    data = orjson.dumps(value)
+    if isinstance(redact, Redactor) and not redact.maybe_in_json(data.decode()):
+        return data
+    return orjson.dumps(redact_tree(redact, value))
 
 
 def redact_tree(redact: Callable[[str], str], value: Any) -> Any:

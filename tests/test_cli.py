@@ -128,6 +128,8 @@ BAD = [
     ("handler-generator", '[[destinations]]\nname = "f"\nfunction = "gen.py"\n',
      "destinations[0].function",
      "gen.py:1: on_track is a generator (it has yield): a handler returns (or raises)"),
+    ("handler-generator-partial", '[[destinations]]\nname = "f"\nfunction = "gen_partial.py"\n',
+     "destinations[0].function", "gen_partial.py: on_track is a generator (it has yield)"),
     ("handler-not-callable", '[[destinations]]\nname = "f"\nfunction = "not_callable.py"\n',
      "destinations[0].function", "on_track is not a function (it is int)"),
     ("javascript-function", '[[destinations]]\nname = "f"\nfunction = "crm.js"\n',
@@ -162,6 +164,8 @@ def test_cli_check_config_lists_problems_with_key_paths(tmp_path, case, text, wh
         "def on_track(event, settings):\n    pass\n",
         "crm.js": "async function onTrack(event, settings) {}\n",
         "gen.py": "async def on_track(event, settings):\n    yield event\n",
+        "gen_partial.py": "import functools\n\ndef gen(event, settings, extra):\n"
+        "    yield event\n\non_track = functools.partial(gen, extra=1)\n",
     }
     for name, code in files.items():
         (tmp_path / name).write_text(code)

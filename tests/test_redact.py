@@ -1,8 +1,11 @@
 from __future__ import annotations
 
-import orjson
+from urllib.parse import quote
 
-from destfnd.redact import Redactor, redact_tree
+import orjson
+import pytest
+
+from destfnd.redact import Redactor, redact_tree, redacted_json
 
 
 def test_redact_replaces_every_secret_longest_first():
@@ -34,3 +37,16 @@ def test_a_secret_is_redacted_where_json_escapes_it_too():
     assert "tok" not in shown
     assert redact_tree(redact, [request])[0]["request_headers"] == {"X-Token": "[redacted]"}
     assert redact(f"plain {secret}") == "plain [redacted]"
+
+
+@pytest.mark.parametrize("secret", ['tok"en\\with-quote', "plain-secret-123"])
+def test_redacted_json_hides_a_secret_in_a_body_that_is_itself_json(secret):
+    redact = Redactor([secret])
+    requests = [{"url": f"https://x.example/?key={quote(secret, safe='')}",
+                 "request_headers": {"X-Token": secret},
+                 "request_body": orjson.dumps({"key": secret}).decode()}]  # fmt: skip
+    shown = redacted_json(redact, requests).decode()
+    assert "tok" not in shown and "plain-secret" not in shown
+    assert orjson.loads(shown)[0]["request_headers"] == {"X-Token": "[redacted]"}
+    nothing = [{"url": "https://x.example/", "status": 200}]
+    assert redacted_json(redact, nothing) == orjson.dumps(nothing)

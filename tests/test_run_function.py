@@ -413,6 +413,9 @@ async def on_identify(event, settings):
 
 async def on_page(event, settings):
     await fetch(settings["sink"], timeout=0)
+
+async def on_group(event, settings):  # headers as pairs, a value as bytes
+    await fetch(settings["sink"] + "/ftp", headers=[("X-Raw", b"caf\\xe9")])
 """
 
 
@@ -430,6 +433,12 @@ async def test_run_function_fetch_arguments_and_redirects(files):
     app = web.Application()
     app.router.add_post("/moved", moved)
     app.router.add_get("/landed", landed)
+
+    async def to_ftp(request: web.Request) -> web.Response:  # a server's bad redirect
+        assert request.headers["X-Raw"] == "café"
+        raise web.HTTPFound("ftp://example.com/file")
+
+    app.router.add_get("/ftp", to_ftp)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -437,7 +446,8 @@ async def test_run_function_fetch_arguments_and_redirects(files):
     url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
     (files / "args.py").write_text(FETCH_ARGS)
     events = [{"type": "track", "event": "e", "userId": "u"}, {"type": "identify", "userId": "u"},
-              {"type": "page", "userId": "u"}]  # fmt: skip
+              {"type": "page", "userId": "u"},
+              {"type": "group", "userId": "u", "groupId": "g"}]  # fmt: skip
     (files / "three.json").write_bytes(orjson.dumps(events))
     try:
         result = await asyncio.to_thread(
@@ -446,8 +456,12 @@ async def test_run_function_fetch_arguments_and_redirects(files):
         )  # fmt: skip
     finally:
         await runner.cleanup()
+    assert result.stdout, result.stderr
     report = orjson.loads(result.stdout)
-    track, identify, page = report["outcomes"]
+    track, identify, page, group = report["outcomes"]
+    # The server's redirect is bad, not the function's URL: a failure to retry.
+    assert (group["status"], group["error_type"]) == ("retrying", "Retry")
+    assert "NonHttpUrlRedirectClientError" in group["message"]
     assert track["status"] == "delivered"
     assert "status 200" in report["logs"]
     (moved_request,) = [r for r in report["requests"] if r["url"].endswith("/moved")]
@@ -456,3 +470,15 @@ async def test_run_function_fetch_arguments_and_redirects(files):
     assert (identify["error_type"], page["error_type"]) == ("Bad Request", "Bad Request")
     assert "use json= for an object" in identify["message"]
     assert "timeout=) must be a number of seconds above 0" in page["message"]
+
+
+def test_run_function_a_lone_surrogate_printed_does_not_leave_the_call_unanswered(files):
+    """The reply could not be encoded, the call waited for its timeout and was retried."""
+    (files / "surrogate.py").write_text(
+        "async def on_track(event, settings):\n    print('cut \\ud83d here')\n"
+    )
+    result = run_cli("run-function", str(files / "surrogate.py"), "--event",
+                     str(files / "track.json"), "--timeout", "20", "--json")  # fmt: skip
+    report = orjson.loads(result.stdout)
+    assert report["outcomes"][0]["status"] == "delivered"
+    assert report["logs"] == "cut ? here\n"

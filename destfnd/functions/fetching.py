@@ -73,6 +73,14 @@ def _session_for_loop() -> aiohttp.ClientSession | None:
     return _session
 
 
+def _header_text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("latin-1")  # HTTP's own header encoding
+    return str(value)
+
+
 def set_home_loop(loop: asyncio.AbstractEventLoop) -> None:
     """The worker's own loop, where the shared session lives (else the first to fetch)."""
     global _home_loop
@@ -100,7 +108,7 @@ async def fetch(
         what = type(body).__name__
         raise TypeError(f"fetch(body=) takes str or bytes, not {what}: use json= for an object")
     # Header values as text, as JavaScript's fetch makes them ({"X-Count": 5}).
-    headers = {str(k): v if isinstance(v, str) else str(v) for k, v in (headers or {}).items()}
+    headers = {str(k): _header_text(v) for k, v in dict(headers or {}).items()}
     data: bytes | None
     if json is not None:
         data = orjson.dumps(json)
@@ -128,6 +136,9 @@ async def fetch(
             response = Response(resp.status, resp.reason or "", resp.headers, raw)
     except TimeoutError:
         entry["error"] = f"no response within {timeout_s:g}s"
+        raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
+    except aiohttp.RedirectClientError as exc:  # the server's Location is bad: as a failure
+        entry["error"] = f"{type(exc).__name__}: {exc}"
         raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
         # The function's bug, not the network's: no retry helps (Bad Request).

@@ -190,14 +190,8 @@ class Worker:
             reply["exiting"] = True
         try:
             self.send(reply)
-        except TypeError:  # an insert function's event holds what JSON cannot (a set, a Decimal)
-            reply = _without_unsendable(reply)
-            try:
-                self.send(reply)
-            except TypeError as exc:  # then in what fetch recorded (a header given as an int)
-                reply["requests"] = []
-                reply["logs"] += f"[the recorded requests could not be sent: {exc}]\n"
-                self.send(reply)
+        except TypeError:  # what JSON cannot hold: an insert's event with a set, a lone
+            self.send(_without_unsendable(reply))  # surrogate printed, ...
         await self.writer.drain()
         if self.exit_after_reply:
             os._exit(70)  # out of memory: the daemon replaces this worker
@@ -345,7 +339,8 @@ class Worker:
 
 
 def _without_unsendable(reply: dict) -> dict:
-    """`reply` with each event that JSON cannot hold replaced by its Bad Request outcome."""
+    """`reply` made sendable: each event JSON cannot hold replaced by its Bad Request outcome,
+    logs with lone surrogates replaced, requests that cannot be sent left out (noted)."""
     events = reply.get("events") or []
     for index, event in enumerate(events):
         try:
@@ -354,6 +349,21 @@ def _without_unsendable(reply: dict) -> dict:
             what = "the insert function's result is not JSON"
             reply["outcomes"][index] = runtime.bad_request(f"{what}: {exc}")
             events[index] = None
+    reply["logs"] = reply.get("logs", "").encode("utf-8", "replace").decode("utf-8")
+    try:
+        orjson.dumps(reply.get("requests"))
+    except TypeError as exc:
+        reply["requests"] = []
+        reply["logs"] += f"[the recorded requests could not be sent: {exc}]\n"
+    try:
+        orjson.dumps(reply)
+    except TypeError as exc:  # still: answer, so the call does not wait for its timeout
+        message = f"the worker could not send the result: {exc}"
+        failed = {"kind": "retry", "error_type": "Retry", "message": message}
+        reply = {**{k: reply[k] for k in ("t", "id")}, "outcomes": [failed] * len(
+            reply["outcomes"]), "logs": "", "requests": []}  # fmt: skip
+        if "events" in reply:
+            reply["events"] = [None] * len(reply["outcomes"])
     return reply
 
 
@@ -396,19 +406,13 @@ async def _main(read_fd: int, write_fd: int) -> None:
         await fetch_module.close()
 
 
-def _ignore(signum: int, frame: Any) -> None:
-    pass
-
-
 def _tie_to_daemon() -> None:
     """The daemon decides when a worker stops (it closes the pipe): a Ctrl-C, a closed
     terminal's SIGHUP or a SIGTERM sent to the whole group (systemd's default) must not kill
     invocations the daemon is draining; and if the daemon dies by SIGKILL, its workers go too
     (Linux: PR_SET_PDEATHSIG)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        # A handler that does nothing rather than SIG_IGN: an ignored signal stays ignored
-        # in the processes a function starts, which would then outlive their worker.
-        signal.signal(sig, _ignore)
+        signal.signal(sig, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

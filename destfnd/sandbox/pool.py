@@ -222,6 +222,7 @@ async def _read_output(worker: Worker, name: str, redact: Callable[[str], str]) 
     length is taken (its first _OUTPUT_LINE_CHARS logged) and the worker never blocks on it."""
     assert worker.proc.stdout is not None
     pending = b""
+    skipping = False  # the rest of a line whose start was logged
 
     def emit(line: bytes) -> None:
         text = line[: _OUTPUT_LINE_CHARS * 4].decode(errors="replace").rstrip()
@@ -231,11 +232,14 @@ async def _read_output(worker: Worker, name: str, redact: Callable[[str], str]) 
     while chunk := await worker.proc.stdout.read(65536):
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
-            emit(line)
+            if not skipping:
+                emit(line)
+            skipping = False
         if len(pending) > 65536:  # a line without an end yet: its start now, the rest dropped
-            emit(pending)
-            pending = b""
-    if pending:
+            if not skipping:
+                emit(pending)
+            pending, skipping = b"", True
+    if pending and not skipping:
         emit(pending)
 
 

@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import importlib.util
 import inspect
+import linecache
 import os
 import sys
 import time
@@ -73,6 +74,10 @@ def load_function(path: str, name: str, source: bytes | None = None) -> tuple[Mo
         raise LoadError(f"{path}: not a Python file (.py)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    # Tracebacks and inspect read lines through linecache: the lines of this code, not of
+    # the file as it may be now (an mtime of None is never checked against the file).
+    text = source.decode("utf-8", "replace")
+    linecache.cache[path] = (len(text), None, text.splitlines(True), path)
     try:
         exec(compile(source, path, "exec", dont_inherit=True), module.__dict__)
     except SyntaxError as exc:
@@ -98,9 +103,10 @@ def _check_signature(path: str, name: str, handler: Any) -> None:
     cannot be is refused at load, not found out at its first event. So is a generator, whose
     body calling it would not even start."""
     if inspect.isgeneratorfunction(handler) or inspect.isasyncgenfunction(handler):
-        code = handler.__code__
+        code = getattr(inspect.unwrap(handler), "__code__", None)  # none on a partial
+        where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else path
         raise LoadError(
-            f"{code.co_filename}:{code.co_firstlineno}: {name} is a generator (it has yield): "
+            f"{where}: {name} is a generator (it has yield): "
             "a handler returns (or raises), it does not yield"
         )
     try:
