@@ -298,7 +298,7 @@ def _replace_lone(match: re.Match[bytes]) -> bytes:
 def _loads_lone_surrogates(raw: bytes, error: orjson.JSONDecodeError) -> object:
     """A body orjson refused only for a lone surrogate escape (`"\\ud83d"` with no low half,
     as JSON.stringify writes a string cut in the middle of an emoji), parsed with each lone
-    surrogate replaced by U+FFFD, as Go's encoding/json (Segment's API) does; any other
+    surrogate replaced by U+FFFD, as Go's encoding/json does (so nothing is lost); any other
     malformed body is refused with orjson's error."""
     if "surrogate" not in str(error):
         raise Rejected(400, "malformed JSON", str(error))
