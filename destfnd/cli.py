@@ -303,8 +303,9 @@ def _print_attempt(a: dict) -> None:
 
 
 def _with_unrecorded(history: list[dict], attempts: int, in_flight: bool) -> list[dict]:
-    """The history with a line for each counted attempt that has no record: one cut short by
-    a crash or kill -9 (counted when it started, recorded when it ends), or the one running."""
+    """The history with a line for each counted attempt that has no record: one the daemon
+    held (running, or queued for a free slot) when it crashed or was killed: counted when
+    leased, recorded when it ends; or the one it holds now."""
     recorded = {a["attempt"] for a in history}
     missing = [n for n in range(1, attempts + 1) if n not in recorded]
     if not missing:
@@ -314,7 +315,7 @@ def _with_unrecorded(history: list[dict], attempts: int, in_flight: bool) -> lis
         history.append({
             **dict.fromkeys(_ATTEMPT_KEYS), "attempt": n, "requests": [],
             "status": "in flight" if running else "interrupted",
-            "error": None if running else "no record: the daemon stopped during this attempt",
+            "error": None if running else "no record: the daemon stopped while holding it",
         })  # fmt: skip
     return sorted(history, key=lambda a: a["attempt"])
 

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from destfnd.outcome import retry_after_hint
+from destfnd.outcome import MAX_RETRY_AFTER_S, retry_after_hint
 from destfnd.store import Status
 
 
@@ -61,6 +61,7 @@ def decide_retry(
         delay_s = hinted
     at = now + int(delay_s * 1000)
     if at > created_at + int(policy.max_age_s * 1000):
-        wait = f"the wait asked for ({hinted:g}s)" if delay_s == hinted else "the next attempt"
+        asked = f"{hinted:g}s" if hinted is not None and hinted < MAX_RETRY_AFTER_S else "years"
+        wait = f"the wait asked for ({asked})" if delay_s == hinted else "the next attempt"
         return Decision(Status.EXPIRED, now, f"{wait} would fall past max_age")
     return Decision(Status.RETRYING, at)

@@ -155,10 +155,10 @@ async def test_an_attempt_cut_short_by_kill9_is_shown_in_the_event_delivery_view
         assert (row["status"], row["attempts"], row["in_flight"]) == ("delivered", 2, False)
         interrupted, delivered = row["history"]
         assert (interrupted["attempt"], interrupted["status"]) == (1, "interrupted")
-        assert "the daemon stopped during this attempt" in interrupted["error"]
+        assert "the daemon stopped while holding it" in interrupted["error"]
         assert (delivered["attempt"], delivered["status"]) == (2, "delivered")
         out = daemon.cli("deliveries").stdout
-        assert "attempt 1: interrupted (no record: the daemon stopped during this attempt)" in out
+        assert "attempt 1: interrupted (no record: the daemon stopped while holding it)" in out
 
 
 async def test_sigterm_drains_in_flight_returns_the_rest_and_exits_0(
