@@ -360,10 +360,12 @@ def _without_unsendable(reply: dict) -> dict:
     except TypeError as exc:  # still: answer, so the call does not wait for its timeout
         message = f"the worker could not send the result: {exc}"
         failed = {"kind": "retry", "error_type": "Retry", "message": message}
-        reply = {**{k: reply[k] for k in ("t", "id")}, "outcomes": [failed] * len(
-            reply["outcomes"]), "logs": "", "requests": []}  # fmt: skip
-        if "events" in reply:
-            reply["events"] = [None] * len(reply["outcomes"])
+        n = len(reply["outcomes"])
+        slim = {k: reply[k] for k in ("t", "id", "exiting") if k in reply}
+        slim.update(outcomes=[failed] * n, logs="", requests=[])
+        if "events" in reply:  # the insert stage's reply has them, one per event
+            slim["events"] = [None] * n
+        reply = slim
     return reply
 
 
