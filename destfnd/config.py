@@ -159,23 +159,24 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * _SIZE_UNITS[m[2][0].lower()])
 
 
-def config_secrets(cfg: Config) -> list[str]:
-    """Every secret value that came from env, a file or a credential, without duplicates
-    (inline values are not secrets: they are in the file anyway)."""
+def _secrets(cfg: Config) -> list[Secret]:
+    """Every Secret of the config: write keys, headers, settings (nested ones too)."""
     found: list[Any] = [s.write_key for s in cfg.sources]
     for dest in cfg.destinations:
         found += [value for _, value in dest.headers] + _walk(dest.settings)
-    values = (s.value for s in found if isinstance(s, Secret) and s.origin != "inline")
-    return list(dict.fromkeys(values))
+    return [s for s in found if isinstance(s, Secret)]
+
+
+def config_secrets(cfg: Config) -> list[str]:
+    """Every secret value that came from env, a file or a credential, without duplicates
+    (inline values are not secrets: they are in the file anyway)."""
+    return list(dict.fromkeys(s.value for s in _secrets(cfg) if s.origin != "inline"))
 
 
 def secret_env_names(cfg: Config) -> tuple[str, ...]:
     """The environment variables the config reads secrets from (`{ env = "NAME" }`): kept
     from function workers, which get their own settings, resolved, and no other's."""
-    found: list[Any] = [s.write_key for s in cfg.sources]
-    for dest in cfg.destinations:
-        found += [value for _, value in dest.headers] + _walk(dest.settings)
-    names = (s.origin[4:] for s in found if isinstance(s, Secret) and s.origin.startswith("env:"))
+    names = (s.origin[4:] for s in _secrets(cfg) if s.origin.startswith("env:"))
     return tuple(dict.fromkeys(names))
 
 

@@ -18,7 +18,6 @@ from destfnd.outcome import (
     Outcome,
     Report,
     retry,
-    retry_after_hint,
     same_for_all,
 )
 from destfnd.redact import Redactor
@@ -69,7 +68,8 @@ def _outcome(o: dict) -> Outcome:
             raise TypeError(f"message {message!r}")
     except (KeyError, TypeError, ValueError) as exc:
         return retry(ErrorType.RETRY, f"the worker sent an outcome destfnd cannot read: {exc}")
-    return Outcome(kind, error_type, message, retry_after_hint(o.get("retry_after_s")))
+    # retry_after_s as sent: decide_retry takes only a number of seconds from it.
+    return Outcome(kind, error_type, message, o.get("retry_after_s"))
 
 
 class FunctionDestination:
@@ -165,7 +165,8 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
         where = f"destinations[{i}]"
         # What a function prints or raises while it loads may hold a secret it was given.
         redact = Redactor(config_secrets(cfg))
-        pool = Pool(spec_for(dest, secret_env_names(cfg)), redact=redact)
+        spec = spec_for(dest, secret_env_names(cfg))
+        pool = Pool(spec, redact=redact)
         try:
             ready = await pool.start()
         except InitError as exc:
@@ -175,7 +176,7 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
             continue
         finally:
             await pool.close()
-        redact.add_settings(ready.get("secret_settings", []), dict(spec_for(dest).settings))
+        redact.add_settings(ready.get("secret_settings", []), spec.settings)
         problems += [redact(p) for p in problems_of(ready, where)]
         warnings.extend(f"{where}.{w}" for w in ready.get("settings_warnings", []))
         for stage, misses in (ready.get("near_misses") or {}).items():

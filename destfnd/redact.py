@@ -27,9 +27,9 @@ class Redactor:
         if len(secret) < MIN_SECRET_CHARS or secret in self._secrets:
             return
         self._secrets.add(secret)
-        # As JSON writes it too (a request body in JSON): a secret with a quote or a backslash
-        # (a JSON key file) appears there escaped.
-        # And as a URL's query or a form body carries it (a key in `?api_key=`).
+        # Also as JSON writes it (a secret with a quote or a backslash, from a JSON key file,
+        # appears escaped in a JSON request body) and as a URL's query or a form body carries
+        # it (a key in `?api_key=`).
         escaped = orjson.dumps(secret).decode()[1:-1]
         self._escaped = self._escaped or escaped != secret
         self._secrets.update({escaped, quote(secret, safe=""), quote_plus(secret)})
@@ -76,12 +76,16 @@ def redact_tree(redact: Callable[[str], str], value: Any) -> Any:
     escaped twice there."""
     if isinstance(redact, Redactor) and redact.empty:  # nothing to hide: no walk
         return value
+    return _walk_strings(redact, value)
+
+
+def _walk_strings(redact: Callable[[str], str], value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {redact_tree(redact, k): redact_tree(redact, v) for k, v in value.items()}
+        return {_walk_strings(redact, k): _walk_strings(redact, v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [redact_tree(redact, v) for v in value]
+        return [_walk_strings(redact, v) for v in value]
     return value
 
 

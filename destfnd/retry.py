@@ -45,12 +45,13 @@ def decide_retry(
     created_at: int,
     now: int,
     rng: random.Random,
-    retry_after_s: float | None = None,
+    retry_after_s: object = None,
 ) -> Decision:
     """After a retryable failure of attempt number `attempt` (1-based): when to try again.
 
     Gives up with EXPIRED once `max_attempts` tries were made, or when the next try would
-    fall after `created_at + max_age`. A downstream `Retry-After` is honoured as a minimum.
+    fall after `created_at + max_age`. A downstream `Retry-After` is honoured as a minimum
+    (`retry_after_s` as a function sent it: anything but a number of seconds is ignored).
     """
     if attempt >= policy.max_attempts:
         made = f"{attempt} attempts made (max_attempts = {policy.max_attempts})"

@@ -76,10 +76,14 @@ async def run(
         raise RunError(f"{file}: {'not a file' if file.exists() else 'file not found'}")
     for index, event in enumerate(events):
         try:
-            orjson.dumps(event)  # what goes to the worker: orjson writes 254 levels at most
+            data = orjson.dumps(event)  # what goes to the worker: orjson writes 254 levels
         except TypeError:
             where = f"event [{index}]" if batch else "the event"
             raise RunError(f"{where} is nested more than 254 levels deep") from None
+        try:  # a copy: validate turns numeric ids into strings, as ingest does
+            segment_spec.validate(orjson.loads(data), f"[{index}]." if batch else "")
+        except segment_spec.SpecError as exc:
+            print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
     spec = Spec(
         name=file.name,
         function=None if insert else file.resolve(),
@@ -97,13 +101,6 @@ async def run(
     try:
         for warning in ready.get("settings_warnings", []):
             print(f"warning: --{warning}", file=sys.stderr)
-        for index, event in enumerate(events):
-            try:  # a copy: validate turns numeric ids into strings, as ingest does
-                segment_spec.validate(
-                    orjson.loads(orjson.dumps(event)), f"[{index}]." if batch else ""
-                )
-            except segment_spec.SpecError as exc:
-                print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
         problems = ready.get("settings_problems", [])
         redact.add_settings(ready.get("secret_settings", []), settings)
         try:
