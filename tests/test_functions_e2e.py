@@ -760,3 +760,76 @@ async def test_functions_a_neighbour_of_a_blocking_invocation_loses_no_attempt(
         "expired",
         "Timeout",
     )
+
+
+SPAWNS_PY = """
+import subprocess, sys, time
+
+def on_track(event, settings):
+    name = event["event"]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    with open(f"{settings['dir']}/{name}.pid", "w") as f:
+        f.write(str(child.pid))
+    if name == "terminate":
+        child.terminate()
+        try:
+            print("child exited with", child.wait(timeout=5))
+        except subprocess.TimeoutExpired:
+            print("child ignored SIGTERM")
+            child.kill()
+    elif name == "block":
+        time.sleep(60)  # past the timeout: the worker is killed
+    # otherwise the child runs on after the invocation, as long as its worker does
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def _gone(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _running(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_functions_processes_a_function_starts_end_with_its_worker(
+    make_daemon, tmp_path, session
+):
+    """A subprocess a function starts gets the default signal handling (its terminate()
+    works), and nothing it starts outlives the worker: not when the worker is killed for
+    blocking past its timeout, not when the daemon stops."""
+    (tmp_path / "spawns.py").write_text(SPAWNS_PY)
+    pid_of = lambda name: int((tmp_path / f"{name}.pid").read_text())  # noqa: E731
+    retry = "[destinations.retry]\nmax_attempts = 1\n"
+    dest = function_destination("fn", "spawns.py", f'{{ dir = "{tmp_path}" }}',
+                                timeout='"1s"', _tables=retry)  # fmt: skip
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    await send(session, daemon, [{"type": "track", "event": "terminate", "messageId": "t"},
+                                 {"type": "track", "event": "left", "messageId": "l"}])  # fmt: skip
+    rows = await wait_final(daemon, 2)
+    assert rows["fn", "t"]["history"][-1]["logs"] == "child exited with -15\n"
+    assert rows["fn", "l"]["status"] == "delivered"
+    assert _running(pid_of("left"))  # outlives its invocation, while the worker lives
+
+    await send(session, daemon, [{"type": "track", "event": "block", "messageId": "b"}])
+    rows = await wait_final(daemon, 3)
+    assert (rows["fn", "b"]["status"], rows["fn", "b"]["error_type"]) == ("expired", "Timeout")
+    assert await _gone(pid_of("block")), "a killed worker's subprocess lives on"
+    assert await _gone(pid_of("left")), "a killed worker's subprocess lives on"
+
+    await send(session, daemon, [{"type": "track", "event": "at-stop", "messageId": "s"}])
+    await wait_final(daemon, 4)
+    assert _running(pid_of("at-stop"))
+    assert await daemon.terminate() == 0
+    assert await _gone(pid_of("at-stop")), "a subprocess outlived the daemon's stop"

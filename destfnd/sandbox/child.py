@@ -408,13 +408,19 @@ async def _main(read_fd: int, write_fd: int) -> None:
         await fetch_module.close()
 
 
+def _not_now(signum: int, frame: object) -> None:
+    """The daemon decides when a worker stops."""
+
+
 def _tie_to_daemon() -> None:
-    """The daemon decides when a worker stops (it closes the pipe): a Ctrl-C, a closed
-    terminal's SIGHUP or a SIGTERM sent to the whole group (systemd's default) must not kill
-    invocations the daemon is draining; and if the daemon dies by SIGKILL, its workers go too
-    (Linux: PR_SET_PDEATHSIG)."""
+    """The daemon decides when a worker stops (it closes the pipe): a SIGTERM sent to every
+    process of the service (systemd's KillMode=control-group) or by `pkill` must not kill
+    invocations the daemon is draining (a terminal's Ctrl-C and hangup do not reach the
+    worker: it has a session of its own); and if the daemon dies by SIGKILL, its workers go
+    too (Linux: PR_SET_PDEATHSIG). Handled, not ignored: an ignored signal stays ignored in
+    the processes a function starts, whose `terminate()` would then do nothing."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _not_now)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -86,12 +86,15 @@ class Worker:
         self.writer.write(protocol.encode(message))
 
     def kill(self) -> None:
+        """SIGKILL the worker and every process it started (its process group: a function's
+        subprocesses included, which would otherwise outlive it). Also called once the worker
+        has exited, for what it left behind: the group lives on while any of them does, so
+        its id is not yet anyone else's."""
         self.retired = True
-        if self.proc.returncode is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # nothing of it is left (PermissionError: macOS, for a group of zombies)
 
 
 def read_code(spec: Spec) -> dict[str, str]:
@@ -128,6 +131,9 @@ async def spawn(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
+            # Its own session and process group: a terminal's Ctrl-C or hangup does not reach
+            # it (the daemon decides when it stops), and `kill` takes its subprocesses with it.
+            start_new_session=True,
         )  # fmt: skip
     finally:
         os.close(to_child_r)
@@ -199,6 +205,7 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
     finally:
         worker.retired = True
         code = await worker.proc.wait()
+        worker.kill()  # what it started and left running
         reason = _exit_reason(code)
         calls = [f for f in worker.inflight.values() if not f.done()]
         # After an out-of-memory exit the culprit already has its answer: the rest are victims.
@@ -296,8 +303,9 @@ class Pool:
                 async with asyncio.timeout(2):
                     await worker.proc.wait()
             except TimeoutError:
-                worker.kill()
-                await worker.proc.wait()
+                pass
+            worker.kill()  # the processes it started (and itself, if it did not exit)
+            await worker.proc.wait()
             for task in worker.tasks:
                 task.cancel()
             await asyncio.gather(*worker.tasks, return_exceptions=True)
