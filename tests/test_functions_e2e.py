@@ -4,7 +4,10 @@ worker processes and real HTTP sinks on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 
 import orjson
 from support import Reply, Sink, config_text, post, run_cli
@@ -763,12 +766,16 @@ async def test_functions_a_neighbour_of_a_blocking_invocation_loses_no_attempt(
 
 
 SPAWNS_PY = """
-import subprocess, sys, time
+import os, subprocess, time
 
 def on_track(event, settings):
     name = event["event"]
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    with open(f"{settings['dir']}/{name}.pid", "w") as f:
+    pidfile = f"{settings['dir']}/{name}.pid"
+    if name == "exit":  # a shell's background job, then the worker exits on its own
+        os.system(f"sleep 60 & echo $! > {pidfile}")
+        os._exit(3)
+    child = subprocess.Popen(["sleep", "60"])
+    with open(pidfile, "w") as f:
         f.write(str(child.pid))
     if name == "terminate":
         child.terminate()
@@ -785,8 +792,6 @@ def on_track(event, settings):
 
 def _running(pid: int) -> bool:
     """Whether `pid` is a process that has not exited (a zombie has)."""
-    from pathlib import Path
-
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
@@ -808,28 +813,53 @@ async def test_functions_processes_a_function_starts_end_with_its_worker(
 ):
     """A subprocess a function starts gets the default signal handling (its terminate()
     works), and nothing it starts outlives the worker: not when the worker is killed for
-    blocking past its timeout, not when the daemon stops."""
+    blocking past its timeout, not when it exits on its own (nor does a shell's background
+    job keep the daemon from seeing it exit), not when the daemon stops."""
     (tmp_path / "spawns.py").write_text(SPAWNS_PY)
     pid_of = lambda name: int((tmp_path / f"{name}.pid").read_text())  # noqa: E731
     retry = "[destinations.retry]\nmax_attempts = 1\n"
     dest = function_destination("fn", "spawns.py", f'{{ dir = "{tmp_path}" }}',
                                 timeout='"1s"', _tables=retry)  # fmt: skip
     daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
-    await send(session, daemon, [{"type": "track", "event": "terminate", "messageId": "t"},
-                                 {"type": "track", "event": "left", "messageId": "l"}])  # fmt: skip
-    rows = await wait_final(daemon, 2)
-    assert rows["fn", "t"]["history"][-1]["logs"] == "child exited with -15\n"
-    assert rows["fn", "l"]["status"] == "delivered"
-    assert _running(pid_of("left"))  # outlives its invocation, while the worker lives
+    try:
+        await send(session, daemon, [_track("terminate", "t"), _track("left", "l")])
+        rows = await wait_final(daemon, 2)
+        assert rows["fn", "t"]["history"][-1]["logs"] == "child exited with -15\n"
+        assert rows["fn", "l"]["status"] == "delivered"
+        assert _running(pid_of("left"))  # outlives its invocation, while the worker lives
 
-    await send(session, daemon, [{"type": "track", "event": "block", "messageId": "b"}])
-    rows = await wait_final(daemon, 3)
-    assert (rows["fn", "b"]["status"], rows["fn", "b"]["error_type"]) == ("expired", "Timeout")
-    assert await _gone(pid_of("block")), "a killed worker's subprocess lives on"
-    assert await _gone(pid_of("left")), "a killed worker's subprocess lives on"
+        await send(session, daemon, [_track("block", "b")])
+        rows = await wait_final(daemon, 3)
+        assert (rows["fn", "b"]["status"], rows["fn", "b"]["error_type"]) == (
+            "expired", "Timeout")  # fmt: skip
+        assert await _gone(pid_of("block")), "a killed worker's subprocess lives on"
+        assert await _gone(pid_of("left")), "a killed worker's subprocess lives on"
 
-    await send(session, daemon, [{"type": "track", "event": "at-stop", "messageId": "s"}])
-    await wait_final(daemon, 4)
-    assert _running(pid_of("at-stop"))
-    assert await daemon.terminate() == 0
-    assert await _gone(pid_of("at-stop")), "a subprocess outlived the daemon's stop"
+        await send(session, daemon, [_track("exit", "x"), _track("after", "a")])
+        rows = await wait_final(daemon, 5, timeout_s=20)  # not after the 60 s sleep
+        assert "exited with code 3" in rows["fn", "x"]["error"]
+        assert rows["fn", "a"]["status"] == "delivered"
+        assert await _gone(pid_of("exit")), "the subprocess of a worker that exited lives on"
+
+        await send(session, daemon, [_track("at-stop", "s")])
+        await wait_final(daemon, 6)
+        assert _running(pid_of("at-stop"))
+        assert await daemon.terminate() == 0
+        assert await _gone(pid_of("at-stop")), "a subprocess outlived the daemon's stop"
+    finally:
+        _kill_sleeps(tmp_path)
+
+
+def _track(name: str, message_id: str) -> dict:
+    return {"type": "track", "event": name, "messageId": message_id}
+
+
+def _kill_sleeps(folder: Path) -> None:
+    """Whatever failed, leave none of the test's `sleep 60` processes behind."""
+    for pidfile in folder.glob("*.pid"):
+        pid = int(pidfile.read_text().strip() or 0)
+        try:
+            if pid and b"sleep" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass

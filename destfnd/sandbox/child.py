@@ -412,6 +412,12 @@ def _not_now(signum: int, frame: object) -> None:
     """The daemon decides when a worker stops."""
 
 
+def _usual_signals() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _tie_to_daemon() -> None:
     """The daemon decides when a worker stops (it closes the pipe): a SIGTERM sent to every
     process of the service (systemd's KillMode=control-group) or by `pkill` must not kill
@@ -421,6 +427,9 @@ def _tie_to_daemon() -> None:
     the processes a function starts, whose `terminate()` would then do nothing."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _not_now)
+        signal.siginterrupt(sig, False)  # a system call it lands in goes on (SA_RESTART)
+    # A process a function forks (os.fork, multiprocessing) gets the usual handling back.
+    os.register_at_fork(after_in_child=_usual_signals)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -430,6 +439,10 @@ def _tie_to_daemon() -> None:
 
 def main(argv: list[str]) -> None:
     read_fd, write_fd, memory_limit = int(argv[0]), int(argv[1]), int(argv[2])
+    # Passed to it as inheritable: not to what a function starts (os.system, os.fork), which
+    # would keep the daemon from seeing this worker exit while that process runs.
+    os.set_inheritable(read_fd, False)
+    os.set_inheritable(write_fd, False)
     _tie_to_daemon()
     if memory_limit > 0:
         # Address space, not RSS: a runaway allocation fails with MemoryError instead of

@@ -77,6 +77,7 @@ class Worker:
     retired: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
     on_exit: Callable[[Worker, str], None] | None = None
+    group_killed: bool = False
 
     @property
     def pid(self) -> int:
@@ -87,14 +88,27 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the worker and every process it started (its process group: a function's
-        subprocesses included, which would otherwise outlive it). Also called once the worker
-        has exited, for what it left behind: the group lives on while any of them does, so
-        its id is not yet anyone else's."""
+        subprocesses included, which would otherwise outlive it), once. Called at the latest
+        right after the worker has exited, for what it left behind: the group id stays taken
+        while any of them lives, but once they are all gone it is free for another process,
+        so it is never signalled later."""
         self.retired = True
+        if self.group_killed:
+            return
+        self.group_killed = True
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass  # nothing of it is left (PermissionError: macOS, for a group of zombies)
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """The worker's exit code, once it has exited. Not `proc.wait()`: on Python 3.11's own
+    event loop that also waits for every process still holding the worker's stdout, such as
+    one a function started, which only the group kill that follows this ends."""
+    while proc.returncode is None:
+        await asyncio.sleep(0.02)
+    return proc.returncode
 
 
 def read_code(spec: Spec) -> dict[str, str]:
@@ -204,8 +218,10 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
         worker.kill()
     finally:
         worker.retired = True
-        code = await worker.proc.wait()
-        worker.kill()  # what it started and left running
+        try:
+            code = await _exited(worker.proc)
+        finally:  # also when cancelled while waiting (an event loop shutting down)
+            worker.kill()  # what it started and left running
         reason = _exit_reason(code)
         calls = [f for f in worker.inflight.values() if not f.done()]
         # After an out-of-memory exit the culprit already has its answer: the rest are victims.
@@ -298,17 +314,25 @@ class Pool:
         for worker in workers:
             worker.retired = True
             worker.writer.close()  # EOF: the worker exits on its own
-        for worker in workers:
-            try:
-                async with asyncio.timeout(2):
-                    await worker.proc.wait()
-            except TimeoutError:
-                pass
-            worker.kill()  # the processes it started (and itself, if it did not exit)
-            await worker.proc.wait()
-            for task in worker.tasks:
-                task.cancel()
-            await asyncio.gather(*worker.tasks, return_exceptions=True)
+        try:
+            for worker in workers:
+                try:
+                    async with asyncio.timeout(2):
+                        await _exited(worker.proc)
+                except TimeoutError:
+                    pass
+                worker.kill()  # the processes it started (and itself, if it did not exit)
+                try:  # reaped; bounded: a process that left the group may hold its stdout
+                    async with asyncio.timeout(2):
+                        await worker.proc.wait()
+                except TimeoutError:
+                    pass
+                for task in worker.tasks:
+                    task.cancel()
+                await asyncio.gather(*worker.tasks, return_exceptions=True)
+        finally:  # cut short (a second Ctrl-C): leave no worker behind
+            for worker in workers:
+                worker.kill()
 
     async def call(self, events: list, *, batch: bool, stages: list[str]) -> dict:
         """Run one invocation; raises TimeoutError or WorkerFailed (both retryable).
