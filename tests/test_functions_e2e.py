@@ -766,7 +766,14 @@ async def test_functions_a_neighbour_of_a_blocking_invocation_loses_no_attempt(
 
 
 SPAWNS_PY = """
-import os, subprocess, time
+import os, signal, subprocess, time
+
+def _fork_sleeper():
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    return pid
 
 def on_track(event, settings):
     name = event["event"]
@@ -774,6 +781,10 @@ def on_track(event, settings):
     if name == "exit":  # a shell's background job, then the worker exits on its own
         os.system(f"sleep 60 & echo $! > {pidfile}")
         os._exit(3)
+    if name == "fork-exit":  # a forked child, then the worker exits on its own
+        with open(pidfile, "w") as f:
+            f.write(str(_fork_sleeper()))
+        os._exit(4)
     child = subprocess.Popen(["sleep", "60"])
     with open(pidfile, "w") as f:
         f.write(str(child.pid))
@@ -784,6 +795,10 @@ def on_track(event, settings):
         except subprocess.TimeoutExpired:
             print("child ignored SIGTERM")
             child.kill()
+        forked = _fork_sleeper()
+        os.kill(forked, signal.SIGTERM)  # at once, before the child can have done anything
+        _, status = os.waitpid(forked, 0)
+        print("forked child ended by", os.WIFSIGNALED(status) and os.WTERMSIG(status))
     elif name == "block":
         time.sleep(60)  # past the timeout: the worker is killed
     # otherwise the child runs on after the invocation, as long as its worker does
@@ -824,7 +839,8 @@ async def test_functions_processes_a_function_starts_end_with_its_worker(
     try:
         await send(session, daemon, [_track("terminate", "t"), _track("left", "l")])
         rows = await wait_final(daemon, 2)
-        assert rows["fn", "t"]["history"][-1]["logs"] == "child exited with -15\n"
+        assert rows["fn", "t"]["history"][-1]["logs"] == (
+            "child exited with -15\nforked child ended by 15\n")  # fmt: skip
         assert rows["fn", "l"]["status"] == "delivered"
         assert _running(pid_of("left"))  # outlives its invocation, while the worker lives
 
@@ -841,8 +857,14 @@ async def test_functions_processes_a_function_starts_end_with_its_worker(
         assert rows["fn", "a"]["status"] == "delivered"
         assert await _gone(pid_of("exit")), "the subprocess of a worker that exited lives on"
 
+        await send(session, daemon, [_track("fork-exit", "f"), _track("after-fork", "af")])
+        rows = await wait_final(daemon, 7, timeout_s=20)  # not after the 60 s sleep
+        assert "exited with code 4" in rows["fn", "f"]["error"]
+        assert rows["fn", "af"]["status"] == "delivered"
+        assert await _gone(pid_of("fork-exit")), "a forked child of a worker lives on"
+
         await send(session, daemon, [_track("at-stop", "s")])
-        await wait_final(daemon, 6)
+        await wait_final(daemon, 8)
         assert _running(pid_of("at-stop"))
         assert await daemon.terminate() == 0
         assert await _gone(pid_of("at-stop")), "a subprocess outlived the daemon's stop"
@@ -859,7 +881,8 @@ def _kill_sleeps(folder: Path) -> None:
     for pidfile in folder.glob("*.pid"):
         pid = int(pidfile.read_text().strip() or 0)
         try:
-            if pid and b"sleep" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
+            if b"sleep" in cmdline or b"destfnd.sandbox.child" in cmdline:
                 os.kill(pid, signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError):
             pass

@@ -412,10 +412,37 @@ def _not_now(signum: int, frame: object) -> None:
     """The daemon decides when a worker stops."""
 
 
-def _usual_signals() -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+_HANDLED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+class _Forks:
+    """What a process a function forks (os.fork, multiprocessing) must not keep of the
+    worker: its pipes to the daemon (or the daemon would not see the worker exit while that
+    process runs) and its signal handling (it gets the usual one). A signal sent between the
+    fork and the child's reset waits, blocked, rather than be lost to the worker's handler."""
+
+    def __init__(self, fds: tuple[int, ...]) -> None:
+        self.fds = fds
+        os.register_at_fork(
+            before=self._block, after_in_parent=self._unblock, after_in_child=self._in_child
+        )
+
+    def _block(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+
+    def _unblock(self) -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+
+    def _in_child(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        self._unblock()
 
 
 def _tie_to_daemon() -> None:
@@ -425,11 +452,9 @@ def _tie_to_daemon() -> None:
     worker: it has a session of its own); and if the daemon dies by SIGKILL, its workers go
     too (Linux: PR_SET_PDEATHSIG). Handled, not ignored: an ignored signal stays ignored in
     the processes a function starts, whose `terminate()` would then do nothing."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in _HANDLED:
         signal.signal(sig, _not_now)
         signal.siginterrupt(sig, False)  # a system call it lands in goes on (SA_RESTART)
-    # A process a function forks (os.fork, multiprocessing) gets the usual handling back.
-    os.register_at_fork(after_in_child=_usual_signals)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -439,11 +464,12 @@ def _tie_to_daemon() -> None:
 
 def main(argv: list[str]) -> None:
     read_fd, write_fd, memory_limit = int(argv[0]), int(argv[1]), int(argv[2])
-    # Passed to it as inheritable: not to what a function starts (os.system, os.fork), which
-    # would keep the daemon from seeing this worker exit while that process runs.
+    # Passed to it as inheritable: not to what a function starts (os.system, subprocess),
+    # which would keep the daemon from seeing this worker exit while that process runs.
     os.set_inheritable(read_fd, False)
     os.set_inheritable(write_fd, False)
     _tie_to_daemon()
+    _Forks((read_fd, write_fd))
     if memory_limit > 0:
         # Address space, not RSS: a runaway allocation fails with MemoryError instead of
         # growing until the kernel's OOM killer picks a process (maybe the daemon).

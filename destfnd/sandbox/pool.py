@@ -102,13 +102,24 @@ class Worker:
             pass  # nothing of it is left (PermissionError: macOS, for a group of zombies)
 
 
-async def _exited(proc: asyncio.subprocess.Process) -> int:
+async def _exited(proc: asyncio.subprocess.Process, every_s: float = 0.02) -> int:
     """The worker's exit code, once it has exited. Not `proc.wait()`: on Python 3.11's own
     event loop that also waits for every process still holding the worker's stdout, such as
     one a function started, which only the group kill that follows this ends."""
     while proc.returncode is None:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(every_s)
     return proc.returncode
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Wait for a killed worker to be reaped; for at most 2 s of its stdout held open by a
+    process that left its group."""
+    await _exited(proc)
+    try:
+        async with asyncio.timeout(2):
+            await proc.wait()
+    except TimeoutError:
+        pass
 
 
 def read_code(spec: Spec) -> dict[str, str]:
@@ -167,23 +178,27 @@ async def spawn(
             reply = await protocol.read_frame(reader)
     except TimeoutError:
         worker.kill()
-        await proc.wait()
+        await _reap(proc)
         raise InitError(
             f"the function did not load within {_START_TIMEOUT_S:g}s: does code at its module "
             "level (an import, a network call, a loop) block?"
         ) from None
     except protocol.ProtocolError as exc:
         worker.kill()
-        await proc.wait()
+        await _reap(proc)
         raise InitError(f"the worker did not start: {exc}") from None
     except BaseException:  # cancelled (e.g. shutting down): leave no process behind
         worker.kill()
-        await asyncio.shield(proc.wait())
+        await asyncio.shield(_reap(proc))
         raise
     if reply is None or reply.get("t") != "ready":
         worker.kill()
-        await proc.wait()  # reaped while the loop runs
-        output = (await proc.stdout.read(64_000)).decode(errors="replace").strip()
+        await _reap(proc)  # reaped while the loop runs
+        try:
+            async with asyncio.timeout(2):  # what it printed (all of it is in the pipe by now)
+                output = (await proc.stdout.read(64_000)).decode(errors="replace").strip()
+        except TimeoutError:
+            output = ""
         if reply is not None and reply.get("t") == "init_error":
             raise InitError(reply["message"], reply.get("stage"))
         raise InitError(f"the worker exited while loading: {output[-500:] or 'no output'}")
@@ -194,8 +209,19 @@ async def spawn(
         asyncio.create_task(
             _read_output(worker, spec.name, redact), name=f"worker-output:{proc.pid}"
         ),
+        asyncio.create_task(_end_replies_at_exit(proc, reader), name=f"worker-exit:{proc.pid}"),
     ]
     return worker
+
+
+async def _end_replies_at_exit(
+    proc: asyncio.subprocess.Process, reader: asyncio.StreamReader
+) -> None:
+    """A worker that has exited sends no more replies, even if its pipe is still open in a
+    process it started that got around closing it (a fork in C code, say): at most a second
+    after the exit, its replies are ended as if the pipe had closed (nearly always it has)."""
+    await _exited(proc, every_s=1.0)
+    reader.feed_eof()
 
 
 async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
@@ -322,11 +348,7 @@ class Pool:
                 except TimeoutError:
                     pass
                 worker.kill()  # the processes it started (and itself, if it did not exit)
-                try:  # reaped; bounded: a process that left the group may hold its stdout
-                    async with asyncio.timeout(2):
-                        await worker.proc.wait()
-                except TimeoutError:
-                    pass
+                await _reap(worker.proc)
                 for task in worker.tasks:
                     task.cancel()
                 await asyncio.gather(*worker.tasks, return_exceptions=True)
