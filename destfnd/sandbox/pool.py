@@ -218,9 +218,11 @@ async def _end_replies_at_exit(
     proc: asyncio.subprocess.Process, reader: asyncio.StreamReader
 ) -> None:
     """A worker that has exited sends no more replies, even if its pipe is still open in a
-    process it started that got around closing it (a fork in C code, say): at most a second
-    after the exit, its replies are ended as if the pipe had closed (nearly always it has)."""
+    process it started that did not close it (a fork in C code, say): a second or two after
+    the exit, its replies are ended as if the pipe had closed (nearly always it has). The
+    second after the exit is left to what it wrote before exiting, to be read first."""
     await _exited(proc, every_s=1.0)
+    await asyncio.sleep(1.0)
     reader.feed_eof()
 
 
