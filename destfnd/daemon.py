@@ -55,6 +55,12 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _database_files(path: Path) -> list[Path]:
+    """The database file and the two SQLite keeps beside it in WAL mode, which exist from
+    the moment the database is open until the last connection to it closes."""
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
 def lock_database(path: Path) -> IO[bytes]:
     """Hold an exclusive lock beside the database for the daemon's lifetime: two daemons on
     one file would deliver everything twice. Beside the file itself, symbolic links
@@ -88,7 +94,7 @@ class Daemon:
         self._progress: sdnotify.StartProgress | None = None  # while the store opens
         self._http_open = False
         self.failure: str | None = None  # why the daemon stopped on its own (exit 1)
-        self._db_identity: tuple[int, int] | None = None  # the database file, once open
+        self._db_identity: list[tuple[int, int] | None] = []  # its files, once open
 
     @property
     def stop_requested(self) -> bool:
@@ -220,7 +226,8 @@ class Daemon:
             if store is None:
                 return
             conn, dedupe = store
-            self._db_identity = _identity(cfg.storage.path)  # before functions take seconds
+            # Before functions take seconds to start.
+            self._db_identity = [_identity(f) for f in _database_files(cfg.storage.path)]
             writer = Writer(conn, dedupe)
             redactor = Redactor(config_secrets(cfg))
             deliverers = await start_deliverers(cfg, redactor)
@@ -371,17 +378,29 @@ class Daemon:
     async def _watch_file(self) -> None:
         """The database file deleted or replaced under the running daemon (`rm -rf var/`):
         SQLite would go on committing to the unlinked file, and everything since would be
-        gone at the next start. Stop at once (ingest answers 503) and exit 1."""
-        path = self.cfg.storage.path
+        gone at the next start. Stop at once (ingest answers 503) and exit 1. The same for
+        its -wal and -shm files (`rm var/*-wal`): what the unlinked WAL holds since the last
+        checkpoint would be lost at the next start, but SQLite still has it open, and the
+        checkpoint it makes as the daemon closes the database moves it into the file."""
+        files = _database_files(self.cfg.storage.path)
         started = self._db_identity
         while True:
             await asyncio.sleep(_WATCH_FILE_S)
-            if _identity(path) != started:
-                self.failure = (
-                    f"{path}: the database file was deleted or replaced while the daemon ran; "
-                    "what it held (every unfinished delivery) went with it"
-                )
-                log.error("database_file_gone", database=str(path))
+            for file, identity in zip(files, started, strict=True):
+                if _identity(file) == identity:
+                    continue
+                if file == files[0]:
+                    self.failure = (
+                        f"{file}: the database file was deleted or replaced while the daemon "
+                        "ran; what it held (every unfinished delivery) went with it"
+                    )
+                else:
+                    self.failure = (
+                        f"{file}: deleted or replaced while the daemon ran; the daemon stopped "
+                        "so that SQLite moved what it held into the database file: keep "
+                        "SQLite's files out of cleanup jobs"
+                    )
+                log.error("database_file_gone", database=str(files[0]), file=str(file))
                 self.request_stop()
                 return
 

@@ -508,6 +508,32 @@ async def test_a_database_deleted_under_the_running_daemon_stops_it(make_daemon,
     assert "the database file was deleted or replaced while the daemon ran" in daemon.log_text()
 
 
+async def test_a_wal_file_deleted_under_the_running_daemon_stops_it_and_loses_nothing(
+    make_daemon, tmp_path, session
+):
+    """`rm var/*-wal`: the commits since the last checkpoint are only in the unlinked WAL,
+    which a restart would not find. SQLite still has it open: the daemon stops, and the
+    checkpoint made as it closes the database keeps every acknowledged event."""
+    db = tmp_path / "db.sqlite3"
+    retry = {"max_attempts": 100, "max_age": "1h", "backoff_initial": "1h", "backoff_max": "1h"}
+    daemon = await make_daemon(
+        config_text(db, webhook("hook", closed_port_url(), retry=retry))
+    ).start()
+    ids = [f"wal-{i}" for i in range(40)]
+    for message_id in ids:
+        event = {"userId": "u1", "event": "Paid", "messageId": message_id}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+    (tmp_path / "db.sqlite3-wal").unlink()
+    assert await daemon.wait(timeout_s=20) == 1
+    gone = [r for r in daemon.log_records() if r.get("event") == "database_file_gone"]
+    assert gone and gone[0]["file"].endswith("db.sqlite3-wal")
+    assert "db.sqlite3-wal: deleted or replaced while the daemon ran" in daemon.log_text()
+    again = make_daemon(config_text(db, webhook("hook", closed_port_url(), retry=retry)))
+    stats = (await again.start()).stats()
+    assert stats["hook"]["retrying"] + stats["hook"]["pending"] == len(ids), stats
+    assert await again.terminate() == 0
+
+
 async def test_deliveries_of_a_destination_gone_from_the_config_are_logged_at_start(
     make_daemon, tmp_path, session
 ):
