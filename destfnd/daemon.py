@@ -13,7 +13,6 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import structlog
 from aiohttp import web
@@ -61,24 +60,48 @@ def _database_files(path: Path) -> list[Path]:
     return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
 
 
-def lock_database(path: Path) -> IO[bytes]:
-    """Hold an exclusive lock beside the database for the daemon's lifetime: two daemons on
-    one file would deliver everything twice. Beside the file itself, symbolic links
-    resolved: two paths to one file are one lock."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        real = Path(os.path.realpath(path))
-        lock = (real.parent / f"{real.name}.lock").open("ab")
-    except OSError as exc:
-        raise StoreError(
-            f"{path}: cannot create the database's lock file: {exc.strerror}"
-        ) from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise DaemonError(f"{path}: another destfnd is already serving this database") from None
-    return lock
+class DatabaseLock:
+    """Exclusive locks held for the daemon's lifetime, taken before SQLite opens the file: two
+    daemons on one database would deliver everything twice, and through two names of one
+    file (hard links) each would keep a WAL of its own and corrupt it. One lock beside the
+    file (symbolic links resolved), one on the file itself (an inode has one, whatever the
+    name). flock, not SQLite's POSIX locks, which the two do not disturb; the file's own
+    descriptor stays open until SQLite has closed it (closing any descriptor of a file drops
+    the process's POSIX locks on it)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            real = Path(os.path.realpath(path))
+            self._beside = (real.parent / f"{real.name}.lock").open("ab")
+        except OSError as exc:
+            raise StoreError(
+                f"{path}: cannot create the database's lock file: {exc.strerror}"
+            ) from None
+        self._file: int | None = None
+        try:
+            self._take(self._beside.fileno(), path)
+            try:  # an empty file is a new database to SQLite
+                self._file = os.open(real, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StoreError(f"{path}: cannot open the database: {exc.strerror}") from None
+            self._take(self._file, path)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _take(fd: int, path: Path) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DaemonError(f"{path}: another destfnd is already serving this database") from None
+
+    def close(self) -> None:
+        self._beside.close()
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
 
 
 class Daemon:
@@ -110,7 +133,7 @@ class Daemon:
             self._progress.stopping = True
 
     async def run(self) -> None:
-        lock = lock_database(self.cfg.storage.path)
+        lock = DatabaseLock(self.cfg.storage.path)
         try:
             await self._run()
         finally:

@@ -251,6 +251,15 @@ async def test_cli_serve_refuses_a_busy_port_and_a_second_daemon_clearly(make_da
     third = run_cli("serve", "--config", str(linked))
     assert third.returncode == 1
     assert "another destfnd is already serving this database" in third.stderr
+    # And through a hard link (another name of the same file: it would also have had a WAL
+    # of its own, and corrupted the file), refused before SQLite opened it.
+    os.link(tmp_path / "db.sqlite3", tmp_path / "other" / "hard.sqlite3")
+    hard = tmp_path / "other" / "hard.toml"
+    hard.write_text(config_text(tmp_path / "other" / "hard.sqlite3", ""))
+    third = run_cli("serve", "--config", str(hard))
+    assert third.returncode == 1, third.stderr
+    assert "another destfnd is already serving this database" in third.stderr
+    assert not (tmp_path / "other" / "hard.sqlite3-wal").exists()
     # A database whose folder cannot be made: one line, exit 4 (it was a traceback).
     (tmp_path / "a-file").write_text("")
     nowhere = tmp_path / "nowhere.toml"

@@ -77,7 +77,9 @@ def open_db(
     conn = None
     try:
         if readonly:
-            if not path.exists():
+            # Empty: made by a daemon that stopped before SQLite wrote to it (it takes a lock
+            # on the file first).
+            if not path.exists() or path.stat().st_size == 0:
                 raise StoreError(f"{path}: no database yet (has the daemon ever started?)")
             conn = sqlite3.connect(
                 f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
