@@ -56,8 +56,15 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 def _database_files(path: Path) -> list[Path]:
     """The database file and the two SQLite keeps beside it in WAL mode, which exist from
-    the moment the database is open until the last connection to it closes."""
-    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+    the moment the database is open until the last connection to it closes (beside the file
+    a symbolic link names: SQLite resolves it)."""
+    real = Path(os.path.realpath(path))
+    return [path, real.with_name(real.name + "-wal"), real.with_name(real.name + "-shm")]
+
+
+# How long a stop after the WAL was deleted tries to move what it holds into the database
+# file while other connections are in the way (within systemd's TimeoutStopSec=45s).
+_SAVE_WAL_S = 15.0
 
 
 class DatabaseLock:
@@ -118,6 +125,7 @@ class Daemon:
         self._http_open = False
         self.failure: str | None = None  # why the daemon stopped on its own (exit 1)
         self._db_identity: list[tuple[int, int] | None] = []  # its files, once open
+        self._wal_gone = False  # its -wal or -shm file was deleted while it ran
 
     @property
     def stop_requested(self) -> bool:
@@ -162,6 +170,8 @@ class Daemon:
             if progress.stopping:
                 return None
             raise
+        # At once: what goes missing from here on is caught by _watch_file.
+        self._db_identity = [_identity(f) for f in _database_files(cfg.storage.path)]
         try:
             conn.set_progress_handler(progress.tick, PROGRESS_EVERY)
             progress.status = "starting: taking back the leases of the last run"
@@ -249,8 +259,6 @@ class Daemon:
             if store is None:
                 return
             conn, dedupe = store
-            # Before functions take seconds to start.
-            self._db_identity = [_identity(f) for f in _database_files(cfg.storage.path)]
             writer = Writer(conn, dedupe)
             redactor = Redactor(config_secrets(cfg))
             deliverers = await start_deliverers(cfg, redactor)
@@ -271,10 +279,14 @@ class Daemon:
             _tune_gc()
             await self._serve(ingest, runner, writer, dedupe)
         finally:
-            if self._http_open:
-                await runner.cleanup()
-            if writer is not None:
-                writer.shutdown()
+            try:
+                if self._http_open:
+                    await runner.cleanup()
+                if writer is not None and self._wal_gone:
+                    await self._save_wal(writer)
+            finally:
+                if writer is not None:
+                    writer.shutdown()
 
     async def _serve(
         self, ingest: Ingest, runner: web.AppRunner, writer: Writer, dedupe: Dedupe
@@ -418,14 +430,45 @@ class Daemon:
                         "ran; what it held (every unfinished delivery) went with it"
                     )
                 else:
+                    self._wal_gone = True
                     self.failure = (
                         f"{file}: deleted or replaced while the daemon ran; the daemon stopped "
-                        "so that SQLite moved what it held into the database file: keep "
-                        "SQLite's files out of cleanup jobs"
+                        "to move what the WAL held into the database file: keep SQLite's "
+                        "files out of cleanup jobs"
                     )
                 log.error("database_file_gone", database=str(files[0]), file=str(file))
                 self.request_stop()
                 return
+
+    async def _save_wal(self, writer: Writer) -> None:
+        """After the -wal or -shm was deleted: the WAL SQLite still has open holds every
+        commit since the last checkpoint, and a restart would not find it. SQLite's own
+        checkpoint at close happens only if no other connection is open (a `destfnd stats`,
+        a backup, a shell), so checkpoint it here, until done or _SAVE_WAL_S have passed."""
+        deadline = time.monotonic() + _SAVE_WAL_S
+        while True:
+            try:
+                busy, frames, moved = await asyncio.to_thread(writer.checkpoint)
+            except sqlite3.Error as exc:
+                busy, frames, moved = 1, -1, -1
+                error = str(exc)
+            else:
+                error = None
+            if not busy and moved == frames:
+                log.info("wal_saved", frames=frames)
+                return
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+        log.error("wal_not_saved", frames=frames, moved=moved, error=error)
+        why = error or (
+            "other connections to the database kept SQLite from moving all of it "
+            f"({moved} of {frames} pages)"
+        )
+        self.failure = (
+            f"{self.failure}; but {why}: the events acknowledged since the last checkpoint "
+            "may be lost"
+        )
 
     async def _watchdog(self, writer: Writer, every_s: float) -> None:
         """WATCHDOG=1 every half WatchdogSec while the event loop runs and the SQLite writer

@@ -135,6 +135,11 @@ class Writer:
         self._closing = True
         self._wake.set()
 
+    def checkpoint(self) -> tuple[int, int, int]:
+        """`PRAGMA wal_checkpoint(FULL)` on the writer's connection, once `serve` has ended:
+        (busy, pages in the WAL, pages moved into the database file)."""
+        return self._conn.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
         self._conn.close()
