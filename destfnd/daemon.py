@@ -124,7 +124,8 @@ class Daemon:
         self._progress: sdnotify.StartProgress | None = None  # while the store opens
         self._http_open = False
         self.failure: str | None = None  # why the daemon stopped on its own (exit 1)
-        self._db_identity: list[tuple[int, int] | None] = []  # its files, once open
+        # The database's files and their identities, taken once it is open.
+        self._db_files: list[tuple[Path, tuple[int, int] | None]] = []
         self._wal_gone = False  # its -wal or -shm file was deleted while it ran
 
     @property
@@ -171,7 +172,7 @@ class Daemon:
                 return None
             raise
         # At once: what goes missing from here on is caught by _watch_file.
-        self._db_identity = [_identity(f) for f in _database_files(cfg.storage.path)]
+        self._db_files = [(f, _identity(f)) for f in _database_files(cfg.storage.path)]
         try:
             conn.set_progress_handler(progress.tick, PROGRESS_EVERY)
             progress.status = "starting: taking back the leases of the last run"
@@ -415,16 +416,15 @@ class Daemon:
         SQLite would go on committing to the unlinked file, and everything since would be
         gone at the next start. Stop at once (ingest answers 503) and exit 1. The same for
         its -wal and -shm files (`rm var/*-wal`): what the unlinked WAL holds since the last
-        checkpoint would be lost at the next start, but SQLite still has it open, and the
-        checkpoint it makes as the daemon closes the database moves it into the file."""
-        files = _database_files(self.cfg.storage.path)
-        started = self._db_identity
+        checkpoint would be lost at the next start, but SQLite still has it open, and
+        `_save_wal` moves it into the file as the daemon stops."""
+        database = self._db_files[0][0]
         while True:
             await asyncio.sleep(_WATCH_FILE_S)
-            for file, identity in zip(files, started, strict=True):
+            for file, identity in self._db_files:
                 if _identity(file) == identity:
                     continue
-                if file == files[0]:
+                if file == database:
                     self.failure = (
                         f"{file}: the database file was deleted or replaced while the daemon "
                         "ran; what it held (every unfinished delivery) went with it"
@@ -436,7 +436,7 @@ class Daemon:
                         "to move what the WAL held into the database file: keep SQLite's "
                         "files out of cleanup jobs"
                     )
-                log.error("database_file_gone", database=str(files[0]), file=str(file))
+                log.error("database_file_gone", database=str(database), file=str(file))
                 self.request_stop()
                 return
 

@@ -256,9 +256,9 @@ async def test_cli_serve_refuses_a_busy_port_and_a_second_daemon_clearly(make_da
     os.link(tmp_path / "db.sqlite3", tmp_path / "other" / "hard.sqlite3")
     hard = tmp_path / "other" / "hard.toml"
     hard.write_text(config_text(tmp_path / "other" / "hard.sqlite3", ""))
-    third = run_cli("serve", "--config", str(hard))
-    assert third.returncode == 1, third.stderr
-    assert "another destfnd is already serving this database" in third.stderr
+    through_hard_link = run_cli("serve", "--config", str(hard))
+    assert through_hard_link.returncode == 1, through_hard_link.stderr
+    assert "another destfnd is already serving this database" in through_hard_link.stderr
     assert not (tmp_path / "other" / "hard.sqlite3-wal").exists()
     # A database whose folder cannot be made: one line, exit 4 (it was a traceback).
     (tmp_path / "a-file").write_text("")
