@@ -113,11 +113,11 @@ def run(name, store, work, db: Path, args) -> dict:
         store(c, dedupe, group)
         c.execute("COMMIT")
         f0 = time.perf_counter()
-        while dedupe.due():  # the writer runs these slices between groups: counted too
-            if not dedupe.flush(conn):
+        while dedupe.pending():  # the writer runs these slices between groups: counted too
+            if not dedupe.step(conn):
                 break
         if c is timed:
-            timed.spent["dedupe flush slices"] += time.perf_counter() - f0
+            timed.spent["dedupe flush/filter slices"] += time.perf_counter() - f0
         if measured:
             cpu += time.thread_time() - c0
             wall += time.perf_counter() - w0

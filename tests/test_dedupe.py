@@ -13,8 +13,10 @@ from support import database_at_schema
 from destfnd.store import Dedupe, IncomingEvent, Writer, open_db
 from destfnd.store import queue as q
 from destfnd.store.dedupe import (
+    KEY_MAX,
     KEY_MIN,
     SWEEP_MIN_ROWS,
+    KeyFilter,
     events_with_message_id,
     key_of,
     sweep_keys,
@@ -84,6 +86,137 @@ def test_dedupe_flush_moves_keys_to_disk_and_they_still_match(conn):
     assert stored_ids(conn) == ["a", "b", "c", "d"]
     (through,) = conn.execute("SELECT flushed_through FROM dedupe_state").fetchone()
     assert through == 3  # the newest event id whose key was written
+
+
+def key_lookups(conn) -> list[str]:
+    """Every SQL statement that looks keys up in message_ids, from now on."""
+    seen: list[str] = []
+    conn.set_trace_callback(
+        lambda sql: seen.append(sql) if "FROM message_ids WHERE key IN" in sql else None
+    )
+    return seen
+
+
+def fill(conn, dedupe) -> int:
+    steps = 0
+    while dedupe.pending():
+        dedupe.step(conn)
+        steps += 1
+        assert steps < 10_000
+    return steps
+
+
+def test_dedupe_key_filter_holds_every_key_added_and_few_others():
+    import random
+
+    rng = random.Random(7)
+    f = KeyFilter(bits=1 << 16)
+    added = [rng.getrandbits(64) - 2**63 for _ in range(4096)]
+    for k in added:
+        f.add(k)
+    assert all(f.may_hold(k) for k in added)
+    assert f.added == 4096 and f.capacity == 8192
+    others = [rng.getrandbits(64) - 2**63 for _ in range(20_000)]
+    false_hits = sum(f.may_hold(k) for k in others)
+    assert false_hits < 20_000 * 0.05  # about 1.4% expected at half its capacity
+    assert not KeyFilter(bits=1 << 16).may_hold(added[0])
+    for bad in (1000, 4, 1 << 33):
+        with pytest.raises(ValueError):
+            KeyFilter(bits=bad)
+
+
+def test_dedupe_key_filter_skips_looking_up_new_keys_and_still_finds_stored_ones(conn):
+    dedupe = Dedupe.load(conn, flush_at=3)
+    insert(conn, dedupe, ["a", "b", "c"])
+    dedupe.flush(conn)
+    assert dedupe.recent == {} and keys_on_disk(conn) == 3
+    lookups = key_lookups(conn)
+    # No filter yet (as after a start): a new key is looked up on disk.
+    assert dedupe.key_filter is None and dedupe.pending()
+    assert insert(conn, dedupe, ["d"], now=T0 + 1) == 1
+    assert len(lookups) == 1
+    fill(conn, dedupe)
+    assert dedupe.key_filter is not None and not dedupe.pending()
+    # With it, a new key is not looked up at all...
+    assert insert(conn, dedupe, ["e", "f"], now=T0 + 2) == 2
+    assert len(lookups) == 1
+    # ...and a key on disk still is, and matches.
+    assert insert(conn, dedupe, ["a", "g"], now=T0 + 3) == 1
+    assert len(lookups) == 2
+    assert stored_ids(conn) == ["a", "b", "c", "d", "e", "f", "g"]
+
+
+def test_dedupe_key_filter_fill_takes_keys_flushed_while_it_runs(conn):
+    first = [f"old{i}" for i in range(20)]
+    later = [f"new{i}" for i in range(20)]
+    dedupe = Dedupe.load(conn, flush_at=20, slice_keys=20)
+    insert(conn, dedupe, first)
+    dedupe.flush(conn)
+    dedupe.slice_keys = 2
+    for _ in range(5):  # half of the keys on disk read into the new filter
+        dedupe.step(conn)
+    assert dedupe.key_filter is None and dedupe.pending()
+    passed = dedupe._fill_from
+    # Keys flushed now: the scan has already passed some of them (asserted, as the keys
+    # are fixed hashes); only the flush itself can put those into the new filter.
+    insert(conn, dedupe, later, now=T0 + 1)
+    assert dedupe.due()
+    while dedupe.due():
+        dedupe.step(conn)
+    assert any(key_of("web", m) < passed for m in later)
+    fill(conn, dedupe)
+    assert dedupe.key_filter is not None
+    assert all(dedupe.key_filter.may_hold(key_of("web", m)) for m in first + later)
+    assert insert(conn, dedupe, first + later + ["x"], now=T0 + 2) == 1
+
+
+@pytest.mark.parametrize("slice_keys", [1, 2, 3])
+def test_dedupe_key_filter_fill_reads_the_keys_at_both_ends_of_the_key_space(conn, slice_keys):
+    ends = [KEY_MIN, KEY_MIN + 1, -1, 0, KEY_MAX - 1, KEY_MAX]
+    dedupe = Dedupe.load(conn, flush_at=len(ends), slice_keys=len(ends))
+    for n, k in enumerate(ends, 1):
+        dedupe.add(k, n, T0)
+    dedupe.flush(conn)
+    assert keys_on_disk(conn) == len(ends)
+    dedupe.slice_keys = slice_keys
+    steps = fill(conn, dedupe)
+    # Every slice is full; the one ending at KEY_MAX ends the fill (there is nothing above).
+    assert steps == len(ends) // slice_keys
+    assert dedupe.key_filter is not None
+    assert all(dedupe.key_filter.may_hold(k) for k in ends)
+    assert dedupe.key_filter.added == len(ends)  # each read once
+
+
+def test_dedupe_key_filter_is_refilled_once_overfull_and_not_more_often(conn):
+    # A filter of 64 bits holds 8 keys; swept keys stay set in it, so it is refilled from
+    # message_ids once overfull, after as many keys were flushed as the last fill read.
+    dedupe = Dedupe.load(conn, flush_at=4, slice_keys=4, filter_bits=64)
+    fill(conn, dedupe)
+    empty = dedupe.key_filter
+    assert empty is not None and empty.added == 0
+    ids = [f"m{i}" for i in range(12)]
+    for n in range(0, 12, 4):
+        insert(conn, dedupe, ids[n : n + 4], now=T0 + n)
+        while dedupe.due():
+            dedupe.step(conn)
+    assert empty.added == 12 and dedupe.pending()  # over its 8, and 12 flushed since
+    fill(conn, dedupe)
+    refilled = dedupe.key_filter
+    assert refilled is not empty and refilled.added == 12  # read back from message_ids
+    conn.execute("DELETE FROM message_ids")  # as if swept out of the window
+    more = [f"n{i}" for i in range(12)]
+    for n in range(0, 8, 4):
+        insert(conn, dedupe, more[n : n + 4], now=T0 + 100 + n)
+        while dedupe.due():
+            dedupe.step(conn)
+    assert not dedupe.pending()  # 8 flushed since that fill, which read 12: not yet
+    insert(conn, dedupe, more[8:], now=T0 + 200)
+    while dedupe.due():
+        dedupe.step(conn)
+    assert dedupe.pending()
+    fill(conn, dedupe)
+    assert dedupe.key_filter.added == 12  # only what message_ids holds now
+    assert insert(conn, dedupe, ids + more, now=T0 + 300) == len(ids)  # ids were swept
 
 
 def test_dedupe_flush_goes_in_slices_and_keys_stay_found_meanwhile(db_path):
@@ -311,6 +444,35 @@ async def test_dedupe_writer_flushes_between_groups_once_due(db_path):
                 DESTS, T0 + 1, T0 + 1 - WINDOW_MS,
             )  # fmt: skip
             assert again == 10
+    finally:
+        writer.close()
+        async with asyncio.timeout(10):
+            await task
+        writer.shutdown()
+
+
+async def test_dedupe_writer_fills_the_key_filter_between_groups(db_path):
+    conn = open_db(db_path)
+    dedupe = Dedupe.load(conn, flush_at=20, slice_keys=20)
+    insert(conn, dedupe, [f"old{i}" for i in range(20)])
+    dedupe.flush(conn)
+    dedupe.slice_keys = 8  # the fill takes 3 steps: one after each of the next 3 groups
+    writer = Writer(conn, dedupe)
+    task = asyncio.create_task(writer.serve(), name="writer")
+    lookups = key_lookups(conn)
+    try:
+        async with asyncio.timeout(10):
+            for n in range(4):
+                await writer.run(
+                    q.insert_events, dedupe, "web", [incoming(f"new{n}")], DESTS, T0, T0 - WINDOW_MS
+                )
+            assert dedupe.key_filter is not None and not dedupe.pending()
+            assert len(lookups) == 3  # the groups before the filter was complete
+            again = await writer.run(
+                q.insert_events, dedupe, "web",
+                [incoming(m) for m in ("old3", "new9", "old7")], DESTS, T0 + 1, T0 + 1 - WINDOW_MS,
+            )  # fmt: skip
+            assert again == 1 and len(lookups) == 4
     finally:
         writer.close()
         async with asyncio.timeout(10):

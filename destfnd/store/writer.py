@@ -44,13 +44,14 @@ def _call(op: Callable[..., Any], args: tuple, conn: sqlite3.Connection) -> Any:
 
 
 class Deferred(Protocol):
-    """Work the writer does between groups, in a short transaction of its own, when `due()`:
-    after a group's waiters are answered, never inside their transaction (a slice of the
-    dedupe keys' flush; it delays the next group by its few milliseconds)."""
+    """Work the writer does between groups, a `step` at a time in a short transaction of its
+    own, while `pending()`: after a group's waiters are answered, never inside their
+    transaction (a slice of the dedupe keys' flush or of their filter's fill; it delays the
+    next group by its few milliseconds)."""
 
-    def due(self) -> bool: ...
+    def pending(self) -> bool: ...
 
-    def flush(self, conn: sqlite3.Connection) -> Any: ...
+    def step(self, conn: sqlite3.Connection) -> Any: ...
 
 
 class Writer:
@@ -113,7 +114,7 @@ class Writer:
                     raise
                 self.groups += 1
                 _resolve(group, results)
-                if self._deferred is not None and self._deferred.due():
+                if self._deferred is not None and self._deferred.pending():
                     await self._run_deferred(loop)
         finally:
             self._closing = True  # also when cancelled or crashed: later run() calls fail fast
@@ -125,7 +126,7 @@ class Writer:
     async def _run_deferred(self, loop: asyncio.AbstractEventLoop) -> None:
         # Not shielded: if cancelled, the thread still finishes it before shutdown() returns.
         try:
-            await loop.run_in_executor(self._thread, self._deferred.flush, self._conn)  # type: ignore[union-attr]
+            await loop.run_in_executor(self._thread, self._deferred.step, self._conn)  # type: ignore[union-attr]
         except sqlite3.Error as exc:
             # Nothing is lost: the work stays due and is tried again after the next group.
             log.warning("store_deferred_failed", error=str(exc))

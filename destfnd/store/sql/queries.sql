@@ -32,6 +32,10 @@ SELECT id, source, message_id, received_at FROM events WHERE id > ? ORDER BY id 
 -- A key seen again after the dedupe window replaces its older entry.
 INSERT OR REPLACE INTO message_ids (key, event_id, received_at) VALUES (?, ?, ?);
 
+-- name: key_scan
+-- The next keys in key order, for filling the key filter.
+SELECT key FROM message_ids WHERE key >= ? ORDER BY key LIMIT ?;
+
 -- name: key_slice
 -- The last key and the number of keys of the next slice of the sweep, in key order.
 SELECT max(key), count(*) FROM (SELECT key FROM message_ids WHERE key > ? ORDER BY key LIMIT ?);
