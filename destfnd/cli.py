@@ -28,6 +28,7 @@ EXIT_ERROR = 1  # the daemon failed while running
 EXIT_USAGE = 2  # argparse's own
 EXIT_CONFIG = 3  # the config is invalid
 EXIT_STORE = 4  # the database cannot be opened or read
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, as a program the signal had stopped
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program the signal had stopped
 
 
@@ -77,8 +78,8 @@ def _run(argv: list[str] | None) -> int:
 
         print(f"destfnd: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, RunError | DestinationStartError) else EXIT_ERROR
-    except KeyboardInterrupt:
-        return EXIT_ERROR
+    except KeyboardInterrupt:  # Ctrl-C (serve has a handler of its own: it stops gracefully)
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:

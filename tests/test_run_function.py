@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import orjson
 import pytest
 from support import FIXTURES, Sink, run_cli
@@ -220,6 +225,46 @@ def test_run_function_timeout_keeps_what_the_function_printed(files):
     report = orjson.loads(result.stdout)
     assert report["outcomes"][0]["error_type"] == "Timeout", report
     assert report["logs"] == "started Signed Up\n"
+
+
+def test_run_function_ctrl_c_exits_130_quietly_and_ends_the_worker(files):
+    started = files / "started"
+    (files / "slow.py").write_text(
+        "import asyncio, os, pathlib\n\nasync def on_track(event, settings):\n"
+        f"    pathlib.Path({str(started)!r}).write_text(str(os.getpid()))\n"
+        "    await asyncio.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "destfnd", "run-function", str(files / "slow.py"),
+         "--event", str(files / "track.json"), "--timeout", "60"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() or not started.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        worker = int(started.read_text())
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and out == ""
+    deadline = time.monotonic() + 10
+    while _alive(worker):  # the worker goes with the command
+        assert time.monotonic() < deadline, f"worker {worker} outlived run-function"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
 
 
 def test_run_function_invalid_settings_is_the_outcome_and_nothing_runs(files):
