@@ -192,6 +192,29 @@ def test_cli_check_config_reports_every_problem_at_once(tmp_path):
         assert where in result.stderr, result.stderr
 
 
+def test_cli_serve_refuses_a_bad_config_with_the_exit_code_the_unit_does_not_restart(tmp_path):
+    """The unit relies on serve's own checks: exit 3 with every problem, which
+    RestartPreventExitStatus keeps from a restart loop. An ExecStartPre check would fail the
+    start with an exit status systemd does not compare with that list: a restart every 2 s."""
+    from destfnd.cli import EXIT_CONFIG, EXIT_STORE
+
+    unit = (REPO / "systemd" / "destfnd.service").read_text()
+    lines = [line.strip() for line in unit.splitlines() if not line.lstrip().startswith("#")]
+    execs = [line for line in lines if line.startswith("Exec")]
+    assert len(execs) == 1 and execs[0].startswith("ExecStart=") and " serve " in execs[0]
+    prevent = next(line for line in lines if line.startswith("RestartPreventExitStatus="))
+    assert {str(EXIT_CONFIG), str(EXIT_STORE)} <= set(prevent.split("=", 1)[1].split())
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\nlistn = "x"\n[storage]\nretention = "soon"\n'
+        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+    )
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == EXIT_CONFIG, (result.stdout, result.stderr)
+    assert "server.listn" in result.stderr and "storage.retention" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_missing_config_file_is_one_clear_line(tmp_path):
     result = run_cli("check-config", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 3
