@@ -45,9 +45,13 @@ class Rejected(Exception):
 
 
 def error_response(status: int, error: str, detail: str = "") -> web.Response:
+    """`{"success": false, "error", "detail"}`, with Segment's own `code` and `message` beside
+    them: Segment's SDKs log those two (analytics-python logs "unknown" without them)."""
     body = {"success": False, "error": error}
     if detail:
         body["detail"] = detail
+    body["code"] = error.lower().replace(" ", "_").replace("-", "_")
+    body["message"] = f"{error}: {detail}" if detail else error
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
@@ -60,6 +64,10 @@ _MALFORMED: Any = object()
 _MALFORMED_DETAIL = (
     "the Authorization header is not HTTP Basic with the write key as user name "
     "(base64 of 'WRITE_KEY:')"
+)
+_NOT_BASIC_DETAIL = (
+    "the Authorization header is not HTTP Basic (send 'Basic ' + base64 of 'WRITE_KEY:'), "
+    "and the body has no writeKey"
 )
 _AUTH_CACHE_SIZE = 1024
 
@@ -163,9 +171,13 @@ class Ingest:
         if key is None and isinstance(body, dict):
             key = body.get("writeKey")
         if not isinstance(key, str) or not key:
-            raise Rejected(
-                401, "unauthorized", "send the write key as HTTP Basic user name or as writeKey"
-            )
+            if key is not None and key != "":
+                detail = f"writeKey must be a string, not {type(key).__name__}"
+            elif "Authorization" in request.headers:
+                detail = _NOT_BASIC_DETAIL
+            else:
+                detail = "send the write key as HTTP Basic user name or as writeKey"
+            raise Rejected(401, "unauthorized", detail)
         source = self._sources.get(key)
         if source is None:
             raise Rejected(401, "unauthorized", "unknown write key")
@@ -331,7 +343,11 @@ def _gunzip(raw: bytes, cap: int) -> bytes:
                 raise Rejected(413, "request too large", f"over {cap} bytes once decompressed")
             out += inflater.flush()
         except zlib.error as exc:
-            raise Rejected(400, "bad gzip body", str(exc)) from None
+            if not out and rest[:2] != b"\x1f\x8b":  # no gzip magic: not compressed at all?
+                detail = "Content-Encoding is gzip, but the body is not gzip data"
+            else:
+                detail = f"the gzip data is corrupt ({exc})"
+            raise Rejected(400, "bad gzip body", detail) from None
         if not inflater.eof:
             raise Rejected(400, "bad gzip body", "truncated gzip stream")
         if len(out) > cap:

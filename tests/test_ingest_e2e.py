@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import re
 import time
 import uuid
 from datetime import datetime
@@ -71,6 +72,27 @@ async def test_ingest_segment_python_sdk_events_arrive_intact(make_daemon, tmp_p
             assert sent_at - 1 <= received <= time.time() + 1
             # The SDK's clocks are ours: skew-corrected timestamp is within a second of arrival.
             assert abs(parse_timestamp(event["timestamp"]).timestamp() - received) < 1
+
+
+async def test_ingest_segment_python_sdk_reports_our_errors_by_code_and_message(
+    make_daemon, tmp_path
+):
+    from segment.analytics.request import APIError, post
+
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+
+        def send(write_key: str) -> APIError:
+            event = {"type": "track", "userId": "u1", "event": "E", "messageId": "m1"}
+            with pytest.raises(APIError) as raised:
+                post(write_key, host=daemon.url, batch=[event])
+            return raised.value
+
+        error = await asyncio.to_thread(send, "wk_not_ours")
+        # Without Segment's `code` and `message` in the body, the SDK says "unknown".
+        assert (error.status, error.code) == (401, "unauthorized")
+        assert "unknown write key" in error.message
+        assert sink.delivered() == []
 
 
 async def test_ingest_segment_docs_bodies_accepted_and_delivered(make_daemon, tmp_path, session):
@@ -215,6 +237,12 @@ def _gzip_bomb() -> bytes:
     return gzip.compress(payload, 9)
 
 
+def _corrupt_gzip(body: object) -> bytes:
+    data = bytearray(gzip.compress(orjson.dumps(body)))
+    data[-5] ^= 0xFF  # the stored CRC-32 no longer matches
+    return bytes(data)
+
+
 TRACK = {"userId": "u1", "event": "Bad"}
 BAD_INPUTS = [
     # (id, path, body, headers, auth, status, error phrase, detail phrase)
@@ -258,7 +286,15 @@ BAD_INPUTS = [
     ("gzip-bomb", "/v1/track", "BOMB", {"Content-Encoding": "gzip"}, True, 413,
      "request too large", "decompressed"),
     ("bad-gzip", "/v1/track", b"\x1f\x8b\x08\x00garbage", {"Content-Encoding": "gzip"}, True,
-     400, "bad gzip", ""),
+     400, "bad gzip", "truncated"),
+    ("corrupt-gzip", "/v1/track", _corrupt_gzip(TRACK), {"Content-Encoding": "gzip"}, True,
+     400, "bad gzip", "the gzip data is corrupt"),
+    ("not-gzip", "/v1/track", orjson.dumps(TRACK), {"Content-Encoding": "gzip"}, True, 400,
+     "bad gzip", "the body is not gzip data"),
+    ("write-key-not-string", "/v1/track", {**TRACK, "writeKey": 123}, {}, False, 401,
+     "unauthorized", "writeKey must be a string, not int"),
+    ("bearer-auth", "/v1/track", TRACK, {"Authorization": "Bearer " + WRITE_KEY}, False, 401,
+     "unauthorized", "not HTTP Basic"),
     ("unknown-encoding", "/v1/track", TRACK, {"Content-Encoding": "br"}, True, 415,
      "Content-Encoding", "gzip"),
     ("gzip-trailing-junk", "/v1/track", gzip.compress(orjson.dumps(TRACK)) + b"JUNK",
@@ -299,6 +335,9 @@ async def test_ingest_bad_inputs_get_4xx_json_and_are_not_delivered(make_daemon,
             assert got["success"] is False, case_id
             assert error in got["error"], (case_id, got)
             assert detail in got.get("detail", ""), (case_id, got)
+            # Segment's own fields, which its SDKs log: a slug and the whole message.
+            assert re.fullmatch("[a-z_]+", got["code"]), (case_id, got)
+            assert got["error"] in got["message"] and detail in got["message"], (case_id, got)
         # Healthy after all of it, and the first thing delivered is the good event.
         async with session.get(f"{daemon.url}/healthz") as resp:
             assert resp.status == 200
