@@ -82,8 +82,10 @@ def _parse_timestamp(text: str) -> datetime:
     if zone and zone not in ("Z", "z", "UTC"):
         sign = -1 if zone[0] == "-" else 1
         digits = zone[1:].replace(":", "")
-        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
-        dt -= sign * offset
+        hours, minutes = int(digits[:2]), int(digits[2:4] or 0)
+        if hours > 23 or minutes > 59:  # as fromisoformat: within a day
+            raise ValueError(f"not a valid UTC offset: {zone!r} in {text[:64]!r}")
+        dt -= sign * timedelta(hours=hours, minutes=minutes)
     return dt
 
 
@@ -216,6 +218,8 @@ def enrich(
             _parse_optional_time(event, "sentAt", ""),
         )
     original, sent_at = times
+    if sent_at is not None:  # written as every time destfnd writes, used or not
+        event["sentAt"] = _canonical(event["sentAt"], sent_at)
     if original is None:
         event["timestamp"] = event["receivedAt"]
         return event
@@ -223,7 +227,6 @@ def enrich(
     if sent_at is None:  # no clock to correct for: the timestamp stands
         event["timestamp"] = text
         return event
-    event["sentAt"] = _canonical(event["sentAt"], sent_at)
     try:
         event["timestamp"] = format_timestamp(received_at - (sent_at - original))
     except OverflowError:

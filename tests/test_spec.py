@@ -161,6 +161,9 @@ def test_parse_timestamp_converts_to_utc(text, expected):
         "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
         "0001-01-01 00:00:00+0100",  # the same through the lenient parser
         "9999-12-31T23:30:00-01:00",  # after year 9999 in UTC
+        "2020-02-03T00:00:00+99:99",  # offsets beyond a day, through the lenient parser
+        "2020-02-03 00:00:00+24:00",
+        "2020-02-03 00:00:00-0060",
     ],
 )
 def test_parse_timestamp_rejects_unparseable(text):
@@ -319,6 +322,17 @@ def test_enrich_skew_correction_handles_offsets_and_sloppy_dates():
     assert parse_timestamp(event["originalTimestamp"]) == datetime(
         2015, 2, 2, 0, 30, 8, 276000, tzinfo=UTC
     )
+
+
+def test_enrich_writes_sent_at_in_one_format_whether_or_not_it_corrects_a_timestamp():
+    sent = "2020-01-01T00:00:10Z"
+    alone = enrich({"type": "identify", "userId": "u1", "sentAt": sent}, RECEIVED_AT)
+    used = enrich(
+        {"type": "identify", "userId": "u1", "sentAt": sent, "timestamp": "2020-01-01T00:00:00Z"},
+        RECEIVED_AT,
+    )
+    assert alone["sentAt"] == used["sentAt"] == "2020-01-01T00:00:10.000Z"
+    assert alone["timestamp"] == alone["receivedAt"]  # no timestamp: receivedAt, as before
 
 
 def test_enrich_without_timestamp_uses_received_at():
