@@ -336,7 +336,10 @@ class Reader:
         try:
             text = file.read_text("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read secret file {file}: {_why(exc)}") from None
+            hint = ""
+            if kind == "credential" and isinstance(exc, FileNotFoundError):
+                hint = f" (is there a LoadCredential={ref}:... line in the unit?)"
+            raise ValueError(f"cannot read secret file {file}: {_why(exc)}{hint}") from None
         text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
         if not text:
             raise ValueError(f"secret file {file} is empty")

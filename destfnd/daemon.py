@@ -346,7 +346,9 @@ class Daemon:
             hurry.cancel()
         late = [t for t in tasks if not t.done()]
         if late:
-            log.warning("drain_timeout", destinations=len(late))
+            # A second signal ends the drain early: say that, not that the timeout passed.
+            event = "drain_cut_short" if self._hurry.is_set() else "drain_timeout"
+            log.warning(event, destinations=len(late))
             for t in late:
                 t.cancel()
             await asyncio.wait(late)

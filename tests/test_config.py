@@ -427,6 +427,16 @@ def test_config_env_file_and_credential_secrets_resolve(folder: Path) -> None:
     ]
 
 
+def test_config_a_credential_systemd_did_not_load_names_the_unit_line(folder: Path) -> None:
+    (folder / "creds").mkdir()  # systemd made the folder, but not this credential
+    text = '[[sources]]\nname = "web"\nwrite_key = { credential = "web_key" }\n'
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(folder, text), environ={"CREDENTIALS_DIRECTORY": str(folder / "creds")})
+    (problem,) = raised.value.problems
+    assert problem.startswith("sources[0].write_key: cannot read secret file ")
+    assert "LoadCredential=web_key:" in problem
+
+
 def test_config_settings_keep_plain_values_and_nested_secrets(folder: Path) -> None:
     text = (
         SOURCE

@@ -162,6 +162,33 @@ async def test_an_attempt_cut_short_by_kill9_is_shown_in_the_event_delivery_view
         assert "attempt 1: interrupted (no record: the daemon stopped while holding it)" in out
 
 
+async def test_a_second_sigterm_cuts_the_drain_short_and_returns_what_was_in_flight(
+    make_daemon, tmp_path, session
+):
+    slow = Reply(200, delay_s=30)
+    async with Sink(lambda n, r: slow) as sink:
+        text = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url, timeout="60s"))
+        daemon = make_daemon(text.replace('drain_timeout = "5s"', 'drain_timeout = "60s"'))
+        await daemon.start()
+        body = {"userId": "u", "event": "E", "messageId": "slow-1"}
+        assert (await post(session, f"{daemon.url}/v1/track", body))[0] == 200
+        await sink.wait_for(lambda: len(sink.requests) == 1)
+        daemon.proc.terminate()
+        deadline = time.monotonic() + 10
+        while not any(r.get("event") == "signal_received" for r in daemon.log_records()):
+            assert time.monotonic() < deadline, "the first SIGTERM was never logged"
+            await asyncio.sleep(0.05)
+        stopped_at = time.monotonic()
+        daemon.proc.terminate()  # a second one: stop now, not after drain_timeout (60 s)
+        assert await daemon.wait(20) == 0
+        assert time.monotonic() - stopped_at < 15
+        events = [r.get("event") for r in daemon.log_records()]
+        assert "stop_hurried" in events and "drain_cut_short" in events, events
+        assert "drain_timeout" not in events  # it did not time out: it was told to stop
+        stats = daemon.stats()["hook"]
+        assert stats == {**stats, "pending": 1, "delivered": 0}, stats  # back in the queue
+
+
 async def test_sigterm_drains_in_flight_returns_the_rest_and_exits_0(
     make_daemon, tmp_path, session
 ):
