@@ -12,6 +12,7 @@ import aiohttp
 from destfnd import __version__
 from destfnd.config import DestinationConfig, Secret
 from destfnd.errors import DestfndError
+from destfnd.functions.fetching import client_error_text
 from destfnd.outcome import (
     DELIVERED,
     ErrorType,
@@ -98,7 +99,7 @@ class Webhook:
         except TimeoutError:
             return retry(ErrorType.TIMEOUT, f"no response within {self._timeout_s:g}s")
         except aiohttp.ClientError as exc:
-            return retry(ErrorType.RETRY, f"{type(exc).__name__}: {exc}")
+            return retry(ErrorType.RETRY, client_error_text(exc))
 
 
 class FileSink:

@@ -93,6 +93,8 @@ def test_run_function_retryable_failure_from_fetch(files):
     )  # fmt: skip
     assert result.returncode == 1
     assert "outcome: retrying (Retry): FetchError" in result.stdout
+    assert "cannot connect to 127.0.0.1:1: connection refused" in result.stdout
+    assert "ssl:default" not in result.stdout  # aiohttp's words, which misled for plain http
 
 
 def test_run_function_array_runs_on_batch_with_per_event_outcomes(files):

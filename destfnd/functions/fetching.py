@@ -6,6 +6,7 @@ A network failure or a timeout raises FetchError, a RetryError: retried unless c
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -138,14 +139,14 @@ async def fetch(
         entry["error"] = f"no response within {timeout_s:g}s"
         raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
     except aiohttp.RedirectClientError as exc:  # the server's Location is bad: as a failure
-        entry["error"] = f"{type(exc).__name__}: {exc}"
+        entry["error"] = client_error_text(exc)
         raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
         # The function's bug, not the network's: no retry helps (Bad Request).
-        entry["error"] = f"{type(exc).__name__}: {exc}"
+        entry["error"] = client_error_text(exc)
         raise ValueError(f"fetch {method.upper()} {url!r}: not an http(s) URL") from None
     except aiohttp.ClientError as exc:
-        entry["error"] = f"{type(exc).__name__}: {exc}"
+        entry["error"] = client_error_text(exc)
         raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
     finally:
         if shared is None:
@@ -159,3 +160,21 @@ async def fetch(
     entry["response_headers"] = record.safe_headers(response.headers)
     entry["response_body"] = _clip(raw)
     return response
+
+
+def client_error_text(exc: aiohttp.ClientError) -> str:
+    """aiohttp's error as one line for the Event Delivery view: its class, and for a connection
+    that failed, the host and why in plain words. (aiohttp's own text adds "ssl:default" also
+    to plain http URLs; its TLS errors are left as they are: they say which certificate.)"""
+    if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+        exc, aiohttp.ClientSSLError
+    ):
+        os_error = exc.os_error
+        if isinstance(os_error, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(os_error, socket.gaierror):
+            why = f"host name not resolved ({os_error.strerror})"
+        else:
+            why = os_error.strerror or str(os_error) or type(os_error).__name__
+        return f"{type(exc).__name__}: cannot connect to {exc.host}:{exc.port}: {why}"
+    return f"{type(exc).__name__}: {exc}"
