@@ -7,6 +7,7 @@ Turns worker replies into Reports; never runs user code itself.
 from __future__ import annotations
 
 import orjson
+import structlog
 
 from destfnd.config import Config, DestinationConfig, Secret, config_secrets, secret_env_names
 from destfnd.dispatch import Deliverer
@@ -23,6 +24,8 @@ from destfnd.outcome import (
 from destfnd.redact import Redactor
 from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
 from destfnd.spec import EVENT_TYPES
+
+log = structlog.get_logger("destfnd.functions")
 
 
 class FunctionLoadError(DestfndError):
@@ -107,6 +110,8 @@ class FunctionDestination:
             raise FunctionLoadError("\n".join(problems))
         settings = plain_settings(self.dest.settings)
         self._redactor.add_settings(ready.get("secret_settings", []), settings)  # type: ignore[arg-type]
+        for warning in warnings_of(ready, self.dest, self._where):  # as check-config prints
+            log.warning("destination_warning", destination=self.dest.name, warning=warning)
         versions = ready.get("versions", {})
         self.version = ",".join(f"{k}:{v}" for k, v in sorted(versions.items())) or None
         if self._downstream is not None:
@@ -178,29 +183,37 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
             await pool.close()
         redact.add_settings(ready.get("secret_settings", []), spec.settings)
         problems += [redact(p) for p in problems_of(ready, where)]
-        warnings.extend(f"{where}.{w}" for w in ready.get("settings_warnings", []))
-        for stage, misses in (ready.get("near_misses") or {}).items():
-            key = "insert_function" if stage == "insert" else "function"
-            warnings.extend(f"{where}.{key}: {miss}" for miss in misses)
-        if dest.insert_function is not None:
-            have = set(ready.get("insert_handlers", []))
-            missing = [f"on_{t}" for t in EVENT_TYPES if f"on_{t}" not in have]
-            if "on_batch" in have and dest.batch is None:
-                warnings.append(
-                    f"{where}.insert_function: on_batch runs only with [destinations.batch];"
-                    " without it each event goes to its own handler"
-                )
-            if missing and not ("on_batch" in have and dest.batch is not None):
-                warnings.append(
-                    f"{where}.insert_function: no {', '.join(missing)}: events of those types "
-                    "will be discarded as Unsupported Event Type"
-                )
-        if dest.kind == "function":
-            have = set(ready.get("handlers", []))
-            if have == {"on_batch"} and dest.batch is None:
-                warnings.append(
-                    f"{where}.function: it has only on_batch, which runs only with "
-                    "[destinations.batch]; without it every event will be discarded as "
-                    "Unsupported Event Type"
-                )
+        warnings += warnings_of(ready, dest, where)
     return problems, warnings
+
+
+def warnings_of(ready: dict, dest: DestinationConfig, where: str) -> list[str]:
+    """What a loaded destination's workers reported that is allowed but likely a mistake
+    (dotted paths): settings its `SETTINGS` does not declare, handler names one letter off,
+    handlers that will never run. `check-config` prints them; `serve` logs them."""
+    warnings = [f"{where}.{w}" for w in ready.get("settings_warnings", [])]
+    for stage, misses in (ready.get("near_misses") or {}).items():
+        key = "insert_function" if stage == "insert" else "function"
+        warnings.extend(f"{where}.{key}: {miss}" for miss in misses)
+    if dest.insert_function is not None:
+        have = set(ready.get("insert_handlers", []))
+        missing = [f"on_{t}" for t in EVENT_TYPES if f"on_{t}" not in have]
+        if "on_batch" in have and dest.batch is None:
+            warnings.append(
+                f"{where}.insert_function: on_batch runs only with [destinations.batch];"
+                " without it each event goes to its own handler"
+            )
+        if missing and not ("on_batch" in have and dest.batch is not None):
+            warnings.append(
+                f"{where}.insert_function: no {', '.join(missing)}: events of those types "
+                "will be discarded as Unsupported Event Type"
+            )
+    if dest.kind == "function":
+        have = set(ready.get("handlers", []))
+        if have == {"on_batch"} and dest.batch is None:
+            warnings.append(
+                f"{where}.function: it has only on_batch, which runs only with "
+                "[destinations.batch]; without it every event will be discarded as "
+                "Unsupported Event Type"
+            )
+    return warnings

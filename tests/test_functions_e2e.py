@@ -327,10 +327,37 @@ async def test_functions_insert_function_enriches_drops_and_reports_forgotten_re
     )
     assert status["page"] == ("discarded", "Unsupported Event Type")
     assert "insert function has no on_page" in rows["hook", "page"]["error"]
-    # check-config warns about the types the insert function does not handle.
+    # check-config warns about the types the insert function does not handle, and serve
+    # logged the same warning when it started (systemd runs only serve).
     result = daemon.cli("check-config")
     assert result.returncode == 0, result.stderr
     assert "warning: destinations[0].insert_function: no on_page" in result.stderr
+    logged = [r for r in daemon.log_records() if r.get("event") == "destination_warning"]
+    assert [(r["destination"], r["warning"][:43]) for r in logged] == [
+        ("hook", "destinations[0].insert_function: no on_page")
+    ]
+
+
+async def test_functions_serve_logs_what_check_config_warns_of(make_daemon, tmp_path):
+    (tmp_path / "crm.py").write_text(
+        'SETTINGS = {"region": {"type": "string"}}\n\n'
+        "def on_track(event, settings):\n    pass\n\n"
+        "def on_identfy(event, settings):\n    pass\n"
+    )
+    dest = function_destination("crm", "crm.py", '{ regoin = "eu" }')
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    logged = sorted(
+        r["warning"] for r in daemon.log_records() if r.get("event") == "destination_warning"
+    )
+    check = daemon.cli("check-config")
+    printed = sorted(
+        line.removeprefix("warning: ")
+        for line in check.stderr.splitlines()
+        if line.startswith("warning: ")
+    )
+    assert logged == printed and len(logged) == 2, (logged, check.stderr)
+    assert any("did you mean on_identify?" in w for w in logged)
+    assert any("settings.regoin: not declared in SETTINGS" in w for w in logged)
 
 
 RESTART_PY = """
