@@ -65,7 +65,15 @@ def _parse_timestamp(text: str) -> datetime:
         else:
             if dt.tzinfo is UTC:  # "...Z": already UTC
                 return dt
-            return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+            if dt.tzinfo is None:
+                return dt.replace(tzinfo=UTC)
+            # fromisoformat takes any offset under a day, "+00:99" included: minutes as written
+            # must be below 60, as the parser below requires.
+            sign = max(text.rfind("+"), text.rfind("-"))
+            digits = text[sign + 1 :].replace(":", "")
+            if len(digits) >= 4 and int(digits[2:4]) > 59:
+                raise ValueError(f"not a valid UTC offset: {text[:64]!r}")
+            return dt.astimezone(UTC)
     stripped = text.strip()
     m = _TIMESTAMP.fullmatch(stripped) if len(stripped) <= _TIMESTAMP_MAX else None
     if m is None:
@@ -83,7 +91,7 @@ def _parse_timestamp(text: str) -> datetime:
         sign = -1 if zone[0] == "-" else 1
         digits = zone[1:].replace(":", "")
         hours, minutes = int(digits[:2]), int(digits[2:4] or 0)
-        if hours > 23 or minutes > 59:  # as fromisoformat: within a day
+        if hours > 23 or minutes > 59:
             raise ValueError(f"not a valid UTC offset: {zone!r} in {text[:64]!r}")
         dt -= sign * timedelta(hours=hours, minutes=minutes)
     return dt

@@ -10,9 +10,9 @@ from pathlib import Path
 import aiohttp
 
 from destfnd import __version__
+from destfnd.client_errors import client_error_text
 from destfnd.config import DestinationConfig, Secret
 from destfnd.errors import DestfndError
-from destfnd.functions.fetching import client_error_text
 from destfnd.outcome import (
     DELIVERED,
     ErrorType,

@@ -168,6 +168,7 @@ async def test_a_second_sigterm_cuts_the_drain_short_and_returns_what_was_in_fli
     slow = Reply(200, delay_s=30)
     async with Sink(lambda n, r: slow) as sink:
         text = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url, timeout="60s"))
+        assert 'drain_timeout = "5s"' in text  # replaced by 60 s: the cut, not the timeout
         daemon = make_daemon(text.replace('drain_timeout = "5s"', 'drain_timeout = "60s"'))
         await daemon.start()
         body = {"userId": "u", "event": "E", "messageId": "slow-1"}

@@ -6,7 +6,6 @@ A network failure or a timeout raises FetchError, a RetryError: retried unless c
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +14,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from destfnd.client_errors import client_error_text
 from destfnd.functions import record
 from destfnd.functions.errors import RetryError
 
@@ -160,21 +160,3 @@ async def fetch(
     entry["response_headers"] = record.safe_headers(response.headers)
     entry["response_body"] = _clip(raw)
     return response
-
-
-def client_error_text(exc: aiohttp.ClientError) -> str:
-    """aiohttp's error as one line for the Event Delivery view: its class, and for a connection
-    that failed, the host and why in plain words. (aiohttp's own text adds "ssl:default" also
-    to plain http URLs; its TLS errors are left as they are: they say which certificate.)"""
-    if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
-        exc, aiohttp.ClientSSLError
-    ):
-        os_error = exc.os_error
-        if isinstance(os_error, ConnectionRefusedError):
-            why = "connection refused"
-        elif isinstance(os_error, socket.gaierror):
-            why = f"host name not resolved ({os_error.strerror})"
-        else:
-            why = os_error.strerror or str(os_error) or type(os_error).__name__
-        return f"{type(exc).__name__}: cannot connect to {exc.host}:{exc.port}: {why}"
-    return f"{type(exc).__name__}: {exc}"
