@@ -11,8 +11,9 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -30,6 +31,7 @@ from destfnd.store.db import PROGRESS_EVERY
 from destfnd.store.dedupe import KEY_MIN, sweep_keys, sweep_rows
 
 log = structlog.get_logger("destfnd.daemon")
+T = TypeVar("T")
 
 _PRUNE_EVERY_S = 60.0
 _PRUNE_CHUNK = 2000  # rows per transaction, so pruning never holds the writer for long
@@ -262,9 +264,11 @@ class Daemon:
             conn, dedupe = store
             writer = Writer(conn, dedupe)
             redactor = Redactor(config_secrets(cfg))
-            deliverers = await start_deliverers(cfg, redactor)
-            if self._stop.is_set():  # function workers can take seconds to start
-                for deliverer in deliverers.values():
+            # Function workers can take seconds to load (up to their 30 s limit): a stop
+            # meanwhile abandons them rather than waiting, or failing the start (exit 3).
+            deliverers = await self._unless_stopped(start_deliverers(cfg, redactor))
+            if deliverers is None or self._stop.is_set():
+                for deliverer in (deliverers or {}).values():
                     await deliverer.close()
                 log.info("stopped_while_starting", interrupted="starting the destinations")
                 return
@@ -288,6 +292,31 @@ class Daemon:
             finally:
                 if writer is not None:
                     writer.shutdown()
+
+    async def _unless_stopped(self, start: Coroutine[Any, Any, T]) -> T | None:
+        """`start`'s result, or None if a stop was requested first: then `start` is
+        cancelled (it leaves nothing running) and whatever it was doing is abandoned."""
+        task = asyncio.ensure_future(start)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # this one is cancelled too
+                raise
+        except DestfndError as exc:  # it failed as it was cut short: nothing to start
+            log.info("start_abandoned", error=str(exc))
+        return None
 
     async def _serve(
         self, ingest: Ingest, runner: web.AppRunner, writer: Writer, dedupe: Dedupe

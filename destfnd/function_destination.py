@@ -104,6 +104,9 @@ class FunctionDestination:
         except InitError as exc:
             await self.pool.close()
             raise FunctionLoadError(f"{self._where}: {self._redactor(str(exc))}") from None
+        except BaseException:  # cancelled (a stop while starting): leave no worker behind
+            await self.pool.close()
+            raise
         problems = problems_of(ready, self._where)
         if problems:
             await self.pool.close()

@@ -913,3 +913,40 @@ def _kill_sleeps(folder: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError):
             pass
+
+
+async def test_functions_a_stop_while_a_function_loads_abandons_the_start(make_daemon, tmp_path):
+    """systemctl stop while a function's module still runs (up to the 30 s load limit): the
+    daemon stops at once with exit 0, not after the limit with exit 3 (an invalid config)."""
+    loading = tmp_path / "loading.pid"
+    (tmp_path / "slow.py").write_text(
+        f"import os, pathlib, time\npathlib.Path({str(loading)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(25)\n\ndef on_track(event, settings):\n    pass\n"
+    )
+    daemon = make_daemon(config_text(tmp_path / "db", function_destination("s", "slow.py", "{}")))
+    await daemon.start(until="daemon_listening")
+    try:
+        deadline = time.monotonic() + 20
+        while not loading.exists() or not loading.read_text():
+            assert time.monotonic() < deadline, daemon.log_text()
+            await asyncio.sleep(0.05)
+        worker = int(loading.read_text())
+        stopped_at = time.monotonic()
+        assert await daemon.terminate(20) == 0, daemon.log_text()
+        assert time.monotonic() - stopped_at < 10
+        records = {r.get("event"): r for r in daemon.log_records()}
+        assert records["stopped_while_starting"]["interrupted"] == "starting the destinations"
+        assert "daemon_ready" not in records
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{worker}").exists() and _state(worker) != "Z":
+            assert time.monotonic() < deadline, f"worker {worker} outlived the daemon"
+            await asyncio.sleep(0.05)
+    finally:
+        _kill_sleeps(tmp_path)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "gone"
