@@ -99,22 +99,30 @@ class FunctionDestination:
         self.version: str | None = None
 
     async def start(self) -> None:
+        """Start the workers, then the built-in destination behind an insert function. If any
+        of it fails or is cancelled (a stop while starting), the workers are closed: left
+        running, they kept the daemon from exiting."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.pool.close()
+            raise
+
+    async def _start(self) -> None:
         try:
             ready = await self.pool.start()
         except InitError as exc:
-            await self.pool.close()
             raise FunctionLoadError(f"{self._where}: {self._redactor(str(exc))}") from None
-        except BaseException:  # cancelled (a stop while starting): leave no worker behind
-            await self.pool.close()
-            raise
         problems = problems_of(ready, self._where)
         if problems:
-            await self.pool.close()
             raise FunctionLoadError("\n".join(problems))
         settings = plain_settings(self.dest.settings)
         self._redactor.add_settings(ready.get("secret_settings", []), settings)  # type: ignore[arg-type]
         for warning in warnings_of(ready, self.dest, self._where):  # as check-config prints
-            log.warning("destination_warning", destination=self.dest.name, warning=warning)
+            # The text comes from the worker, which runs user code: redacted like its output.
+            log.warning(
+                "destination_warning", destination=self.dest.name, warning=self._redactor(warning)
+            )
         versions = ready.get("versions", {})
         self.version = ",".join(f"{k}:{v}" for k, v in sorted(versions.items())) or None
         if self._downstream is not None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import orjson
+import pytest
 from support import Reply, Sink, config_text, post, run_cli
 
 from destfnd.spec import parse_timestamp
@@ -950,3 +953,80 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return "gone"
+
+
+def test_functions_a_built_in_destination_that_cannot_start_behind_an_insert_function(tmp_path):
+    """The insert function's workers are up when the file destination behind it fails to
+    open its file: serve must close them and exit 3 with the reason (it hung for good)."""
+    (tmp_path / "not-a-folder").write_text("")
+    (tmp_path / "mask.py").write_text("def on_track(event, settings):\n    return event\n")
+    dest = (
+        '[[destinations]]\nname = "archive"\ntype = "file"\n'
+        f'path = "{tmp_path}/not-a-folder/out.ndjson"\ninsert_function = "mask.py"\n'
+    )
+    path = tmp_path / "destfnd.toml"
+    path.write_text(config_text(tmp_path / "db", dest))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "destfnd", "serve", "--config", str(path)],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve hung after the destination failed to start")
+    assert result.returncode == 3, result.stderr
+    assert "not-a-folder" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_functions_a_worker_cancelled_while_its_pipes_open_is_not_left_running(
+    monkeypatch, tmp_path
+):
+    """A stop can land between the worker's start and its Worker object (two loop turns):
+    the process must not outlive the cancelled start."""
+    from destfnd.sandbox import pool as pool_module
+    from destfnd.sandbox import protocol
+
+    opened = asyncio.Event()
+    real_open = protocol.open_pipes
+    held = []  # the pipes stay open: the worker does not see EOF and leave on its own
+
+    async def open_then_wait(read_fd: int, write_fd: int):
+        held.append(await real_open(read_fd, write_fd))
+        opened.set()
+        await asyncio.sleep(3600)  # the cancellation lands here
+
+    monkeypatch.setattr(protocol, "open_pipes", open_then_wait)
+    (tmp_path / "f.py").write_text("def on_track(event, settings):\n    pass\n")
+    spec = pool_module.Spec("t", tmp_path / "f.py", None, {}, 5.0, 512 * 2**20)
+    pool = pool_module.Pool(spec)
+    starting = asyncio.create_task(pool.start())
+    await asyncio.wait_for(opened.wait(), 20)
+    (child,) = _our_workers()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    await pool.close()
+    try:
+        deadline = time.monotonic() + 5
+        while _state(child) not in ("gone", "Z"):
+            assert time.monotonic() < deadline, f"worker {child} outlived its cancelled start"
+            await asyncio.sleep(0.05)
+    finally:
+        for _, writer in held:
+            writer.close()
+        if _state(child) not in ("gone", "Z"):
+            os.kill(child, signal.SIGKILL)
+
+
+def _our_workers() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if ppid == os.getpid() and b"destfnd.sandbox.child" in cmdline:
+            found.append(int(entry.name))
+    return found

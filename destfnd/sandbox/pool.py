@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import os
 import signal
@@ -163,7 +164,13 @@ async def spawn(
     finally:
         os.close(to_child_r)
         os.close(from_child_w)
-    reader, writer = await protocol.open_pipes(from_child_r, to_child_w)
+    try:
+        reader, writer = await protocol.open_pipes(from_child_r, to_child_w)
+    except BaseException:  # cancelled before there is a Worker to kill: no process left
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # not reaped yet: the group id is still its
+        await asyncio.shield(_reap(proc))
+        raise
     worker = Worker(proc, writer)
     worker.send({
         "t": "init",
