@@ -295,28 +295,31 @@ class Daemon:
 
     async def _unless_stopped(self, start: Coroutine[Any, Any, T]) -> T | None:
         """`start`'s result, or None if a stop was requested first: then `start` is
-        cancelled (it leaves nothing running) and whatever it was doing is abandoned."""
+        cancelled and awaited (it leaves nothing running), and what it was doing abandoned.
+        (A result that was ready at that moment is returned: the caller closes it.)"""
         task = asyncio.ensure_future(start)
         stop = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
+        except BaseException:  # this task is cancelled: so is the start, and waited for
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise
         finally:
             stop.cancel()
-        if task.done():
+        if not task.done():
+            task.cancel()
+            # Cancelled here (not by us), this raises, and gather cancels `task` as it goes.
+            await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            return None
+        error = task.exception()
+        if error is None:
             return task.result()
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():  # this one is cancelled too
-                raise
-        except DestfndError as exc:  # it failed as it was cut short: nothing to start
-            log.info("start_abandoned", error=str(exc))
-        return None
+        if isinstance(error, DestfndError) and self._stop.is_set():  # failed as it was cut
+            log.info("start_abandoned", error=str(error))
+            return None
+        raise error
 
     async def _serve(
         self, ingest: Ingest, runner: web.AppRunner, writer: Writer, dedupe: Dedupe

@@ -67,11 +67,12 @@ def _parse_timestamp(text: str) -> datetime:
                 return dt
             if dt.tzinfo is None:
                 return dt.replace(tzinfo=UTC)
-            # fromisoformat takes any offset under a day, "+00:99" included: minutes as written
-            # must be below 60, as the parser below requires.
+            # fromisoformat takes any offset under a day, "+00:99" included: its minutes (and
+            # seconds) as written must be below 60, as the parser below requires.
             sign = max(text.rfind("+"), text.rfind("-"))
             digits = text[sign + 1 :].replace(":", "")
-            if len(digits) >= 4 and int(digits[2:4]) > 59:
+            minutes, seconds = digits[2:4], digits[4:6]  # seconds: "+05:30:15" is allowed
+            if any(len(v) == 2 and v.isdigit() and int(v) > 59 for v in (minutes, seconds)):
                 raise ValueError(f"not a valid UTC offset: {text[:64]!r}")
             return dt.astimezone(UTC)
     stripped = text.strip()

@@ -166,6 +166,7 @@ def test_parse_timestamp_converts_to_utc(text, expected):
         "2020-02-03 00:00:00-0060",
         "2020-02-03T10:00:00+00:60",  # the same through fromisoformat, which takes it
         "2020-02-03T10:00:00.123-0099",
+        "2020-02-03T10:00:00+00:00:99",  # offset seconds, likewise
     ],
 )
 def test_parse_timestamp_rejects_unparseable(text):
