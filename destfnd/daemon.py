@@ -307,7 +307,8 @@ class Daemon:
             raise
         finally:
             stop.cancel()
-        if not task.done():
+        cut = not task.done()
+        if cut:
             task.cancel()
             # Cancelled here (not by us), this raises, and gather cancels `task` as it goes.
             await asyncio.gather(task, return_exceptions=True)
@@ -316,10 +317,10 @@ class Daemon:
         error = task.exception()
         if error is None:
             return task.result()
-        if isinstance(error, DestfndError) and self._stop.is_set():  # failed as it was cut
+        if cut and isinstance(error, DestfndError):  # it failed as it was cut short
             log.info("start_abandoned", error=str(error))
             return None
-        raise error
+        raise error  # it had failed on its own (a bad function file: exit 3, stop or not)
 
     async def _serve(
         self, ingest: Ingest, runner: web.AppRunner, writer: Writer, dedupe: Dedupe

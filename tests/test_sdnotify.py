@@ -182,3 +182,44 @@ async def test_daemon_answers_503_starting_and_a_sigterm_abandons_a_slow_start(
     assert "daemon_ready" not in records
     # Cut short inside SQLite's work (a migration or the dedupe read), not after it.
     assert records["stopped_while_starting"]["interrupted"].startswith("starting: ")
+
+
+async def test_a_stop_abandons_what_is_starting_and_only_that(tmp_path):
+    """Daemon._unless_stopped, which the start of the destinations runs under: a stop cancels
+    the start and waits for it to clean up; a start that ends first keeps its result or its
+    own error (a bad function file is exit 3, stop or not); a cancelled caller cancels it too."""
+    import asyncio
+
+    from destfnd.errors import DestfndError
+
+    daemon = _daemon(tmp_path, tmp_path / "db.sqlite3")
+    cleaned: list[str] = []
+
+    async def starting(name: str, seconds: float, error: bool = False) -> str:
+        try:
+            await asyncio.sleep(seconds)
+            if error:
+                raise DestfndError(f"{name} failed")
+            return name
+        finally:
+            await asyncio.sleep(0.05)  # cleaning up takes a while (closing workers)
+            cleaned.append(name)
+
+    assert await daemon._unless_stopped(starting("quick", 0)) == "quick"
+    with pytest.raises(DestfndError, match="bad failed"):
+        await daemon._unless_stopped(starting("bad", 0, error=True))
+
+    slow = asyncio.create_task(daemon._unless_stopped(starting("slow", 60)))
+    await asyncio.sleep(0.05)
+    daemon.request_stop()
+    assert await asyncio.wait_for(slow, 5) is None
+    assert cleaned[-1] == "slow"  # its cleanup ran before the stop went on
+
+    (tmp_path / "2").mkdir()
+    daemon2 = _daemon(tmp_path / "2", tmp_path / "2" / "db.sqlite3")
+    outer = asyncio.create_task(daemon2._unless_stopped(starting("outer", 60)))
+    await asyncio.sleep(0.05)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    assert cleaned[-1] == "outer"
