@@ -113,11 +113,11 @@ class FunctionDestination:
             ready = await self.pool.start()
         except InitError as exc:
             raise FunctionLoadError(f"{self._where}: {self._redactor(str(exc))}") from None
-        problems = problems_of(ready, self._where)
-        if problems:
-            raise FunctionLoadError("\n".join(problems))
         settings = plain_settings(self.dest.settings)
         self._redactor.add_settings(ready.get("secret_settings", []), settings)  # type: ignore[arg-type]
+        problems = problems_of(ready, self._where)
+        if problems:  # redacted as check-config redacts them: the text comes from the worker
+            raise FunctionLoadError("\n".join(self._redactor(p) for p in problems))
         for warning in warnings_of(ready, self.dest, self._where):  # as check-config prints
             # The text comes from the worker, which runs user code: redacted like its output.
             log.warning(
@@ -194,7 +194,7 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
             await pool.close()
         redact.add_settings(ready.get("secret_settings", []), spec.settings)
         problems += [redact(p) for p in problems_of(ready, where)]
-        warnings += warnings_of(ready, dest, where)
+        warnings += [redact(w) for w in warnings_of(ready, dest, where)]
     return problems, warnings
 
 

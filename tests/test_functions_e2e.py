@@ -1030,3 +1030,22 @@ def _our_workers() -> list[int]:
         if ppid == os.getpid() and b"destfnd.sandbox.child" in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def test_functions_serve_redacts_settings_problems_as_check_config_does(tmp_path):
+    (tmp_path / "f.py").write_text(
+        'SETTINGS = {"region": {"required": True, "description": "not hunter2secret"}}\n\n'
+        "def on_track(event, settings):\n    pass\n"
+    )
+    dest = function_destination("fn", "f.py", '{ token = { env = "TOK" } }')
+    path = tmp_path / "destfnd.toml"
+    path.write_text(config_text(tmp_path / "db", dest))
+    env = {**os.environ, "TOK": "hunter2secret"}
+    for command in ("check-config", "serve"):
+        result = subprocess.run(
+            [sys.executable, "-m", "destfnd", command, "--config", str(path)],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+        assert result.returncode == 3, (command, result.stderr)
+        assert "settings.region" in result.stderr, (command, result.stderr)
+        assert "hunter2secret" not in result.stderr, (command, result.stderr)

@@ -209,6 +209,16 @@ async def test_a_stop_abandons_what_is_starting_and_only_that(tmp_path):
     with pytest.raises(DestfndError, match="bad failed"):
         await daemon._unless_stopped(starting("bad", 0, error=True))
 
+    (tmp_path / "3").mkdir()
+    daemon3 = _daemon(tmp_path / "3", tmp_path / "3" / "db.sqlite3")
+
+    async def failing_as_the_stop_comes() -> str:
+        daemon3.request_stop()  # in the same loop turn as its own failure
+        raise DestfndError("own failure")
+
+    with pytest.raises(DestfndError, match="own failure"):  # not taken for a cut-short start
+        await daemon3._unless_stopped(failing_as_the_stop_comes())
+
     slow = asyncio.create_task(daemon._unless_stopped(starting("slow", 60)))
     await asyncio.sleep(0.05)
     daemon.request_stop()
