@@ -332,3 +332,22 @@ def closed_port_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/in"  # nothing listens once the socket is closed
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def process_gone(pid: int, timeout_s: float = 10.0) -> bool:
+    """Whether `pid` has exited within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while process_running(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import orjson
 import pytest
-from support import Reply, Sink, config_text, post, run_cli
+from support import (
+    Reply,
+    Sink,
+    config_text,
+    post,
+    process_gone,
+    process_running,
+    run_cli,
+)
 
 from destfnd.spec import parse_timestamp
 
@@ -835,24 +843,6 @@ def on_track(event, settings):
 """
 
 
-def _running(pid: int) -> bool:
-    """Whether `pid` is a process that has not exited (a zombie has)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-async def _gone(pid: int, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while _running(pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
 async def test_functions_processes_a_function_starts_end_with_its_worker(
     make_daemon, tmp_path, session
 ):
@@ -872,32 +862,32 @@ async def test_functions_processes_a_function_starts_end_with_its_worker(
         assert rows["fn", "t"]["history"][-1]["logs"] == (
             "child exited with -15\nforked child ended by 15\n")  # fmt: skip
         assert rows["fn", "l"]["status"] == "delivered"
-        assert _running(pid_of("left"))  # outlives its invocation, while the worker lives
+        assert process_running(pid_of("left"))  # outlives its invocation, while the worker lives
 
         await send(session, daemon, [_track("block", "b")])
         rows = await wait_final(daemon, 3)
         assert (rows["fn", "b"]["status"], rows["fn", "b"]["error_type"]) == (
             "expired", "Timeout")  # fmt: skip
-        assert await _gone(pid_of("block")), "a killed worker's subprocess lives on"
-        assert await _gone(pid_of("left")), "a killed worker's subprocess lives on"
+        assert await process_gone(pid_of("block")), "a killed worker's subprocess lives on"
+        assert await process_gone(pid_of("left")), "a killed worker's subprocess lives on"
 
         await send(session, daemon, [_track("exit", "x"), _track("after", "a")])
         rows = await wait_final(daemon, 5, timeout_s=20)  # not after the 60 s sleep
         assert "exited with code 3" in rows["fn", "x"]["error"]
         assert rows["fn", "a"]["status"] == "delivered"
-        assert await _gone(pid_of("exit")), "the subprocess of a worker that exited lives on"
+        assert await process_gone(pid_of("exit")), "the subprocess of a worker that exited lives on"
 
         await send(session, daemon, [_track("fork-exit", "f"), _track("after-fork", "af")])
         rows = await wait_final(daemon, 7, timeout_s=20)  # not after the 60 s sleep
         assert "exited with code 4" in rows["fn", "f"]["error"]
         assert rows["fn", "af"]["status"] == "delivered"
-        assert await _gone(pid_of("fork-exit")), "a forked child of a worker lives on"
+        assert await process_gone(pid_of("fork-exit")), "a forked child of a worker lives on"
 
         await send(session, daemon, [_track("at-stop", "s")])
         await wait_final(daemon, 8)
-        assert _running(pid_of("at-stop"))
+        assert process_running(pid_of("at-stop"))
         assert await daemon.terminate() == 0
-        assert await _gone(pid_of("at-stop")), "a subprocess outlived the daemon's stop"
+        assert await process_gone(pid_of("at-stop")), "a subprocess outlived the daemon's stop"
     finally:
         _kill_sleeps(tmp_path)
 
@@ -940,19 +930,9 @@ async def test_functions_a_stop_while_a_function_loads_abandons_the_start(make_d
         records = {r.get("event"): r for r in daemon.log_records()}
         assert records["stopped_while_starting"]["interrupted"] == "starting the destinations"
         assert "daemon_ready" not in records
-        deadline = time.monotonic() + 5
-        while Path(f"/proc/{worker}").exists() and _state(worker) != "Z":
-            assert time.monotonic() < deadline, f"worker {worker} outlived the daemon"
-            await asyncio.sleep(0.05)
+        assert await process_gone(worker, 5), f"worker {worker} outlived the daemon"
     finally:
         _kill_sleeps(tmp_path)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return "gone"
 
 
 def test_functions_a_built_in_destination_that_cannot_start_behind_an_insert_function(tmp_path):
@@ -1006,14 +986,11 @@ async def test_functions_a_worker_cancelled_while_its_pipes_open_is_not_left_run
         await starting
     await pool.close()
     try:
-        deadline = time.monotonic() + 5
-        while _state(child) not in ("gone", "Z"):
-            assert time.monotonic() < deadline, f"worker {child} outlived its cancelled start"
-            await asyncio.sleep(0.05)
+        assert await process_gone(child, 5), f"worker {child} outlived its cancelled start"
     finally:
         for _, writer in held:
             writer.close()
-        if _state(child) not in ("gone", "Z"):
+        if process_running(child):
             os.kill(child, signal.SIGKILL)
 
 

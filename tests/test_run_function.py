@@ -9,7 +9,7 @@ import time
 
 import orjson
 import pytest
-from support import FIXTURES, Sink, run_cli
+from support import FIXTURES, Sink, process_running, run_cli
 
 FUNCTION = """
 from destfnd.functions import RetryError, ValidationError, fetch
@@ -256,17 +256,9 @@ def test_run_function_ctrl_c_exits_130_quietly_and_ends_the_worker(files):
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and out == ""
     deadline = time.monotonic() + 10
-    while _alive(worker):  # the worker goes with the command
+    while process_running(worker):  # the worker goes with the command
         assert time.monotonic() < deadline, f"worker {worker} outlived run-function"
         time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except FileNotFoundError:
-        return False
 
 
 def test_run_function_invalid_settings_is_the_outcome_and_nothing_runs(files):
