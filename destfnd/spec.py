@@ -67,13 +67,10 @@ def _parse_timestamp(text: str) -> datetime:
                 return dt
             if dt.tzinfo is None:
                 return dt.replace(tzinfo=UTC)
-            # fromisoformat takes any offset under a day, "+00:99" included: its minutes (and
-            # seconds) as written must be below 60, as the parser below requires.
+            # fromisoformat takes any offset under a day, "+00:99" included: checked as the
+            # parser below checks it (its value is fromisoformat's).
             sign = max(text.rfind("+"), text.rfind("-"))
-            digits = text[sign + 1 :].replace(":", "")
-            minutes, seconds = digits[2:4], digits[4:6]  # seconds: "+05:30:15" is allowed
-            if any(len(v) == 2 and v.isdigit() and int(v) > 59 for v in (minutes, seconds)):
-                raise ValueError(f"not a valid UTC offset: {text[:64]!r}")
+            _offset(text[sign:], text)
             return dt.astimezone(UTC)
     stripped = text.strip()
     m = _TIMESTAMP.fullmatch(stripped) if len(stripped) <= _TIMESTAMP_MAX else None
@@ -89,13 +86,20 @@ def _parse_timestamp(text: str) -> datetime:
     except ValueError as exc:
         raise ValueError(f"not a valid date or time: {text[:64]!r} ({exc})") from None
     if zone and zone not in ("Z", "z", "UTC"):
-        sign = -1 if zone[0] == "-" else 1
-        digits = zone[1:].replace(":", "")
-        hours, minutes = int(digits[:2]), int(digits[2:4] or 0)
-        if hours > 23 or minutes > 59:
-            raise ValueError(f"not a valid UTC offset: {zone!r} in {text[:64]!r}")
-        dt -= sign * timedelta(hours=hours, minutes=minutes)
+        dt -= _offset(zone, text)
     return dt
+
+
+def _offset(zone: str, text: str) -> timedelta:
+    """A UTC offset as written (`+05:30`, `-0800`, `+05:30:15`, `+05`), checked as both
+    parsers need it: hours below 24, minutes and seconds below 60."""
+    digits = zone[1:].replace(":", "")
+    parts = [digits[i : i + 2] for i in (0, 2, 4)]
+    values = [int(v) if len(v) == 2 and v.isdigit() else 0 for v in parts]
+    if values[0] > 23 or values[1] > 59 or values[2] > 59:
+        raise ValueError(f"not a valid UTC offset: {zone!r} in {text[:64]!r}")
+    sign = -1 if zone[0] == "-" else 1
+    return sign * timedelta(hours=values[0], minutes=values[1], seconds=values[2])
 
 
 def format_timestamp(dt: datetime) -> str:

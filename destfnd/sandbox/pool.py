@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import os
 import signal
@@ -97,10 +96,15 @@ class Worker:
         if self.group_killed:
             return
         self.group_killed = True
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass  # nothing of it is left (PermissionError: macOS, for a group of zombies)
+        _kill_group(self.proc.pid)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group a worker leads (`start_new_session`: its id is the pid)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing of it is left (PermissionError: macOS, for a group of zombies)
 
 
 async def _exited(proc: asyncio.subprocess.Process, every_s: float = 0.02) -> int:
@@ -167,8 +171,7 @@ async def spawn(
     try:
         reader, writer = await protocol.open_pipes(from_child_r, to_child_w)
     except BaseException:  # cancelled before there is a Worker to kill: no process left
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # not reaped yet: the group id is still its
+        _kill_group(proc.pid)  # not reaped yet: the group id is still its
         await asyncio.shield(_reap(proc))
         raise
     worker = Worker(proc, writer)
