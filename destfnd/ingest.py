@@ -70,6 +70,15 @@ _NOT_BASIC_DETAIL = (
     "and the body has no writeKey"
 )
 _AUTH_CACHE_SIZE = 1024
+# Ingest paths and the event type each implies (None: a batch, each message with its own).
+# /v1/b: analytics.js with deliveryStrategy "batching" posts its batches there.
+_ROUTES: dict[str, str | None] = {
+    **{f"/v1/{name}": etype for name, etype in spec.ENDPOINT_TYPES.items()},
+    "/v1/batch": None,
+    "/v1/b": None,
+    "/v1/import": None,
+}
+_ALLOWED = {path: "OPTIONS, POST" for path in _ROUTES} | {"/healthz": "GET, HEAD"}
 
 
 class Ingest:
@@ -110,12 +119,12 @@ class Ingest:
         # client_max_size bounds the raw body; the decompressed size is bounded in _body().
         app = web.Application(client_max_size=self._server.max_request_bytes)
         app.router.add_get("/healthz", self.healthz)
-        routes = {f"/v1/{name}": etype for name, etype in spec.ENDPOINT_TYPES.items()}
-        # /v1/b: analytics.js with deliveryStrategy "batching" posts its batches there.
-        routes.update({"/v1/batch": None, "/v1/b": None, "/v1/import": None})
-        for path, etype in routes.items():
+        for path, etype in _ROUTES.items():
             app.router.add_post(path, self._handler(etype))
             app.router.add_route("OPTIONS", path, self._preflight)
+        # Last, so it only gets what no route above takes: an unknown path, or a known one
+        # with another method. aiohttp's own answers to those are plain text.
+        app.router.add_route("*", "/{tail:.*}", self._unrouted)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -131,12 +140,24 @@ class Ingest:
             except Rejected as exc:
                 log.info("request_rejected", path=request.path, status=exc.status, error=exc.error)
                 response = error_response(exc.status, exc.error, exc.detail)
-            if "Origin" in request.headers:  # a browser: let the page's script read the answer
-                # (No Vary: Origin: answers to POST are not cached.)
-                response.headers["Access-Control-Allow-Origin"] = "*"
-            return response
+            return _cors(request, response)
 
         return handle
+
+    async def _unrouted(self, request: web.Request) -> web.Response:
+        allowed = _ALLOWED.get(request.path)
+        if allowed is None:
+            detail = (
+                f"no endpoint at {request.path}; events go to /v1/track, /v1/identify, "
+                "/v1/page, /v1/screen, /v1/group, /v1/alias or /v1/batch"
+            )
+            response = error_response(404, "not found", detail)
+        else:
+            detail = f"{request.method} {request.path}: this endpoint takes {allowed}"
+            response = error_response(405, "method not allowed", detail)
+            response.headers["Allow"] = allowed
+        log.info("request_rejected", path=request.path, status=response.status)
+        return _cors(request, response)
 
     async def _preflight(self, request: web.Request) -> web.Response:
         """CORS preflight, for analytics.js on any site (a write key is public, as at Segment;
@@ -301,6 +322,13 @@ _ESCAPES = re.compile(
     rb"|(\\u[dD][89a-fA-F][0-9a-fA-F]{2})|\\.",
     re.DOTALL,
 )
+
+
+def _cors(request: web.Request, response: web.Response) -> web.Response:
+    if "Origin" in request.headers:  # a browser: let the page's script read the answer
+        # (No Vary: Origin: answers to POST are not cached.)
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    return response
 
 
 def _replace_lone(match: re.Match[bytes]) -> bytes:

@@ -185,6 +185,43 @@ async def test_ingest_cors_preflight_for_analytics_js(make_daemon, tmp_path, ses
         assert sink.delivered() == []
 
 
+async def test_ingest_unknown_paths_and_methods_get_json_errors(make_daemon, tmp_path, session):
+    """A path or method no route takes gets the same JSON error as any other refusal (aiohttp
+    alone answers those in plain text), with the CORS header a page's script needs to read it
+    and, for a 405, the Allow header HTTP asks for."""
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        cases = [
+            # (method, path, status, Allow)
+            ("GET", "/v1/track", 405, "OPTIONS, POST"),
+            ("PUT", "/v1/batch", 405, "OPTIONS, POST"),
+            ("DELETE", "/healthz", 405, "GET, HEAD"),
+            ("GET", "/", 404, None),
+            ("OPTIONS", "/v2/track", 404, None),
+            ("POST", "/v1/track/", 404, None),
+        ]
+        for method, path, status, allow in cases:
+            headers = {"Origin": "https://shop.example.com", "Authorization": AUTH}
+            async with session.request(method, daemon.url + path, headers=headers) as resp:
+                assert resp.status == status, (method, path)
+                assert resp.content_type == "application/json", (method, path)
+                got = await resp.json()
+                assert resp.headers["Access-Control-Allow-Origin"] == "*", (method, path)
+                assert resp.headers.get("Allow") == allow, (method, path)
+            assert got["success"] is False
+            assert got["code"] == ("method_not_allowed" if allow else "not_found")
+            assert path in got["detail"], (method, path, got)
+        # A HEAD gets the status and headers without a body.
+        async with session.head(daemon.url + "/v1/nowhere") as resp:
+            assert resp.status == 404 and await resp.read() == b""
+        # The routes themselves still answer as before.
+        async with session.get(f"{daemon.url}/healthz") as resp:
+            assert resp.status == 200 and (await resp.json()) == {"status": "ok"}
+        assert (await post(session, f"{daemon.url}/v1/track", TRACK))[0] == 200
+        await sink.wait_for(lambda: len(sink.delivered()) == 1)
+        assert not [r for r in daemon.log_records() if r.get("level") in ("error", "critical")]
+
+
 async def test_ingest_analytics_js_batching_posts_to_v1_b(make_daemon, tmp_path, session):
     """analytics.js with deliveryStrategy "batching" posts {writeKey, batch, sentAt} to /b
     under its apiHost (api.segment.io/v1/b), each event without its own sentAt."""
@@ -316,6 +353,9 @@ BAD_INPUTS = [
     ("timestamp-long-spaces", "/v1/track",
      {**TRACK, "timestamp": "2015-12-10" + " " * 20_000 + "x"}, {}, True, 400,
      "invalid event", "timestamp"),
+    ("unknown-path", "/v1/trak", TRACK, {}, True, 404, "not found", "no endpoint at /v1/trak"),
+    ("post-to-healthz", "/healthz", TRACK, {}, True, 405, "method not allowed",
+     "POST /healthz: this endpoint takes GET, HEAD"),
     ("nested-too-deep", "/v1/track",
      b'{"userId": "u1", "event": "Bad", "properties": ' + b'{"a": ' * 300 + b"{}" + b"}" * 301,
      {}, True, 400, "invalid event", "nested more than 254 levels deep"),
