@@ -172,30 +172,45 @@ class FunctionDestination:
 
 async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
     """Load every destination's function files in a worker, as `serve` would; returns the
-    problems (dotted paths) and warnings. For `check-config`."""
+    problems (dotted paths) and warnings. For `check-config`.
+
+    A disabled destination's functions are loaded too, but what fails there is a warning:
+    `serve` does not load them, so it starts all the same, and check-config's exit status
+    says whether it will."""
     problems: list[str] = []
     warnings: list[str] = []
     for i, dest in enumerate(cfg.destinations):
         if dest.kind != "function" and dest.insert_function is None:
             continue
-        where = f"destinations[{i}]"
-        # What a function prints or raises while it loads may hold a secret it was given.
-        redact = Redactor(config_secrets(cfg))
-        spec = spec_for(dest, secret_env_names(cfg))
-        pool = Pool(spec, redact=redact)
-        try:
-            ready = await pool.start()
-        except InitError as exc:
-            insert = exc.stage == "insert" or dest.kind != "function"
-            key = "insert_function" if insert else "function"
-            problems.append(f"{where}.{key}: {redact(str(exc))}")
-            continue
-        finally:
-            await pool.close()
-        redact.add_settings(ready.get("secret_settings", []), spec.settings)
-        problems += [redact(p) for p in problems_of(ready, where)]
-        warnings += [redact(w) for w in warnings_of(ready, dest, where)]
+        found, warned = await _check_destination(cfg, dest, f"destinations[{i}]")
+        warnings += warned
+        if dest.enabled:
+            problems += found
+        else:
+            warnings += [
+                f"{p} (the destination is disabled: serve does not load it)" for p in found
+            ]
     return problems, warnings
+
+
+async def _check_destination(
+    cfg: Config, dest: DestinationConfig, where: str
+) -> tuple[list[str], list[str]]:
+    # What a function prints or raises while it loads may hold a secret it was given.
+    redact = Redactor(config_secrets(cfg))
+    spec = spec_for(dest, secret_env_names(cfg))
+    pool = Pool(spec, redact=redact)
+    try:
+        ready = await pool.start()
+    except InitError as exc:
+        insert = exc.stage == "insert" or dest.kind != "function"
+        key = "insert_function" if insert else "function"
+        return [f"{where}.{key}: {redact(str(exc))}"], []
+    finally:
+        await pool.close()
+    redact.add_settings(ready.get("secret_settings", []), spec.settings)
+    problems = [redact(p) for p in problems_of(ready, where)]
+    return problems, [redact(w) for w in warnings_of(ready, dest, where)]
 
 
 def warnings_of(ready: dict, dest: DestinationConfig, where: str) -> list[str]:

@@ -371,6 +371,40 @@ async def test_functions_serve_logs_what_check_config_warns_of(make_daemon, tmp_
     assert any("settings.regoin: not declared in SETTINGS" in w for w in logged)
 
 
+async def test_functions_check_config_agrees_with_serve_on_disabled_destinations(
+    make_daemon, tmp_path
+):
+    """A disabled destination's functions are not loaded by serve, so what fails in them does
+    not stop it starting: check-config says so as a warning and exits 0, as serve starts."""
+    (tmp_path / "ok.py").write_text("def on_track(event, settings):\n    pass\n")
+    (tmp_path / "wip.py").write_text("raise RuntimeError('half written')\n")
+    (tmp_path / "needs.py").write_text(
+        'SETTINGS = {"region": {"required": True}}\n\ndef on_track(event, settings):\n    pass\n'
+    )
+    dests = (
+        function_destination("ok", "ok.py", "{}")
+        + function_destination("wip", "wip.py", "{}", enabled="false")
+        + function_destination("needs", "needs.py", "{}", enabled="false")
+    )
+    daemon = await make_daemon(config_text(tmp_path / "db", dests)).start()
+    check = daemon.cli("check-config")
+    assert check.returncode == 0, check.stderr
+    warnings = [line for line in check.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, check.stderr
+    assert warnings[0].startswith("warning: destinations[1].function: ")
+    assert "half written" in warnings[0]
+    assert warnings[1].startswith("warning: destinations[2].settings.region: ")
+    assert all(
+        w.endswith("(the destination is disabled: serve does not load it)") for w in warnings
+    )
+    assert "ok (function), wip (function, disabled), needs (function, disabled)" in check.stdout
+    # Enabled, the same function is a problem, as it would stop serve.
+    (tmp_path / "ok.py").write_text("raise RuntimeError('now broken')\n")
+    check = daemon.cli("check-config")
+    assert check.returncode == 3, check.stderr
+    assert "destinations[0].function: " in check.stderr and "now broken" in check.stderr
+
+
 RESTART_PY = """
 from destfnd.functions import RetryError, fetch
 
