@@ -167,6 +167,33 @@ async def on_track(event, settings):
     await fetch(settings["sink"], method="POST", json=event)
 """
 
+
+async def test_functions_workers_that_exit_leave_no_descriptor_open_in_the_daemon(
+    make_daemon, tmp_path, session
+):
+    """Each exited worker's reply pipe is closed when it ends (on uvloop, which serve runs,
+    it stayed open until garbage collection: one descriptor more per worker that died)."""
+    (tmp_path / "exits.py").write_text(
+        "import os\n\ndef on_track(event, settings):\n    os._exit(3)\n"
+    )
+    once = "[destinations.retry]\nmax_attempts = 1\n"
+    dest = function_destination("exits", "exits.py", "{}", concurrency="1", _tables=once)
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+    await send(session, daemon, [{"type": "track", "event": "e", "messageId": "first"}])
+    await wait_final(daemon, 1)
+    before = open_fds()
+    await send(
+        session, daemon, [{"type": "track", "event": "e", "messageId": f"m-{i}"} for i in range(12)]
+    )
+    rows = await wait_final(daemon, 13)
+    assert {r["status"] for r in rows.values()} == {"expired"}, rows
+    assert open_fds() - before <= 2, (before, open_fds())
+
+
 # A function that forwards each track event to the sink in its settings.
 FORWARD_PY = """
 from destfnd.functions import fetch

@@ -53,17 +53,41 @@ async def read_frame(reader: asyncio.StreamReader) -> dict | None:
     return message
 
 
+class _ReaderProtocol(asyncio.StreamReaderProtocol):
+    def eof_received(self) -> bool:
+        super().eof_received()
+        # Close the pipe at EOF. asyncio's loop does anyway; uvloop keeps it open when this
+        # is True (as StreamReaderProtocol answers), until garbage collection finds the
+        # transport: a descriptor per exited worker.
+        return False
+
+
 async def open_pipes(
     read_fd: int, write_fd: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """asyncio streams over two pipe file descriptors (inherited or from os.pipe())."""
+    """asyncio streams over two pipe file descriptors (inherited or from os.pipe()), which it
+    owns from its first step: if it fails or is cancelled part-way, both are closed."""
     loop = asyncio.get_running_loop()
+    read_file = os.fdopen(read_fd, "rb", buffering=0)
+    write_file = os.fdopen(write_fd, "wb", buffering=0)
     reader = asyncio.StreamReader(limit=MAX_FRAME_BYTES)
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-    )
-    transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0)
-    )
+    read_transport: asyncio.BaseTransport | None = None
+    try:
+        read_transport, _ = await loop.connect_read_pipe(lambda: _ReaderProtocol(reader), read_file)
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, write_file
+        )
+    except BaseException:
+        if read_transport is not None:
+            read_transport.close()
+        # Now, not at garbage collection: a pipe connect_*_pipe failed on may already be
+        # closed by uvloop's transport but still be open in its file object, whose late close
+        # would hit whatever took the number by then. Closing an open one again is a no-op.
+        for file in (read_file, write_file):
+            try:
+                file.close()
+            except OSError:
+                pass  # EBADF: the transport closed it
+        raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     return reader, writer
