@@ -115,14 +115,14 @@ class FunctionDestination:
             raise FunctionLoadError(f"{self._where}: {self._redactor(str(exc))}") from None
         settings = plain_settings(self.dest.settings)
         self._redactor.add_settings(ready.get("secret_settings", []), settings)  # type: ignore[arg-type]
-        problems = problems_of(ready, self._where)
-        if problems:  # redacted as check-config redacts them: the text comes from the worker
-            raise FunctionLoadError("\n".join(self._redactor(p) for p in problems))
         for warning in warnings_of(ready, self.dest, self._where):  # as check-config prints
             # The text comes from the worker, which runs user code: redacted like its output.
             log.warning(
                 "destination_warning", destination=self.dest.name, warning=self._redactor(warning)
             )
+        problems = problems_of(ready, self._where)
+        if problems:  # redacted as check-config redacts them: the text comes from the worker
+            raise FunctionLoadError("\n".join(self._redactor(p) for p in problems))
         versions = ready.get("versions", {})
         self.version = ",".join(f"{k}:{v}" for k, v in sorted(versions.items())) or None
         if self._downstream is not None:

@@ -1087,3 +1087,33 @@ def test_functions_serve_redacts_settings_problems_as_check_config_does(tmp_path
         assert result.returncode == 3, (command, result.stderr)
         assert "settings.region" in result.stderr, (command, result.stderr)
         assert "hunter2secret" not in result.stderr, (command, result.stderr)
+
+
+def test_functions_serve_logs_warnings_also_when_the_settings_stop_it(tmp_path):
+    """check-config prints a destination's warnings beside its settings problems; serve, which
+    exits 3 on those problems, logs the same warnings first (it logged none)."""
+    (tmp_path / "f.py").write_text(
+        'SETTINGS = {"region": {"required": True}}\n\n'
+        "def on_track(event, settings):\n    pass\n\n"
+        "def on_identfy(event, settings):\n    pass\n"
+    )
+    path = tmp_path / "destfnd.toml"
+    path.write_text(config_text(tmp_path / "db", function_destination("fn", "f.py", "{}")))
+    outputs = {}
+    for command in ("check-config", "serve"):
+        result = subprocess.run(
+            [sys.executable, "-m", "destfnd", command, "--config", str(path)],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert result.returncode == 3, (command, result.stderr)
+        assert "destinations[0].settings.region" in result.stderr, (command, result.stderr)
+        outputs[command] = result.stderr
+    assert "warning: destinations[0].function: did you mean on_identify?" in outputs["check-config"]
+    logged = [
+        orjson.loads(line)
+        for line in outputs["serve"].splitlines()
+        if line.startswith("{") and '"destination_warning"' in line
+    ]
+    assert [r["warning"] for r in logged] == [
+        "destinations[0].function: did you mean on_identify? (it has on_identfy)"
+    ]
