@@ -76,8 +76,13 @@ def _run(argv: list[str] | None) -> int:
         from destfnd.deliverers import DestinationStartError
         from destfnd.run_function import RunError
 
+        if isinstance(exc, DestinationStartError):  # laid out as check-config's problems
+            print("destfnd: a destination cannot start:", file=sys.stderr)
+            for problem in str(exc).splitlines():
+                print(f"  {problem}", file=sys.stderr)
+            return EXIT_CONFIG
         print(f"destfnd: {exc}", file=sys.stderr)
-        return EXIT_CONFIG if isinstance(exc, RunError | DestinationStartError) else EXIT_ERROR
+        return EXIT_CONFIG if isinstance(exc, RunError) else EXIT_ERROR
     except KeyboardInterrupt:  # Ctrl-C (serve has a handler of its own: it stops gracefully)
         return EXIT_INTERRUPTED
 
@@ -105,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     command("check-config", cmd_check_config, "validate the config; list every problem")
     p = command("stats", cmd_stats, "per destination, how many deliveries are in each status")
     p.add_argument("--json", action="store_true", help="print JSON keyed by destination")
-    p = command("deliveries", cmd_deliveries, "recent deliveries with their last error")
+    p = command("deliveries", cmd_deliveries, "recent deliveries with every attempt")
     p.add_argument("--destination", metavar="N", help="only this destination")
     p.add_argument("--status", choices=[s.value for s in Status], help="only this status")
     p.add_argument("--message-id", metavar="ID", help="only the deliveries of this event")

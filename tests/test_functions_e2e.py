@@ -1109,6 +1109,15 @@ def test_functions_serve_logs_warnings_also_when_the_settings_stop_it(tmp_path):
         assert "destinations[0].settings.region" in result.stderr, (command, result.stderr)
         outputs[command] = result.stderr
     assert "warning: destinations[0].function: did you mean on_identify?" in outputs["check-config"]
+    # Both list their problems the same way, one indented line each, under a heading.
+    assert (
+        "destfnd: the config is invalid:\n  destinations[0].settings.region: required"
+        in (outputs["check-config"])
+    )
+    assert (
+        "destfnd: a destination cannot start:\n  destinations[0].settings.region: required"
+        in (outputs["serve"])
+    )
     logged = [
         orjson.loads(line)
         for line in outputs["serve"].splitlines()
