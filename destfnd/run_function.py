@@ -10,11 +10,13 @@ from pathlib import Path
 import orjson
 
 from destfnd import spec as segment_spec
+from destfnd.config import RetryPolicy
 from destfnd.errors import DestfndError
-from destfnd.outcome import ErrorType
+from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType
 from destfnd.redact import Redactor, redact_tree
 from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
 
+_DEFAULT_MAX_AGE_S = RetryPolicy().max_age_s
 _STATUS = {"ok": "delivered", "retry": "retrying", "discard": "discarded", "drop": "dropped"}
 
 
@@ -128,7 +130,8 @@ async def run(
         "version": version,
         "outcomes": [
             {"status": _STATUS[o["kind"]], "error_type": o.get("error_type"),
-             "message": redact(o["message"]) if o.get("message") else None}
+             "message": redact(o["message"]) if o.get("message") else None,
+             "retry_after_s": o.get("retry_after_s")}
             for o in reply["outcomes"]
         ],
         "logs": redact(reply.get("logs") or ""),
@@ -178,6 +181,12 @@ def render(result: RunResult, batch: bool, insert: bool) -> str:
             text += f" ({o['error_type']}): {printable(o['message'])}"
         elif o["message"]:
             text += f": {printable(o['message'])}"
+        after = o.get("retry_after_s")
+        if after is not None:
+            text += f" (asks to wait {f'{after:g}s' if after < MAX_RETRY_AFTER_S else 'years'}"
+            if after > _DEFAULT_MAX_AGE_S:  # serve's decide_retry expires such a delivery
+                text += ": past the default max_age of 4h, serve would expire the delivery"
+            text += ")"
         lines.append(text)
     lines.append(f"version: {r['version']}")
     lines.append("logs:" + ("" if r["logs"] else " (none)"))

@@ -97,6 +97,40 @@ def test_run_function_retryable_failure_from_fetch(files):
     assert "ssl:default" not in result.stdout  # aiohttp's words, which misled for plain http
 
 
+def test_run_function_shows_the_wait_a_retry_asks_for(tmp_path):
+    """serve honours retry_after_s, and expires a delivery whose wait would pass max_age:
+    run-function, which has no config, shows the wait and says when the default would."""
+    (tmp_path / "f.py").write_text(
+        "from destfnd.functions import RetryError\n\n"
+        "def on_track(event, settings):\n"
+        "    raise RetryError('busy', retry_after_s=event['properties']['after'])\n"
+    )
+    cases = [
+        (120, "(asks to wait 120s)", None),
+        (99999, "(asks to wait 99999s: past the default max_age of 4h, serve would expire", 99999),
+        ("Wed, 21 Oct 2099 07:28:00 GMT", "(asks to wait years: past the default max_age", None),
+    ]
+    for after, shown, in_json in cases:
+        event = {"type": "track", "userId": "u", "event": "e", "properties": {"after": after}}
+        (tmp_path / "ev.json").write_bytes(orjson.dumps(event))
+        result = run_cli(
+            "run-function", str(tmp_path / "f.py"), "--event", str(tmp_path / "ev.json")
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.stdout.startswith(f"outcome: retrying (Retry): RetryError: busy {shown}"), (
+            result.stdout
+        )
+        if in_json is not None:
+            as_json = run_cli(
+                "run-function",
+                str(tmp_path / "f.py"),
+                "--event",
+                str(tmp_path / "ev.json"),
+                "--json",
+            )
+            assert orjson.loads(as_json.stdout)["outcomes"][0]["retry_after_s"] == in_json
+
+
 def test_run_function_array_runs_on_batch_with_per_event_outcomes(files):
     batch = FIXTURES / "functions" / "onBatch-events-example.json"
     result = run_cli(
