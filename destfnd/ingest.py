@@ -124,7 +124,7 @@ class Ingest:
             app.router.add_route("OPTIONS", path, self._preflight)
         # Last, so it only gets what no route above takes: an unknown path, or a known one
         # with another method. aiohttp's own answers to those are plain text.
-        app.router.add_route("*", "/{tail:.*}", self._unrouted)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._unrouted)  # newlines too (%0a)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -156,7 +156,8 @@ class Ingest:
             detail = f"{request.method} {request.path}: this endpoint takes {allowed}"
             response = error_response(405, "method not allowed", detail)
             response.headers["Allow"] = allowed
-        log.info("request_rejected", path=request.path, status=response.status)
+        # The path is the client's, up to 8 KB: a scanner's would flood the log.
+        log.info("request_rejected", path=request.path[:200], status=response.status)
         return _cors(request, response)
 
     async def _preflight(self, request: web.Request) -> web.Response:

@@ -8,6 +8,8 @@ import asyncio
 import errno
 import gc
 import os
+import subprocess
+import sys
 
 import pytest
 import uvloop
@@ -104,3 +106,39 @@ def test_protocol_a_workers_pipe_is_closed_at_eof(loop):
             runner.run(main())
     finally:
         gc.enable()
+
+
+FORK_CHECK = """
+import os, sys
+from destfnd.sandbox import child
+
+from_daemon, _ = os.pipe()
+_, to_daemon = os.pipe()
+child._Forks((from_daemon, to_daemon))  # as the worker's main() does
+os.close(from_daemon)  # closed at the daemon's EOF
+user_file = open(sys.argv[1], "w")  # a function still running opens a file: same number
+assert user_file.fileno() == from_daemon, (user_file.fileno(), from_daemon)
+pid = os.fork()
+if pid == 0:
+    try:
+        os.fstat(user_file.fileno())
+    except OSError:
+        os._exit(10)  # the function's file was closed
+    try:
+        os.fstat(to_daemon)
+    except OSError:
+        os._exit(0)
+    os._exit(11)  # the pipe to the daemon was kept
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_protocol_a_fork_keeps_a_file_that_took_a_closed_pipes_number(tmp_path):
+    """A process a function forks closes the worker's pipes, but only while they are the
+    pipes: once one is closed, a file the function opens may get its number."""
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_CHECK, str(tmp_path / "user.txt")],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.returncode, result.stderr)

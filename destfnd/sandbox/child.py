@@ -422,7 +422,9 @@ class _Forks:
     fork and the child's reset waits, blocked, rather than be lost to the worker's handler."""
 
     def __init__(self, fds: tuple[int, ...]) -> None:
-        self.fds = fds
+        # Each with the pipe it is now: a pipe closed meanwhile (at the daemon's EOF) frees
+        # its number for a file the function opens, which a fork must keep.
+        self.fds = {fd: _identity(fd) for fd in fds}
         os.register_at_fork(
             before=self._block, after_in_parent=self._unblock, after_in_child=self._in_child
         )
@@ -434,15 +436,21 @@ class _Forks:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
 
     def _in_child(self) -> None:
-        for fd in self.fds:
+        for fd, pipe in self.fds.items():
             try:
-                os.close(fd)
+                if _identity(fd) == pipe:
+                    os.close(fd)
             except OSError:
-                pass
+                pass  # closed already
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         self._unblock()
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _tie_to_daemon() -> None:

@@ -77,6 +77,8 @@ async def open_pipes(
         transport, protocol = await loop.connect_write_pipe(
             asyncio.streams.FlowControlMixin, write_file
         )
+    except (KeyboardInterrupt, SystemExit):
+        raise  # uvloop keeps its transport open for these: closing under it aborts
     except BaseException:
         if read_transport is not None:
             read_transport.close()
