@@ -65,9 +65,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"destfnd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConfigError as exc:
-        print("destfnd: the config is invalid:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_problems("the config is invalid", exc.problems)
         return EXIT_CONFIG
     except StoreError as exc:
         print(f"destfnd: {exc}", file=sys.stderr)
@@ -77,14 +75,24 @@ def _run(argv: list[str] | None) -> int:
         from destfnd.run_function import RunError
 
         if isinstance(exc, DestinationStartError):  # laid out as check-config's problems
-            print("destfnd: a destination cannot start:", file=sys.stderr)
-            for problem in str(exc).splitlines():
-                print(f"  {problem}", file=sys.stderr)
+            _print_problems("a destination cannot start", exc.problems)
             return EXIT_CONFIG
         print(f"destfnd: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, RunError) else EXIT_ERROR
     except KeyboardInterrupt:  # Ctrl-C (serve has a handler of its own: it stops gracefully)
         return EXIT_INTERRUPTED
+
+
+def _print_problems(heading: str, problems: list[str]) -> None:
+    """One problem per line under the heading; the lines of a problem that has several (a
+    traceback a function printed as it failed to load) go deeper, so they cannot pass for
+    problems of their own."""
+    print(f"destfnd: {heading}:", file=sys.stderr)
+    for problem in problems:
+        first, *more = problem.split("\n")
+        print(f"  {first}", file=sys.stderr)
+        for line in more:
+            print(f"      {line}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,13 +6,18 @@ from __future__ import annotations
 from destfnd.config import Config, DestinationConfig, secret_env_names
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
-from destfnd.function_destination import FunctionDestination
+from destfnd.function_destination import FunctionDestination, FunctionLoadError
 from destfnd.redact import Redactor
 from destfnd.webhook import FileSink, Webhook
 
 
 class DestinationStartError(DestfndError):
-    """A destination cannot start: its function does not load, or its file cannot be opened."""
+    """A destination cannot start: its function does not load, or its file cannot be opened.
+    Each problem with its dotted key path, as check-config lists them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
 
 
 def make_deliverer(
@@ -39,15 +44,20 @@ async def start_deliverers(cfg: Config, redactor: Redactor) -> dict[str, Deliver
         for i, dest in enumerate(cfg.destinations):
             if not dest.enabled:
                 continue
-            deliverer = make_deliverer(dest, redactor, f"destinations[{i}]", hidden)
+            where = f"destinations[{i}]"
+            deliverer = make_deliverer(dest, redactor, where, hidden)
             try:
                 await deliverer.start()
-            except DestfndError as exc:
-                problems.append(str(exc))
+            except FunctionLoadError as exc:
+                problems += exc.problems
+                continue
+            except DestfndError as exc:  # the file destination's (also behind an insert)
+                key = f"{where}.path" if dest.kind == "file" else where
+                problems.append(f"{key}: {exc}")
                 continue
             started[dest.name] = deliverer
         if problems:
-            raise DestinationStartError("\n".join(problems))
+            raise DestinationStartError(problems)
     except BaseException:
         for deliverer in started.values():
             await deliverer.close()

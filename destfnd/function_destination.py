@@ -29,7 +29,18 @@ log = structlog.get_logger("destfnd.functions")
 
 
 class FunctionLoadError(DestfndError):
-    """A function file cannot be loaded, or its settings do not satisfy its SETTINGS."""
+    """A function file cannot be loaded, or its settings do not satisfy its SETTINGS: each
+    problem with its dotted key path, as check-config lists them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _load_problem(exc: InitError, dest: DestinationConfig, where: str, redact: Redactor) -> str:
+    """Why a destination's workers did not start, under the key of the file at fault."""
+    insert = exc.stage == "insert" or dest.kind != "function"
+    return f"{where}.{'insert_function' if insert else 'function'}: {redact(str(exc))}"
 
 
 def plain_settings(value: object) -> object:
@@ -112,7 +123,8 @@ class FunctionDestination:
         try:
             ready = await self.pool.start()
         except InitError as exc:
-            raise FunctionLoadError(f"{self._where}: {self._redactor(str(exc))}") from None
+            problem = _load_problem(exc, self.dest, self._where, self._redactor)
+            raise FunctionLoadError([problem]) from None
         settings = plain_settings(self.dest.settings)
         self._redactor.add_settings(ready.get("secret_settings", []), settings)  # type: ignore[arg-type]
         for warning in warnings_of(ready, self.dest, self._where):  # as check-config prints
@@ -122,7 +134,7 @@ class FunctionDestination:
             )
         problems = problems_of(ready, self._where)
         if problems:  # redacted as check-config redacts them: the text comes from the worker
-            raise FunctionLoadError("\n".join(self._redactor(p) for p in problems))
+            raise FunctionLoadError([self._redactor(p) for p in problems])
         versions = ready.get("versions", {})
         self.version = ",".join(f"{k}:{v}" for k, v in sorted(versions.items())) or None
         if self._downstream is not None:
@@ -203,9 +215,7 @@ async def _check_destination(
     try:
         ready = await pool.start()
     except InitError as exc:
-        insert = exc.stage == "insert" or dest.kind != "function"
-        key = "insert_function" if insert else "function"
-        return [f"{where}.{key}: {redact(str(exc))}"], []
+        return [_load_problem(exc, dest, where, redact)], []
     finally:
         await pool.close()
     redact.add_settings(ready.get("secret_settings", []), spec.settings)

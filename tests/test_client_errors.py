@@ -30,7 +30,9 @@ def _reason(family: socket.AddressFamily, address: tuple) -> str:
         sock.settimeout(5)
         sock.connect(address)
     except OSError as exc:
-        return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        if not exc.errno:  # timed out: something on the way answers nothing
+            pytest.skip(f"a connect to {address} does not fail at once on this host")
+        return os.strerror(exc.errno).lower()
     finally:
         sock.close()
     pytest.skip(f"{address} accepts connections on this host")

@@ -1126,3 +1126,42 @@ def test_functions_serve_logs_warnings_also_when_the_settings_stop_it(tmp_path):
     assert [r["warning"] for r in logged] == [
         "destinations[0].function: did you mean on_identify? (it has on_identfy)"
     ]
+
+
+def test_functions_start_problems_are_listed_alike_and_user_text_cannot_add_one(tmp_path):
+    """serve and check-config list problems the same way, each under its dotted key; a
+    function's own text with a newline in it stays inside its problem (deeper), so it cannot
+    pass for another problem."""
+    (tmp_path / "f.py").write_text(
+        'raise RuntimeError("first line\\ndestinations[1].settings.apiKey: forged")\n'
+    )
+    (tmp_path / "blocker").write_text("")  # a file where the folder of the file sink would be
+    dests = (
+        function_destination("fn", "f.py", "{}")
+        + '[[destinations]]\nname = "archive"\ntype = "file"\n'
+        + f'path = "{tmp_path}/blocker/out.jsonl"\n'
+    )
+    path = tmp_path / "destfnd.toml"
+    path.write_text(config_text(tmp_path / "db", dests))
+    outputs = {}
+    for command in ("check-config", "serve"):
+        result = subprocess.run(
+            [sys.executable, "-m", "destfnd", command, "--config", str(path)],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert result.returncode == 3, (command, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+        heading = lines.index(
+            "destfnd: the config is invalid:"
+            if command == "check-config"
+            else "destfnd: a destination cannot start:"
+        )
+        outputs[command] = lines[heading + 1 :]
+    for command, problems in outputs.items():
+        assert problems[0].startswith("  destinations[0].function: "), (command, problems)
+        assert problems[0].endswith("RuntimeError: first line"), (command, problems)
+        assert problems[1] == "      destinations[1].settings.apiKey: forged", (command, problems)
+    # serve also opens the file destination's file (check-config does not).
+    assert outputs["serve"][2].startswith("  destinations[1].path: "), outputs["serve"]
+    assert "cannot open for appending" in outputs["serve"][2]
+    assert len(outputs["serve"]) == 3 and len(outputs["check-config"]) == 2, outputs

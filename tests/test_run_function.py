@@ -106,8 +106,10 @@ def test_run_function_shows_the_wait_a_retry_asks_for(tmp_path):
         "    raise RetryError('busy', retry_after_s=event['properties']['after'])\n"
     )
     cases = [
-        (120, "(asks to wait 120s)", None),
-        (99999, "(asks to wait 99999s: past the default max_age of 4h, serve would expire", 99999),
+        (42.5, "(asks to wait 42.5s)", None),
+        (5400, "(asks to wait 1h 30m)", None),
+        (14400, "(asks to wait 4h: past the default max_age of 4h, serve would expire", None),
+        (99999, "(asks to wait 1d 3h 46m 39s: past the default max_age of 4h, serve", 99999),
         ("Wed, 21 Oct 2099 07:28:00 GMT", "(asks to wait years: past the default max_age", None),
     ]
     for after, shown, in_json in cases:

@@ -66,7 +66,8 @@ async def open_pipes(
     read_fd: int, write_fd: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """asyncio streams over two pipe file descriptors (inherited or from os.pipe()), which it
-    owns from its first step: if it fails or is cancelled part-way, both are closed."""
+    owns from its first step: if it fails or is cancelled part-way, both are closed (but for
+    KeyboardInterrupt and SystemExit, on the way out of the process anyway)."""
     loop = asyncio.get_running_loop()
     read_file = os.fdopen(read_fd, "rb", buffering=0)
     write_file = os.fdopen(write_fd, "wb", buffering=0)
