@@ -214,10 +214,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from destfnd.function_destination import check_functions
+    from destfnd.deliverers import check_destinations
 
     cfg = _load(args)
-    problems, warnings = asyncio.run(check_functions(cfg))
+    problems, warnings = asyncio.run(check_destinations(cfg))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if problems:

@@ -6,9 +6,14 @@ from __future__ import annotations
 from destfnd.config import Config, DestinationConfig, secret_env_names
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
-from destfnd.function_destination import FunctionDestination, FunctionLoadError
+from destfnd.function_destination import (
+    DISABLED_NOTE,
+    FunctionDestination,
+    FunctionLoadError,
+    check_functions,
+)
 from destfnd.redact import Redactor
-from destfnd.webhook import FileSink, Webhook
+from destfnd.webhook import FileSink, Webhook, file_problem
 
 
 class DestinationStartError(DestfndError):
@@ -63,3 +68,22 @@ async def start_deliverers(cfg: Config, redactor: Redactor) -> dict[str, Deliver
             await deliverer.close()
         raise
     return started
+
+
+async def check_destinations(cfg: Config) -> tuple[list[str], list[str]]:
+    """What `serve` would find starting the destinations, for check-config: every function
+    loaded in a worker, every file destination's `path` checked (nothing created). Returns
+    the problems and the warnings; a disabled destination's problems are warnings."""
+    problems, warnings = await check_functions(cfg)
+    for i, dest in enumerate(cfg.destinations):
+        if dest.kind != "file" or dest.path is None:
+            continue
+        problem = file_problem(dest.path)
+        if problem is None:
+            continue
+        line = f"destinations[{i}].path: {problem}"
+        if dest.enabled:
+            problems.append(line)
+        else:
+            warnings.append(line + DISABLED_NOTE)
+    return problems, warnings

@@ -37,6 +37,10 @@ class FunctionLoadError(DestfndError):
         super().__init__("\n".join(problems))
 
 
+# After a problem of a disabled destination: a warning, since serve does not start it.
+DISABLED_NOTE = " (the destination is disabled: serve does not start it)"
+
+
 def _load_problem(exc: InitError, dest: DestinationConfig, where: str, redact: Redactor) -> str:
     """Why a destination's workers did not start, under the key of the file at fault."""
     insert = exc.stage == "insert" or dest.kind != "function"
@@ -199,9 +203,7 @@ async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
         if dest.enabled:
             problems += found
         else:
-            warnings += [
-                f"{p} (the destination is disabled: serve does not load it)" for p in found
-            ]
+            warnings += [p + DISABLED_NOTE for p in found]
     return problems, warnings
 
 

@@ -4,6 +4,7 @@ and `file` (one JSON line per event). They turn a response into an Outcome; noth
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -100,6 +101,23 @@ class Webhook:
             return retry(ErrorType.TIMEOUT, f"no response within {self._timeout_s:g}s")
         except aiohttp.ClientError as exc:
             return retry(ErrorType.RETRY, client_error_text(exc))
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `FileSink.start` could not open `path` for appending, found without creating
+    anything (for check-config, with the permissions of whoever runs it); None if it could."""
+    if path.exists():  # (a folder is refused when the config is read)
+        if not os.access(path, os.W_OK):
+            return f"{path}: cannot open for appending: permission denied"
+        return None
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{path}: cannot create it: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{path}: cannot create it: no permission to write in {ancestor}"
+    return None
 
 
 class FileSink:

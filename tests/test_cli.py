@@ -389,6 +389,46 @@ def _check_crm(tmp_path, code: str, destination: str = "") -> subprocess.Complet
     return run_cli("check-config", "--config", str(path))
 
 
+def test_cli_check_config_checks_a_file_destinations_path_without_creating_it(tmp_path):
+    """serve opens (and creates) a file destination's path at start and exits 3 if it cannot;
+    check-config says so beforehand, creating nothing."""
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        # (path, enabled, problem or None)
+        ("new/deeper/out.ndjson", True, None),
+        ("a-file/out.ndjson", True, f"{tmp_path}/a-file/out.ndjson: cannot create it: "
+         f"{tmp_path}/a-file is a file, not a folder"),
+        ("a-file/x/out.ndjson", False, f"{tmp_path}/a-file/x/out.ndjson: cannot create it: "
+         f"{tmp_path}/a-file is a file, not a folder"),
+    ]  # fmt: skip
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append(("locked/out.ndjson", True, f"{tmp_path}/locked/out.ndjson: cannot create "
+                      f"it: no permission to write in {locked}"))  # fmt: skip
+    for path, enabled, problem in cases:
+        config = tmp_path / "destfnd.toml"
+        config.write_text(
+            '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+            f'[[destinations]]\nname = "archive"\ntype = "file"\npath = "{path}"\n'
+            f"enabled = {'true' if enabled else 'false'}\n"
+        )
+        result = run_cli("check-config", "--config", str(config))
+        if problem is None:
+            assert result.returncode == 0, result.stderr
+            assert result.stderr == ""
+        elif enabled:
+            assert result.returncode == 3, (path, result.stderr)
+            assert f"  destinations[0].path: {problem}\n" in result.stderr, (path, result.stderr)
+        else:
+            assert result.returncode == 0, (path, result.stderr)
+            assert result.stderr == (
+                f"warning: destinations[0].path: {problem} (the destination is disabled: "
+                "serve does not start it)\n"
+            )
+    assert not (tmp_path / "new").exists()  # nothing created
+
+
 def test_cli_check_config_warns_of_a_misspelled_handler(tmp_path):
     """A file with real handlers and one misspelled: it loads (a missing handler is allowed:
     Unsupported Event Type), but check-config points the misspelling out."""

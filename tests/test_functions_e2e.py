@@ -422,7 +422,7 @@ async def test_functions_check_config_agrees_with_serve_on_disabled_destinations
     assert "half written" in warnings[0]
     assert warnings[1].startswith("warning: destinations[2].settings.region: ")
     assert all(
-        w.endswith("(the destination is disabled: serve does not load it)") for w in warnings
+        w.endswith("(the destination is disabled: serve does not start it)") for w in warnings
     )
     assert "ok (function), wip (function, disabled), needs (function, disabled)" in check.stdout
     # Enabled, the same function is a problem, as it would stop serve.
@@ -1161,7 +1161,11 @@ def test_functions_start_problems_are_listed_alike_and_user_text_cannot_add_one(
         assert problems[0].startswith("  destinations[0].function: "), (command, problems)
         assert problems[0].endswith("RuntimeError: first line"), (command, problems)
         assert problems[1] == "      destinations[1].settings.apiKey: forged", (command, problems)
-    # serve also opens the file destination's file (check-config does not).
+    # The file destination's path: serve cannot open it; check-config says why first.
     assert outputs["serve"][2].startswith("  destinations[1].path: "), outputs["serve"]
     assert "cannot open for appending" in outputs["serve"][2]
-    assert len(outputs["serve"]) == 3 and len(outputs["check-config"]) == 2, outputs
+    assert outputs["check-config"][2] == (
+        f"  destinations[1].path: {tmp_path}/blocker/out.jsonl: cannot create it: "
+        f"{tmp_path}/blocker is a file, not a folder"
+    )
+    assert len(outputs["serve"]) == 3 and len(outputs["check-config"]) == 3, outputs
