@@ -84,15 +84,22 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _print_problems(heading: str, problems: list[str]) -> None:
-    """One problem per line under the heading; the lines of a problem that has several (a
-    traceback a function printed as it failed to load) go deeper, so they cannot pass for
-    problems of their own."""
+    """One problem per line under the heading."""
     print(f"destfnd: {heading}:", file=sys.stderr)
     for problem in problems:
-        first, *more = problem.split("\n")
-        print(f"  {first}", file=sys.stderr)
-        for line in more:
-            print(f"      {line}", file=sys.stderr)
+        _print_item("  ", problem)
+
+
+def _print_item(prefix: str, text: str) -> None:
+    """A problem or warning: the lines of one that has several (a traceback a function printed
+    as it failed to load) go deeper, and control characters are escaped, so that text from a
+    function cannot pass for problems or warnings of their own."""
+    from destfnd.run_function import printable
+
+    first, *more = text.split("\n")
+    print(f"{prefix}{printable(first)}", file=sys.stderr)
+    for line in more:
+        print(f"      {printable(line)}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,7 +226,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
     problems, warnings = asyncio.run(check_destinations(cfg))
     for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        _print_item("warning: ", warning)
     if problems:
         raise ConfigError(problems)
     kinds = ", ".join(

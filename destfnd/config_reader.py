@@ -352,7 +352,11 @@ class Reader:
     def file_path(self, value: Any) -> Path:
         """A file destfnd writes (created with its folders if need be): not a folder."""
         path = self.path(value)
-        if path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError as exc:  # a folder on the way that cannot be searched
+            raise ValueError(f"cannot look at {path}: {exc.strerror}") from None
+        if is_dir:
             raise ValueError(f"is a directory, not a file: {path}")
         return path
 

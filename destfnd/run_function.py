@@ -174,8 +174,8 @@ def _wait_text(seconds: float) -> str:
     """`90` -> "1m 30s", `99999` -> "1d 3h 46m 39s"; "years" for what a date far ahead asks."""
     if seconds >= MAX_RETRY_AFTER_S:
         return "years"
-    if seconds < 60:
-        return f"{round(seconds, 3):g}s"
+    if seconds < 59.5:
+        return f"{round(seconds, 3) + 0.0:g}s"  # (+ 0.0: no "-0s")
     parts, left = [], round(seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         count, left = divmod(left, size)
@@ -198,7 +198,7 @@ def render(result: RunResult, batch: bool, insert: bool) -> str:
         after = o.get("retry_after_s")
         if after is not None:
             text += f" (asks to wait {_wait_text(after)}"
-            if after >= _DEFAULT_MAX_AGE_S:  # serve's decide_retry expires such a delivery
+            if round(after) >= _DEFAULT_MAX_AGE_S:  # serve's decide_retry expires it
                 text += ": past the default max_age of 4h, serve would expire the delivery"
             text += ")"
         lines.append(text)

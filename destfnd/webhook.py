@@ -4,7 +4,9 @@ and `file` (one JSON line per event). They turn a response into an Outcome; noth
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -103,20 +105,61 @@ class Webhook:
             return retry(ErrorType.RETRY, client_error_text(exc))
 
 
+def _refuse_kind(mode: int) -> None:
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else None
+        raise ValueError(f"is {kind or 'not a regular file'}; a file destination needs a file")
+
+
+def _open_append(path: Path, *, create: bool) -> int:
+    """`path` opened for appending, without blocking: a FIFO with no reader fails at once
+    (ENXIO) instead of holding the daemon in open(). Anything but a regular file or a
+    character device (/dev/null) is refused (ValueError): a write to a FIFO or socket could
+    block the event loop."""
+    try:
+        _refuse_kind(os.stat(path).st_mode)  # before open(): a FIFO's fails, a socket's too
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o644)
+    try:
+        _refuse_kind(os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def file_problem(path: Path) -> str | None:
     """Why `FileSink.start` could not open `path` for appending, found without creating
     anything (for check-config, with the permissions of whoever runs it); None if it could."""
-    if path.exists():  # (a folder is refused when the config is read)
-        if not os.access(path, os.W_OK):
-            return f"{path}: cannot open for appending: permission denied"
-        return None
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return f"{path}: cannot create it: {ancestor} is a file, not a folder"
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"{path}: cannot create it: no permission to write in {ancestor}"
+    try:
+        if os.path.lexists(path):
+            try:
+                os.close(_open_append(path, create=False))
+                return None
+            except ValueError as exc:
+                return f"{path}: {exc}"
+            except OSError as exc:
+                if not (exc.errno == errno.ENOENT and path.is_symlink()):
+                    return f"{path}: cannot open for appending: {exc.strerror}"
+            # A link to nothing: opening creates its target, but not the target's folder.
+            target = Path(os.path.realpath(path))
+            if not target.parent.is_dir():
+                return f"{path}: cannot create it: it links to {target}, in no folder"
+            path = target
+        ancestor = path.parent
+        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():  # a file, or a link to no folder
+            return f"{path}: cannot create it: {ancestor} is not a folder"
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            read_only = os.statvfs(ancestor).f_flag & os.ST_RDONLY
+            why = "a read-only file system" if read_only else "no permission"
+            return f"{path}: cannot create it: cannot write in {ancestor} ({why})"
+    except OSError as exc:
+        return f"{path}: cannot look at it: {exc.strerror}"
     return None
 
 
@@ -131,9 +174,12 @@ class FileSink:
     async def start(self) -> None:
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self._path.open("ab")
+            fd = _open_append(self._path, create=True)
+        except ValueError as exc:
+            raise DestfndError(f"{self._path}: {exc}") from None
         except OSError as exc:
             raise DestfndError(f"{self._path}: cannot open for appending: {exc.strerror}") from None
+        self._file = os.fdopen(fd, "ab")
 
     async def close(self) -> None:
         if self._file is not None:

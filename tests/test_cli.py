@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -391,42 +392,84 @@ def _check_crm(tmp_path, code: str, destination: str = "") -> subprocess.Complet
 
 def test_cli_check_config_checks_a_file_destinations_path_without_creating_it(tmp_path):
     """serve opens (and creates) a file destination's path at start and exits 3 if it cannot;
-    check-config says so beforehand, creating nothing."""
+    check-config says so beforehand, creating nothing. A FIFO is refused rather than opened:
+    opening one with no reader held serve for good, SIGTERM included."""
     (tmp_path / "a-file").write_text("")
+    os.mkfifo(tmp_path / "fifo")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "sock"))
+    (tmp_path / "to-nowhere").symlink_to(tmp_path / "gone" / "out.ndjson")
+    (tmp_path / "to-new").symlink_to(tmp_path / "new-target.ndjson")
+    (tmp_path / "dir-link").symlink_to(tmp_path / "gone")
+    t = tmp_path
     cases = [
         # (path, enabled, problem or None)
         ("new/deeper/out.ndjson", True, None),
-        ("a-file/out.ndjson", True, f"{tmp_path}/a-file/out.ndjson: cannot create it: "
-         f"{tmp_path}/a-file is a file, not a folder"),
-        ("a-file/x/out.ndjson", False, f"{tmp_path}/a-file/x/out.ndjson: cannot create it: "
-         f"{tmp_path}/a-file is a file, not a folder"),
+        ("to-new", True, None),
+        ("a-file/out.ndjson", True, f"{t}/a-file/out.ndjson: cannot create it: {t}/a-file is "
+         "not a folder"),
+        ("a-file/x/out.ndjson", False, f"{t}/a-file/x/out.ndjson: cannot create it: {t}/a-file "
+         "is not a folder"),
+        ("fifo", True, f"{t}/fifo: is a FIFO; a file destination needs a file"),
+        ("sock", True, f"{t}/sock: is a socket; a file destination needs a file"),
+        ("to-nowhere", True, f"{t}/to-nowhere: cannot create it: it links to "
+         f"{t}/gone/out.ndjson, in no folder"),
+        ("dir-link/out.ndjson", True, f"{t}/dir-link/out.ndjson: cannot create it: {t}/dir-link "
+         "is not a folder"),
     ]  # fmt: skip
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        cases.append(("locked/out.ndjson", True, f"{tmp_path}/locked/out.ndjson: cannot create "
-                      f"it: no permission to write in {locked}"))  # fmt: skip
-    for path, enabled, problem in cases:
-        config = tmp_path / "destfnd.toml"
-        config.write_text(
-            '[[sources]]\nname = "web"\nwrite_key = "k"\n'
-            f'[[destinations]]\nname = "archive"\ntype = "file"\npath = "{path}"\n'
-            f"enabled = {'true' if enabled else 'false'}\n"
-        )
-        result = run_cli("check-config", "--config", str(config))
-        if problem is None:
-            assert result.returncode == 0, result.stderr
-            assert result.stderr == ""
-        elif enabled:
-            assert result.returncode == 3, (path, result.stderr)
-            assert f"  destinations[0].path: {problem}\n" in result.stderr, (path, result.stderr)
-        else:
-            assert result.returncode == 0, (path, result.stderr)
-            assert result.stderr == (
-                f"warning: destinations[0].path: {problem} (the destination is disabled: "
-                "serve does not start it)\n"
+        cases.append(("locked/out.ndjson", True, f"{t}/locked/out.ndjson: cannot create it: "
+                      f"cannot write in {locked} (no permission)"))  # fmt: skip
+    try:
+        for path, enabled, problem in cases:
+            config = tmp_path / "destfnd.toml"
+            config.write_text(
+                '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+                f'[[destinations]]\nname = "archive"\ntype = "file"\npath = "{path}"\n'
+                f"enabled = {'true' if enabled else 'false'}\n"
             )
-    assert not (tmp_path / "new").exists()  # nothing created
+            result = run_cli("check-config", "--config", str(config))
+            if problem is None:
+                assert result.returncode == 0, (path, result.stderr)
+                assert result.stderr == ""
+            elif enabled:
+                assert result.returncode == 3, (path, result.stderr)
+                expected = f"  destinations[0].path: {problem}\n"
+                assert expected in result.stderr, (path, result.stderr)
+                served = subprocess.run(
+                    [sys.executable, "-m", "destfnd", "serve", "--config", str(config)],
+                    capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+                assert served.returncode == 3, (path, served.stderr)
+                assert "  destinations[0].path: " in served.stderr, (path, served.stderr)
+            else:
+                assert result.returncode == 0, (path, result.stderr)
+                assert result.stderr == (
+                    f"warning: destinations[0].path: {problem} (the destination is disabled: "
+                    "serve does not start it)\n"
+                )
+    finally:
+        listener.close()
+    # Nothing created.
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new-target.ndjson").exists()
+
+
+def test_cli_check_config_a_functions_text_cannot_pass_for_another_warning(tmp_path):
+    result = _check_crm(
+        tmp_path,
+        'raise RuntimeError("boom\\nwarning: destinations[5].path: forged")\n',
+        "enabled = false\n",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("warning: ")] == [lines[0]], lines
+    assert lines[0].startswith("warning: destinations[0].function: ") and "boom" in lines[0]
+    assert lines[1] == (
+        "      warning: destinations[5].path: forged (the destination is disabled: serve does "
+        "not start it)"
+    )
 
 
 def test_cli_check_config_warns_of_a_misspelled_handler(tmp_path):

@@ -1133,7 +1133,7 @@ def test_functions_start_problems_are_listed_alike_and_user_text_cannot_add_one(
     function's own text with a newline in it stays inside its problem (deeper), so it cannot
     pass for another problem."""
     (tmp_path / "f.py").write_text(
-        'raise RuntimeError("first line\\ndestinations[1].settings.apiKey: forged")\n'
+        'raise RuntimeError("first line\\r\\x1b[2K\\ndestinations[1].settings.apiKey: forged")\n'
     )
     (tmp_path / "blocker").write_text("")  # a file where the folder of the file sink would be
     dests = (
@@ -1159,13 +1159,14 @@ def test_functions_start_problems_are_listed_alike_and_user_text_cannot_add_one(
         outputs[command] = lines[heading + 1 :]
     for command, problems in outputs.items():
         assert problems[0].startswith("  destinations[0].function: "), (command, problems)
-        assert problems[0].endswith("RuntimeError: first line"), (command, problems)
+        # A carriage return or a terminal escape is shown, not obeyed.
+        assert problems[0].endswith(r"RuntimeError: first line\r\x1b[2K"), (command, problems)
         assert problems[1] == "      destinations[1].settings.apiKey: forged", (command, problems)
     # The file destination's path: serve cannot open it; check-config says why first.
     assert outputs["serve"][2].startswith("  destinations[1].path: "), outputs["serve"]
     assert "cannot open for appending" in outputs["serve"][2]
     assert outputs["check-config"][2] == (
         f"  destinations[1].path: {tmp_path}/blocker/out.jsonl: cannot create it: "
-        f"{tmp_path}/blocker is a file, not a folder"
+        f"{tmp_path}/blocker is not a folder"
     )
     assert len(outputs["serve"]) == 3 and len(outputs["check-config"]) == 3, outputs

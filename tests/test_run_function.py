@@ -107,6 +107,8 @@ def test_run_function_shows_the_wait_a_retry_asks_for(tmp_path):
     )
     cases = [
         (42.5, "(asks to wait 42.5s)", None),
+        (-0.0, "(asks to wait 0s)", None),
+        (14399.6, "(asks to wait 4h: past the default max_age of 4h, serve would expire", None),
         (5400, "(asks to wait 1h 30m)", None),
         (14400, "(asks to wait 4h: past the default max_age of 4h, serve would expire", None),
         (99999, "(asks to wait 1d 3h 46m 39s: past the default max_age of 4h, serve", 99999),
