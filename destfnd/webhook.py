@@ -105,30 +105,54 @@ class Webhook:
             return retry(ErrorType.RETRY, client_error_text(exc))
 
 
-def _refuse_kind(mode: int) -> None:
-    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else None
-        raise ValueError(f"is {kind or 'not a regular file'}; a file destination needs a file")
+def _refuse_kind(st: os.stat_result) -> None:
+    """Only a regular file, or a memory device such as /dev/null: a write to a FIFO, a socket
+    or a terminal can block for as long as its reader pleases, and with it the daemon."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and os.major(st.st_rdev) == 1):
+        return
+    kind = (
+        "a FIFO" if stat.S_ISFIFO(mode)
+        else "a socket" if stat.S_ISSOCK(mode)
+        else "a device other than /dev/null and the like" if stat.S_ISCHR(mode)
+        else "not a regular file"
+    )  # fmt: skip
+    raise ValueError(f"is {kind}; a file destination needs a regular file")
 
 
 def _open_append(path: Path, *, create: bool) -> int:
-    """`path` opened for appending, without blocking: a FIFO with no reader fails at once
-    (ENXIO) instead of holding the daemon in open(). Anything but a regular file or a
-    character device (/dev/null) is refused (ValueError): a write to a FIFO or socket could
-    block the event loop."""
+    """`path` opened for appending. Its kind is checked before open() (`_refuse_kind`: opening a
+    FIFO with no reader would block, and opening a device can act), and again after."""
     try:
-        _refuse_kind(os.stat(path).st_mode)  # before open(): a FIFO's fails, a socket's too
+        _refuse_kind(os.stat(path))
     except FileNotFoundError:
         pass
     flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o644)
     try:
-        _refuse_kind(os.fstat(fd).st_mode)
+        _refuse_kind(os.fstat(fd))
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _append_all(fd: int, data: bytes) -> None:
+    """All of `data` or none of it: a write cut short (a full disk) is undone, so the retry
+    leaves no torn line and no line twice."""
+    view = memoryview(data)
+    written = 0
+    try:
+        while written < len(view):
+            written += os.write(fd, view[written:])
+    except OSError:
+        if written:
+            try:
+                os.ftruncate(fd, os.fstat(fd).st_size - written)  # O_APPEND: ours are last
+            except OSError:
+                pass
+        raise
 
 
 def file_problem(path: Path) -> str | None:
@@ -169,27 +193,26 @@ class FileSink:
     def __init__(self, cfg: DestinationConfig) -> None:
         assert cfg.path is not None
         self._path: Path = cfg.path
-        self._file = None
+        self._fd: int | None = None
 
     async def start(self) -> None:
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            fd = _open_append(self._path, create=True)
+            self._fd = _open_append(self._path, create=True)
         except ValueError as exc:
             raise DestfndError(f"{self._path}: {exc}") from None
         except OSError as exc:
             raise DestfndError(f"{self._path}: cannot open for appending: {exc.strerror}") from None
-        self._file = os.fdopen(fd, "ab")
 
     async def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # unbuffered: nothing is left to write, so nothing can fail here
 
     async def deliver(self, payloads: list[bytes], batched: bool) -> Report:
-        assert self._file is not None
+        assert self._fd is not None
         try:
-            self._file.write(b"".join(p + b"\n" for p in payloads))
-            self._file.flush()
+            _append_all(self._fd, b"".join(p + b"\n" for p in payloads))
         except OSError as exc:
             failed = retry(ErrorType.RETRY, f"cannot write {self._path}: {exc.strerror}")
             return same_for_all(failed, len(payloads))

@@ -393,7 +393,8 @@ def _check_crm(tmp_path, code: str, destination: str = "") -> subprocess.Complet
 def test_cli_check_config_checks_a_file_destinations_path_without_creating_it(tmp_path):
     """serve opens (and creates) a file destination's path at start and exits 3 if it cannot;
     check-config says so beforehand, creating nothing. A FIFO is refused rather than opened:
-    opening one with no reader held serve for good, SIGTERM included."""
+    opening one with no reader held serve for good, SIGTERM included; so is a terminal, whose
+    writes can block as long."""
     (tmp_path / "a-file").write_text("")
     os.mkfifo(tmp_path / "fifo")
     listener = socket.socket(socket.AF_UNIX)
@@ -410,8 +411,11 @@ def test_cli_check_config_checks_a_file_destinations_path_without_creating_it(tm
          "not a folder"),
         ("a-file/x/out.ndjson", False, f"{t}/a-file/x/out.ndjson: cannot create it: {t}/a-file "
          "is not a folder"),
-        ("fifo", True, f"{t}/fifo: is a FIFO; a file destination needs a file"),
-        ("sock", True, f"{t}/sock: is a socket; a file destination needs a file"),
+        ("fifo", True, f"{t}/fifo: is a FIFO; a file destination needs a regular file"),
+        ("sock", True, f"{t}/sock: is a socket; a file destination needs a regular file"),
+        ("/dev/null", True, None),
+        ("/dev/tty", True, "/dev/tty: is a device other than /dev/null and the like; a file "
+         "destination needs a regular file"),
         ("to-nowhere", True, f"{t}/to-nowhere: cannot create it: it links to "
          f"{t}/gone/out.ndjson, in no folder"),
         ("dir-link/out.ndjson", True, f"{t}/dir-link/out.ndjson: cannot create it: {t}/dir-link "
