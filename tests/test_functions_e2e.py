@@ -1070,6 +1070,16 @@ def _our_workers() -> list[int]:
     return found
 
 
+def _refused_by_both(path: Path, env: dict[str, str] | None = None) -> dict:
+    """check-config, then serve, on a config both must refuse with exit 3."""
+    results = {}
+    for command in ("check-config", "serve"):
+        result = run_cli(command, "--config", str(path), env=env)
+        assert result.returncode == 3, (command, result.stderr)
+        results[command] = result
+    return results
+
+
 def test_functions_serve_redacts_settings_problems_as_check_config_does(tmp_path):
     (tmp_path / "f.py").write_text(
         'SETTINGS = {"region": {"required": True, "description": "not hunter2secret"}}\n\n'
@@ -1079,12 +1089,7 @@ def test_functions_serve_redacts_settings_problems_as_check_config_does(tmp_path
     path = tmp_path / "destfnd.toml"
     path.write_text(config_text(tmp_path / "db", dest))
     env = {**os.environ, "TOK": "hunter2secret"}
-    for command in ("check-config", "serve"):
-        result = subprocess.run(
-            [sys.executable, "-m", "destfnd", command, "--config", str(path)],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env,
-        )  # fmt: skip
-        assert result.returncode == 3, (command, result.stderr)
+    for command, result in _refused_by_both(path, env).items():
         assert "settings.region" in result.stderr, (command, result.stderr)
         assert "hunter2secret" not in result.stderr, (command, result.stderr)
 
@@ -1100,12 +1105,7 @@ def test_functions_serve_logs_warnings_also_when_the_settings_stop_it(tmp_path):
     path = tmp_path / "destfnd.toml"
     path.write_text(config_text(tmp_path / "db", function_destination("fn", "f.py", "{}")))
     outputs = {}
-    for command in ("check-config", "serve"):
-        result = subprocess.run(
-            [sys.executable, "-m", "destfnd", command, "--config", str(path)],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert result.returncode == 3, (command, result.stderr)
+    for command, result in _refused_by_both(path).items():
         assert "destinations[0].settings.region" in result.stderr, (command, result.stderr)
         outputs[command] = result.stderr
     assert "warning: destinations[0].function: did you mean on_identify?" in outputs["check-config"]
@@ -1144,12 +1144,7 @@ def test_functions_start_problems_are_listed_alike_and_user_text_cannot_add_one(
     path = tmp_path / "destfnd.toml"
     path.write_text(config_text(tmp_path / "db", dests))
     outputs = {}
-    for command in ("check-config", "serve"):
-        result = subprocess.run(
-            [sys.executable, "-m", "destfnd", command, "--config", str(path)],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert result.returncode == 3, (command, result.stderr)
+    for command, result in _refused_by_both(path).items():
         lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
         heading = lines.index(
             "destfnd: the config is invalid:"
