@@ -150,6 +150,10 @@ async def run(
 # terminal or forge a line of the output.
 _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c != 0x09}
 _ESCAPES.update({0x0A: "\\n", 0x0D: "\\r"})
+# Bidirectional controls, which reorder what follows them on screen ("Trojan Source"), and
+# the Unicode line and paragraph separators.
+_BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)
+_ESCAPES.update({c: f"\\u{c:04x}" for c in _BIDI})
 
 
 def printable(value: object) -> str:

@@ -535,7 +535,8 @@ async def test_cli_deliveries_escapes_control_characters(make_daemon, tmp_path, 
     forged = "\n2026-01-01T00:00:00.000Z  hook  delivered  attempts=1  track  forged"
     async with Sink(lambda n, r: Reply(400, body="\x1b[2Jwiped" + forged)) as sink:
         daemon = await make_daemon(config_text(tmp_path / "db", webhook("hook", sink.url))).start()
-        event = {"userId": "u1", "event": "e", "messageId": "ansi-\x1b[31mRED\x1b[0m" + forged}
+        event = {"userId": "u1", "event": "e",
+                 "messageId": "ansi-\x1b[31mRED\x1b[0m\u202edesrever" + forged}  # fmt: skip
         assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
         for _ in range(200):
             if daemon.stats()["hook"]["discarded"] == 1:
@@ -545,7 +546,8 @@ async def test_cli_deliveries_escapes_control_characters(make_daemon, tmp_path, 
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "\x1b" not in out
-    assert "ansi-\\x1b[31mRED\\x1b[0m\\n2026-01-01" in out
+    assert "\u202e" not in out  # a right-to-left override, shown rather than obeyed
+    assert "ansi-\\x1b[31mRED\\x1b[0m\\u202edesrever\\n2026-01-01" in out
     assert "response body: \\x1b[2Jwiped\\n2026-01-01" in out
     assert [line for line in out.splitlines() if line.startswith("2026-01-01")] == []
     # --json is JSON: the values as they are.
