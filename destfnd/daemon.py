@@ -10,6 +10,7 @@ import gc
 import os
 import signal
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -91,9 +92,13 @@ class DatabaseLock:
         try:
             self._take(self._beside.fileno(), path)
             try:  # an empty file is a new database to SQLite
-                self._file = os.open(real, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                # O_NONBLOCK: a FIFO there would hold open() (and the daemon) for good.
+                flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+                self._file = os.open(real, flags, 0o644)
             except OSError as exc:
                 raise StoreError(f"{path}: cannot open the database: {exc.strerror}") from None
+            if not stat.S_ISREG(os.fstat(self._file).st_mode):
+                raise StoreError(f"{path}: cannot open the database: not a regular file")
             self._take(self._file, path)
         except BaseException:
             self.close()

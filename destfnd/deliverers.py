@@ -12,6 +12,7 @@ from destfnd.function_destination import (
     FunctionLoadError,
     check_functions,
 )
+from destfnd.paths import database_problem
 from destfnd.redact import Redactor
 from destfnd.webhook import FileSink, Webhook, file_problem
 
@@ -71,10 +72,14 @@ async def start_deliverers(cfg: Config, redactor: Redactor) -> dict[str, Deliver
 
 
 async def check_destinations(cfg: Config) -> tuple[list[str], list[str]]:
-    """What `serve` would find starting the destinations, for check-config: every function
-    loaded in a worker, every file destination's `path` checked (nothing created). Returns
-    the problems and the warnings; a disabled destination's problems are warnings."""
+    """What `serve` would find starting, for check-config: the database's file and folder,
+    every function loaded in a worker, every file destination's `path` (nothing is created;
+    of these files only an existing file destination's is opened, and closed). Returns the
+    problems and the warnings; a disabled destination's problems are warnings."""
     problems, warnings = await check_functions(cfg)
+    database = database_problem(cfg.storage.path)
+    if database is not None:
+        problems.insert(0, f"storage.path: {database}")
     for i, dest in enumerate(cfg.destinations):
         if dest.kind != "file" or dest.path is None:
             continue

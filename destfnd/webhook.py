@@ -26,6 +26,7 @@ from destfnd.outcome import (
     retry,
     same_for_all,
 )
+from destfnd.paths import creatable_problem
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
@@ -173,18 +174,9 @@ def file_problem(path: Path) -> str | None:
             if not target.parent.is_dir():
                 return f"{path}: cannot create it: it links to {target}, in no folder"
             path = target
-        ancestor = path.parent
-        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():  # a file, or a link to no folder
-            return f"{path}: cannot create it: {ancestor} is not a folder"
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            read_only = os.statvfs(ancestor).f_flag & os.ST_RDONLY
-            why = "a read-only file system" if read_only else "no permission"
-            return f"{path}: cannot create it: cannot write in {ancestor} ({why})"
+        return creatable_problem(path)
     except OSError as exc:
         return f"{path}: cannot look at it: {exc.strerror}"
-    return None
 
 
 class FileSink:

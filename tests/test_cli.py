@@ -460,6 +460,37 @@ def test_cli_check_config_checks_a_file_destinations_path_without_creating_it(tm
     assert not (tmp_path / "new").exists() and not (tmp_path / "new-target.ndjson").exists()
 
 
+def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path):
+    """serve cannot open its database under a file, or on a FIFO (where it hung in open(),
+    SIGTERM included): check-config says so first, and serve exits 4 at once."""
+    (tmp_path / "a-file").write_text("")
+    os.mkfifo(tmp_path / "fifo")
+    t = tmp_path
+    cases = [
+        ("new/db.sqlite3", None, None),
+        ("a-file/db.sqlite3", f"{t}/a-file/db.sqlite3: cannot create it: {t}/a-file is not a "
+         "folder", "cannot create the database's lock file"),
+        ("fifo", f"{t}/fifo: not a regular file", "cannot open the database: not a regular file"),
+    ]  # fmt: skip
+    for path, problem, served in cases:
+        config = tmp_path / "destfnd.toml"
+        config.write_text(
+            f'[server]\nlisten = "127.0.0.1:0"\n[storage]\npath = "{path}"\n'
+            '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+            '[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = "http://127.0.0.1:9/"\n'
+        )
+        result = run_cli("check-config", "--config", str(config))
+        if problem is None:
+            assert result.returncode == 0, (path, result.stderr)
+            continue
+        assert result.returncode == 3, (path, result.stderr)
+        assert f"  storage.path: {problem}\n" in result.stderr, (path, result.stderr)
+        serve = run_cli("serve", "--config", str(config))
+        assert serve.returncode == 4, (path, serve.stderr)
+        assert served in serve.stderr, (path, serve.stderr)
+    assert not (tmp_path / "new").exists()  # nothing created
+
+
 def test_cli_check_config_a_functions_text_cannot_pass_for_another_warning(tmp_path):
     result = _check_crm(
         tmp_path,
