@@ -161,7 +161,20 @@ class Reader:
             for w, t in self.entries(top, "destinations", _DESTINATION_KEYS)
         )
         self.unique("destinations", [d.name for d in destinations])
+        self.not_the_database(storage.path, destinations)
         return Config(cfg_path, server, storage, logging, sources, destinations)
+
+    def not_the_database(self, database: Path, destinations: tuple) -> None:
+        """A file destination appending to the database or a file SQLite keeps beside it
+        would corrupt it (links resolved)."""
+        real = os.path.realpath(database)
+        own = {real: "the database", **{real + end: f"the database's {end}" for end in
+               ("-wal", "-shm", ".lock")}}  # fmt: skip
+        for i, dest in enumerate(destinations):
+            if dest.kind == "file" and dest.path is not None:
+                which = own.get(os.path.realpath(dest.path))
+                if which is not None:
+                    self.fail(f"destinations[{i}].path", f"is {which} (storage.path)")
 
     def server(self, t: dict[str, Any]) -> ServerConfig:
         d, g = ServerConfig(), partial(self.get, t, "server")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import gc
 import os
@@ -83,22 +84,18 @@ class DatabaseLock:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             real = Path(os.path.realpath(path))
-            self._beside = (real.parent / f"{real.name}.lock").open("ab")
+            self._beside: int | None = _open_regular(real.parent / f"{real.name}.lock", os.O_WRONLY)
         except OSError as exc:
             raise StoreError(
                 f"{path}: cannot create the database's lock file: {exc.strerror}"
             ) from None
         self._file: int | None = None
         try:
-            self._take(self._beside.fileno(), path)
+            self._take(self._beside, path)
             try:  # an empty file is a new database to SQLite
-                # O_NONBLOCK: a FIFO there would hold open() (and the daemon) for good.
-                flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
-                self._file = os.open(real, flags, 0o644)
+                self._file = _open_regular(real, os.O_RDONLY)
             except OSError as exc:
                 raise StoreError(f"{path}: cannot open the database: {exc.strerror}") from None
-            if not stat.S_ISREG(os.fstat(self._file).st_mode):
-                raise StoreError(f"{path}: cannot open the database: not a regular file")
             self._take(self._file, path)
         except BaseException:
             self.close()
@@ -112,10 +109,27 @@ class DatabaseLock:
             raise DaemonError(f"{path}: another destfnd is already serving this database") from None
 
     def close(self) -> None:
-        self._beside.close()
+        if self._beside is not None:
+            os.close(self._beside)
+            self._beside = None
         if self._file is not None:
             os.close(self._file)
             self._file = None
+
+
+def _open_regular(path: Path, mode: int) -> int:
+    """`path`, created if need be, opened only if it is a regular file: a FIFO there would
+    hold open() (and the daemon) for good, and opening a device can act."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, mode | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # (it changed since)
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
 
 
 class Daemon:

@@ -16,6 +16,9 @@ from destfnd.paths import database_problem
 from destfnd.redact import Redactor
 from destfnd.webhook import FileSink, Webhook, file_problem
 
+# After a finding that depends on permissions: a warning, since serve may run as another user.
+AS_THIS_USER = " (for the user running check-config; serve's user may differ)"
+
 
 class DestinationStartError(DestfndError):
     """A destination cannot start: its function does not load, or its file cannot be opened.
@@ -75,19 +78,22 @@ async def check_destinations(cfg: Config) -> tuple[list[str], list[str]]:
     """What `serve` would find starting, for check-config: the database's file and folder,
     every function loaded in a worker, every file destination's `path` (nothing is created;
     of these files only an existing file destination's is opened, and closed). Returns the
-    problems and the warnings; a disabled destination's problems are warnings."""
+    problems and the warnings. A disabled destination's problems are warnings, and so are
+    findings that depend on permissions: serve may run as another user."""
     problems, warnings = await check_functions(cfg)
-    database = database_problem(cfg.storage.path)
-    if database is not None:
-        problems.insert(0, f"storage.path: {database}")
-    for i, dest in enumerate(cfg.destinations):
-        if dest.kind != "file" or dest.path is None:
-            continue
-        problem = file_problem(dest.path)
+    found = [("storage.path", database_problem(cfg.storage.path), True)]
+    found += [
+        (f"destinations[{i}].path", file_problem(dest.path), dest.enabled)
+        for i, dest in enumerate(cfg.destinations)
+        if dest.kind == "file" and dest.path is not None
+    ]
+    for key, problem, enabled in found:
         if problem is None:
             continue
-        line = f"destinations[{i}].path: {problem}"
-        if dest.enabled:
+        line = f"{key}: {problem.text}"
+        if problem.permission:
+            warnings.append(line + AS_THIS_USER)
+        elif enabled:
             problems.append(line)
         else:
             warnings.append(line + DISABLED_NOTE)

@@ -1,49 +1,76 @@
 """Whether destfnd could create or write the files its config names, found without creating
-or opening them: check-config's look ahead at what `serve` will do (with the permissions of
-whoever runs it)."""
+them: check-config's look ahead at what `serve` will do. A finding that depends on
+permissions is marked as such: check-config may run as another user than `serve` (root,
+say, for a systemd service with a dynamic user)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
+_PERMISSION = (errno.EACCES, errno.EPERM)
 
-def creatable_problem(path: Path) -> str | None:
+
+@dataclass(frozen=True, slots=True)
+class PathProblem:
+    text: str
+    permission: bool = False  # True: true for whoever asked, maybe not for serve's user
+
+
+def creatable_problem(path: Path) -> PathProblem | None:
     """Why `path`, which does not exist, could not be created with its missing folders (as
-    `mkdir(parents=True)` then open() would), found without creating anything; None if it
-    could. With the permissions of whoever asks."""
+    `mkdir(parents=True)` then open() would); None if it could."""
     try:
         ancestor = path.parent
         while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
             ancestor = ancestor.parent
         if not ancestor.is_dir():  # a file, or a link to no folder
-            return f"{path}: cannot create it: {ancestor} is not a folder"
+            return PathProblem(f"{path}: cannot create it: {ancestor} is not a folder")
         return _unwritable(path, ancestor, "cannot create it")
     except OSError as exc:
-        return f"{path}: cannot look at it: {exc.strerror}"
+        return PathProblem(f"{path}: cannot look at it: {exc.strerror}", exc.errno in _PERMISSION)
 
 
-def _unwritable(path: Path, folder: Path, what: str) -> str | None:
+def link_target(path: Path) -> Path | PathProblem:
+    """Where a link to nothing leads, as open(O_CREAT) would create it (in a folder that must
+    exist: only the link's own folders are made)."""
+    target = Path(os.path.realpath(path))
+    if not target.parent.is_dir():
+        return PathProblem(f"{path}: cannot create it: it links to {target}, in no folder")
+    return target
+
+
+def _unwritable(path: Path, folder: Path, what: str) -> PathProblem | None:
     if os.access(folder, os.W_OK | os.X_OK):
         return None
-    read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
-    why = "a read-only file system" if read_only else "no permission"
-    return f"{path}: {what}: cannot write in {folder} ({why})"
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return PathProblem(f"{path}: {what}: {folder} is on a read-only file system")
+    return PathProblem(f"{path}: {what}: no permission to write in {folder}", permission=True)
 
 
-def database_problem(path: Path) -> str | None:
-    """Why the daemon could not open or create its SQLite database at `path` (it writes the
-    file, and its -wal and -shm files beside it), found without opening it; for check-config."""
+def database_problem(path: Path) -> PathProblem | None:
+    """Why the daemon could not open or create its SQLite database at `path`: it writes the
+    file, and beside it (links resolved) its -wal, -shm and .lock files. Not opened."""
     try:
-        if not os.path.lexists(path):
-            return creatable_problem(path)
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return f"{path}: not a regular file"
-        if not os.access(path, os.R_OK | os.W_OK):
-            read_only = os.statvfs(path).f_flag & os.ST_RDONLY
-            why = "a read-only file system" if read_only else "no permission"
-            return f"{path}: cannot open it for writing ({why})"
-        return _unwritable(path, path.parent, "cannot keep its -wal and -shm files")
+        real = Path(os.path.realpath(path))
+        if not os.path.lexists(real):
+            if os.path.islink(path):
+                target = link_target(path)
+                if isinstance(target, PathProblem):
+                    return target
+            return creatable_problem(real)
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            return PathProblem(f"{path}: not a regular file")
+        lock = Path(f"{real}.lock")
+        if os.path.lexists(lock) and not stat.S_ISREG(os.stat(lock).st_mode):
+            return PathProblem(f"{path}: its lock file {lock} is not a regular file")
+        if not os.access(real, os.R_OK | os.W_OK):
+            if os.statvfs(real).f_flag & os.ST_RDONLY:
+                return PathProblem(f"{path}: on a read-only file system")
+            return PathProblem(f"{path}: no permission to read and write it", permission=True)
+        return _unwritable(path, real.parent, "cannot keep its -wal, -shm and .lock files")
     except OSError as exc:
-        return f"{path}: cannot look at it: {exc.strerror}"
+        return PathProblem(f"{path}: cannot look at it: {exc.strerror}", exc.errno in _PERMISSION)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import structlog
 
 from destfnd import __version__
 from destfnd.client_errors import client_error_text
@@ -26,12 +27,15 @@ from destfnd.outcome import (
     retry,
     same_for_all,
 )
-from destfnd.paths import creatable_problem
+from destfnd.paths import PathProblem, creatable_problem, link_target
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
 _MAX_ERROR_BODY = 4096  # bytes of a failed response's body kept on the attempt
 _MAX_DRAIN = 1024 * 1024  # bytes of a 2xx answer read (and dropped) before its connection closes
+
+
+log = structlog.get_logger("destfnd.file")
 
 
 class Webhook:
@@ -139,10 +143,13 @@ def _open_append(path: Path, *, create: bool) -> int:
     return fd
 
 
-def _append_all(fd: int, data: bytes) -> None:
+def _append_all(fd: int, data: bytes, path: Path) -> None:
     """All of `data` or none of it: a write cut short (a full disk) is undone, so the retry
-    leaves no torn line and no line twice."""
+    leaves no torn line and no line twice. Not if another process wrote to the file
+    meanwhile (the end is no longer ours), nor where it cannot be (an append-only file): then
+    the part stays, and is logged."""
     view = memoryview(data)
+    start = os.fstat(fd).st_size
     written = 0
     try:
         while written < len(view):
@@ -150,33 +157,36 @@ def _append_all(fd: int, data: bytes) -> None:
     except OSError:
         if written:
             try:
-                os.ftruncate(fd, os.fstat(fd).st_size - written)  # O_APPEND: ours are last
-            except OSError:
-                pass
+                if os.fstat(fd).st_size != start + written:
+                    raise OSError(errno.EBUSY, "the file was written by another process too")
+                os.ftruncate(fd, start)
+            except OSError as exc:
+                log.warning("file_write_not_undone", path=str(path), bytes=written,
+                            error=exc.strerror)  # fmt: skip
         raise
 
 
-def file_problem(path: Path) -> str | None:
+def file_problem(path: Path) -> PathProblem | None:
     """Why `FileSink.start` could not open `path` for appending, found without creating
-    anything (for check-config, with the permissions of whoever runs it); None if it could."""
+    anything (for check-config); None if it could."""
     try:
         if os.path.lexists(path):
             try:
                 os.close(_open_append(path, create=False))
                 return None
             except ValueError as exc:
-                return f"{path}: {exc}"
+                return PathProblem(f"{path}: {exc}")
             except OSError as exc:
                 if not (exc.errno == errno.ENOENT and path.is_symlink()):
-                    return f"{path}: cannot open for appending: {exc.strerror}"
-            # A link to nothing: opening creates its target, but not the target's folder.
-            target = Path(os.path.realpath(path))
-            if not target.parent.is_dir():
-                return f"{path}: cannot create it: it links to {target}, in no folder"
+                    text = f"{path}: cannot open for appending: {exc.strerror}"
+                    return PathProblem(text, exc.errno in (errno.EACCES, errno.EPERM))
+            target = link_target(path)  # a link to nothing: open() creates its target
+            if isinstance(target, PathProblem):
+                return target
             path = target
         return creatable_problem(path)
     except OSError as exc:
-        return f"{path}: cannot look at it: {exc.strerror}"
+        return PathProblem(f"{path}: cannot look at it: {exc.strerror}")
 
 
 class FileSink:
@@ -204,7 +214,7 @@ class FileSink:
     async def deliver(self, payloads: list[bytes], batched: bool) -> Report:
         assert self._fd is not None
         try:
-            _append_all(self._fd, b"".join(p + b"\n" for p in payloads))
+            _append_all(self._fd, b"".join(p + b"\n" for p in payloads), self._path)
         except OSError as exc:
             failed = retry(ErrorType.RETRY, f"cannot write {self._path}: {exc.strerror}")
             return same_for_all(failed, len(payloads))

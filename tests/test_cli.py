@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -421,11 +422,6 @@ def test_cli_check_config_checks_a_file_destinations_path_without_creating_it(tm
         ("dir-link/out.ndjson", True, f"{t}/dir-link/out.ndjson: cannot create it: {t}/dir-link "
          "is not a folder"),
     ]  # fmt: skip
-    if os.geteuid() != 0:  # root may write anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        cases.append(("locked/out.ndjson", True, f"{t}/locked/out.ndjson: cannot create it: "
-                      f"cannot write in {locked} (no permission)"))  # fmt: skip
     try:
         for path, enabled, problem in cases:
             config = tmp_path / "destfnd.toml"
@@ -460,17 +456,58 @@ def test_cli_check_config_checks_a_file_destinations_path_without_creating_it(tm
     assert not (tmp_path / "new").exists() and not (tmp_path / "new-target.ndjson").exists()
 
 
+def test_cli_check_config_findings_that_depend_on_permissions_are_warnings():
+    """check-config may run as another user than serve (root, for a service with a dynamic
+    user): what it cannot write is a warning, saying so, not a problem. Run as nobody when
+    the tests run as root (which may write anywhere)."""
+    argv = [sys.executable, "-m", "destfnd", "check-config", "--config"]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root, without setpriv to run check-config as nobody")
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    base = Path(tempfile.mkdtemp(prefix="destfnd-perm-"))  # not under pytest's private folder
+    try:
+        base.chmod(0o755)
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        config = base / "destfnd.toml"
+        config.write_text(
+            f'[storage]\npath = "{locked}/db/destfnd.sqlite3"\n'
+            '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+            f'[[destinations]]\nname = "archive"\ntype = "file"\npath = "{locked}/out.ndjson"\n'
+        )
+        config.chmod(0o644)
+        result = subprocess.run(
+            [*argv, str(config)], capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(base)
+    assert result.returncode == 0, result.stderr
+    note = "(for the user running check-config; serve's user may differ)"
+    assert result.stderr.splitlines() == [
+        f"warning: storage.path: {locked}/db/destfnd.sqlite3: cannot create it: no permission "
+        f"to write in {locked} {note}",
+        f"warning: destinations[0].path: {locked}/out.ndjson: cannot create it: no permission "
+        f"to write in {locked} {note}",
+    ]
+
+
 def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path):
     """serve cannot open its database under a file, or on a FIFO (where it hung in open(),
     SIGTERM included): check-config says so first, and serve exits 4 at once."""
     (tmp_path / "a-file").write_text("")
     os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "locked.sqlite3").write_text("")
+    os.mkfifo(tmp_path / "locked.sqlite3.lock")
     t = tmp_path
     cases = [
         ("new/db.sqlite3", None, None),
         ("a-file/db.sqlite3", f"{t}/a-file/db.sqlite3: cannot create it: {t}/a-file is not a "
          "folder", "cannot create the database's lock file"),
         ("fifo", f"{t}/fifo: not a regular file", "cannot open the database: not a regular file"),
+        ("locked.sqlite3", f"{t}/locked.sqlite3: its lock file {t}/locked.sqlite3.lock is not a "
+         "regular file", "cannot create the database's lock file: not a regular file"),
     ]  # fmt: skip
     for path, problem, served in cases:
         config = tmp_path / "destfnd.toml"

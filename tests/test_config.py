@@ -238,6 +238,11 @@ BAD_CONFIGS = [
      "destinations[0].insert_function", "file not found"),
     ("disabled_still_checked", SOURCE + DEST.replace("crm.py", "gone.py") + "enabled = false\n",
      "destinations[0].function", "file not found"),
+    ("file_is_the_database", SOURCE + '[storage]\npath = "db"\n[[destinations]]\nname = "f"\n'
+     'type = "file"\npath = "db"\n', "destinations[0].path", "is the database (storage.path)"),
+    ("file_is_the_wal", SOURCE + '[storage]\npath = "db"\n[[destinations]]\nname = "f"\n'
+     'type = "file"\npath = "./db-wal"\n', "destinations[0].path",
+     "is the database's -wal (storage.path)"),
     ("webhook_without_url", SOURCE + '[[destinations]]\nname = "h"\ntype = "webhook"\n',
      "destinations[0].url", "is required"),
     ("webhook_bad_url", SOURCE + HOOK.replace("http://127.0.0.1:9/in", "ftp://host/x"),
