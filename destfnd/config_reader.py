@@ -26,6 +26,7 @@ from destfnd.config import (
     StorageConfig,
     _why,
 )
+from destfnd.paths import DATABASE_COMPANIONS
 
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -168,11 +169,14 @@ class Reader:
         """A file destination appending to the database or a file SQLite keeps beside it
         would corrupt it (links resolved)."""
         real = os.path.realpath(database)
-        own = {real: "the database", **{real + end: f"the database's {end}" for end in
-               ("-wal", "-shm", ".lock")}}  # fmt: skip
+        own = {real: "the database"}
+        own |= {real + end: f"the database's {end}" for end in DATABASE_COMPANIONS}
+        same_file = {_identity(name): which for name, which in own.items()}  # hard links
+        same_file.pop(None, None)  # (files that do not exist yet)
         for i, dest in enumerate(destinations):
             if dest.kind == "file" and dest.path is not None:
                 which = own.get(os.path.realpath(dest.path))
+                which = which or same_file.get(_identity(dest.path))
                 if which is not None:
                     self.fail(f"destinations[{i}].path", f"is {which} (storage.path)")
 
@@ -367,7 +371,9 @@ class Reader:
         path = self.path(value)
         try:
             is_dir = path.is_dir()
-        except OSError as exc:  # a folder on the way that cannot be searched
+        except PermissionError:  # a folder on the way this user cannot search: serve's may
+            return path  # (check-config warns)
+        except OSError as exc:
             raise ValueError(f"cannot look at {path}: {exc.strerror}") from None
         if is_dir:
             raise ValueError(f"is a directory, not a file: {path}")
@@ -378,3 +384,11 @@ class Reader:
         if not path.is_file():
             raise ValueError(f"{'not a file' if path.exists() else 'file not found'}: {path}")
         return path
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

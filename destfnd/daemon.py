@@ -97,6 +97,12 @@ class DatabaseLock:
             except OSError as exc:
                 raise StoreError(f"{path}: cannot open the database: {exc.strerror}") from None
             self._take(self._file, path)
+            for end in ("-wal", "-shm"):  # SQLite's: a FIFO there fails every commit
+                companion = Path(f"{real}{end}")
+                if os.path.lexists(companion) and not stat.S_ISREG(os.stat(companion).st_mode):
+                    raise StoreError(
+                        f"{path}: cannot open the database: {companion} is not a regular file"
+                    )
         except BaseException:
             self.close()
             raise

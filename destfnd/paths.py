@@ -1,7 +1,7 @@
 """Whether destfnd could create or write the files its config names, found without creating
-them: check-config's look ahead at what `serve` will do. A finding that depends on
-permissions is marked as such: check-config may run as another user than `serve` (root,
-say, for a systemd service with a dynamic user)."""
+them: check-config's look ahead at what `serve` will do. A finding that only permissions
+make is marked as such: check-config may run as another user than `serve` (root, say, for
+a systemd service with a dynamic user)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,20 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-_PERMISSION = (errno.EACCES, errno.EPERM)
+# The files SQLite (and destfnd's lock) keep beside a database, by the suffix of their name.
+DATABASE_COMPANIONS = ("-wal", "-shm", "-journal", ".lock")
 
 
 @dataclass(frozen=True, slots=True)
 class PathProblem:
     text: str
     permission: bool = False  # True: true for whoever asked, maybe not for serve's user
+
+
+def permission_only(exc_errno: int | None = errno.EACCES) -> bool:
+    """Whether a refusal is a matter of permissions, which another user might not meet. Not
+    for root, who has them all: what refuses root (an immutable file, say) refuses anyone."""
+    return exc_errno == errno.EACCES and os.geteuid() != 0
 
 
 def creatable_problem(path: Path) -> PathProblem | None:
@@ -31,7 +38,8 @@ def creatable_problem(path: Path) -> PathProblem | None:
             return PathProblem(f"{path}: cannot create it: {ancestor} is not a folder")
         return _unwritable(path, ancestor, "cannot create it")
     except OSError as exc:
-        return PathProblem(f"{path}: cannot look at it: {exc.strerror}", exc.errno in _PERMISSION)
+        text = f"{path}: cannot look at it: {exc.strerror}"
+        return PathProblem(text, permission_only(exc.errno))
 
 
 def link_target(path: Path) -> Path | PathProblem:
@@ -48,29 +56,38 @@ def _unwritable(path: Path, folder: Path, what: str) -> PathProblem | None:
         return None
     if os.statvfs(folder).f_flag & os.ST_RDONLY:
         return PathProblem(f"{path}: {what}: {folder} is on a read-only file system")
-    return PathProblem(f"{path}: {what}: no permission to write in {folder}", permission=True)
+    text = f"{path}: {what}: no permission to write in {folder}"
+    return PathProblem(text, permission_only())
 
 
 def database_problem(path: Path) -> PathProblem | None:
-    """Why the daemon could not open or create its SQLite database at `path`: it writes the
-    file, and beside it (links resolved) its -wal, -shm and .lock files. Not opened."""
+    """Why the daemon could not open or create its SQLite database at `path`: it makes the
+    folders of `path`, then writes the file and, beside it (links resolved), its -wal, -shm
+    and .lock files. Nothing is opened."""
     try:
         real = Path(os.path.realpath(path))
         if not os.path.lexists(real):
-            if os.path.islink(path):
+            found = creatable_problem(path)  # the folders, as serve's mkdir sees them
+            if found is None and os.path.islink(path):
                 target = link_target(path)
-                if isinstance(target, PathProblem):
-                    return target
-            return creatable_problem(real)
+                found = target if isinstance(target, PathProblem) else None
+            return found or creatable_problem(real) or _companions_problem(path, real)
         if not stat.S_ISREG(os.stat(real).st_mode):
             return PathProblem(f"{path}: not a regular file")
-        lock = Path(f"{real}.lock")
-        if os.path.lexists(lock) and not stat.S_ISREG(os.stat(lock).st_mode):
-            return PathProblem(f"{path}: its lock file {lock} is not a regular file")
         if not os.access(real, os.R_OK | os.W_OK):
             if os.statvfs(real).f_flag & os.ST_RDONLY:
                 return PathProblem(f"{path}: on a read-only file system")
-            return PathProblem(f"{path}: no permission to read and write it", permission=True)
-        return _unwritable(path, real.parent, "cannot keep its -wal, -shm and .lock files")
+            return PathProblem(f"{path}: cannot read and write it", permission_only())
+        found = _unwritable(path, real.parent, "cannot keep its -wal, -shm and .lock files")
+        return found or _companions_problem(path, real)
     except OSError as exc:
-        return PathProblem(f"{path}: cannot look at it: {exc.strerror}", exc.errno in _PERMISSION)
+        text = f"{path}: cannot look at it: {exc.strerror}"
+        return PathProblem(text, permission_only(exc.errno))
+
+
+def _companions_problem(path: Path, real: Path) -> PathProblem | None:
+    for end in DATABASE_COMPANIONS:
+        companion = Path(f"{real}{end}")
+        if os.path.lexists(companion) and not stat.S_ISREG(os.stat(companion).st_mode):
+            return PathProblem(f"{path}: {companion} is not a regular file")
+    return None

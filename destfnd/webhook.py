@@ -27,7 +27,7 @@ from destfnd.outcome import (
     retry,
     same_for_all,
 )
-from destfnd.paths import PathProblem, creatable_problem, link_target
+from destfnd.paths import PathProblem, creatable_problem, link_target, permission_only
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
@@ -179,14 +179,14 @@ def file_problem(path: Path) -> PathProblem | None:
             except OSError as exc:
                 if not (exc.errno == errno.ENOENT and path.is_symlink()):
                     text = f"{path}: cannot open for appending: {exc.strerror}"
-                    return PathProblem(text, exc.errno in (errno.EACCES, errno.EPERM))
+                    return PathProblem(text, permission_only(exc.errno))
             target = link_target(path)  # a link to nothing: open() creates its target
             if isinstance(target, PathProblem):
                 return target
             path = target
         return creatable_problem(path)
     except OSError as exc:
-        return PathProblem(f"{path}: cannot look at it: {exc.strerror}")
+        return PathProblem(f"{path}: cannot look at it: {exc.strerror}", permission_only(exc.errno))
 
 
 class FileSink:

@@ -500,14 +500,24 @@ def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path)
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "locked.sqlite3").write_text("")
     os.mkfifo(tmp_path / "locked.sqlite3.lock")
+    os.mkfifo(tmp_path / "new.sqlite3.lock")  # and no database yet
+    (tmp_path / "wal.sqlite3").write_text("")
+    os.mkfifo(tmp_path / "wal.sqlite3-wal")
+    (tmp_path / "to-nowhere").symlink_to(tmp_path / "gone")
     t = tmp_path
     cases = [
         ("new/db.sqlite3", None, None),
         ("a-file/db.sqlite3", f"{t}/a-file/db.sqlite3: cannot create it: {t}/a-file is not a "
          "folder", "cannot create the database's lock file"),
         ("fifo", f"{t}/fifo: not a regular file", "cannot open the database: not a regular file"),
-        ("locked.sqlite3", f"{t}/locked.sqlite3: its lock file {t}/locked.sqlite3.lock is not a "
-         "regular file", "cannot create the database's lock file: not a regular file"),
+        ("locked.sqlite3", f"{t}/locked.sqlite3: {t}/locked.sqlite3.lock is not a regular file",
+         "cannot create the database's lock file: not a regular file"),
+        ("new.sqlite3", f"{t}/new.sqlite3: {t}/new.sqlite3.lock is not a regular file",
+         "cannot create the database's lock file: not a regular file"),
+        ("wal.sqlite3", f"{t}/wal.sqlite3: {t}/wal.sqlite3-wal is not a regular file",
+         f"cannot open the database: {t}/wal.sqlite3-wal is not a regular file"),
+        ("to-nowhere/db.sqlite3", f"{t}/to-nowhere/db.sqlite3: cannot create it: {t}/to-nowhere "
+         "is not a folder", "cannot create the database's lock file"),
     ]  # fmt: skip
     for path, problem, served in cases:
         config = tmp_path / "destfnd.toml"

@@ -243,6 +243,9 @@ BAD_CONFIGS = [
     ("file_is_the_wal", SOURCE + '[storage]\npath = "db"\n[[destinations]]\nname = "f"\n'
      'type = "file"\npath = "./db-wal"\n', "destinations[0].path",
      "is the database's -wal (storage.path)"),
+    ("file_is_the_journal", SOURCE + '[storage]\npath = "db"\n[[destinations]]\nname = "f"\n'
+     'type = "file"\npath = "db-journal"\n', "destinations[0].path",
+     "is the database's -journal (storage.path)"),
     ("webhook_without_url", SOURCE + '[[destinations]]\nname = "h"\ntype = "webhook"\n',
      "destinations[0].url", "is required"),
     ("webhook_bad_url", SOURCE + HOOK.replace("http://127.0.0.1:9/in", "ftp://host/x"),
@@ -560,3 +563,17 @@ def test_config_unresolved_secrets_load_without_their_environment(tmp_path):
     assert any("A_KEY is not set" in p for p in exc.value.problems)
     cfg = load_config(path, environ={}, resolve_secrets=False)
     assert [s.write_key.origin for s in cfg.sources] == ["env:A_KEY", "credential:b_key"]
+
+
+def test_config_a_file_destination_hard_linked_to_the_database_is_refused(tmp_path):
+    """A file destination's lines must never go into the SQLite file, by any name."""
+    (tmp_path / "db").write_bytes(b"")
+    (tmp_path / "events.ndjson").hardlink_to(tmp_path / "db")
+    path = tmp_path / "destfnd.toml"
+    path.write_text(
+        SOURCE + '[storage]\npath = "db"\n[[destinations]]\nname = "f"\ntype = "file"\n'
+        'path = "events.ndjson"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == ["destinations[0].path: is the database (storage.path)"]
