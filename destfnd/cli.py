@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         # stdout goes to /dev/null so the interpreter's final flush fails no more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except OSError as exc:  # e.g. output to a full disk
+    except OSError as exc:
+        if exc.filename is not None:  # a file the command reads, not its output
+            print(f"destfnd: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_ERROR
+        # Output to a full disk, say.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(f"destfnd: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -99,7 +99,7 @@ class DatabaseLock:
             self._take(self._file, path)
             for end in ("-wal", "-shm"):  # SQLite's: a FIFO there fails every commit
                 companion = Path(f"{real}{end}")
-                if os.path.lexists(companion) and not stat.S_ISREG(os.stat(companion).st_mode):
+                if os.path.lexists(companion) and not stat.S_ISREG(os.lstat(companion).st_mode):
                     raise StoreError(
                         f"{path}: cannot open the database: {companion} is not a regular file"
                     )

@@ -86,8 +86,9 @@ def database_problem(path: Path) -> PathProblem | None:
 
 
 def _companions_problem(path: Path, real: Path) -> PathProblem | None:
+    # lstat: SQLite does not follow a link there (a -wal link fails the open).
     for end in DATABASE_COMPANIONS:
         companion = Path(f"{real}{end}")
-        if os.path.lexists(companion) and not stat.S_ISREG(os.stat(companion).st_mode):
+        if os.path.lexists(companion) and not stat.S_ISREG(os.lstat(companion).st_mode):
             return PathProblem(f"{path}: {companion} is not a regular file")
     return None

@@ -481,8 +481,28 @@ def test_cli_check_config_findings_that_depend_on_permissions_are_warnings():
             [*argv, str(config)], capture_output=True, text=True, timeout=60,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
+        # A database this user cannot even look for: stats says so (it said "cannot write
+        # the output", exit 1).
+        private = base / "private"
+        private.mkdir(mode=0o700)
+        if os.geteuid() != 0:
+            private.chmod(0o000)
+        config.write_text(
+            f'[storage]\npath = "{private}/destfnd.sqlite3"\n'
+            '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        )
+        stats = subprocess.run(
+            [*argv[: argv.index("check-config")], "stats", "--config", str(config)],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
     finally:
+        if (base / "private").exists():
+            (base / "private").chmod(0o700)
         shutil.rmtree(base)
+    assert stats.returncode == 4, stats.stderr
+    assert stats.stderr == (
+        f"destfnd: {private}/destfnd.sqlite3: cannot read the database: Permission denied\n"
+    )
     assert result.returncode == 0, result.stderr
     note = "(for the user running check-config; serve's user may differ)"
     assert result.stderr.splitlines() == [
@@ -504,6 +524,8 @@ def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path)
     (tmp_path / "wal.sqlite3").write_text("")
     os.mkfifo(tmp_path / "wal.sqlite3-wal")
     (tmp_path / "to-nowhere").symlink_to(tmp_path / "gone")
+    (tmp_path / "linked.sqlite3").write_text("")
+    (tmp_path / "linked.sqlite3-wal").symlink_to(tmp_path / "gone")  # SQLite would not follow
     t = tmp_path
     cases = [
         ("new/db.sqlite3", None, None),
@@ -518,6 +540,8 @@ def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path)
          f"cannot open the database: {t}/wal.sqlite3-wal is not a regular file"),
         ("to-nowhere/db.sqlite3", f"{t}/to-nowhere/db.sqlite3: cannot create it: {t}/to-nowhere "
          "is not a folder", "cannot create the database's lock file"),
+        ("linked.sqlite3", f"{t}/linked.sqlite3: {t}/linked.sqlite3-wal is not a regular file",
+         f"cannot open the database: {t}/linked.sqlite3-wal is not a regular file"),
     ]  # fmt: skip
     for path, problem, served in cases:
         config = tmp_path / "destfnd.toml"

@@ -79,7 +79,13 @@ def open_db(
         if readonly:
             # Empty: made by a daemon that stopped before SQLite wrote to it (it takes a lock
             # on the file first).
-            if not path.exists() or path.stat().st_size == 0:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            except OSError as exc:  # a folder on the way this user cannot search
+                raise StoreError(f"{path}: cannot read the database: {exc.strerror}") from None
+            if size == 0:
                 raise StoreError(f"{path}: no database yet (has the daemon ever started?)")
             conn = sqlite3.connect(
                 f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
