@@ -86,9 +86,14 @@ def database_problem(path: Path) -> PathProblem | None:
 
 
 def _companions_problem(path: Path, real: Path) -> PathProblem | None:
-    # lstat: SQLite does not follow a link there (a -wal link fails the open).
     for end in DATABASE_COMPANIONS:
         companion = Path(f"{real}{end}")
-        if os.path.lexists(companion) and not stat.S_ISREG(os.lstat(companion).st_mode):
+        if not os.path.lexists(companion):
+            continue
+        try:  # SQLite does not follow a link at -wal or -shm; destfnd's lock does
+            st = os.stat(companion) if end == ".lock" else os.lstat(companion)
+        except FileNotFoundError:
+            continue  # a lock linked to nothing: opening creates its target
+        if not stat.S_ISREG(st.st_mode):
             return PathProblem(f"{path}: {companion} is not a regular file")
     return None
