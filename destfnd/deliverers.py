@@ -6,16 +6,13 @@ from __future__ import annotations
 from destfnd.config import Config, DestinationConfig, secret_env_names
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
-from destfnd.function_destination import (
-    DISABLED_NOTE,
-    FunctionDestination,
-    FunctionLoadError,
-    check_functions,
-)
+from destfnd.function_destination import FunctionDestination, FunctionLoadError, check_functions
 from destfnd.paths import database_problem
 from destfnd.redact import Redactor
 from destfnd.webhook import FileSink, Webhook, file_problem
 
+# After a problem of a disabled destination: a warning, since serve does not start it.
+DISABLED_NOTE = " (the destination is disabled: serve does not start it)"
 # After a finding that depends on permissions: a warning, since serve may run as another user.
 AS_THIS_USER = " (for the user running check-config; serve's user may differ)"
 
@@ -80,21 +77,30 @@ async def check_destinations(cfg: Config) -> tuple[list[str], list[str]]:
     of these files only an existing file destination's is opened, and closed). Returns the
     problems and the warnings. A disabled destination's problems are warnings, and so are
     findings that depend on permissions: serve may run as another user."""
-    problems, warnings = await check_functions(cfg)
-    found = [("storage.path", database_problem(cfg.storage.path), True)]
-    found += [
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    def add(found: list[str], enabled: bool) -> None:
+        if enabled:
+            problems.extend(found)
+        else:
+            warnings.extend(p + DISABLED_NOTE for p in found)
+
+    for dest, found, warned in await check_functions(cfg):
+        warnings += warned
+        add(found, dest.enabled)
+    paths = [("storage.path", database_problem(cfg.storage.path), True)]
+    paths += [
         (f"destinations[{i}].path", file_problem(dest.path), dest.enabled)
         for i, dest in enumerate(cfg.destinations)
         if dest.kind == "file" and dest.path is not None
     ]
-    for key, problem, enabled in found:
+    for key, problem, enabled in paths:
         if problem is None:
             continue
         line = f"{key}: {problem.text}"
         if problem.permission:
             warnings.append(line + AS_THIS_USER)
-        elif enabled:
-            problems.append(line)
         else:
-            warnings.append(line + DISABLED_NOTE)
+            add([line], enabled)
     return problems, warnings

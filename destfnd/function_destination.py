@@ -37,10 +37,6 @@ class FunctionLoadError(DestfndError):
         super().__init__("\n".join(problems))
 
 
-# After a problem of a disabled destination: a warning, since serve does not start it.
-DISABLED_NOTE = " (the destination is disabled: serve does not start it)"
-
-
 def _load_problem(exc: InitError, dest: DestinationConfig, where: str, redact: Redactor) -> str:
     """Why a destination's workers did not start, under the key of the file at fault."""
     insert = exc.stage == "insert" or dest.kind != "function"
@@ -186,25 +182,15 @@ class FunctionDestination:
         return Report(tuple(outcomes), logs, requests, self.version)
 
 
-async def check_functions(cfg: Config) -> tuple[list[str], list[str]]:
-    """Load every destination's function files in a worker, as `serve` would; returns the
-    problems (dotted paths) and warnings. For `check-config`.
-
-    A disabled destination's functions are loaded too, but what fails there is a warning:
-    `serve` does not load them, so it starts all the same, and check-config's exit status
-    says whether it will."""
-    problems: list[str] = []
-    warnings: list[str] = []
-    for i, dest in enumerate(cfg.destinations):
-        if dest.kind != "function" and dest.insert_function is None:
-            continue
-        found, warned = await _check_destination(cfg, dest, f"destinations[{i}]")
-        warnings += warned
-        if dest.enabled:
-            problems += found
-        else:
-            warnings += [p + DISABLED_NOTE for p in found]
-    return problems, warnings
+async def check_functions(cfg: Config) -> list[tuple[DestinationConfig, list[str], list[str]]]:
+    """Load every destination's function files in a worker, as `serve` would (a disabled
+    destination's too); returns, per destination with a function, its problems (dotted
+    paths) and warnings. For `check-config` (`deliverers.check_destinations`)."""
+    return [
+        (dest, *await _check_destination(cfg, dest, f"destinations[{i}]"))
+        for i, dest in enumerate(cfg.destinations)
+        if dest.kind == "function" or dest.insert_function is not None
+    ]
 
 
 async def _check_destination(
