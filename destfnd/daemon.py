@@ -26,6 +26,7 @@ from destfnd.deliverers import start_deliverers
 from destfnd.dispatch import Dispatcher
 from destfnd.errors import DestfndError
 from destfnd.ingest import Ingest
+from destfnd.paths import irregular_companion, open_checked
 from destfnd.redact import Redactor
 from destfnd.store import Dedupe, StoreError, Writer, open_db
 from destfnd.store import queue as q
@@ -97,12 +98,11 @@ class DatabaseLock:
             except OSError as exc:
                 raise StoreError(f"{path}: cannot open the database: {exc.strerror}") from None
             self._take(self._file, path)
-            for end in ("-wal", "-shm"):  # SQLite's: a FIFO there fails every commit
-                companion = Path(f"{real}{end}")
-                if os.path.lexists(companion) and not stat.S_ISREG(os.lstat(companion).st_mode):
-                    raise StoreError(
-                        f"{path}: cannot open the database: {companion} is not a regular file"
-                    )
+            companion = irregular_companion(real, ("-wal", "-shm"))  # a FIFO fails each commit
+            if companion is not None:
+                raise StoreError(
+                    f"{path}: cannot open the database: {companion} is not a regular file"
+                )
         except BaseException:
             self.close()
             raise
@@ -124,18 +124,13 @@ class DatabaseLock:
 
 
 def _open_regular(path: Path, mode: int) -> int:
-    """`path`, created if need be, opened only if it is a regular file: a FIFO there would
-    hold open() (and the daemon) for good, and opening a device can act."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, mode | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, 0o644)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # (it changed since)
-        os.close(fd)
+    """`path`, created if need be, opened only if it is a regular file (`open_checked`)."""
+    return open_checked(path, mode | os.O_CREAT, _regular_only)
+
+
+def _regular_only(st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, "not a regular file")
-    return fd
 
 
 class Daemon:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,41 @@ DATABASE_COMPANIONS = ("-wal", "-shm", "-journal", ".lock")
 class PathProblem:
     text: str
     permission: bool = False  # True: true for whoever asked, maybe not for serve's user
+
+
+def open_checked(path: Path, flags: int, check: Callable[[os.stat_result], None]) -> int:
+    """`path` opened with `flags` (with O_CREAT if it may be created), never blocking, and
+    only if `check(stat)` does not raise: before open() (opening a FIFO with no reader blocks
+    for good, and opening a device can act) and after it (the file may have changed since)."""
+    try:
+        check(os.stat(path))
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o644)
+    try:
+        check(os.fstat(fd))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def irregular_companion(real: Path, ends: tuple[str, ...] = DATABASE_COMPANIONS) -> Path | None:
+    """The first file kept beside the database `real` (by the ends of its name) that is
+    there but not a regular file. SQLite does not follow a link at -wal, -shm or -journal;
+    destfnd's lock does (and one linked to nothing is created where it leads)."""
+    for end in ends:
+        companion = Path(f"{real}{end}")
+        if not os.path.lexists(companion):
+            continue
+        try:
+            st = os.stat(companion) if end == ".lock" else os.lstat(companion)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            return companion
+    return None
 
 
 def permission_only(exc_errno: int | None = errno.EACCES) -> bool:
@@ -86,14 +122,5 @@ def database_problem(path: Path) -> PathProblem | None:
 
 
 def _companions_problem(path: Path, real: Path) -> PathProblem | None:
-    for end in DATABASE_COMPANIONS:
-        companion = Path(f"{real}{end}")
-        if not os.path.lexists(companion):
-            continue
-        try:  # SQLite does not follow a link at -wal or -shm; destfnd's lock does
-            st = os.stat(companion) if end == ".lock" else os.lstat(companion)
-        except FileNotFoundError:
-            continue  # a lock linked to nothing: opening creates its target
-        if not stat.S_ISREG(st.st_mode):
-            return PathProblem(f"{path}: {companion} is not a regular file")
-    return None
+    companion = irregular_companion(real)
+    return None if companion is None else PathProblem(f"{path}: {companion} is not a regular file")

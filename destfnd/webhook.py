@@ -27,7 +27,13 @@ from destfnd.outcome import (
     retry,
     same_for_all,
 )
-from destfnd.paths import PathProblem, creatable_problem, link_target, permission_only
+from destfnd.paths import (
+    PathProblem,
+    creatable_problem,
+    link_target,
+    open_checked,
+    permission_only,
+)
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
@@ -126,21 +132,10 @@ def _refuse_kind(st: os.stat_result) -> None:
 
 
 def _open_append(path: Path, *, create: bool) -> int:
-    """`path` opened for appending. Its kind is checked before open() (`_refuse_kind`: opening a
-    FIFO with no reader would block, and opening a device can act), and again after."""
-    try:
-        _refuse_kind(os.stat(path))
-    except FileNotFoundError:
-        pass
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o644)
-    try:
-        _refuse_kind(os.fstat(fd))
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    """`path` opened for appending, if `_refuse_kind` lets it."""
+    return open_checked(
+        path, os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0), _refuse_kind
+    )
 
 
 def _append_all(fd: int, data: bytes, path: Path) -> None:
