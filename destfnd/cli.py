@@ -226,9 +226,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from destfnd.deliverers import check_destinations
+    from destfnd.listen import check_listen
 
     cfg = _load(args)
-    problems, warnings = asyncio.run(check_destinations(cfg))
+
+    async def check() -> tuple[list[str], list[str]]:
+        # The listen address first: it is the first thing serve does.
+        problems, warnings = await check_listen(cfg.server.host, cfg.server.port)
+        found, warned = await check_destinations(cfg)
+        return problems + found, warnings + warned
+
+    problems, warnings = asyncio.run(check())
     for warning in warnings:
         _print_item("warning: ", warning)
     if problems:

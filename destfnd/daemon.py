@@ -26,6 +26,7 @@ from destfnd.deliverers import start_deliverers
 from destfnd.dispatch import Dispatcher
 from destfnd.errors import DestfndError
 from destfnd.ingest import Ingest
+from destfnd.listen import bind_error_text
 from destfnd.paths import irregular_companion, open_checked
 from destfnd.redact import Redactor
 from destfnd.store import Dedupe, StoreError, Writer, open_db
@@ -271,8 +272,7 @@ class Daemon:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            where = f"{cfg.server.host}:{cfg.server.port}"
-            raise DaemonError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+            raise DaemonError(bind_error_text(cfg.server.host, cfg.server.port, exc)) from None
         self.bound = _bound_address(runner)
         log.info("daemon_listening", listen=f"{self.bound[0]}:{self.bound[1]}")
         writer: Writer | None = None

@@ -7,14 +7,12 @@ from destfnd.config import Config, DestinationConfig, secret_env_names
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
 from destfnd.function_destination import FunctionDestination, FunctionLoadError, check_functions
-from destfnd.paths import database_problem
+from destfnd.paths import AS_THIS_USER, database_problem
 from destfnd.redact import Redactor
 from destfnd.webhook import FileSink, Webhook, file_problem
 
 # After a problem of a disabled destination: a warning, since serve does not start it.
 DISABLED_NOTE = " (the destination is disabled: serve does not start it)"
-# After a finding that depends on permissions: a warning, since serve may run as another user.
-AS_THIS_USER = " (for the user running check-config; serve's user may differ)"
 
 
 class DestinationStartError(DestfndError):

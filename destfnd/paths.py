@@ -14,6 +14,8 @@ from pathlib import Path
 
 # The files SQLite (and destfnd's lock) keep beside a database, by the suffix of their name.
 DATABASE_COMPANIONS = ("-wal", "-shm", "-journal", ".lock")
+# After a finding that depends on permissions: a warning, since serve may run as another user.
+AS_THIS_USER = " (for the user running check-config; serve's user may differ)"
 
 
 @dataclass(frozen=True, slots=True)

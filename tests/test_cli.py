@@ -307,6 +307,62 @@ async def test_cli_serve_refuses_a_busy_port_and_a_second_daemon_clearly(make_da
     assert await daemon.terminate() == 0
 
 
+def test_cli_check_config_tries_the_listen_address(tmp_path):
+    """check-config binds the listen address as serve would, and lets it go: an address of
+    no interface here, or a name that does not resolve, is a problem (serve would exit 1);
+    a port in use is a warning, since the daemon checked may be the one using it."""
+    config = tmp_path / "destfnd.toml"
+
+    def check(listen: str) -> subprocess.CompletedProcess:
+        config.write_text(
+            f'[server]\nlisten = "{listen}"\n[storage]\npath = "db.sqlite3"\n'
+            '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        )
+        return run_cli("check-config", "--config", str(config))
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        in_use = check(f"127.0.0.1:{port}")
+        assert not list(tmp_path.glob("db.sqlite3*"))  # check-config creates nothing
+        # What it says is what serve says (serve's test above checks that it cannot start).
+        serve = run_cli("serve", "--config", str(config))
+    assert in_use.returncode == 0, in_use.stderr
+    assert in_use.stderr == (
+        f"warning: server.listen: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(another process listens there now: a destfnd already running?)\n"
+    )
+    assert serve.returncode == 1
+    assert serve.stderr.endswith(in_use.stderr.removeprefix("warning: server.listen: "))
+    # Nothing was left bound: the same port is free for serve once the other process is gone.
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
+    free = check(f"127.0.0.1:{port}")
+    assert free.returncode == 0 and free.stderr == "", free.stderr
+
+    elsewhere = check("192.0.2.1:8088")  # TEST-NET-1: on no interface here
+    assert elsewhere.returncode == 3, elsewhere.stderr
+    assert (
+        "  server.listen: cannot listen on 192.0.2.1:8088: Cannot assign requested address "
+        "(no network interface of this machine has that address)\n"
+    ) in elsewhere.stderr
+
+    try:
+        socket.getaddrinfo("destfnd-no-such-host.invalid", 8088)
+    except socket.gaierror as exc:
+        expected = exc.strerror
+        temporary = exc.errno == socket.EAI_AGAIN
+    else:
+        pytest.skip("this host's resolver answers for .invalid names")
+    unresolved = check("destfnd-no-such-host.invalid:8088")
+    assert unresolved.returncode == (0 if temporary else 3), unresolved.stderr
+    assert (
+        "server.listen: cannot listen on destfnd-no-such-host.invalid:8088: cannot resolve "
+        f"'destfnd-no-such-host.invalid': {expected}\n"
+    ) in unresolved.stderr
+
+
 def test_cli_config_path_may_be_given_without_the_flag(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('[[sources]]\nname = "web"\nwrite_key = "k"\n')
@@ -385,7 +441,7 @@ def _check_crm(tmp_path, code: str, destination: str = "") -> subprocess.Complet
     (tmp_path / "crm.py").write_text(code)
     path = tmp_path / "destfnd.toml"
     path.write_text(
-        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[server]\nlisten = "127.0.0.1:0"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
         f'[[destinations]]\nname = "crm"\nfunction = "crm.py"\n{destination}'
     )
     return run_cli("check-config", "--config", str(path))
@@ -426,7 +482,7 @@ def test_cli_check_config_checks_a_file_destinations_path_without_creating_it(tm
         for path, enabled, problem in cases:
             config = tmp_path / "destfnd.toml"
             config.write_text(
-                '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+                '[server]\nlisten = "127.0.0.1:0"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
                 f'[[destinations]]\nname = "archive"\ntype = "file"\npath = "{path}"\n'
                 f"enabled = {'true' if enabled else 'false'}\n"
             )
@@ -472,6 +528,7 @@ def test_cli_check_config_findings_that_depend_on_permissions_are_warnings():
         locked.mkdir(mode=0o555)
         config = base / "destfnd.toml"
         config.write_text(
+            '[server]\nlisten = "127.0.0.1:1"\n'  # a port only root may bind, as a rule
             f'[storage]\npath = "{locked}/db/destfnd.sqlite3"\n'
             '[[sources]]\nname = "web"\nwrite_key = "k"\n'
             f'[[destinations]]\nname = "archive"\ntype = "file"\npath = "{locked}/out.ndjson"\n'
@@ -505,12 +562,20 @@ def test_cli_check_config_findings_that_depend_on_permissions_are_warnings():
     )
     assert result.returncode == 0, result.stderr
     note = "(for the user running check-config; serve's user may differ)"
-    assert result.stderr.splitlines() == [
+    expected = [
         f"warning: storage.path: {locked}/db/destfnd.sqlite3: cannot create it: no permission "
         f"to write in {locked} {note}",
         f"warning: destinations[0].path: {locked}/out.ndjson: cannot create it: no permission "
         f"to write in {locked} {note}",
     ]
+    low_ports = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if not low_ports.exists() or int(low_ports.read_text()) > 1:  # port 1 needs privilege
+        expected.insert(
+            0,
+            "warning: server.listen: cannot listen on 127.0.0.1:1: Permission denied "
+            f"(a port below 1024 needs root or CAP_NET_BIND_SERVICE) {note}",
+        )
+    assert result.stderr.splitlines() == expected
 
 
 def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path):
