@@ -171,6 +171,8 @@ def request_lines(req: dict, indent: str) -> list[str]:
     for key in ("request_body", "response_body"):
         if req.get(key):
             lines.append(f"{indent}  {key.replace('_', ' ')}: {printable(req[key])}")
+    if req.get("response_body_error"):  # the status stands; its body did not come whole
+        lines.append(f"{indent}  response body: {printable(req['response_body_error'])}")
     return lines
 
 

@@ -82,38 +82,59 @@ class Webhook:
                 self._url, data=body, headers=self._headers, allow_redirects=False
             ) as resp:
                 request["status"] = resp.status
-                if 200 <= resp.status < 300:
-                    # Read and dropped, so the keep-alive connection can serve the next POST,
-                    # up to a cap: a large or endless answer is never held in memory, nor
-                    # waited for (past the cap the connection is closed instead).
-                    drained = 0
-                    async for chunk in resp.content.iter_any():
-                        drained += len(chunk)
-                        if drained > _MAX_DRAIN:
-                            resp.close()
-                            break
-                    return DELIVERED
-                # The body goes to the Event Delivery view only: it may echo the event, and the
-                # error message is logged.
-                body_text = (await resp.content.read(_MAX_ERROR_BODY)).decode("utf-8", "replace")
-                request["response_body"] = body_text
-                message = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
-                if 300 <= resp.status < 400:
-                    # Not followed: after a 301, 302 or 303 the POST would arrive as a GET
-                    # without the event, and a redirect elsewhere would carry the configured
-                    # headers (maybe secrets) to another host. Retried, so nothing is lost
-                    # while the url is corrected.
-                    where = resp.headers.get("Location", "")[:200]
-                    to = f" to {where}" if where else ""
-                    return retry(ErrorType.RETRY, f"{message}{to}: redirects are not followed")
-                if resp.status >= 500 or resp.status in _RETRY_STATUSES:
-                    after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
-                    return retry(ErrorType.RETRY, message, after)
-                return discard(ErrorType.BAD_REQUEST, message)
+                # The status decides; the body is read after, within what is left of
+                # `timeout`. If it does not arrive whole, the connection is closed instead
+                # of reused, and the outcome stands: a 200 whose body stalls was delivered.
+                outcome = _outcome(resp)
+                try:
+                    if outcome is DELIVERED:
+                        await _drain(resp)
+                    else:
+                        # To the Event Delivery view only: it may echo the event, and the
+                        # error message is logged.
+                        text = await resp.content.read(_MAX_ERROR_BODY)
+                        request["response_body"] = text.decode("utf-8", "replace")
+                except TimeoutError:
+                    resp.close()
+                    request["response_body_error"] = "did not arrive within the timeout"
+                except aiohttp.ClientError as exc:
+                    resp.close()
+                    request["response_body_error"] = f"cut short: {client_error_text(exc)}"
+                return outcome
         except TimeoutError:
             return retry(ErrorType.TIMEOUT, f"no response within {self._timeout_s:g}s")
         except aiohttp.ClientError as exc:
             return retry(ErrorType.RETRY, client_error_text(exc))
+
+
+def _outcome(resp: aiohttp.ClientResponse) -> Outcome:
+    """What a response's status and headers mean for the delivery."""
+    if 200 <= resp.status < 300:
+        return DELIVERED
+    message = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
+    if 300 <= resp.status < 400:
+        # Not followed: after a 301, 302 or 303 the POST would arrive as a GET without the
+        # event, and a redirect elsewhere would carry the configured headers (maybe secrets)
+        # to another host. Retried, so nothing is lost while the url is corrected.
+        where = resp.headers.get("Location", "")[:200]
+        to = f" to {where}" if where else ""
+        return retry(ErrorType.RETRY, f"{message}{to}: redirects are not followed")
+    if resp.status >= 500 or resp.status in _RETRY_STATUSES:
+        after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+        return retry(ErrorType.RETRY, message, after)
+    return discard(ErrorType.BAD_REQUEST, message)
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """A 2xx answer read and dropped, so its keep-alive connection can serve the next POST,
+    up to a cap: a large or endless answer is never held in memory, nor waited for (past the
+    cap the connection is closed instead)."""
+    drained = 0
+    async for chunk in resp.content.iter_any():
+        drained += len(chunk)
+        if drained > _MAX_DRAIN:
+            resp.close()
+            return
 
 
 def _refuse_kind(st: os.stat_result) -> None:

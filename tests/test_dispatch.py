@@ -4,12 +4,23 @@ SQLite file and real aiohttp sinks on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
-from support import Reply, Sink, closed_port_url, config_text, post, running_daemon, webhook
+from support import (
+    Reply,
+    Sink,
+    closed_port_url,
+    config_text,
+    post,
+    run_cli,
+    running_daemon,
+    webhook,
+)
 
 FAST_RETRY = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "20ms", "backoff_max": "50ms"}
 
@@ -154,8 +165,6 @@ async def test_dispatch_sources_and_disabled_destinations_fan_out(tmp_path):
 async def test_dispatch_failed_response_body_is_recorded_not_logged(tmp_path):
     import sqlite3
 
-    import orjson
-
     reply = Reply(422, body='{"error": "email a@example.com is invalid"}')
     async with Sink(lambda n, r: reply) as sink:
         dest = webhook("hook", sink.url, retry=FAST_RETRY)
@@ -205,3 +214,71 @@ async def test_dispatch_webhook_answer_with_an_endless_body_is_delivered_not_hel
         assert sent["bytes"] < 64 * 1024 * 1024  # it stopped reading long before the end
     finally:
         await runner.cleanup()
+
+
+STALLED_ANSWERS = {
+    # 200 and its headers at once, then the body a byte at a time, slower than `timeout`.
+    "200-slow-body": (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", "trickle"),
+    # 200 promising 100 bytes, 5 sent, then the connection closed.
+    "200-short-body": (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello", "close"),
+    # 429 asking to wait, then no body: the wait asked for is still honoured.
+    "429-no-body": (
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 10\r\n\r\n",
+        "silent",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STALLED_ANSWERS))
+async def test_dispatch_the_status_decides_though_the_body_stalls(tmp_path, case):
+    """The status and headers decide the outcome; a body that does not arrive whole within
+    `timeout` only closes the connection. A 200 whose body stalled was taken as a Timeout and
+    posted again and again until it expired."""
+    head, then = STALLED_ANSWERS[case]
+    posts = []
+    done = asyncio.Event()
+    answering: set[asyncio.Task] = set()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answering.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")  # the request's head; its body is not needed
+            posts.append(time.monotonic())
+            writer.write(head)
+            for _ in range(200 if then != "close" else 0):  # 10 s at most: bounded
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 0.05)
+                if done.is_set():
+                    break
+                if then == "trickle":
+                    writer.write(b"x")
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        dest = webhook("hook", f"http://127.0.0.1:{port}/in", timeout="500ms", retry=FAST_RETRY)
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 1)
+            final = {"retrying"} if case.startswith("429") else {"delivered", "expired"}
+            (row,) = await d.wait_for_status(final, 1)
+    finally:
+        done.set()
+        server.close()
+        await asyncio.gather(*answering)
+    assert len(posts) == 1, posts
+    shown = run_cli("deliveries", "--json", "--config", str(tmp_path / "destfnd.toml"))
+    ((request,),) = [a["requests"] for a in orjson.loads(shown.stdout)[0]["history"]]
+    if case.startswith("200"):
+        assert (row["status"], row["attempts"], row["last_error"]) == ("delivered", 1, None)
+    else:
+        assert (row["status"], row["last_error"]) == ("retrying", "HTTP 429 Too Many Requests")
+        assert row["next_at"] - row["created_at"] >= 29_000  # Retry-After: 30
+    expected = "cut short" if then == "close" else "did not arrive within the timeout"
+    assert request["response_body_error"].startswith(expected), request
+    plain = run_cli("deliveries", "--config", str(tmp_path / "destfnd.toml")).stdout
+    assert f"response body: {expected}" in plain, plain
