@@ -64,6 +64,7 @@ def spec_for(dest: DestinationConfig, hidden_env: tuple[str, ...] = ()) -> Spec:
         settings=plain_settings(dest.settings),  # type: ignore[arg-type]
         timeout_s=dest.timeout_s,
         memory_limit_bytes=dest.memory_limit_bytes,
+        threads=dest.concurrency,
     )
 
 

@@ -1165,3 +1165,61 @@ def test_functions_start_problems_are_listed_alike_and_user_text_cannot_add_one(
         f"{tmp_path}/blocker is not a folder"
     )
     assert len(outputs["serve"]) == 3 and len(outputs["check-config"]) == 3, outputs
+
+
+HANDLER_STYLES_PY = """
+import time
+from destfnd.functions import RetryError, fetch
+
+async def _fail():
+    raise RetryError("from the returned coroutine")
+
+async def on_track(event, settings):
+    settings["seen"] = settings.get("seen", 0) + 1  # a copy of its own for each call
+    settings["nested"]["calls"].append(event["messageId"])
+    print("seen", settings["seen"], "calls", len(settings["nested"]["calls"]))
+    if event["event"] == "Fail":
+        return _fail()
+    return fetch(settings["sink"], method="POST", json=event)  # not awaited: as in JavaScript
+
+def on_identify(event, settings):
+    time.sleep(1)  # blocking code: on a thread of its own, many at once
+"""
+
+
+async def test_functions_handler_styles(make_daemon, tmp_path, session):
+    """What ported functions do: return `fetch(...)` without awaiting it (a JavaScript
+    function returns the promise), change their settings, block in a plain `def`. The returned
+    coroutine is awaited (it was dropped: `delivered` with nothing sent); every call gets its
+    settings as configured (changes leaked into the next call); plain `def` handlers run up to
+    `concurrency` at once (only 6 threads here: the others waited for one, timed out, got the
+    worker replaced and were sent twice)."""
+    (tmp_path / "styles.py").write_text(HANDLER_STYLES_PY)
+    async with Sink() as sink:
+        settings = f'{{ sink = "{sink.url}", nested = {{ calls = [] }} }}'
+        dest = function_destination(
+            "styles", "styles.py", settings, concurrency="16", timeout='"2500ms"', _tables=FAST
+        )
+        daemon = make_daemon(config_text(tmp_path / "db", dest))
+        await daemon.start()
+        tracks = [{"type": "track", "event": "Sent", "messageId": f"t{i}"} for i in range(3)]
+        tracks.append({"type": "track", "event": "Fail", "messageId": "fail"})
+        identifies = [{"type": "identify", "messageId": f"i{i}"} for i in range(16)]
+        await send(session, daemon, tracks + identifies)
+        rows = await wait_final(daemon, len(tracks) + len(identifies))
+    assert not [e for e in daemon.log_records() if e.get("event") == "worker_replaced"]
+    sent = sorted(orjson.loads(r.body)["messageId"] for r in sink.requests)
+    assert sent == ["t0", "t1", "t2"]
+    for i in range(3):
+        row = rows["styles", f"t{i}"]
+        assert (row["status"], row["attempts"]) == ("delivered", 1), row
+        assert row["history"][0]["logs"] == "seen 1 calls 1\n"
+        assert len(row["history"][0]["requests"]) == 1
+    assert (rows["styles", "fail"]["status"], rows["styles", "fail"]["error_type"]) == (
+        "expired",
+        "Retry",
+    )
+    assert "from the returned coroutine" in rows["styles", "fail"]["error"]
+    for i in range(16):
+        row = rows["styles", f"i{i}"]
+        assert (row["status"], row["attempts"]) == ("delivered", 1), row

@@ -78,6 +78,7 @@ class Worker:
         self.function: Any = None
         self.insert: Any = None
         self.settings: dict = {}
+        self.settings_json = b"{}"
         self.tasks: dict[int, asyncio.Task] = {}
         self.on_thread: set[int] = set()  # invocations running a plain `def` on a thread
         self.exit_after_reply = False
@@ -126,6 +127,8 @@ class Worker:
             self.send({"t": "init_error", "message": str(exc), "stage": stage})
             return
         self.settings = message.get("settings") or {}
+        self.settings_json = orjson.dumps(self.settings)
+        runtime.set_threads(int(message.get("threads") or 8))
         try:
             problems, secret_keys, warnings = runtime.check_settings(modules, self.settings)
         except Exception as exc:  # a SETTINGS declaration no check foresaw
@@ -196,6 +199,11 @@ class Worker:
         if self.exit_after_reply:
             os._exit(70)  # out of memory: the daemon replaces this worker
 
+    def fresh_settings(self) -> dict:
+        """The settings, a copy for each call: what one invocation changes in them (`settings
+        ["url"] += "/v2"`) is not what the next one gets."""
+        return orjson.loads(self.settings_json)
+
     def _thread(self, call_id: int):
         return lambda: self.on_thread.add(call_id)
 
@@ -208,7 +216,7 @@ class Worker:
             if handler is None:
                 return runtime.unsupported(f"the insert function has no {name} handler"), None
             try:
-                result = await runtime.invoke(handler, event, self.settings,
+                result = await runtime.invoke(handler, event, self.fresh_settings(),
                                               on_thread=self._thread(call_id))  # fmt: skip
             except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
                 _reraise_cancel(exc)
@@ -226,7 +234,8 @@ class Worker:
         if handler is None:
             return runtime.unsupported(f"the function has no {name} handler"), None
         try:
-            await runtime.invoke(handler, event, self.settings, on_thread=self._thread(call_id))
+            await runtime.invoke(handler, event, self.fresh_settings(),
+                                 on_thread=self._thread(call_id))  # fmt: skip
         except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
             _reraise_cancel(exc)
             return self.failed(exc, rec), None
@@ -266,7 +275,7 @@ class Worker:
             return outcomes, out_events
         n = len(batch)  # now: user code may empty the list it is given
         try:
-            returned = await runtime.invoke(on_batch, batch, self.settings,
+            returned = await runtime.invoke(on_batch, batch, self.fresh_settings(),
                                             on_thread=self._thread(call_id))  # fmt: skip
         except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
             _reraise_cancel(exc)
@@ -286,7 +295,7 @@ class Worker:
         DropEvent to drop it or an error for its outcome. Raising applies to every event."""
         n = len(events)
         try:
-            returned = await runtime.invoke(on_batch, events, self.settings,
+            returned = await runtime.invoke(on_batch, events, self.fresh_settings(),
                                             on_thread=self._thread(call_id))  # fmt: skip
         except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
             _reraise_cancel(exc)

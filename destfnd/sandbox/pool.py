@@ -65,6 +65,7 @@ class Spec:
     timeout_s: float
     memory_limit_bytes: int
     hidden_env: tuple[str, ...] = ()  # environment variables the worker does not get
+    threads: int = 8  # plain `def` handlers running at once: the destination's concurrency
 
 
 @dataclass
@@ -181,6 +182,7 @@ async def spawn(
         "insert": str(spec.insert) if spec.insert else None,
         "settings": spec.settings,
         "timeout_s": spec.timeout_s,
+        "threads": spec.threads,
         **(code or {}),
     })  # fmt: skip
     try:

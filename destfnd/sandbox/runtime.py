@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import difflib
 import hashlib
 import importlib.util
@@ -12,6 +13,7 @@ import inspect
 import linecache
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -278,14 +280,52 @@ def bad_request(message: str) -> dict:
     return {"kind": "discard", "error_type": "Bad Request", "message": message}
 
 
+# A plain `def` handler's thread gets this much stack: RLIMIT_AS (memory_limit) counts each
+# thread's whole stack, and at the usual 8 MB about 50 threads fill the default 512 MB.
+THREAD_STACK_BYTES = 2 * 1024 * 1024
+_threads: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+class _Threads(concurrent.futures.ThreadPoolExecutor):
+    """Threads made with THREAD_STACK_BYTES of stack (those the function makes itself keep
+    the default)."""
+
+    def _adjust_thread_count(self) -> None:  # where ThreadPoolExecutor starts a thread
+        previous = threading.stack_size(THREAD_STACK_BYTES)
+        try:
+            super()._adjust_thread_count()  # type: ignore[misc]
+        finally:
+            threading.stack_size(previous)
+
+
+def set_threads(count: int) -> None:
+    """Up to `count` plain `def` handlers run at once (the destination's `concurrency`, so
+    none waits for a thread while its `timeout` runs); threads are made as needed."""
+    global _threads
+    if _threads is not None:
+        _threads.shutdown(wait=False)
+    _threads = _Threads(max(1, count), thread_name_prefix="destfnd-handler")
+
+
 async def invoke(fn: Any, *args: Any, on_thread: Any = None) -> Any:
     """Call a handler: `async def` on this loop, plain `def` on a thread (so blocking code
-    does not stall the other invocations); `on_thread()` is told before a thread is used."""
+    does not stall the other invocations); `on_thread()` is told once its thread runs it (a
+    call still waiting for a thread is cancelled as any other). What a handler returns that
+    can be awaited (a coroutine: `return fetch(...)`, as JavaScript functions return a
+    promise) is awaited, so that its work is done and its errors count."""
     if inspect.iscoroutinefunction(fn):
-        return await fn(*args)
-    if on_thread is not None:
-        on_thread()
-    result = await asyncio.to_thread(fn, *args)
+        result = await fn(*args)
+    else:
+        if _threads is None:
+            set_threads(8)
+        context = contextvars.copy_context()  # the call's record, for print() and fetch()
+
+        def run() -> Any:
+            if on_thread is not None:
+                on_thread()
+            return context.run(fn, *args)
+
+        result = await asyncio.get_running_loop().run_in_executor(_threads, run)
     if inspect.isawaitable(result):
         result = await result
     return result
