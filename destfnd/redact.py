@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,13 +27,22 @@ class Redactor:
     def add(self, secret: str) -> None:
         if len(secret) < MIN_SECRET_CHARS or secret in self._secrets:
             return
-        self._secrets.add(secret)
         # Also as JSON writes it (a secret with a quote or a backslash, from a JSON key file,
-        # appears escaped in a JSON request body) and as a URL's query or a form body carries
-        # it (a key in `?api_key=`).
-        escaped = orjson.dumps(secret).decode()[1:-1]
-        self._escaped = self._escaped or escaped != secret
-        self._secrets.update({escaped, quote(secret, safe=""), quote_plus(secret)})
+        # appears escaped in a JSON request body; Python's json.dumps escapes what is not
+        # ASCII too), as Python shows it (`print(settings)`, `f"{settings}"`, `repr(key)`)
+        # and as a URL's query or a form body carries it (a key in `?api_key=`).
+        forms = {
+            secret,
+            orjson.dumps(secret).decode()[1:-1],
+            json.dumps(secret)[1:-1],
+            repr(secret)[1:-1],
+            ascii(secret)[1:-1],
+            quote(secret, safe=""),
+            quote_plus(secret),
+        }
+        # A form JSON would escape is found in JSON text only once that text is parsed.
+        self._escaped = self._escaped or any(orjson.dumps(f).decode()[1:-1] != f for f in forms)
+        self._secrets.update(forms)
         # Longest first, in one pass: a secret that contains another is hidden whole.
         ordered = sorted(self._secrets, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered)))

@@ -50,3 +50,21 @@ def test_redacted_json_hides_a_secret_in_a_body_that_is_itself_json(secret):
     assert orjson.loads(shown)[0]["request_headers"] == {"X-Token": "[redacted]"}
     nothing = [{"url": "https://x.example/", "status": 200}]
     assert redacted_json(redact, nothing) == orjson.dumps(nothing)
+
+
+@pytest.mark.parametrize("secret", ['pa"ss\\word9', "pässwörd123", "it's-a-secret", "tab\there"])
+def test_a_secret_is_redacted_as_python_prints_it_and_as_json_dumps_escapes_it(secret):
+    """`print(settings)`, `f"{settings}"` and `repr(key)` show a secret with a backslash or a
+    quote escaped; Python's json.dumps escapes what is not ASCII: each was shown in clear (in
+    the logs, the error, and a recorded request's JSON body)."""
+    import json
+
+    redact = Redactor([secret])
+    settings = {"apiKey": secret}
+    print_text = [repr(secret), str(settings), json.dumps(settings), ascii(secret)]
+    for text in print_text:
+        assert redact(text).count("[redacted]") == 1, (text, redact(text))
+    request = {"request_body": json.dumps({"key": secret}), "logs": "\n".join(print_text)}
+    shown = redacted_json(redact, [request]).decode()
+    assert shown.count("[redacted]") == 1 + len(print_text), shown
+    assert secret[:4] not in shown.replace("[redacted]", "")
