@@ -65,9 +65,16 @@ def choice(*options: str) -> Callable[[Any], str]:
     return check(known, f"must be one of {', '.join(options)}", lambda v: by_lower[v.lower()])
 
 
+# No setting needs more; past it, times in milliseconds no longer fit SQLite's integers.
+MAX_DURATION = "36500d"
+_MAX_DURATION_S = 36500 * 86400
+
+
 def duration(zero_ok: bool = False) -> Callable[[Any], float]:
     def conv(value: Any) -> float:
         seconds = parse_duration(measure(value))
+        if seconds > _MAX_DURATION_S:
+            raise ValueError(f"must be at most {MAX_DURATION} (100 years), got {show(value)}")
         if seconds > 0 or zero_ok:
             return seconds
         raise ValueError(f"must be greater than 0, got {value!r}")

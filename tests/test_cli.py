@@ -143,6 +143,12 @@ BAD = [
      "destinations[0].path", "is a directory, not a file"),
     ("storage-path-directory", '[storage]\npath = "."\n', "storage.path",
      "is a directory, not a file"),
+    # Past 100 years serve crashed: OverflowError, "Python int too large for SQLite INTEGER".
+    ("duration-too-long", '[storage]\nretention = "9999999999999d"\n', "storage.retention",
+     "must be at most 36500d (100 years), got '9999999999999d'"),
+    ("duration-overflowing", '[[destinations]]\nname = "h"\ntype = "webhook"\n'
+     f'url = "http://127.0.0.1:1/"\n[destinations.retry]\nmax_age = "{"9" * 400}s"\n',
+     "destinations[0].retry.max_age", "must be at most 36500d (100 years), got '99999"),
     ("trusted-proxies-each", '[server]\ntrusted_proxies = ["bad", 5]\n',
      "server.trusted_proxies[1]", 'must be a string such as "10.0.0.0/8", got 5'),
 ]  # fmt: skip
