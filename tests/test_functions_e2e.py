@@ -1223,3 +1223,36 @@ async def test_functions_handler_styles(make_daemon, tmp_path, session):
     for i in range(16):
         row = rows["styles", f"i{i}"]
         assert (row["status"], row["attempts"]) == ("delivered", 1), row
+
+
+BLOCKING_PY = """
+import time
+
+def on_track(event, settings):
+    print("blocking", flush=True)
+    time.sleep(60)
+"""
+
+
+async def test_functions_stop_ends_busy_workers_together(make_daemon, tmp_path, session):
+    """SIGTERM with every worker busy in a handler that ignores cancellation: each gets its 2 s
+    to exit, all at once. One after another, 8 workers took 17 s past the drain (12 took 27 s),
+    and 23 would pass the unit's TimeoutStopSec (45 s) and be killed."""
+    (tmp_path / "blocking.py").write_text(BLOCKING_PY)
+    dest = function_destination(
+        "slow", "blocking.py", "{}", workers="8", concurrency="8", timeout='"60s"'
+    )
+    daemon = make_daemon(
+        config_text(tmp_path / "db", dest).replace('drain_timeout = "5s"', 'drain_timeout = "1s"')
+    )
+    await daemon.start()
+    await send(session, daemon, [{"type": "track", "event": "E", "messageId": f"m{i}"}
+                                 for i in range(8)])  # fmt: skip
+    await asyncio.sleep(2)  # each worker in time.sleep by now
+    started = time.monotonic()
+    assert await daemon.terminate() == 0
+    took = time.monotonic() - started
+    assert took < 10, took  # 1 s of drain + 2 s for the workers, with room for a slow host
+    rows = deliveries(daemon)
+    assert {r["status"] for r in rows.values()} == {"pending"}  # returned, uncounted
+    assert {r["attempts"] for r in rows.values()} == {0}
