@@ -80,7 +80,9 @@ def _run(argv: list[str] | None) -> int:
 
         if isinstance(exc, DestinationStartError):  # laid out as check-config's problems
             _print_problems("a destination cannot start", exc.problems)
-            return EXIT_CONFIG
+            # A load that ran out of time may succeed the next time (a cold cache after a
+            # reboot): exit 1, which the unit restarts, rather than 3, which it does not.
+            return EXIT_ERROR if exc.transient else EXIT_CONFIG
         print(f"destfnd: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, RunError) else EXIT_ERROR
     except KeyboardInterrupt:  # Ctrl-C (serve has a handler of its own: it stops gracefully)

@@ -23,7 +23,7 @@ from aiohttp import web
 from destfnd import sdnotify
 from destfnd.config import Config, config_secrets
 from destfnd.deliverers import start_deliverers
-from destfnd.dispatch import Dispatcher
+from destfnd.dispatch import Deliverer, Dispatcher
 from destfnd.errors import DestfndError
 from destfnd.ingest import Ingest
 from destfnd.listen import bind_error_text
@@ -286,7 +286,7 @@ class Daemon:
             redactor = Redactor(config_secrets(cfg))
             # Function workers can take seconds to load (up to their 30 s limit): a stop
             # meanwhile abandons them rather than waiting, or failing the start (exit 3).
-            deliverers = await self._unless_stopped(start_deliverers(cfg, redactor))
+            deliverers = await self._unless_stopped(_start_extending(cfg, redactor))
             if deliverers is None or self._stop.is_set():
                 for deliverer in (deliverers or {}).values():
                     await deliverer.close()
@@ -576,6 +576,25 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*_GC_THRESHOLD)
+
+
+async def _start_extending(cfg: Config, redactor: Redactor) -> dict[str, Deliverer]:
+    """`start_deliverers`, extending systemd's start timeout while it runs: each worker may
+    take up to 30 s to load its function, one after another (a limit of destfnd's own, so a
+    load that hangs still ends)."""
+    progress = sdnotify.StartProgress()
+    progress.status = "starting: loading the functions"
+
+    async def tick() -> None:
+        while True:
+            progress.tick()
+            await asyncio.sleep(1)
+
+    ticking = asyncio.create_task(tick(), name="start-progress")
+    try:
+        return await start_deliverers(cfg, redactor)
+    finally:
+        ticking.cancel()
 
 
 def _bound_address(runner: web.AppRunner) -> tuple[str, int]:

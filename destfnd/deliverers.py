@@ -17,10 +17,12 @@ DISABLED_NOTE = " (the destination is disabled: serve does not start it)"
 
 class DestinationStartError(DestfndError):
     """A destination cannot start: its function does not load, or its file cannot be opened.
-    Each problem with its dotted key path, as check-config lists them."""
+    Each problem with its dotted key path, as check-config lists them. `transient`: every
+    problem is a function that ran out of time loading (it may load the next time)."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], transient: bool = False) -> None:
         self.problems = problems
+        self.transient = transient
         super().__init__("\n".join(problems))
 
 
@@ -43,6 +45,7 @@ async def start_deliverers(cfg: Config, redactor: Redactor) -> dict[str, Deliver
     close the ones started and raise one error listing every problem."""
     started: dict[str, Deliverer] = {}
     problems: list[str] = []
+    transient = True
     hidden = secret_env_names(cfg)  # every destination's function gets its settings only
     try:
         for i, dest in enumerate(cfg.destinations):
@@ -54,14 +57,16 @@ async def start_deliverers(cfg: Config, redactor: Redactor) -> dict[str, Deliver
                 await deliverer.start()
             except FunctionLoadError as exc:
                 problems += exc.problems
+                transient = transient and exc.transient
                 continue
             except DestfndError as exc:  # the file destination's (also behind an insert)
                 key = f"{where}.path" if dest.kind == "file" else where
                 problems.append(f"{key}: {exc}")
+                transient = False
                 continue
             started[dest.name] = deliverer
         if problems:
-            raise DestinationStartError(problems)
+            raise DestinationStartError(problems, transient)
     except BaseException:
         for deliverer in started.values():
             await deliverer.close()

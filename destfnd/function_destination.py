@@ -30,10 +30,12 @@ log = structlog.get_logger("destfnd.functions")
 
 class FunctionLoadError(DestfndError):
     """A function file cannot be loaded, or its settings do not satisfy its SETTINGS: each
-    problem with its dotted key path, as check-config lists them."""
+    problem with its dotted key path, as check-config lists them. `transient`: the function
+    ran out of time loading, and may load the next time."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], transient: bool = False) -> None:
         self.problems = problems
+        self.transient = transient
         super().__init__("\n".join(problems))
 
 
@@ -125,7 +127,7 @@ class FunctionDestination:
             ready = await self.pool.start()
         except InitError as exc:
             problem = _load_problem(exc, self.dest, self._where, self._redactor)
-            raise FunctionLoadError([problem]) from None
+            raise FunctionLoadError([problem], transient=exc.transient) from None
         settings = plain_settings(self.dest.settings)
         self._redactor.add_settings(ready.get("secret_settings", []), settings)  # type: ignore[arg-type]
         for warning in warnings_of(ready, self.dest, self._where):  # as check-config prints

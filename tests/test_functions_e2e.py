@@ -1225,7 +1225,7 @@ async def test_functions_handler_styles(make_daemon, tmp_path, session):
         assert (row["status"], row["attempts"]) == ("delivered", 1), row
 
 
-BLOCKING_PY = """
+SLEEPING_FOREVER_PY = """
 import time
 
 def on_track(event, settings):
@@ -1238,7 +1238,7 @@ async def test_functions_stop_ends_busy_workers_together(make_daemon, tmp_path, 
     """SIGTERM with every worker busy in a handler that ignores cancellation: each gets its 2 s
     to exit, all at once. One after another, 8 workers took 17 s past the drain (12 took 27 s),
     and 23 would pass the unit's TimeoutStopSec (45 s) and be killed."""
-    (tmp_path / "blocking.py").write_text(BLOCKING_PY)
+    (tmp_path / "blocking.py").write_text(SLEEPING_FOREVER_PY)
     dest = function_destination(
         "slow", "blocking.py", "{}", workers="8", concurrency="8", timeout='"60s"'
     )

@@ -233,3 +233,30 @@ async def test_a_stop_abandons_what_is_starting_and_only_that(tmp_path):
     with pytest.raises(asyncio.CancelledError):
         await outer
     assert cleaned[-1] == "outer"
+
+
+def test_serve_extends_while_functions_load_and_a_load_out_of_time_exits_1(tmp_path, notify_socket):
+    """Each worker may take 30 s to load its function: serve extends systemd's start timeout
+    meanwhile (it did only while SQLite worked, so TimeoutStartSec=30s killed a start destfnd
+    allowed). A load that runs out of time may succeed the next time (a cold cache after a
+    reboot): exit 1, which the unit restarts, not 3, which it does not."""
+    import subprocess
+    import sys
+
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(40)\ndef on_track(e, s): pass\n")
+    config = tmp_path / "destfnd.toml"
+    config.write_text(
+        config_text(tmp_path / "db", '[[destinations]]\nname = "slow"\nfunction = "slow.py"\n')
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "destfnd", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "a destination cannot start" in result.stderr
+    assert "destinations[0].function: the function did not load within 30s" in result.stderr
+    messages = received(notify_socket)
+    extended = [m for m in messages if m.startswith("EXTEND_TIMEOUT_USEC=30000000\n")]
+    assert len(extended) >= 4, messages  # every 5 s of the 30
+    assert all(m.endswith("STATUS=starting: loading the functions") for m in extended)
+    assert not [m for m in messages if "READY=1" in m]

@@ -47,11 +47,13 @@ class WorkerFailed(Exception):
 
 class InitError(Exception):
     """The function could not be loaded in a worker; the message is for the user. `stage` is
-    the file that failed ("insert" or "function"), when known."""
+    the file that failed ("insert" or "function"), when known; `transient`: it may load the
+    next time (it ran out of time, rather than failed)."""
 
-    def __init__(self, message: str, stage: str | None = None) -> None:
+    def __init__(self, message: str, stage: str | None = None, transient: bool = False) -> None:
         super().__init__(message)
         self.stage = stage
+        self.transient = transient
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +195,8 @@ async def spawn(
         await _reap(proc)
         raise InitError(
             f"the function did not load within {_START_TIMEOUT_S:g}s: does code at its module "
-            "level (an import, a network call, a loop) block?"
+            "level (an import, a network call, a loop) block?",
+            transient=True,
         ) from None
     except protocol.ProtocolError as exc:
         worker.kill()
