@@ -212,15 +212,36 @@ class FileSink:
         assert cfg.path is not None
         self._path: Path = cfg.path
         self._fd: int | None = None
+        self._identity = (0, 0)  # (st_dev, st_ino) of the file open
 
     async def start(self) -> None:
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = _open_append(self._path, create=True)
+            self._open()
         except ValueError as exc:
             raise DestfndError(f"{self._path}: {exc}") from None
         except OSError as exc:
             raise DestfndError(f"{self._path}: cannot open for appending: {exc.strerror}") from None
+
+    def _open(self) -> None:
+        """`path` opened (created, with its folders, if need be) in place of what was open."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_append(self._path, create=True)
+        st = os.fstat(fd)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._identity = fd, (st.st_dev, st.st_ino)
+
+    def _reopen_if_moved(self) -> None:
+        """The file open is no longer at `path` (logrotate moved it away, or it was deleted):
+        what follows goes to `path`, created again, rather than on into the old file unseen."""
+        try:
+            st = os.stat(self._path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                return
+        except FileNotFoundError:
+            pass
+        self._open()
+        log.info("file_reopened", path=str(self._path))
 
     async def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -230,9 +251,13 @@ class FileSink:
     async def deliver(self, payloads: list[bytes], batched: bool) -> Report:
         assert self._fd is not None
         try:
+            self._reopen_if_moved()
             _append_all(self._fd, b"".join(p + b"\n" for p in payloads), self._path)
         except OSError as exc:
             failed = retry(ErrorType.RETRY, f"cannot write {self._path}: {exc.strerror}")
+            return same_for_all(failed, len(payloads))
+        except ValueError as exc:  # something else than a file is at `path` now
+            failed = retry(ErrorType.RETRY, f"cannot write {self._path}: {exc}")
             return same_for_all(failed, len(payloads))
         await asyncio.sleep(0)
         return same_for_all(DELIVERED, len(payloads))

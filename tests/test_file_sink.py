@@ -75,3 +75,33 @@ def test_file_sink_a_part_it_cannot_undo_stays_and_is_logged(tmp_path):
                for line in logged), result.stdout  # fmt: skip
     written = (tmp_path / "out.ndjson").read_bytes()
     assert written.startswith(b'{"n":1}\n{"n":2}\n{"n":3,"pad":"xxx') and len(written) == 100
+
+
+async def test_file_sink_follows_its_path_when_the_file_is_moved_or_deleted(tmp_path):
+    """logrotate moves the file away (and a user may delete it): the next lines go to `path`,
+    created again. They went on into the moved or deleted file, reported delivered."""
+    from destfnd.config import load_config
+    from destfnd.webhook import FileSink
+
+    config = tmp_path / "destfnd.toml"
+    config.write_text('[[sources]]\nname = "web"\nwrite_key = "k"\n[[destinations]]\n'
+                      'name = "archive"\ntype = "file"\npath = "out/events.ndjson"\n')  # fmt: skip
+    sink = FileSink(load_config(config).destinations[0])
+    await sink.start()
+    out = tmp_path / "out" / "events.ndjson"
+    try:
+        await sink.deliver([b'{"n":1}'], batched=False)
+        out.rename(tmp_path / "out" / "events.ndjson.1")  # logrotate's default
+        await sink.deliver([b'{"n":2}', b'{"n":3}'], batched=True)
+        rotated = (tmp_path / "out" / "events.ndjson.1").read_bytes()
+        after_move = out.read_bytes()
+        out.unlink()
+        (tmp_path / "out" / "events.ndjson.1").unlink()
+        (tmp_path / "out").rmdir()  # its folder too: made again
+        report = await sink.deliver([b'{"n":4}'], batched=False)
+    finally:
+        await sink.close()
+    assert rotated == b'{"n":1}\n'
+    assert after_move == b'{"n":2}\n{"n":3}\n'
+    assert out.read_bytes() == b'{"n":4}\n'
+    assert [o.kind.value for o in report.outcomes] == ["ok"]
