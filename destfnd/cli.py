@@ -204,6 +204,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     logs.setup(cfg.logging.level, cfg.logging.format)
+    for warning in cfg.warnings:
+        structlog.get_logger("destfnd").warning("config_warning", warning=warning)
     daemon = Daemon(cfg)
 
     async def run() -> None:
@@ -231,6 +233,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from destfnd.listen import check_listen
 
     cfg = _load(args)
+    for warning in cfg.warnings:
+        _print_item("warning: ", warning)
 
     async def check() -> tuple[list[str], list[str]]:
         # The listen address first: it is the first thing serve does.

@@ -139,6 +139,12 @@ class Config:
     logging: LoggingConfig
     sources: tuple[SourceConfig, ...]
     destinations: tuple[DestinationConfig, ...]
+    # What a disabled destination lacks (a function file, a secret): serve does not start it.
+    warnings: tuple[str, ...] = ()
+
+
+# After a problem of a disabled destination: a warning, since serve does not start it.
+DISABLED_NOTE = " (the destination is disabled: serve does not start it)"
 
 
 def parse_duration(text: str) -> float:

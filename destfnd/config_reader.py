@@ -14,6 +14,7 @@ from typing import Any
 from destfnd import config_values as cv
 from destfnd.config import (
     DESTINATION_KINDS,
+    DISABLED_NOTE,
     MIB,
     BatchConfig,
     Config,
@@ -61,6 +62,8 @@ class Reader:
         self.environ = environ
         self.resolve = resolve
         self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self._disabled = False  # reading a disabled destination: what it lacks is a warning
 
     def fail(self, where: str, message: str) -> None:
         self.problems.append(f"{where}: {message}")
@@ -73,7 +76,11 @@ class Reader:
                 self.fail(where + problem.at, str(problem))
             return default
         except ValueError as exc:
-            self.fail(where + getattr(exc, "at", ""), str(exc))
+            where += getattr(exc, "at", "")
+            if isinstance(exc, Unavailable) and self._disabled:
+                self.warnings.append(f"{where}: {exc}{DISABLED_NOTE}")
+            else:
+                self.fail(where, str(exc))
             return default
 
     def get(
@@ -163,7 +170,9 @@ class Reader:
         )
         self.unique("destinations", [d.name for d in destinations])
         self.not_the_database(storage.path, destinations)
-        return Config(cfg_path, server, storage, logging, sources, destinations)
+        return Config(
+            cfg_path, server, storage, logging, sources, destinations, tuple(self.warnings)
+        )
 
     def not_the_database(self, database: Path, destinations: tuple) -> None:
         """A file destination appending to the database or a file SQLite keeps beside it
@@ -203,6 +212,17 @@ class Reader:
         )
 
     def destination(
+        self, t: dict[str, Any], where: str, known: tuple[str, ...]
+    ) -> DestinationConfig:
+        # A disabled destination's missing function file or secret is a warning: serve does
+        # not start it, and it may be disabled for just that reason.
+        self._disabled = t.get("enabled") is False
+        try:
+            return self._destination(t, where, known)
+        finally:
+            self._disabled = False
+
+    def _destination(
         self, t: dict[str, Any], where: str, known: tuple[str, ...]
     ) -> DestinationConfig:
         g = partial(self.get, t, where)
@@ -338,14 +358,14 @@ class Reader:
             if self.environ.get(ref):
                 return Secret(self.environ[ref], f"env:{ref}")
             state = "empty" if ref in self.environ else "not set"
-            raise ValueError(f"environment variable {ref} is {state}")
+            raise Unavailable(f"environment variable {ref} is {state}")
         if kind == "credential":
             folder = self.environ.get("CREDENTIALS_DIRECTORY")
             if "/" in ref or ref in (".", ".."):
                 raise cv.Invalid(f"must be a credential name, got {ref!r}", ".credential")
             if not folder:
                 needs = "needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)"
-                raise ValueError(f"credential {ref} {needs}")
+                raise Unavailable(f"credential {ref} {needs}")
             file, origin = Path(folder, ref), f"credential:{ref}"
         else:
             file = self.path(ref)
@@ -356,10 +376,10 @@ class Reader:
             hint = ""
             if kind == "credential" and isinstance(exc, FileNotFoundError):
                 hint = f" (is there a LoadCredential={ref}:... line in the unit?)"
-            raise ValueError(f"cannot read secret file {file}: {_why(exc)}{hint}") from None
+            raise Unavailable(f"cannot read secret file {file}: {_why(exc)}{hint}") from None
         text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
         if not text:
-            raise ValueError(f"secret file {file} is empty")
+            raise Unavailable(f"secret file {file} is empty")
         return Secret(text, origin)
 
     def path(self, value: Any) -> Path:
@@ -381,9 +401,16 @@ class Reader:
 
     def code_file(self, value: Any) -> Path:
         path = self.path(value)
+        if not self.resolve:  # stats, deliveries: they run no function
+            return path
         if not path.is_file():
-            raise ValueError(f"{'not a file' if path.exists() else 'file not found'}: {path}")
+            raise Unavailable(f"{'not a file' if path.exists() else 'file not found'}: {path}")
         return path
+
+
+class Unavailable(ValueError):
+    """What the config names is not there (a function file, a secret): for a disabled
+    destination, a warning."""
 
 
 def _identity(path: str | Path) -> tuple[int, int] | None:

@@ -3,16 +3,13 @@ file sink, or worker processes running the user's function), all or none."""
 
 from __future__ import annotations
 
-from destfnd.config import Config, DestinationConfig, secret_env_names
+from destfnd.config import DISABLED_NOTE, Config, DestinationConfig, secret_env_names
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
 from destfnd.function_destination import FunctionDestination, FunctionLoadError, check_functions
 from destfnd.paths import AS_THIS_USER, database_problem
 from destfnd.redact import Redactor
 from destfnd.webhook import FileSink, Webhook, file_problem
-
-# After a problem of a disabled destination: a warning, since serve does not start it.
-DISABLED_NOTE = " (the destination is disabled: serve does not start it)"
 
 
 class DestinationStartError(DestfndError):

@@ -192,7 +192,9 @@ async def check_functions(cfg: Config) -> list[tuple[DestinationConfig, list[str
     return [
         (dest, *await _check_destination(cfg, dest, f"destinations[{i}]"))
         for i, dest in enumerate(cfg.destinations)
-        if dest.kind == "function" or dest.insert_function is not None
+        # (A disabled destination's function file may be missing: the config warned.)
+        if (dest.kind == "function" and dest.function is not None)
+        or dest.insert_function is not None
     ]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from support import run_cli
+from support import config_text, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -739,3 +739,35 @@ def test_cli_check_config_warns_of_settings_no_settings_declares(tmp_path):
         "warning: destinations[0].settings.regoin: not declared in SETTINGS "
         "(did you mean 'region'? the function gets it all the same)"
     ) in result.stderr
+
+
+def test_cli_a_disabled_destination_may_lack_its_function_file_and_secrets(tmp_path):
+    """A destination disabled because its function or its secret is not there yet: serve does
+    not start it, so check-config warns (exit 0) and serve starts; stats and deliveries, which
+    run no function, do not look for it. All three exited 3."""
+    config = tmp_path / "destfnd.toml"
+    config.write_text(
+        config_text(tmp_path / "db.sqlite3", "")
+        + '[[destinations]]\nname = "old"\nenabled = false\nfunction = "gone.py"\n'
+        'settings = { apiKey = { env = "DESTFND_TEST_UNSET" } }\n'
+        '[[destinations]]\nname = "archive"\ntype = "file"\npath = "out.ndjson"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DESTFND_TEST_UNSET"}
+    check = run_cli("check-config", "--config", str(config), env=env)
+    assert check.returncode == 0, check.stderr
+    note = "(the destination is disabled: serve does not start it)"
+    assert check.stderr.splitlines() == [
+        f"warning: destinations[0].function: file not found: {tmp_path}/gone.py {note}",
+        "warning: destinations[0].settings.apiKey: environment variable DESTFND_TEST_UNSET "
+        f"is not set {note}",
+    ]
+    stats = run_cli("stats", "--config", str(config), env=env)
+    assert (stats.returncode, stats.stderr) == (
+        4,
+        f"destfnd: {tmp_path}/db.sqlite3: no database yet (has the daemon ever started?)\n",
+    )
+    # Enabled, the same config is refused (exit 3), as serve would refuse it.
+    config.write_text(config.read_text().replace("enabled = false\n", ""))
+    refused = run_cli("check-config", "--config", str(config), env=env)
+    assert refused.returncode == 3
+    assert f"  destinations[0].function: file not found: {tmp_path}/gone.py\n" in refused.stderr
