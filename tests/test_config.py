@@ -236,8 +236,9 @@ BAD_CONFIGS = [
      "destinations[0].function", "not a file"),
     ("insert_function_not_found", SOURCE + DEST + 'insert_function = "functions/nope.py"\n',
      "destinations[0].insert_function", "file not found"),
-    ("disabled_still_checked", SOURCE + DEST.replace("crm.py", "gone.py") + "enabled = false\n",
-     "destinations[0].function", "file not found"),
+    # Only what a disabled destination lacks (its function file, a secret) is a warning.
+    ("disabled_still_checked", SOURCE + DEST + "enabled = false\nconcurrency = 0\n",
+     "destinations[0].concurrency", "must be an integer from 1 to 1024"),
     ("file_is_the_database", SOURCE + '[storage]\npath = "db"\n[[destinations]]\nname = "f"\n'
      'type = "file"\npath = "db"\n', "destinations[0].path", "is the database (storage.path)"),
     ("file_is_the_wal", SOURCE + '[storage]\npath = "db"\n[[destinations]]\nname = "f"\n'
