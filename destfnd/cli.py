@@ -19,7 +19,7 @@ import structlog
 from destfnd import __version__, logs
 from destfnd.config import Config, ConfigError, DestinationConfig, load_config, parse_duration
 from destfnd.errors import DestfndError
-from destfnd.store import Status, StoreError, open_db
+from destfnd.store import Status, StoreBusy, StoreError, open_db
 from destfnd.store import queue as q
 from destfnd.store.dedupe import events_with_message_id
 
@@ -73,7 +73,7 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_CONFIG
     except StoreError as exc:
         print(f"destfnd: {exc}", file=sys.stderr)
-        return EXIT_STORE
+        return EXIT_ERROR if isinstance(exc, StoreBusy) else EXIT_STORE
     except DestfndError as exc:
         from destfnd.deliverers import DestinationStartError
         from destfnd.run_function import RunError

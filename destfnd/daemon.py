@@ -29,7 +29,7 @@ from destfnd.ingest import Ingest
 from destfnd.listen import bind_error_text
 from destfnd.paths import irregular_companion, open_checked
 from destfnd.redact import Redactor
-from destfnd.store import Dedupe, StoreError, Writer, open_db
+from destfnd.store import Dedupe, StoreError, Writer, open_db, store_error
 from destfnd.store import queue as q
 from destfnd.store.db import PROGRESS_EVERY
 from destfnd.store.dedupe import KEY_MIN, sweep_keys, sweep_rows
@@ -219,7 +219,7 @@ class Daemon:
                 raise
             if progress.stopping:
                 return None
-            raise StoreError(f"{cfg.storage.path}: cannot start on it: {exc}") from exc
+            raise store_error(f"{cfg.storage.path}: cannot start on it", exc) from exc
         took = time.monotonic() - started
         if took >= _SLOW_START_S or progress.sent:
             log.info("slow_start", seconds=round(took, 1), timeout_extended=progress.sent)

@@ -771,3 +771,23 @@ def test_cli_a_disabled_destination_may_lack_its_function_file_and_secrets(tmp_p
     refused = run_cli("check-config", "--config", str(config), env=env)
     assert refused.returncode == 3
     assert f"  destinations[0].function: file not found: {tmp_path}/gone.py\n" in refused.stderr
+
+
+def test_cli_serve_on_a_database_another_process_locks_exits_1(tmp_path):
+    """A lock held past the busy timeout (a maintenance script, a sqlite3 shell) is passing:
+    exit 1, which the unit restarts, not 4 ("cannot be opened"), which leaves it down."""
+    db = tmp_path / "db.sqlite3"
+    config = tmp_path / "destfnd.toml"
+    config.write_text(config_text(db, ""))
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("CREATE TABLE held (x)")
+        holder.execute("BEGIN EXCLUSIVE")
+        result = run_cli("serve", "--config", str(config))
+    finally:
+        holder.close()
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.endswith(
+        f"destfnd: {db}: cannot open the database: database is locked (another process holds "
+        "a lock on it; trying again later may succeed)\n"
+    ), result.stderr

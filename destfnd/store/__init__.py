@@ -5,7 +5,7 @@ Imports nothing above it; callers hold plain values (ids, bytes), never a cursor
 
 from __future__ import annotations
 
-from destfnd.store.db import StoreError, open_db
+from destfnd.store.db import StoreBusy, StoreError, open_db, store_error
 from destfnd.store.dedupe import Dedupe
 from destfnd.store.models import Claimed, Finished, IncomingEvent, Status
 from destfnd.store.writer import Writer
@@ -16,7 +16,9 @@ __all__ = [
     "Finished",
     "IncomingEvent",
     "Status",
+    "StoreBusy",
     "StoreError",
     "Writer",
     "open_db",
+    "store_error",
 ]

@@ -17,6 +17,21 @@ class StoreError(DestfndError):
     """The SQLite store failed."""
 
 
+class StoreBusy(StoreError):
+    """Another process held a lock on the database past the busy timeout: trying again later
+    may succeed (exit 1, which the systemd unit restarts, rather than 4, which it does not)."""
+
+
+BUSY_HINT = " (another process holds a lock on it; trying again later may succeed)"
+
+
+def store_error(text: str, exc: sqlite3.Error) -> StoreError:
+    """`text: exc` as a StoreError, a StoreBusy if the database was locked."""
+    if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreBusy(f"{text}: {exc}{BUSY_HINT}")
+    return StoreError(f"{text}: {exc}")
+
+
 def _load_queries() -> dict[str, str]:
     text = resources.files("destfnd.store").joinpath("sql/queries.sql").read_text()
     queries = {}
@@ -110,7 +125,7 @@ def open_db(
         if conn is not None:
             conn.close()
         if isinstance(exc, sqlite3.Error):
-            raise StoreError(f"{path}: cannot open the database: {exc}") from exc
+            raise store_error(f"{path}: cannot open the database", exc) from exc
         raise
 
 
