@@ -170,6 +170,13 @@ class Reader:
         )
         self.unique("destinations", [d.name for d in destinations])
         self.not_the_database(storage.path, destinations)
+        if storage.retention_s < server.dedupe_window_s:
+            kept = cv.duration_text(storage.retention_s)
+            window = cv.duration_text(server.dedupe_window_s)
+            self.warnings.append(
+                f"storage.retention: {kept} is shorter than server.dedupe_window ({window}): "
+                f"a copy sent more than {kept} after its event was delivered is delivered again"
+            )
         return Config(
             cfg_path, server, storage, logging, sources, destinations, tuple(self.warnings)
         )

@@ -82,6 +82,15 @@ def duration(zero_ok: bool = False) -> Callable[[Any], float]:
     return conv
 
 
+def duration_text(seconds: float) -> str:
+    """A duration as the config writes it: `86400` -> "1d", `5400` -> "90m", `0.25` -> "250ms"."""
+    ms = round(seconds * 1000)
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
 def size(minimum: int = 1) -> Callable[[Any], int]:
     def conv(value: Any) -> int:
         size = parse_size(measure(value))

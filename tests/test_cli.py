@@ -791,3 +791,18 @@ def test_cli_serve_on_a_database_another_process_locks_exits_1(tmp_path):
         f"destfnd: {db}: cannot open the database: database is locked (another process holds "
         "a lock on it; trying again later may succeed)\n"
     ), result.stderr
+
+
+def test_cli_check_config_warns_of_a_retention_shorter_than_the_dedupe_window(tmp_path):
+    config = tmp_path / "destfnd.toml"
+    config.write_text(config_text(tmp_path / "db.sqlite3", "").replace(
+        "[storage]\n", '[storage]\nretention = "90m"\n'
+    ))  # fmt: skip
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "warning: storage.retention: 90m is shorter than server.dedupe_window (1d): a copy sent "
+        "more than 90m after its event was delivered is delivered again\n"
+    )
+    config.write_text(config.read_text().replace('"90m"', '"1d"'))
+    assert run_cli("check-config", "--config", str(config)).stderr == ""
