@@ -68,3 +68,34 @@ async def test_cache_load_of_a_key_from_its_own_loader_is_an_error_not_a_deadloc
 
     with pytest.raises(RuntimeError, match=r"cache.load\('k'\) called from its own loader"):
         await cache.load("k", 1000, again)
+
+
+def test_cache_loads_once_for_callers_on_threads_with_loops_of_their_own():
+    """Plain `def` handlers run on threads and call `asyncio.run(cache.load(...))`: each on a
+    loop of its own. They got "Future attached to a different loop" (and were discarded)."""
+    import threading
+
+    cache = Cache()
+    calls = []
+
+    async def token():
+        calls.append(threading.get_ident())
+        await asyncio.sleep(0.2)
+        return "tok-1"
+
+    results, errors = [], []
+
+    def handler() -> None:
+        try:
+            results.append(asyncio.run(cache.load("token", 60_000, token)))
+        except Exception as exc:  # the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=handler) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert results == ["tok-1"] * 8
+    assert len(calls) == 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,10 +14,14 @@ _SWEEP_MIN = 1024  # entries before the first sweep of expired ones
 
 
 class Cache:
+    """Safe across threads and event loops: a plain `def` handler runs on a thread of its own
+    and calls `asyncio.run(cache.load(...))` there, on a loop of its own."""
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        self._lock = threading.Lock()
         self._values: dict[str, tuple[float, Any]] = {}
-        self._loading: dict[str, asyncio.Future] = {}
+        self._loading: dict[str, concurrent.futures.Future] = {}
         self._loaders: dict[str, asyncio.Task | None] = {}  # the task loading each key
         self._sweep_at = _SWEEP_MIN
 
@@ -23,49 +29,54 @@ class Cache:
         """The cached value of `key`, or `await fn()` stored for `ttl_ms` (one load at a time)."""
         if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int | float):
             raise TypeError(f"cache.load: ttl_ms must be a number, got {type(ttl_ms).__name__}")
+        task = asyncio.current_task()
         while True:
-            found = self._values.get(key)
-            if found is not None and found[0] > self._clock():
-                return found[1]
-            pending = self._loading.get(key)
-            if pending is None:
-                break
-            if self._loaders.get(key) is asyncio.current_task():
-                raise RuntimeError(f"cache.load({key!r}) called from its own loader")
+            with self._lock:
+                found = self._values.get(key)
+                if found is not None and found[0] > self._clock():
+                    return found[1]
+                pending = self._loading.get(key)
+                if pending is None:
+                    future: concurrent.futures.Future = concurrent.futures.Future()
+                    self._loading[key] = future
+                    self._loaders[key] = task
+                    break
+                if self._loaders.get(key) is task:
+                    raise RuntimeError(f"cache.load({key!r}) called from its own loader")
             try:
-                return await asyncio.shield(pending)
+                # (Shielded: this call cancelled must not cancel the load others wait for.)
+                return await asyncio.shield(asyncio.wrap_future(pending))
             except asyncio.CancelledError:
-                task = asyncio.current_task()
                 if not pending.cancelled() or (task is not None and task.cancelling()):
                     raise  # this call is the one cancelled
                 # The loading call was cancelled (its invocation timed out): load it here.
-        future = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
-        self._loaders[key] = asyncio.current_task()
         try:
             value = fn()
             if inspect.isawaitable(value):
                 value = await value
-        except asyncio.CancelledError:
-            future.cancel()  # the waiters load it themselves
-            raise
         except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            with self._lock:
+                del self._loading[key]
+                del self._loaders[key]
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()  # the waiters load it themselves
+            else:
+                future.set_exception(exc)  # waiters re-raise it
             raise
-        finally:
+        with self._lock:
             del self._loading[key]
             del self._loaders[key]
-        now = self._clock()
-        if len(self._values) >= self._sweep_at:  # expired keys go, so the cache cannot grow
-            self._values = {k: v for k, v in self._values.items() if v[0] > now}
-            self._sweep_at = max(_SWEEP_MIN, 2 * len(self._values))
-        self._values[key] = (now + ttl_ms / 1000, value)
+            now = self._clock()
+            if len(self._values) >= self._sweep_at:  # expired keys go: it cannot grow
+                self._values = {k: v for k, v in self._values.items() if v[0] > now}
+                self._sweep_at = max(_SWEEP_MIN, 2 * len(self._values))
+            self._values[key] = (now + ttl_ms / 1000, value)
         future.set_result(value)
         return value
 
     def delete(self, key: str) -> None:
-        self._values.pop(key, None)
+        with self._lock:
+            self._values.pop(key, None)
 
 
 cache = Cache()
