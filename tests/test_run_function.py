@@ -559,3 +559,48 @@ def test_run_function_a_lone_surrogate_printed_does_not_leave_the_call_unanswere
     report = orjson.loads(result.stdout)
     assert report["outcomes"][0]["status"] == "delivered"
     assert report["logs"] == "cut ? here\n"
+
+
+GROUPS_PY = """
+import asyncio
+from destfnd.functions import RetryError, ValidationError, fetch
+
+async def on_track(event, settings):  # fetches in parallel, as Python 3.11 does it
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(fetch(settings["down"], method="POST", json=event))
+        tg.create_task(asyncio.sleep(5))
+
+async def on_identify(event, settings):
+    raise ExceptionGroup("two", [RetryError("busy", retry_after_s=30), RetryError("later", 90)])
+
+async def on_page(event, settings):
+    raise ExceptionGroup("mixed", [RetryError("busy"), ValidationError("no email")])
+"""
+
+
+@pytest.mark.parametrize(
+    ("event_type", "outcome"),
+    [
+        ("track", "outcome: retrying (Retry): FetchError: "),
+        ("identify", "outcome: retrying (Retry): RetryError: busy (and 1 more in its "
+                     "ExceptionGroup) (asks to wait 1m 30s)"),
+        ("page", "outcome: discarded (Message Rejected): ValidationError: no email (and 1 more "
+                 "in its ExceptionGroup)"),
+    ],
+)  # fmt: skip
+def test_run_function_an_exception_group_has_the_outcome_of_what_it_holds(
+    tmp_path, event_type, outcome
+):
+    """A TaskGroup whose fetch failed raised an ExceptionGroup, discarded as a Bad Request
+    where the FetchError alone is retried."""
+    from support import closed_port_url
+
+    (tmp_path / "groups.py").write_text(GROUPS_PY)
+    event = {"type": event_type, "userId": "u1", "event": "E", "name": "Home"}
+    (tmp_path / "event.json").write_bytes(orjson.dumps(event))
+    result = run_cli(
+        "run-function", str(tmp_path / "groups.py"), "--event", str(tmp_path / "event.json"),
+        "--settings", orjson.dumps({"down": closed_port_url()}).decode(),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert outcome in result.stdout, result.stdout

@@ -342,7 +342,9 @@ class Worker:
         outcome = runtime.outcome_of(exc)
         if outcome.get("error_type") == "Bad Request":
             rec.log(runtime.user_traceback(exc))
-        if isinstance(exc, MemoryError):
+        if isinstance(exc, MemoryError) or (
+            isinstance(exc, BaseExceptionGroup) and exc.subgroup(MemoryError) is not None
+        ):
             self.exit_after_reply = True
         return outcome
 

@@ -238,6 +238,8 @@ def ok() -> dict:
 
 def outcome_of(exc: BaseException) -> dict:
     """Segment's taxonomy: what a raised exception means for the event."""
+    if isinstance(exc, BaseExceptionGroup):
+        return _group_outcome(exc)
     if isinstance(exc, RetryError):
         message = _describe(exc)
         # A subclass may not have called RetryError.__init__; a Retry-After header's text
@@ -262,6 +264,28 @@ def outcome_of(exc: BaseException) -> dict:
         message = "MemoryError: the function ran out of memory (memory_limit)"
         return {"kind": "retry", "error_type": "Retry", "message": message}
     return bad_request(_describe(exc))
+
+
+def _group_outcome(group: BaseExceptionGroup) -> dict:
+    """An exception group (a TaskGroup of fetches, say) has the outcome of what it holds: of
+    its first error that is not retried, else of its first (retried: the event is not lost
+    for a failure that may pass), with the longest wait any of them asks for."""
+    leaves = _leaves(group)
+    outcomes = [outcome_of(leaf) for leaf in leaves]
+    final = next((o for o in outcomes if o["kind"] != "retry"), outcomes[0])
+    waits = [o["retry_after_s"] for o in outcomes if o.get("retry_after_s") is not None]
+    if final["kind"] == "retry" and waits:
+        final["retry_after_s"] = max(waits)
+    more = f" (and {len(leaves) - 1} more in its {type(group).__name__})" if len(leaves) > 1 else ""
+    final["message"] += more
+    return final
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def _short_repr(value: object) -> str:
