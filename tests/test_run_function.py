@@ -481,15 +481,15 @@ FETCH_ARGS = """
 from destfnd.functions import fetch
 
 async def on_track(event, settings):
-    res = await fetch(settings["sink"] + "/moved", method="POST", headers={"X-Count": 5},
-                      body="plain")
+    res = await fetch(settings["sink"] + "/moved", method="POST",
+                      headers={"X-Count": 5, "X-None": None}, body="plain", timeout="5s")
     print("status", res.status)
 
 async def on_identify(event, settings):
     await fetch(settings["sink"], body={"an": "object"})
 
 async def on_page(event, settings):
-    await fetch(settings["sink"], timeout=0)
+    await fetch(settings["sink"], timeout="5")  # a duration needs its unit
 
 async def on_group(event, settings):  # headers as pairs, a value as bytes
     await fetch(settings["sink"] + "/ftp", headers=[("X-Raw", b"caf\\xe9")])
@@ -505,7 +505,8 @@ async def test_run_function_fetch_arguments_and_redirects(files):
         raise web.HTTPFound("/landed")
 
     async def landed(request: web.Request) -> web.Response:
-        return web.Response(text=f"{request.method} {request.headers.get('X-Count')}")
+        count, none = request.headers.get("X-Count"), request.headers.get("X-None", "-")
+        return web.Response(text=f"{request.method} {count} {none}")
 
     app = web.Application()
     app.router.add_post("/moved", moved)
@@ -543,10 +544,14 @@ async def test_run_function_fetch_arguments_and_redirects(files):
     assert "status 200" in report["logs"]
     (moved_request,) = [r for r in report["requests"] if r["url"].endswith("/moved")]
     assert moved_request["redirected_to"] == f"{url}/landed"
-    assert moved_request["response_body"] == "GET 5"  # a 302 turns a POST into a GET
+    # A 302 turns a POST into a GET; a header whose value is None is not sent ("None" was).
+    assert moved_request["response_body"] == "GET 5 -"
     assert (identify["error_type"], page["error_type"]) == ("Bad Request", "Bad Request")
     assert "use json= for an object" in identify["message"]
-    assert "timeout=) must be a number of seconds above 0" in page["message"]
+    assert (
+        "fetch(timeout=) must be a number of seconds above 0, or a duration such as "
+        "\"500ms\", got '5'"
+    ) in page["message"]
 
 
 def test_run_function_a_lone_surrogate_printed_does_not_leave_the_call_unanswered(files):

@@ -6,6 +6,7 @@ A network failure or a timeout raises FetchError, a RetryError: retried unless c
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from destfnd.client_errors import client_error_text
+from destfnd.config import parse_duration
 from destfnd.functions import record
 from destfnd.functions.errors import RetryError
 
@@ -74,6 +76,23 @@ def _session_for_loop() -> aiohttp.ClientSession | None:
     return _session
 
 
+def _timeout_seconds(value: object) -> float:
+    """fetch's `timeout`: seconds (a number), or a duration such as "500ms" or "5s"."""
+    expected = 'a number of seconds above 0, or a duration such as "500ms"'
+    try:
+        if isinstance(value, str):
+            seconds = parse_duration(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"fetch(timeout=) must be {expected}, got {value!r}") from None
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"fetch(timeout=) must be {expected}, got {value!r}")
+    return seconds
+
+
 def _header_text(value: object) -> str:
     if isinstance(value, str):
         return value
@@ -108,17 +127,16 @@ async def fetch(
     if body is not None and not isinstance(body, str | bytes):
         what = type(body).__name__
         raise TypeError(f"fetch(body=) takes str or bytes, not {what}: use json= for an object")
-    # Header values as text, as JavaScript's fetch makes them ({"X-Count": 5}).
-    headers = {str(k): _header_text(v) for k, v in dict(headers or {}).items()}
+    # Header values as text, as JavaScript's fetch makes them ({"X-Count": 5}); a header
+    # whose value is None is left out, as the requests library does.
+    headers = {str(k): _header_text(v) for k, v in dict(headers or {}).items() if v is not None}
     data: bytes | None
     if json is not None:
         data = orjson.dumps(json)
         headers.setdefault("Content-Type", "application/json")
     else:
         data = body.encode() if isinstance(body, str) else body
-    timeout_s = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
-    if not timeout_s > 0:
-        raise ValueError(f"fetch(timeout=) must be a number of seconds above 0, got {timeout!r}")
+    timeout_s = DEFAULT_TIMEOUT_S if timeout is None else _timeout_seconds(timeout)
     entry: dict[str, Any] = {
         "method": method.upper(),
         "url": url,
