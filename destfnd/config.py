@@ -117,7 +117,7 @@ class DestinationConfig:
     kind: str
     function: Path | None = None
     insert_function: Path | None = None
-    url: str | None = None
+    url: str | Secret | None = None  # a Secret: the URL holds a token (Slack, Zapier)
     headers: tuple[tuple[str, str | Secret], ...] = ()
     path: Path | None = None
     sources: tuple[str, ...] = ()
@@ -169,7 +169,7 @@ def _secrets(cfg: Config) -> list[Secret]:
     """Every Secret of the config: write keys, headers, settings (nested ones too)."""
     found: list[Any] = [s.write_key for s in cfg.sources]
     for dest in cfg.destinations:
-        found += [value for _, value in dest.headers] + _walk(dest.settings)
+        found += [value for _, value in dest.headers] + _walk(dest.settings) + [dest.url]
     return [s for s in found if isinstance(s, Secret)]
 
 

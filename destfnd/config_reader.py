@@ -253,7 +253,9 @@ class Reader:
             kind=kind,
             function=g("function", self.code_file, required=why) if kind == "function" else None,
             insert_function=g("insert_function", self.code_file),
-            url=g("url", cv.url, required=' for type = "webhook"') if kind == "webhook" else None,
+            url=g("url", self.webhook_url, required=' for type = "webhook"')
+            if kind == "webhook"
+            else None,
             headers=self.headers(t.get("headers", {}), f"{where}.headers")
             if kind == "webhook"
             else (),
@@ -324,6 +326,19 @@ class Reader:
             if secret is not None:
                 out.append((name, secret if secret.origin != "inline" else secret.value))
         return tuple(out)
+
+    def webhook_url(self, value: Any) -> str | Secret:
+        """A URL, or a secret holding one (a Slack or Zapier hook carries its token in it)."""
+        if not isinstance(value, dict):
+            return cv.url(value)
+        secret = self.secret(value)
+        if self.resolve:
+            try:
+                cv.url(secret.value)
+            except ValueError:  # without the value: it is a secret
+                what = "must hold an http:// or https:// URL with a host"
+                raise ValueError(f"{secret.origin.replace(':', ' ', 1)} {what}") from None
+        return secret
 
     def header_value(self, value: Any) -> Secret:
         secret = self.secret(value, inline_ok=True)

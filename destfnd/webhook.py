@@ -47,7 +47,7 @@ log = structlog.get_logger("destfnd.file")
 class Webhook:
     def __init__(self, cfg: DestinationConfig) -> None:
         assert cfg.url is not None
-        self._url = cfg.url
+        self._url = cfg.url.value if isinstance(cfg.url, Secret) else cfg.url
         self._timeout_s = cfg.timeout_s
         self._headers = {
             "Content-Type": "application/json",
