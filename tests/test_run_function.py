@@ -609,3 +609,20 @@ def test_run_function_an_exception_group_has_the_outcome_of_what_it_holds(
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert outcome in result.stdout, result.stdout
+
+
+def test_run_function_a_function_that_starts_a_process_ends_quietly(tmp_path):
+    """The worker's output pipe, held open by the process the function started, was still
+    open when run-function's event loop closed: "Exception ignored ... Event loop is closed"
+    and a traceback on stderr."""
+    (tmp_path / "spawns.py").write_text(
+        "import subprocess\n\ndef on_track(event, settings):\n"
+        '    subprocess.Popen(["sleep", "30"])\n'
+    )
+    (tmp_path / "event.json").write_text('{"type": "track", "userId": "u", "event": "E"}')
+    for _ in range(3):
+        result = run_cli(
+            "run-function", str(tmp_path / "spawns.py"), "--event", str(tmp_path / "event.json")
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""

@@ -79,6 +79,7 @@ class Worker:
     pings: dict[int, asyncio.Future] = field(default_factory=dict)
     retired: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
+    output: asyncio.Task | None = None  # the one of `tasks` that reads its stdout
     on_exit: Callable[[Worker, str], None] | None = None
     group_killed: bool = False
 
@@ -219,11 +220,13 @@ async def spawn(
         raise InitError(f"the worker exited while loading: {output[-500:] or 'no output'}")
     worker.ready = reply
     worker.on_exit = on_exit
+    output = asyncio.create_task(
+        _read_output(worker, spec.name, redact), name=f"worker-output:{proc.pid}"
+    )
+    worker.output = output
     worker.tasks = [
         asyncio.create_task(_read_replies(worker, reader), name=f"worker-replies:{proc.pid}"),
-        asyncio.create_task(
-            _read_output(worker, spec.name, redact), name=f"worker-output:{proc.pid}"
-        ),
+        output,
         asyncio.create_task(_end_replies_at_exit(proc, reader), name=f"worker-exit:{proc.pid}"),
     ]
     return worker
@@ -327,6 +330,11 @@ async def _stop(worker: Worker) -> None:
         pass
     worker.kill()  # the processes it started (and itself, if it did not exit)
     await _reap(worker.proc)
+    # Its output read to the end (what it printed last; the processes it started held it
+    # open until the kill): with the pipe still open, the event loop closed first (run-
+    # function) and the transport's cleanup then printed "Event loop is closed".
+    if worker.output is not None:
+        await asyncio.wait({worker.output}, timeout=1)
     for task in worker.tasks:
         task.cancel()
     await asyncio.gather(*worker.tasks, return_exceptions=True)
