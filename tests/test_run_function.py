@@ -626,3 +626,29 @@ def test_run_function_a_function_that_starts_a_process_ends_quietly(tmp_path):
         )
         assert result.returncode == 0, result.stderr
         assert result.stderr == ""
+
+
+def test_run_function_notes_a_returned_error_and_a_settings_that_is_no_dict(tmp_path):
+    """A handler that returns an error instead of raising it (as on_batch returns outcomes)
+    has delivered the event: the logs say so. A SETTINGS that is no dict is the problem, not
+    each setting "not declared" in it (those warnings came too)."""
+    (tmp_path / "slips.py").write_text(
+        "from destfnd.functions import RetryError\n\nSETTINGS = ['apiKey']\n\n"
+        "def on_track(event, settings):\n    return RetryError('downstream 503')\n"
+    )
+    (tmp_path / "event.json").write_text('{"type": "track", "userId": "u", "event": "E"}')
+    result = run_cli("run-function", str(tmp_path / "slips.py"), "--event",
+                     str(tmp_path / "event.json"), "--settings", '{"apiKey": "k"}')  # fmt: skip
+    assert "outcome: discarded (Invalid Settings): --settings: SETTINGS in slips.py must be a " \
+           "dict" in result.stdout, result.stdout  # fmt: skip
+    assert "not declared" not in result.stderr, result.stderr
+    (tmp_path / "slips.py").write_text(
+        (tmp_path / "slips.py").read_text().replace("SETTINGS = ['apiKey']", "")
+    )
+    result = run_cli("run-function", str(tmp_path / "slips.py"), "--event",
+                     str(tmp_path / "event.json"))  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert (
+        "  destfnd: on_track returned RetryError(...) instead of raising it: a handler that "
+        "returns has delivered the event\n"
+    ) in result.stdout

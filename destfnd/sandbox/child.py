@@ -234,11 +234,16 @@ class Worker:
         if handler is None:
             return runtime.unsupported(f"the function has no {name} handler"), None
         try:
-            await runtime.invoke(handler, event, self.fresh_settings(),
-                                 on_thread=self._thread(call_id))  # fmt: skip
+            returned = await runtime.invoke(handler, event, self.fresh_settings(),
+                                            on_thread=self._thread(call_id))  # fmt: skip
         except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
             _reraise_cancel(exc)
             return self.failed(exc, rec), None
+        if isinstance(returned, BaseException):  # as on_batch returns outcomes: a slip
+            rec.log(
+                f"destfnd: {name} returned {type(returned).__name__}(...) instead of raising "
+                "it: a handler that returns has delivered the event\n"
+            )
         return runtime.ok(), None
 
     async def run_batch(self, call_id: int, events: list, stages: list[str], rec):

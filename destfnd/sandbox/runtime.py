@@ -183,11 +183,11 @@ def check_settings(
         declared = getattr(module, "SETTINGS", None)
         if declared is None:
             continue
-        declarations += 1
         file = Path(path).name
-        if not isinstance(declared, dict):
+        if not isinstance(declared, dict):  # (and no warning of keys it does not declare)
             problems.append(f"settings: SETTINGS in {file} must be a dict")
             continue
+        declarations += 1
         declared_keys.update(map(str, declared))
         for key, spec in declared.items():
             where = f"settings.{key}: SETTINGS[{key!r}] in {file}"
