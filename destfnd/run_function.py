@@ -3,6 +3,7 @@ process as the daemon would, and prints the outcome, logs, requests and (insert)
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import orjson
 
 from destfnd import spec as segment_spec
-from destfnd.config import RetryPolicy
+from destfnd.config import RetryPolicy, Secret
 from destfnd.errors import DestfndError
 from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType
 from destfnd.redact import Redactor, redact_tree
@@ -58,21 +59,40 @@ def read_events(source: str | None, stdin_is_tty: bool) -> tuple[list[dict], boo
     return events, batch
 
 
-def parse_settings(text: str | None) -> dict:
+def parse_settings(text: str | None) -> tuple[dict, list[str]]:
+    """The settings of `--settings`, with `{"env": "NAME"}` and `{"file": "PATH"}` values
+    read as the config reads secrets (so a key need not be typed on the command line), and
+    the secret values read, to be redacted."""
     if not text:
-        return {}
+        return {}, []
     try:
-        settings = orjson.loads(text)
+        raw = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise RunError(f"--settings: not JSON: {exc}") from None
-    if not isinstance(settings, dict):
+    if not isinstance(raw, dict):
         raise RunError('--settings: must be a JSON object, e.g. \'{"apiKey": "..."}\'')
-    return settings
+    from destfnd.config_reader import Reader
+    from destfnd.function_destination import plain_settings
+
+    reader = Reader(Path.cwd(), os.environ)
+    settings = reader.settings(raw, "--settings")
+    if reader.problems:
+        raise RunError("; ".join(reader.problems))
+    secrets = [s.value for s in _leaves(settings) if isinstance(s, Secret)]
+    return plain_settings(settings), secrets  # type: ignore[return-value]
+
+
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
 
 
 async def run(
     file: Path, events: list[dict], batch: bool, settings: dict, *, insert: bool,
-    timeout_s: float, memory_limit_bytes: int,
+    timeout_s: float, memory_limit_bytes: int, secrets: list[str] | None = None,
 ) -> RunResult:  # fmt: skip
     if not file.is_file():
         raise RunError(f"{file}: {'not a file' if file.exists() else 'file not found'}")
@@ -94,7 +114,8 @@ async def run(
         timeout_s=timeout_s,
         memory_limit_bytes=memory_limit_bytes,
     )
-    redact = Redactor()  # the function's secret settings, once it has said which they are
+    # The secrets --settings read, and the function's secret settings once it has said which.
+    redact = Redactor(secrets or ())
     pool = Pool(spec, redact=redact)
     try:
         ready = await pool.start()

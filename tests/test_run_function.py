@@ -652,3 +652,38 @@ def test_run_function_notes_a_returned_error_and_a_settings_that_is_no_dict(tmp_
         "  destfnd: on_track returned RetryError(...) instead of raising it: a handler that "
         "returns has delivered the event\n"
     ) in result.stdout
+
+
+def test_run_function_settings_read_secrets_as_the_config_does(tmp_path):
+    """`{"env": ...}` and `{"file": ...}` in --settings are read as the config reads secrets,
+    and redacted: a key need not be typed on the command line. They were refused ("must be
+    string, got dict")."""
+    import os
+
+    (tmp_path / "show.py").write_text(
+        "def on_track(event, settings):\n    print(settings['apiKey'], settings['deep'])\n"
+    )
+    (tmp_path / "event.json").write_text('{"type": "track", "userId": "u", "event": "E"}')
+    (tmp_path / "key.txt").write_text("file-secret-123\n")
+    settings = '{"apiKey": {"env": "DESTFND_TEST_KEY"}, "deep": {"k": {"file": "key.txt"}}}'
+    env = {**os.environ, "DESTFND_TEST_KEY": "env-secret-456"}
+    result = subprocess.run(
+        [sys.executable, "-m", "destfnd", "run-function", "show.py", "--event", "event.json",
+         "--settings", settings],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "  [redacted] {'k': '[redacted]'}\n" in result.stdout, result.stdout
+    assert "secret-" not in result.stdout + result.stderr
+    del env["DESTFND_TEST_KEY"]
+    missing = subprocess.run(
+        [sys.executable, "-m", "destfnd", "run-function", "show.py", "--event", "event.json",
+         "--settings", settings],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert (missing.returncode, missing.stderr) == (
+        3,
+        "destfnd: --settings.apiKey: environment variable DESTFND_TEST_KEY is not set\n",
+    )
