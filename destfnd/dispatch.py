@@ -89,6 +89,7 @@ class Dispatcher:
         self._stopped = asyncio.Event()  # set with _stopping: ends a wait after a store failure
         self._store_wait_s: dict[str, float] = {}  # op -> its last wait, while it fails
         self._workers_left = dest.concurrency
+        self._paused_until = 0.0  # monotonic: no delivery starts before (the downstream asked)
         self.counts: dict[str, int] = {}  # outcomes since start, for the periodic summary
         self._log = log.bind(destination=dest.name)
 
@@ -220,6 +221,15 @@ class Dispatcher:
                     await self._unit_ready.wait()
                 if self._stopping:
                     return
+                while (pause_s := self._paused_until - time.monotonic()) > 0:
+                    try:  # (a stop ends the pause)
+                        await asyncio.wait_for(self._stopped.wait(), pause_s)
+                    except TimeoutError:
+                        pass
+                    if self._stopping:
+                        return
+                if not self._units:  # another worker took it meanwhile
+                    continue
                 unit = self._units.popleft()
                 self._room.set()
                 self._running[worker] = unit
@@ -250,6 +260,8 @@ class Dispatcher:
             failed = retry(ErrorType.RETRY, f"internal error: {type(exc).__name__}: {exc}")
             report = same_for_all(failed, len(unit))
         duration_ms = round((time.monotonic() - started) * 1000, 1)
+        if report.pause_s:
+            self._pause(report.pause_s)
         now = self._clock()
         redact = self._redact
         invocation = Invocation(
@@ -266,6 +278,17 @@ class Dispatcher:
         ]
         self._outcomes.append((finished, invocation))
         self._flush_wake.set()
+
+    def _pause(self, asked_s: float) -> None:
+        """No delivery of this destination starts for `asked_s` (at most `max_age`): the
+        downstream asked every request to wait, not only the one it refused, and the others
+        would each burn an attempt on the same answer meanwhile."""
+        pause_s = min(asked_s, self.dest.retry.max_age_s)
+        until = time.monotonic() + pause_s
+        if until > self._paused_until:
+            if until > self._paused_until + 1:  # once per pause, not per refused request
+                self._log.info("destination_paused", seconds=round(pause_s, 3))
+            self._paused_until = until
 
     def _record(self, c: Claimed, outcome: Outcome, now: int, duration_ms: float) -> Finished:
         gave_up = ""

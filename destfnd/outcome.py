@@ -53,6 +53,9 @@ class Report:
     logs: str = ""
     requests: tuple[dict, ...] = ()
     version: str | None = None
+    # The downstream asked for a pause of every delivery, not only these (a webhook's 429 or
+    # 503 with Retry-After: rate limited, or down for maintenance), in seconds.
+    pause_s: float | None = None
 
 
 def same_for_all(outcome: Outcome, n: int, **record: object) -> Report:

@@ -37,6 +37,8 @@ from destfnd.paths import (
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
+# Their Retry-After pauses the whole destination: rate limited, or down for maintenance.
+_PAUSE_STATUSES = frozenset({429, 503})
 _MAX_ERROR_BODY = 4096  # bytes of a failed response's body kept on the attempt
 _MAX_DRAIN = 1024 * 1024  # bytes of a 2xx answer read (and dropped) before its connection closes
 
@@ -72,7 +74,9 @@ class Webhook:
         request: dict = {"method": "POST", "url": self._url, "events": len(payloads)}
         outcome = await self._post(payloads, batched, request)
         request["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
-        return same_for_all(outcome, len(payloads), requests=(request,))
+        # A Retry-After is the server's, for every request: the destination pauses.
+        pause_s = outcome.retry_after_s if request.get("status") in _PAUSE_STATUSES else None
+        return same_for_all(outcome, len(payloads), requests=(request,), pause_s=pause_s)
 
     async def _post(self, payloads: list[bytes], batched: bool, request: dict) -> Outcome:
         assert self._session is not None

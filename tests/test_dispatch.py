@@ -300,3 +300,19 @@ async def test_dispatch_a_webhook_url_may_be_a_secret(tmp_path, monkeypatch):
     shown = run_cli("deliveries", "--config", str(tmp_path / "destfnd.toml"))
     assert "POST [redacted] -> 500" in shown.stdout, shown.stdout
     assert "sekrit" not in shown.stdout + shown.stderr
+
+
+async def test_dispatch_a_retry_after_on_429_pauses_the_whole_destination(tmp_path):
+    """A rate-limited downstream (429 with Retry-After) wants every request to wait, not only
+    the one it refused: the destination starts no delivery meanwhile. Only that delivery used
+    to wait, the others went on at full concurrency, each burning an attempt on a 429."""
+    replies = [Reply(429, headers={"Retry-After": "1"})] + [Reply(200)] * 3
+    async with Sink(lambda n, r: replies[min(n, 3)]) as sink:
+        dest = webhook("hook", sink.url, retry=FAST_RETRY, concurrency=1)
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 3)
+            rows = await d.wait_for_status({"delivered"}, 3)
+    first, *later = sink.requests
+    assert first.status == 429 and len(later) == 3
+    assert min(r.at for r in later) - first.at >= 0.95  # the two others waited too
+    assert sorted(r["attempts"] for r in rows) == [1, 1, 2]  # only the refused one retried
