@@ -11,6 +11,7 @@ import math
 import os
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -19,8 +20,9 @@ import structlog
 from destfnd import __version__, logs
 from destfnd.config import Config, ConfigError, DestinationConfig, load_config, parse_duration
 from destfnd.errors import DestfndError
-from destfnd.store import Status, StoreBusy, StoreError, open_db
+from destfnd.store import Status, StoreBusy, StoreError, open_db, store_error
 from destfnd.store import queue as q
+from destfnd.store.db import transaction
 from destfnd.store.dedupe import events_with_message_id
 
 EXIT_OK = 0
@@ -143,6 +145,12 @@ def _parser() -> argparse.ArgumentParser:
         help="at most K (default 20, at most 10000)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON array")
+    p = command(
+        "retry", cmd_retry, "make retrying deliveries due now (after fixing what they wait for)"
+    )
+    p.add_argument("--destination", metavar="N", help="only this destination's")
+    p.add_argument("--message-id", metavar="ID", help="only this event's")
+    p.add_argument("--json", action="store_true", help='print {"due_now": N}')
     p = sub.add_parser(
         "run-function",
         help="run a function file once on an event and print what happened",
@@ -428,6 +436,30 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if args.destination and args.destination not in names:
         known = ", ".join(sorted(names)) or "none"
         print(f"note: no destination {args.destination!r} in the config ({known})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Retrying deliveries due now, attempts kept: the daemon (running or next started)
+    takes them within a second, instead of at the end of their backoff."""
+    cfg = load_config(_config_path(args), resolve_secrets=False)
+    conn = open_db(cfg.storage.path, readonly=True, update=True)
+    try:
+        event_ids = None
+        if args.message_id is not None:
+            event_ids = events_with_message_id(conn, [s.name for s in cfg.sources], args.message_id)
+        with transaction(conn):
+            count = q.retry_now(conn, int(time.time() * 1000), args.destination, event_ids)
+    except sqlite3.Error as exc:
+        raise store_error(f"{cfg.storage.path}: cannot write", exc) from exc
+    finally:
+        conn.close()
+    if args.json:
+        print(orjson.dumps({"due_now": count}).decode())
+    elif count:
+        print(f"{count} retrying deliver{'y is' if count == 1 else 'ies are'} due now")
+    else:
+        print("no retrying delivery matched: nothing to do")
     return EXIT_OK
 
 

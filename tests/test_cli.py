@@ -806,3 +806,34 @@ def test_cli_check_config_warns_of_a_retention_shorter_than_the_dedupe_window(tm
     )
     config.write_text(config.read_text().replace('"90m"', '"1d"'))
     assert run_cli("check-config", "--config", str(config)).stderr == ""
+
+
+async def test_cli_retry_makes_retrying_deliveries_due_now(make_daemon, tmp_path, session):
+    """After fixing the endpoint, a delivery waiting out its backoff (up to backoff_max, an
+    hour by default) can be retried now; attempts are kept. There was no way but to wait."""
+    from support import Reply, Sink, post, webhook
+
+    async with Sink(lambda n, r: Reply(500 if n < 2 else 200)) as sink:
+        slow = {"backoff_initial": "10m", "backoff_max": "1h"}
+        config = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url, retry=slow))
+        daemon = await make_daemon(config).start()
+        for i in range(2):
+            event = {"userId": "u", "event": "E", "messageId": f"m-{i}"}
+            assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        await sink.wait_for(lambda: len(sink.requests) == 2)
+        one = daemon.cli("retry", "--message-id", "m-0")
+        assert (one.returncode, one.stdout) == (0, "1 retrying delivery is due now\n"), one.stderr
+        await sink.wait_for(lambda: len(sink.requests) == 3)
+        rest = daemon.cli("retry", "--destination", "hook", "--json")
+        assert orjson.loads(rest.stdout) == {"due_now": 1}, rest.stderr
+        await sink.wait_for(lambda: len(sink.requests) == 4)
+        for _ in range(100):
+            if daemon.stats()["hook"]["delivered"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert daemon.stats()["hook"]["delivered"] == 2
+        nothing = daemon.cli("retry")
+        assert nothing.stdout == "no retrying delivery matched: nothing to do\n"
+        rows = orjson.loads(daemon.cli("deliveries", "--json").stdout)
+        assert sorted(r["attempts"] for r in rows) == [2, 2]  # attempts kept, and counted
+        assert await daemon.terminate() == 0

@@ -83,8 +83,11 @@ def open_db(
     synchronous: str = "FULL",
     readonly: bool = False,
     progress: Callable[[], int] | None = None,
+    update: bool = False,
 ) -> sqlite3.Connection:
-    """Open (creating and migrating unless `readonly`) the database at `path`.
+    """Open (creating and migrating unless `readonly`) the database at `path`; with `update`
+    too, for a command's small write beside a running daemon: read-write, but neither created
+    nor migrated (the daemon's schema must be this destfnd's).
 
     Autocommit mode: transactions are explicit (`BEGIN IMMEDIATE ... COMMIT`) in the writer.
     `progress` is called every so often while migrations run (a SQLite progress handler).
@@ -102,8 +105,9 @@ def open_db(
                 raise StoreError(f"{path}: cannot read the database: {exc.strerror}") from None
             if size == 0:
                 raise StoreError(f"{path}: no database yet (has the daemon ever started?)")
+            mode = "rw" if update else "ro"
             conn = sqlite3.connect(
-                f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+                f"file:{path}?mode={mode}", uri=True, isolation_level=None, check_same_thread=False
             )
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +115,14 @@ def open_db(
         # Readers and the writer wait this long for each other's locks instead of failing.
         conn.execute("PRAGMA busy_timeout = 5000")
         if readonly:
+            if update:
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                newest = _migrations()[-1][0]
+                if version != newest:
+                    raise StoreError(
+                        f"{path}: the database is at schema version {version}, this destfnd's "
+                        f"is {newest}: start the daemon of this version first (it migrates it)"
+                    )
             return conn
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: the WAL is fsynced at every commit, so a 200 means the event is on disk.

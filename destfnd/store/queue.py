@@ -209,6 +209,17 @@ def release(conn: sqlite3.Connection, delivery_ids: Iterable[int], now: int) -> 
     conn.executemany(SQL["release"], [(now, i) for i in delivery_ids])
 
 
+def retry_now(
+    conn: sqlite3.Connection, now: int, destination: str | None, event_ids: list[int] | None
+) -> int:
+    """Retrying deliveries (of `destination`, of `event_ids`) due now; how many."""
+    events = ""
+    if event_ids is not None:
+        events = f"AND event_id IN ({','.join(str(int(i)) for i in event_ids) or 'NULL'})"
+    sql = SQL["retry_now"].format(events=events)
+    return conn.execute(sql, {"now": now, "destination": destination}).rowcount
+
+
 def recover(conn: sqlite3.Connection, now: int) -> int:
     return conn.execute(SQL["recover"], (now,)).rowcount
 

@@ -88,6 +88,13 @@ WHERE id = ?;
 -- Gives back a lease whose attempt never ran to the end (shutdown): due now, attempt not counted.
 UPDATE deliveries SET leased = 0, next_at = ?, attempts = max(attempts - 1, 0) WHERE id = ?;
 
+-- name: retry_now
+-- `destfnd retry`: retrying deliveries not leased right now are due now, attempts kept.
+-- {events}: an optional "AND event_id IN (...)".
+UPDATE deliveries SET next_at = :now
+WHERE status = 'retrying' AND leased = 0 AND next_at > :now
+  AND (:destination IS NULL OR destination = :destination) {events};
+
 -- name: recover
 -- Crash-only recovery: whatever was leased when the daemon died is due again, attempts kept.
 UPDATE deliveries SET leased = 0, next_at = ? WHERE leased = 1;
