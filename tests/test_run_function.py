@@ -687,3 +687,17 @@ def test_run_function_settings_read_secrets_as_the_config_does(tmp_path):
         3,
         "destfnd: --settings.apiKey: environment variable DESTFND_TEST_KEY is not set\n",
     )
+
+
+def test_run_function_a_cancelled_error_the_handler_raises_is_its_own(tmp_path):
+    """Nothing cancelled the call: the CancelledError is the handler's, a Bad Request like any
+    other exception. It was reported as a Timeout ("cancelled") and retried."""
+    (tmp_path / "cancels.py").write_text(
+        "import asyncio\n\nasync def on_track(event, settings):\n"
+        "    raise asyncio.CancelledError()\n"
+    )
+    (tmp_path / "event.json").write_text('{"type": "track", "userId": "u", "event": "E"}')
+    result = run_cli(
+        "run-function", str(tmp_path / "cancels.py"), "--event", str(tmp_path / "event.json")
+    )
+    assert "outcome: discarded (Bad Request): CancelledError\n" in result.stdout, result.stdout

@@ -389,8 +389,10 @@ def _reraise_cancel(exc: BaseException) -> None:
     """A handler's exception of any kind is its outcome: KeyboardInterrupt, SystemExit or a
     class of its own derived from BaseException would otherwise end the call without a reply
     (reported as a timeout) or end the worker. CancelledError is not the handler's: it is how
-    a timed-out invocation is stopped, so it goes on."""
-    if isinstance(exc, asyncio.CancelledError):
+    a timed-out invocation is stopped, so it goes on, unless nothing cancelled this call (the
+    handler raised it, or let one of its own tasks' through): then it is the handler's."""
+    task = asyncio.current_task()
+    if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
         raise exc
 
 
