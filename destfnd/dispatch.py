@@ -28,6 +28,15 @@ log = structlog.get_logger("destfnd.dispatch")
 
 _IDLE_POLL_S = 1.0  # re-check for due work at least this often when nothing woke us
 _MAX_ERROR_CHARS = 4096  # of an error message, stored and logged (an exception can hold megabytes)
+
+
+def clip_error(message: str) -> str:
+    """An error message of at most _MAX_ERROR_CHARS, saying how long it was."""
+    if len(message) <= _MAX_ERROR_CHARS:
+        return message
+    return f"{message[:_MAX_ERROR_CHARS]}... [{len(message):,} characters in all]"
+
+
 # A failed store write (a full disk) is tried again after this long, doubling up to the second.
 _STORE_RETRY_S = (1.0, 10.0)
 _OUTCOME_STATUS = {
@@ -306,8 +315,8 @@ class Dispatcher:
             status, at = _OUTCOME_STATUS[outcome.kind], now
         error_type = str(outcome.error_type) if outcome.error_type else None
         message = self._redact(outcome.message) if outcome.message else outcome.message
-        if message and len(message) > _MAX_ERROR_CHARS:  # a function's error can be any size
-            message = f"{message[:_MAX_ERROR_CHARS]}... [{len(message):,} characters in all]"
+        if message:  # a function's error can be any size
+            message = clip_error(message)
         if gave_up:
             message = f"{message}; gave up: {gave_up}" if message else f"gave up: {gave_up}"
         finished = Finished(c.delivery_id, status, at, error_type, message, c.attempt, now)

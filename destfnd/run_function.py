@@ -12,6 +12,7 @@ import orjson
 
 from destfnd import spec as segment_spec
 from destfnd.config import RetryPolicy, Secret
+from destfnd.dispatch import clip_error
 from destfnd.errors import DestfndError
 from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType
 from destfnd.redact import Redactor, redact_tree
@@ -151,7 +152,8 @@ async def run(
         "version": version,
         "outcomes": [
             {"status": _STATUS[o["kind"]], "error_type": o.get("error_type"),
-             "message": redact(o["message"]) if o.get("message") else None,
+             # As serve stores and shows it: an exception can hold megabytes.
+             "message": clip_error(redact(o["message"])) if o.get("message") else None,
              "retry_after_s": o.get("retry_after_s")}
             for o in reply["outcomes"]
         ],

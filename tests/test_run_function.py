@@ -701,3 +701,26 @@ def test_run_function_a_cancelled_error_the_handler_raises_is_its_own(tmp_path):
         "run-function", str(tmp_path / "cancels.py"), "--event", str(tmp_path / "event.json")
     )
     assert "outcome: discarded (Bad Request): CancelledError\n" in result.stdout, result.stdout
+
+
+def test_run_function_logging_basic_config_and_a_huge_error(tmp_path):
+    """A function's own logging.basicConfig(level=DEBUG, format=...) applies to its logs (it
+    did nothing: the root logger had destfnd's handler). An error of 100 KB is shown cut at
+    4 KB, as serve stores it (it was printed whole)."""
+    (tmp_path / "logs.py").write_text(
+        "import logging\n"
+        'logging.basicConfig(level=logging.DEBUG, format="%(levelname)s|%(message)s")\n'
+        "def on_track(event, settings):\n"
+        '    logging.getLogger("crm").debug("token cached")\n'
+        "def on_identify(event, settings):\n"
+        '    raise ValueError("x" * 100_000)\n'
+    )
+    (tmp_path / "events.json").write_text(
+        '[{"type": "track", "userId": "u", "event": "E"}, {"type": "identify", "userId": "u"}]'
+    )
+    result = run_cli("run-function", str(tmp_path / "logs.py"), "--event",
+                     str(tmp_path / "events.json"), "--json")  # fmt: skip
+    report = orjson.loads(result.stdout)
+    assert "DEBUG|token cached\n" in report["logs"]
+    message = report["outcomes"][1]["message"]
+    assert len(message) < 4200 and message.endswith("... [100,012 characters in all]"), message

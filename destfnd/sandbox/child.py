@@ -385,6 +385,24 @@ def _without_unsendable(reply: dict) -> dict:
     return reply
 
 
+_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def _user_basic_config(handler: logging.Handler) -> Any:
+    """A function's own `logging.basicConfig(level=..., format=...)`: the root logger keeps
+    destfnd's handler (what it writes is the attempt's logs), and takes the level and format
+    given. (Python's would do nothing: the root logger has a handler already.)"""
+
+    def basic_config(**kwargs: Any) -> None:
+        if "level" in kwargs:
+            logging.getLogger().setLevel(kwargs["level"])
+        if "format" in kwargs:
+            style = kwargs.get("style", "%")
+            handler.setFormatter(logging.Formatter(kwargs["format"], kwargs.get("datefmt"), style))
+
+    return basic_config
+
+
 def _reraise_cancel(exc: BaseException) -> None:
     """A handler's exception of any kind is its outcome: KeyboardInterrupt, SystemExit or a
     class of its own derived from BaseException would otherwise end the call without a reply
@@ -503,8 +521,9 @@ def main(argv: list[str]) -> None:
     sys.stdout = _Capture(sys.__stdout__)
     sys.stderr = _Capture(sys.__stderr__)
     handler = _LogHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig = _user_basic_config(handler)  # type: ignore[assignment]
     try:
         import uvloop
     except ImportError:
