@@ -443,7 +443,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     """Retrying deliveries due now, attempts kept: the daemon (running or next started)
     takes them within a second, instead of at the end of their backoff."""
     cfg = load_config(_config_path(args), resolve_secrets=False)
-    conn = open_db(cfg.storage.path, readonly=True, update=True)
+    conn = open_db(cfg.storage.path, update=True)
     try:
         event_ids = None
         if args.message_id is not None:

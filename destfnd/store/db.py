@@ -85,16 +85,16 @@ def open_db(
     progress: Callable[[], int] | None = None,
     update: bool = False,
 ) -> sqlite3.Connection:
-    """Open (creating and migrating unless `readonly`) the database at `path`; with `update`
-    too, for a command's small write beside a running daemon: read-write, but neither created
-    nor migrated (the daemon's schema must be this destfnd's).
+    """Open (creating and migrating unless `readonly`) the database at `path`. `update`: for
+    a command's small write beside a running daemon, read-write but neither created nor
+    migrated (the daemon's schema must be this destfnd's).
 
     Autocommit mode: transactions are explicit (`BEGIN IMMEDIATE ... COMMIT`) in the writer.
     `progress` is called every so often while migrations run (a SQLite progress handler).
     """
     conn = None
     try:
-        if readonly:
+        if readonly or update:
             # Empty: made by a daemon that stopped before SQLite wrote to it (it takes a lock
             # on the file first).
             try:
@@ -114,7 +114,7 @@ def open_db(
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # Readers and the writer wait this long for each other's locks instead of failing.
         conn.execute("PRAGMA busy_timeout = 5000")
-        if readonly:
+        if readonly or update:
             if update:
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
                 newest = _migrations()[-1][0]
