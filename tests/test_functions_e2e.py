@@ -1256,3 +1256,52 @@ async def test_functions_stop_ends_busy_workers_together(make_daemon, tmp_path, 
     rows = deliveries(daemon)
     assert {r["status"] for r in rows.values()} == {"pending"}  # returned, uncounted
     assert {r["attempts"] for r in rows.values()} == {0}
+
+
+RETURNS_SLOW_COROUTINE_PY = """
+import asyncio
+
+async def _slow():
+    await asyncio.sleep(5)
+
+def on_track(event, settings):  # a plain def handing back a coroutine
+    return _slow()
+"""
+
+
+async def test_functions_a_plain_def_timing_out_in_its_coroutine_keeps_its_worker(
+    make_daemon, tmp_path, session
+):
+    """Its thread is done once it returns the coroutine, which is cancelled at the timeout
+    as an async def's would be: the worker is not taken for blocked and replaced (with every
+    other call in flight in it)."""
+    (tmp_path / "returns.py").write_text(RETURNS_SLOW_COROUTINE_PY)
+    one_try = "[destinations.retry]\nmax_attempts = 1\n"
+    dest = function_destination("fn", "returns.py", "{}", timeout='"1s"', _tables=one_try)
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    await send(session, daemon, [{"type": "track", "event": "E", "messageId": "m"}])
+    rows = await wait_final(daemon, 1)
+    assert (rows["fn", "m"]["status"], rows["fn", "m"]["error_type"]) == ("expired", "Timeout")
+    await asyncio.sleep(1.5)  # a ping's grace: the worker would be replaced by now
+    assert not [e for e in daemon.log_records() if e.get("event") == "worker_replaced"]
+
+
+MANY_THREADS_PY = """
+import time
+
+def on_track(event, settings):
+    time.sleep(0.5)
+"""
+
+
+async def test_functions_plain_def_threads_stay_within_memory_limit(make_daemon, tmp_path, session):
+    """concurrency = 300 with a plain def: 300 threads of 2 MB passed memory_limit (512 MB),
+    "can't start new thread" discarded the event as a Bad Request, and the handler still ran
+    later. Threads are capped at a quarter of memory_limit in stacks; the others wait."""
+    (tmp_path / "many.py").write_text(MANY_THREADS_PY)
+    dest = function_destination("fn", "many.py", "{}", concurrency="300", timeout='"20s"')
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    await send(session, daemon, [{"type": "track", "event": "E", "messageId": f"m{i}"}
+                                 for i in range(300)])  # fmt: skip
+    rows = await wait_final(daemon, 300, timeout_s=60)
+    assert {r["status"] for r in rows.values()} == {"delivered"}

@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 from typing import Any
 
 import orjson
@@ -80,7 +81,11 @@ class Worker:
         self.settings: dict = {}
         self.settings_json = b"{}"
         self.tasks: dict[int, asyncio.Task] = {}
-        self.on_thread: set[int] = set()  # invocations running a plain `def` on a thread
+        # Calls with a plain `def` handler running on a thread (how many of their handlers),
+        # and calls cancelled; both under _gate_lock, which threads take too.
+        self.on_thread: dict[int, int] = {}
+        self.cancelled: set[int] = set()
+        self._gate_lock = threading.Lock()
         self.exit_after_reply = False
         self.stuck = False  # a timed-out plain `def` handler still runs on a thread
 
@@ -128,7 +133,9 @@ class Worker:
             return
         self.settings = message.get("settings") or {}
         self.settings_json = orjson.dumps(self.settings)
-        runtime.set_threads(int(message.get("threads") or 8))
+        memory_limit = resource.getrlimit(resource.RLIMIT_AS)[0]  # memory_limit, if set
+        unlimited = memory_limit == resource.RLIM_INFINITY
+        runtime.set_threads(int(message.get("threads") or 8), 0 if unlimited else memory_limit)
         try:
             problems, secret_keys, warnings = runtime.check_settings(modules, self.settings)
         except Exception as exc:  # a SETTINGS declaration no check foresaw
@@ -152,9 +159,11 @@ class Worker:
         task = self.tasks.get(call_id)
         if task is None:
             return
-        if call_id in self.on_thread:
-            # A thread cannot be interrupted: the next pong says so; the daemon replaces us.
-            self.stuck = True
+        with self._gate_lock:
+            if self.on_thread.get(call_id):
+                # A thread cannot be interrupted: the next pong says so; the daemon replaces us.
+                self.stuck = True
+            self.cancelled.add(call_id)  # a handler still waiting for a thread: never run
         task.cancel()
 
     async def call(self, message: dict) -> None:
@@ -182,7 +191,9 @@ class Worker:
             outcomes *= len(events)
             out_events *= len(events)
         finally:
-            self.on_thread.discard(call_id)
+            with self._gate_lock:
+                self.on_thread.pop(call_id, None)
+                self.cancelled.discard(call_id)
         reply["outcomes"] = outcomes
         if "function" not in stages:
             reply["events"] = out_events
@@ -204,8 +215,24 @@ class Worker:
         ["url"] += "/v2"`) is not what the next one gets."""
         return orjson.loads(self.settings_json)
 
-    def _thread(self, call_id: int):
-        return lambda: self.on_thread.add(call_id)
+    def _gate(self, call_id: int) -> Any:
+        """For `runtime.invoke`, on a handler's thread: whether the call may still run (not
+        cancelled while it waited for a thread), counted as on a thread until it returns."""
+
+        def gate(entering: bool) -> bool:
+            with self._gate_lock:
+                running = self.on_thread.get(call_id, 0)
+                if entering:
+                    if call_id in self.cancelled:
+                        return False
+                    self.on_thread[call_id] = running + 1
+                elif running > 1:
+                    self.on_thread[call_id] = running - 1
+                else:
+                    self.on_thread.pop(call_id, None)
+                return True
+
+        return gate
 
     async def run_one(self, call_id: int, event: Any, stages: list[str], rec) -> tuple[dict, Any]:
         if not _is_event(event):
@@ -217,7 +244,7 @@ class Worker:
                 return runtime.unsupported(f"the insert function has no {name} handler"), None
             try:
                 result = await runtime.invoke(handler, event, self.fresh_settings(),
-                                              on_thread=self._thread(call_id))  # fmt: skip
+                                              gate=self._gate(call_id))  # fmt: skip
             except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
                 _reraise_cancel(exc)
                 return self.failed(exc, rec), None
@@ -235,7 +262,7 @@ class Worker:
             return runtime.unsupported(f"the function has no {name} handler"), None
         try:
             returned = await runtime.invoke(handler, event, self.fresh_settings(),
-                                            on_thread=self._thread(call_id))  # fmt: skip
+                                            gate=self._gate(call_id))  # fmt: skip
         except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
             _reraise_cancel(exc)
             return self.failed(exc, rec), None
@@ -281,7 +308,7 @@ class Worker:
         n = len(batch)  # now: user code may empty the list it is given
         try:
             returned = await runtime.invoke(on_batch, batch, self.fresh_settings(),
-                                            on_thread=self._thread(call_id))  # fmt: skip
+                                            gate=self._gate(call_id))  # fmt: skip
         except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
             _reraise_cancel(exc)
             failure = self.failed(exc, rec)
@@ -301,7 +328,7 @@ class Worker:
         n = len(events)
         try:
             returned = await runtime.invoke(on_batch, events, self.fresh_settings(),
-                                            on_thread=self._thread(call_id))  # fmt: skip
+                                            gate=self._gate(call_id))  # fmt: skip
         except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
             _reraise_cancel(exc)
             return [(self.failed(exc, rec), None)] * n

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -322,21 +323,28 @@ class _Threads(concurrent.futures.ThreadPoolExecutor):
             threading.stack_size(previous)
 
 
-def set_threads(count: int) -> None:
+def set_threads(count: int, memory_limit_bytes: int = 0) -> None:
     """Up to `count` plain `def` handlers run at once (the destination's `concurrency`, so
-    none waits for a thread while its `timeout` runs); threads are made as needed."""
+    none waits for a thread while its `timeout` runs), and no more than a quarter of
+    `memory_limit` in their stacks; threads are made as needed."""
     global _threads
+    if memory_limit_bytes > 0:
+        count = min(count, memory_limit_bytes // (4 * THREAD_STACK_BYTES))
     if _threads is not None:
         _threads.shutdown(wait=False)
     _threads = _Threads(max(1, count), thread_name_prefix="destfnd-handler")
 
 
-async def invoke(fn: Any, *args: Any, on_thread: Any = None) -> Any:
+_NOT_RUN = object()  # what a thread returns for a call cancelled before it got one
+
+
+async def invoke(fn: Any, *args: Any, gate: Callable[[bool], bool] | None = None) -> Any:
     """Call a handler: `async def` on this loop, plain `def` on a thread (so blocking code
-    does not stall the other invocations); `on_thread()` is told once its thread runs it (a
-    call still waiting for a thread is cancelled as any other). What a handler returns that
-    can be awaited (a coroutine: `return fetch(...)`, as JavaScript functions return a
-    promise) is awaited, so that its work is done and its errors count."""
+    does not stall the other invocations). `gate(True)` is asked once a thread has it: False
+    (the call was cancelled while it waited for one) and it does not run; `gate(False)` is
+    told when it returns. What a handler returns that can be awaited (a coroutine: `return
+    fetch(...)`, as JavaScript functions return a promise) is awaited, so that its work is
+    done and its errors count."""
     if inspect.iscoroutinefunction(fn):
         result = await fn(*args)
     else:
@@ -345,11 +353,21 @@ async def invoke(fn: Any, *args: Any, on_thread: Any = None) -> Any:
         context = contextvars.copy_context()  # the call's record, for print() and fetch()
 
         def run() -> Any:
-            if on_thread is not None:
-                on_thread()
-            return context.run(fn, *args)
+            if gate is not None and not gate(True):
+                return _NOT_RUN
+            try:
+                return context.run(fn, *args)
+            finally:
+                if gate is not None:
+                    gate(False)
 
-        result = await asyncio.get_running_loop().run_in_executor(_threads, run)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(_threads, run)
+        except RuntimeError as exc:
+            if "can't start new thread" not in str(exc):
+                raise
+            # Out of memory for one more stack (memory_limit): retried, the worker replaced.
+            raise MemoryError("no memory left to start a thread for a plain def handler") from None
     if inspect.isawaitable(result):
         result = await result
     return result
