@@ -174,6 +174,7 @@ class FunctionDestination:
             return Report(tuple(outcomes), logs, requests, self.version)
         # Insert function in front of a built-in destination: send on what it passed.
         passed = [i for i, o in enumerate(outcomes) if o.kind is Kind.OK]
+        pause_s = None
         if passed:
             events = reply["events"]
             down = await self._downstream.deliver(
@@ -182,7 +183,8 @@ class FunctionDestination:
             for i, outcome in zip(passed, down.outcomes, strict=True):
                 outcomes[i] = outcome
             requests += down.requests
-        return Report(tuple(outcomes), logs, requests, self.version)
+            pause_s = down.pause_s  # the webhook's server asked the destination to wait
+        return Report(tuple(outcomes), logs, requests, self.version, pause_s)
 
 
 async def check_functions(cfg: Config) -> list[tuple[DestinationConfig, list[str], list[str]]]:

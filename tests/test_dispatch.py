@@ -302,13 +302,17 @@ async def test_dispatch_a_webhook_url_may_be_a_secret(tmp_path, monkeypatch):
     assert "sekrit" not in shown.stdout + shown.stderr
 
 
-async def test_dispatch_a_retry_after_on_429_pauses_the_whole_destination(tmp_path):
+@pytest.mark.parametrize("insert", [False, True])
+async def test_dispatch_a_retry_after_on_429_pauses_the_whole_destination(tmp_path, insert):
     """A rate-limited downstream (429 with Retry-After) wants every request to wait, not only
-    the one it refused: the destination starts no delivery meanwhile. Only that delivery used
-    to wait, the others went on at full concurrency, each burning an attempt on a 429."""
+    the one it refused: the destination starts no delivery meanwhile (also behind an insert
+    function). Only that delivery used to wait, the others went on at full concurrency, each
+    burning an attempt on a 429."""
     replies = [Reply(429, headers={"Retry-After": "1"})] + [Reply(200)] * 3
+    (tmp_path / "pass.py").write_text("def on_track(event, settings):\n    return event\n")
+    extra = {"insert_function": "pass.py"} if insert else {}
     async with Sink(lambda n, r: replies[min(n, 3)]) as sink:
-        dest = webhook("hook", sink.url, retry=FAST_RETRY, concurrency=1)
+        dest = webhook("hook", sink.url, retry=FAST_RETRY, concurrency=1, **extra)
         async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
             await send(d, 3)
             rows = await d.wait_for_status({"delivered"}, 3)

@@ -483,13 +483,14 @@ from destfnd.functions import fetch
 async def on_track(event, settings):
     res = await fetch(settings["sink"] + "/moved", method="POST",
                       headers={"X-Count": 5, "X-None": None}, body="plain", timeout="5s")
+    await fetch(settings["sink"] + "/landed", timeout="2.5")  # its text, from settings, say
     print("status", res.status)
 
 async def on_identify(event, settings):
     await fetch(settings["sink"], body={"an": "object"})
 
 async def on_page(event, settings):
-    await fetch(settings["sink"], timeout="5")  # a duration needs its unit
+    await fetch(settings["sink"], timeout="soon")
 
 async def on_group(event, settings):  # headers as pairs, a value as bytes
     await fetch(settings["sink"] + "/ftp", headers=[("X-Raw", b"caf\\xe9")])
@@ -550,7 +551,7 @@ async def test_run_function_fetch_arguments_and_redirects(files):
     assert "use json= for an object" in identify["message"]
     assert (
         "fetch(timeout=) must be a number of seconds above 0, or a duration such as "
-        "\"500ms\", got '5'"
+        "\"500ms\", got 'soon'"
     ) in page["message"]
 
 

@@ -77,16 +77,20 @@ def _session_for_loop() -> aiohttp.ClientSession | None:
 
 
 def _timeout_seconds(value: object) -> float:
-    """fetch's `timeout`: seconds (a number), or a duration such as "500ms" or "5s"."""
+    """fetch's `timeout`: seconds (a number, or its text: from settings, say), or a duration
+    such as "500ms" or "5s"."""
     expected = 'a number of seconds above 0, or a duration such as "500ms"'
     try:
-        if isinstance(value, str):
-            seconds = parse_duration(value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
-        else:
+        if isinstance(value, bool):
             raise ValueError
-    except ValueError:
+        if isinstance(value, str):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = parse_duration(value)
+        else:
+            seconds = float(value)  # type: ignore[arg-type]
+    except (ValueError, TypeError, OverflowError):
         raise ValueError(f"fetch(timeout=) must be {expected}, got {value!r}") from None
     if not 0 < seconds < math.inf:
         raise ValueError(f"fetch(timeout=) must be {expected}, got {value!r}")

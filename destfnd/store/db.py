@@ -27,7 +27,8 @@ BUSY_HINT = " (another process holds a lock on it; trying again later may succee
 
 def store_error(text: str, exc: sqlite3.Error) -> StoreError:
     """`text: exc` as a StoreError, a StoreBusy if the database was locked."""
-    if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+    code = getattr(exc, "sqlite_errorcode", None)  # extended: SQLITE_BUSY_RECOVERY is 261
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return StoreBusy(f"{text}: {exc}{BUSY_HINT}")
     return StoreError(f"{text}: {exc}")
 
