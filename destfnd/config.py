@@ -175,8 +175,26 @@ def _secrets(cfg: Config) -> list[Secret]:
 
 def config_secrets(cfg: Config) -> list[str]:
     """Every secret value that came from env, a file or a credential, without duplicates
-    (inline values are not secrets: they are in the file anyway)."""
-    return list(dict.fromkeys(s.value for s in _secrets(cfg) if s.origin != "inline"))
+    (inline values are not secrets: they are in the file anyway). A webhook `url` that is a
+    secret comes also in the other forms its parts are shown in (normalized as the HTTP
+    client writes it in its errors; its path and query alone, as a server may echo them)."""
+    values = [s.value for s in _secrets(cfg) if s.origin != "inline"]
+    for dest in cfg.destinations:
+        if isinstance(dest.url, Secret) and dest.url.value:
+            values += _url_forms(dest.url.value)
+    return list(dict.fromkeys(values))
+
+
+def _url_forms(text: str) -> list[str]:
+    from yarl import URL
+
+    try:
+        url = URL(text)
+        forms = [str(url), url.human_repr(), url.path_qs, url.raw_path_qs, url.path,
+                 url.raw_path, url.query_string, url.raw_query_string]  # fmt: skip
+    except (ValueError, TypeError):
+        return []
+    return [form for form in forms if form.strip("/")]
 
 
 def secret_env_names(cfg: Config) -> tuple[str, ...]:

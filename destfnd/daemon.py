@@ -286,7 +286,7 @@ class Daemon:
             redactor = Redactor(config_secrets(cfg))
             # Function workers can take seconds to load (up to their 30 s limit): a stop
             # meanwhile abandons them rather than waiting, or failing the start (exit 3).
-            deliverers = await self._unless_stopped(_start_extending(cfg, redactor))
+            deliverers = await self._unless_stopped(_start_extending(cfg, redactor, self._stop))
             if deliverers is None or self._stop.is_set():
                 for deliverer in (deliverers or {}).values():
                     await deliverer.close()
@@ -578,15 +578,18 @@ def _tune_gc() -> None:
     gc.set_threshold(*_GC_THRESHOLD)
 
 
-async def _start_extending(cfg: Config, redactor: Redactor) -> dict[str, Deliverer]:
+async def _start_extending(
+    cfg: Config, redactor: Redactor, stop: asyncio.Event
+) -> dict[str, Deliverer]:
     """`start_deliverers`, extending systemd's start timeout while it runs: each worker may
     take up to 30 s to load its function, one after another (a limit of destfnd's own, so a
-    load that hangs still ends)."""
+    load that hangs still ends). Not once a stop is asked for: systemd would extend its stop
+    timeout instead."""
     progress = sdnotify.StartProgress()
     progress.status = "starting: loading the functions"
 
     async def tick() -> None:
-        while True:
+        while not stop.is_set():
             progress.tick()
             await asyncio.sleep(1)
 

@@ -155,6 +155,14 @@ class Dispatcher:
         name = self.dest.name
         batch_started = 0.0
         while not self._stopping:
+            if (pause_s := self._paused_until - time.monotonic()) > 0:
+                # Nothing is leased while the destination pauses: a lease counts the attempt
+                # (and a crash meanwhile would keep that count for an attempt never made).
+                try:
+                    await asyncio.wait_for(self._stopped.wait(), pause_s)
+                except TimeoutError:
+                    pass
+                continue
             if len(self._units) >= self._max_units:
                 self._room.clear()
                 await self._room.wait()

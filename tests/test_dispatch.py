@@ -286,19 +286,21 @@ async def test_dispatch_the_status_decides_though_the_body_stalls(tmp_path, case
 
 async def test_dispatch_a_webhook_url_may_be_a_secret(tmp_path, monkeypatch):
     """A Slack or Zapier hook carries its token in the URL: `url = { env = "..." }` is taken,
-    and the URL is redacted wherever destfnd shows it. It was refused ("got a table")."""
-    async with Sink(lambda n, r: Reply(500)) as sink:
+    and the URL is redacted wherever destfnd shows it, also its path where a server echoes
+    it. It was refused ("got a table")."""
+    async with Sink(lambda n, r: Reply(404, body="Cannot POST /in/T000/sekrit-token")) as sink:
         monkeypatch.setenv("DESTFND_TEST_HOOK", f"{sink.url}/T000/sekrit-token")
         dest = (
             '[[destinations]]\nname = "hook"\ntype = "webhook"\n'
-            'url = { env = "DESTFND_TEST_HOOK" }\n[destinations.retry]\nmax_attempts = 1\n'
+            'url = { env = "DESTFND_TEST_HOOK" }\n'
         )
         async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
             await send(d, 1)
-            await d.wait_for_status({"expired"}, 1)
+            await d.wait_for_status({"discarded"}, 1)
     assert len(sink.requests) == 1
     shown = run_cli("deliveries", "--config", str(tmp_path / "destfnd.toml"))
-    assert "POST [redacted] -> 500" in shown.stdout, shown.stdout
+    assert "POST [redacted] -> 404" in shown.stdout, shown.stdout
+    assert "response body: Cannot POST [redacted]" in shown.stdout, shown.stdout
     assert "sekrit" not in shown.stdout + shown.stderr
 
 
