@@ -667,23 +667,20 @@ def test_run_function_settings_read_secrets_as_the_config_does(tmp_path):
     (tmp_path / "event.json").write_text('{"type": "track", "userId": "u", "event": "E"}')
     (tmp_path / "key.txt").write_text("file-secret-123\n")
     settings = '{"apiKey": {"env": "DESTFND_TEST_KEY"}, "deep": {"k": {"file": "key.txt"}}}'
-    env = {**os.environ, "DESTFND_TEST_KEY": "env-secret-456"}
-    result = subprocess.run(
-        [sys.executable, "-m", "destfnd", "run-function", "show.py", "--event", "event.json",
-         "--settings", settings],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess:  # in tmp_path: key.txt
+        return subprocess.run(
+            [sys.executable, "-m", "destfnd", "run-function", "show.py", "--event",
+             "event.json", "--settings", settings],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    result = run({**os.environ, "DESTFND_TEST_KEY": "env-secret-456"})
     assert result.returncode == 0, result.stderr
     assert "  [redacted] {'k': '[redacted]'}\n" in result.stdout, result.stdout
     assert "secret-" not in result.stdout + result.stderr
-    del env["DESTFND_TEST_KEY"]
-    missing = subprocess.run(
-        [sys.executable, "-m", "destfnd", "run-function", "show.py", "--event", "event.json",
-         "--settings", settings],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    missing = run({k: v for k, v in os.environ.items() if k != "DESTFND_TEST_KEY"})
     assert (missing.returncode, missing.stderr) == (
         3,
         "destfnd: --settings.apiKey: environment variable DESTFND_TEST_KEY is not set\n",
