@@ -185,16 +185,22 @@ def config_secrets(cfg: Config) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+# A secret url's path or query alone is redacted only from this length: a shorter one
+# ("/api", "?json") is no token, and redacting it everywhere would mangle other text.
+_URL_PART_SECRET_CHARS = 12
+
+
 def _url_forms(text: str) -> list[str]:
     from yarl import URL
 
     try:
         url = URL(text)
-        forms = [str(url), url.human_repr(), url.path_qs, url.raw_path_qs, url.path,
-                 url.raw_path, url.query_string, url.raw_query_string]  # fmt: skip
+        whole = [str(url), url.human_repr()]
+        parts = [url.path_qs, url.raw_path_qs, url.path, url.raw_path, url.query_string,
+                 url.raw_query_string]  # fmt: skip
     except (ValueError, TypeError):
         return []
-    return [form for form in forms if form.strip("/")]
+    return whole + [part for part in parts if len(part) >= _URL_PART_SECRET_CHARS]
 
 
 def secret_env_names(cfg: Config) -> tuple[str, ...]:

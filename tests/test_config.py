@@ -578,3 +578,31 @@ def test_config_a_file_destination_hard_linked_to_the_database_is_refused(tmp_pa
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.problems == ["destinations[0].path: is the database (storage.path)"]
+
+
+def test_config_a_secret_url_is_redacted_in_its_forms_but_not_its_short_parts(tmp_path):
+    """A secret webhook url is hidden also as the HTTP client normalizes it, and its path and
+    query alone when long enough to be a token; not "/api" or "json" alone, which would mangle
+    another destination's URL or a Content-Type ("application/[redacted]")."""
+    from destfnd.config import config_secrets
+    from destfnd.redact import Redactor
+
+    config = tmp_path / "destfnd.toml"
+    config.write_text(
+        SOURCE
+        + '[[destinations]]\nname = "slack"\ntype = "webhook"\nurl = { env = "A_URL" }\n'
+        + '[[destinations]]\nname = "api"\ntype = "webhook"\nurl = { env = "B_URL" }\n'
+    )
+    cfg = load_config(config, environ={
+        "A_URL": "https://HOOKS.example.com/services/T000/B000/XXXXsekrit",
+        "B_URL": "http://127.0.0.1:9/api?json",
+    })  # fmt: skip
+    redact = Redactor(config_secrets(cfg))
+    assert redact("POST https://hooks.example.com/services/T000/B000/XXXXsekrit") == (
+        "POST [redacted]"
+    )
+    assert redact("Cannot POST /services/T000/B000/XXXXsekrit") == "Cannot POST [redacted]"
+    assert redact("http://127.0.0.1:9/api?json") == "[redacted]"
+    assert redact("http://127.0.0.1:9/api/track application/json") == (
+        "http://127.0.0.1:9/api/track application/json"
+    )

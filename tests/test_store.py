@@ -867,3 +867,18 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     assert conn.execute("SELECT status FROM attempts").fetchall() == [("discarded",)]
     q.prune(conn, T0 + 100, 100)
     assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("folder", ["with#hash", "with?question", "with%25percent", "with space"])
+def test_store_a_database_path_with_uri_characters_opens_for_commands(tmp_path, folder):
+    """stats, deliveries and retry open the database as an SQLite URI: a "#" or "?" in its path
+    ended the path there ("no such table", and a stray empty file created at the cut)."""
+    path = tmp_path / folder / "db.sqlite3"
+    open_db(path).close()
+    for mode in ({"readonly": True}, {"update": True}):
+        conn = open_db(path, **mode)
+        try:
+            assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
+        finally:
+            conn.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder]

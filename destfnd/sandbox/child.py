@@ -81,11 +81,8 @@ class Worker:
         self.settings: dict = {}
         self.settings_json = b"{}"
         self.tasks: dict[int, asyncio.Task] = {}
-        # Calls with a plain `def` handler running on a thread (how many of their handlers),
-        # and calls cancelled; both under _gate_lock, which threads take too.
-        self.on_thread: dict[int, int] = {}
-        self.cancelled: set[int] = set()
-        self._gate_lock = threading.Lock()
+        self.calls: dict[int, _CallState] = {}  # beside `tasks`: what their threads share
+        self._gate_lock = threading.Lock()  # for every _CallState: threads take it too
         self.exit_after_reply = False
         self.stuck = False  # a timed-out plain `def` handler still runs on a thread
 
@@ -100,9 +97,10 @@ class Worker:
             kind = message.get("t")
             if kind == "call":
                 call_id = message["id"]
+                self.calls[call_id] = _CallState()
                 task = asyncio.create_task(self.call(message))
                 self.tasks[call_id] = task
-                task.add_done_callback(lambda _t, i=call_id: self.tasks.pop(i, None))
+                task.add_done_callback(self._forget(call_id))
             elif kind == "cancel":
                 self.cancel(message["id"])
             elif kind == "ping":
@@ -155,15 +153,22 @@ class Worker:
             "secret_settings": secret_keys,
         })  # fmt: skip
 
+    def _forget(self, call_id: int) -> Any:
+        def forget(_task: asyncio.Task) -> None:
+            self.tasks.pop(call_id, None)
+            self.calls.pop(call_id, None)  # (its threads keep their own reference)
+
+        return forget
+
     def cancel(self, call_id: int) -> None:
-        task = self.tasks.get(call_id)
-        if task is None:
+        task, state = self.tasks.get(call_id), self.calls.get(call_id)
+        if task is None or state is None:
             return
         with self._gate_lock:
-            if self.on_thread.get(call_id):
+            if state.on_thread:
                 # A thread cannot be interrupted: the next pong says so; the daemon replaces us.
                 self.stuck = True
-            self.cancelled.add(call_id)  # a handler still waiting for a thread: never run
+            state.cancelled = True  # a handler that has yet to start on a thread: never runs
         task.cancel()
 
     async def call(self, message: dict) -> None:
@@ -190,10 +195,6 @@ class Worker:
             out_events = [None]
             outcomes *= len(events)
             out_events *= len(events)
-        finally:
-            with self._gate_lock:
-                self.on_thread.pop(call_id, None)
-                self.cancelled.discard(call_id)
         reply["outcomes"] = outcomes
         if "function" not in stages:
             reply["events"] = out_events
@@ -217,19 +218,18 @@ class Worker:
 
     def _gate(self, call_id: int) -> Any:
         """For `runtime.invoke`, on a handler's thread: whether the call may still run (not
-        cancelled while it waited for a thread), counted as on a thread until it returns."""
+        cancelled before its thread took it up), counted as on a thread until it returns.
+        The state is the call's own object: still there when the call has been answered."""
+        state = self.calls[call_id]
 
         def gate(entering: bool) -> bool:
             with self._gate_lock:
-                running = self.on_thread.get(call_id, 0)
                 if entering:
-                    if call_id in self.cancelled:
+                    if state.cancelled:
                         return False
-                    self.on_thread[call_id] = running + 1
-                elif running > 1:
-                    self.on_thread[call_id] = running - 1
+                    state.on_thread += 1
                 else:
-                    self.on_thread.pop(call_id, None)
+                    state.on_thread -= 1
                 return True
 
         return gate
@@ -410,6 +410,16 @@ def _without_unsendable(reply: dict) -> dict:
             slim["events"] = [None] * n
         reply = slim
     return reply
+
+
+class _CallState:
+    """A call as its handlers' threads see it, under Worker._gate_lock."""
+
+    __slots__ = ("cancelled", "on_thread")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.on_thread = 0  # its plain `def` handlers running on a thread now
 
 
 _LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"

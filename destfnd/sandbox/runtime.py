@@ -351,9 +351,10 @@ async def invoke(fn: Any, *args: Any, gate: Callable[[bool], bool] | None = None
         if _threads is None:
             set_threads(8)
         context = contextvars.copy_context()  # the call's record, for print() and fetch()
+        abandoned = False  # its thread did not start: answered already, it must not run
 
         def run() -> Any:
-            if gate is not None and not gate(True):
+            if abandoned or (gate is not None and not gate(True)):
                 return _NOT_RUN
             try:
                 return context.run(fn, *args)
@@ -366,8 +367,12 @@ async def invoke(fn: Any, *args: Any, gate: Callable[[bool], bool] | None = None
         except RuntimeError as exc:
             if "can't start new thread" not in str(exc):
                 raise
-            # Out of memory for one more stack (memory_limit): retried, the worker replaced.
+            # Out of memory for one more stack (memory_limit), or of tasks (TasksMax): the
+            # item is queued all the same, and a thread that frees up must not run it.
+            abandoned = True
             raise MemoryError("no memory left to start a thread for a plain def handler") from None
+        if result is _NOT_RUN:  # cancelled before a thread took it up
+            raise asyncio.CancelledError
     if inspect.isawaitable(result):
         result = await result
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -107,9 +108,9 @@ def open_db(
             if size == 0:
                 raise StoreError(f"{path}: no database yet (has the daemon ever started?)")
             mode = "rw" if update else "ro"
-            conn = sqlite3.connect(
-                f"file:{path}?mode={mode}", uri=True, isolation_level=None, check_same_thread=False
-            )
+            # As a URI, escaped: a "#", "?" or "%" in the path would end or change it.
+            uri = f"{Path(os.path.abspath(path)).as_uri()}?mode={mode}"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
