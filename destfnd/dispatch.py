@@ -277,8 +277,8 @@ class Dispatcher:
             failed = retry(ErrorType.RETRY, f"internal error: {type(exc).__name__}: {exc}")
             report = same_for_all(failed, len(unit))
         duration_ms = round((time.monotonic() - started) * 1000, 1)
-        if report.pause_s:
-            self._pause(report.pause_s)
+        if report.pause_s and self._pause(report.pause_s):
+            await self._give_back_waiting()
         now = self._clock()
         redact = self._redact
         invocation = Invocation(
@@ -296,16 +296,37 @@ class Dispatcher:
         self._outcomes.append((finished, invocation))
         self._flush_wake.set()
 
-    def _pause(self, asked_s: float) -> None:
+    def _pause(self, asked_s: float) -> bool:
         """No delivery of this destination starts for `asked_s` (at most `max_age`): the
         downstream asked every request to wait, not only the one it refused, and the others
-        would each burn an attempt on the same answer meanwhile."""
+        would each burn an attempt on the same answer meanwhile. True if a pause starts."""
         pause_s = min(asked_s, self.dest.retry.max_age_s)
         until = time.monotonic() + pause_s
-        if until > self._paused_until:
-            if until > self._paused_until + 1:  # once per pause, not per refused request
-                self._log.info("destination_paused", seconds=round(pause_s, 3))
-            self._paused_until = until
+        if until <= self._paused_until:
+            return False
+        started = until > self._paused_until + 1  # once per pause, not per refused request
+        if started:
+            self._log.info("destination_paused", seconds=round(pause_s, 3))
+        self._paused_until = until
+        return started
+
+    async def _give_back_waiting(self) -> None:
+        """The deliveries leased but not started go back to the queue, their attempt not
+        counted: during the pause they are not in flight (as `stats` would say), and a crash
+        meanwhile would count an attempt never made. The feeder leases them again after."""
+        units, self._units = list(self._units), deque()
+        if self._held:
+            units.append(self._held)  # a batch being filled
+            self._held = []
+        waiting = [c.delivery_id for unit in units for c in unit]
+        if not waiting:
+            return
+        self._room.set()
+        try:
+            await self._writer.run(q.release, waiting, self._clock())
+        except StoreError:  # kept leased: delivered after the pause, or recovered at start
+            self._units.extend(units)
+            self._log.warning("leases_not_released", deliveries=len(waiting))
 
     def _record(self, c: Claimed, outcome: Outcome, now: int, duration_ms: float) -> Finished:
         gave_up = ""

@@ -317,7 +317,11 @@ async def test_dispatch_a_retry_after_on_429_pauses_the_whole_destination(tmp_pa
         dest = webhook("hook", sink.url, retry=FAST_RETRY, concurrency=1, **extra)
         async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
             await send(d, 3)
+            await sink.wait_for(lambda: len(sink.requests) == 1)
+            await asyncio.sleep(0.3)  # paused: the two others are given back, uncounted
+            waiting = [r for r in d.deliveries() if r["message_id"] != "m-0"]
             rows = await d.wait_for_status({"delivered"}, 3)
+    assert [(r["leased"], r["attempts"]) for r in waiting] == [(0, 0), (0, 0)]
     first, *later = sink.requests
     assert first.status == 429 and len(later) == 3
     assert min(r.at for r in later) - first.at >= 0.95  # the two others waited too
