@@ -150,6 +150,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--destination", metavar="N", help="only this destination's")
     p.add_argument("--message-id", metavar="ID", help="only this event's")
+    p.add_argument(
+        "--status",
+        choices=["retrying", "expired", "discarded", "dropped"],
+        default="retrying",
+        help="which (default retrying); finished ones get one more attempt each",
+    )
     p.add_argument("--json", action="store_true", help='print {"due_now": N}')
     p = sub.add_parser(
         "run-function",
@@ -439,27 +445,42 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_RETRY_CHUNK = 5000  # deliveries per transaction: the daemon's writer waits at most this long
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """Retrying deliveries due now, attempts kept: the daemon (running or next started)
-    takes them within a second, instead of at the end of their backoff."""
+    takes them within a second, instead of at the end of their backoff. Finished ones
+    (expired, discarded, dropped) get one more attempt each."""
     cfg = load_config(_config_path(args), resolve_secrets=False)
     conn = open_db(cfg.storage.path, update=True)
+    count = 0
     try:
         event_ids = None
         if args.message_id is not None:
             event_ids = events_with_message_id(conn, [s.name for s in cfg.sources], args.message_id)
-        with transaction(conn):
-            count = q.retry_now(conn, int(time.time() * 1000), args.destination, event_ids)
+        which = q.RetryFilter(args.status, args.destination, event_ids)
+        after, now = 0, int(time.time() * 1000)
+        while True:  # a transaction per chunk: ingest is not held up for long
+            with transaction(conn):
+                ids = q.retry_now(conn, which, now, after, _RETRY_CHUNK)
+            count += len(ids)
+            if len(ids) < _RETRY_CHUNK:
+                break
+            after = ids[-1]
     except sqlite3.Error as exc:
-        raise store_error(f"{cfg.storage.path}: cannot write", exc) from exc
+        done = f" ({count} made due before that)" if count else ""
+        raise store_error(f"{cfg.storage.path}: cannot write{done}", exc) from exc
     finally:
         conn.close()
     if args.json:
         print(orjson.dumps({"due_now": count}).decode())
     elif count:
-        print(f"{count} retrying deliver{'y is' if count == 1 else 'ies are'} due now")
+        again = "" if args.status == "retrying" else " again: one more attempt each"
+        noun = "delivery is" if count == 1 else "deliveries are"
+        print(f"{count} {args.status} {noun} due now{again}")
     else:
-        print("no retrying delivery matched: nothing to do")
+        print(f"no {args.status} delivery matched: nothing to do")
     return EXIT_OK
 
 

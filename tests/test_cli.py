@@ -837,3 +837,41 @@ async def test_cli_retry_makes_retrying_deliveries_due_now(make_daemon, tmp_path
         rows = orjson.loads(daemon.cli("deliveries", "--json").stdout)
         assert sorted(r["attempts"] for r in rows) == [2, 2]  # attempts kept, and counted
         assert await daemon.terminate() == 0
+
+
+async def test_cli_retry_gives_finished_deliveries_one_more_attempt(make_daemon, tmp_path, session):
+    """After fixing what discarded them (a 404 from a wrong path, a function's bug), the
+    discarded deliveries are sent once more; one that fails again is finished again."""
+    from support import Reply, Sink, post, webhook
+
+    fixed = {"ok": False}
+    async with Sink(lambda n, r: Reply(200 if fixed["ok"] else 404)) as sink:
+        config = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url))
+        daemon = await make_daemon(config).start()
+        for i in range(3):
+            event = {"userId": "u", "event": "E", "messageId": f"m-{i}"}
+            assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        await sink.wait_for(lambda: len(sink.requests) == 3)
+        for _ in range(100):
+            if daemon.stats()["hook"]["discarded"] == 3:
+                break
+            await asyncio.sleep(0.05)
+        none = daemon.cli("retry", "--status", "expired")
+        assert none.stdout == "no expired delivery matched: nothing to do\n"
+        one = daemon.cli("retry", "--status", "discarded", "--message-id", "m-0")
+        assert one.stdout == "1 discarded delivery is due now again: one more attempt each\n"
+        await sink.wait_for(lambda: len(sink.requests) == 4)  # still 404: discarded again
+        fixed["ok"] = True
+        rest = daemon.cli("retry", "--status", "discarded", "--json")
+        assert orjson.loads(rest.stdout) == {"due_now": 3}, rest.stderr
+        for _ in range(100):
+            if daemon.stats()["hook"]["delivered"] == 3:
+                break
+            await asyncio.sleep(0.05)
+        stats = daemon.stats()["hook"]
+        assert (stats["delivered"], stats["discarded"]) == (3, 0)
+        rows = orjson.loads(daemon.cli("deliveries", "--json").stdout)
+        attempts = {r["message_id"]: [a["status"] for a in r["history"]] for r in rows}
+        assert attempts["m-0"] == ["discarded", "discarded", "delivered"]
+        assert attempts["m-1"] == ["discarded", "delivered"]
+        assert await daemon.terminate() == 0

@@ -209,15 +209,29 @@ def release(conn: sqlite3.Connection, delivery_ids: Iterable[int], now: int) -> 
     conn.executemany(SQL["release"], [(now, i) for i in delivery_ids])
 
 
+class RetryFilter(NamedTuple):
+    """Which deliveries `destfnd retry` makes due: in `status`, of `destination` and of
+    `event_ids` when given."""
+
+    status: str
+    destination: str | None
+    event_ids: list[int] | None
+
+
 def retry_now(
-    conn: sqlite3.Connection, now: int, destination: str | None, event_ids: list[int] | None
-) -> int:
-    """Retrying deliveries (of `destination`, of `event_ids`) due now; how many."""
+    conn: sqlite3.Connection, which: RetryFilter, now: int, after: int, limit: int
+) -> list[int]:
+    """Up to `limit` deliveries `which` selects, from id `after` on, due now with their
+    attempts kept (a finished one retrying again); their ids, in order."""
     events = ""
-    if event_ids is not None:
-        events = f"AND event_id IN ({','.join(str(int(i)) for i in event_ids) or 'NULL'})"
-    sql = SQL["retry_now"].format(events=events)
-    return conn.execute(sql, {"now": now, "destination": destination}).rowcount
+    if which.event_ids is not None:
+        events = f"AND event_id IN ({','.join(str(int(i)) for i in which.event_ids) or 'NULL'})"
+    params = {"status": which.status, "destination": which.destination, "now": now,
+              "after": after, "limit": limit}  # fmt: skip
+    ids = [row[0] for row in conn.execute(SQL["retry_ids"].format(events=events), params)]
+    if ids:
+        conn.execute(SQL["retry_now"].format(ids=",".join("?" * len(ids))), [now, *ids])
+    return ids
 
 
 def recover(conn: sqlite3.Connection, now: int) -> int:

@@ -88,12 +88,18 @@ WHERE id = ?;
 -- Gives back a lease whose attempt never ran to the end (shutdown): due now, attempt not counted.
 UPDATE deliveries SET leased = 0, next_at = ?, attempts = max(attempts - 1, 0) WHERE id = ?;
 
+-- name: retry_ids
+-- `destfnd retry`: the next deliveries in :status (not leased right now) to make due, in id
+-- order from :after. {events}: an optional "AND event_id IN (...)".
+SELECT id FROM deliveries
+WHERE status = :status AND leased = 0 AND id > :after
+  AND (:status != 'retrying' OR next_at > :now)
+  AND (:destination IS NULL OR destination = :destination) {events}
+ORDER BY id LIMIT :limit;
+
 -- name: retry_now
--- `destfnd retry`: retrying deliveries not leased right now are due now, attempts kept.
--- {events}: an optional "AND event_id IN (...)".
-UPDATE deliveries SET next_at = :now
-WHERE status = 'retrying' AND leased = 0 AND next_at > :now
-  AND (:destination IS NULL OR destination = :destination) {events};
+-- Due now, attempts kept; a finished one is retrying again (the triggers keep the counts).
+UPDATE deliveries SET status = 'retrying', next_at = ?, finished_at = NULL WHERE id IN ({ids});
 
 -- name: recover
 -- Crash-only recovery: whatever was leased when the daemon died is due again, attempts kept.
