@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -103,10 +104,14 @@ async def run(
         except TypeError:
             where = f"event [{index}]" if batch else "the event"
             raise RunError(f"{where} is nested more than 254 levels deep") from None
-        try:  # a copy: validate turns numeric ids into strings, as ingest does
-            segment_spec.validate(orjson.loads(data), f"[{index}]." if batch else "")
+        try:  # a copy: check turns numeric ids into strings, as ingest does
+            checked = orjson.loads(data)
+            times = segment_spec.check(checked, f"[{index}]." if batch else "")
         except segment_spec.SpecError as exc:
             print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
+            continue
+        # As ingest would pass it on: messageId filled, receivedAt set, timestamp corrected.
+        events[index] = segment_spec.enrich(checked, datetime.now(UTC), times=times)
     spec = Spec(
         name=file.name,
         function=None if insert else file.resolve(),

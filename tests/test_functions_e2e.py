@@ -1305,3 +1305,54 @@ async def test_functions_plain_def_threads_stay_within_memory_limit(make_daemon,
                                  for i in range(300)])  # fmt: skip
     rows = await wait_final(daemon, 300, timeout_s=60)
     assert {r["status"] for r in rows.values()} == {"delivered"}
+
+
+RETYPE_INSERT_PY = """
+from destfnd.functions import DropEvent
+
+def on_track(event, settings):
+    if event["event"] == "Drop":
+        raise DropEvent("not wanted")
+    event["type"] = "identify"  # a track made into an identify
+    event["traits"] = {"plan": event["properties"]["plan"]}
+    return event
+"""
+
+IDENTIFY_ONLY_PY = """
+def on_identify(event, settings):
+    print("on_identify", event["traits"]["plan"])
+
+def on_batch(events, settings):
+    print("on_batch", [e["type"] for e in events])
+"""
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_functions_an_insert_that_changes_the_type_reaches_the_new_types_handler(
+    make_daemon, tmp_path, session, batched
+):
+    """The function's handler is the one of the type the insert function returned (without
+    batching it was the original type's: on_track, missing here, so Unsupported Event Type).
+    A batch the insert function drops whole does not call on_batch with an empty list."""
+    (tmp_path / "retype.py").write_text(RETYPE_INSERT_PY)
+    (tmp_path / "identify.py").write_text(
+        IDENTIFY_ONLY_PY if batched else IDENTIFY_ONLY_PY.split("def on_batch")[0]
+    )
+    tables = '[destinations.batch]\nmax_events = 2\nmax_wait = "200ms"\n' if batched else ""
+    dest = function_destination(
+        "crm", "identify.py", "{}", insert_function='"retype.py"', _tables=tables
+    )
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    await send(session, daemon, [{"type": "track", "event": "Upgraded", "messageId": "up",
+                                  "properties": {"plan": "pro"}}])  # fmt: skip
+    rows = await wait_final(daemon, 1)
+    await send(session, daemon, [{"type": "track", "event": "Drop", "messageId": f"d{i}",
+                                  "properties": {}} for i in range(2)])  # fmt: skip
+    rows = await wait_final(daemon, 3)
+    up = rows["crm", "up"]
+    assert up["status"] == "delivered", up
+    logs = up["history"][0]["logs"]
+    assert logs == ("on_batch ['identify']\n" if batched else "on_identify pro\n")
+    for name in ("d0", "d1"):
+        assert rows["crm", name]["status"] == "dropped"
+        assert rows["crm", name]["history"][0]["logs"] == ""  # on_batch([]) printed here

@@ -722,3 +722,17 @@ def test_run_function_logging_basic_config_and_a_huge_error(tmp_path):
     assert "DEBUG|token cached\n" in report["logs"]
     message = report["outcomes"][1]["message"]
     assert len(message) < 4200 and message.endswith("... [100,012 characters in all]"), message
+
+
+def test_run_function_gives_the_event_as_ingest_would(tmp_path):
+    """messageId filled, receivedAt set, timestamp corrected, as the daemon's functions get
+    them: a function reading event["messageId"] failed here alone (KeyError)."""
+    (tmp_path / "ids.py").write_text(
+        "def on_track(event, settings):\n"
+        "    print(len(event['messageId']), event['receivedAt'] == event['timestamp'])\n"
+    )
+    (tmp_path / "event.json").write_text('{"type": "track", "userId": "u", "event": "E"}')
+    result = run_cli("run-function", str(tmp_path / "ids.py"), "--event",
+                     str(tmp_path / "event.json"))  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert "logs:\n  36 True\n" in result.stdout, result.stdout

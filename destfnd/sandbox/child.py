@@ -255,6 +255,7 @@ class Worker:
                 )
                 return runtime.bad_request(message), None
             event = result
+            name = f"on_{event['type']}"  # its type may be another now
         if "function" not in stages:
             return runtime.ok(), event
         handler = getattr(self.function, name, None)
@@ -295,6 +296,8 @@ class Worker:
         if "function" not in stages:
             for i in todo:
                 outcomes[i] = runtime.ok()
+            return outcomes, out_events
+        if not todo:  # the insert function passed none on: nothing is sent downstream
             return outcomes, out_events
         batch = [out_events[i] if "insert" in stages else events[i] for i in todo]
         on_batch = getattr(self.function, "on_batch", None)
