@@ -170,6 +170,8 @@ class Reader:
         )
         self.unique("destinations", [d.name for d in destinations])
         self.not_the_database(storage.path, destinations)
+        for i, dest in enumerate(destinations):
+            self.batch_memory(f"destinations[{i}]", dest, server.max_event_bytes)
         if storage.retention_s < server.dedupe_window_s:
             kept = cv.duration_text(storage.retention_s)
             window = cv.duration_text(server.dedupe_window_s)
@@ -195,6 +197,22 @@ class Reader:
                 which = which or same_file.get(_identity(dest.path))
                 if which is not None:
                     self.fail(f"destinations[{i}].path", f"is {which} (storage.path)")
+
+    def batch_memory(self, where: str, dest: DestinationConfig, max_event_bytes: int) -> None:
+        """A warning when a full batch of the largest events may not fit a worker: passing
+        and parsing a batch takes some 16 times its size (a batch of 39 MB failed every
+        attempt at the default 512 MB)."""
+        runs_code = dest.kind == "function" or dest.insert_function is not None
+        if dest.batch is None or not runs_code:
+            return
+        batch_mb = dest.batch.max_events * max_event_bytes / MIB
+        if batch_mb * _BATCH_MEMORY_FACTOR > dest.memory_limit_bytes / MIB:
+            self.warnings.append(
+                f"{where}.batch.max_events: {dest.batch.max_events} events of up to "
+                f"{max_event_bytes // 1024} KB (server.max_event_size) make a batch of up to "
+                f"{batch_mb:.0f} MB, which a worker may not manage within memory_limit "
+                f"({dest.memory_limit_bytes // MIB} MB): lower max_events or raise memory_limit"
+            )
 
     def server(self, t: dict[str, Any]) -> ServerConfig:
         d, g = ServerConfig(), partial(self.get, t, "server")
@@ -428,6 +446,9 @@ class Reader:
         if not path.is_file():
             raise Unavailable(f"{'not a file' if path.exists() else 'file not found'}: {path}")
         return path
+
+
+_BATCH_MEMORY_FACTOR = 16  # a worker's memory for a batch, in batch sizes (measured: ~13)
 
 
 class Unavailable(ValueError):

@@ -875,3 +875,26 @@ async def test_cli_retry_gives_finished_deliveries_one_more_attempt(make_daemon,
         assert attempts["m-0"] == ["discarded", "discarded", "delivered"]
         assert attempts["m-1"] == ["discarded", "delivered"]
         assert await daemon.terminate() == 0
+
+
+def test_cli_check_config_warns_of_batches_too_big_for_a_workers_memory(tmp_path):
+    """1,300 events of up to 32 KB (39 MB of them) failed every attempt in a worker at the
+    default memory_limit, the worker exiting as it parsed the batch; nothing warned."""
+    (tmp_path / "fn.py").write_text("def on_batch(events, settings):\n    pass\n")
+    config = tmp_path / "destfnd.toml"
+
+    def check(max_events: int, memory: str) -> subprocess.CompletedProcess:
+        dest = (f'[[destinations]]\nname = "f"\nfunction = "fn.py"\nmemory_limit = "{memory}"\n'
+                f"[destinations.batch]\nmax_events = {max_events}\n")  # fmt: skip
+        config.write_text(config_text(tmp_path / "db.sqlite3", dest))
+        return run_cli("check-config", "--config", str(config))
+
+    big = check(1300, "512MB")
+    assert big.returncode == 0, big.stderr
+    assert big.stderr == (
+        "warning: destinations[0].batch.max_events: 1300 events of up to 32 KB "
+        "(server.max_event_size) make a batch of up to 41 MB, which a worker may not manage "
+        "within memory_limit (512 MB): lower max_events or raise memory_limit\n"
+    )
+    assert check(1000, "512MB").stderr == ""
+    assert check(1300, "1GB").stderr == ""
