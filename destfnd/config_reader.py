@@ -34,7 +34,8 @@ _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TOP_KEYS = tuple("server storage logging sources destinations".split())
 _SERVER_KEYS = tuple(
     "listen max_request_size max_event_size max_batch_events max_decompressed_size"
-    " dedupe_window drain_timeout body_timeout keepalive_timeout trusted_proxies".split()
+    " max_merged_size dedupe_window drain_timeout body_timeout keepalive_timeout"
+    " trusted_proxies".split()
 )
 _STORAGE_KEYS = ("path", "retention", "synchronous", "records_max_size")
 _LOGGING_KEYS = ("level", "format", "summary_interval")
@@ -222,6 +223,10 @@ class Reader:
         if decompressed < request:
             at_least = f"must be at least server.max_request_size ({request} bytes)"
             self.fail("server.max_decompressed_size", at_least)
+        merged = g("max_merged_size", cv.size(), max(d.max_merged_bytes, decompressed))
+        if merged < decompressed:
+            at_least = f"must be at least server.max_decompressed_size ({decompressed} bytes)"
+            self.fail("server.max_merged_size", at_least)
         return ServerConfig(
             host=host,
             port=port,
@@ -229,6 +234,7 @@ class Reader:
             max_event_bytes=g("max_event_size", cv.size(), d.max_event_bytes),
             max_batch_events=g("max_batch_events", cv.integer(1), d.max_batch_events),
             max_decompressed_bytes=decompressed,
+            max_merged_bytes=merged,
             dedupe_window_s=g("dedupe_window", cv.duration(zero_ok=True), d.dedupe_window_s),
             drain_timeout_s=g("drain_timeout", cv.duration(zero_ok=True), d.drain_timeout_s),
             body_timeout_s=g("body_timeout", cv.duration(), d.body_timeout_s),

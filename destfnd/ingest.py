@@ -289,6 +289,7 @@ class Ingest:
         max_bytes = self._server.max_event_bytes + _ENRICH_ALLOWANCE
         prefix = "batch[{}]." if endpoint_type is None else ""
         events = []
+        total = 0
         for index, message in enumerate(messages):
             path = prefix.format(index)
             try:
@@ -311,6 +312,15 @@ class Ingest:
                     "event too large",
                     f"{where}: {len(payload)} bytes with destfnd's fields; at most "
                     f"{self._server.max_event_bytes} + {_ENRICH_ALLOWANCE}",
+                )
+            total += len(payload)
+            if total > self._server.max_merged_bytes:
+                cap = self._server.max_merged_bytes
+                raise Rejected(
+                    413,
+                    "request too large",
+                    f"its events take over {cap} bytes once the batch's context and "
+                    "integrations are merged into each (server.max_merged_size)",
                 )
             events.append(IncomingEvent(message["messageId"], payload))
         return events

@@ -319,6 +319,12 @@ BAD_INPUTS = [
     ("oversize-request", "/v1/batch",
      {"batch": [{"type": "track", **TRACK, "properties": {"x": "a" * 20_000}}] * 30}, {}, True,
      413, "request too large", ""),
+    # 140 KB of body made 79 MB of events: the batch's context copied into each of 2,500.
+    ("batch-context-amplified", "/v1/batch",
+     {"batch": [{"type": "track", "userId": "u", "event": "amp"}] * 2500,
+      "context": {"pad": "x" * 31_500}}, {}, True, 413, "request too large",
+     "its events take over 8388608 bytes once the batch's context and integrations are merged"
+     " into each (server.max_merged_size)"),
     ("too-many-events", "/v1/batch", {"batch": [{"type": "track", **TRACK}] * 2501}, {}, True,
      400, "batch too large", "2501"),
     ("gzip-bomb", "/v1/track", "BOMB", {"Content-Encoding": "gzip"}, True, 413,
