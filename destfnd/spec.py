@@ -304,8 +304,12 @@ def expand(body: object, endpoint_type: str | None) -> list[dict]:
         for key, value in shared.items():
             if isinstance(value, dict):
                 own = event.get(key)
-                # The message's own keys win over the batch's.
-                event[key] = {**value, **own} if isinstance(own, dict) else own or dict(value)
+                # The message's own keys win over the batch's; its own that is no object
+                # ([], "", 0) is refused by `check`, as it would be alone.
+                if own is None:
+                    event[key] = dict(value)
+                elif isinstance(own, dict):
+                    event[key] = {**value, **own}
         if sent_at is not None and "sentAt" not in event:
             event["sentAt"] = sent_at
         events.append(event)

@@ -325,6 +325,10 @@ BAD_INPUTS = [
       "context": {"pad": "x" * 31_500}}, {}, True, 413, "request too large",
      "its events take over 8388608 bytes once the batch's context and integrations are merged"
      " into each (server.max_merged_size)"),
+    # A message's own context that is no object was replaced by the batch's, and accepted.
+    ("batch-member-context-not-object", "/v1/batch",
+     {"batch": [{"type": "track", **TRACK, "context": []}], "context": {"app": "a"}}, {}, True,
+     400, "invalid event", "batch[0].context: must be an object"),
     ("too-many-events", "/v1/batch", {"batch": [{"type": "track", **TRACK}] * 2501}, {}, True,
      400, "batch too large", "2501"),
     ("gzip-bomb", "/v1/track", "BOMB", {"Content-Encoding": "gzip"}, True, 413,
