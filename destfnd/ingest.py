@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from destfnd import spec
 from destfnd.client_ip import ClientIP
@@ -120,7 +120,7 @@ class Ingest:
         app = web.Application(client_max_size=self._server.max_request_bytes)
         app.router.add_get("/healthz", self.healthz)
         for path, etype in _ROUTES.items():
-            app.router.add_post(path, self._handler(etype))
+            app.router.add_post(path, self._handler(etype), expect_handler=self._expect)
             app.router.add_route("OPTIONS", path, self._preflight)
         # Last, so it only gets what no route above takes: an unknown path, or a known one
         # with another method. aiohttp's own answers to those are plain text.
@@ -143,6 +143,32 @@ class Ingest:
             return _cors(request, response)
 
         return handle
+
+    async def _expect(self, request: web.Request) -> web.Response | None:
+        """`Expect: 100-continue`: what can be refused from the head alone (starting or
+        draining, an unknown write key in the header, a declared size over the limit) is
+        refused before the client sends the body; otherwise it is asked for."""
+        try:
+            if not self.ready or self.draining:
+                raise Rejected(503, "unavailable", "the daemon is starting or shutting down; retry")
+            header_key = self._auth(request.headers.get("Authorization"))
+            if header_key is not None and header_key not in self._sources:
+                detail = _MALFORMED_DETAIL if header_key is _MALFORMED else "unknown write key"
+                raise Rejected(401, "unauthorized", detail)
+            declared, limit = request.content_length, self._server.max_request_bytes
+            if declared is not None and declared > limit:
+                raise Rejected(413, "request too large", f"over {limit} bytes")
+        except Rejected as exc:
+            log.info("request_rejected", path=request.path, status=exc.status, error=exc.error)
+            # Not reading the body: the connection is closed after this answer.
+            return _cors(request, error_response(exc.status, exc.error, exc.detail))
+        expect = request.headers.get("Expect", "")
+        if request.version != HttpVersion11 or expect.lower() != "100-continue":
+            detail = f"Expect: {expect[:100]!r} is not 100-continue"
+            return _cors(request, error_response(417, "expectation failed", detail))
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # (as aiohttp's own: the answer has not begun)
+        return None
 
     async def _unrouted(self, request: web.Request) -> web.Response:
         allowed = _ALLOWED.get(request.path)

@@ -569,3 +569,44 @@ async def test_ingest_slow_and_broken_clients_are_answered_and_logged_on_one_lin
         assert [r for r in daemon.log_records() if r.get("event") == "<not json>"] == []
         assert daemon.proc.poll() is None
         assert sink.delivered() == []
+
+
+async def test_ingest_expect_100_continue_refuses_from_the_head(make_daemon, tmp_path):
+    """With `Expect: 100-continue` a client waits before sending its body: an unknown key or a
+    declared size over the limit is refused then (it got "100 Continue", sent megabytes, and
+    was refused after). A good request gets 100 Continue, then its answer."""
+    daemon = await make_daemon(config_text(tmp_path / "db", "")).start()
+    host, port = daemon.url.removeprefix("http://").split(":")
+
+    async def head(auth: bytes, length: int) -> tuple[bytes, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /v1/track HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Authorization: Basic " + base64.b64encode(auth + b":") + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length
+        )
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(4096), 10), writer
+
+    unknown, writer = await head(b"nope", 5_000_000)
+    writer.close()
+    assert unknown.startswith(b"HTTP/1.1 401 "), unknown
+    too_big, writer = await head(WRITE_KEY.encode(), 5_000_000)
+    writer.close()
+    assert too_big.startswith(b"HTTP/1.1 413 "), too_big
+    body = orjson.dumps(TRACK)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/track HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nAuthorization: Basic "
+        + base64.b64encode(WRITE_KEY.encode() + b":")
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(body)
+    answer = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"success":true}'), answer
+    assert await daemon.terminate() == 0
