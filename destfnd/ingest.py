@@ -274,7 +274,7 @@ class Ingest:
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
             return raw
-        if encoding != "gzip":
+        if encoding not in ("gzip", "x-gzip"):  # (x-gzip: gzip's old name, RFC 9110 8.4.1.3)
             raise Rejected(415, "unsupported Content-Encoding", f"{encoding!r}; use gzip")
         return _gunzip(raw, self._server.max_decompressed_bytes)
 

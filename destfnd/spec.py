@@ -28,7 +28,7 @@ _MAX_ID_CHARS = 1024
 # Lenient ISO-8601: Segment's own examples send one-digit months ("2015-2-02T00:30:08.276Z").
 _TIMESTAMP = re.compile(
     r"(\d{4})-(\d{1,2})-(\d{1,2})"
-    r"(?:[T ](\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:[.,](\d{1,9}))?)?)?"
+    r"(?:[Tt ](\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:[.,](\d{1,9}))?)?)?"
     r"\s*(Z|z|UTC|[+-]\d{2}(?::?\d{2})?)?"
 )
 # A timestamp is at most about 40 characters ("2015-12-10T04:08:31.123456789+01:00"): text

@@ -142,6 +142,8 @@ def test_validate_accepts_sloppy_batch_timestamp_from_segment_docs():
         ("2020-01-01", datetime(2020, 1, 1, tzinfo=UTC)),
         # Nanoseconds (Go clients) are truncated to microseconds.
         ("2020-01-01T12:00:00.123456789Z", datetime(2020, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)),
+        # RFC 3339 allows lowercase t and z.
+        ("2015-02-02t00:30:08z", datetime(2015, 2, 2, 0, 30, 8, tzinfo=UTC)),
     ],
 )
 def test_parse_timestamp_converts_to_utc(text, expected):
