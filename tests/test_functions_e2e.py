@@ -21,6 +21,7 @@ from support import (
     process_gone,
     process_running,
     run_cli,
+    webhook,
 )
 
 from destfnd.spec import parse_timestamp
@@ -1356,3 +1357,34 @@ async def test_functions_an_insert_that_changes_the_type_reaches_the_new_types_h
     for name in ("d0", "d1"):
         assert rows["crm", name]["status"] == "dropped"
         assert rows["crm", name]["history"][0]["logs"] == ""  # on_batch([]) printed here
+
+
+SLOW_FOR_ONE_PY = """
+import asyncio
+
+async def on_track(event, settings):
+    if event["event"] == "Slow":
+        await asyncio.sleep(30)
+    return event
+"""
+
+
+async def test_functions_one_slow_event_of_a_batch_times_out_alone(make_daemon, tmp_path, session):
+    """An insert function run per event in a batch: the event that hangs times out alone, its
+    batch-mates go on (they all timed out with it, were batched together again on every
+    retry and expired)."""
+    (tmp_path / "slow.py").write_text(SLOW_FOR_ONE_PY)
+    async with Sink() as sink:
+        dest = webhook(
+            "hook", sink.url, insert_function="slow.py", timeout="2s",
+            batch={"max_events": 10, "max_wait": "200ms"}, retry={"max_attempts": 1},
+        )  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        events = [{"type": "track", "event": "Fine", "messageId": f"f{i}"} for i in range(5)]
+        events.append({"type": "track", "event": "Slow", "messageId": "slow"})
+        await send(session, daemon, events)
+        rows = await wait_final(daemon, 6)
+    assert sorted(e["messageId"] for e in sink.delivered()) == [f"f{i}" for i in range(5)]
+    slow = rows["hook", "slow"]
+    assert (slow["status"], slow["error_type"]) == ("expired", "Timeout"), slow
+    assert "within its share of the batch's timeout" in slow["error"]

@@ -85,6 +85,7 @@ class Worker:
         self._gate_lock = threading.Lock()  # for every _CallState: threads take it too
         self.exit_after_reply = False
         self.stuck = False  # a timed-out plain `def` handler still runs on a thread
+        self.timeout_s = 10.0  # the destination's `timeout`, from init
 
     def send(self, message: dict) -> None:
         self.writer.write(protocol.encode(message))
@@ -114,7 +115,7 @@ class Worker:
         versions = {}
         stage = None
         try:
-            fetch_module.DEFAULT_TIMEOUT_S = float(message.get("timeout_s") or 10)
+            fetch_module.DEFAULT_TIMEOUT_S = self.timeout_s = float(message.get("timeout_s") or 10)
             fetch_module.set_home_loop(asyncio.get_running_loop())
             for stage in ("insert", "function"):
                 path = message.get(stage)
@@ -278,14 +279,23 @@ class Worker:
         outcomes: list[dict | None] = [None] * len(events)
         out_events: list[Any] = [None] * len(events)
         todo = list(range(len(events)))
+        # Each event through its own handler gets a share of the call's `timeout`, as Segment
+        # runs each alone: one that hangs times out alone, not its whole batch (which was
+        # then retried together, the hanging one with it, until all expired). The insert
+        # stage gets half when the function runs after it, and a tenth is left for the reply.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 0.9 * self.timeout_s
         if "insert" in stages:
             insert_batch = getattr(self.insert, "on_batch", None)
             if insert_batch is not None:
                 results = await self.run_insert_batch(call_id, insert_batch, events, rec)
             else:
-                results = await asyncio.gather(
-                    *(self.run_one(call_id, events[i], ["insert"], rec) for i in todo)
-                )
+                share = 0.5 if "function" in stages else 0.9
+                until = loop.time() + share * self.timeout_s
+                results = await asyncio.gather(*(
+                    _within(self.run_one(call_id, events[i], ["insert"], rec), until, "insert")
+                    for i in todo
+                ))  # fmt: skip
             todo = []
             for i, (outcome, event) in enumerate(results):
                 if outcome["kind"] == "ok":
@@ -302,9 +312,10 @@ class Worker:
         batch = [out_events[i] if "insert" in stages else events[i] for i in todo]
         on_batch = getattr(self.function, "on_batch", None)
         if on_batch is None:  # no on_batch: each event through its own handler
-            results = await asyncio.gather(
-                *(self.run_one(call_id, e, ["function"], rec) for e in batch)
-            )
+            results = await asyncio.gather(*(
+                _within(self.run_one(call_id, e, ["function"], rec), deadline, "function")
+                for e in batch
+            ))  # fmt: skip
             for i, (outcome, _) in zip(todo, results, strict=True):
                 outcomes[i] = outcome
             return outcomes, out_events
@@ -441,6 +452,17 @@ def _user_basic_config(handler: logging.Handler) -> Any:
             handler.setFormatter(logging.Formatter(kwargs["format"], kwargs.get("datefmt"), style))
 
     return basic_config
+
+
+async def _within(run: Any, until: float, stage: str) -> tuple[dict, Any]:
+    """`run` (one event's `run_one`) unless it is still running at `until` (loop time): then
+    that event alone times out."""
+    try:
+        return await asyncio.wait_for(run, max(0.0, until - asyncio.get_running_loop().time()))
+    except TimeoutError:
+        what = "the insert function" if stage == "insert" else "the function"
+        message = f"{what} did not finish for this event within its share of the batch's timeout"
+        return {"kind": "retry", "error_type": "Timeout", "message": message}, None
 
 
 def _reraise_cancel(exc: BaseException) -> None:
