@@ -223,7 +223,8 @@ class Reader:
         if decompressed < request:
             at_least = f"must be at least server.max_request_size ({request} bytes)"
             self.fail("server.max_decompressed_size", at_least)
-        merged = g("max_merged_size", cv.size(), max(d.max_merged_bytes, decompressed))
+        # (Twice the decompressed size by default: room for the fields destfnd adds.)
+        merged = g("max_merged_size", cv.size(), max(d.max_merged_bytes, 2 * decompressed))
         if merged < decompressed:
             at_least = f"must be at least server.max_decompressed_size ({decompressed} bytes)"
             self.fail("server.max_merged_size", at_least)

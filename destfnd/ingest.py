@@ -160,10 +160,13 @@ class Ingest:
                 raise Rejected(413, "request too large", f"over {limit} bytes")
         except Rejected as exc:
             log.info("request_rejected", path=request.path, status=exc.status, error=exc.error)
-            # Not reading the body: the connection is closed after this answer.
-            return _cors(request, error_response(exc.status, exc.error, exc.detail))
+            response = error_response(exc.status, exc.error, exc.detail)
+            response.force_close()  # its body was not sent: the connection cannot go on
+            return _cors(request, response)
+        if request.version < HttpVersion11:
+            return None  # an HTTP/1.0 client's expectation is ignored (RFC 9110 10.1.1)
         expect = request.headers.get("Expect", "")
-        if request.version != HttpVersion11 or expect.lower() != "100-continue":
+        if expect.lower() != "100-continue":
             detail = f"Expect: {expect[:100]!r} is not 100-continue"
             return _cors(request, error_response(417, "expectation failed", detail))
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -298,12 +301,33 @@ class Ingest:
             self._received_cache = (now_ms, at, spec.format_timestamp(at))
         return self._received_cache[1], self._received_cache[2]
 
+    def _check_merged_size(self, body: object) -> None:
+        """Refused before the batch's context and integrations are copied into each message:
+        the copies alone took hundreds of MB for a body of a few KB."""
+        if not isinstance(body, dict) or not isinstance(batch := body.get("batch"), list):
+            return
+        shared = [body.get(key) for key in ("context", "integrations")]
+        shared = [value for value in shared if isinstance(value, dict) and value]
+        if not shared:
+            return
+        copied = len(batch) * sum(len(orjson.dumps(value)) for value in shared)
+        if copied > self._server.max_merged_bytes:
+            raise Rejected(413, "request too large", self._merged_detail())
+
+    def _merged_detail(self) -> str:
+        return (
+            f"its events take over {self._server.max_merged_bytes} bytes once the batch's "
+            "context and integrations are merged into each (server.max_merged_size)"
+        )
+
     def _prepare(
         self, body: object, endpoint_type: str | None, now_s: float, ip: str | None = None
     ) -> list[IncomingEvent]:
         """The events of `body`, validated, enriched and serialized; `ip` goes into the
         `context.ip` of each event that has none (Segment does so for client-side sources;
         an event that wants no address recorded sends its own, such as "0.0.0.0")."""
+        if endpoint_type is None:
+            self._check_merged_size(body)
         try:
             messages = spec.expand(body, endpoint_type)
         except spec.SpecError as exc:
@@ -341,13 +365,7 @@ class Ingest:
                 )
             total += len(payload)
             if total > self._server.max_merged_bytes:
-                cap = self._server.max_merged_bytes
-                raise Rejected(
-                    413,
-                    "request too large",
-                    f"its events take over {cap} bytes once the batch's context and "
-                    "integrations are merged into each (server.max_merged_size)",
-                )
+                raise Rejected(413, "request too large", self._merged_detail())
             events.append(IncomingEvent(message["messageId"], payload))
         return events
 

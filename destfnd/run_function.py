@@ -106,12 +106,13 @@ async def run(
             raise RunError(f"{where} is nested more than 254 levels deep") from None
         try:  # a copy: check turns numeric ids into strings, as ingest does
             checked = orjson.loads(data)
-            times = segment_spec.check(checked, f"[{index}]." if batch else "")
+            path = f"[{index}]." if batch else ""
+            times = segment_spec.check(checked, path)
+            # As ingest would pass it on: messageId filled, receivedAt set, timestamp
+            # corrected (which can fail too: a clock skew out of range).
+            events[index] = segment_spec.enrich(checked, datetime.now(UTC), times=times, path=path)
         except segment_spec.SpecError as exc:
             print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
-            continue
-        # As ingest would pass it on: messageId filled, receivedAt set, timestamp corrected.
-        events[index] = segment_spec.enrich(checked, datetime.now(UTC), times=times)
     spec = Spec(
         name=file.name,
         function=None if insert else file.resolve(),

@@ -1388,3 +1388,40 @@ async def test_functions_one_slow_event_of_a_batch_times_out_alone(make_daemon, 
     slow = rows["hook", "slow"]
     assert (slow["status"], slow["error_type"]) == ("expired", "Timeout"), slow
     assert "within its share of the batch's timeout" in slow["error"]
+
+
+SLEEPS_FOR_ONE_PY = """
+import time
+
+def on_track(event, settings):  # a plain def: on a thread, which a timeout cannot stop
+    if event["event"] == "Slow":
+        time.sleep(60)
+    return event
+"""
+
+
+async def test_functions_a_plain_def_out_of_its_share_gets_the_worker_replaced(
+    make_daemon, tmp_path, session
+):
+    """An event that ran out of its share of a batch's timeout in a plain def still holds its
+    thread: the worker is replaced after the reply. It was kept with that thread taken for
+    good, and once every thread was taken so, every later event waited and timed out."""
+    (tmp_path / "sleeps.py").write_text(SLEEPS_FOR_ONE_PY)
+    async with Sink() as sink:
+        dest = webhook(
+            "hook", sink.url, insert_function="sleeps.py", timeout="2s", concurrency=2,
+            batch={"max_events": 10, "max_wait": "200ms"}, retry={"max_attempts": 1},
+        )  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        events = [{"type": "track", "event": "Slow", "messageId": "slow"},
+                  {"type": "track", "event": "Fine", "messageId": "f0"}]  # fmt: skip
+        await send(session, daemon, events)
+        await wait_final(daemon, 2)
+        await send(session, daemon, [{"type": "track", "event": "Fine", "messageId": "f1"}])
+        rows = await wait_final(daemon, 3)
+    assert rows["hook", "slow"]["error_type"] == "Timeout"
+    assert (rows["hook", "f0"]["status"], rows["hook", "f1"]["status"]) == (
+        "delivered",
+        "delivered",
+    ), rows
+    assert [e for e in daemon.log_records() if e.get("event") == "worker_started"]

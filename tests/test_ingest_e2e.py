@@ -598,6 +598,7 @@ async def test_ingest_expect_100_continue_refuses_from_the_head(make_daemon, tmp
     unknown, writer = await head(b"nope", 5_000_000)
     writer.close()
     assert unknown.startswith(b"HTTP/1.1 401 "), unknown
+    assert b"\r\nConnection: close\r\n" in unknown  # its body was never sent
     too_big, writer = await head(WRITE_KEY.encode(), 5_000_000)
     writer.close()
     assert too_big.startswith(b"HTTP/1.1 413 "), too_big
@@ -616,4 +617,13 @@ async def test_ingest_expect_100_continue_refuses_from_the_head(make_daemon, tmp
     answer = await asyncio.wait_for(reader.read(4096), 10)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"success":true}'), answer
+    # HTTP/1.0 has no 100 Continue: the expectation is ignored (RFC 9110), not a 417.
+    old = await _raw(
+        daemon.url,
+        b"POST /v1/track HTTP/1.0\r\nExpect: 100-continue\r\nAuthorization: Basic "
+        + base64.b64encode(WRITE_KEY.encode() + b":")
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body,
+    )
+    assert old.startswith(b"HTTP/1.1 200 ") or old.startswith(b"HTTP/1.0 200 "), old
     assert await daemon.terminate() == 0

@@ -736,3 +736,12 @@ def test_run_function_gives_the_event_as_ingest_would(tmp_path):
                      str(tmp_path / "event.json"))  # fmt: skip
     assert result.returncode == 0, result.stdout
     assert "logs:\n  36 True\n" in result.stdout, result.stdout
+    # A clock skew that cannot be corrected: ingest's 400, here a warning (a traceback).
+    (tmp_path / "event.json").write_text(
+        '{"type": "track", "userId": "u", "event": "E", "messageId": "m", '
+        '"timestamp": "0001-01-01T00:00:00Z", "sentAt": "9999-12-31T23:59:59Z"}'
+    )
+    skewed = run_cli("run-function", str(tmp_path / "ids.py"), "--event",
+                     str(tmp_path / "event.json"))  # fmt: skip
+    assert "Traceback" not in skewed.stderr, skewed.stderr
+    assert skewed.stderr.startswith("warning: ingest would refuse this event: "), skewed.stderr

@@ -276,6 +276,20 @@ class Worker:
         return runtime.ok(), None
 
     async def run_batch(self, call_id: int, events: list, stages: list[str], rec):
+        timed_out: list[bool] = []  # events that ran out of their share of the timeout
+        try:
+            return await self._run_batch(call_id, events, stages, rec, timed_out)
+        finally:
+            state = self.calls.get(call_id)
+            with self._gate_lock:
+                if timed_out and state is not None and state.on_thread:
+                    # A plain `def` that ran out of its share still holds its thread: the
+                    # worker exits after this reply and is replaced, as for a blocked call.
+                    self.stuck = self.exit_after_reply = True
+
+    async def _run_batch(
+        self, call_id: int, events: list, stages: list[str], rec, timed_out: list[bool]
+    ):
         outcomes: list[dict | None] = [None] * len(events)
         out_events: list[Any] = [None] * len(events)
         todo = list(range(len(events)))
@@ -293,7 +307,8 @@ class Worker:
                 share = 0.5 if "function" in stages else 0.9
                 until = loop.time() + share * self.timeout_s
                 results = await asyncio.gather(*(
-                    _within(self.run_one(call_id, events[i], ["insert"], rec), until, "insert")
+                    _within(self.run_one(call_id, events[i], ["insert"], rec), until, "insert",
+                            timed_out)
                     for i in todo
                 ))  # fmt: skip
             todo = []
@@ -313,7 +328,8 @@ class Worker:
         on_batch = getattr(self.function, "on_batch", None)
         if on_batch is None:  # no on_batch: each event through its own handler
             results = await asyncio.gather(*(
-                _within(self.run_one(call_id, e, ["function"], rec), deadline, "function")
+                _within(self.run_one(call_id, e, ["function"], rec), deadline, "function",
+                        timed_out)
                 for e in batch
             ))  # fmt: skip
             for i, (outcome, _) in zip(todo, results, strict=True):
@@ -454,12 +470,13 @@ def _user_basic_config(handler: logging.Handler) -> Any:
     return basic_config
 
 
-async def _within(run: Any, until: float, stage: str) -> tuple[dict, Any]:
+async def _within(run: Any, until: float, stage: str, timed_out: list[bool]) -> tuple[dict, Any]:
     """`run` (one event's `run_one`) unless it is still running at `until` (loop time): then
-    that event alone times out."""
+    that event alone times out (noted in `timed_out`)."""
     try:
         return await asyncio.wait_for(run, max(0.0, until - asyncio.get_running_loop().time()))
     except TimeoutError:
+        timed_out.append(True)
         what = "the insert function" if stage == "insert" else "the function"
         message = f"{what} did not finish for this event within its share of the batch's timeout"
         return {"kind": "retry", "error_type": "Timeout", "message": message}, None
