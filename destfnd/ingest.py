@@ -310,7 +310,10 @@ class Ingest:
         shared = [value for value in shared if isinstance(value, dict) and value]
         if not shared:
             return
-        copied = len(batch) * sum(len(orjson.dumps(value)) for value in shared)
+        try:
+            copied = len(batch) * sum(len(orjson.dumps(value)) for value in shared)
+        except TypeError:  # nested too deep to write: each event is refused for it, below
+            return
         if copied > self._server.max_merged_bytes:
             raise Rejected(413, "request too large", self._merged_detail())
 

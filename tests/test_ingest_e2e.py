@@ -329,6 +329,11 @@ BAD_INPUTS = [
     ("batch-member-context-not-object", "/v1/batch",
      {"batch": [{"type": "track", **TRACK, "context": []}], "context": {"app": "a"}}, {}, True,
      400, "invalid event", "batch[0].context: must be an object"),
+    # A batch context nested too deep to write: refused as any event would be, never a 500.
+    ("batch-context-too-deep", "/v1/batch",
+     b'{"batch": [' + orjson.dumps({"type": "track", **TRACK}) + b'], "context": '
+     + b'{"a": ' * 300 + b"{}" + b"}" * 300 + b"}", {}, True, 400, "invalid event",
+     "nested more than 254 levels deep"),
     ("too-many-events", "/v1/batch", {"batch": [{"type": "track", **TRACK}] * 2501}, {}, True,
      400, "batch too large", "2501"),
     ("gzip-bomb", "/v1/track", "BOMB", {"Content-Encoding": "gzip"}, True, 413,
