@@ -260,6 +260,11 @@ def _with_unit(text: Any, what: str, example: str) -> str:
     raise ValueError(f'{what} need a unit, e.g. "{example}", got {text!r}')
 
 
+def secrets_in(value: Any) -> list[Secret]:
+    """The Secrets among the leaves of `value` (settings: nested tables and arrays too)."""
+    return [leaf for leaf in _walk(value) if isinstance(leaf, Secret)]
+
+
 def _walk(value: Any) -> list[Any]:
     if isinstance(value, Mapping):
         return [x for v in value.values() for x in _walk(v)]

@@ -158,10 +158,7 @@ class Dispatcher:
             if (pause_s := self._paused_until - time.monotonic()) > 0:
                 # Nothing is leased while the destination pauses: a lease counts the attempt
                 # (and a crash meanwhile would keep that count for an attempt never made).
-                try:
-                    await asyncio.wait_for(self._stopped.wait(), pause_s)
-                except TimeoutError:
-                    pass
+                await self._sleep_unless_stopped(pause_s)
                 continue
             if len(self._units) >= self._max_units:
                 self._room.clear()
@@ -239,10 +236,7 @@ class Dispatcher:
                 if self._stopping:
                     return
                 while (pause_s := self._paused_until - time.monotonic()) > 0:
-                    try:  # (a stop ends the pause)
-                        await asyncio.wait_for(self._stopped.wait(), pause_s)
-                    except TimeoutError:
-                        pass
+                    await self._sleep_unless_stopped(pause_s)
                     if self._stopping:
                         return
                 if not self._units:  # another worker took it meanwhile
@@ -379,8 +373,12 @@ class Dispatcher:
         wait_s = min(longest, max(first, 2 * self._store_wait_s.get(op, 0.0)))
         self._store_wait_s[op] = wait_s
         self._log.warning("store_write_failed", op=op, error=str(exc), retry_in_s=wait_s)
+        await self._sleep_unless_stopped(wait_s)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        """Wait `seconds`, or less if a stop comes meanwhile."""
         try:
-            await asyncio.wait_for(self._stopped.wait(), wait_s)
+            await asyncio.wait_for(self._stopped.wait(), seconds)
         except TimeoutError:
             pass
 

@@ -149,12 +149,7 @@ class Ingest:
         draining, an unknown write key in the header, a declared size over the limit) is
         refused before the client sends the body; otherwise it is asked for."""
         try:
-            if not self.ready or self.draining:
-                raise Rejected(503, "unavailable", "the daemon is starting or shutting down; retry")
-            header_key = self._auth(request.headers.get("Authorization"))
-            if header_key is not None and header_key not in self._sources:
-                detail = _MALFORMED_DETAIL if header_key is _MALFORMED else "unknown write key"
-                raise Rejected(401, "unauthorized", detail)
+            self._check_head(request)
             declared, limit = request.content_length, self._server.max_request_bytes
             if declared is not None and declared > limit:
                 raise Rejected(413, "request too large", f"over {limit} bytes")
@@ -205,7 +200,9 @@ class Ingest:
             headers["Access-Control-Allow-Headers"] = requested
         return web.Response(status=204, headers=headers)
 
-    async def _accept(self, request: web.Request, endpoint_type: str | None) -> web.Response:
+    def _check_head(self, request: web.Request) -> str | None:
+        """What the request's head alone refuses (starting or draining; an Authorization
+        header with an unknown or malformed write key); the header's write key, if any."""
         if not self.ready or self.draining:
             raise Rejected(503, "unavailable", "the daemon is starting or shutting down; retry")
         header_key = self._auth(request.headers.get("Authorization"))
@@ -213,6 +210,10 @@ class Ingest:
             if header_key is _MALFORMED:
                 raise Rejected(401, "unauthorized", _MALFORMED_DETAIL)
             raise Rejected(401, "unauthorized", "unknown write key")
+        return header_key
+
+    async def _accept(self, request: web.Request, endpoint_type: str | None) -> web.Response:
+        header_key = self._check_head(request)
         raw = await self._body(request)
         try:
             body = orjson.loads(raw)

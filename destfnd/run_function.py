@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 
 from destfnd import spec as segment_spec
-from destfnd.config import RetryPolicy, Secret
+from destfnd.config import RetryPolicy, secrets_in
 from destfnd.dispatch import clip_error
 from destfnd.errors import DestfndError
 from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType
@@ -80,16 +80,8 @@ def parse_settings(text: str | None) -> tuple[dict, list[str]]:
     settings = reader.settings(raw, "--settings")
     if reader.problems:
         raise RunError("; ".join(reader.problems))
-    secrets = [s.value for s in _leaves(settings) if isinstance(s, Secret)]
+    secrets = [s.value for s in secrets_in(settings)]
     return plain_settings(settings), secrets  # type: ignore[return-value]
-
-
-def _leaves(value: object) -> list[object]:
-    if isinstance(value, dict):
-        return [leaf for v in value.values() for leaf in _leaves(v)]
-    if isinstance(value, list):
-        return [leaf for v in value for leaf in _leaves(v)]
-    return [value]
 
 
 async def run(
