@@ -6,6 +6,8 @@ Turns worker replies into Reports; never runs user code itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import orjson
 import structlog
 
@@ -19,7 +21,6 @@ from destfnd.outcome import (
     Outcome,
     Report,
     retry,
-    same_for_all,
 )
 from destfnd.redact import Redactor
 from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
@@ -151,40 +152,98 @@ class FunctionDestination:
                 await self._downstream.close()
 
     async def deliver(self, payloads: list[bytes], batched: bool) -> Report:
-        n = len(payloads)
-        try:
-            reply = await self.pool.call(
-                [orjson.Fragment(p) for p in payloads], batch=batched, stages=self._stages
-            )
-        except CallTimedOut as exc:
-            message = f"the function did not finish within {self.dest.timeout_s:g}s"
-            late = exc.reply or {}  # what it printed and requested until then
-            return same_for_all(
-                retry(ErrorType.TIMEOUT, message), n, version=self.version,
-                logs=late.get("logs") or "", requests=tuple(late.get("requests") or ()),
-            )  # fmt: skip
-        except WorkerFailed as exc:
-            return same_for_all(retry(ErrorType.RETRY, str(exc)), n, version=self.version)
-        outcomes = [_outcome(o) for o in reply["outcomes"]]
-        logs = reply.get("logs") or ""
-        requests = tuple(reply.get("requests") or ())
-        if reply.get("request_count", 0) > len(requests):
-            logs += f"\n[{reply['request_count'] - len(requests)} more requests not recorded]\n"
+        run = await self._run([orjson.Fragment(p) for p in payloads], batched)
+        outcomes, logs, requests = run.outcomes, run.logs, run.requests
         if self._downstream is None:
             return Report(tuple(outcomes), logs, requests, self.version)
         # Insert function in front of a built-in destination: send on what it passed.
         passed = [i for i, o in enumerate(outcomes) if o.kind is Kind.OK]
         pause_s = None
         if passed:
-            events = reply["events"]
             down = await self._downstream.deliver(
-                [orjson.dumps(events[i]) for i in passed], batched
+                [orjson.dumps(run.events[i]) for i in passed], batched
             )
             for i, outcome in zip(passed, down.outcomes, strict=True):
                 outcomes[i] = outcome
             requests += down.requests
             pause_s = down.pause_s  # the webhook's server asked the destination to wait
         return Report(tuple(outcomes), logs, requests, self.version, pause_s)
+
+    async def _run(self, events: list, batched: bool) -> _Run:
+        """One invocation; a batch that crashes its worker, or runs out of memory, is split
+        (`_split`)."""
+        run = await self._call(events, batched)
+        if run.crashed and len(events) > 1:
+            return await self._split(events, memory=run.crashed == "memory")
+        return run
+
+    async def _split(self, events: list, memory: bool) -> _Run:
+        """A batch whose worker died (a segfault, `os._exit`, the kernel's OOM killer) or
+        that ran out of memory runs again in halves, and a half that fails so again in halves
+        again: the event that crashes the worker fails alone and the rest are delivered, and
+        a batch too big for memory_limit goes in parts that fit. Unsplit, its batch-mates
+        failed with it and were batched with it again at every retry until all expired.
+
+        When both halves crash too, the function crashes on nearly anything: they fail as
+        they are (split down to single events, a batch of 100 would restart a worker 199
+        times). Unless the batch, or a part of it, ran out of memory: its parts are still
+        near the limit, where a worker also dies in other ways (libuv aborts when an
+        allocation fails), and are split on."""
+        half = len(events) // 2
+        parts = (events[:half], events[half:])
+        runs = [await self._call(part, True) for part in parts]
+        memory = memory or any(run.crashed == "memory" for run in runs)
+        if memory or not all(run.crashed for run in runs):
+            runs = [
+                await self._split(part, memory) if run.crashed and len(part) > 1 else run
+                for part, run in zip(parts, runs, strict=True)
+            ]
+        return _Run.join(runs)
+
+    async def _call(self, events: list, batched: bool) -> _Run:
+        n = len(events)
+        try:
+            reply = await self.pool.call(events, batch=batched, stages=self._stages)
+        except CallTimedOut as exc:
+            message = f"the function did not finish within {self.dest.timeout_s:g}s"
+            late = exc.reply or {}  # what it printed and requested until then
+            logs, requests = late.get("logs") or "", tuple(late.get("requests") or ())
+            return _Run([retry(ErrorType.TIMEOUT, message)] * n, logs, requests, [None] * n)
+        except WorkerFailed as exc:
+            crashed = "memory" if exc.out_of_memory else "crash"
+            return _Run([retry(ErrorType.RETRY, str(exc))] * n, "", (), [None] * n, crashed)
+        logs = reply.get("logs") or ""
+        requests = tuple(reply.get("requests") or ())
+        if reply.get("request_count", 0) > len(requests):
+            logs += f"\n[{reply['request_count'] - len(requests)} more requests not recorded]\n"
+        outcomes = [_outcome(o) for o in reply["outcomes"]]
+        # Out of memory with nothing delivered (on_batch, or every event's handler): too big.
+        memory = reply.get("out_of_memory") and all(o.kind is not Kind.OK for o in outcomes)
+        crashed = "memory" if memory else None
+        return _Run(outcomes, logs, requests, reply.get("events") or [None] * n, crashed)
+
+
+@dataclass(slots=True)
+class _Run:
+    """What one or more invocations for a unit of events came to: an outcome per event, the
+    logs and requests recorded, the events as an insert function returned them (None where
+    it returned none); `crashed`: why the call is worth running again in halves, if it is
+    (the worker died: "crash"; it ran out of memory: "memory")."""
+
+    outcomes: list[Outcome]
+    logs: str
+    requests: tuple[dict, ...]
+    events: list
+    crashed: str | None = None
+
+    @staticmethod
+    def join(runs: list[_Run]) -> _Run:
+        return _Run(
+            [o for run in runs for o in run.outcomes],
+            "".join(run.logs for run in runs),
+            tuple(r for run in runs for r in run.requests),
+            [e for run in runs for e in run.events],
+        )
 
 
 async def check_functions(cfg: Config) -> list[tuple[DestinationConfig, list[str], list[str]]]:

@@ -1425,3 +1425,107 @@ async def test_functions_a_plain_def_out_of_its_share_gets_the_worker_replaced(
         "delivered",
     ), rows
     assert [e for e in daemon.log_records() if e.get("event") == "worker_started"]
+
+
+CRASHES_ON_ONE_PY = """
+import os
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    if event["event"] == "Crash":
+        os._exit(3)
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+BATCH_CRASHES_ON_ONE_PY = """
+import os
+from destfnd.functions import fetch
+
+async def on_batch(events, settings):
+    if any(e["event"] == "Crash" for e in events):
+        os._exit(3)
+    await fetch(settings["sink"], method="POST", json=events)
+"""
+
+
+@pytest.mark.parametrize(
+    "code", [CRASHES_ON_ONE_PY, BATCH_CRASHES_ON_ONE_PY], ids=["each", "on_batch"]
+)
+async def test_functions_the_event_that_crashes_a_batchs_worker_fails_alone(
+    make_daemon, tmp_path, session, code
+):
+    """A batch whose worker dies runs again in halves until the event that crashes it is
+    alone: its batch-mates are delivered. They failed with it, were batched with it again
+    at every retry, and all expired."""
+    (tmp_path / "fn.py").write_text(code)
+    async with Sink() as sink:
+        tables = '[destinations.batch]\nmax_events = 10\nmax_wait = "300ms"\n'
+        tables += "[destinations.retry]\nmax_attempts = 1\n"
+        dest = function_destination("fn", "fn.py", f'{{ sink = "{sink.url}" }}', _tables=tables)
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        events = [{"type": "track", "event": "Fine", "messageId": f"f{i}"} for i in range(9)]
+        events.insert(6, {"type": "track", "event": "Crash", "messageId": "crash"})
+        await send(session, daemon, events)
+        rows = await wait_final(daemon, 10)
+    assert sorted(e["messageId"] for e in sink.delivered()) == [f"f{i}" for i in range(9)]
+    crash = rows["fn", "crash"]
+    assert crash["status"] == "expired", crash
+    assert crash["error"].startswith("the worker process exited with code 3;"), crash
+    assert {r["status"] for k, r in rows.items() if k[1] != "crash"} == {"delivered"}
+
+
+ALWAYS_CRASHES_PY = "import os\n\ndef on_track(event, settings):\n    os._exit(3)\n"
+
+
+async def test_functions_a_function_that_crashes_on_everything_is_not_split_to_the_end(
+    make_daemon, tmp_path, session
+):
+    """When both halves of a crashed batch crash too, the function crashes on nearly
+    anything: the batch fails as it is, at three worker restarts, not one per event and
+    more (a batch of 8 split down to single events takes 15)."""
+    (tmp_path / "fn.py").write_text(ALWAYS_CRASHES_PY)
+    tables = '[destinations.batch]\nmax_events = 8\nmax_wait = "300ms"\n'
+    tables += "[destinations.retry]\nmax_attempts = 1\n"
+    dest = function_destination("fn", "fn.py", "{}", _tables=tables)
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    await send(
+        session, daemon, [{"type": "track", "event": "e", "messageId": f"m{i}"} for i in range(8)]
+    )
+    rows = await wait_final(daemon, 8)
+    assert {r["status"] for r in rows.values()} == {"expired"}, rows
+    replaced = [e for e in daemon.log_records() if e.get("event") == "worker_replaced"]
+    assert 3 <= len(replaced) <= 4, replaced  # 4: should the 8 events come as two batches
+
+
+NEEDS_MEMORY_PER_EVENT_PY = """
+from destfnd.functions import fetch
+
+async def on_batch(events, settings):
+    ballast = bytearray(len(events) * 40 * 1024 * 1024)  # 40 MB an event
+    await fetch(settings["sink"], method="POST", json=events)
+"""
+
+
+async def test_functions_a_batch_too_big_for_memory_limit_goes_in_parts_that_fit(
+    make_daemon, tmp_path, session
+):
+    """An on_batch that runs out of memory (memory_limit) on the whole batch runs again in
+    halves, and halves of those, until the parts fit: every event is delivered. The batch
+    failed whole at every attempt and expired, however often it was tried."""
+    (tmp_path / "fn.py").write_text(NEEDS_MEMORY_PER_EVENT_PY)
+    async with Sink() as sink:
+        tables = '[destinations.batch]\nmax_events = 10\nmax_wait = "300ms"\n'
+        tables += "[destinations.retry]\nmax_attempts = 1\n"
+        dest = function_destination(
+            "fn", "fn.py", f'{{ sink = "{sink.url}" }}', memory_limit='"256MB"', _tables=tables
+        )
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        events = [{"type": "track", "event": "e", "messageId": f"m{i}"} for i in range(10)]
+        await send(session, daemon, events)
+        rows = await wait_final(daemon, 10)
+    assert {r["status"] for r in rows.values()} == {"delivered"}, [
+        r["error"] for r in rows.values()
+    ]
+    assert sorted(e["messageId"] for e in sink.delivered()) == [f"m{i}" for i in range(10)]
+    reasons = [e.get("reason") for e in daemon.log_records() if e.get("event") == "worker_replaced"]
+    assert "the worker process ran out of memory (memory_limit) and exited" in reasons

@@ -23,6 +23,7 @@ class CallRecord:
     truncated: bool = False
     requests: list[dict] = field(default_factory=list)
     request_count: int = 0
+    out_of_memory: bool = False  # a handler of the call ran out of memory (memory_limit)
 
     def log(self, text: str) -> None:
         if self.truncated or not text:

@@ -92,7 +92,10 @@ class Worker:
 
     async def serve(self) -> None:
         while True:
-            message = await protocol.read_frame(self.reader)
+            try:
+                message = await protocol.read_frame(self.reader)
+            except MemoryError:  # a call too big to read within memory_limit (a large batch)
+                os._exit(protocol.OUT_OF_MEMORY_EXIT)  # the daemon runs its batch again in halves
             if message is None:
                 return  # the daemon closed the pipe: exit
             kind = message.get("t")
@@ -202,6 +205,8 @@ class Worker:
         reply["logs"] = rec.text()
         reply["requests"] = rec.requests
         reply["request_count"] = rec.request_count
+        if rec.out_of_memory:
+            reply["out_of_memory"] = True
         if self.exit_after_reply:
             reply["exiting"] = True
         try:
@@ -210,7 +215,7 @@ class Worker:
             self.send(_without_unsendable(reply))  # surrogate printed, ...
         await self.writer.drain()
         if self.exit_after_reply:
-            os._exit(70)  # out of memory: the daemon replaces this worker
+            os._exit(protocol.OUT_OF_MEMORY_EXIT)  # the daemon replaces this worker
 
     def fresh_settings(self) -> dict:
         """The settings, a copy for each call: what one invocation changes in them (`settings
@@ -407,7 +412,7 @@ class Worker:
         if isinstance(exc, MemoryError) or (
             isinstance(exc, BaseExceptionGroup) and exc.subgroup(MemoryError) is not None
         ):
-            self.exit_after_reply = True
+            self.exit_after_reply = rec.out_of_memory = True
         return outcome
 
 

@@ -23,7 +23,6 @@ log = structlog.get_logger("destfnd.sandbox")
 _PING_GRACE_S = 1.0  # a worker that cannot answer a ping this fast after a timeout is stuck
 _START_TIMEOUT_S = 30.0  # importing a user's function (and its packages) may take a while
 _OUTPUT_LINE_CHARS = 1000  # of stray worker output (not print(): that goes to the attempt)
-_OUT_OF_MEMORY_EXIT = 70  # child.py exits so after a MemoryError (EX_SOFTWARE)
 
 
 class CallTimedOut(TimeoutError):
@@ -38,11 +37,13 @@ class CallTimedOut(TimeoutError):
 
 class WorkerFailed(Exception):
     """The worker died or was killed while the invocation ran. `shared`: other invocations
-    were running in the same worker, so this one may only have been caught in the crash."""
+    were running in the same worker, so this one may only have been caught in the crash;
+    `out_of_memory`: it exited for want of memory (memory_limit)."""
 
-    def __init__(self, message: str, shared: bool = False) -> None:
+    def __init__(self, message: str, shared: bool = False, out_of_memory: bool = False) -> None:
         super().__init__(message)
         self.shared = shared
+        self.out_of_memory = out_of_memory
 
 
 class InitError(Exception):
@@ -270,10 +271,12 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
             worker.kill()  # what it started and left running
         reason = _exit_reason(code)
         calls = [f for f in worker.inflight.values() if not f.done()]
-        # After an out-of-memory exit the culprit already has its answer: the rest are victims.
-        shared = len(calls) > 1 or code == _OUT_OF_MEMORY_EXIT
+        # After an out-of-memory exit the culprit nearly always has its answer: the rest are
+        # victims (a call too big to read has none: it runs again in quarantine, and fails).
+        memory = code == protocol.OUT_OF_MEMORY_EXIT
+        shared = len(calls) > 1 or memory
         for future in calls:
-            future.set_exception(WorkerFailed(f"the worker process {reason}", shared))
+            future.set_exception(WorkerFailed(f"the worker process {reason}", shared, memory))
         for future in worker.pings.values():
             if not future.done():
                 future.set_exception(WorkerFailed(f"the worker process {reason}"))
@@ -316,7 +319,7 @@ def _exit_reason(code: int | None) -> str:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"was killed by signal {-code}"
-    if code == _OUT_OF_MEMORY_EXIT:
+    if code == protocol.OUT_OF_MEMORY_EXIT:
         return "ran out of memory (memory_limit) and exited"
     return f"exited with code {code}"
 

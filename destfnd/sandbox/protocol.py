@@ -4,7 +4,8 @@ orjson object. It runs on its own pipe pair (not stdout/stderr), so output canno
 Daemon -> worker: {"t": "init", ...}, {"t": "call", "id", "events", "batch", "stages"},
 {"t": "cancel", "id"}, {"t": "ping", "id"}.
 Worker -> daemon: {"t": "ready", ...} or {"t": "init_error", "message"}, {"t": "result", "id",
-"outcomes", "events", "logs", "requests"}, {"t": "pong", "id", "stuck"}.
+"outcomes", "events", "logs", "requests", "out_of_memory"?, "exiting"?}, {"t": "pong", "id",
+"stuck"}.
 An outcome is {"kind": ok|retry|discard|drop, "error_type", "message", "retry_after_s"}.
 """
 
@@ -16,6 +17,9 @@ import struct
 
 import orjson
 
+# A worker's exit code after a MemoryError (EX_SOFTWARE): in a handler, once it has replied;
+# reading a call too big for its memory_limit, at once.
+OUT_OF_MEMORY_EXIT = 70
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # far above any legitimate frame; guards a corrupt length
 _HEADER = struct.Struct(">I")
 
@@ -47,6 +51,8 @@ async def read_frame(reader: asyncio.StreamReader) -> dict | None:
     try:
         message = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("Not enough memory"):  # orjson's words for a MemoryError
+            raise MemoryError(str(exc)) from None
         raise ProtocolError(f"a frame is not JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("a frame is not an object")
