@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)  # --help, --version and usage errors: SystemExit
+    # --help, --version and usage errors: SystemExit. An unknown option is told with the
+    # command's usage (argparse's parse_args tells it with the top level's).
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:
+        args.usage.error(f"unrecognized arguments: {' '.join(unknown)}")
     # Log lines (a worker's stray output, say) go to stderr, never into a command's output;
     # serve sets its own from the config.
     logs.setup("info", "auto")
@@ -126,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         # `destfnd check-config path/to/destfnd.toml` works too: what people type first.
         p.add_argument("config_file", nargs="?", metavar="CONFIG", help="same as --config")
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, usage=p)
         return p
 
     command("serve", cmd_serve, "run the daemon in the foreground (logs to stderr)")
@@ -172,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
                    help='how long the run may take: seconds or a duration such as "500ms" '
                         "(default 5)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=cmd_run_function)
+    p.set_defaults(func=cmd_run_function, usage=p)
     return parser
 
 
@@ -487,6 +491,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_run_function(args: argparse.Namespace) -> int:
     from destfnd import run_function as rf
 
+    rf.check_file(Path(args.file))
     events, batch = rf.read_events(args.event, sys.stdin.isatty())
     settings, secrets = rf.parse_settings(args.settings)
     memory_limit = DestinationConfig(name="", kind="").memory_limit_bytes  # as a destination's

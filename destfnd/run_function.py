@@ -84,12 +84,17 @@ def parse_settings(text: str | None) -> tuple[dict, list[str]]:
     return plain_settings(settings), secrets  # type: ignore[return-value]
 
 
+def check_file(file: Path) -> None:
+    """The function file is there: said before the event is read (from stdin, by default)."""
+    if not file.is_file():
+        raise RunError(f"{file}: {'not a file' if file.exists() else 'file not found'}")
+
+
 async def run(
     file: Path, events: list[dict], batch: bool, settings: dict, *, insert: bool,
     timeout_s: float, memory_limit_bytes: int, secrets: list[str] | None = None,
 ) -> RunResult:  # fmt: skip
-    if not file.is_file():
-        raise RunError(f"{file}: {'not a file' if file.exists() else 'file not found'}")
+    check_file(file)
     for index, event in enumerate(events):
         try:
             data = orjson.dumps(event)  # what goes to the worker: orjson writes 254 levels

@@ -440,6 +440,12 @@ def test_cli_version_and_bad_limit():
         result = run_cli("deliveries", "--limit", limit)
         assert result.returncode == 2
         assert f"--limit: must be a whole number from 1 to 10000, got '{limit}'" in result.stderr
+    # An unknown option is told with its command's usage, not the top level's.
+    for command in ("stats", "run-function"):
+        result = run_cli(command, "x.py", "--bogus")
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"usage: destfnd {command} "), result.stderr
+        assert f"destfnd {command}: error: unrecognized arguments: --bogus" in result.stderr
 
 
 def _check_crm(tmp_path, code: str, destination: str = "") -> subprocess.CompletedProcess:

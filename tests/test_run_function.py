@@ -210,6 +210,7 @@ def test_run_function_broken_files_give_one_line(files, code, phrase):
     ("args", "phrase"),
     [
         (["missing.py", "--event", "track.json"], "missing.py: file not found"),
+        (["missing.py"], "missing.py: file not found"),  # before the event from stdin
         (["crm.py", "--event", "nope.json"], "nope.json: cannot read the event"),
         (["crm.py", "--event", "crm.py"], "not JSON"),
         (["crm.py", "--event", "track.json", "--settings", "{bad"], "--settings: not JSON"),
