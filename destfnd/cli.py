@@ -493,11 +493,12 @@ def cmd_run_function(args: argparse.Namespace) -> int:
 
     rf.check_file(Path(args.file))
     events, batch = rf.read_events(args.event, sys.stdin.isatty())
-    settings, secrets = rf.parse_settings(args.settings)
+    settings = rf.parse_settings(args.settings)
     memory_limit = DestinationConfig(name="", kind="").memory_limit_bytes  # as a destination's
     result = asyncio.run(
-        rf.run(Path(args.file), events, batch, settings, insert=args.insert,
-               timeout_s=args.timeout, memory_limit_bytes=memory_limit, secrets=secrets)
+        rf.run(Path(args.file), events, batch, settings.values, insert=args.insert,
+               timeout_s=args.timeout, memory_limit_bytes=memory_limit,
+               secrets=settings.secrets, hidden_env=settings.hidden_env)
     )  # fmt: skip
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(result.report, option=orjson.OPT_INDENT_2) + b"\n")

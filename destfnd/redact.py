@@ -6,7 +6,6 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import quote, quote_plus
 
 import orjson
 
@@ -19,33 +18,42 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: set[str] = set()
+        self._patterns: dict[str, tuple[int, str]] = {}  # per form: its length, its regex
         self._pattern: re.Pattern[str] | None = None
         self._escaped = False  # a secret has a character JSON escapes
         for secret in secrets:
             self.add(secret)
 
     def add(self, secret: str) -> None:
-        if len(secret) < MIN_SECRET_CHARS or secret in self._secrets:
-            return
+        # Also without the whitespace around it: a key file's extra newline, which the
+        # function's `.strip()` takes off.
+        for value in {secret, secret.strip()}:
+            if len(value) >= MIN_SECRET_CHARS and value not in self._secrets:
+                self._add(value)
+        # Longest first, in one pass: a secret that contains another is hidden whole.
+        ordered = sorted(self._patterns.values(), key=lambda p: p[0], reverse=True)
+        if ordered:
+            self._pattern = re.compile("|".join(regex for _, regex in ordered))
+
+    def _add(self, secret: str) -> None:
         # Also as JSON writes it (a secret with a quote or a backslash, from a JSON key file,
         # appears escaped in a JSON request body; Python's json.dumps escapes what is not
-        # ASCII too), as Python shows it (`print(settings)`, `f"{settings}"`, `repr(key)`)
-        # and as a URL's query or a form body carries it (a key in `?api_key=`).
+        # ASCII too) and as Python shows it (`print(settings)`, `f"{settings}"`, `repr(key)`).
         forms = {
             secret,
             orjson.dumps(secret).decode()[1:-1],
             json.dumps(secret)[1:-1],
             repr(secret)[1:-1],
             ascii(secret)[1:-1],
-            quote(secret, safe=""),
-            quote_plus(secret),
         }
         # A form JSON would escape is found in JSON text only once that text is parsed.
         self._escaped = self._escaped or any(orjson.dumps(f).decode()[1:-1] != f for f in forms)
         self._secrets.update(forms)
-        # Longest first, in one pass: a secret that contains another is hidden whole.
-        ordered = sorted(self._secrets, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, ordered)))
+        for form in forms:
+            self._patterns[form] = (len(form), re.escape(form))
+        # And as a URL or a form body carries it, percent-encoded in any way: `quote(key)`
+        # keeps a "/", `quote_plus` makes a space "+", yarl decodes a "%2F" in a query.
+        self._patterns[secret] = (len(secret), _url_encoded(secret))
 
     def add_settings(self, keys: Iterable[str], settings: dict) -> None:
         """The values (nested ones too) of the settings `keys` a function declares secret."""
@@ -69,6 +77,22 @@ class Redactor:
         if self._pattern is None:
             return text
         return self._pattern.sub("[redacted]", text)
+
+
+def _url_encoded(secret: str) -> str:
+    """A regex of `secret` with each character but a letter or a digit as it is or
+    percent-encoded (either case of hex), and a space as "+" too."""
+    parts = []
+    for char in secret:
+        if char.isascii() and char.isalnum():
+            parts.append(char)
+            continue
+        encoded = "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+        ways = [re.escape(char), "(?i:" + re.escape(encoded) + ")"]
+        if char == " ":
+            ways.append(r"\+")
+        parts.append("(?:" + "|".join(ways) + ")")
+    return "".join(parts)
 
 
 def redacted_json(redact: Callable[[str], str], value: Any) -> bytes:

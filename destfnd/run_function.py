@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -61,12 +62,17 @@ def read_events(source: str | None, stdin_is_tty: bool) -> tuple[list[dict], boo
     return events, batch
 
 
-def parse_settings(text: str | None) -> tuple[dict, list[str]]:
+class Settings(NamedTuple):
+    values: dict  # as the function gets them
+    secrets: list[str]  # the secret values read, to be redacted
+    hidden_env: tuple[str, ...]  # the variables read from, kept from the worker (as serve)
+
+
+def parse_settings(text: str | None) -> Settings:
     """The settings of `--settings`, with `{"env": "NAME"}` and `{"file": "PATH"}` values
-    read as the config reads secrets (so a key need not be typed on the command line), and
-    the secret values read, to be redacted."""
+    read as the config reads secrets (so a key need not be typed on the command line)."""
     if not text:
-        return {}, []
+        return Settings({}, [], ())
     try:
         raw = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -80,8 +86,9 @@ def parse_settings(text: str | None) -> tuple[dict, list[str]]:
     settings = reader.settings(raw, "--settings")
     if reader.problems:
         raise RunError("; ".join(reader.problems))
-    secrets = [s.value for s in secrets_in(settings)]
-    return plain_settings(settings), secrets  # type: ignore[return-value]
+    secrets = secrets_in(settings)
+    env = tuple(dict.fromkeys(s.origin[4:] for s in secrets if s.origin.startswith("env:")))
+    return Settings(plain_settings(settings), [s.value for s in secrets], env)  # type: ignore[arg-type]
 
 
 def check_file(file: Path) -> None:
@@ -93,6 +100,7 @@ def check_file(file: Path) -> None:
 async def run(
     file: Path, events: list[dict], batch: bool, settings: dict, *, insert: bool,
     timeout_s: float, memory_limit_bytes: int, secrets: list[str] | None = None,
+    hidden_env: tuple[str, ...] = (),
 ) -> RunResult:  # fmt: skip
     check_file(file)
     for index, event in enumerate(events):
@@ -111,6 +119,7 @@ async def run(
         except segment_spec.SpecError as exc:
             print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
     spec = Spec(
+        hidden_env=hidden_env,
         name=file.name,
         function=None if insert else file.resolve(),
         insert=file.resolve() if insert else None,

@@ -68,3 +68,21 @@ def test_a_secret_is_redacted_as_python_prints_it_and_as_json_dumps_escapes_it(s
     shown = redacted_json(redact, [request]).decode()
     assert shown.count("[redacted]") == 1 + len(print_text), shown
     assert secret[:4] not in shown.replace("[redacted]", "")
+
+
+def test_a_secret_is_redacted_however_a_url_encodes_it_and_without_its_whitespace():
+    """AWS-style keys have "/" and "+": `quote(key)` keeps the "/", yarl decodes a "%2F" in
+    a query back (aiohttp's errors and `redirected_to` show that form), a form body makes a
+    space "+". A key file with an extra newline is stripped by many functions."""
+    from urllib.parse import quote_plus
+
+    key = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+    redact = Redactor([key, "sk_live_FILEKEY_123\n\n", "pass word/é"])
+    for form in (quote(key), quote(key, safe=""), quote(key).replace("%2B", "%2b"),
+                 "wJalrXUtnFEMI/K7MDENG%2BbPxRfiCYEXAMPLEKEY", quote_plus("pass word/é"),
+                 quote("pass word/é"), "sk_live_FILEKEY_123"):  # fmt: skip
+        assert redact(f"?api_key={form}&v=1") == "?api_key=[redacted]&v=1", form
+    # Only percent-encoding of what the secret holds: the same letters otherwise are kept.
+    assert redact("wJalrXUtnFEMI%2FK7MDENG-bPxRfiCYEXAMPLEKEY") == (
+        "wJalrXUtnFEMI%2FK7MDENG-bPxRfiCYEXAMPLEKEY"
+    )

@@ -659,11 +659,13 @@ def test_run_function_notes_a_returned_error_and_a_settings_that_is_no_dict(tmp_
 def test_run_function_settings_read_secrets_as_the_config_does(tmp_path):
     """`{"env": ...}` and `{"file": ...}` in --settings are read as the config reads secrets,
     and redacted: a key need not be typed on the command line. They were refused ("must be
-    string, got dict")."""
+    string, got dict"). The variable is kept from the worker, as serve keeps it."""
     import os
 
     (tmp_path / "show.py").write_text(
-        "def on_track(event, settings):\n    print(settings['apiKey'], settings['deep'])\n"
+        "import os\n\ndef on_track(event, settings):\n"
+        "    print(settings['apiKey'], settings['deep'])\n"
+        "    print('in the environment:', 'DESTFND_TEST_KEY' in os.environ)\n"
     )
     (tmp_path / "event.json").write_text('{"type": "track", "userId": "u", "event": "E"}')
     (tmp_path / "key.txt").write_text("file-secret-123\n")
@@ -680,6 +682,8 @@ def test_run_function_settings_read_secrets_as_the_config_does(tmp_path):
     result = run({**os.environ, "DESTFND_TEST_KEY": "env-secret-456"})
     assert result.returncode == 0, result.stderr
     assert "  [redacted] {'k': '[redacted]'}\n" in result.stdout, result.stdout
+    # Kept from the worker's environment, as serve keeps it (it was passed on).
+    assert "  in the environment: False\n" in result.stdout, result.stdout
     assert "secret-" not in result.stdout + result.stderr
     missing = run({k: v for k, v in os.environ.items() if k != "DESTFND_TEST_KEY"})
     assert (missing.returncode, missing.stderr) == (
