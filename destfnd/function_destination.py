@@ -76,9 +76,9 @@ def problems_of(ready: dict, where: str) -> list[str]:
 
 
 def _outcome(o: dict) -> Outcome:
-    if o["kind"] == "ok":
-        return DELIVERED  # the common case, shared: a batch of 100 makes no 100 objects
     try:  # what a worker sends is checked: user code runs in that process
+        if o["kind"] == "ok":
+            return DELIVERED  # the common case, shared: a batch of 100 makes no 100 objects
         kind = Kind(o["kind"])
         error_type = ErrorType(o["error_type"]) if o.get("error_type") else None
         message = o.get("message")
@@ -206,21 +206,40 @@ class FunctionDestination:
             reply = await self.pool.call(events, batch=batched, stages=self._stages)
         except CallTimedOut as exc:
             message = f"the function did not finish within {self.dest.timeout_s:g}s"
-            late = exc.reply or {}  # what it printed and requested until then
-            logs, requests = late.get("logs") or "", tuple(late.get("requests") or ())
+            logs, requests = _record_of(exc.reply or {})  # what it printed and requested
             return _Run([retry(ErrorType.TIMEOUT, message)] * n, logs, requests, [None] * n)
         except WorkerFailed as exc:
             crashed = "memory" if exc.out_of_memory else "crash"
             return _Run([retry(ErrorType.RETRY, str(exc))] * n, "", (), [None] * n, crashed)
-        logs = reply.get("logs") or ""
-        requests = tuple(reply.get("requests") or ())
-        if reply.get("request_count", 0) > len(requests):
-            logs += f"\n[{reply['request_count'] - len(requests)} more requests not recorded]\n"
-        outcomes = [_outcome(o) for o in reply["outcomes"]]
+        logs, requests = _record_of(reply)
+        found = reply.get("outcomes")
+        if not isinstance(found, list) or len(found) != n:
+            unreadable = retry(ErrorType.RETRY, "the worker sent outcomes destfnd cannot read")
+            return _Run([unreadable] * n, logs, requests, [None] * n)
+        outcomes = [_outcome(o) for o in found]
+        events = reply.get("events")
+        if not isinstance(events, list) or len(events) != n:
+            events = [None] * n  # (only an insert stage's reply has them)
         # Out of memory with nothing delivered (on_batch, or every event's handler): too big.
         memory = reply.get("out_of_memory") and all(o.kind is not Kind.OK for o in outcomes)
-        crashed = "memory" if memory else None
-        return _Run(outcomes, logs, requests, reply.get("events") or [None] * n, crashed)
+        return _Run(outcomes, logs, requests, events, "memory" if memory else None)
+
+
+def _record_of(reply: dict) -> tuple[str, tuple[dict, ...]]:
+    """The logs and recorded requests of a worker's reply, as far as they are what they
+    should be: a worker runs user code, which can write to its pipe (a list for the logs
+    failed every store write of the destination, and its deliveries stayed in flight)."""
+    logs = reply.get("logs") or ""
+    if not isinstance(logs, str):
+        logs = "[the worker sent logs destfnd cannot read]\n"
+    requests = reply.get("requests") or []
+    if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
+        requests = []
+        logs += "[the worker sent recorded requests destfnd cannot read]\n"
+    count = reply.get("request_count", 0)
+    if isinstance(count, int) and count > len(requests):
+        logs += f"\n[{count - len(requests)} more requests not recorded]\n"
+    return logs, tuple(requests)
 
 
 @dataclass(slots=True)

@@ -1529,3 +1529,41 @@ async def test_functions_a_batch_too_big_for_memory_limit_goes_in_parts_that_fit
     assert sorted(e["messageId"] for e in sink.delivered()) == [f"m{i}" for i in range(10)]
     reasons = [e.get("reason") for e in daemon.log_records() if e.get("event") == "worker_replaced"]
     assert "the worker process ran out of memory (memory_limit) and exited" in reasons
+
+
+FORGES_REPLIES_PY = """
+import os, struct, sys
+import orjson
+
+def on_track(event, settings):
+    if event["event"] == "Forge":  # a reply for every call id, as user code can write them
+        for call_id in range(200):
+            body = orjson.dumps({"t": "result", "id": call_id, "outcomes": [{"kind": "ok"}],
+                                 "logs": ["not", "text"], "requests": "nope",
+                                 "request_count": "x"})
+            os.write(int(sys.argv[2]), struct.pack(">I", len(body)) + body)
+"""
+
+
+async def test_functions_a_forged_reply_cannot_wedge_its_destination(
+    make_daemon, tmp_path, session
+):
+    """A function can write to its worker's pipe: what it sends is read as far as it is what
+    a reply should be. Logs that were a list failed every store write of the destination
+    (`store_write_failed` until shutdown), and its deliveries stayed in flight."""
+    (tmp_path / "fn.py").write_text(FORGES_REPLIES_PY)
+    dest = function_destination("fn", "fn.py", "{}", _tables=FAST)
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    await send(session, daemon, [{"type": "track", "event": "Forge", "messageId": "forge"}])
+    await wait_final(daemon, 1)
+    await send(session, daemon, [{"type": "track", "event": "Fine", "messageId": "fine"}])
+    rows = await wait_final(daemon, 2)
+    assert rows["fn", "fine"]["status"] == "delivered", rows["fn", "fine"]
+    forged = rows["fn", "forge"]
+    assert forged["status"] == "delivered", forged  # as the forged reply says
+    assert forged["history"][0]["logs"] == (
+        "[the worker sent logs destfnd cannot read]\n"
+        "[the worker sent recorded requests destfnd cannot read]\n"
+    )
+    events = {e.get("event") for e in daemon.log_records()}
+    assert not events & {"store_write_failed", "deliverer_crashed"}, events
