@@ -17,7 +17,7 @@ from typing import Protocol
 import structlog
 
 from destfnd.config import DestinationConfig
-from destfnd.outcome import ErrorType, Kind, Outcome, Report, retry, same_for_all
+from destfnd.outcome import ErrorType, Kind, Outcome, Report, clip_error, retry, same_for_all
 from destfnd.redact import redacted_json
 from destfnd.retry import decide_retry
 from destfnd.store import Claimed, Finished, Status, StoreError, Writer
@@ -27,15 +27,6 @@ from destfnd.store.models import Invocation
 log = structlog.get_logger("destfnd.dispatch")
 
 _IDLE_POLL_S = 1.0  # re-check for due work at least this often when nothing woke us
-_MAX_ERROR_CHARS = 4096  # of an error message, stored and logged (an exception can hold megabytes)
-
-
-def clip_error(message: str) -> str:
-    """An error message of at most _MAX_ERROR_CHARS, saying how long it was."""
-    if len(message) <= _MAX_ERROR_CHARS:
-        return message
-    return f"{message[:_MAX_ERROR_CHARS]}... [{len(message):,} characters in all]"
-
 
 # A failed store write (a full disk) is tried again after this long, doubling up to the second.
 _STORE_RETRY_S = (1.0, 10.0)

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 import orjson
 import structlog
 
-from destfnd.config import Config, DestinationConfig, Secret, config_secrets, secret_env_names
+from destfnd.config import (
+    Config,
+    DestinationConfig,
+    Secret,
+    config_secrets,
+    secret_env_names,
+    secrets_in,
+)
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
 from destfnd.outcome import (
@@ -65,6 +72,7 @@ def spec_for(dest: DestinationConfig, hidden_env: tuple[str, ...] = ()) -> Spec:
         function=function,
         insert=dest.insert_function,
         settings=plain_settings(dest.settings),  # type: ignore[arg-type]
+        secrets=tuple(secret.value for secret in secrets_in(dest.settings)),
         timeout_s=dest.timeout_s,
         memory_limit_bytes=dest.memory_limit_bytes,
         threads=dest.concurrency,

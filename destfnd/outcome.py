@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import email.utils
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC
 from enum import StrEnum
+
+MAX_ERROR_CHARS = 4096  # of an error message, stored and logged (an exception can hold megabytes)
+_CLIPPED = re.compile(r"\.\.\. \[[\d,]+ characters in all\]\Z")
+
+
+def clip_error(message: str) -> str:
+    """An error message of at most MAX_ERROR_CHARS, saying how long it was. One clipped
+    already (by the worker, which clips what it sends) is left as it is."""
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    found = _CLIPPED.search(message, MAX_ERROR_CHARS)
+    if found is not None and found.start() == MAX_ERROR_CHARS:
+        return message
+    return f"{message[:MAX_ERROR_CHARS]}... [{len(message):,} characters in all]"
 
 
 class Kind(StrEnum):

@@ -14,9 +14,8 @@ import orjson
 
 from destfnd import spec as segment_spec
 from destfnd.config import RetryPolicy, secrets_in
-from destfnd.dispatch import clip_error
 from destfnd.errors import DestfndError
-from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType
+from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType, clip_error
 from destfnd.redact import Redactor, redact_tree
 from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
 
@@ -124,6 +123,7 @@ async def run(
         function=None if insert else file.resolve(),
         insert=file.resolve() if insert else None,
         settings=settings,
+        secrets=tuple(secrets or ()),
         timeout_s=timeout_s,
         memory_limit_bytes=memory_limit_bytes,
     )

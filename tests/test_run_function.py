@@ -750,3 +750,46 @@ def test_run_function_gives_the_event_as_ingest_would(tmp_path):
                      str(tmp_path / "event.json"))  # fmt: skip
     assert "Traceback" not in skewed.stderr, skewed.stderr
     assert skewed.stderr.startswith("warning: ingest would refuse this event: "), skewed.stderr
+
+
+BIG_AND_SECRET_PY = """
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    key = settings["apiKey"]
+    print("p" * (16 * 1024 - 5) + key)  # the secret across the cut of the logs
+    await fetch(settings["endpoint"] + "?u=" + "u" * 1_000_000, method="POST",
+                body="x" * 4090 + key, headers={"X-Big": "h" * 100_000, "X-Key": key})
+    for i in range(49):
+        await fetch(settings["endpoint"] + "?u=" + "u" * 100_000)
+"""
+
+
+async def test_run_function_records_are_bounded_and_a_secret_is_not_cut_in_two(files):
+    """What a call records is redacted before it is cut: a secret across the cut of the logs
+    or a body left its first half. URLs and header values are cut short too: 50 fetches of
+    a 1 MB URL made a record of 50 MB, which the daemon held in memory and stored."""
+    import asyncio
+    import os
+
+    key = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+    (files / "big.py").write_text(BIG_AND_SECRET_PY)
+    async with Sink() as sink:
+        settings = orjson.dumps({"endpoint": sink.url, "apiKey": {"env": "BIG_KEY"}}).decode()
+        result = await asyncio.to_thread(
+            run_cli, "run-function", str(files / "big.py"), "--event",
+            str(files / "track.json"), "--settings", settings, "--json",
+            env={**os.environ, "BIG_KEY": key},
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "wJalrX" not in result.stdout + result.stderr
+    assert len(result.stdout) < 400_000, len(result.stdout)
+    report = orjson.loads(result.stdout)
+    assert report["logs"].endswith("ppppp[reda\n[logs truncated]\n"), report["logs"][-100:]
+    first, *rest = report["requests"]
+    assert len(rest) == 49
+    assert len(first["url"]) < 2100 and first["url"].endswith(" characters in all]")
+    assert first["request_headers"]["X-Key"] == "[redacted]"
+    assert first["request_headers"]["X-Big"].endswith("... [100,000 characters in all]")
+    assert first["request_body"].startswith("x" * 4090 + "[redac")
+    assert first["request_body"].endswith("... [4130 bytes in all]")

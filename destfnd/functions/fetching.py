@@ -52,14 +52,6 @@ class Response:
         return f"<Response {self.status} {self.reason}>"
 
 
-def _clip(data: bytes) -> str:
-    """The start of a body for the record: the first BODY_LIMIT bytes, decoding no more."""
-    if len(data) <= record.BODY_LIMIT:
-        return data.decode("utf-8", "replace")
-    head = data[: record.BODY_LIMIT].decode("utf-8", "replace")
-    return f"{head}... [{len(data)} bytes in all]"
-
-
 def _session_for_loop() -> aiohttp.ClientSession | None:
     """The worker's shared session (keep-alive connections), on the worker's own loop; None
     on another loop: a plain `def` handler that runs `asyncio.run(fetch(...))` closes that
@@ -145,7 +137,7 @@ async def fetch(
         "method": method.upper(),
         "url": url,
         "request_headers": record.safe_headers(headers),
-        "request_body": _clip(data) if data else None,
+        "request_body": data or None,  # bytes: CallRecord.request clips it
     }
     rec = record.current.get()
     started = time.monotonic()
@@ -157,6 +149,11 @@ async def fetch(
         ) as resp:
             raw = await resp.read()
             response = Response(resp.status, resp.reason or "", resp.headers, raw)
+        entry["status"] = response.status
+        if resp.history:  # followed, as JavaScript's fetch does: the record says where it ended
+            entry["redirected_to"] = str(resp.url)
+        entry["response_headers"] = record.safe_headers(response.headers)
+        entry["response_body"] = raw
     except TimeoutError:
         entry["error"] = f"no response within {timeout_s:g}s"
         raise FetchError(f"fetch {method.upper()} {url}: {entry['error']}") from None
@@ -174,11 +171,6 @@ async def fetch(
         if shared is None:
             await session.close()
         entry["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
-        if rec is not None:
+        if rec is not None:  # once complete: it is redacted and clipped as it is recorded
             rec.request(entry)
-    entry["status"] = response.status
-    if resp.history:  # followed, as JavaScript's fetch does: the record says where it ended
-        entry["redirected_to"] = str(resp.url)
-    entry["response_headers"] = record.safe_headers(response.headers)
-    entry["response_body"] = _clip(raw)
     return response

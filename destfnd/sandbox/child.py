@@ -21,6 +21,7 @@ import orjson
 
 from destfnd.functions import fetching as fetch_module
 from destfnd.functions import record
+from destfnd.redact import Redactor
 from destfnd.sandbox import protocol, runtime
 
 
@@ -144,6 +145,8 @@ class Worker:
             why = f"SETTINGS cannot be checked: {type(exc).__name__}: {exc}"
             self.send({"t": "init_error", "message": why, "stage": stage})
             return
+        record.redactor = Redactor(message.get("secrets") or ())
+        record.redactor.add_settings(secret_keys, self.settings)
         self.send({
             "t": "ready",
             "pid": os.getpid(),
@@ -199,6 +202,9 @@ class Worker:
             out_events = [None]
             outcomes *= len(events)
             out_events *= len(events)
+        for outcome in outcomes:  # an exception can hold megabytes, and secrets
+            if isinstance(outcome.get("message"), str):
+                outcome["message"] = record.clip_text(outcome["message"])
         reply["outcomes"] = outcomes
         if "function" not in stages:
             reply["events"] = out_events

@@ -68,6 +68,9 @@ class Spec:
     timeout_s: float
     memory_limit_bytes: int
     hidden_env: tuple[str, ...] = ()  # environment variables the worker does not get
+    # The secret values among `settings` (config secrets): the worker redacts them from what
+    # it records before cutting it short. A function declares more with SETTINGS.
+    secrets: tuple[str, ...] = ()
     threads: int = 8  # plain `def` handlers running at once: the destination's concurrency
 
 
@@ -185,6 +188,7 @@ async def spawn(
         "function": str(spec.function) if spec.function else None,
         "insert": str(spec.insert) if spec.insert else None,
         "settings": spec.settings,
+        "secrets": list(spec.secrets),
         "timeout_s": spec.timeout_s,
         "threads": spec.threads,
         **(code or {}),
