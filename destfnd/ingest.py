@@ -23,6 +23,7 @@ from aiohttp import HttpVersion11, web
 from destfnd import spec
 from destfnd.client_ip import ClientIP
 from destfnd.config import Config
+from destfnd.logs import Throttle
 from destfnd.store import IncomingEvent, StoreError, Writer
 from destfnd.store import queue as q
 from destfnd.store.dedupe import Dedupe
@@ -55,6 +56,9 @@ def error_response(status: int, error: str, detail: str = "") -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+# Lines for refused requests: so many at once, then so many a second (and a count of the rest).
+REJECTED_LINES_BURST = 100
+REJECTED_LINES_PER_S = 10.0
 _OK = orjson.dumps({"success": True})
 _JSON = {"Content-Type": "application/json"}
 _MISSING = object()
@@ -98,6 +102,7 @@ class Ingest:
         self._on_commit = on_commit
         self._clock = clock
         self._sources = {s.write_key.value: s.name for s in cfg.sources}
+        self._rejections = Throttle(per_s=REJECTED_LINES_PER_S, burst=REJECTED_LINES_BURST)
         self._fill_ip = frozenset(s.name for s in cfg.sources if s.fill_ip)
         self._client_ip = ClientIP(cfg.server.trusted_proxies)
         self._fanout: dict[str, tuple[str, ...]] = {
@@ -138,7 +143,7 @@ class Ingest:
             try:
                 response = await self._accept(request, endpoint_type)
             except Rejected as exc:
-                log.info("request_rejected", path=request.path, status=exc.status, error=exc.error)
+                self._log_rejected(request, exc.status, exc.error)
                 response = error_response(exc.status, exc.error, exc.detail)
             return _cors(request, response)
 
@@ -154,7 +159,7 @@ class Ingest:
             if declared is not None and declared > limit:
                 raise Rejected(413, "request too large", f"over {limit} bytes")
         except Rejected as exc:
-            log.info("request_rejected", path=request.path, status=exc.status, error=exc.error)
+            self._log_rejected(request, exc.status, exc.error)
             response = error_response(exc.status, exc.error, exc.detail)
             response.force_close()  # its body was not sent: the connection cannot go on
             return _cors(request, response)
@@ -180,9 +185,20 @@ class Ingest:
             detail = f"{request.method} {request.path}: this endpoint takes {allowed}"
             response = error_response(405, "method not allowed", detail)
             response.headers["Allow"] = allowed
-        # The path is the client's, up to 8 KB: a scanner's would flood the log.
-        log.info("request_rejected", path=request.path[:200], status=response.status)
+        self._log_rejected(request, response.status)
         return _cors(request, response)
+
+    def _log_rejected(self, request: web.Request, status: int, error: str | None = None) -> None:
+        """A line for a refused request, as long as they do not come too fast: anyone can
+        send them, without a write key (5,000 lines a second from one client)."""
+        held = self._rejections.allow()
+        if held is None:
+            return
+        more = {"error": error} if error else {}
+        if held:
+            more["not_logged"] = held  # refused since the last line, beyond the rate
+        # The path is the client's, up to 8 KB: a scanner's would flood the log.
+        log.info("request_rejected", path=request.path[:200], status=status, **more)
 
     async def _preflight(self, request: web.Request) -> web.Response:
         """CORS preflight, for analytics.js on any site (a write key is public, as at Segment;

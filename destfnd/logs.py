@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -14,6 +16,34 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}  # fmt: skip
+
+
+class Throttle:
+    """Lines of one kind that someone else can make as fast as they like (any client's
+    refused requests, a function's stray output): `burst` at once, then `per_s` a second (a
+    token bucket). Without it one client flooded the journal, whose own rate limit then
+    dropped the lines that matter beside them."""
+
+    def __init__(
+        self, per_s: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._per_s, self._burst, self._clock = per_s, burst, clock
+        self._tokens = float(burst)
+        self._at = clock()
+        self.held = 0  # lines held back since the last one let through
+
+    def allow(self) -> int | None:
+        """None: hold this line back (it is counted). Otherwise how many were held back
+        since the last line let through, to be told with this one (`not_logged`)."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._per_s)
+        self._at = now
+        if self._tokens < 1:
+            self.held += 1
+            return None
+        self._tokens -= 1
+        held, self.held = self.held, 0
+        return held
 
 
 def setup(level: str = "info", fmt: str = "auto") -> None:

@@ -1567,3 +1567,32 @@ async def test_functions_a_forged_reply_cannot_wedge_its_destination(
     )
     events = {e.get("event") for e in daemon.log_records()}
     assert not events & {"store_write_failed", "deliverer_crashed"}, events
+
+
+FLOODS_STDOUT_PY = """
+import os
+
+def on_track(event, settings):
+    for i in range(3000):  # not print(): that is the attempt's logs
+        os.write(1, b"stray line %d\\n" % i)
+"""
+
+
+async def test_functions_stray_output_cannot_flood_the_log(make_daemon, tmp_path, session):
+    """A function's stray output (a thread's, C code's) is logged at a bounded rate, and the
+    rest counted: a thread writing in a loop made a million `worker_output` lines in 8 s,
+    the daemon's CPU all theirs and the journal flooded."""
+    from destfnd.sandbox.pool import OUTPUT_LINES_BURST, OUTPUT_LINES_PER_S
+
+    (tmp_path / "fn.py").write_text(FLOODS_STDOUT_PY)
+    dest = function_destination("fn", "fn.py", "{}")
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    started = time.monotonic()
+    await send(session, daemon, [{"type": "track", "event": "e", "messageId": "m"}])
+    await wait_final(daemon, 1)
+    assert await daemon.terminate() == 0  # the worker's output ends with it: the count
+    elapsed = time.monotonic() - started
+    lines = [r for r in daemon.log_records() if r.get("event") == "worker_output"]
+    assert len(lines) <= OUTPUT_LINES_BURST + OUTPUT_LINES_PER_S * elapsed + 2, len(lines)
+    shown = [r for r in lines if r["line"].startswith("stray line ")]
+    assert len(shown) + sum(r.get("not_logged", 0) for r in lines) == 3000

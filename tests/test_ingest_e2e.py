@@ -632,3 +632,31 @@ async def test_ingest_expect_100_continue_refuses_from_the_head(make_daemon, tmp
     )
     assert old.startswith(b"HTTP/1.1 200 ") or old.startswith(b"HTTP/1.0 200 "), old
     assert await daemon.terminate() == 0
+
+
+async def test_ingest_refused_requests_cannot_flood_the_log(make_daemon, tmp_path, session):
+    """Anyone can send refused requests, without a write key: their lines come at a bounded
+    rate, and the next line let through counts those held back. One client made 5,000
+    lines a second, past journald's own limit, which then drops the lines that matter."""
+    from destfnd.ingest import REJECTED_LINES_BURST, REJECTED_LINES_PER_S
+
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        bad = {"Authorization": "Basic " + base64.b64encode(b"wrong-key:").decode()}
+        started = time.monotonic()
+        for _ in range(400):
+            async with session.post(f"{daemon.url}/v1/track", json={}, headers=bad) as resp:
+                assert resp.status == 401
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(0.5)  # tokens for a line or more
+        async with session.get(f"{daemon.url}/nowhere") as resp:
+            assert resp.status == 404
+        await asyncio.sleep(0.3)
+    lines = [r for r in daemon.log_records() if r.get("event") == "request_rejected"]
+    assert len(lines) <= REJECTED_LINES_BURST + REJECTED_LINES_PER_S * elapsed + 2, len(lines)
+    last = lines[-1]
+    assert last["path"] == "/nowhere" and last["status"] == 404
+    assert last["not_logged"] > 0, last
+    # Every refusal is either a line or counted in the next line let through.
+    logged_401 = sum(1 for r in lines if r["status"] == 401)
+    assert logged_401 + sum(r.get("not_logged", 0) for r in lines) == 400, lines

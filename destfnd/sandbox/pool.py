@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from destfnd.logs import Throttle
 from destfnd.sandbox import protocol
 
 log = structlog.get_logger("destfnd.sandbox")
@@ -23,6 +24,9 @@ log = structlog.get_logger("destfnd.sandbox")
 _PING_GRACE_S = 1.0  # a worker that cannot answer a ping this fast after a timeout is stuck
 _START_TIMEOUT_S = 30.0  # importing a user's function (and its packages) may take a while
 _OUTPUT_LINE_CHARS = 1000  # of stray worker output (not print(): that goes to the attempt)
+# Lines of it logged per worker: so many at once, then so many a second (and a count of the rest).
+OUTPUT_LINES_BURST = 200
+OUTPUT_LINES_PER_S = 20.0
 
 
 class CallTimedOut(TimeoutError):
@@ -295,11 +299,17 @@ async def _read_output(worker: Worker, name: str, redact: Callable[[str], str]) 
     assert worker.proc.stdout is not None
     pending = b""
     skipping = False  # the rest of a line whose start was logged
+    # A thread writing in a loop made a million lines in 8 s, the daemon's CPU all theirs.
+    throttle = Throttle(per_s=OUTPUT_LINES_PER_S, burst=OUTPUT_LINES_BURST)
 
     def emit(line: bytes) -> None:
+        held = throttle.allow()
+        if held is None:
+            return
+        more = {"not_logged": held} if held else {}  # lines held back since the last
         text = line[: _OUTPUT_LINE_CHARS * 4].decode(errors="replace").rstrip()
         log.info("worker_output", destination=name, pid=worker.pid,
-                 line=redact(text)[:_OUTPUT_LINE_CHARS])  # fmt: skip
+                 line=redact(text)[:_OUTPUT_LINE_CHARS], **more)  # fmt: skip
 
     while chunk := await worker.proc.stdout.read(65536):
         *lines, pending = (pending + chunk).split(b"\n")
@@ -313,6 +323,9 @@ async def _read_output(worker: Worker, name: str, redact: Callable[[str], str]) 
             pending, skipping = b"", True
     if pending and not skipping:
         emit(pending)
+    if throttle.held:
+        log.info("worker_output", destination=name, pid=worker.pid, line="",
+                 not_logged=throttle.held)  # fmt: skip
 
 
 def _exit_reason(code: int | None) -> str:
