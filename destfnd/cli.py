@@ -482,10 +482,26 @@ def cmd_retry(args: argparse.Namespace) -> int:
     elif count:
         again = "" if args.status == "retrying" else " again: one more attempt each"
         noun = "delivery is" if count == 1 else "deliveries are"
-        print(f"{count} {args.status} {noun} due now{again}")
+        print(f"{count} {args.status} {noun} due now{again}{_retry_note(cfg, args)}")
     else:
-        print(f"no {args.status} delivery matched: nothing to do")
+        already = " (those due already are left as they are)" if args.status == "retrying" else ""
+        print(f"no {args.status} delivery matched: nothing to do{already}{_retry_note(cfg, args)}")
     return EXIT_OK
+
+
+def _retry_note(cfg: Config, args: argparse.Namespace) -> str:
+    """What `retry --destination N` should know of N beside the count."""
+    if args.destination is None:
+        return ""
+    found = [d for d in cfg.destinations if d.name == args.destination]
+    if not found:
+        return f"\nnote: no destination {args.destination!r} in {cfg.path}"
+    if not found[0].enabled:
+        return (
+            f"\nnote: {args.destination} is disabled: its deliveries wait, due, until it is "
+            "enabled and the daemon restarted"
+        )
+    return ""
 
 
 def cmd_run_function(args: argparse.Namespace) -> int:

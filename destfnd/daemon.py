@@ -186,6 +186,13 @@ class Daemon:
         cfg = self.cfg
         started = time.monotonic()
         progress.status = "starting: opening and migrating the database"
+        path = Path(cfg.storage.path)
+        if path.is_file() and path.stat().st_size == 0:
+            # SQLite takes an empty file for a new database. One the daemon made is empty
+            # only if it was killed as it made it: this is more likely one truncated (a
+            # disk's or a file system's problem), or made by hand. Said, as the queue starts
+            # empty on it.
+            log.warning("database_file_empty", path=str(path))
         try:
             conn = open_db(
                 cfg.storage.path, synchronous=cfg.storage.synchronous, progress=progress.tick

@@ -126,7 +126,8 @@ class Dispatcher:
                 q.release(conn, ids, now)
 
             try:
-                await self._writer.run(settle)
+                if ids or outcomes:  # (nothing to write: no line saying it was not written)
+                    await self._writer.run(settle)
             except StoreError as exc:
                 # Nothing is lost: at the next start the leases are due again (attempts kept),
                 # and deliveries whose outcome was not recorded are sent again (at least once).

@@ -56,6 +56,8 @@ def error_response(status: int, error: str, detail: str = "") -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+# After a failed commit, /healthz answers 503 until one works, or for this long after it.
+STORE_FAILING_S = 5.0
 # Lines for refused requests: so many at once, then so many a second (and a count of the rest).
 REJECTED_LINES_BURST = 100
 REJECTED_LINES_PER_S = 10.0
@@ -103,6 +105,8 @@ class Ingest:
         self._clock = clock
         self._sources = {s.write_key.value: s.name for s in cfg.sources}
         self._rejections = Throttle(per_s=REJECTED_LINES_PER_S, burst=REJECTED_LINES_BURST)
+        self._commit_failures = Throttle(per_s=1.0, burst=10)
+        self._commit_failed_at: float | None = None  # since the last commit that worked
         self._fill_ip = frozenset(s.name for s in cfg.sources if s.fill_ip)
         self._client_ip = ClientIP(cfg.server.trusted_proxies)
         self._fanout: dict[str, tuple[str, ...]] = {
@@ -133,10 +137,18 @@ class Ingest:
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
-        if self.ready and not self.draining:
+        failed_at = self._commit_failed_at
+        if failed_at is not None and time.monotonic() - failed_at > STORE_FAILING_S:
+            failed_at = None  # let traffic try again: only a commit tells the disk is back
+        if self.ready and not self.draining and failed_at is None:
             return web.json_response({"status": "ok"})
-        state = "draining" if self.draining else "starting"
-        return web.json_response({"status": state}, status=503)
+        if self.draining or not self.ready:
+            state = "draining" if self.draining else "starting"
+            return web.json_response({"status": state}, status=503)
+        # The last commit failed (a full disk, say): ingest answers 503, and says so here,
+        # for a load balancer to send the traffic elsewhere meanwhile.
+        body = {"status": "failing", "detail": "events cannot be stored: see commit_failed"}
+        return web.json_response(body, status=503)
 
     def _handler(self, endpoint_type: str | None):
         async def handle(request: web.Request) -> web.Response:
@@ -269,8 +281,13 @@ class Ingest:
                 await self._writer.run_batched(self._insert, request)
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
-                log.error("commit_failed", error=str(exc))
+                self._commit_failed_at = time.monotonic()
+                held = self._commit_failures.allow()  # one a request: 575 lines a second
+                if held is not None:
+                    more = {"not_logged": held} if held else {}
+                    log.error("commit_failed", error=str(exc), **more)
                 raise Rejected(503, "unavailable", "could not store the events; retry") from None
+            self._commit_failed_at = None
             self._on_commit(destinations)
         return web.Response(body=_OK, headers=_JSON)
 

@@ -839,7 +839,12 @@ async def test_cli_retry_makes_retrying_deliveries_due_now(make_daemon, tmp_path
             await asyncio.sleep(0.05)
         assert daemon.stats()["hook"]["delivered"] == 2
         nothing = daemon.cli("retry")
-        assert nothing.stdout == "no retrying delivery matched: nothing to do\n"
+        assert nothing.stdout == (
+            "no retrying delivery matched: nothing to do (those due already are left as they are)\n"
+        )
+        # A name not in the config is said to be so (a typo looked like "nothing to do").
+        typo = daemon.cli("retry", "--destination", "hok")
+        assert typo.stdout.endswith(f"\nnote: no destination 'hok' in {daemon.config}\n")
         rows = orjson.loads(daemon.cli("deliveries", "--json").stdout)
         assert sorted(r["attempts"] for r in rows) == [2, 2]  # attempts kept, and counted
         assert await daemon.terminate() == 0
@@ -904,3 +909,16 @@ def test_cli_check_config_warns_of_batches_too_big_for_a_workers_memory(tmp_path
     )
     assert check(1000, "512MB").stderr == ""
     assert check(1300, "1GB").stderr == ""
+
+
+async def test_cli_serve_says_when_its_database_file_is_empty(make_daemon, tmp_path):
+    """SQLite takes an empty file for a new database: a database truncated by a disk's
+    problem became an empty queue, silently."""
+    db = tmp_path / "db.sqlite3"
+    db.touch()
+    daemon = await make_daemon(config_text(db, "")).start()
+    warned = [r for r in daemon.log_records() if r.get("event") == "database_file_empty"]
+    assert warned and warned[0]["path"] == str(db), warned
+    assert await daemon.terminate() == 0
+    again = await make_daemon(config_text(db, "")).start()  # now a database: no warning
+    assert "database_file_empty" not in {r.get("event") for r in again.log_records()}

@@ -463,6 +463,9 @@ async def test_full_disk_answers_503_and_delivers_everything_once_there_is_room(
         daemon = make_daemon(_full_disk_config(small_disk, sink.url))
         await daemon.start()
         acked = await _ingest_until_full(session, daemon)
+        # A load balancer asking /healthz is told, to send the traffic elsewhere (it was 200).
+        async with session.get(f"{daemon.url}/healthz") as resp:
+            assert (resp.status, (await resp.json())["status"]) == (503, "failing")
         _fill_what_is_left(small_disk)
         await _wait_for_log(daemon, "store_write_failed")  # the dispatcher met the full disk
         assert daemon.proc.poll() is None, daemon.log_text()
@@ -470,6 +473,13 @@ async def test_full_disk_answers_503_and_delivers_everything_once_there_is_room(
         (small_disk / "ballast").unlink()
         room["sink_up"] = True
         await sink.wait_for(lambda: acked <= sink.delivered_ids(), timeout_s=60)
+        stats = await _wait_stats(daemon, lambda s: s["hook"]["delivered"] == len(acked))
+        event = {"userId": "u", "event": "E", "messageId": "after"}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        async with session.get(f"{daemon.url}/healthz") as resp:
+            assert resp.status == 200  # a commit worked again
+        acked.add("after")
+        await sink.wait_for(lambda: acked <= sink.delivered_ids())
         stats = await _wait_stats(daemon, lambda s: s["hook"]["delivered"] == len(acked))
         assert stats["hook"]["delivered"] == len(acked)
         assert stats["hook"]["pending"] == stats["hook"]["retrying"] == 0
