@@ -49,7 +49,32 @@ class DaemonError(DestfndError):
     """The daemon cannot start."""
 
 
-_WATCH_FILE_S = 1.0
+_WATCH_FILE_S = 1.0  # (and the clock)
+_CLOCK_NOTE = (
+    "retry schedules and max_age are on the wall clock: stepped back, retries wait the "
+    "step longer; forward, deliveries are older by it (see README, 'The clock')"
+)
+
+
+class ClockSteps:
+    """Steps of the wall clock (`settimeofday`, NTP correcting a large offset at once), seen
+    against the boot clock, which counts time suspended too: a resumed machine is no step."""
+
+    STEP_S = 2.0  # less is NTP slewing, or the loop being late
+
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        boot: Callable[[], float] = lambda: time.clock_gettime(time.CLOCK_BOOTTIME),
+    ) -> None:
+        self._wall, self._boot = wall, boot
+        self._offset = wall() - boot()
+
+    def check(self) -> float | None:
+        """The step since the last check, in seconds (back: negative); None if none."""
+        offset = self._wall() - self._boot()
+        step, self._offset = offset - self._offset, offset
+        return step if abs(step) >= self.STEP_S else None
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -481,8 +506,12 @@ class Daemon:
         checkpoint would be lost at the next start, but SQLite still has it open, and
         `_save_wal` moves it into the file as the daemon stops."""
         database = self._db_files[0][0]
+        clock = ClockSteps(self._clock)
         while True:
             await asyncio.sleep(_WATCH_FILE_S)
+            stepped_s = clock.check()
+            if stepped_s is not None:
+                log.warning("clock_stepped", by_s=round(stepped_s, 1), note=_CLOCK_NOTE)
             for file, identity in self._db_files:
                 if _identity(file) == identity:
                     continue
