@@ -51,8 +51,8 @@ class DaemonError(DestfndError):
 
 _WATCH_FILE_S = 1.0  # (and the clock)
 _CLOCK_NOTE = (
-    "retry schedules and max_age are on the wall clock: stepped back, retries wait the "
-    "step longer; forward, deliveries are older by it (see README, 'The clock')"
+    "retry schedules and max_age are on the wall clock: stepped forward, deliveries are "
+    "older by the step and retries due early (see README, 'The clock')"
 )
 
 
@@ -388,7 +388,7 @@ class Daemon:
                 for name, d in self.dispatchers.items()
             ]
             pruner = tg.create_task(self._prune_loop(writer, dedupe), name="prune")
-            watcher = tg.create_task(self._watch_file(), name="watch-database")
+            watcher = tg.create_task(self._watch_file(writer), name="watch-database")
             watchdog_s = sdnotify.watchdog_interval_s()
             watchdog = None
             if watchdog_s is not None:
@@ -498,20 +498,21 @@ class Daemon:
                 log.warning("prune_failed", error=str(exc))
             await asyncio.sleep(_PRUNE_EVERY_S)
 
-    async def _watch_file(self) -> None:
+    async def _watch_file(self, writer: Writer) -> None:
         """The database file deleted or replaced under the running daemon (`rm -rf var/`):
         SQLite would go on committing to the unlinked file, and everything since would be
         gone at the next start. Stop at once (ingest answers 503) and exit 1. The same for
         its -wal and -shm files (`rm var/*-wal`): what the unlinked WAL holds since the last
         checkpoint would be lost at the next start, but SQLite still has it open, and
-        `_save_wal` moves it into the file as the daemon stops."""
+        `_save_wal` moves it into the file as the daemon stops. Also a step of the wall
+        clock (`_clock_stepped`), at the same pace."""
         database = self._db_files[0][0]
         clock = ClockSteps(self._clock)
         while True:
             await asyncio.sleep(_WATCH_FILE_S)
             stepped_s = clock.check()
             if stepped_s is not None:
-                log.warning("clock_stepped", by_s=round(stepped_s, 1), note=_CLOCK_NOTE)
+                await self._clock_stepped(writer, stepped_s)
             for file, identity in self._db_files:
                 if _identity(file) == identity:
                     continue
@@ -530,6 +531,20 @@ class Daemon:
                 log.error("database_file_gone", database=str(database), file=str(file))
                 self.request_stop()
                 return
+
+    async def _clock_stepped(self, writer: Writer, step_s: float) -> None:
+        """Said in the log; stepped back, the retries waiting are brought forward by the
+        step (they waited an hour more after a one-hour step back). Not forward: a step
+        forward makes them due early anyway, and the schedules of a previous run, which may
+        have had the right time, would be pushed out by the step."""
+        shifted = None
+        if step_s < 0:
+            try:
+                shifted = await writer.run(q.shift_retries, int(step_s * 1000), self._now_ms())
+            except StoreError as exc:
+                log.warning("clock_step_not_applied", error=str(exc))
+        log.warning("clock_stepped", by_s=round(step_s, 1), retries_brought_forward=shifted,
+                    note=_CLOCK_NOTE)  # fmt: skip
 
     async def _save_wal(self, writer: Writer) -> None:
         """After the -wal or -shm was deleted: the WAL SQLite still has open holds every

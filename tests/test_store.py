@@ -882,3 +882,26 @@ def test_store_a_database_path_with_uri_characters_opens_for_commands(tmp_path, 
         finally:
             conn.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder]
+
+
+def test_shift_retries_brings_waiting_retries_forward_by_a_step_back(conn):
+    """The wall clock stepped back an hour: a retry meant for a minute from now waited an
+    hour and a minute. Only waiting retries move, never before now; pending, leased and
+    finished ones are left as they are."""
+    insert(conn, ["wait", "soon", "leased", "done", "pending"], destinations=("crm",))
+    (wait, soon, leased, done), _ = tx(conn, q.claim, "crm", T0, 4)
+    hour = 3_600_000
+    tx(conn, q.finish, [
+        Finished(wait.delivery_id, Status.RETRYING, T0 + hour + 60_000, "Retry", "x"),
+        Finished(soon.delivery_id, Status.RETRYING, T0 + 30_000, "Retry", "x"),
+        Finished(done.delivery_id, Status.DELIVERED, T0 + 5),
+    ])  # fmt: skip
+    before = dict(rows(conn, "SELECT id, next_at FROM deliveries"))
+    # The clock read T0 + hour when it stepped back to T0.
+    assert tx(conn, q.shift_retries, -hour, T0) == 2
+    after = dict(rows(conn, "SELECT id, next_at FROM deliveries"))
+    assert after[wait.delivery_id] == T0 + 60_000
+    assert after[soon.delivery_id] == T0  # not before now
+    for unmoved in (leased, done):
+        assert after[unmoved.delivery_id] == before[unmoved.delivery_id]
+    assert len(after) == 5 and after[5] == before[5]  # the pending one (id 5), due at ingest

@@ -234,6 +234,12 @@ def retry_now(
     return ids
 
 
+def shift_retries(conn: sqlite3.Connection, step_ms: int, now: int) -> int:
+    """After the wall clock stepped back by -`step_ms`: the retries waiting are due that much
+    sooner, as they were scheduled to be; how many."""
+    return conn.execute(SQL["shift_retries"], {"step": step_ms, "now": now}).rowcount
+
+
 def recover(conn: sqlite3.Connection, now: int) -> int:
     return conn.execute(SQL["recover"], (now,)).rowcount
 

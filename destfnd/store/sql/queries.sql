@@ -88,6 +88,13 @@ WHERE id = ?;
 -- Gives back a lease whose attempt never ran to the end (shutdown): due now, attempt not counted.
 UPDATE deliveries SET leased = 0, next_at = ?, attempts = max(attempts - 1, 0) WHERE id = ?;
 
+-- name: shift_retries
+-- The wall clock stepped back by -:step ms: retries scheduled before the step become due when
+-- they were meant to, not the step later (none before now). Walks unfinished rows only.
+UPDATE deliveries SET next_at = max(next_at + :step, :now)
+WHERE status IN ('pending', 'retrying') AND status = 'retrying' AND leased = 0
+  AND next_at > :now;
+
 -- name: retry_ids
 -- `destfnd retry`: the next deliveries in :status (not leased right now) to make due, in id
 -- order from :after. {events}: an optional "AND event_id IN (...)".
