@@ -201,9 +201,14 @@ def _url_forms(text: str) -> list[str]:
         whole = [str(url), url.human_repr()]
         parts = [url.path_qs, url.raw_path_qs, url.path, url.raw_path, url.query_string,
                  url.raw_query_string]  # fmt: skip
+        # A token may be in the host (`https://eo1a2b3c4d5e6f.m.pipedream.net`), which the
+        # HTTP client's errors show alone ("cannot connect to HOST"): its labels, but the
+        # domain's own two; and a password in the URL.
+        parts += (url.host or "").split(".")[:-2]
+        password = [url.password] if url.password else []
     except (ValueError, TypeError):
         return []
-    return whole + [part for part in parts if len(part) >= _URL_PART_SECRET_CHARS]
+    return whole + password + [part for part in parts if len(part) >= _URL_PART_SECRET_CHARS]
 
 
 def secret_env_names(cfg: Config) -> tuple[str, ...]:

@@ -606,3 +606,28 @@ def test_config_a_secret_url_is_redacted_in_its_forms_but_not_its_short_parts(tm
     assert redact("http://127.0.0.1:9/api/track application/json") == (
         "http://127.0.0.1:9/api/track application/json"
     )
+
+
+def test_config_a_secret_url_token_in_its_host_or_password_is_redacted(tmp_path):
+    """A token in the host (subdomain hooks) shows alone in the HTTP client's errors
+    ("cannot connect to HOST:443"); a password in the URL, in the client's repr of it."""
+    from destfnd.config import config_secrets
+    from destfnd.redact import Redactor
+
+    config = tmp_path / "destfnd.toml"
+    config.write_text(
+        SOURCE
+        + '[[destinations]]\nname = "pd"\ntype = "webhook"\nurl = { env = "A_URL" }\n'
+        + '[[destinations]]\nname = "basic"\ntype = "webhook"\nurl = { env = "B_URL" }\n'
+    )
+    cfg = load_config(config, environ={
+        "A_URL": "https://eo1a2b3c4d5e6f7.m.pipedream.net",
+        "B_URL": "https://user:hunter2-pw@hooks.example.com/in",
+    })  # fmt: skip
+    redact = Redactor(config_secrets(cfg))
+    assert redact("Cannot connect to host eo1a2b3c4d5e6f7.m.pipedream.net:443") == (
+        "Cannot connect to host [redacted].m.pipedream.net:443"
+    )
+    assert redact("auth hunter2-pw failed at hooks.example.com") == (
+        "auth [redacted] failed at hooks.example.com"
+    )
