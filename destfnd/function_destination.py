@@ -6,6 +6,7 @@ Turns worker replies into Reports; never runs user code itself.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import orjson
@@ -21,6 +22,7 @@ from destfnd.config import (
 )
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
+from destfnd.functions import record
 from destfnd.outcome import (
     DELIVERED,
     ErrorType,
@@ -34,6 +36,10 @@ from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFail
 from destfnd.spec import EVENT_TYPES
 
 log = structlog.get_logger("destfnd.functions")
+
+# Calls a batch's split may make in one attempt (a batch of 500 too big for memory_limit by
+# 8 times, split down to parts that fit: 14).
+MAX_SPLIT_CALLS = 16
 
 
 class FunctionLoadError(DestfndError):
@@ -180,38 +186,48 @@ class FunctionDestination:
     async def _run(self, events: list, batched: bool) -> _Run:
         """One invocation; a batch that crashes its worker, or runs out of memory, is split
         (`_split`)."""
+        started = time.monotonic()
         run = await self._call(events, batched)
         if run.crashed and len(events) > 1:
-            return await self._split(events, memory=run.crashed == "memory")
+            split = _Split(deadline=started + 2 * self.dest.timeout_s, calls=MAX_SPLIT_CALLS)
+            return await self._split(events, run, split, memory=run.crashed == "memory")
         return run
 
-    async def _split(self, events: list, memory: bool) -> _Run:
+    async def _split(self, events: list, run: _Run, split: _Split, memory: bool) -> _Run:
         """A batch whose worker died (a segfault, `os._exit`, the kernel's OOM killer) or
-        that ran out of memory runs again in halves, and a half that fails so again in halves
-        again: the event that crashes the worker fails alone and the rest are delivered, and
-        a batch too big for memory_limit goes in parts that fit. Unsplit, its batch-mates
-        failed with it and were batched with it again at every retry until all expired.
+        that ran out of memory (`run`) runs again in halves, and a half that fails so again
+        in halves, each alone on the quarantine worker (the one that crashes it crashes no
+        other batch): the event that crashes the worker fails alone and the rest are
+        delivered, and a batch too big for memory_limit goes in parts that fit. Unsplit, its
+        batch-mates failed with it and were batched with it again at every retry until all
+        expired.
 
-        When both halves crash too, the function crashes on nearly anything: they fail as
-        they are (split down to single events, a batch of 100 would restart a worker 199
-        times). Unless the batch, or a part of it, ran out of memory: its parts are still
-        near the limit, where a worker also dies in other ways (libuv aborts when an
-        allocation fails), and are split on."""
+        When both halves crash too, not for memory, the function crashes on nearly anything:
+        they fail as they are (split down to single events, a batch of 100 would restart a
+        worker 199 times). Unless the batch, or a part of it, ran out of memory: its parts
+        are still near the limit, where a worker also dies in other ways (libuv aborts when
+        an allocation fails), and are split on. Either way within `split`'s calls and time
+        (twice `timeout` from the start of the attempt, so that it ends within the
+        dispatcher's guard); what is left then keeps the outcome it had."""
         half = len(events) // 2
         parts = (events[:half], events[half:])
-        runs = [await self._call(part, True) for part in parts]
-        memory = memory or any(run.crashed == "memory" for run in runs)
-        if memory or not all(run.crashed for run in runs):
+        runs = run.halves(half)
+        for i, part in enumerate(parts):
+            if split.allows():
+                runs[i] = await self._call(part, True, alone=True)
+        memory = memory or any(r.crashed == "memory" for r in runs)
+        if memory or not all(r.crashed for r in runs):
             runs = [
-                await self._split(part, memory) if run.crashed and len(part) > 1 else run
-                for part, run in zip(parts, runs, strict=True)
+                await self._split(part, r, split, memory) if r.crashed and len(part) > 1 else r
+                for part, r in zip(parts, runs, strict=True)
             ]
         return _Run.join(runs)
 
-    async def _call(self, events: list, batched: bool) -> _Run:
+    async def _call(self, events: list, batched: bool, alone: bool = False) -> _Run:
         n = len(events)
+        call = self.pool.call_alone if alone else self.pool.call
         try:
-            reply = await self.pool.call(events, batch=batched, stages=self._stages)
+            reply = await call(events, batch=batched, stages=self._stages)
         except CallTimedOut as exc:
             message = f"the function did not finish within {self.dest.timeout_s:g}s"
             logs, requests = _record_of(exc.reply or {})  # what it printed and requested
@@ -263,14 +279,42 @@ class _Run:
     events: list
     crashed: str | None = None
 
+    def halves(self, half: int) -> list[_Run]:
+        """The run's outcomes for the two halves of its batch, as they stand until a half
+        runs again; its record goes with the first."""
+        return [
+            _Run(self.outcomes[:half], self.logs, self.requests, self.events[:half],
+                 self.crashed),
+            _Run(self.outcomes[half:], "", (), self.events[half:], self.crashed),
+        ]  # fmt: skip
+
     @staticmethod
     def join(runs: list[_Run]) -> _Run:
+        """One attempt's record of several calls, within the limits of one call's."""
+        logs = "".join(run.logs for run in runs)
+        if len(logs) > record.LOG_LIMIT:
+            logs = logs[: record.LOG_LIMIT] + "\n[logs truncated]\n"
+        requests = tuple(r for run in runs for r in run.requests)
         return _Run(
             [o for run in runs for o in run.outcomes],
-            "".join(run.logs for run in runs),
-            tuple(r for run in runs for r in run.requests),
+            logs,
+            requests[: record.MAX_REQUESTS],
             [e for run in runs for e in run.events],
         )
+
+
+@dataclass(slots=True)
+class _Split:
+    """What a batch's split may still take: calls, and time until `deadline`."""
+
+    deadline: float  # time.monotonic()
+    calls: int
+
+    def allows(self) -> bool:
+        if self.calls <= 0 or time.monotonic() >= self.deadline:
+            return False
+        self.calls -= 1
+        return True
 
 
 async def check_functions(cfg: Config) -> list[tuple[DestinationConfig, list[str], list[str]]]:

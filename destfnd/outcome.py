@@ -10,7 +10,7 @@ from datetime import UTC
 from enum import StrEnum
 
 MAX_ERROR_CHARS = 4096  # of an error message, stored and logged (an exception can hold megabytes)
-_CLIPPED = re.compile(r"\.\.\. \[[\d,]+ characters in all\]\Z")
+_CLIPPED = re.compile(r"\.\.\. \[[\d,]{1,19} characters in all\]\Z")
 
 
 def clip_error(message: str) -> str:
@@ -18,9 +18,10 @@ def clip_error(message: str) -> str:
     already (by the worker, which clips what it sends) is left as it is."""
     if len(message) <= MAX_ERROR_CHARS:
         return message
-    found = _CLIPPED.search(message, MAX_ERROR_CHARS)
-    if found is not None and found.start() == MAX_ERROR_CHARS:
-        return message
+    if len(message) <= MAX_ERROR_CHARS + 48:  # the note is at most 44 characters
+        found = _CLIPPED.search(message, MAX_ERROR_CHARS)
+        if found is not None and found.start() == MAX_ERROR_CHARS:
+            return message
     return f"{message[:MAX_ERROR_CHARS]}... [{len(message):,} characters in all]"
 
 

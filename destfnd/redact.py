@@ -19,7 +19,10 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: set[str] = set()
         self._patterns: dict[str, tuple[int, str]] = {}  # per form: its length, its regex
+        self._encodings: dict[str, tuple[int, str]] = {}  # per secret: percent-encoded
         self._pattern: re.Pattern[str] | None = None
+        self._encoded: re.Pattern[str] | None = None
+        self._plus = False  # a secret has a space, which a form body carries as "+"
         self._escaped = False  # a secret has a character JSON escapes
         for secret in secrets:
             self.add(secret)
@@ -31,9 +34,10 @@ class Redactor:
             if len(value) >= MIN_SECRET_CHARS and value not in self._secrets:
                 self._add(value)
         # Longest first, in one pass: a secret that contains another is hidden whole.
-        ordered = sorted(self._patterns.values(), key=lambda p: p[0], reverse=True)
-        if ordered:
-            self._pattern = re.compile("|".join(regex for _, regex in ordered))
+        for patterns, attr in ((self._patterns, "_pattern"), (self._encodings, "_encoded")):
+            ordered = sorted(patterns.values(), key=lambda p: p[0], reverse=True)
+            if ordered:
+                setattr(self, attr, re.compile("|".join(regex for _, regex in ordered)))
 
     def _add(self, secret: str) -> None:
         # Also as JSON writes it (a secret with a quote or a backslash, from a JSON key file,
@@ -52,8 +56,13 @@ class Redactor:
         for form in forms:
             self._patterns[form] = (len(form), re.escape(form))
         # And as a URL or a form body carries it, percent-encoded in any way: `quote(key)`
-        # keeps a "/", `quote_plus` makes a space "+", yarl decodes a "%2F" in a query.
-        self._patterns[secret] = (len(secret), _url_encoded(secret))
+        # keeps a "/", `quote_plus` makes a space "+", yarl decodes a "%2F" in a query. In a
+        # pattern of its own, searched only in text that may hold such a form
+        # (`_maybe_encoded`): a regex that starts with a choice of characters is searched
+        # several times slower than literal text.
+        if not secret.isascii() or not secret.isalnum():
+            self._encodings[secret] = (len(secret), _url_encoded(secret))
+            self._plus = self._plus or " " in secret  # `quote_plus` makes it "+"
 
     def add_settings(self, keys: Iterable[str], settings: dict) -> None:
         """The values (nested ones too) of the settings `keys` a function declares secret."""
@@ -71,12 +80,21 @@ class Redactor:
         with one may be in a string that is itself JSON (a request body), escaped twice."""
         if self._pattern is None:
             return False
-        return self._escaped or self._pattern.search(text) is not None
+        if self._escaped or self._pattern.search(text) is not None:
+            return True
+        return self._maybe_encoded(text) and self._encoded.search(text) is not None  # type: ignore[union-attr]
 
     def __call__(self, text: str) -> str:
         if self._pattern is None:
             return text
+        if self._maybe_encoded(text):  # first: a secret holding another is hidden whole
+            text = self._encoded.sub("[redacted]", text)  # type: ignore[union-attr]
         return self._pattern.sub("[redacted]", text)
+
+    def _maybe_encoded(self, text: str) -> bool:
+        """Whether `text` may hold a secret percent-encoded: an encoded form that is not
+        the secret as it is (which the plain pattern finds) has a "%", or a "+"."""
+        return self._encoded is not None and ("%" in text or (self._plus and "+" in text))
 
 
 def _url_encoded(secret: str) -> str:

@@ -1482,19 +1482,22 @@ async def test_functions_a_function_that_crashes_on_everything_is_not_split_to_t
 ):
     """When both halves of a crashed batch crash too, the function crashes on nearly
     anything: the batch fails as it is, at three worker restarts, not one per event and
-    more (a batch of 8 split down to single events takes 15)."""
+    more (a batch of 8 split down to single events takes 15). The halves run alone, on the
+    quarantine worker: what crashes them crashes no other batch."""
     (tmp_path / "fn.py").write_text(ALWAYS_CRASHES_PY)
     tables = '[destinations.batch]\nmax_events = 8\nmax_wait = "300ms"\n'
     tables += "[destinations.retry]\nmax_attempts = 1\n"
-    dest = function_destination("fn", "fn.py", "{}", _tables=tables)
+    dest = function_destination("fn", "fn.py", "{}", concurrency="1", _tables=tables)
     daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
-    await send(
-        session, daemon, [{"type": "track", "event": "e", "messageId": f"m{i}"} for i in range(8)]
-    )
+    events = [{"type": "track", "event": "e", "messageId": f"m{i}"} for i in range(8)]
+    await send(session, daemon, events)
     rows = await wait_final(daemon, 8)
     assert {r["status"] for r in rows.values()} == {"expired"}, rows
-    replaced = [e for e in daemon.log_records() if e.get("event") == "worker_replaced"]
-    assert 3 <= len(replaced) <= 4, replaced  # 4: should the 8 events come as two batches
+    records = daemon.log_records()
+    batches = {r["history"][0]["at"] for r in rows.values()}  # one attempt, one time a batch
+    replaced = [e for e in records if e.get("event") == "worker_replaced"]
+    ended = [e for e in records if e.get("event") == "quarantine_worker_ended"]
+    assert (len(replaced), len(ended)) == (len(batches), 2 * len(batches)), (replaced, ended)
 
 
 NEEDS_MEMORY_PER_EVENT_PY = """
@@ -1596,3 +1599,38 @@ async def test_functions_stray_output_cannot_flood_the_log(make_daemon, tmp_path
     assert len(lines) <= OUTPUT_LINES_BURST + OUTPUT_LINES_PER_S * elapsed + 2, len(lines)
     shown = [r for r in lines if r["line"].startswith("stray line ")]
     assert len(shown) + sum(r.get("not_logged", 0) for r in lines) == 3000
+
+
+SLOW_BATCH_CRASHES_ON_ONE_PY = """
+import asyncio, os
+from destfnd.functions import fetch
+
+async def on_batch(events, settings):
+    if any(e["event"] == "Crash" for e in events):
+        os._exit(3)
+    await asyncio.sleep(1.5)
+    await fetch(settings["sink"], method="POST", json=events)
+"""
+
+
+async def test_functions_a_split_ends_within_the_attempts_time(make_daemon, tmp_path, session):
+    """A split stops making calls at twice `timeout` from the start of the attempt: the
+    dispatcher's guard (twice `timeout` and 5 s) cut a longer one off and every event of the
+    batch, the delivered ones too, got "no result within", at every attempt."""
+    (tmp_path / "fn.py").write_text(SLOW_BATCH_CRASHES_ON_ONE_PY)
+    async with Sink() as sink:
+        tables = '[destinations.batch]\nmax_events = 64\nmax_wait = "500ms"\n'
+        tables += "[destinations.retry]\nmax_attempts = 1\n"
+        dest = function_destination(
+            "fn", "fn.py", f'{{ sink = "{sink.url}" }}', timeout='"2s"', _tables=tables
+        )
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        events = [{"type": "track", "event": "Fine", "messageId": f"f{i}"} for i in range(63)]
+        events.append({"type": "track", "event": "Crash", "messageId": "crash"})
+        await send(session, daemon, events)
+        rows = await wait_final(daemon, 64)
+    errors = {r["error"] for r in rows.values() if r["status"] != "delivered"}
+    assert not [e for e in errors if "no result within" in e], errors
+    delivered = [k for k, r in rows.items() if r["status"] == "delivered"]
+    assert len(delivered) >= 32, len(delivered)  # the first half without the crash, at least
+    assert sorted(e["messageId"] for e in sink.delivered()) == sorted(k[1] for k in delivered)

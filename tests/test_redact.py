@@ -86,3 +86,9 @@ def test_a_secret_is_redacted_however_a_url_encodes_it_and_without_its_whitespac
     assert redact("wJalrXUtnFEMI%2FK7MDENG-bPxRfiCYEXAMPLEKEY") == (
         "wJalrXUtnFEMI%2FK7MDENG-bPxRfiCYEXAMPLEKEY"
     )
+
+
+def test_an_encoded_secret_holding_another_secret_is_hidden_whole():
+    redact = Redactor(["abcd1234", "abcd1234/xyz+tail"])
+    assert redact("k=abcd1234%2Fxyz%2Btail&j=abcd1234") == "k=[redacted]&j=[redacted]"
+    assert redact("k=abcd1234/xyz+tail") == "k=[redacted]"

@@ -219,3 +219,14 @@ def test_decide_retry_takes_any_huge_hint_as_past_max_age(hint):
         Policy(), attempt=1, created_at=NOW, now=NOW, rng=random.Random(3), retry_after_s=hint
     )
     assert decision.status is Status.EXPIRED
+
+
+def test_clip_error_leaves_a_clipped_message_and_nothing_longer():
+    from destfnd.outcome import MAX_ERROR_CHARS, clip_error
+
+    clipped = clip_error("E" * 100_000)
+    assert clipped == "E" * MAX_ERROR_CHARS + "... [100,000 characters in all]"
+    assert clip_error(clipped) == clipped  # the worker clipped it: the daemon keeps it
+    # A message made to look clipped, with a note of any length, is clipped all the same.
+    forged = "x" * MAX_ERROR_CHARS + "... [" + "9" * 5_000 + " characters in all]"
+    assert len(clip_error(forged)) < MAX_ERROR_CHARS + 48

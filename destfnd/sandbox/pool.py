@@ -418,6 +418,11 @@ class Pool:
         except WorkerFailed as exc:
             if not exc.shared:
                 raise
+        return await self.call_alone(events, batch=batch, stages=stages)
+
+    async def call_alone(self, events: list, *, batch: bool, stages: list[str]) -> dict:
+        """Run one invocation alone, on the quarantine worker: what crashes it crashes no
+        other invocation (for a re-run after a crash)."""
         async with self._quarantine_lock:  # one at a time: a crash there is that call's own
             if self._quarantine is None or self._quarantine.retired:
                 try:
@@ -497,7 +502,9 @@ class Pool:
     def _replace(self, worker: Worker, reason: str) -> None:
         """Take `worker` out (killing it if alive) and start another in its place."""
         if self._closed or worker not in self.workers:
-            worker.kill()  # e.g. the quarantine worker, blocked: nothing to start in its place
+            worker.kill()  # e.g. the quarantine worker: started again when next needed
+            if not self._closed and worker is self._quarantine:
+                self._log.warning("quarantine_worker_ended", pid=worker.pid, reason=reason)
             return
         self.workers.remove(worker)
         worker.kill()
