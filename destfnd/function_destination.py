@@ -237,13 +237,19 @@ class FunctionDestination:
             return _Run([retry(ErrorType.RETRY, str(exc))] * n, "", (), [None] * n, crashed)
         logs, requests = _record_of(reply)
         found = reply.get("outcomes")
+        events = reply.get("events")
+        if "function" in self._stages:
+            events = [None] * n  # (only an insert stage's reply has them)
+        elif not isinstance(events, list) or len(events) != n:
+            found = None  # what passed cannot be passed on
         if not isinstance(found, list) or len(found) != n:
-            unreadable = retry(ErrorType.RETRY, "the worker sent outcomes destfnd cannot read")
+            unreadable = retry(ErrorType.RETRY, "the worker sent a result destfnd cannot read")
             return _Run([unreadable] * n, logs, requests, [None] * n)
         outcomes = [_outcome(o) for o in found]
-        events = reply.get("events")
-        if not isinstance(events, list) or len(events) != n:
-            events = [None] * n  # (only an insert stage's reply has them)
+        if "function" not in self._stages:  # an insert stage's events go on downstream
+            for i, outcome in enumerate(outcomes):
+                if outcome.kind is Kind.OK and not isinstance(events[i], dict):
+                    outcomes[i] = retry(ErrorType.RETRY, "the worker passed on no event to send")
         # Out of memory with nothing delivered (on_batch, or every event's handler): too big.
         memory = reply.get("out_of_memory") and all(o.kind is not Kind.OK for o in outcomes)
         return _Run(outcomes, logs, requests, events, "memory" if memory else None)
@@ -257,13 +263,22 @@ def _record_of(reply: dict) -> tuple[str, tuple[dict, ...]]:
     if not isinstance(logs, str):
         logs = "[the worker sent logs destfnd cannot read]\n"
     requests = reply.get("requests") or []
-    if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
+    if not isinstance(requests, list) or not all(map(_is_request, requests)):
         requests = []
         logs += "[the worker sent recorded requests destfnd cannot read]\n"
+    requests = requests[: record.MAX_REQUESTS]
     count = reply.get("request_count", 0)
     if isinstance(count, int) and count > len(requests):
         logs += f"\n[{count - len(requests)} more requests not recorded]\n"
     return logs, tuple(requests)
+
+
+def _is_request(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("method"), str)
+        and isinstance(entry.get("url"), str)
+    )
 
 
 @dataclass(slots=True)

@@ -138,8 +138,10 @@ class Ingest:
 
     async def healthz(self, request: web.Request) -> web.Response:
         failed_at = self._commit_failed_at
-        if failed_at is not None and time.monotonic() - failed_at > STORE_FAILING_S:
-            failed_at = None  # let traffic try again: only a commit tells the disk is back
+        if failed_at is not None and abs(self._clock() - failed_at) > STORE_FAILING_S:
+            # Let traffic try again: only a commit tells the disk is back (abs: a clock
+            # stepped back must not keep it from ever being asked).
+            failed_at = None
         if self.ready and not self.draining and failed_at is None:
             return web.json_response({"status": "ok"})
         if self.draining or not self.ready:
@@ -281,7 +283,7 @@ class Ingest:
                 await self._writer.run_batched(self._insert, request)
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
-                self._commit_failed_at = time.monotonic()
+                self._commit_failed_at = self._clock()
                 held = self._commit_failures.allow()  # one a request: 575 lines a second
                 if held is not None:
                     more = {"not_logged": held} if held else {}

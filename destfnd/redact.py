@@ -24,6 +24,7 @@ class Redactor:
         self._encoded: re.Pattern[str] | None = None
         self._plus = False  # a secret has a space, which a form body carries as "+"
         self._escaped = False  # a secret has a character JSON escapes
+        self.longest = 0  # characters a secret can take in text, in any of its forms, about
         for secret in secrets:
             self.add(secret)
 
@@ -53,6 +54,8 @@ class Redactor:
         # A form JSON would escape is found in JSON text only once that text is parsed.
         self._escaped = self._escaped or any(orjson.dumps(f).decode()[1:-1] != f for f in forms)
         self._secrets.update(forms)
+        # (percent-encoded: up to 3 characters each, 9 for a character of 3 UTF-8 bytes)
+        self.longest = max(self.longest, *map(len, forms), 3 * len(secret.encode()))
         for form in forms:
             self._patterns[form] = (len(form), re.escape(form))
         # And as a URL or a form body carries it, percent-encoded in any way: `quote(key)`

@@ -199,8 +199,8 @@ def printable(value: object) -> str:
 def request_lines(req: dict, indent: str) -> list[str]:
     """One recorded outgoing request as the commands print it (run-function, deliveries)."""
     answer = printable(req.get("status", req.get("error", "?")))
-    url = printable(req["url"])
-    lines = [f"{indent}{req['method']} {url} -> {answer} ({req.get('duration_ms')} ms)"]
+    method, url = printable(req.get("method", "?")), printable(req.get("url", "?"))
+    lines = [f"{indent}{method} {url} -> {answer} ({printable(req.get('duration_ms'))} ms)"]
     if req.get("redirected_to"):
         lines.append(f"{indent}  redirected to: {printable(req['redirected_to'])}")
     for key in ("request_body", "response_body"):

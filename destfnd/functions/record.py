@@ -56,10 +56,15 @@ class CallRecord:
     def request(self, entry: dict) -> None:
         """Record one request (bodies as bytes), within the limits, secrets redacted."""
         self.request_count += 1
-        if len(self.requests) < MAX_REQUESTS and self.request_chars < REQUESTS_LIMIT:
-            kept = {key: _kept(key, value) for key, value in entry.items()}
-            self.request_chars += sum(_chars(v) for v in kept.values())
-            self.requests.append(kept)
+        if len(self.requests) >= MAX_REQUESTS or self.request_chars >= REQUESTS_LIMIT:
+            return
+        kept = {key: _kept(key, value) for key, value in entry.items()}
+        size = sum(_chars(v) for v in kept.values())
+        if self.requests and self.request_chars + size > REQUESTS_LIMIT:
+            self.request_chars = REQUESTS_LIMIT  # full: no later one either, however small
+            return
+        self.request_chars += size
+        self.requests.append(kept)
 
     def text(self) -> str:
         return "".join(self.logs)
@@ -84,8 +89,9 @@ def safe_headers(headers: object) -> dict[str, str]:
 def clip_body(data: bytes) -> str:
     """The start of a body for the record, secrets redacted: BODY_LIMIT characters of it,
     decoding no more than what the redaction needs."""
-    text = redactor(data[: BODY_LIMIT + _BODY_MARGIN].decode("utf-8", "replace"))
-    if len(text) <= BODY_LIMIT and len(data) <= BODY_LIMIT + _BODY_MARGIN:
+    margin = max(_BODY_MARGIN, redactor.longest)  # a long key file's, escaped: whole
+    text = redactor(data[: BODY_LIMIT + margin].decode("utf-8", "replace"))
+    if len(text) <= BODY_LIMIT and len(data) <= BODY_LIMIT + margin:
         return text
     return f"{text[:BODY_LIMIT]}... [{len(data)} bytes in all]"
 
@@ -96,6 +102,8 @@ def clip_text(text: str) -> str:
 
 
 def _kept(key: str, value: Any) -> Any:
+    if key == "method":  # any text a function gives
+        return _clipped(str(value), 32)
     if key in ("url", "redirected_to"):
         return _clipped(redactor(str(value)), URL_LIMIT)
     if key == "error":

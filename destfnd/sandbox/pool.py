@@ -157,6 +157,7 @@ async def spawn(
     on_exit: Callable[[Worker, str], None] | None = None,
     code: dict[str, str] | None = None,
     redact: Callable[[str], str] = str,  # str: the text as it is (as dispatch does)
+    output: Throttle | None = None,  # of its stray output's lines: the pool's, shared
 ) -> Worker:
     """Start a worker and load the function in it (`code`: from read_code, else the files as
     they are now); raises InitError with a one-line reason."""
@@ -230,7 +231,8 @@ async def spawn(
     worker.ready = reply
     worker.on_exit = on_exit
     output = asyncio.create_task(
-        _read_output(worker, spec.name, redact), name=f"worker-output:{proc.pid}"
+        _read_output(worker, spec.name, redact, output or _output_throttle()),
+        name=f"worker-output:{proc.pid}",
     )
     worker.output = output
     worker.tasks = [
@@ -292,15 +294,22 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
             worker.on_exit(worker, f"the worker process {reason}")
 
 
-async def _read_output(worker: Worker, name: str, redact: Callable[[str], str]) -> None:
+def _output_throttle() -> Throttle:
+    # A thread writing in a loop made a million lines in 8 s, the daemon's CPU all theirs.
+    return Throttle(per_s=OUTPUT_LINES_PER_S, burst=OUTPUT_LINES_BURST)
+
+
+async def _read_output(
+    worker: Worker, name: str, redact: Callable[[str], str], throttle: Throttle
+) -> None:
     """What the worker writes outside an invocation's captured output (a thread's prints, a
-    subprocess, C code), a log line each, secrets redacted; read in chunks, so a line of any
-    length is taken (its first _OUTPUT_LINE_CHARS logged) and the worker never blocks on it."""
+    subprocess, C code), a log line each, secrets redacted, at most at `throttle`'s rate
+    (the pool's: a worker replaced gets no burst of its own); read in chunks, so a line of
+    any length is taken (its first _OUTPUT_LINE_CHARS logged) and the worker never blocks
+    on it."""
     assert worker.proc.stdout is not None
     pending = b""
     skipping = False  # the rest of a line whose start was logged
-    # A thread writing in a loop made a million lines in 8 s, the daemon's CPU all theirs.
-    throttle = Throttle(per_s=OUTPUT_LINES_PER_S, burst=OUTPUT_LINES_BURST)
 
     def emit(line: bytes) -> None:
         held = throttle.allow()
@@ -326,6 +335,7 @@ async def _read_output(worker: Worker, name: str, redact: Callable[[str], str]) 
     if throttle.held:
         log.info("worker_output", destination=name, pid=worker.pid, line="",
                  not_logged=throttle.held)  # fmt: skip
+        throttle.held = 0
 
 
 def _exit_reason(code: int | None) -> str:
@@ -379,12 +389,14 @@ class Pool:
         self.last_init_error: str | None = None
         self._log = log.bind(destination=spec.name)
         self._code: dict[str, str] = {}  # read at start()
+        self._output = _output_throttle()  # lines of stray output, for all its workers
 
     async def start(self) -> dict:
         """Start the workers; returns the first one's `ready` (versions, settings problems)."""
         self._code = read_code(self.spec)
         for _ in range(self.size):
-            self.workers.append(await spawn(self.spec, self._replace, self._code, self._redact))
+            self.workers.append(await spawn(self.spec, self._replace, self._code, self._redact,
+                                            self._output))  # fmt: skip
         return self.workers[0].ready
 
     async def close(self) -> None:
@@ -426,7 +438,9 @@ class Pool:
         async with self._quarantine_lock:  # one at a time: a crash there is that call's own
             if self._quarantine is None or self._quarantine.retired:
                 try:
-                    self._quarantine = await spawn(self.spec, code=self._code, redact=self._redact)
+                    self._quarantine = await spawn(
+                        self.spec, code=self._code, redact=self._redact, output=self._output
+                    )
                 except InitError as exc:
                     raise WorkerFailed(f"the function cannot be loaded: {exc}") from None
             return await self._call_on(self._quarantine, events, batch, stages)
@@ -522,7 +536,9 @@ class Pool:
         try:
             while not self._closed:
                 try:
-                    new = await spawn(self.spec, self._replace, self._code, self._redact)
+                    new = await spawn(
+                        self.spec, self._replace, self._code, self._redact, self._output
+                    )
                 except (InitError, OSError) as exc:
                     self.last_init_error = str(exc)
                     self._log.error("worker_start_failed", error=str(exc))
