@@ -32,7 +32,7 @@ from destfnd.outcome import (
     retry,
 )
 from destfnd.redact import Redactor
-from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
+from destfnd.sandbox.pool import CallTimedOut, InitError, NotStarted, Pool, Spec, WorkerFailed
 from destfnd.spec import EVENT_TYPES
 
 log = structlog.get_logger("destfnd.functions")
@@ -188,8 +188,11 @@ class FunctionDestination:
         (`_split`)."""
         started = time.monotonic()
         run = await self._call(events, batched)
+        assert run is not None  # (only a call with start_by may not start)
         if run.crashed and len(events) > 1:
-            split = _Split(deadline=started + 2 * self.dest.timeout_s, calls=MAX_SPLIT_CALLS)
+            # Calls start within the attempt's first `timeout`, so that each, and the
+            # attempt, ends within the second, inside the dispatcher's guard (2 timeouts + 5 s).
+            split = _Split(deadline=started + self.dest.timeout_s, calls=MAX_SPLIT_CALLS)
             return await self._split(events, run, split, memory=run.crashed == "memory")
         return run
 
@@ -206,15 +209,14 @@ class FunctionDestination:
         they fail as they are (split down to single events, a batch of 100 would restart a
         worker 199 times). Unless the batch, or a part of it, ran out of memory: its parts
         are still near the limit, where a worker also dies in other ways (libuv aborts when
-        an allocation fails), and are split on. Either way within `split`'s calls and time
-        (twice `timeout` from the start of the attempt, so that it ends within the
-        dispatcher's guard); what is left then keeps the outcome it had."""
+        an allocation fails), and are split on. Either way within `split`'s calls and time;
+        what is left then keeps the outcome it had."""
         half = len(events) // 2
         parts = (events[:half], events[half:])
         runs = run.halves(half)
         for i, part in enumerate(parts):
             if split.allows():
-                runs[i] = await self._call(part, True, alone=True)
+                runs[i] = await self._call(part, True, start_by=split.deadline) or runs[i]
         memory = memory or any(r.crashed == "memory" for r in runs)
         if memory or not all(r.crashed for r in runs):
             runs = [
@@ -223,11 +225,21 @@ class FunctionDestination:
             ]
         return _Run.join(runs)
 
-    async def _call(self, events: list, batched: bool, alone: bool = False) -> _Run:
+    async def _call(
+        self, events: list, batched: bool, start_by: float | None = None
+    ) -> _Run | None:
+        """One call on the pool's workers; with `start_by`, alone on its quarantine worker
+        if it can start by then (None if it cannot)."""
         n = len(events)
-        call = self.pool.call_alone if alone else self.pool.call
         try:
-            reply = await call(events, batch=batched, stages=self._stages)
+            if start_by is None:
+                reply = await self.pool.call(events, batch=batched, stages=self._stages)
+            else:
+                reply = await self.pool.call_alone(
+                    events, batch=batched, stages=self._stages, start_by=start_by
+                )
+        except NotStarted:
+            return None
         except CallTimedOut as exc:
             message = f"the function did not finish within {self.dest.timeout_s:g}s"
             logs, requests = _record_of(exc.reply or {})  # what it printed and requested

@@ -10,6 +10,7 @@ import itertools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ class WorkerFailed(Exception):
         super().__init__(message)
         self.shared = shared
         self.out_of_memory = out_of_memory
+
+
+class NotStarted(Exception):
+    """The invocation was not run: it could not start in time (`Pool.call_alone`)."""
 
 
 class InitError(Exception):
@@ -432,10 +437,20 @@ class Pool:
                 raise
         return await self.call_alone(events, batch=batch, stages=stages)
 
-    async def call_alone(self, events: list, *, batch: bool, stages: list[str]) -> dict:
+    async def call_alone(
+        self, events: list, *, batch: bool, stages: list[str], start_by: float | None = None
+    ) -> dict:
         """Run one invocation alone, on the quarantine worker: what crashes it crashes no
-        other invocation (for a re-run after a crash)."""
-        async with self._quarantine_lock:  # one at a time: a crash there is that call's own
+        other invocation (for a re-run after a crash). One at a time: a crash there is that
+        call's own. Raises NotStarted if it cannot start by `start_by` (time.monotonic())
+        for the others waiting there."""
+        lock = self._quarantine_lock
+        try:
+            async with asyncio.timeout(None if start_by is None else start_by - time.monotonic()):
+                await lock.acquire()
+        except TimeoutError:
+            raise NotStarted from None
+        try:
             if self._quarantine is None or self._quarantine.retired:
                 try:
                     self._quarantine = await spawn(
@@ -444,6 +459,8 @@ class Pool:
                 except InitError as exc:
                     raise WorkerFailed(f"the function cannot be loaded: {exc}") from None
             return await self._call_on(self._quarantine, events, batch, stages)
+        finally:
+            lock.release()
 
     async def _call_on(self, worker: Worker, events: list, batch: bool, stages: list[str]) -> dict:
         call_id = next(self._ids)
