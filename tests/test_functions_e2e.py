@@ -1614,7 +1614,7 @@ async def on_batch(events, settings):
 
 
 async def test_functions_a_split_ends_within_the_attempts_time(make_daemon, tmp_path, session):
-    """A split stops making calls at twice `timeout` from the start of the attempt: the
+    """A split starts no call later than `timeout` after the start of the attempt: the
     dispatcher's guard (twice `timeout` and 5 s) cut a longer one off and every event of the
     batch, the delivered ones too, got "no result within", at every attempt."""
     (tmp_path / "fn.py").write_text(SLOW_BATCH_CRASHES_ON_ONE_PY)
