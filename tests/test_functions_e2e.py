@@ -1427,6 +1427,22 @@ async def test_functions_a_plain_def_out_of_its_share_gets_the_worker_replaced(
     assert [e for e in daemon.log_records() if e.get("event") == "worker_started"]
 
 
+async def one_batch(
+    make_daemon, tmp_path, session, code: str, events: list[dict], max_events: int, **extra
+) -> tuple[dict, Sink, object]:
+    """`events` through a batched function `code` (settings: the sink), once: max_attempts
+    is 1. The final deliveries, the sink and the daemon."""
+    (tmp_path / "fn.py").write_text(code)
+    async with Sink() as sink:
+        tables = f'[destinations.batch]\nmax_events = {max_events}\nmax_wait = "500ms"\n'
+        tables += "[destinations.retry]\nmax_attempts = 1\n"
+        settings = f'{{ sink = "{sink.url}" }}'
+        dest = function_destination("fn", "fn.py", settings, _tables=tables, **extra)
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        await send(session, daemon, events)
+        return await wait_final(daemon, len(events)), sink, daemon
+
+
 CRASHES_ON_ONE_PY = """
 import os
 from destfnd.functions import fetch
@@ -1457,16 +1473,9 @@ async def test_functions_the_event_that_crashes_a_batchs_worker_fails_alone(
     """A batch whose worker dies runs again in halves until the event that crashes it is
     alone: its batch-mates are delivered. They failed with it, were batched with it again
     at every retry, and all expired."""
-    (tmp_path / "fn.py").write_text(code)
-    async with Sink() as sink:
-        tables = '[destinations.batch]\nmax_events = 10\nmax_wait = "300ms"\n'
-        tables += "[destinations.retry]\nmax_attempts = 1\n"
-        dest = function_destination("fn", "fn.py", f'{{ sink = "{sink.url}" }}', _tables=tables)
-        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
-        events = [{"type": "track", "event": "Fine", "messageId": f"f{i}"} for i in range(9)]
-        events.insert(6, {"type": "track", "event": "Crash", "messageId": "crash"})
-        await send(session, daemon, events)
-        rows = await wait_final(daemon, 10)
+    events = [{"type": "track", "event": "Fine", "messageId": f"f{i}"} for i in range(9)]
+    events.insert(6, {"type": "track", "event": "Crash", "messageId": "crash"})
+    rows, sink, _daemon = await one_batch(make_daemon, tmp_path, session, code, events, 10)
     assert sorted(e["messageId"] for e in sink.delivered()) == [f"f{i}" for i in range(9)]
     crash = rows["fn", "crash"]
     assert crash["status"] == "expired", crash
@@ -1515,17 +1524,11 @@ async def test_functions_a_batch_too_big_for_memory_limit_goes_in_parts_that_fit
     """An on_batch that runs out of memory (memory_limit) on the whole batch runs again in
     halves, and halves of those, until the parts fit: every event is delivered. The batch
     failed whole at every attempt and expired, however often it was tried."""
-    (tmp_path / "fn.py").write_text(NEEDS_MEMORY_PER_EVENT_PY)
-    async with Sink() as sink:
-        tables = '[destinations.batch]\nmax_events = 10\nmax_wait = "300ms"\n'
-        tables += "[destinations.retry]\nmax_attempts = 1\n"
-        dest = function_destination(
-            "fn", "fn.py", f'{{ sink = "{sink.url}" }}', memory_limit='"256MB"', _tables=tables
-        )
-        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
-        events = [{"type": "track", "event": "e", "messageId": f"m{i}"} for i in range(10)]
-        await send(session, daemon, events)
-        rows = await wait_final(daemon, 10)
+    events = [{"type": "track", "event": "e", "messageId": f"m{i}"} for i in range(10)]
+    rows, sink, daemon = await one_batch(
+        make_daemon, tmp_path, session, NEEDS_MEMORY_PER_EVENT_PY, events, 10,
+        memory_limit='"256MB"',
+    )  # fmt: skip
     assert {r["status"] for r in rows.values()} == {"delivered"}, [
         r["error"] for r in rows.values()
     ]
@@ -1617,18 +1620,11 @@ async def test_functions_a_split_ends_within_the_attempts_time(make_daemon, tmp_
     """A split starts no call later than `timeout` after the start of the attempt: the
     dispatcher's guard (twice `timeout` and 5 s) cut a longer one off and every event of the
     batch, the delivered ones too, got "no result within", at every attempt."""
-    (tmp_path / "fn.py").write_text(SLOW_BATCH_CRASHES_ON_ONE_PY)
-    async with Sink() as sink:
-        tables = '[destinations.batch]\nmax_events = 64\nmax_wait = "500ms"\n'
-        tables += "[destinations.retry]\nmax_attempts = 1\n"
-        dest = function_destination(
-            "fn", "fn.py", f'{{ sink = "{sink.url}" }}', timeout='"2s"', _tables=tables
-        )
-        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
-        events = [{"type": "track", "event": "Fine", "messageId": f"f{i}"} for i in range(63)]
-        events.append({"type": "track", "event": "Crash", "messageId": "crash"})
-        await send(session, daemon, events)
-        rows = await wait_final(daemon, 64)
+    events = [{"type": "track", "event": "Fine", "messageId": f"f{i}"} for i in range(63)]
+    events.append({"type": "track", "event": "Crash", "messageId": "crash"})
+    rows, sink, _daemon = await one_batch(
+        make_daemon, tmp_path, session, SLOW_BATCH_CRASHES_ON_ONE_PY, events, 64, timeout='"2s"'
+    )
     errors = {r["error"] for r in rows.values() if r["status"] != "delivered"}
     assert not [e for e in errors if "no result within" in e], errors
     delivered = [k for k, r in rows.items() if r["status"] == "delivered"]
