@@ -580,24 +580,28 @@ def test_config_a_file_destination_hard_linked_to_the_database_is_refused(tmp_pa
     assert info.value.problems == ["destinations[0].path: is the database (storage.path)"]
 
 
-def test_config_a_secret_url_is_redacted_in_its_forms_but_not_its_short_parts(tmp_path):
-    """A secret webhook url is hidden also as the HTTP client normalizes it, and its path and
-    query alone when long enough to be a token; not "/api" or "json" alone, which would mangle
-    another destination's URL or a Content-Type ("application/[redacted]")."""
+def _redactor_of_secret_urls(tmp_path, *urls: str):
+    """The redactor serve makes of a config with a webhook for each of `urls`, a secret."""
     from destfnd.config import config_secrets
     from destfnd.redact import Redactor
 
     config = tmp_path / "destfnd.toml"
-    config.write_text(
-        SOURCE
-        + '[[destinations]]\nname = "slack"\ntype = "webhook"\nurl = { env = "A_URL" }\n'
-        + '[[destinations]]\nname = "api"\ntype = "webhook"\nurl = { env = "B_URL" }\n'
-    )
-    cfg = load_config(config, environ={
-        "A_URL": "https://HOOKS.example.com/services/T000/B000/XXXXsekrit",
-        "B_URL": "http://127.0.0.1:9/api?json",
-    })  # fmt: skip
-    redact = Redactor(config_secrets(cfg))
+    config.write_text(SOURCE + "".join(
+        f'[[destinations]]\nname = "d{i}"\ntype = "webhook"\nurl = {{ env = "URL_{i}" }}\n'
+        for i in range(len(urls))
+    ))  # fmt: skip
+    cfg = load_config(config, environ={f"URL_{i}": url for i, url in enumerate(urls)})
+    return Redactor(config_secrets(cfg))
+
+
+def test_config_a_secret_url_is_redacted_in_its_forms_but_not_its_short_parts(tmp_path):
+    """A secret webhook url is hidden also as the HTTP client normalizes it, and its path and
+    query alone when long enough to be a token; not "/api" or "json" alone, which would mangle
+    another destination's URL or a Content-Type ("application/[redacted]")."""
+    redact = _redactor_of_secret_urls(
+        tmp_path, "https://HOOKS.example.com/services/T000/B000/XXXXsekrit",
+        "http://127.0.0.1:9/api?json",
+    )  # fmt: skip
     assert redact("POST https://hooks.example.com/services/T000/B000/XXXXsekrit") == (
         "POST [redacted]"
     )
@@ -611,20 +615,10 @@ def test_config_a_secret_url_is_redacted_in_its_forms_but_not_its_short_parts(tm
 def test_config_a_secret_url_token_in_its_host_or_password_is_redacted(tmp_path):
     """A token in the host (subdomain hooks) shows alone in the HTTP client's errors
     ("cannot connect to HOST:443"); a password in the URL, in the client's repr of it."""
-    from destfnd.config import config_secrets
-    from destfnd.redact import Redactor
-
-    config = tmp_path / "destfnd.toml"
-    config.write_text(
-        SOURCE
-        + '[[destinations]]\nname = "pd"\ntype = "webhook"\nurl = { env = "A_URL" }\n'
-        + '[[destinations]]\nname = "basic"\ntype = "webhook"\nurl = { env = "B_URL" }\n'
-    )
-    cfg = load_config(config, environ={
-        "A_URL": "https://eo1a2b3c4d5e6f7.m.pipedream.net",
-        "B_URL": "https://user:hunter2-pw@hooks.example.com/in",
-    })  # fmt: skip
-    redact = Redactor(config_secrets(cfg))
+    redact = _redactor_of_secret_urls(
+        tmp_path, "https://eo1a2b3c4d5e6f7.m.pipedream.net",
+        "https://user:hunter2-pw@hooks.example.com/in",
+    )  # fmt: skip
     assert redact("Cannot connect to host eo1a2b3c4d5e6f7.m.pipedream.net:443") == (
         "Cannot connect to host [redacted].m.pipedream.net:443"
     )
