@@ -38,6 +38,10 @@ _OUTCOME_STATUS = {
 
 
 class Deliverer(Protocol):
+    """A destination's way of delivering. One may say, as `timeouts` (an int), how many of
+    the destination's `timeout` a delivery can take at most (default 2): the dispatcher's
+    guard allows for that many, and 5 s."""
+
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def deliver(self, payloads: list[bytes], batched: bool) -> Report: ...
@@ -246,7 +250,7 @@ class Dispatcher:
         started_at = self._clock()
         started = time.monotonic()
         # The deliverer enforces `timeout` itself; this guard catches one that does not.
-        guard_s = self.dest.timeout_s * 2 + 5
+        guard_s = self.dest.timeout_s * getattr(self._deliverer, "timeouts", 2) + 5
         try:
             async with asyncio.timeout(guard_s):
                 report = await self._deliverer.deliver(

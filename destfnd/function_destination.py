@@ -126,6 +126,10 @@ class FunctionDestination:
             ["function"] if dest.kind == "function" else []
         )
         self.version: str | None = None
+        # What a delivery can take (the dispatcher's guard allows for it): a call, and its
+        # re-run alone after a crash it shared or a split's calls (started within the first
+        # timeout), and the built-in destination's own behind an insert function.
+        self.timeouts = 2 + (downstream is not None)
 
     async def start(self) -> None:
         """Start the workers, then the built-in destination behind an insert function. If any
@@ -223,7 +227,8 @@ class FunctionDestination:
                 await self._split(part, r, split, memory) if r.crashed and len(part) > 1 else r
                 for part, r in zip(parts, runs, strict=True)
             ]
-        return _Run.join(runs)
+        # The call that failed first: what it printed and requested before it did.
+        return _Run.join([_Run([], run.logs, run.requests, []), *runs])
 
     async def _call(
         self, events: list, batched: bool, start_by: float | None = None
@@ -308,24 +313,25 @@ class _Run:
 
     def halves(self, half: int) -> list[_Run]:
         """The run's outcomes for the two halves of its batch, as they stand until a half
-        runs again; its record goes with the first."""
+        runs again (its record is not theirs: `_split` keeps it)."""
         return [
-            _Run(self.outcomes[:half], self.logs, self.requests, self.events[:half],
-                 self.crashed),
+            _Run(self.outcomes[:half], "", (), self.events[:half], self.crashed),
             _Run(self.outcomes[half:], "", (), self.events[half:], self.crashed),
-        ]  # fmt: skip
+        ]
 
     @staticmethod
     def join(runs: list[_Run]) -> _Run:
         """One attempt's record of several calls, within the limits of one call's."""
         logs = "".join(run.logs for run in runs)
+        requests, dropped = record.bounded([r for run in runs for r in run.requests])
+        if dropped:
+            logs += f"\n[{dropped} more requests not recorded]\n"
         if len(logs) > record.LOG_LIMIT:
             logs = logs[: record.LOG_LIMIT] + "\n[logs truncated]\n"
-        requests = tuple(r for run in runs for r in run.requests)
         return _Run(
             [o for run in runs for o in run.outcomes],
             logs,
-            requests[: record.MAX_REQUESTS],
+            tuple(requests),
             [e for run in runs for e in run.events],
         )
 

@@ -34,9 +34,15 @@ class Redactor:
         for value in {secret, secret.strip()}:
             if len(value) >= MIN_SECRET_CHARS and value not in self._secrets:
                 self._add(value)
-        # Longest first, in one pass: a secret that contains another is hidden whole.
-        for patterns, attr in ((self._patterns, "_pattern"), (self._encodings, "_encoded")):
-            ordered = sorted(patterns.values(), key=lambda p: p[0], reverse=True)
+        # Longest first, in one pass: a secret that contains another is hidden whole. The
+        # percent-encoded forms go with the others, in a pattern of their own for the text
+        # that may hold one (`_maybe_encoded`).
+        plain = list(self._patterns.values())
+        for attr, patterns in (
+            ("_pattern", plain),
+            ("_encoded", [*plain, *self._encodings.values()]),
+        ):
+            ordered = sorted(patterns, key=lambda p: p[0], reverse=True)
             if ordered:
                 setattr(self, attr, re.compile("|".join(regex for _, regex in ordered)))
 
@@ -59,10 +65,10 @@ class Redactor:
         for form in forms:
             self._patterns[form] = (len(form), re.escape(form))
         # And as a URL or a form body carries it, percent-encoded in any way: `quote(key)`
-        # keeps a "/", `quote_plus` makes a space "+", yarl decodes a "%2F" in a query. In a
-        # pattern of its own, searched only in text that may hold such a form
-        # (`_maybe_encoded`): a regex that starts with a choice of characters is searched
-        # several times slower than literal text.
+        # keeps a "/", `quote_plus` makes a space "+", yarl decodes a "%2F" in a query. Only
+        # in the pattern for text that may hold such a form (`_maybe_encoded`): a regex that
+        # starts with a choice of characters is searched several times slower than literal
+        # text.
         if not secret.isascii() or not secret.isalnum():
             self._encodings[secret] = (len(secret), _url_encoded(secret))
             self._plus = self._plus or " " in secret  # `quote_plus` makes it "+"
@@ -83,21 +89,20 @@ class Redactor:
         with one may be in a string that is itself JSON (a request body), escaped twice."""
         if self._pattern is None:
             return False
-        if self._escaped or self._pattern.search(text) is not None:
-            return True
-        return self._maybe_encoded(text) and self._encoded.search(text) is not None  # type: ignore[union-attr]
+        return self._escaped or self._pattern_for(text).search(text) is not None
 
     def __call__(self, text: str) -> str:
         if self._pattern is None:
             return text
-        if self._maybe_encoded(text):  # first: a secret holding another is hidden whole
-            text = self._encoded.sub("[redacted]", text)  # type: ignore[union-attr]
-        return self._pattern.sub("[redacted]", text)
+        return self._pattern_for(text).sub("[redacted]", text)
 
-    def _maybe_encoded(self, text: str) -> bool:
-        """Whether `text` may hold a secret percent-encoded: an encoded form that is not
+    def _pattern_for(self, text: str) -> re.Pattern[str]:
+        """The pattern with the percent-encoded forms if `text` may hold one: one that is not
         the secret as it is (which the plain pattern finds) has a "%", or a "+"."""
-        return self._encoded is not None and ("%" in text or (self._plus and "+" in text))
+        assert self._pattern is not None
+        if self._encodings and ("%" in text or (self._plus and "+" in text)):
+            return self._encoded  # type: ignore[return-value]
+        return self._pattern
 
 
 def _url_encoded(secret: str) -> str:

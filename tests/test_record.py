@@ -38,3 +38,17 @@ def test_call_record_redacts_a_long_secret_whole_across_a_body_cut():
         assert "KKK" not in rec.requests[0]["request_body"]
     finally:
         record.redactor = saved
+
+
+def test_call_record_redacts_a_secret_across_a_body_cut_after_multibyte_text():
+    """The margin past the cut is in characters: counted in bytes, text of two-byte
+    characters before the secret left its start in the clear."""
+    saved, record.redactor = record.redactor, Redactor(["S3CRET-value-123456"])
+    try:
+        body = ("é" * 4090 + "S3CRET-value-123456" + "x" * 5000).encode()
+        rec = record.CallRecord()
+        rec.request({"method": "POST", "url": "http://x/", "request_body": body})
+        kept = rec.requests[0]["request_body"]
+        assert "S3C" not in kept and kept.startswith("é" * 4090 + "[redac"), kept[4080:]
+    finally:
+        record.redactor = saved

@@ -92,3 +92,16 @@ def test_an_encoded_secret_holding_another_secret_is_hidden_whole():
     redact = Redactor(["abcd1234", "abcd1234/xyz+tail"])
     assert redact("k=abcd1234%2Fxyz%2Btail&j=abcd1234") == "k=[redacted]&j=[redacted]"
     assert redact("k=abcd1234/xyz+tail") == "k=[redacted]"
+
+
+def test_a_secret_holding_another_is_hidden_whole_also_where_text_has_a_percent():
+    """A key file (JSON) holds its client_email, also a secret: in text with a "%" (which
+    brings in the percent-encoded forms) the email was hidden first, and the rest of the key
+    file, as JSON escapes it, was left in the clear."""
+    import json
+
+    keyfile = json.dumps({"type": "service_account", "client_email": "bot@proj.example.com",
+                          "private_key_id": "PKID-0123456789"})  # fmt: skip
+    redact = Redactor([keyfile, "bot@proj.example.com"])
+    for tail in ("", " 100%", " a+b"):
+        assert redact(json.dumps({"creds": keyfile}) + tail) == '{"creds": "[redacted]"}' + tail

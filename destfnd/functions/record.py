@@ -73,6 +73,19 @@ class CallRecord:
 current: ContextVar[CallRecord | None] = ContextVar("destfnd_call_record", default=None)
 
 
+def bounded(requests: list[dict]) -> tuple[list[dict], int]:
+    """Recorded requests of several calls (a batch's split) within one call's limits: those
+    kept, and how many were left out."""
+    kept: list[dict] = []
+    chars = 0
+    for entry in requests[:MAX_REQUESTS]:
+        chars += sum(_chars(v) for v in entry.values())
+        if kept and chars > REQUESTS_LIMIT:
+            break
+        kept.append(entry)
+    return kept, len(requests) - len(kept)
+
+
 def safe_headers(headers: object) -> dict[str, str]:
     items = list(headers.items()) if hasattr(headers, "items") else []
     kept = {
@@ -89,9 +102,10 @@ def safe_headers(headers: object) -> dict[str, str]:
 def clip_body(data: bytes) -> str:
     """The start of a body for the record, secrets redacted: BODY_LIMIT characters of it,
     decoding no more than what the redaction needs."""
-    margin = max(_BODY_MARGIN, redactor.longest)  # a long key file's, escaped: whole
-    text = redactor(data[: BODY_LIMIT + margin].decode("utf-8", "replace"))
-    if len(text) <= BODY_LIMIT and len(data) <= BODY_LIMIT + margin:
+    window = BODY_LIMIT + max(_BODY_MARGIN, redactor.longest)  # a long key file's: whole
+    decoded = data[: 4 * window].decode("utf-8", "replace")  # (a character: 4 bytes at most)
+    text = redactor(decoded[:window])
+    if len(data) <= 4 * window and len(decoded) <= window and len(text) <= BODY_LIMIT:
         return text
     return f"{text[:BODY_LIMIT]}... [{len(data)} bytes in all]"
 
@@ -120,6 +134,6 @@ def _clipped(text: str, limit: int) -> str:
 def _chars(value: Any) -> int:
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, dict):
-        return sum(len(k) + len(v) for k, v in value.items())
+    if isinstance(value, dict):  # headers (from a worker's reply: whatever it holds)
+        return sum(len(str(k)) + len(str(v)) for k, v in value.items())
     return 8

@@ -444,23 +444,40 @@ class Pool:
         other invocation (for a re-run after a crash). One at a time: a crash there is that
         call's own. Raises NotStarted if it cannot start by `start_by` (time.monotonic())
         for the others waiting there."""
+        if start_by is not None and time.monotonic() >= start_by:
+            raise NotStarted
         lock = self._quarantine_lock
         try:
+            # The wait for the worker, and for a new one to load, count against `start_by`.
             async with asyncio.timeout(None if start_by is None else start_by - time.monotonic()):
                 await lock.acquire()
+                try:
+                    worker = await self._quarantine_worker()
+                except BaseException:
+                    lock.release()
+                    raise
         except TimeoutError:
             raise NotStarted from None
         try:
-            if self._quarantine is None or self._quarantine.retired:
-                try:
-                    self._quarantine = await spawn(
-                        self.spec, code=self._code, redact=self._redact, output=self._output
-                    )
-                except InitError as exc:
-                    raise WorkerFailed(f"the function cannot be loaded: {exc}") from None
-            return await self._call_on(self._quarantine, events, batch, stages)
+            return await self._call_on(worker, events, batch, stages)
+        except asyncio.CancelledError:
+            # Cancelled (a stop, the dispatcher's guard) while the worker runs it: the worker
+            # is stopped with it, or the next call there would share it with this one.
+            worker.kill()
+            worker.retired = True
+            raise
         finally:
             lock.release()
+
+    async def _quarantine_worker(self) -> Worker:
+        if self._quarantine is None or self._quarantine.retired:
+            try:
+                self._quarantine = await spawn(
+                    self.spec, code=self._code, redact=self._redact, output=self._output
+                )
+            except InitError as exc:
+                raise WorkerFailed(f"the function cannot be loaded: {exc}") from None
+        return self._quarantine
 
     async def _call_on(self, worker: Worker, events: list, batch: bool, stages: list[str]) -> dict:
         call_id = next(self._ids)
