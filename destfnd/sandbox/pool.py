@@ -480,13 +480,14 @@ class Pool:
         return self._quarantine
 
     async def _call_on(self, worker: Worker, events: list, batch: bool, stages: list[str]) -> dict:
+        if worker.retired or worker.writer.is_closing():
+            # It is exiting (it died, or said so in a reply) since it was picked: this
+            # invocation never ran. Its on_exit replaces it, with its exit code in the reason.
+            raise WorkerFailed("the worker process was exiting", shared=True)
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         worker.inflight[call_id] = future
         try:
-            if worker.retired or worker.writer.is_closing():
-                # It died between being picked and now: this invocation never ran.
-                raise WorkerFailed("the worker process exited", shared=True)
             worker.send({"t": "call", "id": call_id, "events": events, "batch": batch,
                          "stages": stages})  # fmt: skip
             async with asyncio.timeout(self.spec.timeout_s):
