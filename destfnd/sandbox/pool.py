@@ -25,7 +25,8 @@ log = structlog.get_logger("destfnd.sandbox")
 _PING_GRACE_S = 1.0  # a worker that cannot answer a ping this fast after a timeout is stuck
 _START_TIMEOUT_S = 30.0  # importing a user's function (and its packages) may take a while
 _OUTPUT_LINE_CHARS = 1000  # of stray worker output (not print(): that goes to the attempt)
-# Lines of it logged per worker: so many at once, then so many a second (and a count of the rest).
+# Lines of it logged per destination (its workers together): so many at once, then so many a
+# second (and a count of the rest).
 OUTPUT_LINES_BURST = 200
 OUTPUT_LINES_PER_S = 20.0
 
