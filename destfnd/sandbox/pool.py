@@ -498,7 +498,12 @@ class Pool:
             if future.done() and not future.cancelled() and future.exception() is None:
                 return future.result()  # it finished as the deadline fired: not a timeout
             shared = len(worker.inflight) > 1  # now, before the others time out too
-            if await self._healthy_after_timeout(worker, call_id):
+            state = await self._state_after_timeout(worker, call_id)
+            if state == "exiting":
+                # It crashed (another invocation, say) or said it exits: its on_exit replaces
+                # it, with the reason, and the others running in it learn of it then.
+                raise CallTimedOut(None) from None
+            if state == "healthy":
                 # A slow invocation, cancelled; the worker is fine and answers for it with
                 # what it printed and requested so far.
                 try:
@@ -530,11 +535,12 @@ class Pool:
             else:
                 future.cancel()
 
-    async def _healthy_after_timeout(self, worker: Worker, call_id: int) -> bool:
-        """Cancel the invocation, then ping: a worker whose loop cannot answer, or that runs
-        the invocation on a thread that cannot be interrupted, is not healthy."""
+    async def _state_after_timeout(self, worker: Worker, call_id: int) -> str:
+        """Cancel the invocation, then ping: "healthy", or "blocked" (its loop cannot answer,
+        or it runs the invocation on a thread that cannot be interrupted), or "exiting" (it
+        died meanwhile, or said it exits after a reply: not blocked, which it was logged as)."""
         if worker.retired:
-            return False
+            return "exiting"
         worker.send({"t": "cancel", "id": call_id})
         ping_id = next(self._ids)
         pong = asyncio.get_running_loop().create_future()
@@ -543,11 +549,13 @@ class Pool:
         try:
             async with asyncio.timeout(_PING_GRACE_S):
                 reply = await pong
-        except (TimeoutError, WorkerFailed):
-            return False
+        except WorkerFailed:
+            return "exiting"
+        except TimeoutError:
+            return "exiting" if worker.retired else "blocked"
         finally:
             worker.pings.pop(ping_id, None)
-        return not reply.get("stuck")
+        return "blocked" if reply.get("stuck") else "healthy"
 
     def _replace(self, worker: Worker, reason: str) -> None:
         """Take `worker` out (killing it if alive) and start another in its place."""
