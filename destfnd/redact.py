@@ -36,7 +36,7 @@ class Redactor:
                 self._add(value)
         # Longest first, in one pass: a secret that contains another is hidden whole. The
         # percent-encoded forms go with the others, in a pattern of their own for the text
-        # that may hold one (`_maybe_encoded`).
+        # that may hold one (`_pattern_for`).
         plain = list(self._patterns.values())
         for attr, patterns in (
             ("_pattern", plain),
@@ -64,9 +64,10 @@ class Redactor:
         self.longest = max(self.longest, *map(len, forms), 3 * len(secret.encode()))
         for form in forms:
             self._patterns[form] = (len(form), re.escape(form))
-        # And as a URL or a form body carries it, percent-encoded in any way: `quote(key)`
-        # keeps a "/", `quote_plus` makes a space "+", yarl decodes a "%2F" in a query. Only
-        # in the pattern for text that may hold such a form (`_maybe_encoded`): a regex that
+        # And as a URL or a form body carries it, each character but a letter or a digit
+        # percent-encoded or not: `quote(key)` keeps a "/", `quote_plus` makes a space "+",
+        # yarl decodes a "%2F" in a query. Only in the pattern for text that may hold such a
+        # form (`_pattern_for`): a regex that
         # starts with a choice of characters is searched several times slower than literal
         # text.
         if not secret.isascii() or not secret.isalnum():
