@@ -50,18 +50,19 @@ class Redactor:
         # Also as JSON writes it (a secret with a quote or a backslash, from a JSON key file,
         # appears escaped in a JSON request body; Python's json.dumps escapes what is not
         # ASCII too) and as Python shows it (`print(settings)`, `f"{settings}"`, `repr(key)`).
-        forms = {
-            secret,
-            orjson.dumps(secret).decode()[1:-1],
-            json.dumps(secret)[1:-1],
-            repr(secret)[1:-1],
-            ascii(secret)[1:-1],
-        }
-        # A form JSON would escape is found in JSON text only once that text is parsed.
-        self._escaped = self._escaped or any(orjson.dumps(f).decode()[1:-1] != f for f in forms)
+        forms = {secret, json.dumps(secret)[1:-1], repr(secret)[1:-1], ascii(secret)[1:-1]}
+        try:
+            forms.add(orjson.dumps(secret).decode()[1:-1])
+            # A form JSON would escape is found in JSON text only once that text is parsed.
+            escaped = any(orjson.dumps(f).decode()[1:-1] != f for f in forms)
+        except TypeError:  # a lone surrogate (an environment variable's byte that is no UTF-8)
+            escaped = True
+        self._escaped = self._escaped or escaped
         self._secrets.update(forms)
         # (percent-encoded: up to 3 characters each, 9 for a character of 3 UTF-8 bytes)
-        self.longest = max(self.longest, *map(len, forms), 3 * len(secret.encode()))
+        self.longest = max(
+            self.longest, *map(len, forms), 3 * len(secret.encode("utf-8", "surrogatepass"))
+        )
         for form in forms:
             self._patterns[form] = (len(form), re.escape(form))
         # And as a URL or a form body carries it, each character but a letter or a digit

@@ -105,3 +105,10 @@ def test_a_secret_holding_another_is_hidden_whole_also_where_text_has_a_percent(
     redact = Redactor([keyfile, "bot@proj.example.com"])
     for tail in ("", " 100%", " a+b"):
         assert redact(json.dumps({"creds": keyfile}) + tail) == '{"creds": "[redacted]"}' + tail
+
+
+def test_a_secret_with_a_byte_that_is_no_utf8_is_redacted():
+    """An environment variable's bytes that are no UTF-8 come as lone surrogates: the
+    redactor made of it must not fail (serve would not start)."""
+    secret = "key-\udcff-secret"
+    assert Redactor([secret])(f"x {secret} y") == "x [redacted] y"
