@@ -214,8 +214,12 @@ def _url_forms(text: str) -> list[str]:
 def secret_env_names(cfg: Config) -> tuple[str, ...]:
     """The environment variables the config reads secrets from (`{ env = "NAME" }`): kept
     from function workers, which get their own settings, resolved, and no other's."""
-    names = (s.origin[4:] for s in _secrets(cfg) if s.origin.startswith("env:"))
-    return tuple(dict.fromkeys(names))
+    return env_names(_secrets(cfg))
+
+
+def env_names(secrets: Iterable[Secret]) -> tuple[str, ...]:
+    """The environment variables `secrets` were read from, each once."""
+    return tuple(dict.fromkeys(s.origin[4:] for s in secrets if s.origin.startswith("env:")))
 
 
 def load_config(

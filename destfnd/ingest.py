@@ -205,12 +205,11 @@ class Ingest:
     def _log_rejected(self, request: web.Request, status: int, error: str | None = None) -> None:
         """A line for a refused request, as long as they do not come too fast: anyone can
         send them, without a write key (5,000 lines a second from one client)."""
-        held = self._rejections.allow()
-        if held is None:
+        more = self._rejections.fields()
+        if more is None:
             return
-        more = {"error": error} if error else {}
-        if held:
-            more["not_logged"] = held  # refused since the last line, beyond the rate
+        if error:
+            more["error"] = error
         # The path is the client's, up to 8 KB: a scanner's would flood the log.
         log.info("request_rejected", path=request.path[:200], status=status, **more)
 
@@ -284,9 +283,8 @@ class Ingest:
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
                 self._commit_failed_at = self._clock()
-                held = self._commit_failures.allow()  # one a request: 575 lines a second
-                if held is not None:
-                    more = {"not_logged": held} if held else {}
+                more = self._commit_failures.fields()  # one a request: 575 lines a second
+                if more is not None:
                     log.error("commit_failed", error=str(exc), **more)
                 raise Rejected(503, "unavailable", "could not store the events; retry") from None
             self._commit_failed_at = None

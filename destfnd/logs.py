@@ -45,6 +45,14 @@ class Throttle:
         held, self.held = self.held, 0
         return held
 
+    def fields(self) -> dict | None:
+        """`allow` for a log line: None to hold it back, else the fields to add to it
+        (`not_logged`, when lines were held back since the last)."""
+        held = self.allow()
+        if held is None:
+            return None
+        return {"not_logged": held} if held else {}
+
 
 def setup(level: str = "info", fmt: str = "auto") -> None:
     json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())

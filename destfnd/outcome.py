@@ -22,7 +22,12 @@ def clip_error(message: str) -> str:
         found = _CLIPPED.search(message, MAX_ERROR_CHARS)
         if found is not None and found.start() == MAX_ERROR_CHARS:
             return message
-    return f"{message[:MAX_ERROR_CHARS]}... [{len(message):,} characters in all]"
+    return clip(message, MAX_ERROR_CHARS)
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` of at most `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... [{len(text):,} characters in all]"
 
 
 class Kind(StrEnum):

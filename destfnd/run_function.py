@@ -13,7 +13,7 @@ from typing import NamedTuple
 import orjson
 
 from destfnd import spec as segment_spec
-from destfnd.config import RetryPolicy, secrets_in
+from destfnd.config import RetryPolicy, env_names, secrets_in
 from destfnd.errors import DestfndError
 from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType, clip_error
 from destfnd.redact import Redactor, redact_tree
@@ -86,8 +86,8 @@ def parse_settings(text: str | None) -> Settings:
     if reader.problems:
         raise RunError("; ".join(reader.problems))
     secrets = secrets_in(settings)
-    env = tuple(dict.fromkeys(s.origin[4:] for s in secrets if s.origin.startswith("env:")))
-    return Settings(plain_settings(settings), [s.value for s in secrets], env)  # type: ignore[arg-type]
+    values = [s.value for s in secrets]
+    return Settings(plain_settings(settings), values, env_names(secrets))  # type: ignore[arg-type]
 
 
 def check_file(file: Path) -> None:

@@ -9,7 +9,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from destfnd.outcome import clip_error
+from destfnd.outcome import clip, clip_error
 from destfnd.redact import Redactor
 
 LOG_LIMIT = 16 * 1024  # characters of logs kept per invocation
@@ -89,9 +89,9 @@ def bounded(requests: list[dict]) -> tuple[list[dict], int]:
 def safe_headers(headers: object) -> dict[str, str]:
     items = list(headers.items()) if hasattr(headers, "items") else []
     kept = {
-        _clipped(str(k), HEADER_LIMIT): "[redacted]"
+        clip(str(k), HEADER_LIMIT): "[redacted]"
         if str(k).lower() in SENSITIVE_HEADERS
-        else _clipped(redactor(str(v)), HEADER_LIMIT)
+        else clip(redactor(str(v)), HEADER_LIMIT)
         for k, v in items[:MAX_HEADERS]
     }
     if len(items) > MAX_HEADERS:
@@ -117,18 +117,14 @@ def clip_text(text: str) -> str:
 
 def _kept(key: str, value: Any) -> Any:
     if key == "method":  # any text a function gives
-        return _clipped(str(value), 32)
+        return clip(str(value), 32)
     if key in ("url", "redirected_to"):
-        return _clipped(redactor(str(value)), URL_LIMIT)
+        return clip(redactor(str(value)), URL_LIMIT)
     if key == "error":
         return clip_text(str(value))
     if isinstance(value, bytes):  # a body
         return clip_body(value)
     return value
-
-
-def _clipped(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}... [{len(text):,} characters in all]"
 
 
 def _chars(value: Any) -> int:

@@ -318,10 +318,9 @@ async def _read_output(
     skipping = False  # the rest of a line whose start was logged
 
     def emit(line: bytes) -> None:
-        held = throttle.allow()
-        if held is None:
+        more = throttle.fields()
+        if more is None:
             return
-        more = {"not_logged": held} if held else {}  # lines held back since the last
         text = line[: _OUTPUT_LINE_CHARS * 4].decode(errors="replace").rstrip()
         log.info("worker_output", destination=name, pid=worker.pid,
                  line=redact(text)[:_OUTPUT_LINE_CHARS], **more)  # fmt: skip
