@@ -169,6 +169,8 @@ class Daemon:
         self.bound: tuple[str, int] | None = None  # listening (503 "starting" until ready)
         self.ready = False
         self.records_bytes = 0  # logs and requests recorded, against storage.records_max_size
+        # max_age (ms) -> the invocation id up to which records were pruned by it.
+        self._records_scanned: dict[int, int] = {}
         self._progress: sdnotify.StartProgress | None = None  # while the store opens
         self._http_open = False
         self.failure: str | None = None  # why the daemon stopped on its own (exit 1)
@@ -443,20 +445,34 @@ class Daemon:
 
     async def _prune_records(self, writer: Writer, finished_before: int) -> int:
         """Attempt records go with their deliveries' retention, and sooner when they take more
-        than `records_max_size`: the oldest first."""
-        longest_ms = max((int(d.retry.max_age_s * 1000) for d in self.cfg.destinations), default=0)
-        # An invocation is at most max_age older than the delivery finish that keeps it.
-        started_before = finished_before - longest_ms
+        than `records_max_size`: the oldest first. A record is at most its destination's
+        `max_age` older than the delivery finish that keeps it."""
+        ages = {d.name: int(d.retry.max_age_s * 1000) for d in self.cfg.destinations}
+        longest = max(ages.values(), default=0)
+        # First every destination's (and those no longer configured) by the longest max_age.
         deleted_total = 0
         while True:
             deleted, freed = await writer.run(
-                q.prune_invocations, started_before, self.cfg.storage.records_max_bytes,
-                self.records_bytes, _PRUNE_CHUNK,
+                q.prune_invocations, finished_before - longest,
+                self.cfg.storage.records_max_bytes, self.records_bytes, _PRUNE_CHUNK,
             )  # fmt: skip
             self.records_bytes -= freed
             deleted_total += deleted
             if deleted < _PRUNE_CHUNK:
-                return deleted_total
+                break
+        # Then those of destinations with a shorter max_age, from among the others' records.
+        # Each scan goes on where the last one ended, so a record is looked at once per age.
+        for age in sorted(set(ages.values()) - {longest}):
+            names = frozenset(name for name, a in ages.items() if a <= age)
+            after, more = self._records_scanned.get(age, 0), True
+            while more:
+                deleted, freed, after, more = await writer.run(
+                    q.prune_invocations_of, names, finished_before - age, after, _PRUNE_CHUNK
+                )
+                self.records_bytes -= freed
+                deleted_total += deleted
+                self._records_scanned[age] = after
+        return deleted_total
 
     async def _sweep_keys(self, writer: Writer, before: int, cursor: int, rows: int) -> int:
         """Forget dedupe keys out of the window: `rows` keys of the key space this pass, in

@@ -326,3 +326,37 @@ async def test_dispatch_a_retry_after_on_429_pauses_the_whole_destination(tmp_pa
     assert first.status == 429 and len(later) == 3
     assert min(r.at for r in later) - first.at >= 0.95  # the two others waited too
     assert sorted(r["attempts"] for r in rows) == [1, 1, 2]  # only the refused one retried
+
+
+async def test_daemon_prunes_attempt_records_by_each_destinations_own_max_age(tmp_path):
+    """Records go after retention plus their own destination's max_age, not the longest one
+    of any destination: with one destination left at 4 h, a 1 h one's were kept 4 h too."""
+    from destfnd.store import open_db
+    from destfnd.store.db import SQL
+
+    db, hour = tmp_path / "db", 3600 * 1000
+    now = int(time.time() * 1000)
+    conn = open_db(db)
+    with conn:
+        conn.executemany(
+            SQL["insert_invocation"],
+            [(dest, now - hours * hour, 1.0, None, "x", b"[]", 2)
+             for hours in (6, 3) for dest in ("short", "long", "gone")],
+        )  # fmt: skip
+    conn.close()
+    url = closed_port_url()
+    dests = webhook("short", url, retry={"max_age": "1h"}) + webhook("long", url)
+    config = config_text(db, dests).replace("[storage]\n", '[storage]\nretention = "1h"\n')
+
+    def left() -> list[tuple[str, int]]:
+        with contextlib.closing(open_db(db, readonly=True)) as conn:
+            return conn.execute("SELECT destination, started_at FROM invocations").fetchall()
+
+    async with running_daemon(tmp_path, config) as d:
+        deadline = time.monotonic() + 10
+        # Those 6 h old are past retention + 4 h; of those 3 h old, only the 1 h destination's
+        # are past theirs. "gone", no longer configured, goes by the longest max_age.
+        while len(left()) > 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert sorted(left()) == [("gone", now - 3 * hour), ("long", now - 3 * hour)]
+        assert d.daemon.records_bytes == 4

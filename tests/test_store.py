@@ -869,6 +869,35 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
 
 
+def test_prune_invocations_of_deletes_one_destinations_old_records_among_others(conn):
+    """A destination with a short max_age has its records pruned by it, not by the longest
+    max_age of another destination, whose records in between are passed by and kept."""
+    # Interleaved, one per ms: crm at T0 + 0, warehouse at T0 + 1, crm at T0 + 2, ...
+    records = [(DESTS[n % 2], T0 + n) for n in range(10)]
+    conn.executemany(
+        SQL["insert_invocation"], [(d, t, 1.0, None, "x" * 10, b"[]", 12) for d, t in records]
+    )
+
+    def left() -> list[tuple[str, int]]:
+        query = "SELECT destination, started_at FROM invocations ORDER BY id"
+        return conn.execute(query).fetchall()
+
+    # crm's records started before T0 + 5, in scans of 2 records: the warehouse's are passed by.
+    after, more, passes, gone = 0, True, 0, 0
+    while more:
+        deleted, freed, after, more = tx(conn, q.prune_invocations_of, {"crm"}, T0 + 5, after, 2)
+        assert freed == 12 * deleted
+        gone += deleted
+        passes += 1
+    assert gone == 3 and passes == 3  # the third scan reaches T0 + 5 and ends
+    assert left() == [(d, t) for d, t in records if d == "warehouse" or t >= T0 + 5]
+    # The next scan goes on from there: records already looked at are not looked at again,
+    # and a later cutoff takes the rest.
+    assert tx(conn, q.prune_invocations_of, {"crm"}, T0 + 100, after, 100) == (2, 24, 10, False)
+    assert left() == [(d, t) for d, t in records if d == "warehouse"]
+    assert q.invocations_size(conn) == 60
+
+
 @pytest.mark.parametrize("folder", ["with#hash", "with?question", "with%25percent", "with space"])
 def test_store_a_database_path_with_uri_characters_opens_for_commands(tmp_path, folder):
     """stats, deliveries and retry open the database as an SQLite URI: a "#" or "?" in its path

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import NamedTuple
 
 from destfnd.store.db import SQL, select_in
@@ -277,6 +277,30 @@ def prune_invocations(
         deleted += 1
         freed += size
     return deleted, freed
+
+
+def prune_invocations_of(
+    conn: sqlite3.Connection,
+    destinations: Collection[str],
+    started_before: int,
+    after_id: int,
+    limit: int,
+) -> tuple[int, int, int, bool]:
+    """Delete the records of `destinations` started before `started_before`, looking at up to
+    `limit` records in id order after `after_id`; those of other destinations are passed by.
+    Returns (deleted, bytes freed, the id to go on after, whether there may be more to do):
+    the scan ends at the newest record or at one started at or after `started_before`."""
+    deleted = freed = 0
+    rows = conn.execute(SQL["invocations_after"], (after_id, limit)).fetchall()
+    for invocation_id, destination, started_at, size in rows:
+        if started_at >= started_before:
+            return deleted, freed, after_id, False
+        after_id = invocation_id
+        if destination in destinations:
+            conn.execute(SQL["delete_invocation"], (invocation_id,))
+            deleted += 1
+            freed += size
+    return deleted, freed, after_id, len(rows) == limit
 
 
 def invocations_size(conn: sqlite3.Connection) -> int:

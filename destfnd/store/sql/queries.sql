@@ -135,6 +135,10 @@ DELETE FROM attempts WHERE delivery_id = ?;
 -- Invocation ids grow with time, so the oldest are the first by id (no index needed).
 SELECT id, started_at, size FROM invocations ORDER BY id LIMIT ?;
 
+-- name: invocations_after
+-- The records after a point in that order, for pruning one destination's sooner.
+SELECT id, destination, started_at, size FROM invocations WHERE id > ? ORDER BY id LIMIT ?;
+
 -- name: delete_invocation
 DELETE FROM invocations WHERE id = ?;
 
