@@ -499,6 +499,12 @@ class Pool:
             shared = len(worker.inflight) > 1  # now, before the others time out too
             state = await self._state_after_timeout(worker, call_id)
             if state == "exiting":
+                failed = future.exception() if future.done() and not future.cancelled() else None
+                if isinstance(failed, WorkerFailed) and failed.shared:
+                    # Killed while this one waited for its ping: blocked by another (whose
+                    # timeout came first and said so), or crashed with others in it. It runs
+                    # again in quarantine, as those still waiting in it do.
+                    raise failed from None
                 # It crashed (another invocation, say) or said it exits: its on_exit replaces
                 # it, with the reason, and the others running in it learn of it then.
                 raise CallTimedOut(None) from None
