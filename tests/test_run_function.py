@@ -485,7 +485,13 @@ async def on_track(event, settings):
     res = await fetch(settings["sink"] + "/moved", method="POST",
                       headers={"X-Count": 5, "X-None": None}, body="plain", timeout="5s")
     await fetch(settings["sink"] + "/landed", timeout="2.5")  # its text, from settings, say
-    print("status", res.status)
+    print("status", res.status, res.redirected, res.url == settings["sink"] + "/landed")
+    # Content-Type as JavaScript's fetch sets it for a string body; one given in any case is
+    # the only one sent.
+    plain = await fetch(settings["sink"] + "/type", method="POST", body="plain")
+    own = await fetch(settings["sink"] + "/type", method="POST", json=[1],
+                      headers={"content-type": "application/vnd.x+json"})
+    print("types", await plain.text(), "|", await own.text(), "|", own.redirected)
 
 async def on_identify(event, settings):
     await fetch(settings["sink"], body={"an": "object"})
@@ -519,6 +525,11 @@ async def test_run_function_fetch_arguments_and_redirects(files):
         raise web.HTTPFound("ftp://example.com/file")
 
     app.router.add_get("/ftp", to_ftp)
+
+    async def content_type(request: web.Request) -> web.Response:
+        return web.Response(text=",".join(request.headers.getall("Content-Type")))
+
+    app.router.add_post("/type", content_type)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -543,7 +554,8 @@ async def test_run_function_fetch_arguments_and_redirects(files):
     assert (group["status"], group["error_type"]) == ("retrying", "Retry")
     assert "NonHttpUrlRedirectClientError" in group["message"]
     assert track["status"] == "delivered"
-    assert "status 200" in report["logs"]
+    assert "status 200 True True\n" in report["logs"]
+    assert "types text/plain;charset=UTF-8 | application/vnd.x+json | False\n" in report["logs"]
     (moved_request,) = [r for r in report["requests"] if r["url"].endswith("/moved")]
     assert moved_request["redirected_to"] == f"{url}/landed"
     # A 302 turns a POST into a GET; a header whose value is None is not sent ("None" was).

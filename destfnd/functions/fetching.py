@@ -38,6 +38,8 @@ class Response:
         self.headers = CIMultiDictProxy(CIMultiDict(headers))
         self.ok = 200 <= status < 300
         self._body = body
+        self.url = ""  # where it came from, after redirects (as JavaScript's `res.url`)
+        self.redirected = False
 
     async def text(self) -> str:
         return self._body.decode("utf-8", errors="replace")
@@ -126,12 +128,18 @@ async def fetch(
     # Header values as text, as JavaScript's fetch makes them ({"X-Count": 5}); a header
     # whose value is None is left out, as the requests library does.
     headers = {str(k): _header_text(v) for k, v in dict(headers or {}).items() if v is not None}
+    typed = any(name.lower() == "content-type" for name in headers)
     data: bytes | None
     if json is not None:
         data = orjson.dumps(json)
-        headers.setdefault("Content-Type", "application/json")
+        if not typed:
+            headers["Content-Type"] = "application/json"
+    elif isinstance(body, str):
+        data = body.encode()
+        if not typed:  # as JavaScript's fetch types a string body (aiohttp: octet-stream)
+            headers["Content-Type"] = "text/plain;charset=UTF-8"
     else:
-        data = body.encode() if isinstance(body, str) else body
+        data = body
     timeout_s = DEFAULT_TIMEOUT_S if timeout is None else _timeout_seconds(timeout)
     entry: dict[str, Any] = {
         "method": method.upper(),
@@ -149,6 +157,7 @@ async def fetch(
         ) as resp:
             raw = await resp.read()
             response = Response(resp.status, resp.reason or "", resp.headers, raw)
+            response.url, response.redirected = str(resp.url), bool(resp.history)
         entry["status"] = response.status
         if resp.history:  # followed, as JavaScript's fetch does: the record says where it ended
             entry["redirected_to"] = str(resp.url)
