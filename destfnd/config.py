@@ -125,6 +125,7 @@ class DestinationConfig:
     path: Path | None = None
     sources: tuple[str, ...] = ()
     enabled: bool = True
+    integrations_key: str | None = None  # its name in events' `integrations` (None: `name`)
     concurrency: int = 8
     timeout_s: float = 5.0
     memory_limit_bytes: int = 512 * MIB

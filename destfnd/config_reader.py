@@ -41,8 +41,8 @@ _STORAGE_KEYS = ("path", "retention", "synchronous", "records_max_size")
 _LOGGING_KEYS = ("level", "format", "summary_interval")
 _SOURCE_KEYS = ("name", "write_key", "fill_ip")
 _DESTINATION_KEYS = tuple(
-    "name type function insert_function url headers path sources enabled concurrency timeout"
-    " memory_limit workers settings batch retry".split()
+    "name type function insert_function url headers path sources enabled integrations_key"
+    " concurrency timeout memory_limit workers settings batch retry".split()
 )
 _BATCH_KEYS = ("max_events", "max_wait")
 _RETRY_KEYS = ("max_attempts", "max_age", "backoff_initial", "backoff_max")
@@ -289,6 +289,7 @@ class Reader:
             else None,
             sources=g("sources", partial(self.source_names, known), known),
             enabled=g("enabled", cv.boolean, d.enabled),
+            integrations_key=g("integrations_key", cv.text, None),
             concurrency=g("concurrency", cv.integer(1, 1024), d.concurrency),
             timeout_s=g("timeout", cv.duration(), d.timeout_s),
             memory_limit_bytes=g("memory_limit", cv.size(64 * MIB), d.memory_limit_bytes),

@@ -12,7 +12,7 @@ import functools
 import re
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -109,9 +109,15 @@ class Ingest:
         self._commit_failed_at: float | None = None  # since the last commit that worked
         self._fill_ip = frozenset(s.name for s in cfg.sources if s.fill_ip)
         self._client_ip = ClientIP(cfg.server.trusted_proxies)
-        self._fanout: dict[str, tuple[str, ...]] = {
-            s.name: tuple(d.name for d in cfg.destinations if d.enabled and s.name in d.sources)
+        subscribed = {
+            s.name: [d for d in cfg.destinations if d.enabled and s.name in d.sources]
             for s in cfg.sources
+        }
+        self._fanout = {source: tuple(d.name for d in ds) for source, ds in subscribed.items()}
+        # (name, its key in an event's `integrations`), for the events that have one.
+        self._routes = {
+            source: tuple((d.name, d.integrations_key or d.name) for d in ds)
+            for source, ds in subscribed.items()
         }
         self._auth_cache: dict[str, Any] = {}  # str, None or _MALFORMED
         self._received_cache: tuple[int, datetime, str] = (-1, datetime.now(UTC), "")
@@ -267,17 +273,17 @@ class Ingest:
         if source in self._fill_ip:
             forwarded_for = request.headers.getall("X-Forwarded-For", ())
             ip = self._client_ip.of(request.remote, forwarded_for)
-        events = self._prepare(body, endpoint_type, now_s, ip)
+        destinations = self._fanout[source]
+        events, only = self._prepare(body, endpoint_type, now_s, ip, self._routes[source])
         # The parsed body (a few containers per event) must not stay alive while the commit
         # is awaited: with 64 requests in flight, the cyclic collector kept walking them all.
         del body, raw
-        destinations = self._fanout[source]
         # Valid but subscribed to by nothing: nothing to store (nor to dedupe later).
         if events and destinations:
             now_ms = int(now_s * 1000)
             cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
             try:
-                request = q.IngestRequest(source, events, destinations, now_ms, cutoff)
+                request = q.IngestRequest(source, events, destinations, now_ms, cutoff, only)
                 assert self._writer is not None and self._insert is not None  # ready: attached
                 await self._writer.run_batched(self._insert, request)
             except StoreError as exc:
@@ -358,11 +364,18 @@ class Ingest:
         )
 
     def _prepare(
-        self, body: object, endpoint_type: str | None, now_s: float, ip: str | None = None
-    ) -> list[IncomingEvent]:
+        self,
+        body: object,
+        endpoint_type: str | None,
+        now_s: float,
+        ip: str | None,
+        routes: Sequence[tuple[str, str]],
+    ) -> tuple[list[IncomingEvent], list[Sequence[str]] | None]:
         """The events of `body`, validated, enriched and serialized; `ip` goes into the
         `context.ip` of each event that has none (Segment does so for client-side sources;
-        an event that wants no address recorded sends its own, such as "0.0.0.0")."""
+        an event that wants no address recorded sends its own, such as "0.0.0.0"). With them,
+        each event's own destinations if an event's `integrations` turns some of the source's
+        off (`routes`: its destinations with their keys there), else None."""
         if endpoint_type is None:
             self._check_merged_size(body)
         try:
@@ -376,6 +389,7 @@ class Ingest:
         max_bytes = self._server.max_event_bytes + _ENRICH_ALLOWANCE
         prefix = "batch[{}]." if endpoint_type is None else ""
         events = []
+        only: list[Sequence[str]] | None = None
         total = 0
         for index, message in enumerate(messages):
             path = prefix.format(index)
@@ -404,7 +418,14 @@ class Ingest:
             if total > self._server.max_merged_bytes:
                 raise Rejected(413, "request too large", self._merged_detail())
             events.append(IncomingEvent(message["messageId"], payload))
-        return events
+            integrations = message.get("integrations")
+            if integrations:
+                targets = spec.routed(routes, integrations)
+                if targets is not None:
+                    if only is None:
+                        only = [tuple(name for name, _ in routes)] * len(messages)
+                    only[index] = targets
+        return events, only
 
 
 # Each escape in a JSON text, left to right (so "\\\\" is one escape and the next character

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias", "delete")
@@ -258,6 +258,27 @@ def fill_ip(event: dict, ip: str) -> None:
         event["context"] = {"ip": ip}
     elif context.get("ip") in (None, ""):
         context["ip"] = ip
+
+
+def routed(routes: Sequence[tuple[str, str]], integrations: object) -> tuple[str, ...] | None:
+    """The names of the destinations an event's `integrations` object leaves on, of `routes`
+    ((name, its key in `integrations`) pairs), read as Segment reads it: a key with false (or
+    null, 0, "") is off, one with anything else (true, or an object of options) on, and one
+    not there follows "All" (on unless false). Keys are case-sensitive. None if it turns none
+    off, as for nearly every event (most send none, or {})."""
+    if not integrations or not isinstance(integrations, dict):
+        return None
+    default = _on(integrations.get("All", True))
+    on = tuple(
+        name for name, key in routes
+        if (_on(integrations[key]) if key in integrations else default)
+    )  # fmt: skip
+    return None if len(on) == len(routes) else on
+
+
+def _on(value: object) -> bool:
+    """JavaScript's truthiness, as Segment's libraries test a flag ({} and [] are true)."""
+    return value is not None and value is not False and value != 0 and value != ""
 
 
 def _canonical(text: str, parsed: datetime) -> str:

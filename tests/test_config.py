@@ -156,6 +156,7 @@ def test_config_values_are_parsed_and_normalized(folder: Path) -> None:
         + "fill_ip = true\n"
         + DEST
         + 'enabled = false\ntimeout = "250ms"\nmemory_limit = "1GB"\n'
+        + 'integrations_key = "Google Analytics 4"\n'
         "[destinations.batch]\n"
     )
     cfg = load_config(write(folder, text), environ={})
@@ -173,6 +174,7 @@ def test_config_values_are_parsed_and_normalized(folder: Path) -> None:
     assert (cfg.logging.level, cfg.logging.format) == ("debug", "json")
     (dest,) = cfg.destinations
     assert dest.enabled is False
+    assert dest.integrations_key == "Google Analytics 4"
     assert dest.timeout_s == 0.25
     assert dest.memory_limit_bytes == 1024**3
     assert dest.batch == BatchConfig()
@@ -281,6 +283,8 @@ BAD_CONFIGS = [
      "must be an integer"),
     ("enabled_type", SOURCE + DEST + 'enabled = "yes"\n', "destinations[0].enabled",
      "must be true or false"),
+    ("integrations_key_empty", SOURCE + DEST + 'integrations_key = ""\n',
+     "destinations[0].integrations_key", "must be a non-empty string"),
     ("timeout_bad_unit", SOURCE + DEST + 'timeout = "5 seconds"\n', "destinations[0].timeout",
      "invalid duration"),
     ("timeout_bare_number", SOURCE + DEST + "timeout = 5\n", "destinations[0].timeout",

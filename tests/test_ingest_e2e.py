@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import re
+import sqlite3
 import time
 import uuid
 from datetime import datetime
@@ -13,7 +15,7 @@ from datetime import datetime
 import orjson
 import pytest
 from multidict import CIMultiDict
-from support import AUTH, FIXTURES, WRITE_KEY, Sink, config_text, post, webhook
+from support import AUTH, FIXTURES, WRITE_KEY, Sink, config_text, post, run_cli, webhook
 
 from destfnd.spec import parse_timestamp
 
@@ -415,7 +417,7 @@ async def test_ingest_batch_context_merged_and_gzip_accepted(make_daemon, tmp_pa
                 {"type": "identify", "userId": "u1", "context": {"ip": "1.2.3.4"}},
             ],
             "context": {"ip": "9.9.9.9", "app": {"name": "shop"}},
-            "integrations": {"All": False},
+            "integrations": {"All": False, "hook": True},
         }
         status, _ = await post(
             session,
@@ -428,7 +430,64 @@ async def test_ingest_batch_context_merged_and_gzip_accepted(make_daemon, tmp_pa
         track, identify = sorted(sink.delivered(), key=lambda e: e["type"], reverse=True)
         assert track["context"] == {"ip": "9.9.9.9", "app": {"name": "shop"}}
         assert identify["context"] == {"ip": "1.2.3.4", "app": {"name": "shop"}}
-        assert track["integrations"] == {"All": False}
+        assert track["integrations"] == {"All": False, "hook": True}
+
+
+async def test_ingest_integrations_object_routes_events_between_destinations(
+    make_daemon, tmp_path, session
+):
+    """Segment's `integrations` object, by destination name: "All": false with some named
+    true sends only to those, a name with false leaves that one out; a batch's object is
+    merged into each message. An event it turns every destination off for is accepted and
+    stored nowhere."""
+    async with Sink() as mixpanel, Sink() as analytics, Sink() as crm:
+        # A destination's key there is its name, or its integrations_key (a name has no space).
+        dests = (webhook("Mixpanel", mixpanel.url)
+                 + webhook("ga", analytics.url, integrations_key="Google Analytics")
+                 + webhook("crm", crm.url))  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db.sqlite3", dests)).start()
+        # Segment's example: All false, Mixpanel and Kissmetrics (not configured) true, and
+        # "Google Analytics" false.
+        status, _ = await post(
+            session, f"{daemon.url}/v1/identify",
+            fixture_body("v1-identify-with-integrations.json"), auth=False,
+        )  # fmt: skip
+        assert status == 200
+        batch = {
+            "batch": [
+                {"type": "track", "userId": "u", "event": "not to crm", "messageId": "b1"},
+                {"type": "track", "userId": "u", "event": "to all", "messageId": "b2",
+                 "integrations": {"crm": {"listId": 7}}},
+                {"type": "track", "userId": "u", "event": "to none", "messageId": "b3",
+                 "integrations": {"All": False}},
+                {"type": "track", "userId": "u", "event": "to crm alone", "messageId": "b4",
+                 "integrations": {"All": None, "crm": True, "Mixpanel": 0}},
+            ],
+            "integrations": {"crm": False},
+        }  # fmt: skip
+        status, _ = await post(session, f"{daemon.url}/v1/batch", batch)
+        assert status == 200
+        status, _ = await post(session, f"{daemon.url}/v1/track",
+                               {"userId": "u", "event": "plain", "messageId": "p"})  # fmt: skip
+        assert status == 200
+        expected = {
+            mixpanel: ["Peter Gibbons", "not to crm", "to all", "plain"],
+            analytics: ["not to crm", "to all", "plain"],
+            crm: ["to all", "to crm alone", "plain"],
+        }
+        for sink, names in expected.items():
+            await sink.wait_for(lambda s=sink, n=names: len(s.delivered()) >= len(n))
+        await asyncio.sleep(0.3)  # and nothing more comes
+        for sink, names in expected.items():
+            got = [e.get("event") or e["traits"]["name"] for e in sink.delivered()]
+            assert sorted(got) == sorted(names)
+        result = run_cli("stats", "--config", str(daemon.config), "--json")
+        counts = orjson.loads(result.stdout)
+        delivered = {name: c["delivered"] for name, c in counts.items()}
+        assert delivered == {"Mixpanel": 4, "ga": 3, "crm": 3}
+        with contextlib.closing(sqlite3.connect(tmp_path / "db.sqlite3")) as conn:
+            stored = {m for (m,) in conn.execute("SELECT message_id FROM events")}
+        assert "b3" not in stored and {"b1", "b2", "b4", "p"} <= stored
 
 
 def _ip_sources() -> str:

@@ -60,6 +60,33 @@ def test_expand_then_validate_accepts_http_api_example(path):
             assert message["type"] == kind
 
 
+ROUTES = (("crm", "crm"), ("ga", "Google Analytics"), ("mp", "Mixpanel"))
+
+
+@pytest.mark.parametrize(
+    ("integrations", "on"),
+    [
+        (None, None),
+        ({}, None),
+        ({"All": True, "Segment.io": {"apiHost": "x"}}, None),
+        ({"crm": True}, None),
+        ({"crm": False}, ("ga", "mp")),
+        ({"Google Analytics": False}, ("crm", "mp")),
+        ({"ga": False}, None),  # its key is "Google Analytics": "ga" names nothing
+        ({"google analytics": False}, None),  # case-sensitive, as Segment's
+        ({"All": False}, ()),
+        ({"All": False, "Mixpanel": True, "crm": {"listId": 7}}, ("crm", "mp")),
+        ({"All": False, "Mixpanel": {}}, ("mp",)),  # options, even none, turn it on
+        ({"All": None, "crm": 1, "Mixpanel": 0, "Google Analytics": ""}, ("crm",)),
+        ({"All": "yes", "crm": None}, ("ga", "mp")),
+    ],
+)
+def test_routed_reads_the_integrations_object_as_segment_does(integrations, on):
+    from destfnd.spec import routed
+
+    assert routed(ROUTES, integrations) == on
+
+
 def test_expand_batch_merges_batch_context_into_each_message():
     body = load("http-api/v1-batch.json")
     batch_context = copy.deepcopy(body["context"])

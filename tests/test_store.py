@@ -869,6 +869,34 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
 
 
+def test_insert_many_gives_events_their_own_destinations(conn):
+    """`only`: an event's own destinations (its integrations object turned some off); one
+    with none left is not stored, so its messageId can still come again to a destination."""
+    routed = q.IngestRequest(
+        "web", [incoming("a"), incoming("b"), incoming("none"), incoming("c")], DESTS, T0,
+        T0 - WINDOW_MS, [DESTS, ("warehouse",), (), ("crm",)],
+    )  # fmt: skip
+    plain = q.IngestRequest("web", [incoming("d"), incoming("b")], DESTS, T0, T0 - WINDOW_MS)
+    dedupe = Dedupe.load(conn)
+    assert tx(conn, q.insert_many, [routed, plain], dedupe) == [3, 1]
+    deliveries = rows(
+        conn,
+        "SELECT e.message_id, d.destination FROM deliveries d JOIN events e ON e.id = d.event_id"
+        " ORDER BY e.id, d.destination",
+    )
+    assert deliveries == [("a", "crm"), ("a", "warehouse"), ("b", "warehouse"), ("c", "crm"),
+                          ("d", "crm"), ("d", "warehouse")]  # fmt: skip
+    # refs count each event's own deliveries, so pruning frees them when those are gone.
+    assert rows(conn, "SELECT message_id, refs FROM events ORDER BY id") == [
+        ("a", 2),
+        ("b", 1),
+        ("c", 1),
+        ("d", 2),
+    ]
+    again = q.IngestRequest("web", [incoming("none")], DESTS, T0 + 1, T0 - WINDOW_MS)
+    assert tx(conn, q.insert_many, [again], dedupe) == [1]
+
+
 def test_prune_invocations_of_deletes_one_destinations_old_records_among_others(conn):
     """A destination with a short max_age has its records pruned by it, not by the longest
     max_age of another destination, whose records in between are passed by and kept."""

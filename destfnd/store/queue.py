@@ -29,6 +29,9 @@ class IngestRequest(NamedTuple):
     destinations: Sequence[str]
     now: int  # unix ms: received_at, and when the deliveries are first due
     dedupe_cutoff: int  # a messageId stored since then is a duplicate
+    # Each event's own destinations, when an event's `integrations` turns some off (an event
+    # with none left is not stored); None: every event goes to `destinations`.
+    only: Sequence[Sequence[str]] | None = None
 
 
 def insert_many(
@@ -40,6 +43,7 @@ def insert_many(
     destination. Returns how many were new, per request.
 
     Events of a source with no destinations are not stored: there is nothing to deliver.
+    Nor are those whose `integrations` turned every destination off (`IngestRequest.only`).
     """
     keyed = [
         [(key_of(r.source, e.message_id), e) for e in r.events] if r.destinations else ()
@@ -53,16 +57,23 @@ def insert_many(
     mixed = False
     new_counts = []
     spans: list[tuple[int, int, Sequence[str], int]] = []  # a request's new ids, for fan-out
+    routed: list[tuple[int, Sequence[str], int]] = []  # an event with its own destinations
     recent = dedupe.recent  # the keys of this call's events go in as they are taken
     for r, pairs in zip(requests, keyed, strict=True):
         source, destinations, now, cutoff = r.source, r.destinations, r.now, r.dedupe_cutoff
         if not destinations:
             new_counts.append(len(r.events))
             continue
-        mixed = mixed or fanout.setdefault(source, destinations) != destinations
+        only = r.only
+        mixed = mixed or only is not None or fanout.setdefault(source, destinations) != destinations
         refs = len(destinations)
         before = len(rows)
-        for k, (message_id, payload) in pairs:
+        for index, (k, (message_id, payload)) in enumerate(pairs):
+            if only is not None:
+                targets = only[index]
+                if not targets:
+                    continue
+                refs = len(targets)
             if k in recent or k in stored:  # seen before, maybe: keys are hashes, so check
                 hit = recent.get(k)
                 # Stored earlier in this call? (An id past the rows taken so far is an entry
@@ -82,8 +93,11 @@ def insert_many(
             event_id = first_id + len(rows)
             recent[k] = (k, event_id, now)  # Dedupe.add, inline: this loop is the hot path
             rows.append((event_id, source, message_id, now, refs, payload))
+            if only is not None:
+                routed.append((event_id, targets, now))
         new_counts.append(len(rows) - before)
-        spans.append((first_id + before, first_id + len(rows), destinations, now))
+        if only is None:
+            spans.append((first_id + before, first_id + len(rows), destinations, now))
     if not rows:
         return new_counts
     last_id = first_id + len(rows) - 1
@@ -94,7 +108,7 @@ def insert_many(
         for source, destinations in fanout.items():
             for name in destinations:
                 conn.execute(SQL["fan_out"], (name, first_id, last_id, source))
-    else:  # one source with different destinations in one call (not something ingest does)
+    else:  # events of one source with different destinations: a tuple per delivery
         conn.executemany(
             SQL["insert_delivery"],
             [
@@ -103,6 +117,10 @@ def insert_many(
                 for event_id in range(start, end)
                 for name in destinations
             ],
+        )
+        conn.executemany(
+            SQL["insert_delivery"],
+            [(event_id, name, now, now) for event_id, targets, now in routed for name in targets],
         )
     return new_counts
 
