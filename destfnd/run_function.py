@@ -137,6 +137,9 @@ async def run(
     try:
         for warning in ready.get("settings_warnings", []):
             print(f"warning: --{warning}", file=sys.stderr)
+        for misses in (ready.get("near_misses") or {}).values():  # as check-config warns
+            for miss in misses:
+                print(f"warning: {file}: {miss}", file=sys.stderr)
         problems = ready.get("settings_problems", [])
         redact.add_settings(ready.get("secret_settings", []), settings)
         try:

@@ -805,3 +805,17 @@ async def test_run_function_records_are_bounded_and_a_secret_is_not_cut_in_two(f
     assert first["request_headers"]["X-Big"].endswith("... [100,000 characters in all]")
     assert first["request_body"].startswith("x" * 4090 + "[redac")
     assert first["request_body"].endswith("... [4130 bytes in all]")
+
+
+def test_run_function_warns_of_a_misspelled_handler_as_check_config_does(files):
+    """The event went to "no on_identify handler" with no word of the on_identfy beside it."""
+    (files / "typo.py").write_text(
+        "def on_track(event, settings):\n    pass\n\n"
+        "def on_identfy(event, settings):\n    print('never')\n"
+    )
+    result = run_cli("run-function", str(files / "typo.py"), "--event",
+                     str(files / "identify.json"))  # fmt: skip
+    assert f"warning: {files / 'typo.py'}: did you mean on_identify? (it has on_identfy)" in (
+        result.stderr
+    )
+    assert "no on_identify handler" in result.stdout
