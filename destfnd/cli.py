@@ -31,6 +31,8 @@ EXIT_USAGE = 2  # argparse's own
 EXIT_CONFIG = 3  # the config is invalid
 EXIT_STORE = 4  # the database cannot be opened or read
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, as a program the signal had stopped
+# `deliveries` reads deliveries.invocation_id (migration 003); `stats` reads any schema.
+DELIVERIES_SCHEMA = 3
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program the signal had stopped
 
 
@@ -276,8 +278,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read(cfg: Config) -> sqlite3.Connection:
-    return open_db(cfg.storage.path, readonly=True)
+def _read(cfg: Config, *, min_schema: int = 0) -> sqlite3.Connection:
+    return open_db(cfg.storage.path, readonly=True, min_schema=min_schema)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -381,7 +383,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     from destfnd.spec import format_ms
 
     cfg = load_config(_config_path(args), resolve_secrets=False)
-    conn = _read(cfg)
+    conn = _read(cfg, min_schema=DELIVERIES_SCHEMA)
     try:
         events = ""
         if args.message_id is not None:

@@ -6,16 +6,18 @@ A restart is closing the connection and opening the same file again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from support import database_at_schema
+from support import database_at_schema, run_cli
 
 from destfnd.store import Dedupe, Finished, IncomingEvent, Status, StoreError, Writer, open_db
 from destfnd.store import queue as q
@@ -154,6 +156,120 @@ def test_open_db_refuses_a_newer_schema(db_path):
     conn.close()
     with pytest.raises(StoreError, match="newer"):
         open_db(db_path)
+
+
+EARLY_SCHEMAS = Path(__file__).parent / "fixtures" / "early_schemas"
+
+
+def database_made_early(path: Path, version: int, early: tuple[int, ...]) -> sqlite3.Connection:
+    """A database as a destfnd of the past left it, at schema `version`: the migrations whose
+    number is in `early` as they were before being edited in place (tests/fixtures)."""
+    from destfnd.store import db as store_db
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number, script in store_db._migrations():
+        if number <= version:
+            if number in early:
+                (file,) = EARLY_SCHEMAS.glob(f"{number:03d}_*.sql")
+                script = file.read_text()
+            for statement in store_db._statements(script):
+                conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
+    return conn
+
+
+def schema_of(path: Path) -> list[tuple[str, str, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        found = conn.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+    return sorted((kind, name, " ".join((sql or "").split())) for kind, name, sql in found)
+
+
+@pytest.mark.parametrize(
+    ("version", "early"),
+    [(1, (1,)), (2, (1,)), (4, (4,)), (5, (4,)), (6, (4, 6)), (6, (6,))],
+    # Made by that commit, or by the first one and migrated by the others since.
+    ids=["6e511c3", "d47ff36", "0a0544f", "0a0544f,367216c", "0a0544f,96c6455", "96c6455"],
+)
+def test_open_db_brings_a_database_of_an_early_destfnd_to_todays_schema(tmp_path, version, early):
+    """Migrations edited in place left such databases unable to migrate (001 before 5fc04df
+    had no events_by_message, which 004 dropped) or unlike a new one (an index that doubled
+    the dedupe flush's writes, a trigger that lost a renamed destination's counts)."""
+    database_made_early(tmp_path / "old.sqlite3", version, early).close()
+    open_db(tmp_path / "old.sqlite3").close()
+    open_db(tmp_path / "new.sqlite3").close()
+    assert schema_of(tmp_path / "old.sqlite3") == schema_of(tmp_path / "new.sqlite3")
+
+
+def test_open_db_a_delivered_attempt_recorded_twice_by_an_early_destfnd_is_listed_once(tmp_path):
+    """Before 003 a delivered attempt had its attempts row; `deliveries` listed it beside the
+    delivery row's own, as two "attempt 1"s, one without its record. The queue goes on."""
+    path = tmp_path / "old.sqlite3"
+    conn = database_made_early(path, 2, (1,))
+    conn.execute("INSERT INTO events VALUES (1, 'web', 'sent', ?, 1, '{}')", (T0,))
+    conn.execute("INSERT INTO events VALUES (2, 'web', 'waits', ?, 1, '{}')", (T0,))
+    conn.execute("INSERT INTO seen VALUES ('web', 'sent', ?)", (T0,))
+    conn.execute(
+        "INSERT INTO deliveries (id, event_id, destination, status, attempts, created_at,"
+        " next_at, finished_at) VALUES (1, 1, 'crm', 'delivered', 1, ?, ?, ?),"
+        " (2, 2, 'crm', 'retrying', 1, ?, ?, NULL)",
+        (T0, T0, T0 + 5, T0, T0 + 1000),
+    )
+    conn.execute(
+        "INSERT INTO invocations VALUES (7, 'crm', ?, 5.0, NULL, 'sent it', '[]', 9)", (T0,)
+    )
+    conn.execute(
+        "INSERT INTO attempts VALUES (1, 1, 7, ?, 'delivered', NULL, NULL),"
+        " (2, 1, NULL, ?, 'retrying', 'Retry', 'HTTP 500')",
+        (T0 + 5, T0 + 5),
+    )
+    conn.close()
+    conn = open_db(path)
+    try:
+        assert rows(conn, "SELECT id, invocation_id FROM deliveries ORDER BY id") == [
+            (1, 7),
+            (2, None),
+        ]
+        assert rows(conn, "SELECT delivery_id, status FROM attempts") == [(2, "retrying")]
+        (claimed,), _ = tx(conn, q.claim, "crm", T0 + 1000, 10)
+        assert (claimed.delivery_id, claimed.attempt) == (2, 2)
+    finally:
+        conn.close()
+    config = tmp_path / "destfnd.toml"
+    config.write_text(
+        f'[storage]\npath = "{path}"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[[destinations]]\nname = "crm"\ntype = "file"\npath = "out.ndjson"\n'
+    )
+    result = run_cli("deliveries", "--config", str(config), "--status", "delivered", "--json")
+    (delivery,) = orjson.loads(result.stdout)
+    (attempt,) = delivery["history"]
+    assert attempt["logs"] == "sent it"
+
+
+def test_deliveries_on_a_database_the_daemon_has_not_migrated_says_so(tmp_path):
+    """It said "cannot read: no such table: invocations" (stats reads any schema)."""
+    path = tmp_path / "old.sqlite3"
+    database_made_early(path, 2, (1,)).close()
+    config = tmp_path / "destfnd.toml"
+    config.write_text(f'[storage]\npath = "{path}"\n[[sources]]\nname = "web"\nwrite_key = "k"\n')
+    result = run_cli("deliveries", "--config", str(config))
+    assert result.returncode == 4
+    assert "the database is at schema version 2" in result.stderr
+    assert "start the daemon of this version first" in result.stderr
+    assert run_cli("stats", "--config", str(config)).returncode == 0
+
+
+def test_open_db_a_migration_that_fails_leaves_the_database_as_it_was(tmp_path):
+    """One transaction per migration left a file at 3 when 004 failed: the destfnd that made
+    it refused a newer schema, and this one could not migrate it either."""
+    path = tmp_path / "db.sqlite3"
+    conn = database_made_early(path, 1, ())
+    conn.execute("CREATE TABLE message_ids (x)")  # 004 creates it: it fails there
+    conn.close()
+    with pytest.raises(StoreError, match="message_ids already exists"):
+        open_db(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert rows(conn, "SELECT name FROM sqlite_master WHERE name = 'invocations'") == []
 
 
 def test_open_db_readonly_without_file_raises(tmp_path):

@@ -86,10 +86,12 @@ def open_db(
     readonly: bool = False,
     progress: Callable[[], int] | None = None,
     update: bool = False,
+    min_schema: int = 0,
 ) -> sqlite3.Connection:
     """Open (creating and migrating unless `readonly`) the database at `path`. `update`: for
     a command's small write beside a running daemon, read-write but neither created nor
-    migrated (the daemon's schema must be this destfnd's).
+    migrated (the daemon's schema must be this destfnd's). `min_schema`: the oldest schema
+    version a read-only command can read.
 
     Autocommit mode: transactions are explicit (`BEGIN IMMEDIATE ... COMMIT`) in the writer.
     `progress` is called every so often while migrations run (a SQLite progress handler).
@@ -117,10 +119,10 @@ def open_db(
         # Readers and the writer wait this long for each other's locks instead of failing.
         conn.execute("PRAGMA busy_timeout = 5000")
         if readonly or update:
-            if update:
+            if update or min_schema:
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
                 newest = _migrations()[-1][0]
-                if version != newest:
+                if version != newest if update else version < min_schema:
                     raise StoreError(
                         f"{path}: the database is at schema version {version}, this destfnd's "
                         f"is {newest}: start the daemon of this version first (it migrates it)"
@@ -151,10 +153,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise StoreError(
             f"the database is at schema version {version}, newer than this destfnd ({newest})"
         )
-    for number, script in migrations:
-        if number <= version:
-            continue
-        with transaction(conn):
+    pending = [(number, script) for number, script in migrations if number > version]
+    if not pending:
+        return
+    # All in one transaction: a migration that fails leaves the file as it was, which the
+    # destfnd that made it still opens (one by one, a failure at the third left a schema
+    # that neither it nor this one could open).
+    with transaction(conn):
+        for number, script in pending:
             for statement in _statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")

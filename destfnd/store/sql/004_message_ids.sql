@@ -1,7 +1,8 @@
 -- Dedupe moves off the random-key index on events (one dirty page per new event) to keys
 -- written in sorted bulk (destfnd/store/dedupe.py). `key` is a 64-bit hash of
 -- (source, messageId); `event_id` lets a match be confirmed against the stored event.
-DROP INDEX events_by_message;
+-- (IF EXISTS: a database made before 001 had this index kept messageIds in a `seen` table.)
+DROP INDEX IF EXISTS events_by_message;
 
 CREATE TABLE message_ids (
     key         INTEGER PRIMARY KEY,
