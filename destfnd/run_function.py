@@ -56,8 +56,15 @@ def read_events(source: str | None, stdin_is_tty: bool) -> tuple[list[dict], boo
         where = f"{name}[{index}]" if batch else name
         if not isinstance(event, dict):
             raise RunError(f"{where}: an event must be a JSON object")
-        if not isinstance(event.get("type"), str):
+        kind = event.get("type")
+        if not isinstance(kind, str):
+            if isinstance(event.get("batch"), list):
+                raise RunError(f"{where}: a /v1/batch body: give its \"batch\" array (a JSON "
+                               "array runs as a batch, as with [destinations.batch])")  # fmt: skip
             raise RunError(f'{where}: the event needs a "type" (track, identify, page, ...)')
+        if kind not in segment_spec.EVENT_TYPES:  # no handler could take it
+            types = ", ".join(segment_spec.EVENT_TYPES)
+            raise RunError(f"{where}: type {kind!r} is none of Segment's ({types})")
     return events, batch
 
 

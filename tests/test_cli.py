@@ -127,6 +127,10 @@ BAD = [
     ("settings-decl-type-not-a-string",
      '[[destinations]]\nname = "f"\nfunction = "list_type.py"\n',
      "destinations[0].settings.k", "unknown type ['string'] (use string, number"),
+    # Segment's settings editor's word: a hint, as for a key one letter off.
+    ("settings-decl-segments-type", '[[destinations]]\nname = "f"\nfunction = "map_type.py"\n',
+     "destinations[0].settings.fields",
+     "unknown type 'Text Map' (did you mean object? use string, number"),
     ("handler-generator", '[[destinations]]\nname = "f"\nfunction = "gen.py"\n',
      "destinations[0].function",
      "gen.py:1: on_track is a generator (it has yield): a handler returns (or raises)"),
@@ -169,6 +173,8 @@ def test_cli_check_config_lists_problems_with_key_paths(tmp_path, case, text, wh
         "bad_decl.py": 'SETTINGS = {"region": {"type": "strin", "requird": True}}\n'
         "def on_track(event, settings):\n    pass\n",
         "list_type.py": 'SETTINGS = {"k": {"type": ["string"]}}\n'
+        "def on_track(event, settings):\n    pass\n",
+        "map_type.py": 'SETTINGS = {"fields": {"type": "Text Map"}}\n'
         "def on_track(event, settings):\n    pass\n",
         "crm.js": "async function onTrack(event, settings) {}\n",
         "gen.py": "async def on_track(event, settings):\n    yield event\n",

@@ -214,9 +214,14 @@ def test_run_function_broken_files_give_one_line(files, code, phrase):
         (["crm.py", "--event", "nope.json"], "nope.json: cannot read the event"),
         (["crm.py", "--event", "crm.py"], "not JSON"),
         (["crm.py", "--event", "track.json", "--settings", "{bad"], "--settings: not JSON"),
+        # Segment's Tracking API bodies: a batch's array is what runs; a typo is no type.
+        (["crm.py", "--event", "batch.json"], 'a /v1/batch body: give its "batch" array'),
+        (["crm.py", "--event", "trak.json"], "type 'trak' is none of Segment's (track, "),
     ],
 )
 def test_run_function_bad_input_is_one_clear_line(files, args, phrase):
+    (files / "batch.json").write_bytes((FIXTURES / "http-api" / "v1-batch.json").read_bytes())
+    (files / "trak.json").write_text('{"type": "trak", "event": "E", "userId": "u"}')
     import os
 
     result = run_cli("run-function", *[str(files / a) if a.endswith((".py", ".json"))

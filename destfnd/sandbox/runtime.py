@@ -49,6 +49,13 @@ _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "array": (list,),
 }
 
+# Other words for them: Python's, and Segment's settings editor's ("Text Map", "Sensitive").
+_SETTING_TYPE_WORDS = {
+    "str": "string", "text": "string", "bool": "boolean", "int": "integer", "float": "number",
+    "dict": "object", "map": "object", "textmap": "object", "list": "array",
+    "sensitive": '"string" with "secret": True',
+}  # fmt: skip
+
 
 class LoadError(Exception):
     """A function file could not be loaded; the message is one line for the user."""
@@ -206,7 +213,9 @@ def check_settings(
             kind = spec.get("type")
             if kind is not None and (not isinstance(kind, str) or kind not in _SETTING_TYPES):
                 types = ", ".join(_SETTING_TYPES)
-                problems.append(f"{where}: unknown type {kind!r} (use {types})")
+                meant = _SETTING_TYPE_WORDS.get(str(kind).lower().replace(" ", ""))
+                hint = f"did you mean {meant}? " if meant else ""
+                problems.append(f"{where}: unknown type {kind!r} ({hint}use {types})")
                 kind = None
             for flag in ("required", "secret"):
                 if not isinstance(spec.get(flag, False), bool):
