@@ -748,9 +748,29 @@ def test_cli_check_config_warns_of_settings_no_settings_declares(tmp_path):
     )
     assert result.returncode == 0, result.stderr  # a warning: the function may read it anyway
     assert (
-        "warning: destinations[0].settings.regoin: not declared in SETTINGS "
+        "warning: destinations[0].settings.regoin: not declared in the SETTINGS of crm.py "
         "(did you mean 'region'? the function gets it all the same)"
     ) in result.stderr
+
+
+def test_settings_a_key_an_insert_function_without_settings_reads_is_said_to_be_its_own():
+    """The warning named the SETTINGS it is missing from as if there were only those."""
+    import types
+
+    from destfnd.sandbox.runtime import check_settings
+
+    function = types.ModuleType("crm")
+    function.SETTINGS = {"apiKey": {"type": "string", "secret": True}}  # type: ignore[attr-defined]
+    insert = types.ModuleType("enrich")
+    settings = {"apiKey": "k", "internalDomains": ["example.com"]}
+    problems, secrets, warnings = check_settings(
+        [("/f/crm.py", function), ("/f/enrich.py", insert)], settings
+    )
+    assert (problems, secrets) == ([], ["apiKey"])
+    assert warnings == [
+        "settings.internalDomains: not declared in the SETTINGS of crm.py; enrich.py declares "
+        "none (the function gets it all the same)"
+    ]
 
 
 def test_cli_a_disabled_destination_may_lack_its_function_file_and_secrets(tmp_path):

@@ -396,7 +396,7 @@ async def test_functions_serve_logs_what_check_config_warns_of(make_daemon, tmp_
     )
     assert logged == printed and len(logged) == 2, (logged, check.stderr)
     assert any("did you mean on_identify?" in w for w in logged)
-    assert any("settings.regoin: not declared in SETTINGS" in w for w in logged)
+    assert any("settings.regoin: not declared in the SETTINGS of" in w for w in logged)
 
 
 async def test_functions_check_config_agrees_with_serve_on_disabled_destinations(

@@ -187,11 +187,14 @@ def check_settings(
     secret_keys: list[str] = []
     declared_keys: set[str] = set()
     declarations = 0
+    declaring, silent = [], []  # files with SETTINGS, files without
     for path, module in modules:
         declared = getattr(module, "SETTINGS", None)
-        if declared is None:
-            continue
         file = Path(path).name
+        if declared is None:
+            silent.append(file)
+            continue
+        declaring.append(file)
         if not isinstance(declared, dict):  # (and no warning of keys it does not declare)
             problems.append(f"settings: SETTINGS in {file} must be a dict")
             continue
@@ -237,8 +240,12 @@ def check_settings(
             if key not in declared_keys:
                 hint = difflib.get_close_matches(key, sorted(declared_keys), n=1)
                 also = f"did you mean {hint[0]!r}? " if hint else ""
-                warnings.append(f"settings.{key}: not declared in SETTINGS ({also}the "
-                                "function gets it all the same)")  # fmt: skip
+                # An insert function and its destination's share the settings table: a key
+                # of the one without SETTINGS is undeclared, not wrong.
+                none = f"; {', '.join(silent)} declares none" if silent else ""
+                warnings.append(f"settings.{key}: not declared in the SETTINGS of "
+                                f"{', '.join(declaring)}{none} ({also}the function gets it "
+                                "all the same)")  # fmt: skip
     return problems, secret_keys, warnings
 
 
