@@ -160,6 +160,21 @@ def test_run_function_insert_prints_the_resulting_event(files):
     assert "outcome: passed on" in human.stdout and '"region": "eu"' in human.stdout
 
 
+def test_run_function_an_insert_functions_new_event_keeps_the_messageid(files):
+    """One built anew went on without a messageId, which receivers dedupe on."""
+    (files / "anew.py").write_text(
+        "def on_track(event, settings):\n"
+        "    return {'type': 'identify', 'userId': event['userId'], 'traits': {}}\n"
+    )
+    (files / "sent.json").write_text(
+        '{"type": "track", "event": "E", "userId": "u1", "messageId": "m-1"}'
+    )
+    result = run_cli("run-function", str(files / "anew.py"), "--insert", "--event",
+                     str(files / "sent.json"), "--json")  # fmt: skip
+    (event,) = orjson.loads(result.stdout)["events"]
+    assert event == {"type": "identify", "userId": "u1", "traits": {}, "messageId": "m-1"}
+
+
 def test_run_function_insert_drop_and_forgotten_return(files, tmp_path):
     (tmp_path / "internal.json").write_text(
         '{"type": "track", "event": "Internal", "userId": "u", "properties": {}}'

@@ -266,6 +266,9 @@ class Worker:
                     "return the event to pass it on, or raise DropEvent to drop it"
                 )
                 return runtime.bad_request(message), None
+            if "messageId" not in result and "messageId" in event:
+                # A new event built from scratch: it keeps the messageId receivers dedupe on.
+                result["messageId"] = event["messageId"]
             event = result
             name = f"on_{event['type']}"  # its type may be another now
         if "function" not in stages:
