@@ -84,6 +84,8 @@ _ROUTES: dict[str, str | None] = {
     "/v1/b": None,
     "/v1/import": None,
 }
+# With a trailing slash too: analytics-java posts to /v1/import/ by default (a 404 it drops).
+_ROUTES |= {f"{path}/": etype for path, etype in _ROUTES.items()}
 _ALLOWED = {path: "OPTIONS, POST" for path in _ROUTES} | {"/healthz": "GET, HEAD"}
 
 

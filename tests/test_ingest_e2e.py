@@ -200,7 +200,7 @@ async def test_ingest_unknown_paths_and_methods_get_json_errors(make_daemon, tmp
             ("DELETE", "/healthz", 405, "GET, HEAD"),
             ("GET", "/", 404, None),
             ("OPTIONS", "/v2/track", 404, None),
-            ("POST", "/v1/track/", 404, None),
+            ("POST", "/v1/track/x", 404, None),
             ("GET", "/v1/x%0a", 404, None),  # a newline in the path (aiohttp's "." skips it)
         ]
         for method, path, status, allow in cases:
@@ -223,6 +223,31 @@ async def test_ingest_unknown_paths_and_methods_get_json_errors(make_daemon, tmp
         assert (await post(session, f"{daemon.url}/v1/track", TRACK))[0] == 200
         await sink.wait_for(lambda: len(sink.delivered()) == 1)
         assert not [r for r in daemon.log_records() if r.get("level") in ("error", "critical")]
+
+
+async def test_ingest_analytics_java_posts_to_v1_import_with_a_trailing_slash(
+    make_daemon, tmp_path, session
+):
+    """analytics-java's default endpoint is /v1/import/ (Analytics.Builder): a 404 there,
+    which it does not retry, lost every event. Its body: sequence, a batch-level context."""
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        body = {
+            "batch": [{"type": "track", "event": "Java", "userId": "u", "messageId": "j-1",
+                       "timestamp": "2026-12-07T05:00:00.123Z"}],
+            "sentAt": "2026-12-07T05:00:00.456Z",
+            "context": {"library": {"name": "analytics-java", "version": "3.5.4"}},
+            "sequence": 0,
+        }  # fmt: skip
+        headers = {"User-Agent": "analytics-java/3.5.4",
+                   "Content-Type": "application/json; charset=UTF-8"}  # fmt: skip
+        for path in ("/v1/import/", "/v1/track/"):
+            payload = body if path == "/v1/import/" else {**body["batch"][0], "messageId": "j-2"}
+            status, _ = await post(session, daemon.url + path, payload, headers=headers)
+            assert status == 200, path
+        await sink.wait_for(lambda: sink.delivered_ids() == {"j-1", "j-2"})
+        (java,) = [e for e in sink.delivered() if e["messageId"] == "j-1"]
+        assert java["context"]["library"]["name"] == "analytics-java"
 
 
 async def test_ingest_analytics_js_batching_posts_to_v1_b(make_daemon, tmp_path, session):
