@@ -181,7 +181,9 @@ def check(event: object, path: str = "") -> Times:
     for key in _OBJECT_FIELDS:
         value = event.get(key)
         if value is not None and not isinstance(value, dict):
-            raise SpecError(f"{path}{key}", "must be an object")
+            if value != []:
+                raise SpecError(f"{path}{key}", "must be an object")
+            event[key] = {}  # PHP's json_encode writes an empty array so (analytics-php)
     if etype in ("page", "screen"):
         for key in ("name", "category"):
             value = event.get(key)
@@ -262,23 +264,19 @@ def fill_ip(event: dict, ip: str) -> None:
 
 def routed(routes: Sequence[tuple[str, str]], integrations: object) -> tuple[str, ...] | None:
     """The names of the destinations an event's `integrations` object leaves on, of `routes`
-    ((name, its key in `integrations`) pairs), read as Segment reads it: a key with false (or
-    null, 0, "") is off, one with anything else (true, or an object of options) on, and one
-    not there follows "All" (on unless false). Keys are case-sensitive. None if it turns none
-    off, as for nearly every event (most send none, or {})."""
+    ((name, its key in `integrations`) pairs), read as Segment's analytics.js reads it
+    (isDisabledIntegration): a key set to false is off, one set to anything else (true, or
+    an object of options) on, and one not there is off if "All" is false. Keys are
+    case-sensitive. None if it turns none off, as for nearly every event (most send none,
+    or {})."""
     if not integrations or not isinstance(integrations, dict):
         return None
-    default = _on(integrations.get("All", True))
+    all_off = integrations.get("All") is False
     on = tuple(
         name for name, key in routes
-        if (_on(integrations[key]) if key in integrations else default)
+        if (integrations[key] is not False if key in integrations else not all_off)
     )  # fmt: skip
     return None if len(on) == len(routes) else on
-
-
-def _on(value: object) -> bool:
-    """JavaScript's truthiness, as Segment's libraries test a flag ({} and [] are true)."""
-    return value is not None and value is not False and value != 0 and value != ""
 
 
 def _canonical(text: str, parsed: datetime) -> str:
@@ -314,7 +312,9 @@ def expand(body: object, endpoint_type: str | None) -> list[dict]:
         raise SpecError("batch", "required: an array of messages")
     shared = {key: body[key] for key in ("context", "integrations") if key in body}
     for key, value in shared.items():
-        if value is not None and not isinstance(value, dict):
+        if value == []:  # PHP's empty array, as in a message
+            shared[key] = {}
+        elif value is not None and not isinstance(value, dict):
             raise SpecError(key, "must be an object")
     sent_at = body.get("sentAt")
     events = []
@@ -327,7 +327,7 @@ def expand(body: object, endpoint_type: str | None) -> list[dict]:
                 own = event.get(key)
                 # The message's own keys win over the batch's; its own that is no object
                 # ([], "", 0) is refused by `check`, as it would be alone.
-                if own is None:
+                if own is None or own == []:  # ([]: PHP's empty object)
                     event[key] = dict(value)
                 elif isinstance(own, dict):
                     event[key] = {**value, **own}

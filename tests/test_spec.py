@@ -77,8 +77,10 @@ ROUTES = (("crm", "crm"), ("ga", "Google Analytics"), ("mp", "Mixpanel"))
         ({"All": False}, ()),
         ({"All": False, "Mixpanel": True, "crm": {"listId": 7}}, ("crm", "mp")),
         ({"All": False, "Mixpanel": {}}, ("mp",)),  # options, even none, turn it on
-        ({"All": None, "crm": 1, "Mixpanel": 0, "Google Analytics": ""}, ("crm",)),
-        ({"All": "yes", "crm": None}, ("ga", "mp")),
+        # Only false turns off, as analytics.js tests it (=== false).
+        ({"All": None, "crm": 0, "Mixpanel": "", "Google Analytics": None}, None),
+        ({"All": False, "crm": None, "Mixpanel": 0}, ("crm", "mp")),
+        ({"All": 0}, None),
     ],
 )
 def test_routed_reads_the_integrations_object_as_segment_does(integrations, on):
@@ -269,6 +271,23 @@ def test_validate_rejects_invalid_message_with_field_path(event, path, prefix):
     with pytest.raises(SpecError) as info:
         validate(copy.deepcopy(event), prefix)
     assert info.value.path == f"{prefix}{path}"
+
+
+def test_expand_and_validate_take_phps_empty_arrays_for_empty_objects():
+    """analytics-php's json_encode writes an empty `integrations` (or context) as []: a 400
+    it does not retry lost the batch. Only an empty one: [1, 2] is still refused above."""
+    body = {
+        "batch": [{"type": "track", "userId": "u", "event": "e", "integrations": [],
+                   "properties": [], "context": []}],
+        "context": [],
+        "integrations": [],
+    }  # fmt: skip
+    (message,) = expand(body, None)
+    checked = validate(message, "batch[0].")
+    assert [checked[k] for k in ("integrations", "properties", "context")] == [{}, {}, {}]
+    body["context"] = {"ip": "1.2.3.4"}  # merged into the message's empty one
+    body["batch"][0]["context"] = []
+    assert validate(expand(body, None)[0])["context"] == {"ip": "1.2.3.4"}
 
 
 def test_validate_rejects_non_object_message_naming_its_position():

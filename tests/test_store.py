@@ -245,6 +245,27 @@ def test_open_db_a_delivered_attempt_recorded_twice_by_an_early_destfnd_is_liste
     assert attempt["logs"] == "sent it"
 
 
+def test_open_db_counts_again_what_an_early_trigger_lost_to_a_rename(tmp_path):
+    """006 before 4f3fde2 kept a destination renamed by hand counted under its old name."""
+    path = tmp_path / "old.sqlite3"
+    conn = database_made_early(path, 6, (6,))
+    conn.execute("INSERT INTO events VALUES (1, 'web', 'm', ?, 1, '{}')", (T0,))
+    conn.execute(
+        "INSERT INTO deliveries (id, event_id, destination, status, created_at, next_at)"
+        " VALUES (1, 1, 'hook', 'pending', ?, ?)",
+        (T0, T0),
+    )
+    conn.execute("UPDATE deliveries SET status = 'delivered', finished_at = ?", (T0,))
+    conn.execute("UPDATE deliveries SET destination = 'hook2'")
+    assert q.status_counts(conn) == {"hook": {"delivered": 1}}  # (the early trigger)
+    conn.close()
+    conn = open_db(path)
+    try:
+        assert q.status_counts(conn) == {"hook2": {"delivered": 1}}
+    finally:
+        conn.close()
+
+
 def test_deliveries_on_a_database_the_daemon_has_not_migrated_says_so(tmp_path):
     """It said "cannot read: no such table: invocations" (stats reads any schema)."""
     path = tmp_path / "old.sqlite3"
@@ -1037,9 +1058,20 @@ def test_prune_invocations_of_deletes_one_destinations_old_records_among_others(
     assert left() == [(d, t) for d, t in records if d == "warehouse" or t >= T0 + 5]
     # The next scan goes on from there: records already looked at are not looked at again,
     # and a later cutoff takes the rest.
-    assert tx(conn, q.prune_invocations_of, {"crm"}, T0 + 100, after, 100) == (2, 24, 10, False)
+    # The scan stops before the newest record (id 10): its id would be taken again.
+    assert tx(conn, q.prune_invocations_of, {"crm"}, T0 + 100, 5, 100) == (2, 24, 9, False)
     assert left() == [(d, t) for d, t in records if d == "warehouse"]
     assert q.invocations_size(conn) == 60
+    # The newest is kept however old: a record of crm after it (id 11) is found next time,
+    # and one deleted would have given its id to the next (12), which the scan, gone on
+    # from 11, would never have looked at.
+    insert_invocation = SQL["insert_invocation"]
+    conn.execute(insert_invocation, ("crm", T0 + 10, 1.0, None, "x" * 10, b"[]", 12))
+    assert tx(conn, q.prune_invocations_of, {"crm"}, T0 + 100, 9, 100) == (0, 0, 10, False)
+    conn.execute(insert_invocation, ("crm", T0 + 11, 1.0, None, "x" * 10, b"[]", 12))
+    assert tx(conn, q.prune_invocations_of, {"crm"}, T0 + 100, 10, 100) == (1, 12, 11, False)
+    (newest,) = conn.execute("SELECT max(id) FROM invocations").fetchone()
+    assert newest == 12
 
 
 @pytest.mark.parametrize("folder", ["with#hash", "with?question", "with%25percent", "with space"])

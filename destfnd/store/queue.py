@@ -56,7 +56,8 @@ def insert_many(
     fanout: dict[str, Sequence[str]] = {}  # source -> destinations (the same for all, from ingest)
     mixed = False
     new_counts = []
-    spans: list[tuple[int, int, Sequence[str], int]] = []  # a request's new ids, for fan-out
+    # A request's new ids [start, end), for fan-out; its events with their own destinations.
+    spans: list[tuple[str, int, int, Sequence[str]]] = []
     routed: list[tuple[int, Sequence[str], int]] = []  # an event with its own destinations
     recent = dedupe.recent  # the keys of this call's events go in as they are taken
     for r, pairs in zip(requests, keyed, strict=True):
@@ -65,7 +66,7 @@ def insert_many(
             new_counts.append(len(r.events))
             continue
         only = r.only
-        mixed = mixed or only is not None or fanout.setdefault(source, destinations) != destinations
+        mixed = mixed or fanout.setdefault(source, destinations) != destinations
         refs = len(destinations)
         before = len(rows)
         for index, (k, (message_id, payload)) in enumerate(pairs):
@@ -97,31 +98,36 @@ def insert_many(
                 routed.append((event_id, targets, now))
         new_counts.append(len(rows) - before)
         if only is None:
-            spans.append((first_id + before, first_id + len(rows), destinations, now))
+            spans.append((source, first_id + before, first_id + len(rows), destinations))
     if not rows:
         return new_counts
     last_id = first_id + len(rows) - 1
     dedupe.high_id = last_id
     conn.executemany(SQL["insert_event"], rows)
-    if not mixed:
-        # Fanned out in SQL from the rows just inserted: no Python tuple per delivery.
+    # Fanned out in SQL from the rows just inserted: no Python tuple per delivery.
+    if not mixed and not routed:
         for source, destinations in fanout.items():
             for name in destinations:
                 conn.execute(SQL["fan_out"], (name, first_id, last_id, source))
-    else:  # events of one source with different destinations: a tuple per delivery
-        conn.executemany(
-            SQL["insert_delivery"],
-            [
-                (event_id, name, now, now)
-                for start, end, destinations, now in spans
-                for event_id in range(start, end)
-                for name in destinations
-            ],
-        )
-        conn.executemany(
-            SQL["insert_delivery"],
-            [(event_id, name, now, now) for event_id, targets, now in routed for name in targets],
-        )
+        return new_counts
+    # Some events have their own destinations, or one source has two sets in this call (not
+    # something ingest does): the others by id range, requests next to each other as one.
+    runs: list[list] = []  # [source, destinations, first id, last id]
+    for source, start, end, destinations in spans:
+        if start == end:
+            continue
+        last = runs[-1] if runs else None
+        if last is not None and last[:2] == [source, destinations] and last[3] == start - 1:
+            last[3] = end - 1
+        else:
+            runs.append([source, destinations, start, end - 1])
+    for source, destinations, first, last_of_run in runs:
+        for name in destinations:
+            conn.execute(SQL["fan_out"], (name, first, last_of_run, source))
+    conn.executemany(
+        SQL["insert_delivery"],
+        [(event_id, name, now, now) for event_id, targets, now in routed for name in targets],
+    )
     return new_counts
 
 
@@ -284,12 +290,16 @@ def prune_invocations(
     limit: int,
 ) -> tuple[int, int]:
     """Delete the oldest invocation records while older than `started_before` or while the
-    records take more than `max_total_bytes`. Returns (deleted, bytes freed)."""
+    records take more than `max_total_bytes`. Returns (deleted, bytes freed). The newest is
+    kept: its id is never taken again (the per-destination scans go on from ids they saw)."""
     deleted = freed = 0
+    (newest,) = conn.execute(SQL["newest_invocation"]).fetchone()
     for invocation_id, started_at, size in conn.execute(
         SQL["oldest_invocations"], (limit,)
     ).fetchall():
-        if started_at >= started_before and total_bytes - freed <= max_total_bytes:
+        if invocation_id == newest or (
+            started_at >= started_before and total_bytes - freed <= max_total_bytes
+        ):
             break
         conn.execute(SQL["delete_invocation"], (invocation_id,))
         deleted += 1
@@ -307,11 +317,13 @@ def prune_invocations_of(
     """Delete the records of `destinations` started before `started_before`, looking at up to
     `limit` records in id order after `after_id`; those of other destinations are passed by.
     Returns (deleted, bytes freed, the id to go on after, whether there may be more to do):
-    the scan ends at the newest record or at one started at or after `started_before`."""
+    the scan ends at the newest record, which it keeps (SQLite would give its id again), or
+    at one started at or after `started_before`."""
     deleted = freed = 0
+    (newest,) = conn.execute(SQL["newest_invocation"]).fetchone()
     rows = conn.execute(SQL["invocations_after"], (after_id, limit)).fetchall()
     for invocation_id, destination, started_at, size in rows:
-        if started_at >= started_before:
+        if started_at >= started_before or invocation_id == newest:
             return deleted, freed, after_id, False
         after_id = invocation_id
         if destination in destinations:

@@ -18,6 +18,12 @@ BEGIN
     SELECT new.destination, new.status, 1 WHERE new.status NOT IN ('pending', 'retrying')
     ON CONFLICT (destination, status) DO UPDATE SET n = n + 1;
 END;
+-- and counted again, in case such a rename happened.
+DELETE FROM finished_counts;
+INSERT INTO finished_counts (destination, status, n)
+SELECT destination, status, count(*) FROM deliveries
+WHERE status NOT IN ('pending', 'retrying')
+GROUP BY destination, status;
 
 -- Before 003 a delivered attempt had an `attempts` row too, which `deliveries` listed beside
 -- the delivery row's own: its invocation moves to the delivery row, and the row goes.

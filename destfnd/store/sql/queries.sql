@@ -135,6 +135,11 @@ DELETE FROM attempts WHERE delivery_id = ?;
 -- Invocation ids grow with time, so the oldest are the first by id (no index needed).
 SELECT id, started_at, size FROM invocations ORDER BY id LIMIT ?;
 
+-- name: newest_invocation
+-- Kept by pruning: an INTEGER PRIMARY KEY takes max(id) + 1, so deleting the newest would
+-- give its id to the next record.
+SELECT max(id) FROM invocations;
+
 -- name: invocations_after
 -- The records after a point in that order, for pruning one destination's sooner.
 SELECT id, destination, started_at, size FROM invocations WHERE id > ? ORDER BY id LIMIT ?;
