@@ -76,6 +76,9 @@ class ServerConfig:
     # default this host only, as uvicorn and gunicorn do: a TLS proxy on the same host (the
     # README's setup for https) passes the client's address on.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # "refuse": an invalid event refuses its whole request (400). "skip": it is left out and
+    # the rest stored, with 200, as Segment's API does (SDKs drop a batch answered 400).
+    invalid_events: str = "refuse"
 
 
 @dataclass(frozen=True, slots=True)

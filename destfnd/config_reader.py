@@ -35,7 +35,7 @@ _TOP_KEYS = tuple("server storage logging sources destinations".split())
 _SERVER_KEYS = tuple(
     "listen max_request_size max_event_size max_batch_events max_decompressed_size"
     " max_merged_size dedupe_window drain_timeout body_timeout keepalive_timeout"
-    " trusted_proxies".split()
+    " trusted_proxies invalid_events".split()
 )
 _STORAGE_KEYS = ("path", "retention", "synchronous", "records_max_size")
 _LOGGING_KEYS = ("level", "format", "summary_interval")
@@ -241,6 +241,7 @@ class Reader:
             body_timeout_s=g("body_timeout", cv.duration(), d.body_timeout_s),
             keepalive_timeout_s=g("keepalive_timeout", cv.duration(), d.keepalive_timeout_s),
             trusted_proxies=g("trusted_proxies", cv.networks, d.trusted_proxies),
+            invalid_events=g("invalid_events", cv.choice("refuse", "skip"), d.invalid_events),
         )
 
     def destination(

@@ -62,6 +62,7 @@ STORE_FAILING_S = 5.0
 REJECTED_LINES_BURST = 100
 REJECTED_LINES_PER_S = 10.0
 _OK = orjson.dumps({"success": True})
+_SKIPPED_LISTED = 10  # reasons in the answer to a request with invalid events skipped
 _JSON = {"Content-Type": "application/json"}
 _MISSING = object()
 # What `_basic_user` makes of an `Authorization: Basic` header that does not hold base64 of
@@ -108,6 +109,8 @@ class Ingest:
         self._sources = {s.write_key.value: s.name for s in cfg.sources}
         self._rejections = Throttle(per_s=REJECTED_LINES_PER_S, burst=REJECTED_LINES_BURST)
         self._commit_failures = Throttle(per_s=1.0, burst=10)
+        self._skip_invalid = cfg.server.invalid_events == "skip"
+        self._skips = Throttle(per_s=REJECTED_LINES_PER_S, burst=REJECTED_LINES_BURST)
         self._commit_failed_at: float | None = None  # since the last commit that worked
         self._fill_ip = frozenset(s.name for s in cfg.sources if s.fill_ip)
         self._client_ip = ClientIP(cfg.server.trusted_proxies)
@@ -276,7 +279,7 @@ class Ingest:
             forwarded_for = request.headers.getall("X-Forwarded-For", ())
             ip = self._client_ip.of(request.remote, forwarded_for)
         destinations = self._fanout[source]
-        events, only = self._prepare(body, endpoint_type, now_s, ip, self._routes[source])
+        events, only, skipped = self._prepare(body, endpoint_type, now_s, ip, self._routes[source])
         # The parsed body (a few containers per event) must not stay alive while the commit
         # is awaited: with 64 requests in flight, the cyclic collector kept walking them all.
         del body, raw
@@ -285,9 +288,9 @@ class Ingest:
             now_ms = int(now_s * 1000)
             cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
             try:
-                request = q.IngestRequest(source, events, destinations, now_ms, cutoff, only)
+                stored = q.IngestRequest(source, events, destinations, now_ms, cutoff, only)
                 assert self._writer is not None and self._insert is not None  # ready: attached
-                await self._writer.run_batched(self._insert, request)
+                await self._writer.run_batched(self._insert, stored)
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
                 self._commit_failed_at = self._clock()
@@ -297,7 +300,19 @@ class Ingest:
                 raise Rejected(503, "unavailable", "could not store the events; retry") from None
             self._commit_failed_at = None
             self._on_commit(destinations)
+        if skipped:
+            return self._skipped(request, source, skipped)
         return web.Response(body=_OK, headers=_JSON)
+
+    def _skipped(self, request: web.Request, source: str, skipped: list[str]) -> web.Response:
+        """200, as Segment answers a request with invalid events among valid ones: the rest
+        are stored. The answer and a log line say which were left out, and why."""
+        more = self._skips.fields()
+        if more is not None:
+            log.warning("events_skipped", source=source, path=request.path[:200],
+                        skipped=len(skipped), error=skipped[0], **more)  # fmt: skip
+        body = {"success": True, "skipped": len(skipped), "errors": skipped[:_SKIPPED_LISTED]}
+        return web.Response(body=orjson.dumps(body), headers=_JSON)
 
     async def _body(self, request: web.Request) -> bytes:
         limit = self._server.max_request_bytes
@@ -372,12 +387,14 @@ class Ingest:
         now_s: float,
         ip: str | None,
         routes: Sequence[tuple[str, str]],
-    ) -> tuple[list[IncomingEvent], list[Sequence[str]] | None]:
+    ) -> tuple[list[IncomingEvent], list[Sequence[str]] | None, list[str]]:
         """The events of `body`, validated, enriched and serialized; `ip` goes into the
         `context.ip` of each event that has none (Segment does so for client-side sources;
         an event that wants no address recorded sends its own, such as "0.0.0.0"). With them,
         each event's own destinations if an event's `integrations` turns some of the source's
-        off (`routes`: its destinations with their keys there), else None."""
+        off (`routes`: its destinations with their keys there), else None; and, with
+        `server.invalid_events = "skip"`, why each invalid event was left out (else an
+        invalid event refuses the request)."""
         if endpoint_type is None:
             self._check_merged_size(body)
         try:
@@ -392,6 +409,7 @@ class Ingest:
         prefix = "batch[{}]." if endpoint_type is None else ""
         events = []
         only: list[Sequence[str]] | None = None
+        skipped: list[str] = []
         total = 0
         for index, message in enumerate(messages):
             path = prefix.format(index)
@@ -403,11 +421,16 @@ class Ingest:
                     message, received_at, times=times, received_text=received_text, path=path
                 )
                 payload = orjson.dumps(message)
-            except spec.SpecError as exc:
-                raise Rejected(400, "invalid event", str(exc)) from None
-            except TypeError as exc:  # orjson writes at most 254 levels of nesting
-                why = "nested more than 254 levels deep" if "Recursion" in str(exc) else exc
-                raise Rejected(400, "invalid event", f"{path or 'body'}: {why}") from None
+            except (spec.SpecError, TypeError) as exc:
+                if isinstance(exc, spec.SpecError):
+                    why = str(exc)
+                else:  # orjson writes at most 254 levels of nesting
+                    deep = "nested more than 254 levels deep" if "Recursion" in str(exc) else exc
+                    why = f"{path or 'body'}: {deep}"
+                if not self._skip_invalid:
+                    raise Rejected(400, "invalid event", why) from None
+                skipped.append(why)
+                continue
             if len(payload) > max_bytes:
                 where = f"batch[{index}]" if endpoint_type is None else "event"
                 raise Rejected(
@@ -419,15 +442,14 @@ class Ingest:
             total += len(payload)
             if total > self._server.max_merged_bytes:
                 raise Rejected(413, "request too large", self._merged_detail())
-            events.append(IncomingEvent(message["messageId"], payload))
             integrations = message.get("integrations")
-            if integrations:
-                targets = spec.routed(routes, integrations)
-                if targets is not None:
-                    if only is None:
-                        only = [tuple(name for name, _ in routes)] * len(messages)
-                    only[index] = targets
-        return events, only
+            targets = spec.routed(routes, integrations) if integrations else None
+            if targets is not None and only is None:
+                only = [tuple(name for name, _ in routes)] * len(events)
+            if only is not None:
+                only.append(tuple(name for name, _ in routes) if targets is None else targets)
+            events.append(IncomingEvent(message["messageId"], payload))
+        return events, only, skipped
 
 
 # Each escape in a JSON text, left to right (so "\\\\" is one escape and the next character

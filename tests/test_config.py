@@ -186,6 +186,8 @@ BAD_CONFIGS = [
     ("unknown_dest_key", SOURCE + DEST + "concurency = 4\n", "destinations[0].concurency",
      "unknown key (did you mean 'concurrency'?)"),
     ("unknown_server_key", "[server]\nport = 80\n" + SOURCE, "server.port", "unknown key"),
+    ("invalid_events_choice", '[server]\ninvalid_events = "drop"\n' + SOURCE,
+     "server.invalid_events", "must be one of refuse, skip, got 'drop'"),
     ("unknown_retry_key", SOURCE + DEST + "[destinations.retry]\nmax_attempt = 3\n",
      "destinations[0].retry.max_attempt", "did you mean 'max_attempts'?"),
     ("unknown_batch_key", SOURCE + DEST + "[destinations.batch]\nsize = 3\n",

@@ -250,6 +250,50 @@ async def test_ingest_analytics_java_posts_to_v1_import_with_a_trailing_slash(
         assert java["context"]["library"]["name"] == "analytics-java"
 
 
+async def test_ingest_invalid_events_skip_keeps_the_valid_events_of_a_batch(
+    make_daemon, tmp_path, session
+):
+    """server.invalid_events = "skip": Segment's way. Every SDK drops a batch answered 400,
+    and Kotlin's, Swift's and React Native's send track("") as it is: one such event lost up
+    to a whole batch file. Now it alone is left out, said so in the answer and the log."""
+    async with Sink() as sink, Sink() as other:
+        dests = webhook("hook", sink.url) + webhook("other", other.url)
+        config = config_text(tmp_path / "db.sqlite3", dests,
+                             server='invalid_events = "skip"')  # fmt: skip
+        daemon = await make_daemon(config).start()
+        batch = {
+            "batch": [
+                {"type": "track", "userId": "u", "event": "", "messageId": "empty-name"},
+                {"type": "track", "userId": "u", "event": "Good", "messageId": "good-1"},
+                {"type": "track", "userId": "u", "event": "Bad time", "messageId": "bad-time",
+                 "timestamp": "yesterday"},
+                {"type": "track", "userId": "u", "event": "Hook only", "messageId": "routed",
+                 "integrations": {"other": False}},
+                {"type": "identify", "userId": "u", "messageId": "good-2"},
+            ],
+            "writeKey": WRITE_KEY,
+        }  # fmt: skip
+        status, answer = await post(
+            session, f"{daemon.url}/v1/b", gzip.compress(orjson.dumps(batch)),
+            headers={"Content-Type": "text/plain", "Content-Encoding": "gzip"}, auth=False,
+        )  # fmt: skip
+        assert status == 200
+        assert answer["success"] is True and answer["skipped"] == 2
+        assert answer["errors"][0] == "batch[0].event: required for track: a non-empty string"
+        assert answer["errors"][1].startswith("batch[2].timestamp: ")
+        # One event alone, invalid: 200, nothing stored.
+        status, answer = await post(session, f"{daemon.url}/v1/track", {"userId": "u"})
+        assert (status, answer["skipped"]) == (200, 1)
+        await sink.wait_for(lambda: sink.delivered_ids() == {"good-1", "routed", "good-2"})
+        await other.wait_for(lambda: other.delivered_ids() == {"good-1", "good-2"})
+        await asyncio.sleep(0.3)  # and nothing more comes
+        assert len(sink.delivered()) == 3 and len(other.delivered()) == 2
+        (line, *_) = [r for r in daemon.log_records() if r.get("event") == "events_skipped"]
+        assert (line["skipped"], line["source"], line["level"]) == (2, "web", "warning")
+        assert line["error"] == "batch[0].event: required for track: a non-empty string"
+    # Refused as a whole otherwise (the default, "refuse"): tested with the bad inputs above.
+
+
 async def test_ingest_analytics_js_batching_posts_to_v1_b(make_daemon, tmp_path, session):
     """analytics.js with deliveryStrategy "batching" posts {writeKey, batch, sentAt} to /b
     under its apiHost (api.segment.io/v1/b), each event without its own sentAt."""
