@@ -117,12 +117,16 @@ class DatabaseLock:
                 f"{path}: cannot create the database's lock file: {exc.strerror}"
             ) from None
         self._file: int | None = None
+        # An empty file that was there (not one made here): see `_open_store`.
+        self.found_empty = False
         try:
             self._take(self._beside, path)
+            existed = real.is_file()
             try:  # an empty file is a new database to SQLite
                 self._file = _open_regular(real, os.O_RDONLY)
             except OSError as exc:
                 raise StoreError(f"{path}: cannot open the database: {exc.strerror}") from None
+            self.found_empty = existed and os.fstat(self._file).st_size == 0
             self._take(self._file, path)
             companion = irregular_companion(real, ("-wal", "-shm"))  # a FIFO fails each commit
             if companion is not None:
@@ -177,6 +181,7 @@ class Daemon:
         # The database's files and their identities, taken once it is open.
         self._db_files: list[tuple[Path, tuple[int, int] | None]] = []
         self._wal_gone = False  # its -wal or -shm file was deleted while it ran
+        self._found_empty = False  # the database file was there, and empty
 
     @property
     def stop_requested(self) -> bool:
@@ -193,6 +198,7 @@ class Daemon:
 
     async def run(self) -> None:
         lock = DatabaseLock(self.cfg.storage.path)
+        self._found_empty = lock.found_empty
         try:
             await self._run()
         finally:
@@ -214,7 +220,7 @@ class Daemon:
         started = time.monotonic()
         progress.status = "starting: opening and migrating the database"
         path = Path(cfg.storage.path)
-        if path.is_file() and path.stat().st_size == 0:
+        if self._found_empty:
             # SQLite takes an empty file for a new database. One the daemon made is empty
             # only if it was killed as it made it: this is more likely one truncated (a
             # disk's or a file system's problem), or made by hand. Said, as the queue starts

@@ -948,3 +948,8 @@ async def test_cli_serve_says_when_its_database_file_is_empty(make_daemon, tmp_p
     assert await daemon.terminate() == 0
     again = await make_daemon(config_text(db, "")).start()  # now a database: no warning
     assert "database_file_empty" not in {r.get("event") for r in again.log_records()}
+    assert await again.terminate() == 0
+    # Nor for a new one, which the daemon's lock made empty before SQLite wrote it: every
+    # new storage.path was said to be a truncated database.
+    new = await make_daemon(config_text(tmp_path / "new.sqlite3", "")).start()
+    assert "database_file_empty" not in {r.get("event") for r in new.log_records()}
