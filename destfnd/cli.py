@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -163,6 +165,21 @@ def _parser() -> argparse.ArgumentParser:
         help="which (default retrying); finished ones get one more attempt each",
     )
     p.add_argument("--json", action="store_true", help='print {"due_now": N}')
+    p = command(
+        "move", cmd_move,
+        "give a destination's waiting deliveries to another (after renaming it in the config)",
+    )  # fmt: skip
+    p.add_argument("--from", dest="source", metavar="OLD", required=True,
+                   help="the destination whose deliveries wait (renamed, say)")  # fmt: skip
+    p.add_argument("--to", metavar="NEW", required=True, help="a destination of the config")
+    p.add_argument("--json", action="store_true", help='print {"moved": N, "left": N}')
+    p = command(
+        "discard", cmd_discard,
+        "discard a destination's waiting deliveries (one removed for good from the config)",
+    )  # fmt: skip
+    p.add_argument("--destination", metavar="N", required=True, help="whose")
+    p.add_argument("--message-id", metavar="ID", help="only this event's")
+    p.add_argument("--json", action="store_true", help='print {"discarded": N}')
     p = sub.add_parser(
         "run-function",
         help="run a function file once on an event and print what happened",
@@ -488,6 +505,75 @@ def cmd_retry(args: argparse.Namespace) -> int:
     else:
         already = " (those due already are left as they are)" if args.status == "retrying" else ""
         print(f"no {args.status} delivery matched: nothing to do{already}{_retry_note(cfg, args)}")
+    return EXIT_OK
+
+
+def _unfinished_chunks(
+    cfg: Config, destination: str, event_ids: list[int] | None, step: Callable
+) -> tuple[int, int]:
+    """`step(conn, ids)` on each chunk of `destination`'s waiting deliveries, a transaction
+    each (as `retry`: the daemon's writer is not held up for long, and may run meanwhile;
+    those it has in flight are left alone). Returns (deliveries seen, `step`'s sum)."""
+    conn = open_db(cfg.storage.path, update=True)
+    seen = done = 0
+    try:
+        after = 0
+        while True:
+            with transaction(conn):
+                ids = q.unfinished(conn, destination, event_ids, after, _RETRY_CHUNK)
+                done += step(conn, ids)
+            seen += len(ids)
+            if len(ids) < _RETRY_CHUNK:
+                return seen, done
+            after = ids[-1]
+    except sqlite3.Error as exc:
+        so_far = f" ({done} done before that)" if done else ""
+        raise store_error(f"{cfg.storage.path}: cannot write{so_far}", exc) from exc
+    finally:
+        conn.close()
+
+
+def cmd_move(args: argparse.Namespace) -> int:
+    """A renamed destination's backlog waits under its old name: it goes to the new one."""
+    cfg = load_config(_config_path(args), resolve_secrets=False)
+    if args.to not in {d.name for d in cfg.destinations}:
+        raise UsageError(f"move: no destination {args.to!r} in {cfg.path}")
+    if args.to == args.source:
+        raise UsageError("move: --from and --to name the same destination")
+    now = int(time.time() * 1000)
+    seen, moved = _unfinished_chunks(
+        cfg, args.source, None, lambda conn, ids: q.move(conn, ids, args.to, now)
+    )
+    left = seen - moved
+    if args.json:
+        print(orjson.dumps({"moved": moved, "left": left}).decode())
+        return EXIT_OK
+    noun = "delivery" if moved == 1 else "deliveries"
+    print(f"{moved} waiting {noun} of {args.source} moved to {args.to}, due now")
+    if left:
+        print(f"note: {left} left with {args.source}: {args.to} has a delivery of those events "
+              f"already (destfnd discard --destination {args.source} finishes them)")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    """A destination removed for good leaves its backlog waiting (and its events kept)."""
+    cfg = load_config(_config_path(args), resolve_secrets=False)
+    event_ids = None
+    if args.message_id is not None:
+        with contextlib.closing(_read(cfg)) as conn:
+            event_ids = events_with_message_id(conn, [s.name for s in cfg.sources], args.message_id)
+    now = int(time.time() * 1000)
+    reason = "discarded by the operator (destfnd discard)"
+    _, count = _unfinished_chunks(
+        cfg, args.destination, event_ids, lambda conn, ids: q.discard(conn, ids, now, reason)
+    )
+    if args.json:
+        print(orjson.dumps({"discarded": count}).decode())
+        return EXIT_OK
+    noun = "delivery" if count == 1 else "deliveries"
+    print(f"{count} waiting {noun} of {args.destination} discarded (destfnd retry --status "
+          f"discarded --destination {args.destination} would send them again)")  # fmt: skip
     return EXIT_OK
 
 

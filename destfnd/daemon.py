@@ -49,6 +49,10 @@ class DaemonError(DestfndError):
     """The daemon cannot start."""
 
 
+_WITHOUT_HINT = (
+    "renamed? destfnd move --from {name} --to NEW_NAME; removed for good? destfnd discard "
+    "--destination {name}; else they wait for it to come back under this name"
+)
 _WATCH_FILE_S = 1.0  # (and the clock)
 _CLOCK_NOTE = (
     "retry schedules and max_age are on the wall clock: stepped forward, deliveries are "
@@ -243,13 +247,20 @@ class Daemon:
             if recovered:
                 log.info("leases_recovered", deliveries=recovered)
             self.records_bytes = q.invocations_size(conn)
-            configured = {d.name for d in self.cfg.destinations}
+            enabled = {d.name: d.enabled for d in self.cfg.destinations}
             for name, counts in sorted(q.status_counts(conn).items()):
                 waiting = counts.get("pending", 0) + counts.get("retrying", 0)
-                if name not in configured and waiting:
+                if not waiting:
+                    continue
+                if name not in enabled:
                     # Renamed or removed from the config: they wait for it to come back.
+                    hint = _WITHOUT_HINT.format(name=name)
                     log.warning("deliveries_without_destination", destination=name,
-                                unfinished=waiting)  # fmt: skip
+                                unfinished=waiting, hint=hint)  # fmt: skip
+                elif not enabled[name]:
+                    hint = "enabled = true delivers them"
+                    log.warning("deliveries_of_disabled_destination", destination=name,
+                                unfinished=waiting, hint=hint)  # fmt: skip
             progress.status = "starting: reading the messageIds of recent events (dedupe)"
             dedupe = Dedupe.load(conn)
             conn.set_progress_handler(None, 0)  # the writer's statements are not start-up

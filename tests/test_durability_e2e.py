@@ -587,19 +587,71 @@ async def test_a_wal_file_deleted_under_the_running_daemon_stops_it_and_loses_no
 async def test_deliveries_of_a_destination_gone_from_the_config_are_logged_at_start(
     make_daemon, tmp_path, session
 ):
-    """Renamed or removed: its unfinished deliveries wait for it, and the start says so."""
+    """Renamed or removed: its unfinished deliveries wait for it, and the start says so, and
+    what to do: `move` gives them to the new name (there was no way but SQL by hand)."""
     retry = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "1h", "backoff_max": "1h"}
     config = config_text(tmp_path / "db.sqlite3", webhook("old", closed_port_url(), retry=retry))
     daemon = await make_daemon(config).start()
-    assert (await post(session, f"{daemon.url}/v1/track", {"userId": "u", "event": "e"}))[0] == 200
+    for n in (1, 2):
+        event = {"userId": "u", "event": "e", "messageId": f"m{n}"}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
     deadline = time.monotonic() + 10
-    while daemon.stats()["old"]["retrying"] != 1:
+    while daemon.stats()["old"]["retrying"] != 2:
         assert time.monotonic() < deadline, daemon.stats()
         await asyncio.sleep(0.05)
     assert await daemon.terminate() == 0
-    daemon.config.write_text(config.replace('name = "old"', 'name = "new"'))
+    async with Sink() as sink:
+        renamed = config_text(tmp_path / "db.sqlite3", webhook("new", sink.url, retry=retry))
+        daemon.config.write_text(renamed)
+        await daemon.start()
+        (line,) = [
+            r for r in daemon.log_records() if r.get("event") == "deliveries_without_destination"
+        ]
+        assert (line["destination"], line["unfinished"], line["level"]) == ("old", 2, "warning")
+        assert "destfnd move --from old --to NEW_NAME" in line["hint"]
+        # Beside the running daemon, which takes them within a second.
+        moved = daemon.cli("move", "--from", "old", "--to", "new")
+        assert moved.stdout == "2 waiting deliveries of old moved to new, due now\n", moved
+        await sink.wait_for(lambda: sink.delivered_ids() == {"m1", "m2"})
+        while daemon.stats()["new"]["delivered"] != 2:  # committed just after the POSTs
+            assert time.monotonic() < deadline + 10, daemon.stats()
+            await asyncio.sleep(0.05)
+        assert "old" not in daemon.stats()
+        refused = daemon.cli("move", "--from", "old", "--to", "nowhere")
+        assert refused.returncode == 2 and "no destination 'nowhere'" in refused.stderr
+
+
+async def test_discard_finishes_the_waiting_deliveries_of_a_destination(
+    make_daemon, tmp_path, session
+):
+    """One removed for good (or disabled) kept its backlog waiting, and its events stored,
+    for ever. A disabled one's backlog is said at start too (only `stats` showed it)."""
+    retry = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "1h", "backoff_max": "1h"}
+    gone = webhook("gone", closed_port_url(), retry=retry)
+    config = config_text(tmp_path / "db.sqlite3", gone)
+    daemon = await make_daemon(config).start()
+    for n in (1, 2):
+        event = {"userId": "u", "event": "e", "messageId": f"m{n}"}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+    deadline = time.monotonic() + 10
+    while daemon.stats()["gone"]["retrying"] != 2:
+        assert time.monotonic() < deadline, daemon.stats()
+        await asyncio.sleep(0.05)
+    assert await daemon.terminate() == 0
+    disabled = webhook("gone", closed_port_url(), retry=retry, enabled=False)
+    daemon.config.write_text(config_text(tmp_path / "db.sqlite3", disabled))
     await daemon.start()
     (line,) = [
-        r for r in daemon.log_records() if r.get("event") == "deliveries_without_destination"
+        r for r in daemon.log_records() if r.get("event") == "deliveries_of_disabled_destination"
     ]
-    assert (line["destination"], line["unfinished"], line["level"]) == ("old", 1, "warning")
+    assert (line["destination"], line["unfinished"]) == ("gone", 2)
+    one = daemon.cli("discard", "--destination", "gone", "--message-id", "m1", "--json")
+    assert orjson.loads(one.stdout) == {"discarded": 1}
+    rest = daemon.cli("discard", "--destination", "gone")
+    assert rest.stdout.startswith("1 waiting delivery of gone discarded"), rest
+    stats = daemon.stats()["gone"]
+    assert (stats["discarded"], stats["retrying"]) == (2, 0)
+    shown = orjson.loads(daemon.cli("deliveries", "--destination", "gone", "--json").stdout)
+    assert {(d["status"], d["error"]) for d in shown} == {
+        ("discarded", "discarded by the operator (destfnd discard)")
+    }

@@ -1034,6 +1034,30 @@ def test_insert_many_gives_events_their_own_destinations(conn):
     assert tx(conn, q.insert_many, [again], dedupe) == [1]
 
 
+def test_move_and_discard_take_waiting_deliveries_not_in_flight(conn):
+    """`destfnd move` and `discard`: a delivery in flight is the daemon's, and an event the
+    new destination has a delivery of already is not given a second one."""
+    insert(conn, ["running"], destinations=("crm",))
+    (leased,), _ = tx(conn, q.claim, "crm", T0 + 10_000, 1)
+    insert(conn, ["both"], destinations=("crm", "warehouse"))
+    insert(conn, ["alone"], destinations=("crm",))
+    ids = tx(conn, q.unfinished, "crm", None, 0, 100)
+    assert leased.delivery_id not in ids and len(ids) == 2
+    assert tx(conn, q.move, ids, "warehouse", T0 + 5) == 1
+    by_event = rows(
+        conn,
+        "SELECT e.message_id, d.destination, d.next_at FROM deliveries d"
+        " JOIN events e ON e.id = d.event_id ORDER BY d.id",
+    )
+    assert by_event == [("running", "crm", by_event[0][2]), ("both", "crm", T0),
+                        ("both", "warehouse", T0), ("alone", "warehouse", T0 + 5)]  # fmt: skip
+    ids = tx(conn, q.unfinished, "warehouse", None, 0, 100)
+    assert tx(conn, q.discard, ids, T0 + 6, "by hand") == 2
+    assert q.status_counts(conn)["warehouse"] == {"discarded": 2}
+    # Finished now: pruned with the others after retention.
+    assert tx(conn, q.prune, T0 + 7, 100) == 2
+
+
 def test_prune_invocations_of_deletes_one_destinations_old_records_among_others(conn):
     """A destination with a short max_age has its records pruned by it, not by the longest
     max_age of another destination, whose records in between are passed by and kept."""

@@ -258,6 +258,38 @@ def retry_now(
     return ids
 
 
+def unfinished(
+    conn: sqlite3.Connection,
+    destination: str,
+    event_ids: list[int] | None,
+    after: int,
+    limit: int,
+) -> list[int]:
+    """Up to `limit` ids of `destination`'s pending and retrying deliveries (of `event_ids`
+    when given) not in flight, from id `after` on, in order."""
+    events = ""
+    if event_ids is not None:
+        events = f"AND event_id IN ({','.join(str(int(i)) for i in event_ids) or 'NULL'})"
+    params = {"destination": destination, "after": after, "limit": limit}
+    return [row[0] for row in conn.execute(SQL["unfinished_ids"].format(events=events), params)]
+
+
+def move(conn: sqlite3.Connection, ids: list[int], to: str, now: int) -> int:
+    """Deliveries `ids` go to destination `to`, due now, attempts kept; those of an event
+    `to` already has a delivery of stay. How many moved."""
+    if not ids:
+        return 0
+    query = SQL["move_deliveries"].format(ids=",".join(str(int(i)) for i in ids))
+    return conn.execute(query, (now, to)).rowcount
+
+
+def discard(conn: sqlite3.Connection, ids: list[int], now: int, reason: str) -> int:
+    if not ids:
+        return 0
+    query = SQL["discard_deliveries"].format(ids=",".join(str(int(i)) for i in ids))
+    return conn.execute(query, (now, reason)).rowcount
+
+
 def shift_retries(conn: sqlite3.Connection, step_ms: int, now: int) -> int:
     """After the wall clock stepped back by -`step_ms`: the retries waiting are due that much
     sooner, as they were scheduled to be; how many."""

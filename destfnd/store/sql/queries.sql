@@ -108,6 +108,27 @@ ORDER BY id LIMIT :limit;
 -- Due now, attempts kept; a finished one is retrying again (the triggers keep the counts).
 UPDATE deliveries SET status = 'retrying', next_at = ?, finished_at = NULL WHERE id IN ({ids});
 
+-- name: unfinished_ids
+-- `destfnd move` and `discard`: the next unfinished deliveries of :destination not leased
+-- right now, in id order from :after. {events}: an optional "AND event_id IN (...)".
+SELECT id FROM deliveries
+WHERE destination = :destination AND status IN ('pending', 'retrying') AND leased = 0
+  AND id > :after {events}
+ORDER BY id LIMIT :limit;
+
+-- name: move_deliveries
+-- To destination ?2, due now (?1), attempts kept; an event ?2 has a delivery of already stays.
+UPDATE deliveries SET destination = ?2, next_at = ?1
+WHERE id IN ({ids}) AND NOT EXISTS (
+    SELECT 1 FROM deliveries other
+    WHERE other.event_id = deliveries.event_id AND other.destination = ?2
+);
+
+-- name: discard_deliveries
+-- Finished by hand: discarded now (?1), with the reason ?2 (the triggers keep the counts).
+UPDATE deliveries SET status = 'discarded', finished_at = ?1, next_at = ?1, last_error = ?2
+WHERE id IN ({ids});
+
 -- name: recover
 -- Crash-only recovery: whatever was leased when the daemon died is due again, attempts kept.
 UPDATE deliveries SET leased = 0, next_at = ? WHERE leased = 1;
