@@ -183,6 +183,12 @@ class Dispatcher:
             if self._stopping:
                 self._held.extend(claimed)
                 return
+            if claimed and self._paused_until > time.monotonic():
+                # The pause started while this claim was on its way: given back as those
+                # waiting were (held through the pause, they showed in flight, and a crash
+                # meanwhile counted them an attempt never made).
+                await self._give_back([claimed])
+                continue
             wait_s = _IDLE_POLL_S
             if next_due is not None:
                 wait_s = min(wait_s, max(0.0, (next_due - self._clock()) / 1000))
@@ -308,14 +314,18 @@ class Dispatcher:
         if self._held:
             units.append(self._held)  # a batch being filled
             self._held = []
+        self._room.set()
+        await self._give_back(units)
+
+    async def _give_back(self, units: list[list[Claimed]]) -> None:
         waiting = [c.delivery_id for unit in units for c in unit]
         if not waiting:
             return
-        self._room.set()
         try:
             await self._writer.run(q.release, waiting, self._clock())
         except StoreError:  # kept leased: delivered after the pause, or recovered at start
             self._units.extend(units)
+            self._unit_ready.set()
             self._log.warning("leases_not_released", deliveries=len(waiting))
 
     def _record(self, c: Claimed, outcome: Outcome, now: int, duration_ms: float) -> Finished:
