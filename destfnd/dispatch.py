@@ -187,7 +187,8 @@ class Dispatcher:
                 # The pause started while this claim was on its way: given back as those
                 # waiting were (held through the pause, they showed in flight, and a crash
                 # meanwhile counted them an attempt never made).
-                await self._give_back([claimed])
+                size = self._batch.max_events if self._batch else 1  # units, if kept
+                await self._give_back([claimed[i : i + size] for i in range(0, len(claimed), size)])
                 continue
             wait_s = _IDLE_POLL_S
             if next_due is not None:
