@@ -476,26 +476,15 @@ def cmd_retry(args: argparse.Namespace) -> int:
     takes them within a second, instead of at the end of their backoff. Finished ones
     (expired, discarded, dropped) get one more attempt each."""
     cfg = load_config(_config_path(args), resolve_secrets=False)
-    conn = open_db(cfg.storage.path, update=True)
-    count = 0
-    try:
-        event_ids = None
-        if args.message_id is not None:
-            event_ids = events_with_message_id(conn, [s.name for s in cfg.sources], args.message_id)
-        which = q.RetryFilter(args.status, args.destination, event_ids)
-        after, now = 0, int(time.time() * 1000)
-        while True:  # a transaction per chunk: ingest is not held up for long
-            with transaction(conn):
-                ids = q.retry_now(conn, which, now, after, _RETRY_CHUNK)
-            count += len(ids)
-            if len(ids) < _RETRY_CHUNK:
-                break
-            after = ids[-1]
-    except sqlite3.Error as exc:
-        done = f" ({count} made due before that)" if count else ""
-        raise store_error(f"{cfg.storage.path}: cannot write{done}", exc) from exc
-    finally:
-        conn.close()
+    event_ids = _event_ids(cfg, args.message_id)
+    which = q.RetryFilter(args.status, args.destination, event_ids)
+    now = int(time.time() * 1000)
+
+    def chunk(conn: sqlite3.Connection, after: int) -> tuple[list[int], int]:
+        ids = q.retry_now(conn, which, now, after, _RETRY_CHUNK)
+        return ids, len(ids)
+
+    _, count = _in_chunks(cfg, chunk)
     if args.json:
         print(orjson.dumps({"due_now": count}).decode())
     elif count:
@@ -508,21 +497,30 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _unfinished_chunks(
-    cfg: Config, destination: str, event_ids: list[int] | None, step: Callable
+def _event_ids(cfg: Config, message_id: str | None) -> list[int] | None:
+    """The stored events of `message_id` (from any source), or None: no filter."""
+    if message_id is None:
+        return None
+    # As the command will write: a schema the daemon has not migrated yet is said so.
+    with contextlib.closing(open_db(cfg.storage.path, update=True)) as conn:
+        return events_with_message_id(conn, [s.name for s in cfg.sources], message_id)
+
+
+def _in_chunks(
+    cfg: Config, chunk: Callable[[sqlite3.Connection, int], tuple[list[int], int]]
 ) -> tuple[int, int]:
-    """`step(conn, ids)` on each chunk of `destination`'s waiting deliveries, a transaction
-    each (as `retry`: the daemon's writer is not held up for long, and may run meanwhile;
-    those it has in flight are left alone). Returns (deliveries seen, `step`'s sum)."""
+    """`chunk(conn, after)` until it takes fewer than _RETRY_CHUNK deliveries, a transaction
+    each, so the daemon's writer, which may run meanwhile, is not held up for long. `chunk`
+    returns the ids it took (in order, from `after` on) and how many it changed. Returns
+    (deliveries taken, changed)."""
     conn = open_db(cfg.storage.path, update=True)
     seen = done = 0
     try:
         after = 0
         while True:
             with transaction(conn):
-                ids = q.unfinished(conn, destination, event_ids, after, _RETRY_CHUNK)
-                done += step(conn, ids)
-            seen += len(ids)
+                ids, changed = chunk(conn, after)
+            seen, done = seen + len(ids), done + changed
             if len(ids) < _RETRY_CHUNK:
                 return seen, done
             after = ids[-1]
@@ -531,6 +529,19 @@ def _unfinished_chunks(
         raise store_error(f"{cfg.storage.path}: cannot write{so_far}", exc) from exc
     finally:
         conn.close()
+
+
+def _unfinished_chunks(
+    cfg: Config, destination: str, event_ids: list[int] | None, step: Callable
+) -> tuple[int, int]:
+    """`step(conn, ids)` on each chunk of `destination`'s waiting deliveries not in flight
+    (those the daemon has are left alone). Returns (deliveries seen, `step`'s sum)."""
+
+    def chunk(conn: sqlite3.Connection, after: int) -> tuple[list[int], int]:
+        ids = q.unfinished(conn, destination, event_ids, after, _RETRY_CHUNK)
+        return ids, step(conn, ids)
+
+    return _in_chunks(cfg, chunk)
 
 
 def cmd_move(args: argparse.Namespace) -> int:
@@ -559,10 +570,7 @@ def cmd_move(args: argparse.Namespace) -> int:
 def cmd_discard(args: argparse.Namespace) -> int:
     """A destination removed for good leaves its backlog waiting (and its events kept)."""
     cfg = load_config(_config_path(args), resolve_secrets=False)
-    event_ids = None
-    if args.message_id is not None:
-        with contextlib.closing(_read(cfg)) as conn:
-            event_ids = events_with_message_id(conn, [s.name for s in cfg.sources], args.message_id)
+    event_ids = _event_ids(cfg, args.message_id)
     now = int(time.time() * 1000)
     reason = "discarded by the operator (destfnd discard)"
     _, count = _unfinished_chunks(
