@@ -585,24 +585,32 @@ async def test_a_wal_file_deleted_under_the_running_daemon_stops_it_and_loses_no
     assert await again.terminate() == 0
 
 
+SLOW_RETRY = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "1h", "backoff_max": "1h"}
+
+
+async def _stopped_with_two_retrying(make_daemon, tmp_path, session, name: str):
+    """A daemon, stopped, whose destination `name` (down) has m1 and m2 waiting an hour."""
+    dest = webhook(name, closed_port_url(), retry=SLOW_RETRY)
+    daemon = await make_daemon(config_text(tmp_path / "db.sqlite3", dest)).start()
+    for n in (1, 2):
+        event = {"userId": "u", "event": "e", "messageId": f"m{n}"}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+    deadline = time.monotonic() + 10
+    while daemon.stats()[name]["retrying"] != 2:
+        assert time.monotonic() < deadline, daemon.stats()
+        await asyncio.sleep(0.05)
+    assert await daemon.terminate() == 0
+    return daemon
+
+
 async def test_deliveries_of_a_destination_gone_from_the_config_are_logged_at_start(
     make_daemon, tmp_path, session
 ):
     """Renamed or removed: its unfinished deliveries wait for it, and the start says so, and
     what to do: `move` gives them to the new name (there was no way but SQL by hand)."""
-    retry = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "1h", "backoff_max": "1h"}
-    config = config_text(tmp_path / "db.sqlite3", webhook("old", closed_port_url(), retry=retry))
-    daemon = await make_daemon(config).start()
-    for n in (1, 2):
-        event = {"userId": "u", "event": "e", "messageId": f"m{n}"}
-        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
-    deadline = time.monotonic() + 10
-    while daemon.stats()["old"]["retrying"] != 2:
-        assert time.monotonic() < deadline, daemon.stats()
-        await asyncio.sleep(0.05)
-    assert await daemon.terminate() == 0
+    daemon = await _stopped_with_two_retrying(make_daemon, tmp_path, session, "old")
     async with Sink() as sink:
-        renamed = config_text(tmp_path / "db.sqlite3", webhook("new", sink.url, retry=retry))
+        renamed = config_text(tmp_path / "db.sqlite3", webhook("new", sink.url, retry=SLOW_RETRY))
         daemon.config.write_text(renamed)
         await daemon.start()
         (line,) = [
@@ -614,8 +622,9 @@ async def test_deliveries_of_a_destination_gone_from_the_config_are_logged_at_st
         moved = daemon.cli("move", "--from", "old", "--to", "new")
         assert moved.stdout == "2 waiting deliveries of old moved to new, due now\n", moved
         await sink.wait_for(lambda: sink.delivered_ids() == {"m1", "m2"})
+        deadline = time.monotonic() + 10
         while daemon.stats()["new"]["delivered"] != 2:  # committed just after the POSTs
-            assert time.monotonic() < deadline + 10, daemon.stats()
+            assert time.monotonic() < deadline, daemon.stats()
             await asyncio.sleep(0.05)
         assert "old" not in daemon.stats()
         refused = daemon.cli("move", "--from", "old", "--to", "nowhere")
@@ -627,19 +636,8 @@ async def test_discard_finishes_the_waiting_deliveries_of_a_destination(
 ):
     """One removed for good (or disabled) kept its backlog waiting, and its events stored,
     for ever. A disabled one's backlog is said at start too (only `stats` showed it)."""
-    retry = {"max_attempts": 5, "max_age": "1h", "backoff_initial": "1h", "backoff_max": "1h"}
-    gone = webhook("gone", closed_port_url(), retry=retry)
-    config = config_text(tmp_path / "db.sqlite3", gone)
-    daemon = await make_daemon(config).start()
-    for n in (1, 2):
-        event = {"userId": "u", "event": "e", "messageId": f"m{n}"}
-        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
-    deadline = time.monotonic() + 10
-    while daemon.stats()["gone"]["retrying"] != 2:
-        assert time.monotonic() < deadline, daemon.stats()
-        await asyncio.sleep(0.05)
-    assert await daemon.terminate() == 0
-    disabled = webhook("gone", closed_port_url(), retry=retry, enabled=False)
+    daemon = await _stopped_with_two_retrying(make_daemon, tmp_path, session, "gone")
+    disabled = webhook("gone", closed_port_url(), retry=SLOW_RETRY, enabled=False)
     daemon.config.write_text(config_text(tmp_path / "db.sqlite3", disabled))
     await daemon.start()
     (line,) = [
