@@ -13,7 +13,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -535,13 +535,37 @@ def _unfinished_chunks(
     cfg: Config, destination: str, event_ids: list[int] | None, step: Callable
 ) -> tuple[int, int]:
     """`step(conn, ids)` on each chunk of `destination`'s waiting deliveries not in flight
-    (those the daemon has are left alone). Returns (deliveries seen, `step`'s sum)."""
+    (those a running daemon has are left alone; with none running, those a killed one left
+    leased are taken too). Returns (deliveries seen, `step`'s sum)."""
+    with _no_daemon(cfg) as stale:
 
-    def chunk(conn: sqlite3.Connection, after: int) -> tuple[list[int], int]:
-        ids = q.unfinished(conn, destination, event_ids, after, _RETRY_CHUNK)
-        return ids, step(conn, ids)
+        def chunk(conn: sqlite3.Connection, after: int) -> tuple[list[int], int]:
+            ids = q.unfinished(conn, destination, event_ids, after, _RETRY_CHUNK, stale)
+            return ids, step(conn, ids)
 
-    return _in_chunks(cfg, chunk)
+        return _in_chunks(cfg, chunk)
+
+
+@contextlib.contextmanager
+def _no_daemon(cfg: Config) -> Iterator[bool]:
+    """True if no daemon serves the database: its lock is then held meanwhile, so none starts
+    (released after SQLite's connection: closing a descriptor of the file drops this
+    process's locks on it). False if one does, or if that cannot be told."""
+    from destfnd.daemon import DaemonError, DatabaseLock
+
+    path = Path(cfg.storage.path)
+    if not path.is_file():  # no database: open_db says so (the lock would make the file)
+        yield False
+        return
+    try:
+        lock = DatabaseLock(path)
+    except (DaemonError, StoreError):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.close()
 
 
 def cmd_move(args: argparse.Namespace) -> int:
@@ -561,6 +585,9 @@ def cmd_move(args: argparse.Namespace) -> int:
         return EXIT_OK
     noun = "delivery" if moved == 1 else "deliveries"
     print(f"{moved} waiting {noun} of {args.source} moved to {args.to}, due now")
+    if not next(d for d in cfg.destinations if d.name == args.to).enabled:
+        print(f"note: {args.to} is disabled: they wait, due, until it is enabled and the daemon "
+              "restarted")  # fmt: skip
     if left:
         print(f"note: {left} left with {args.source}: {args.to} has a delivery of those events "
               f"already (destfnd discard --destination {args.source} finishes them)")  # fmt: skip
@@ -580,8 +607,7 @@ def cmd_discard(args: argparse.Namespace) -> int:
         print(orjson.dumps({"discarded": count}).decode())
         return EXIT_OK
     noun = "delivery" if count == 1 else "deliveries"
-    print(f"{count} waiting {noun} of {args.destination} discarded (destfnd retry --status "
-          f"discarded --destination {args.destination} would send them again)")  # fmt: skip
+    print(f"{count} waiting {noun} of {args.destination} discarded")
     return EXIT_OK
 
 

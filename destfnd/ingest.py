@@ -398,7 +398,7 @@ class Ingest:
         if endpoint_type is None:
             self._check_merged_size(body)
         try:
-            messages = spec.expand(body, endpoint_type)
+            messages = spec.expand(body, endpoint_type, lenient=self._skip_invalid)
         except spec.SpecError as exc:
             raise Rejected(400, "invalid request", str(exc)) from None
         limit = self._server.max_batch_events

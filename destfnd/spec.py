@@ -9,6 +9,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias", "delete")
 
@@ -292,10 +293,11 @@ def _canonical(text: str, parsed: datetime) -> str:
     return format_timestamp(parsed)
 
 
-def expand(body: object, endpoint_type: str | None) -> list[dict]:
+def expand(body: object, endpoint_type: str | None, lenient: bool = False) -> list[Any]:
     """The messages of one request body, batch-level fields merged in, not yet validated.
 
-    `endpoint_type` is the type implied by /v1/<type>, or None for /v1/batch.
+    `endpoint_type` is the type implied by /v1/<type>, or None for /v1/batch. `lenient`: a
+    batch member that is no object is passed on as it is (for `check` to refuse alone).
     """
     if not isinstance(body, dict):
         raise SpecError("body", "must be a JSON object")
@@ -320,7 +322,10 @@ def expand(body: object, endpoint_type: str | None) -> list[dict]:
     events = []
     for index, event in enumerate(batch):
         if not isinstance(event, dict):
-            raise SpecError(f"batch[{index}]", "must be a JSON object")
+            if not lenient:
+                raise SpecError(f"batch[{index}]", "must be a JSON object")
+            events.append(event)
+            continue
         event.pop("writeKey", None)
         for key, value in shared.items():
             if isinstance(value, dict):

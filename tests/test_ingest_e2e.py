@@ -269,6 +269,7 @@ async def test_ingest_invalid_events_skip_keeps_the_valid_events_of_a_batch(
                  "timestamp": "yesterday"},
                 {"type": "track", "userId": "u", "event": "Hook only", "messageId": "routed",
                  "integrations": {"other": False}},
+                None,  # a member that is no object is one invalid event too
                 {"type": "identify", "userId": "u", "messageId": "good-2"},
             ],
             "writeKey": WRITE_KEY,
@@ -278,9 +279,10 @@ async def test_ingest_invalid_events_skip_keeps_the_valid_events_of_a_batch(
             headers={"Content-Type": "text/plain", "Content-Encoding": "gzip"}, auth=False,
         )  # fmt: skip
         assert status == 200
-        assert answer["success"] is True and answer["skipped"] == 2
+        assert answer["success"] is True and answer["skipped"] == 3
         assert answer["errors"][0] == "batch[0].event: required for track: a non-empty string"
         assert answer["errors"][1].startswith("batch[2].timestamp: ")
+        assert answer["errors"][2] == "batch[4]: must be a JSON object"
         # One event alone, invalid: 200, nothing stored.
         status, answer = await post(session, f"{daemon.url}/v1/track", {"userId": "u"})
         assert (status, answer["skipped"]) == (200, 1)
@@ -289,7 +291,7 @@ async def test_ingest_invalid_events_skip_keeps_the_valid_events_of_a_batch(
         await asyncio.sleep(0.3)  # and nothing more comes
         assert len(sink.delivered()) == 3 and len(other.delivered()) == 2
         (line, *_) = [r for r in daemon.log_records() if r.get("event") == "events_skipped"]
-        assert (line["skipped"], line["source"], line["level"]) == (2, "web", "warning")
+        assert (line["skipped"], line["source"], line["level"]) == (3, "web", "warning")
         assert line["error"] == "batch[0].event: required for track: a non-empty string"
     # Refused as a whole otherwise (the default, "refuse"): tested with the bad inputs above.
 

@@ -1058,6 +1058,36 @@ def test_move_and_discard_take_waiting_deliveries_not_in_flight(conn):
     assert tx(conn, q.prune, T0 + 7, 100) == 2
 
 
+def test_move_takes_the_leases_a_killed_daemon_left_only_when_none_runs(tmp_path):
+    """After a kill -9 a delivery stays leased until the next start: `move` passed it by, and
+    at the start it was due again under the old name. With a daemon running (its lock held),
+    a leased delivery is in flight and is left alone."""
+    from destfnd.daemon import DatabaseLock
+
+    path = tmp_path / "db.sqlite3"
+    conn = open_db(path)
+    insert(conn, ["leased", "waiting"], destinations=("crm",))
+    tx(conn, q.claim, "crm", T0 + 10_000, 1)  # then killed: the lease stays
+    conn.close()
+    config = tmp_path / "destfnd.toml"
+    config.write_text(
+        f'[storage]\npath = "{path}"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[[destinations]]\nname = "warehouse"\ntype = "file"\npath = "out.ndjson"\n'
+    )
+    move = ("move", "--config", str(config), "--from", "crm", "--to", "warehouse", "--json")
+    lock = DatabaseLock(path)  # as a running daemon holds it
+    try:
+        assert orjson.loads(run_cli(*move).stdout) == {"moved": 1, "left": 0}
+    finally:
+        lock.close()
+    assert orjson.loads(run_cli(*move).stdout) == {"moved": 1, "left": 0}
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert rows(conn, "SELECT destination, leased, attempts FROM deliveries ORDER BY id") == [
+            ("warehouse", 0, 1),
+            ("warehouse", 0, 0),
+        ]
+
+
 def test_prune_invocations_of_deletes_one_destinations_old_records_among_others(conn):
     """A destination with a short max_age has its records pruned by it, not by the longest
     max_age of another destination, whose records in between are passed by and kept."""

@@ -264,13 +264,15 @@ def unfinished(
     event_ids: list[int] | None,
     after: int,
     limit: int,
+    stale: bool = False,
 ) -> list[int]:
     """Up to `limit` ids of `destination`'s pending and retrying deliveries (of `event_ids`
-    when given) not in flight, from id `after` on, in order."""
+    when given) not in flight, from id `after` on, in order. `stale`: no daemon runs, so
+    the leased ones are too (a killed daemon's, taken back at the next start)."""
     events = ""
     if event_ids is not None:
         events = f"AND event_id IN ({','.join(str(int(i)) for i in event_ids) or 'NULL'})"
-    params = {"destination": destination, "after": after, "limit": limit}
+    params = {"destination": destination, "after": after, "limit": limit, "stale": stale}
     return [row[0] for row in conn.execute(SQL["unfinished_ids"].format(events=events), params)]
 
 

@@ -110,15 +110,17 @@ UPDATE deliveries SET status = 'retrying', next_at = ?, finished_at = NULL WHERE
 
 -- name: unfinished_ids
 -- `destfnd move` and `discard`: the next unfinished deliveries of :destination not leased
--- right now, in id order from :after. {events}: an optional "AND event_id IN (...)".
+-- right now (leased too if :stale, no daemon running: a lease a killed one left), in id order
+-- from :after. {events}: an optional "AND event_id IN (...)".
 SELECT id FROM deliveries
-WHERE destination = :destination AND status IN ('pending', 'retrying') AND leased = 0
-  AND id > :after {events}
+WHERE destination = :destination AND status IN ('pending', 'retrying')
+  AND (leased = 0 OR :stale) AND id > :after {events}
 ORDER BY id LIMIT :limit;
 
 -- name: move_deliveries
--- To destination ?2, due now (?1), attempts kept; an event ?2 has a delivery of already stays.
-UPDATE deliveries SET destination = ?2, next_at = ?1
+-- To destination ?2, due now (?1), attempts kept (a lease a killed daemon left is taken back,
+-- as at start); an event ?2 has a delivery of already stays.
+UPDATE deliveries SET destination = ?2, next_at = ?1, leased = 0
 WHERE id IN ({ids}) AND NOT EXISTS (
     SELECT 1 FROM deliveries other
     WHERE other.event_id = deliveries.event_id AND other.destination = ?2
@@ -126,7 +128,8 @@ WHERE id IN ({ids}) AND NOT EXISTS (
 
 -- name: discard_deliveries
 -- Finished by hand: discarded now (?1), with the reason ?2 (the triggers keep the counts).
-UPDATE deliveries SET status = 'discarded', finished_at = ?1, next_at = ?1, last_error = ?2
+UPDATE deliveries SET status = 'discarded', finished_at = ?1, next_at = ?1, leased = 0,
+    last_error_type = NULL, last_error = ?2
 WHERE id IN ({ids});
 
 -- name: recover
