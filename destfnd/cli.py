@@ -454,6 +454,8 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 f"{printable(rec['message_id'])}")  # fmt: skip
         if rec["error_type"]:
             line += f"\n    {rec['error_type']}: {printable(rec['error'])}"
+        elif rec["error"]:  # a reason with no error type: discarded by the operator
+            line += f"\n    {printable(rec['error'])}"
         if rec["next_at"]:
             line += f"\n    next attempt at {rec['next_at']}"
         print(line)

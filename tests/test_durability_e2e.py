@@ -654,6 +654,8 @@ async def test_discard_finishes_the_waiting_deliveries_of_a_destination(
     assert {(d["status"], d["error"]) for d in shown} == {
         ("discarded", "discarded by the operator (destfnd discard)")
     }
+    text = daemon.cli("deliveries", "--destination", "gone").stdout
+    assert text.count("\n    discarded by the operator (destfnd discard)\n") == 2, text
 
 
 async def test_a_pause_gives_back_what_a_claim_on_its_way_brought(make_daemon, tmp_path, session):

@@ -165,6 +165,11 @@ def test_run_function_an_insert_functions_new_event_keeps_the_messageid(files):
     (files / "anew.py").write_text(
         "def on_track(event, settings):\n"
         "    return {'type': 'identify', 'userId': event['userId'], 'traits': {}}\n"
+        "\n"
+        "def on_batch(events, settings):  # (changing the events it was given first)\n"
+        "    for event in events:\n"
+        "        event.pop('messageId')\n"
+        "    return [{'type': 'identify', 'userId': e['userId']} for e in events]\n"
     )
     (files / "sent.json").write_text(
         '{"type": "track", "event": "E", "userId": "u1", "messageId": "m-1"}'
@@ -173,6 +178,13 @@ def test_run_function_an_insert_functions_new_event_keeps_the_messageid(files):
                      str(files / "sent.json"), "--json")  # fmt: skip
     (event,) = orjson.loads(result.stdout)["events"]
     assert event == {"type": "identify", "userId": "u1", "traits": {}, "messageId": "m-1"}
+    (files / "two.json").write_text(
+        '[{"type": "track", "event": "E", "userId": "u1", "messageId": "m-1"},'
+        ' {"type": "track", "event": "E", "userId": "u2", "messageId": "m-2"}]'
+    )
+    result = run_cli("run-function", str(files / "anew.py"), "--insert", "--event",
+                     str(files / "two.json"), "--json")  # fmt: skip
+    assert [e["messageId"] for e in orjson.loads(result.stdout)["events"]] == ["m-1", "m-2"]
 
 
 def test_run_function_insert_drop_and_forgotten_return(files, tmp_path):
@@ -534,7 +546,8 @@ async def test_run_function_fetch_arguments_and_redirects(files):
 
     async def landed(request: web.Request) -> web.Response:
         count, none = request.headers.get("X-Count"), request.headers.get("X-None", "-")
-        return web.Response(text=f"{request.method} {count} {none}")
+        kind = request.headers.get("Content-Type", "-")
+        return web.Response(text=f"{request.method} {count} {none} {kind}")
 
     app = web.Application()
     app.router.add_post("/moved", moved)
@@ -578,8 +591,10 @@ async def test_run_function_fetch_arguments_and_redirects(files):
     assert "types text/plain;charset=UTF-8 | application/vnd.x+json | False\n" in report["logs"]
     (moved_request,) = [r for r in report["requests"] if r["url"].endswith("/moved")]
     assert moved_request["redirected_to"] == f"{url}/landed"
-    # A 302 turns a POST into a GET; a header whose value is None is not sent ("None" was).
-    assert moved_request["response_body"] == "GET 5 -"
+    # A 302 turns a POST into a GET, without the body's Content-Type (as JavaScript's fetch);
+    # a header whose value is None is not sent ("None" was).
+    assert moved_request["response_body"] == "GET 5 - -"
+    assert moved_request["request_headers"]["Content-Type"] == "text/plain;charset=UTF-8"
     assert (identify["error_type"], page["error_type"]) == ("Bad Request", "Bad Request")
     assert "use json= for an object" in identify["message"]
     assert (

@@ -128,23 +128,27 @@ async def fetch(
     # Header values as text, as JavaScript's fetch makes them ({"X-Count": 5}); a header
     # whose value is None is left out, as the requests library does.
     headers = {str(k): _header_text(v) for k, v in dict(headers or {}).items() if v is not None}
-    typed = any(name.lower() == "content-type" for name in headers)
     data: bytes | None
+    kind = None  # the body's own Content-Type, unless one is given
     if json is not None:
-        data = orjson.dumps(json)
-        if not typed:
-            headers["Content-Type"] = "application/json"
-    elif isinstance(body, str):
-        data = body.encode()
-        if not typed:  # as JavaScript's fetch types a string body (aiohttp: octet-stream)
-            headers["Content-Type"] = "text/plain;charset=UTF-8"
+        data, kind = orjson.dumps(json), "application/json"
+    elif isinstance(body, str):  # typed as JavaScript's fetch types it (aiohttp: octet-stream)
+        data, kind = body.encode(), "text/plain;charset=UTF-8"
     else:
         data = body
+    send: bytes | aiohttp.BytesPayload | None = data
+    shown = headers
+    if kind is not None and data is not None:
+        if not any(name.lower() == "content-type" for name in headers):
+            # The payload's, not a header of the request: after a redirect that turns the
+            # POST into a GET it goes with the body, as JavaScript's fetch drops it.
+            send = aiohttp.BytesPayload(data, content_type=kind)
+            shown = {**headers, "Content-Type": kind}
     timeout_s = DEFAULT_TIMEOUT_S if timeout is None else _timeout_seconds(timeout)
     entry: dict[str, Any] = {
         "method": method.upper(),
         "url": url,
-        "request_headers": record.safe_headers(headers),
+        "request_headers": record.safe_headers(shown),
         "request_body": data or None,  # bytes: CallRecord.request clips it
     }
     rec = record.current.get()
@@ -153,7 +157,7 @@ async def fetch(
     session = shared or aiohttp.ClientSession()  # one request's own on another loop
     try:
         async with session.request(
-            method, url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            method, url, data=send, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
         ) as resp:
             raw = await resp.read()
             response = Response(resp.status, resp.reason or "", resp.headers, raw)

@@ -254,6 +254,7 @@ class Worker:
             handler = getattr(self.insert, name, None)
             if handler is None:
                 return runtime.unsupported(f"the insert function has no {name} handler"), None
+            message_id = event.get("messageId")  # before the handler may change the event
             try:
                 result = await runtime.invoke(handler, event, self.fresh_settings(),
                                               gate=self._gate(call_id))  # fmt: skip
@@ -266,10 +267,7 @@ class Worker:
                     "return the event to pass it on, or raise DropEvent to drop it"
                 )
                 return runtime.bad_request(message), None
-            if "messageId" not in result and "messageId" in event:
-                # A new event built from scratch: it keeps the messageId receivers dedupe on.
-                result["messageId"] = event["messageId"]
-            event = result
+            event = _with_message_id(result, message_id)
             name = f"on_{event['type']}"  # its type may be another now
         if "function" not in stages:
             return runtime.ok(), event
@@ -370,6 +368,7 @@ class Worker:
         them by position): the event to pass on (changed or not), or an exception instance,
         DropEvent to drop it or an error for its outcome. Raising applies to every event."""
         n = len(events)
+        message_ids = [e.get("messageId") for e in events]  # before the handler may change them
         try:
             returned = await runtime.invoke(on_batch, events, self.fresh_settings(),
                                             gate=self._gate(call_id))  # fmt: skip
@@ -387,7 +386,7 @@ class Worker:
             if isinstance(item, BaseException):
                 results.append((runtime.outcome_of(item), None))
             elif _is_event(item):
-                results.append((runtime.ok(), item))
+                results.append((runtime.ok(), _with_message_id(item, message_ids[index])))
             else:
                 message = (f"the insert function's on_batch item [{index}] is {_what(item)},"
                            " not an event or an error")  # fmt: skip
@@ -505,6 +504,13 @@ def _reraise_cancel(exc: BaseException) -> None:
     task = asyncio.current_task()
     if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
         raise exc
+
+
+def _with_message_id(event: dict, message_id: Any) -> dict:
+    """An event an insert function built anew keeps the messageId receivers dedupe on."""
+    if "messageId" not in event and message_id is not None:
+        event["messageId"] = message_id
+    return event
 
 
 def _is_event(value: Any) -> bool:
