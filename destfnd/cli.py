@@ -480,7 +480,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     cfg = load_config(_config_path(args), resolve_secrets=False)
     event_ids = _event_ids(cfg, args.message_id)
     which = q.RetryFilter(args.status, args.destination, event_ids)
-    now = int(time.time() * 1000)
+    now = _now_ms()
 
     def chunk(conn: sqlite3.Connection, after: int) -> tuple[list[int], int]:
         ids = q.retry_now(conn, which, now, after, _RETRY_CHUNK)
@@ -497,6 +497,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
         already = " (those due already are left as they are)" if args.status == "retrying" else ""
         print(f"no {args.status} delivery matched: nothing to do{already}{_retry_note(cfg, args)}")
     return EXIT_OK
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _event_ids(cfg: Config, message_id: str | None) -> list[int] | None:
@@ -539,10 +543,13 @@ def _unfinished_chunks(
     """`step(conn, ids)` on each chunk of `destination`'s waiting deliveries not in flight
     (those a running daemon has are left alone; with none running, those a killed one left
     leased are taken too). Returns (deliveries seen, `step`'s sum)."""
+    until: list[int] = []  # the newest delivery at the start: not those ingested meanwhile
     with _no_daemon(cfg) as stale:
 
         def chunk(conn: sqlite3.Connection, after: int) -> tuple[list[int], int]:
-            ids = q.unfinished(conn, destination, event_ids, after, _RETRY_CHUNK, stale)
+            if not until:
+                until.append(q.newest_delivery(conn))
+            ids = q.unfinished(conn, destination, event_ids, after, _RETRY_CHUNK, stale, until[0])
             return ids, step(conn, ids)
 
         return _in_chunks(cfg, chunk)
@@ -577,9 +584,8 @@ def cmd_move(args: argparse.Namespace) -> int:
         raise UsageError(f"move: no destination {args.to!r} in {cfg.path}")
     if args.to == args.source:
         raise UsageError("move: --from and --to name the same destination")
-    now = int(time.time() * 1000)
     seen, moved = _unfinished_chunks(
-        cfg, args.source, None, lambda conn, ids: q.move(conn, ids, args.to, now)
+        cfg, args.source, None, lambda conn, ids: q.move(conn, ids, args.to, _now_ms())
     )
     left = seen - moved
     if args.json:
@@ -600,10 +606,9 @@ def cmd_discard(args: argparse.Namespace) -> int:
     """A destination removed for good leaves its backlog waiting (and its events kept)."""
     cfg = load_config(_config_path(args), resolve_secrets=False)
     event_ids = _event_ids(cfg, args.message_id)
-    now = int(time.time() * 1000)
     reason = "discarded by the operator (destfnd discard)"
     _, count = _unfinished_chunks(
-        cfg, args.destination, event_ids, lambda conn, ids: q.discard(conn, ids, now, reason)
+        cfg, args.destination, event_ids, lambda conn, ids: q.discard(conn, ids, _now_ms(), reason)
     )
     if args.json:
         print(orjson.dumps({"discarded": count}).decode())

@@ -1043,6 +1043,8 @@ def test_move_and_discard_take_waiting_deliveries_not_in_flight(conn):
     insert(conn, ["alone"], destinations=("crm",))
     ids = tx(conn, q.unfinished, "crm", None, 0, 100)
     assert leased.delivery_id not in ids and len(ids) == 2
+    # Not those of events ingested after the command started (its newest delivery then).
+    assert tx(conn, q.unfinished, "crm", None, 0, 100, False, ids[0]) == ids[:1]
     assert tx(conn, q.move, ids, "warehouse", T0 + 5) == 1
     by_event = rows(
         conn,

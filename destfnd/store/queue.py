@@ -265,15 +265,22 @@ def unfinished(
     after: int,
     limit: int,
     stale: bool = False,
+    until: int | None = None,
 ) -> list[int]:
     """Up to `limit` ids of `destination`'s pending and retrying deliveries (of `event_ids`
-    when given) not in flight, from id `after` on, in order. `stale`: no daemon runs, so
-    the leased ones are too (a killed daemon's, taken back at the next start)."""
+    when given) not in flight, from id `after` on, up to id `until`, in order. `stale`: no
+    daemon runs, so the leased ones are too (a killed daemon's, taken back at the next
+    start)."""
     events = ""
     if event_ids is not None:
         events = f"AND event_id IN ({','.join(str(int(i)) for i in event_ids) or 'NULL'})"
-    params = {"destination": destination, "after": after, "limit": limit, "stale": stale}
+    params = {"destination": destination, "after": after, "limit": limit, "stale": stale,
+              "until": 2**63 - 1 if until is None else until}  # fmt: skip
     return [row[0] for row in conn.execute(SQL["unfinished_ids"].format(events=events), params)]
+
+
+def newest_delivery(conn: sqlite3.Connection) -> int:
+    return conn.execute(SQL["newest_delivery"]).fetchone()[0]
 
 
 def move(conn: sqlite3.Connection, ids: list[int], to: str, now: int) -> int:

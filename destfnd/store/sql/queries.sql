@@ -111,11 +111,15 @@ UPDATE deliveries SET status = 'retrying', next_at = ?, finished_at = NULL WHERE
 -- name: unfinished_ids
 -- `destfnd move` and `discard`: the next unfinished deliveries of :destination not leased
 -- right now (leased too if :stale, no daemon running: a lease a killed one left), in id order
--- from :after. {events}: an optional "AND event_id IN (...)".
+-- from :after up to :until (the newest when the command started: not those of events ingested
+-- meanwhile). {events}: an optional "AND event_id IN (...)".
 SELECT id FROM deliveries
 WHERE destination = :destination AND status IN ('pending', 'retrying')
-  AND (leased = 0 OR :stale) AND id > :after {events}
+  AND (leased = 0 OR :stale) AND id > :after AND id <= :until {events}
 ORDER BY id LIMIT :limit;
+
+-- name: newest_delivery
+SELECT coalesce(max(id), 0) FROM deliveries;
 
 -- name: move_deliveries
 -- To destination ?2, due now (?1), attempts kept (a lease a killed daemon left is taken back,
