@@ -553,9 +553,13 @@ async def test_ingest_integrations_object_routes_events_between_destinations(
         for sink, names in expected.items():
             got = [e.get("event") or e["traits"]["name"] for e in sink.delivered()]
             assert sorted(got) == sorted(names)
-        result = run_cli("stats", "--config", str(daemon.config), "--json")
-        counts = orjson.loads(result.stdout)
-        delivered = {name: c["delivered"] for name, c in counts.items()}
+        deadline = time.monotonic() + 10
+        while True:  # the outcomes are committed just after the POSTs
+            counts = orjson.loads(run_cli("stats", "--config", str(daemon.config), "--json").stdout)
+            delivered = {name: c["delivered"] for name, c in counts.items()}
+            if delivered == {"Mixpanel": 4, "ga": 3, "crm": 3} or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         assert delivered == {"Mixpanel": 4, "ga": 3, "crm": 3}
         with contextlib.closing(sqlite3.connect(tmp_path / "db.sqlite3")) as conn:
             stored = {m for (m,) in conn.execute("SELECT message_id FROM events")}
