@@ -41,6 +41,9 @@ _RETRY_STATUSES = frozenset({408, 429})
 _PAUSE_STATUSES = frozenset({429, 503})
 _MAX_ERROR_BODY = 4096  # bytes of a failed response's body kept on the attempt
 _MAX_DRAIN = 1024 * 1024  # bytes of a 2xx answer read (and dropped) before its connection closes
+# A server that cannot be reached pauses the destination this long, doubling while it stays so
+# (one pause for the requests that fail together), up to the last.
+UNREACHABLE_PAUSE_S = (1.0, 60.0)
 
 
 log = structlog.get_logger("destfnd.file")
@@ -58,6 +61,8 @@ class Webhook:
         }
         self._limit = cfg.concurrency
         self._session: aiohttp.ClientSession | None = None
+        self._unreachable_s = 0.0  # the last pause for an unreachable server; 0: reached
+        self._unreachable_until = 0.0  # monotonic
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -72,13 +77,32 @@ class Webhook:
     async def deliver(self, payloads: list[bytes], batched: bool) -> Report:
         started = time.monotonic()
         request: dict = {"method": "POST", "url": self._url, "events": len(payloads)}
-        outcome = await self._post(payloads, batched, request)
+        outcome, unreachable = await self._post(payloads, batched, request)
         request["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
         # A Retry-After is the server's, for every request: the destination pauses.
         pause_s = outcome.retry_after_s if request.get("status") in _PAUSE_STATUSES else None
+        if unreachable:
+            pause_s = self._unreachable_pause()
+        elif "status" in request:
+            self._unreachable_s = 0.0
         return same_for_all(outcome, len(payloads), requests=(request,), pause_s=pause_s)
 
-    async def _post(self, payloads: list[bytes], batched: bool, request: dict) -> Outcome:
+    def _unreachable_pause(self) -> float:
+        """The server cannot be reached (refused, no route, no such host): every delivery
+        would fail at once, and retrying each on its own backoff took the CPU the others
+        needed. The destination pauses instead, its waiting deliveries uncounted."""
+        now = time.monotonic()
+        if now < self._unreachable_until:  # one of the requests that failed together
+            return self._unreachable_until - now
+        first, longest = UNREACHABLE_PAUSE_S
+        self._unreachable_s = min(self._unreachable_s * 2, longest) or first
+        self._unreachable_until = now + self._unreachable_s
+        return self._unreachable_s
+
+    async def _post(
+        self, payloads: list[bytes], batched: bool, request: dict
+    ) -> tuple[Outcome, bool]:
+        """The outcome, and whether the server could not be reached at all."""
         assert self._session is not None
         body = b"[" + b",".join(payloads) + b"]" if batched else payloads[0]
         try:
@@ -104,11 +128,12 @@ class Webhook:
                 except aiohttp.ClientError as exc:
                     resp.close()
                     request["response_body_error"] = f"cut short: {client_error_text(exc)}"
-                return outcome
+                return outcome, False
         except TimeoutError:
-            return retry(ErrorType.TIMEOUT, f"no response within {self._timeout_s:g}s")
+            return retry(ErrorType.TIMEOUT, f"no response within {self._timeout_s:g}s"), False
         except aiohttp.ClientError as exc:
-            return retry(ErrorType.RETRY, client_error_text(exc))
+            unreachable = isinstance(exc, aiohttp.ClientConnectorError)
+            return retry(ErrorType.RETRY, client_error_text(exc)), unreachable
 
 
 def _outcome(resp: aiohttp.ClientResponse) -> Outcome:

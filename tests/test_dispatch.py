@@ -361,3 +361,22 @@ async def test_daemon_prunes_attempt_records_by_each_destinations_own_max_age(tm
             await asyncio.sleep(0.05)
         assert sorted(left()) == [("gone", now - 3 * hour), ("long", now - 3 * hour)]
         assert d.daemon.records_bytes == 4
+
+
+async def test_dispatch_an_unreachable_server_pauses_its_destination(tmp_path):
+    """A server that refuses connections failed every delivery at once, each retried on its
+    own backoff: about 650 failed attempts/s at 100 events/s, whose CPU the healthy
+    destinations' deliveries waited for. Its destination pauses instead (1 s, then doubling
+    while it stays so): a few attempts per pause, the rest given back uncounted."""
+    async with Sink() as sink:
+        down = webhook("down", closed_port_url(), concurrency=4, retry=FAST_RETRY)
+        dests = down + webhook("up", sink.url)
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dests)) as d:
+            await send(d, 50)
+            await sink.wait_for(lambda: len(sink.delivered()) == 50)
+            await asyncio.sleep(2.5)  # pauses of 1 s, then 2 s
+            rows = [r for r in d.deliveries() if r["destination"] == "down"]
+    attempts = sum(r["attempts"] for r in rows)
+    # Without the pause: each of the 50 every 20-50 ms (FAST_RETRY) until max_attempts (5).
+    assert 1 <= attempts <= 4 * 3, attempts
+    assert {r["status"] for r in rows} <= {"pending", "retrying"}
