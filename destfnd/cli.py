@@ -33,9 +33,9 @@ EXIT_USAGE = 2  # argparse's own
 EXIT_CONFIG = 3  # the config is invalid
 EXIT_STORE = 4  # the database cannot be opened or read
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, as a program the signal had stopped
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program the signal had stopped
 # `deliveries` reads deliveries.invocation_id (migration 003); `stats` reads any schema.
 DELIVERIES_SCHEMA = 3
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program the signal had stopped
 
 
 class UsageError(Exception):

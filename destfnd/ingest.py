@@ -279,7 +279,9 @@ class Ingest:
             forwarded_for = request.headers.getall("X-Forwarded-For", ())
             ip = self._client_ip.of(request.remote, forwarded_for)
         destinations = self._fanout[source]
-        events, only, skipped = self._prepare(body, endpoint_type, now_s, ip, self._routes[source])
+        events, only, skipped = self._prepare(
+            body, endpoint_type, now_s, ip, destinations, self._routes[source]
+        )
         # The parsed body (a few containers per event) must not stay alive while the commit
         # is awaited: with 64 requests in flight, the cyclic collector kept walking them all.
         del body, raw
@@ -386,13 +388,14 @@ class Ingest:
         endpoint_type: str | None,
         now_s: float,
         ip: str | None,
+        destinations: Sequence[str],
         routes: Sequence[tuple[str, str]],
     ) -> tuple[list[IncomingEvent], list[Sequence[str]] | None, list[str]]:
         """The events of `body`, validated, enriched and serialized; `ip` goes into the
         `context.ip` of each event that has none (Segment does so for client-side sources;
         an event that wants no address recorded sends its own, such as "0.0.0.0"). With them,
         each event's own destinations if an event's `integrations` turns some of the source's
-        off (`routes`: its destinations with their keys there), else None; and, with
+        `destinations` off (`routes`: each with its key there), else None; and, with
         `server.invalid_events = "skip"`, why each invalid event was left out (else an
         invalid event refuses the request)."""
         if endpoint_type is None:
@@ -445,9 +448,9 @@ class Ingest:
             integrations = message.get("integrations")
             targets = spec.routed(routes, integrations) if integrations else None
             if targets is not None and only is None:
-                only = [tuple(name for name, _ in routes)] * len(events)
+                only = [destinations] * len(events)
             if only is not None:
-                only.append(tuple(name for name, _ in routes) if targets is None else targets)
+                only.append(destinations if targets is None else targets)
             events.append(IncomingEvent(message["messageId"], payload))
         return events, only, skipped
 

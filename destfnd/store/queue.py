@@ -247,9 +247,7 @@ def retry_now(
 ) -> list[int]:
     """Up to `limit` deliveries `which` selects, from id `after` on, due now with their
     attempts kept (a finished one retrying again); their ids, in order."""
-    events = ""
-    if which.event_ids is not None:
-        events = f"AND event_id IN ({','.join(str(int(i)) for i in which.event_ids) or 'NULL'})"
+    events = _of_events(which.event_ids)
     params = {"status": which.status, "destination": which.destination, "now": now,
               "after": after, "limit": limit}  # fmt: skip
     ids = [row[0] for row in conn.execute(SQL["retry_ids"].format(events=events), params)]
@@ -271,12 +269,22 @@ def unfinished(
     when given) not in flight, from id `after` on, up to id `until`, in order. `stale`: no
     daemon runs, so the leased ones are too (a killed daemon's, taken back at the next
     start)."""
-    events = ""
-    if event_ids is not None:
-        events = f"AND event_id IN ({','.join(str(int(i)) for i in event_ids) or 'NULL'})"
+    events = _of_events(event_ids)
     params = {"destination": destination, "after": after, "limit": limit, "stale": stale,
               "until": 2**63 - 1 if until is None else until}  # fmt: skip
     return [row[0] for row in conn.execute(SQL["unfinished_ids"].format(events=events), params)]
+
+
+def _of_events(event_ids: list[int] | None) -> str:
+    """The `{events}` filter of retry_ids and unfinished_ids: "" for none (every event)."""
+    if event_ids is None:
+        return ""
+    return f"AND event_id IN ({_id_list(event_ids) or 'NULL'})"
+
+
+def _id_list(ids: Iterable[int]) -> str:
+    """Ids written into a statement (as integers: nothing else can get in)."""
+    return ",".join(str(int(i)) for i in ids)
 
 
 def newest_delivery(conn: sqlite3.Connection) -> int:
@@ -288,14 +296,14 @@ def move(conn: sqlite3.Connection, ids: list[int], to: str, now: int) -> int:
     `to` already has a delivery of stay. How many moved."""
     if not ids:
         return 0
-    query = SQL["move_deliveries"].format(ids=",".join(str(int(i)) for i in ids))
+    query = SQL["move_deliveries"].format(ids=_id_list(ids))
     return conn.execute(query, (now, to)).rowcount
 
 
 def discard(conn: sqlite3.Connection, ids: list[int], now: int, reason: str) -> int:
     if not ids:
         return 0
-    query = SQL["discard_deliveries"].format(ids=",".join(str(int(i)) for i in ids))
+    query = SQL["discard_deliveries"].format(ids=_id_list(ids))
     return conn.execute(query, (now, reason)).rowcount
 
 
