@@ -172,7 +172,7 @@ class Dispatcher:
             self._wake.clear()
             now = self._clock()
             try:
-                claimed, next_due = await self._writer.run(q.claim, name, now, limit)
+                claimed, next_due = await self._writer.run_batched(q.claim_many, (name, now, limit))
             except StoreError as exc:
                 if self._held and time.monotonic() - batch_started >= self._batch.max_wait_s:
                     self._push(self._held)  # leased already: deliver it meanwhile
@@ -411,7 +411,7 @@ class Dispatcher:
             if self._outcomes:
                 outcomes, self._outcomes = self._outcomes, []
                 try:
-                    self._on_recorded(await self._writer.run(q.finish_many, outcomes))
+                    self._on_recorded(await self._writer.run_batched(q.finish_batches, outcomes))
                 except StoreError as exc:
                     self._outcomes[:0] = outcomes  # kept, to be recorded later or at stop
                     if not self._stopping:

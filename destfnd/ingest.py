@@ -292,7 +292,7 @@ class Ingest:
             try:
                 stored = q.IngestRequest(source, events, destinations, now_ms, cutoff, only)
                 assert self._writer is not None and self._insert is not None  # ready: attached
-                await self._writer.run_batched(self._insert, stored)
+                await self._writer.run_batched(self._insert, stored, urgent=True)
             except StoreError as exc:
                 # Not the client's fault and not lost: no 200, so the client sends it again.
                 self._commit_failed_at = self._clock()

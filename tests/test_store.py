@@ -1166,3 +1166,145 @@ def test_shift_retries_brings_waiting_retries_forward_by_a_step_back(conn):
     for unmoved in (leased, done):
         assert after[unmoved.delivery_id] == before[unmoved.delivery_id]
     assert len(after) == 5 and after[5] == before[5]  # the pending one (id 5), due at ingest
+
+
+# --- work for several destinations at once, in a few SQLite steps ------------------------------
+
+
+def test_claim_many_gives_each_destination_its_due_deliveries_with_payloads_byte_exact(conn):
+    """The rows come back from SQLite as JSON text (one step for all of them): payloads and
+    messageIds must still be exactly the bytes stored, whatever they hold."""
+    odd = [
+        "plain",
+        'quote " backslash \\ newline \n tab \t',
+        "é ☃ 😀 \u2028 \x01",
+    ]
+    tx(
+        conn,
+        q.insert_events,
+        Dedupe.load(conn),
+        "web",
+        [
+            IncomingEvent(m, orjson.dumps({"messageId": m, "p": m, "n": i, "f": 0.1}))
+            for i, m in enumerate(odd)
+        ],
+        DESTS,
+        T0,
+        T0 - WINDOW_MS,
+    )
+    stored = dict(rows(conn, "SELECT message_id, payload FROM events"))
+    # A retry of crm's first delivery comes due before its other two (due order, not id order).
+    (first,), _ = tx(conn, q.claim, "crm", T0, 1)
+    retry = Finished(first.delivery_id, Status.RETRYING, T0 - 5, "Retry", "HTTP 503")
+    tx(conn, q.finish, [retry])
+    results = tx(conn, q.claim_many, [("crm", T0, 10), ("warehouse", T0, 2), ("gone", T0, 10)])
+    (crm, crm_next), (warehouse, _), (gone, gone_next) = results
+    assert [c.message_id for c in crm] == odd  # the retry (due at T0 - 5) first
+    assert [c.attempt for c in crm] == [2, 1, 1]
+    assert [c.message_id for c in warehouse] == odd[:2]  # its limit
+    for c in crm + warehouse:
+        assert isinstance(c.payload, bytes)
+        assert c.payload == stored[c.message_id]
+    assert crm_next is None and gone == [] and gone_next is None
+    # Leased: claimed again, none of them comes back; warehouse's third still does.
+    again = tx(conn, q.claim_many, [("crm", T0, 10), ("warehouse", T0, 10)])
+    assert again[0] == ([], T0 + q.LEASE_MS)  # nothing due before the leases run out
+    assert [c.message_id for c in again[1][0]] == odd[2:]
+
+
+def test_finish_batches_records_each_destination_s_outcomes_and_returns_their_sizes(conn):
+    from destfnd.store.models import Invocation
+
+    insert(conn, ["a", "b", "c"], destinations=("crm", "warehouse"), now=T0)
+    crm, _ = tx(conn, q.claim, "crm", T0, 10)
+    warehouse, _ = tx(conn, q.claim, "warehouse", T0, 10)
+    requests = orjson.dumps([{"url": "https://x.test/é", "body": 'a "quoted" \n line'}])
+    crm_items = [
+        (
+            [Finished(c.delivery_id, Status.DELIVERED, T0 + 1, attempt=1, ended_at=T0 + 1)],
+            Invocation("crm", T0, 2.5, None, f"log {n} ✓", requests),
+        )
+        for n, c in enumerate(crm)
+    ]
+    warehouse_items = [
+        (
+            [
+                Finished(warehouse[0].delivery_id, Status.RETRYING, T0 + 60_000, "Retry",
+                         "HTTP 503", 1, T0 + 2),
+                Finished(warehouse[1].delivery_id, Status.DISCARDED, T0 + 2, "Bad Request",
+                         "HTTP 400", 1, T0 + 2),
+                Finished(warehouse[2].delivery_id, Status.DROPPED, T0 + 2, None, None, 1, T0 + 2),
+            ],
+            Invocation("warehouse", T0, 7.0, "v1", "", b"[]"),
+        ),
+        ([], None),
+    ]  # fmt: skip
+    sizes = tx(conn, q.finish_batches, [crm_items, warehouse_items, []])
+    log_sizes = [len(f"log {n} ✓") + len(requests) for n in range(3)]
+    assert sizes == [sum(log_sizes), 2, 0]
+    assert q.invocations_size(conn) == sum(log_sizes) + 2
+    # Each unit's invocation is its own row, with its logs and requests as they were.
+    recorded = rows(
+        conn,
+        "SELECT d.destination, d.status, i.logs, i.requests, i.duration_ms FROM deliveries d"
+        " JOIN invocations i ON i.id = d.invocation_id ORDER BY d.id",
+    )
+    crm_rows = [r for r in recorded if r[0] == "crm"]
+    assert [r[2] for r in crm_rows] == [f"log {n} ✓" for n in range(3)]
+    assert {(r[1], r[3], r[4]) for r in crm_rows} == {("delivered", requests, 2.5)}
+    assert isinstance(crm_rows[0][3], bytes)
+    assert len({r[2] for r in recorded if r[0] == "warehouse"}) == 1  # one shared invocation
+    w = [delivery(conn, c.delivery_id) for c in warehouse]
+    assert [d["status"] for d in w] == ["retrying", "discarded", "dropped"]
+    assert w[0]["next_at"] == T0 + 60_000 and w[0]["finished_at"] is None
+    assert (w[1]["last_error_type"], w[1]["last_error"]) == ("Bad Request", "HTTP 400")
+    assert all(d["leased"] == 0 for d in w)
+    assert rows(conn, "SELECT status, error FROM attempts ORDER BY delivery_id") == [
+        ("retrying", "HTTP 503"),
+        ("discarded", "HTTP 400"),
+        ("dropped", None),
+    ]
+    assert q.status_counts(conn)["crm"] == {"delivered": 3}
+    # Invocation ids keep counting up after the ones given here.
+    conn.execute(SQL["insert_invocation"], ("crm", T0, 1.0, None, "", b"[]", 2))
+    ids = [i for (i,) in rows(conn, "SELECT id FROM invocations ORDER BY id")]
+    assert ids == list(range(ids[0], ids[0] + 5))
+
+
+async def test_writer_client_work_waits_for_at_most_one_group_of_other_work(db_path):
+    """Urgent work (ingest: a client waits) queued beside other work goes in a group of its
+    own every other group: under a delivery load that keeps the writer busy, a request waits
+    for one group with other work in it, not for every group."""
+    conn = open_db(db_path)
+    ran: list[tuple[str, int]] = []  # (op, group), in the order the writer ran them
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def op(name: str, block_s: float = 0.0) -> Callable[[sqlite3.Connection, list], list]:
+        def run(c: sqlite3.Connection, items: list) -> list:
+            if block_s:
+                loop.call_soon_threadsafe(started.set)
+                import time
+
+                time.sleep(block_s)  # the writer thread is busy with this group meanwhile
+            ran.append((name, writer.groups))
+            return items
+
+        run.__name__ = name
+        return run
+
+    async with running_writer(conn) as writer:
+        await writer.run(q.status_counts)
+        busy = asyncio.create_task(writer.run_batched(op("busy", 0.2), 0))
+        await started.wait()
+        # Queued while the first group runs: delivery work, then a request, then more of each.
+        waiting = [
+            writer.run_batched(op("claim"), 1),
+            writer.run_batched(op("ingest"), 2, urgent=True),
+            writer.run_batched(op("finish"), 3),
+        ]
+        assert await asyncio.gather(busy, *waiting) == [0, 1, 2, 3]
+    groups = {name: group for name, group in ran}
+    # The request's group had nothing else; the other work went in the one after.
+    assert groups["ingest"] < groups["claim"] == groups["finish"]
+    assert groups["busy"] < groups["ingest"]

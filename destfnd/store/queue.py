@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from typing import NamedTuple
 
+import orjson
+
 from destfnd.store.db import SQL, select_in
 from destfnd.store.dedupe import Dedupe, key_of
 from destfnd.store.models import Claimed, Finished, IncomingEvent, Invocation, Status
@@ -19,6 +21,7 @@ from destfnd.store.models import Claimed, Finished, IncomingEvent, Invocation, S
 LEASE_MS = 24 * 3600 * 1000
 # The schema version from which finished deliveries are counted in finished_counts.
 FINISHED_COUNTS_SCHEMA = 6
+_DUE_ROWS = SQL["due_rows"].format(due=SQL["due"].rstrip().rstrip(";"))
 
 
 class IngestRequest(NamedTuple):
@@ -169,26 +172,51 @@ def claim(
 
     Returns the claimed deliveries and, when none was due, when the next one is (unix ms).
     """
-    due = conn.execute(
-        SQL["due"], {"destination": destination, "now": now, "limit": limit}
-    ).fetchall()
-    rows = []
-    if due:
-        ids = [i for (i,) in due]
-        lease = SQL["lease"].format(ids=",".join("?" * len(ids)))
-        leased = {row[0]: row for row in conn.execute(lease, (now + LEASE_MS, *ids))}
-        rows = [leased[i] for i in ids]  # in due order (RETURNING's order is unspecified)
-    if not rows:
-        (next_due,) = conn.execute(SQL["next_due"], (destination,)).fetchone()
-        return [], next_due
-    events: dict[int, tuple[str, bytes]] = {}
-    event_ids = list({row[1] for row in rows})
-    for event_id, message_id, payload in select_in(conn, SQL["claim_events"], event_ids):
-        events[event_id] = (message_id, payload)
-    return [
-        Claimed(delivery_id, event_id, attempt, created_at, *events[event_id])
-        for delivery_id, event_id, attempt, created_at in rows
-    ], None
+    return claim_many(conn, [(destination, now, limit)])[0]
+
+
+def claim_many(
+    conn: sqlite3.Connection, requests: Sequence[tuple[str, int, int]]
+) -> list[tuple[list[Claimed], int | None]]:
+    """`claim` for several destinations (destination, now, limit) at once, one result each:
+    one statement per destination and one for all their leases and events, whatever the
+    number of rows (they come as JSON arrays, see `due_rows`)."""
+    found: list[list] = []
+    results: list[tuple[list[Claimed], int | None]] = []
+    lease_until = 0
+    for destination, now, limit in requests:
+        params = {"destination": destination, "now": now, "limit": limit}
+        (due,) = conn.execute(_DUE_ROWS, params).fetchone()
+        rows = orjson.loads(due)
+        if rows:
+            rows.sort(key=_due_order)
+            lease_until = max(lease_until, now + LEASE_MS)
+            results.append(([], None))
+        else:
+            (next_due,) = conn.execute(SQL["next_due"], (destination,)).fetchone()
+            results.append(([], next_due))
+        found.append(rows)
+    if not lease_until:
+        return results
+    all_rows = [row for rows in found for row in rows]
+    conn.execute(SQL["lease"], (lease_until, orjson.dumps([row[0] for row in all_rows])))
+    event_ids = orjson.dumps(list({row[2] for row in all_rows}))
+    (text,) = conn.execute(SQL["claim_events"], (event_ids,)).fetchone()
+    events = {
+        event_id: (message_id, payload.encode())
+        for event_id, message_id, payload in orjson.loads(text)
+    }
+    for (claimed, _), rows in zip(results, found, strict=True):
+        for delivery_id, _, event_id, attempts, created_at in rows:
+            message_id, payload = events[event_id]
+            claimed.append(
+                Claimed(delivery_id, event_id, attempts + 1, created_at, message_id, payload)
+            )
+    return results
+
+
+def _due_order(row: list) -> tuple[int, int]:
+    return row[1], row[0]  # next_at, id
 
 
 def finish(
@@ -197,36 +225,68 @@ def finish(
     """Record attempts' outcomes (and the invocation they shared, for the Event Delivery view).
 
     Returns the bytes of logs and requests recorded (for the records size budget)."""
-    outcomes = list(outcomes)
-    invocation_id = None
-    size = 0
-    if invocation is not None:
-        i = invocation
-        size = len(i.logs) + len(i.requests)
-        invocation_id = conn.execute(
-            SQL["insert_invocation"],
-            (i.destination, i.started_at, i.duration_ms, i.version, i.logs, i.requests, size),
-        ).lastrowid
-    # A delivered attempt is the delivery row itself (finished_at, invocation_id): no row.
-    attempts = [
-        (o.delivery_id, o.attempt, invocation_id, o.ended_at, str(o.status), o.error_type,
-         o.error)
-        for o in outcomes
-        if o.attempt and o.status is not Status.DELIVERED
-    ]  # fmt: skip
-    if attempts:
-        conn.executemany(SQL["insert_attempt"], attempts)
-    done, retry = [], []
-    for o in outcomes:
-        if o.status is Status.RETRYING:
-            retry.append((o.at, o.error_type, o.error, invocation_id, o.delivery_id))
-        else:
-            done.append((str(o.status), o.at, o.error_type, o.error, invocation_id, o.delivery_id))
-    if done:
-        conn.executemany(SQL["finish"], done)
-    if retry:
-        conn.executemany(SQL["schedule_retry"], retry)
-    return size
+    return finish_many(conn, [(list(outcomes), invocation)])
+
+
+def finish_many(
+    conn: sqlite3.Connection, items: Iterable[tuple[Sequence[Finished], Invocation | None]]
+) -> int:
+    """`finish` for several units of work at once."""
+    return finish_batches(conn, [items])[0]
+
+
+def finish_batches(
+    conn: sqlite3.Connection,
+    batches: Sequence[Iterable[tuple[Sequence[Finished], Invocation | None]]],
+) -> list[int]:
+    """`finish_many` for several batches (destinations) at once, the bytes recorded for each:
+    one statement for each kind of row, their values as a JSON array (one SQLite step each,
+    see `due_rows`), whatever their number."""
+    invocations: list[tuple] = []
+    attempts: list[tuple] = []
+    done: list[tuple] = []
+    retry: list[tuple] = []
+    sizes: list[int] = []
+    next_id = 0
+    for items in batches:
+        size = 0
+        for outcomes, invocation in items:
+            invocation_id = None
+            if invocation is not None:
+                if not next_id:  # ids given here, as SQLite would: the writer is the only one
+                    next_id = conn.execute(SQL["max_invocation_id"]).fetchone()[0] + 1
+                i = invocation
+                invocation_id = next_id
+                next_id += 1
+                recorded = len(i.logs) + len(i.requests)
+                size += recorded
+                invocations.append(
+                    (invocation_id, i.destination, i.started_at, i.duration_ms, i.version,
+                     i.logs, i.requests.decode(), recorded)
+                )  # fmt: skip
+            for o in outcomes:
+                # A delivered attempt is the delivery row itself (finished_at, invocation_id).
+                if o.attempt and o.status is not Status.DELIVERED:
+                    attempts.append(
+                        (o.delivery_id, o.attempt, invocation_id, o.ended_at, o.status,
+                         o.error_type, o.error)
+                    )  # fmt: skip
+                if o.status is Status.RETRYING:
+                    retry.append((o.at, o.error_type, o.error, invocation_id, o.delivery_id))
+                else:
+                    done.append(
+                        (o.status, o.at, o.error_type, o.error, invocation_id, o.delivery_id)
+                    )
+        sizes.append(size)
+    for name, values in (
+        ("insert_invocations", invocations),
+        ("insert_attempts", attempts),
+        ("finish", done),
+        ("schedule_retry", retry),
+    ):
+        if values:
+            conn.execute(SQL[name], (orjson.dumps(values),))
+    return sizes
 
 
 def release(conn: sqlite3.Connection, delivery_ids: Iterable[int], now: int) -> None:
@@ -398,9 +458,3 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
 
 def leased_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(conn.execute(SQL["leased_counts"]).fetchall())
-
-
-def finish_many(
-    conn: sqlite3.Connection, items: Iterable[tuple[Sequence[Finished], Invocation | None]]
-) -> int:
-    return sum(finish(conn, outcomes, invocation) for outcomes, invocation in items)

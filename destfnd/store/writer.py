@@ -59,6 +59,7 @@ class Writer:
         self._conn = conn
         self._deferred = deferred
         self._queue: list[tuple[Op, asyncio.Future]] = []
+        self._urgent: list[tuple[Op, asyncio.Future]] = []  # a client waits: see run_batched
         self._wake = asyncio.Event()
         self._closing = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="destfnd-sqlite")
@@ -76,14 +77,20 @@ class Writer:
         self._wake.set()
         return await future
 
-    async def run_batched(self, fn: Callable[[sqlite3.Connection, list], list], item: Any) -> Any:
+    async def run_batched(
+        self, fn: Callable[[sqlite3.Connection, list], list], item: Any, *, urgent: bool = False
+    ) -> Any:
         """Like `run`, for work that is cheaper done together: every item submitted with the
         same `fn` before the group starts goes to one call `fn(conn, items)`, which returns
-        one result per item (this item's is returned here)."""
+        one result per item (this item's is returned here).
+
+        `urgent`: a client waits for it (ingest). When both kinds wait, every other group
+        takes the urgent work alone, so a client waits for at most one group with other work
+        in it, however busy delivery keeps the writer."""
         if self._closing:
             raise StoreError("the store is closing")
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((_Batched(fn, item), future))
+        (self._urgent if urgent else self._queue).append((_Batched(fn, item), future))
         self._wake.set()
         return await future
 
@@ -91,19 +98,25 @@ class Writer:
         """Commit groups until `close()` and the queue is empty. Owned by the daemon."""
         loop = asyncio.get_running_loop()
         try:
+            alone = False  # the last group was urgent work alone, the other work waiting
             while True:
-                if not self._queue:
+                if not self._queue and not self._urgent:
                     if self._closing:
                         return
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 for _ in range(GATHER_TURNS):
-                    waiting = len(self._queue)
+                    waiting = len(self._urgent) + len(self._queue)
                     await asyncio.sleep(0)
-                    if len(self._queue) == waiting:
+                    if len(self._urgent) + len(self._queue) == waiting:
                         break
-                group, self._queue = self._queue, []
+                if self._urgent and self._queue and not alone:
+                    group, self._urgent = self._urgent, []
+                    alone = True
+                else:
+                    group, self._urgent, self._queue = self._urgent + self._queue, [], []
+                    alone = False
                 running = loop.run_in_executor(self._thread, self._commit, group)
                 try:
                     results = await asyncio.shield(running)
@@ -118,10 +131,10 @@ class Writer:
                     await self._run_deferred(loop)
         finally:
             self._closing = True  # also when cancelled or crashed: later run() calls fail fast
-            for _, future in self._queue:
+            for _, future in self._urgent + self._queue:
                 if not future.done():
                     future.set_exception(StoreError("the store closed before this write ran"))
-            self._queue = []
+            self._urgent, self._queue = [], []
 
     async def _run_deferred(self, loop: asyncio.AbstractEventLoop) -> None:
         # Not shielded: if cancelled, the thread still finishes it before shutdown() returns.
