@@ -110,8 +110,9 @@ def insert_many(
     # Fanned out in SQL from the rows just inserted: no Python tuple per delivery.
     if not mixed and not routed:
         for source, destinations in fanout.items():
-            for name in destinations:
-                conn.execute(SQL["fan_out"], (name, first_id, last_id, source))
+            conn.execute(
+                SQL["fan_out"], (orjson.dumps(list(destinations)), first_id, last_id, source)
+            )
         return new_counts
     # Some events have their own destinations, or one source has two sets in this call (not
     # something ingest does): the others by id range, requests next to each other as one.
@@ -125,12 +126,10 @@ def insert_many(
         else:
             runs.append([source, destinations, start, end - 1])
     for source, destinations, first, last_of_run in runs:
-        for name in destinations:
-            conn.execute(SQL["fan_out"], (name, first, last_of_run, source))
-    conn.executemany(
-        SQL["insert_delivery"],
-        [(event_id, name, now, now) for event_id, targets, now in routed for name in targets],
-    )
+        conn.execute(SQL["fan_out"], (orjson.dumps(list(destinations)), first, last_of_run, source))
+    if routed:
+        own = [(event_id, name, now) for event_id, targets, now in routed for name in targets]
+        conn.execute(SQL["insert_deliveries"], (orjson.dumps(own),))
     return new_counts
 
 

@@ -46,16 +46,23 @@ SELECT max(key), count(*) FROM (SELECT key FROM message_ids WHERE key > ? ORDER 
 -- name: prune_key_slice
 DELETE FROM message_ids WHERE key > ? AND key <= ? AND received_at < ?;
 
--- name: insert_delivery
+-- name: insert_deliveries
+-- ?: a JSON array of [event id, destination, created_at (also when due)].
 INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
-VALUES (?, ?, 'pending', ?, ?);
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 'pending',
+       json_extract(value, '$[2]'), json_extract(value, '$[2]')
+FROM json_each(?);
 
 -- name: fan_out
--- One delivery to destination ?1 for each event of source ?4 just inserted with an id in
--- [?2, ?3], due at once (received_at is the request's time). Walks the rowid range only.
+-- One delivery to each destination of ?1 (a JSON array of names) for each event of source ?4
+-- just inserted with an id in [?2, ?3], due at once (received_at is the request's time).
+-- Walks the rowid range only, once per destination (CROSS JOIN: in this order, so each
+-- destination's deliveries are next to each other). One statement for all destinations:
+-- each SQLite call hands the GIL to the event loop and back (see `due_rows`).
 INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
-SELECT id, ?1, 'pending', received_at, received_at FROM events
-WHERE id BETWEEN ?2 AND ?3 AND source = ?4;
+SELECT e.id, d.value, 'pending', e.received_at, e.received_at
+FROM json_each(?1) AS d CROSS JOIN events AS e
+WHERE e.id BETWEEN ?2 AND ?3 AND e.source = ?4;
 
 -- name: due
 -- Walks deliveries_due in due order, never delivered history.
