@@ -1308,3 +1308,47 @@ async def test_writer_client_work_waits_for_at_most_one_group_of_other_work(db_p
     # The request's group had nothing else; the other work went in the one after.
     assert groups["ingest"] < groups["claim"] == groups["finish"]
     assert groups["busy"] < groups["ingest"]
+
+
+def test_claim_gives_back_any_payload_bytes_exactly_also_many_and_too_big_together(conn):
+    """Payloads come back in hex (any bytes, NUL or not UTF-8, stored by an older or future
+    writer), in chunks (more events than one statement takes), and a row at a time when
+    SQLite cannot make them one string (events of many MB each)."""
+    insert(conn, [f"m{i}" for i in range(300)], destinations=("crm",))
+    odd = b'{"a":"\x00\xff\xfe"} \\u0000 \n'
+    conn.execute("UPDATE events SET payload = ? WHERE message_id = 'm7'", (odd,))
+    stored = dict(rows(conn, "SELECT message_id, payload FROM events"))
+    claimed, _ = tx(conn, q.claim, "crm", T0, 300)
+    assert len(claimed) == 300  # more than _EVENTS_TOGETHER
+    assert {c.message_id: c.payload for c in claimed} == stored
+    assert stored["m7"] == odd
+    # Events too big to come back as one string: one at a time.
+    insert(conn, ["big1", "big2", "big3"], destinations=("warehouse",))
+    big = {f"big{i}": bytes([i]) * 20_000 for i in (1, 2, 3)}
+    for message_id, payload in big.items():
+        conn.execute("UPDATE events SET payload = ? WHERE message_id = ?", (payload, message_id))
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100_000)  # each fits, the three in hex do not
+    claimed, _ = tx(conn, q.claim, "warehouse", T0, 10)
+    assert {c.message_id: c.payload for c in claimed} == big
+
+
+def test_finish_keeps_text_with_a_nul_character_whole(conn):
+    """Outcome and log text goes to SQLite in JSON, where json_extract stops at a NUL: such
+    rows are bound one at a time instead."""
+    from destfnd.store.models import Invocation
+
+    insert(conn, ["a", "b"], destinations=("crm",))
+    a, b = tx(conn, q.claim, "crm", T0, 10)[0]
+    failed = Finished(a.delivery_id, Status.RETRYING, T0 + 60_000, "Retry", "err\x00tail", 1, T0)
+    dropped = Finished(b.delivery_id, Status.DISCARDED, T0, "Bad Request", "x\x00y", 1, T0)
+    logs = "before\x00after"
+    tx(conn, q.finish, [failed, dropped], Invocation("crm", T0, 1.0, None, logs, b'["\\u0000"]'))
+    assert [delivery(conn, c.delivery_id)["last_error"] for c in (a, b)] == [
+        "err\x00tail",
+        "x\x00y",
+    ]
+    assert rows(conn, "SELECT error FROM attempts ORDER BY delivery_id") == [
+        ("err\x00tail",),
+        ("x\x00y",),
+    ]
+    assert rows(conn, "SELECT logs, requests FROM invocations") == [(logs, b'["\\u0000"]')]

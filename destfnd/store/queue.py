@@ -199,12 +199,7 @@ def claim_many(
         return results
     all_rows = [row for rows in found for row in rows]
     conn.execute(SQL["lease"], (lease_until, orjson.dumps([row[0] for row in all_rows])))
-    event_ids = orjson.dumps(list({row[2] for row in all_rows}))
-    (text,) = conn.execute(SQL["claim_events"], (event_ids,)).fetchone()
-    events = {
-        event_id: (message_id, payload.encode())
-        for event_id, message_id, payload in orjson.loads(text)
-    }
+    events = _claimed_events(conn, list({row[2] for row in all_rows}))
     for (claimed, _), rows in zip(results, found, strict=True):
         for delivery_id, _, event_id, attempts, created_at in rows:
             message_id, payload = events[event_id]
@@ -212,6 +207,26 @@ def claim_many(
                 Claimed(delivery_id, event_id, attempts + 1, created_at, message_id, payload)
             )
     return results
+
+
+# Events fetched together, at most: their payloads come back as one string, which SQLite caps
+# at 1e9 bytes (in hex, twice their size); 256 of 1 MB each still fit.
+_EVENTS_TOGETHER = 256
+
+
+def _claimed_events(conn: sqlite3.Connection, event_ids: list[int]) -> dict[int, tuple[str, bytes]]:
+    events: dict[int, tuple[str, bytes]] = {}
+    for start in range(0, len(event_ids), _EVENTS_TOGETHER):
+        chunk = event_ids[start : start + _EVENTS_TOGETHER]
+        try:
+            (text,) = conn.execute(SQL["claim_events"], (orjson.dumps(chunk),)).fetchone()
+        except sqlite3.DataError:  # "string or blob too big": events of many MB each
+            for event_id, message_id, payload in select_in(conn, SQL["claim_events_rows"], chunk):
+                events[event_id] = (message_id, payload)
+            continue
+        for event_id, message_id, payload in orjson.loads(text):
+            events[event_id] = (message_id, bytes.fromhex(payload))
+    return events
 
 
 def _due_order(row: list) -> tuple[int, int]:
@@ -283,8 +298,13 @@ def finish_batches(
         ("finish", done),
         ("schedule_retry", retry),
     ):
-        if values:
-            conn.execute(SQL[name], (orjson.dumps(values),))
+        if not values:
+            continue
+        data = orjson.dumps(values)
+        if b"\\u0000" in data:  # json_extract would cut a text at its NUL: a row at a time
+            conn.executemany(SQL[f"{name}_row"], values)
+        else:
+            conn.execute(SQL[name], (data,))
     return sizes
 
 

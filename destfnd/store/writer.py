@@ -1,7 +1,8 @@
 """The one writer: every write runs on one SQLite connection in one thread, group-committed.
 
 Callers submit small functions of the connection; whatever has queued up while the previous
-transaction committed runs next, together, in one `BEGIN IMMEDIATE ... COMMIT` (one fsync).
+transaction committed runs next, together, in one `BEGIN IMMEDIATE ... COMMIT` (one fsync),
+except that urgent work (ingest: a client waits) may go first, alone (see `run_batched`).
 """
 
 from __future__ import annotations

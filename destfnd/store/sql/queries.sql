@@ -6,10 +6,15 @@ INSERT INTO events (id, source, message_id, received_at, refs, payload) VALUES (
 SELECT coalesce(max(id), 0) FROM events;
 
 -- name: claim_events
--- The events of claimed deliveries, as one JSON array of [id, message_id, payload as text]:
--- one row, so one SQLite step (see `due`). ?: a JSON array of event ids.
-SELECT json_group_array(json_array(id, message_id, CAST(payload AS TEXT))) FROM events
+-- The events of claimed deliveries, as one JSON array of [id, message_id, payload in hex]
+-- (hex: the bytes come back exactly, whatever they are): one row, so one SQLite step (see
+-- `due_rows`). ?: a JSON array of event ids.
+SELECT json_group_array(json_array(id, message_id, hex(payload))) FROM events
 WHERE id IN (SELECT value FROM json_each(?));
+
+-- name: claim_events_rows
+-- The same a row at a time, for events too big to come back together. {ids}: event ids.
+SELECT id, message_id, payload FROM events WHERE id IN ({ids});
 
 -- name: find_keys
 SELECT key, event_id, received_at FROM message_ids WHERE key IN ({ids});
@@ -110,6 +115,21 @@ SET status = 'retrying', leased = 0, next_at = json_extract(o.value, '$[0]'),
 FROM json_each(?) AS o
 WHERE deliveries.id = json_extract(o.value, '$[4]');
 
+-- The `_row` statements take one row of the JSON arrays above as parameters: for values with
+-- a NUL character, where json_extract would cut the text short.
+
+-- name: finish_row
+UPDATE deliveries
+SET status = ?1, leased = 0, finished_at = ?2, last_error_type = ?3, last_error = ?4,
+    invocation_id = ?5
+WHERE id = ?6;
+
+-- name: schedule_retry_row
+UPDATE deliveries
+SET status = 'retrying', leased = 0, next_at = ?1, last_error_type = ?2, last_error = ?3,
+    invocation_id = ?4
+WHERE id = ?5;
+
 -- name: release
 -- Gives back a lease whose attempt never ran to the end (shutdown): due now, attempt not counted.
 UPDATE deliveries SET leased = 0, next_at = ?, attempts = max(attempts - 1, 0) WHERE id = ?;
@@ -182,6 +202,10 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
        CAST(json_extract(value, '$[6]') AS BLOB), json_extract(value, '$[7]')
 FROM json_each(?);
 
+-- name: insert_invocations_row
+INSERT INTO invocations (id, destination, started_at, duration_ms, version, logs, requests, size)
+VALUES (?, ?, ?, ?, ?, ?, CAST(? AS BLOB), ?);
+
 -- name: insert_attempts
 -- ?: a JSON array of [delivery_id, attempt, invocation_id, at, status, error type, error].
 INSERT OR REPLACE INTO attempts (delivery_id, attempt, invocation_id, at, status, error_type, error)
@@ -189,6 +213,10 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
        json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),
        json_extract(value, '$[6]')
 FROM json_each(?);
+
+-- name: insert_attempts_row
+INSERT OR REPLACE INTO attempts (delivery_id, attempt, invocation_id, at, status, error_type, error)
+VALUES (?, ?, ?, ?, ?, ?, ?);
 
 -- name: prune_deliveries
 DELETE FROM deliveries WHERE id IN (
