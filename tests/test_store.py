@@ -1352,3 +1352,10 @@ def test_finish_keeps_text_with_a_nul_character_whole(conn):
         ("x\x00y",),
     ]
     assert rows(conn, "SELECT logs, requests FROM invocations") == [(logs, b'["\\u0000"]')]
+
+
+def test_claim_many_never_gives_one_delivery_twice_in_a_call(conn):
+    insert(conn, ["a", "b", "c"], destinations=("crm",))
+    (first, _), (second, _) = tx(conn, q.claim_many, [("crm", T0, 2), ("crm", T0, 10)])
+    assert [c.message_id for c in first] == ["a", "b"]
+    assert [c.message_id for c in second] == ["c"]

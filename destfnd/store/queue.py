@@ -183,10 +183,14 @@ def claim_many(
     found: list[list] = []
     results: list[tuple[list[Claimed], int | None]] = []
     lease_until = 0
+    taken: set[int] = set()  # leased below, after every destination's rows are read
     for destination, now, limit in requests:
         params = {"destination": destination, "now": now, "limit": limit}
         (due,) = conn.execute(_DUE_ROWS, params).fetchone()
-        rows = orjson.loads(due)
+        # (A destination asked for twice in one call, which dispatchers never do, would
+        # otherwise read the same rows twice.)
+        rows = [row for row in orjson.loads(due) if row[0] not in taken]
+        taken.update(row[0] for row in rows)
         if rows:
             rows.sort(key=_due_order)
             lease_until = max(lease_until, now + LEASE_MS)
