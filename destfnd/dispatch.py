@@ -126,7 +126,7 @@ class Dispatcher:
             now = self._clock()
 
             def settle(conn):
-                q.finish_many(conn, outcomes)
+                q.finish_batches(conn, [outcomes])
                 q.release(conn, ids, now)
 
             try:

@@ -243,23 +243,16 @@ def finish(
     """Record attempts' outcomes (and the invocation they shared, for the Event Delivery view).
 
     Returns the bytes of logs and requests recorded (for the records size budget)."""
-    return finish_many(conn, [(list(outcomes), invocation)])
-
-
-def finish_many(
-    conn: sqlite3.Connection, items: Iterable[tuple[Sequence[Finished], Invocation | None]]
-) -> int:
-    """`finish` for several units of work at once."""
-    return finish_batches(conn, [items])[0]
+    return finish_batches(conn, [[(list(outcomes), invocation)]])[0]
 
 
 def finish_batches(
     conn: sqlite3.Connection,
     batches: Sequence[Iterable[tuple[Sequence[Finished], Invocation | None]]],
 ) -> list[int]:
-    """`finish_many` for several batches (destinations) at once, the bytes recorded for each:
-    one statement for each kind of row, their values as a JSON array (one SQLite step each,
-    see `due_rows`), whatever their number."""
+    """`finish` for several batches (destinations) of units of work at once, the bytes
+    recorded for each: one statement for each kind of row, their values as a JSON array (one
+    SQLite step each, see `due_rows`), whatever their number."""
     invocations: list[tuple] = []
     attempts: list[tuple] = []
     done: list[tuple] = []

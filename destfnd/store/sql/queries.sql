@@ -187,6 +187,8 @@ WHERE id IN ({ids});
 UPDATE deliveries SET leased = 0, next_at = ? WHERE leased = 1;
 
 -- name: insert_invocation
+-- One record, its id given by SQLite (tests seed records with it; the writer uses
+-- insert_invocations).
 INSERT INTO invocations (destination, started_at, duration_ms, version, logs, requests, size)
 VALUES (?, ?, ?, ?, ?, ?, ?);
 
