@@ -185,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
         help="run a function file once on an event and print what happened",
         description="Run a function once, like the editor's Run button: prints the outcome, "
         "error type, logs, outgoing requests and, with --insert, the resulting event. "
-        "A JSON array of events runs on_batch. Exit code 0 when every event succeeded.",
+        "A JSON array of events is a batch: on_batch if the file has one, else each event "
+        "through its own handler. Exit code 0 when every event succeeded.",
     )
     p.add_argument("file", metavar="FILE", help="the function file (.py)")
     p.add_argument("--event", metavar="FILE", help="the event as JSON (- for stdin)")
