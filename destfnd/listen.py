@@ -23,9 +23,15 @@ def bind_error_text(host: str, port: int, exc: OSError) -> str:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(exc, socket.gaierror):
         return f"cannot listen on {where}: cannot resolve {host!r}: {exc.strerror or exc}"
+    code = exc.errno
+    if code is None and str(exc).startswith("could not bind on any address"):
+        # Python 3.12.4+ and 3.13: asyncio skips an address that is on no interface here
+        # (EADDRNOTAVAIL, taken for an address family the host lacks) and, when that was
+        # every address, says only this, without the errno.
+        code = errno.EADDRNOTAVAIL
     # asyncio's own strerror is "error while attempting to bind on address (...): reason"
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    hint = _HINTS.get(exc.errno or 0)
+    reason = os.strerror(code) if code else str(exc)
+    hint = _HINTS.get(code or 0)
     if exc.errno == errno.EACCES and 0 < port < 1024:
         hint = _LOW_PORT_HINT
     return f"cannot listen on {where}: {reason}" + (f" ({hint})" if hint else "")

@@ -539,6 +539,12 @@ def test_cli_check_config_findings_that_depend_on_permissions_are_warnings():
         if shutil.which("setpriv") is None:
             pytest.skip("running as root, without setpriv to run check-config as nobody")
         argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+        probe = subprocess.run(
+            [*argv[:4], sys.executable, "-c", "import destfnd"], capture_output=True, text=True,
+            timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if probe.returncode != 0:  # an interpreter under root's home (pyenv's shared libpython)
+            pytest.skip(f"this Python cannot run as nobody: {probe.stderr.strip()[:200]}")
     base = Path(tempfile.mkdtemp(prefix="destfnd-perm-"))  # not under pytest's private folder
     try:
         base.chmod(0o755)

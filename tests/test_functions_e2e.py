@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -1479,7 +1480,12 @@ async def test_functions_the_event_that_crashes_a_batchs_worker_fails_alone(
     events = [{"type": "track", "event": "Fine", "messageId": f"f{i}"} for i in range(9)]
     events.insert(6, {"type": "track", "event": "Crash", "messageId": "crash"})
     rows, sink, _daemon = await one_batch(make_daemon, tmp_path, session, code, events, 10)
-    assert sorted(e["messageId"] for e in sink.delivered()) == [f"f{i}" for i in range(9)]
+    # At least once: an event whose request got out before the crash took the worker down
+    # (handlers of a batch run side by side) is sent again with its half (README: "At least
+    # once"); Python 3.13 lets one out where 3.11 did not.
+    received = Counter(e["messageId"] for e in sink.delivered())
+    assert sorted(received) == [f"f{i}" for i in range(9)], received
+    assert max(received.values()) <= 2, received
     crash = rows["fn", "crash"]
     assert crash["status"] == "expired", crash
     assert crash["error"].startswith("the worker process exited with code 3;"), crash

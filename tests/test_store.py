@@ -133,6 +133,23 @@ def test_open_db_sets_wal_and_durability_pragmas(conn, db_path):
         reader.close()
 
 
+def test_sql_uses_no_numbered_parameters():
+    """Python 3.14's sqlite3 refuses a numbered parameter (`?1`) given a sequence of values
+    (3.12 and 3.13 warn): a daemon on it would fail at its first ingest, and CI runs 3.11,
+    which says nothing. Every statement destfnd runs is in these files."""
+    package = Path(q.__file__).resolve().parent.parent
+    numbered = re.compile(r"\?\d")
+    found = []
+    files = [*package.rglob("*.sql"), *package.rglob("*.py")]
+    assert len(files) > 20
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("--")[0] if path.suffix == ".sql" else line.split("#")[0]
+            if numbered.search(code):
+                found.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
+    assert found == []
+
+
 def test_open_db_every_foreign_key_has_an_index_on_its_child_column(conn):
     # Else each delete of a parent row (pruning) makes SQLite scan the whole child table.
     tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]

@@ -373,14 +373,14 @@ def move(conn: sqlite3.Connection, ids: list[int], to: str, now: int) -> int:
     if not ids:
         return 0
     query = SQL["move_deliveries"].format(ids=_id_list(ids))
-    return conn.execute(query, (now, to)).rowcount
+    return conn.execute(query, {"now": now, "to": to}).rowcount
 
 
 def discard(conn: sqlite3.Connection, ids: list[int], now: int, reason: str) -> int:
     if not ids:
         return 0
     query = SQL["discard_deliveries"].format(ids=_id_list(ids))
-    return conn.execute(query, (now, reason)).rowcount
+    return conn.execute(query, {"now": now, "reason": reason}).rowcount
 
 
 def shift_retries(conn: sqlite3.Connection, step_ms: int, now: int) -> int:

@@ -59,15 +59,17 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 'pending',
 FROM json_each(?);
 
 -- name: fan_out
--- One delivery to each destination of ?1 (a JSON array of names) for each event of source ?4
--- just inserted with an id in [?2, ?3], due at once (received_at is the request's time).
+-- One delivery to each destination of the first parameter (a JSON array of names) for each
+-- event of source (the fourth) just inserted with an id in [second, third], due at once
+-- (received_at is the request's time). Parameters are plain `?`s throughout: Python 3.14's
+-- sqlite3 refuses numbered ones (`?1`) with a sequence of values.
 -- Walks the rowid range only, once per destination (CROSS JOIN: in this order, so each
 -- destination's deliveries are next to each other). One statement for all destinations:
 -- each SQLite call hands the GIL to the event loop and back (see `due_rows`).
 INSERT INTO deliveries (event_id, destination, status, created_at, next_at)
 SELECT e.id, d.value, 'pending', e.received_at, e.received_at
-FROM json_each(?1) AS d CROSS JOIN events AS e
-WHERE e.id BETWEEN ?2 AND ?3 AND e.source = ?4;
+FROM json_each(?) AS d CROSS JOIN events AS e
+WHERE e.id BETWEEN ? AND ? AND e.source = ?;
 
 -- name: due
 -- Walks deliveries_due in due order, never delivered history.
@@ -87,9 +89,10 @@ SELECT json_group_array(json_array(id, next_at, event_id, attempts, created_at))
 
 -- name: lease
 -- A leased row is pushed out of the due range (next_at set past the lease) so neither `due`
--- nor next_due sees it until it is finished or released. ?2: a JSON array of delivery ids.
-UPDATE deliveries SET leased = 1, attempts = attempts + 1, next_at = ?1
-WHERE id IN (SELECT value FROM json_each(?2));
+-- nor next_due sees it until it is finished or released. The lease's end, then a JSON array
+-- of delivery ids.
+UPDATE deliveries SET leased = 1, attempts = attempts + 1, next_at = ?
+WHERE id IN (SELECT value FROM json_each(?));
 
 -- name: next_due
 SELECT min(next_at) FROM deliveries
@@ -120,15 +123,15 @@ WHERE deliveries.id = json_extract(o.value, '$[4]');
 
 -- name: finish_row
 UPDATE deliveries
-SET status = ?1, leased = 0, finished_at = ?2, last_error_type = ?3, last_error = ?4,
-    invocation_id = ?5
-WHERE id = ?6;
+SET status = ?, leased = 0, finished_at = ?, last_error_type = ?, last_error = ?,
+    invocation_id = ?
+WHERE id = ?;
 
 -- name: schedule_retry_row
 UPDATE deliveries
-SET status = 'retrying', leased = 0, next_at = ?1, last_error_type = ?2, last_error = ?3,
-    invocation_id = ?4
-WHERE id = ?5;
+SET status = 'retrying', leased = 0, next_at = ?, last_error_type = ?, last_error = ?,
+    invocation_id = ?
+WHERE id = ?;
 
 -- name: release
 -- Gives back a lease whose attempt never ran to the end (shutdown): due now, attempt not counted.
@@ -168,18 +171,18 @@ ORDER BY id LIMIT :limit;
 SELECT coalesce(max(id), 0) FROM deliveries;
 
 -- name: move_deliveries
--- To destination ?2, due now (?1), attempts kept (a lease a killed daemon left is taken back,
--- as at start); an event ?2 has a delivery of already stays.
-UPDATE deliveries SET destination = ?2, next_at = ?1, leased = 0
+-- To destination :to, due :now, attempts kept (a lease a killed daemon left is taken back,
+-- as at start); an event :to has a delivery of already stays.
+UPDATE deliveries SET destination = :to, next_at = :now, leased = 0
 WHERE id IN ({ids}) AND NOT EXISTS (
     SELECT 1 FROM deliveries other
-    WHERE other.event_id = deliveries.event_id AND other.destination = ?2
+    WHERE other.event_id = deliveries.event_id AND other.destination = :to
 );
 
 -- name: discard_deliveries
--- Finished by hand: discarded now (?1), with the reason ?2 (the triggers keep the counts).
-UPDATE deliveries SET status = 'discarded', finished_at = ?1, next_at = ?1, leased = 0,
-    last_error_type = NULL, last_error = ?2
+-- Finished by hand: discarded :now, with :reason (the triggers keep the counts).
+UPDATE deliveries SET status = 'discarded', finished_at = :now, next_at = :now, leased = 0,
+    last_error_type = NULL, last_error = :reason
 WHERE id IN ({ids});
 
 -- name: recover
