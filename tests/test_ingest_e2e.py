@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import gzip
+import json
 import re
 import sqlite3
 import time
@@ -329,6 +330,29 @@ async def test_ingest_analytics_js_batching_posts_to_v1_b(make_daemon, tmp_path,
         assert {e["type"] for e in sink.delivered()} == {"page", "track"}
 
 
+async def test_ingest_a_big_body_with_its_write_key_at_the_end_is_accepted(
+    make_daemon, tmp_path, session
+):
+    """A body over 64 KB without an Authorization header is parsed once its text shows a
+    source's writeKey (analytics.js puts it after the batch)."""
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        events = [
+            {"type": "track", "anonymousId": "a", "event": "Big", "messageId": f"big-{i}",
+             "properties": {"pad": "x" * 1000}}
+            for i in range(100)
+        ]  # fmt: skip
+        body = orjson.dumps({"batch": events, "sentAt": "2026-12-07T09:00:00Z"})
+        assert len(body) > 100_000
+        body = body[:-1] + b', "writeKey": ' + json.dumps(WRITE_KEY).encode() + b"}"
+        status, answer = await post(
+            session, f"{daemon.url}/v1/b", body, headers={"Content-Type": "text/plain"},
+            auth=False,
+        )  # fmt: skip
+        assert (status, answer) == (200, {"success": True})
+        await sink.wait_for(lambda: len(sink.delivered_ids()) == 100)
+
+
 async def test_ingest_duplicate_message_id_delivered_once(make_daemon, tmp_path, session):
     async with Sink() as sink:
         daemon = await start(make_daemon, tmp_path, sink)
@@ -410,6 +434,17 @@ BAD_INPUTS = [
      "nested more than 254 levels deep"),
     ("too-many-events", "/v1/batch", {"batch": [{"type": "track", **TRACK}] * 2501}, {}, True,
      400, "batch too large", "2501"),
+    # Counted before the batch's context is copied into each (3,000 x 4 KB would be 413).
+    ("too-many-events-counted-first", "/v1/batch",
+     {"batch": [{}] * 3000, "context": {"pad": "x" * 4000}}, {}, True, 400, "batch too large",
+     "3000 events; at most 2500"),
+    # A big body without an Authorization header and without a known writeKey in its text
+    # is not parsed (this one is not even JSON): parsing it is what would cost the daemon.
+    ("big-body-no-key", "/v1/batch", b'{"batch": [' + b"{}," * 30_000, {}, False, 401,
+     "unauthorized", "send the write key as HTTP Basic user name or as writeKey"),
+    ("big-body-unknown-key", "/v1/batch",
+     {"batch": [{"type": "track", **TRACK}] * 2000, "writeKey": "wk_not_ours"}, {}, False, 401,
+     "unauthorized", "unknown write key"),
     ("gzip-bomb", "/v1/track", "BOMB", {"Content-Encoding": "gzip"}, True, 413,
      "request too large", "decompressed"),
     ("bad-gzip", "/v1/track", b"\x1f\x8b\x08\x00garbage", {"Content-Encoding": "gzip"}, True,
