@@ -6,8 +6,10 @@ Turns worker replies into Reports; never runs user code itself.
 
 from __future__ import annotations
 
+import os
+import pwd
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 import structlog
@@ -83,6 +85,13 @@ def spec_for(dest: DestinationConfig, hidden_env: tuple[str, ...] = ()) -> Spec:
         memory_limit_bytes=dest.memory_limit_bytes,
         threads=dest.concurrency,
     )
+
+
+def _nobody() -> int:
+    try:
+        return pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return 65534
 
 
 def problems_of(ready: dict, where: str) -> list[str]:
@@ -369,11 +378,22 @@ async def _check_destination(
     # What a function prints or raises while it loads may hold a secret it was given.
     redact = Redactor(config_secrets(cfg))
     spec = spec_for(dest, secret_env_names(cfg))
+    if os.geteuid() == 0:
+        # Run as root (`sudo destfnd check-config`, to read the credentials): the function
+        # files' module code runs as nobody, as it would under the unit's dynamic user, not
+        # as root. Settings and secrets come from this process, as from serve.
+        spec = replace(spec, run_as=_nobody())
     pool = Pool(spec, redact=redact)
     try:
         ready = await pool.start()
     except InitError as exc:
-        return [_load_problem(exc, dest, where, redact)], []
+        problem = _load_problem(exc, dest, where, redact)
+        if spec.run_as is not None:
+            problem += (
+                " (run as root, check-config loads function files as user nobody, as the"
+                " service's dynamic user would: can that user read the file's folder?)"
+            )
+        return [problem], []
     finally:
         await pool.close()
     redact.add_settings(ready.get("secret_settings", []), spec.settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shutil
 import socket
 import sqlite3
@@ -528,6 +529,40 @@ def test_cli_check_config_checks_a_file_destinations_path_without_creating_it(tm
         listener.close()
     # Nothing created.
     assert not (tmp_path / "new").exists() and not (tmp_path / "new-target.ndjson").exists()
+
+
+def test_cli_check_config_as_root_runs_function_files_as_nobody():
+    """The README has the operator run `sudo destfnd check-config` (to read the credentials):
+    a function file's module code then runs as nobody, as under the unit's dynamic user, not
+    as root; and a file that user cannot load says why it may not."""
+    if os.geteuid() != 0:
+        pytest.skip("not running as root")
+    base = Path(tempfile.mkdtemp(prefix="destfnd-nobody-"))  # not under pytest's 0700 folder
+    try:
+        base.chmod(0o777)
+        marker = base / "uid"
+        (base / "fn.py").write_text(
+            f"import os\nopen({str(marker)!r}, 'w').write(str(os.geteuid()))\n"
+            "def on_track(event, settings):\n    pass\n"
+        )
+        config = base / "destfnd.toml"
+        config.write_text(
+            f'[storage]\npath = "{base}/db.sqlite3"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+            '[[destinations]]\nname = "fn"\nfunction = "fn.py"\n'
+        )
+        result = run_cli("check-config", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert marker.read_text() == str(pwd.getpwnam("nobody").pw_uid)
+        # A module beside it that nobody may not read: the problem says what to look at.
+        (base / "fn.py").write_text("import helper\ndef on_track(event, settings):\n    pass\n")
+        (base / "helper.py").write_text("X = 1\n")
+        (base / "helper.py").chmod(0o600)
+        result = run_cli("check-config", "--config", str(config))
+        assert result.returncode == 3
+        assert "PermissionError" in result.stderr, result.stderr
+        assert "loads function files as user nobody" in result.stderr
+    finally:
+        shutil.rmtree(base)
 
 
 def test_cli_check_config_findings_that_depend_on_permissions_are_warnings():

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -84,6 +85,30 @@ def test_run_function_failure_exit_code_and_error_type(files):
     assert outcome["status"] == "discarded"
     assert outcome["error_type"] == "Message Rejected"
     assert outcome["message"] == "ValidationError: identify needs traits.email"
+
+
+def test_run_function_workers_do_not_import_from_the_current_folder(tmp_path):
+    """A worker's modules (uvloop, orjson, destfnd...) are the installed ones, never files of
+    the folder the command runs in, which `python -m` puts first: a `uvloop.py` there ran in
+    the worker as whoever ran run-function or check-config (root, say, in /tmp)."""
+    script = Path(sys.executable).with_name("destfnd")
+    if not script.exists():
+        pytest.skip("no destfnd console script beside this Python (not a pip install)")
+    here = tmp_path / "here"
+    here.mkdir()
+    marker = tmp_path / "planted-module-ran"
+    (here / "uvloop.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n"
+    )
+    (tmp_path / "fn.py").write_text("def on_track(event, settings):\n    print('ran')\n")
+    result = subprocess.run(
+        [str(script), "run-function", str(tmp_path / "fn.py"), "--event", "-"],
+        input='{"type": "track", "event": "e", "userId": "u"}', capture_output=True,
+        text=True, timeout=60, cwd=here,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "outcome: delivered" in result.stdout
+    assert not marker.exists()
 
 
 def test_run_function_retryable_failure_from_fetch(files):

@@ -11,6 +11,7 @@ import base64
 import ctypes
 import logging
 import os
+import pwd
 import resource
 import signal
 import sys
@@ -605,8 +606,26 @@ def _tie_to_daemon() -> None:
         pass  # not Linux: the closed pipe still ends the worker once its loop runs
 
 
+def _run_as(uid: int) -> None:
+    """Become user `uid` (its primary group, no supplementary ones) for good, before any
+    function code runs. Exits if it cannot: no function runs with more rights than asked."""
+    try:
+        gid = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        gid = uid  # nobody has no passwd entry here: its usual group id, 65534 too
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as exc:
+        sys.stderr.write(f"cannot run as user {uid}: {exc}\n")
+        os._exit(70)
+
+
 def main(argv: list[str]) -> None:
     read_fd, write_fd, memory_limit = int(argv[0]), int(argv[1]), int(argv[2])
+    if len(argv) > 3 and int(argv[3]) >= 0:
+        _run_as(int(argv[3]))
     # Passed to it as inheritable: not to what a function starts (os.system, subprocess),
     # which would keep the daemon from seeing this worker exit while that process runs.
     os.set_inheritable(read_fd, False)

@@ -82,6 +82,9 @@ class Spec:
     # it records before cutting it short. A function declares more with SETTINGS.
     secrets: tuple[str, ...] = ()
     threads: int = 8  # plain `def` handlers running at once: the destination's concurrency
+    # A user id the worker switches to as it starts (its group too, no other groups), before
+    # any function code runs: check-config run as root runs function files as nobody.
+    run_as: int | None = None
 
 
 @dataclass
@@ -173,8 +176,11 @@ async def spawn(
     env.update(MALLOC_ARENA_MAX="2", PYTHONUNBUFFERED="1")
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "destfnd.sandbox.child",
+            # -P: not the current folder first on sys.path, as -m would put it: a `uvloop.py`
+            # there would run in every worker, as whoever ran check-config or run-function.
+            sys.executable, "-P", "-m", "destfnd.sandbox.child",
             str(to_child_r), str(from_child_w), str(spec.memory_limit_bytes),
+            str(-1 if spec.run_as is None else spec.run_as),
             pass_fds=(to_child_r, from_child_w),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
