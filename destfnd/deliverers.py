@@ -28,7 +28,7 @@ def make_deliverer(
 ) -> Deliverer:
     builtin: Deliverer | None = None
     if dest.kind == "webhook":
-        builtin = Webhook(dest)
+        builtin = Webhook(dest, redactor)
     elif dest.kind == "file":
         builtin = FileSink(dest)
     if dest.kind == "function" or dest.insert_function is not None:

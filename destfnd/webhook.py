@@ -34,6 +34,7 @@ from destfnd.paths import (
     open_checked,
     permission_only,
 )
+from destfnd.redact import Redactor
 
 # Retried as the contract says: server errors, request timeout, rate limiting.
 _RETRY_STATUSES = frozenset({408, 429})
@@ -50,8 +51,12 @@ log = structlog.get_logger("destfnd.file")
 
 
 class Webhook:
-    def __init__(self, cfg: DestinationConfig) -> None:
+    def __init__(self, cfg: DestinationConfig, redactor: Redactor | None = None) -> None:
         assert cfg.url is not None
+        # What the server sends back is redacted here, before it is cut short: a secret it
+        # echoes (a header's) across the cut would no longer be found by the dispatcher,
+        # which redacts it all again.
+        self._redactor = redactor or Redactor()
         self._url = cfg.url.value if isinstance(cfg.url, Secret) else cfg.url
         self._timeout_s = cfg.timeout_s
         self._headers = {
@@ -113,15 +118,17 @@ class Webhook:
                 # The status decides; the body is read after, within what is left of
                 # `timeout`. If it does not arrive whole, the connection is closed instead
                 # of reused, and the outcome stands: a 200 whose body stalls was delivered.
-                outcome = _outcome(resp)
+                outcome = _outcome(resp, self._redactor)
                 try:
                     if outcome is DELIVERED:
                         await _drain(resp)
                     else:
                         # To the Event Delivery view only: it may echo the event, and the
                         # error message is logged.
-                        text = await resp.content.read(_MAX_ERROR_BODY)
-                        request["response_body"] = text.decode("utf-8", "replace")
+                        margin = 4 * self._redactor.longest  # bytes: 4 a character at most
+                        data = await resp.content.read(_MAX_ERROR_BODY + margin)
+                        text = self._redactor(data.decode("utf-8", "replace"))
+                        request["response_body"] = text[:_MAX_ERROR_BODY]
                 except TimeoutError:
                     resp.close()
                     request["response_body_error"] = "did not arrive within the timeout"
@@ -136,8 +143,9 @@ class Webhook:
             return retry(ErrorType.RETRY, client_error_text(exc)), unreachable
 
 
-def _outcome(resp: aiohttp.ClientResponse) -> Outcome:
-    """What a response's status and headers mean for the delivery."""
+def _outcome(resp: aiohttp.ClientResponse, redact: Redactor) -> Outcome:
+    """What a response's status and headers mean for the delivery; `redact`: before the
+    Location is cut short (a secret across the cut would be found no more)."""
     if 200 <= resp.status < 300:
         return DELIVERED
     message = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
@@ -145,7 +153,7 @@ def _outcome(resp: aiohttp.ClientResponse) -> Outcome:
         # Not followed: after a 301, 302 or 303 the POST would arrive as a GET without the
         # event, and a redirect elsewhere would carry the configured headers (maybe secrets)
         # to another host. Retried, so nothing is lost while the url is corrected.
-        where = resp.headers.get("Location", "")[:200]
+        where = redact(resp.headers.get("Location", ""))[:200]
         to = f" to {where}" if where else ""
         return retry(ErrorType.RETRY, f"{message}{to}: redirects are not followed")
     if resp.status >= 500 or resp.status in _RETRY_STATUSES:

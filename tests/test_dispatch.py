@@ -307,6 +307,44 @@ async def test_dispatch_a_webhook_url_may_be_a_secret(tmp_path, monkeypatch):
     assert "sekrit" not in shown.stdout + shown.stderr
 
 
+async def test_dispatch_a_secret_a_webhook_echoes_across_a_cut_leaves_no_part(
+    tmp_path, monkeypatch, capfd
+):
+    """A server that echoes a secret header back, in a failed response's body or in a
+    redirect's Location, just where destfnd cuts them short (4,096 bytes, 200 characters):
+    the secret is redacted before the cut. 34 of its 35 characters were left in the Event
+    Delivery view, the database and the journal."""
+    secret = "hooktok_SECRET_0123456789abcdefghij"
+    body = "x" * (4096 - 34) + secret
+    location = "https://e.example/" + "p" * (200 - 18 - 34) + secret
+
+    def reply(n: int, request: object) -> Reply:
+        if n == 0:
+            return Reply(400, body=body)
+        return Reply(302, headers={"Location": location})
+
+    monkeypatch.setenv("DESTFND_TEST_TOKEN", secret)
+    async with Sink(reply) as sink:
+        dest = (
+            f'[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = "{sink.url}"\n'
+            'concurrency = 1\nheaders = { "X-Token" = { env = "DESTFND_TEST_TOKEN" } }\n'
+            "[destinations.retry]\nmax_attempts = 1\n"
+        )
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 2)
+            rows = await d.wait_for_status({"discarded", "expired"}, 2)
+    assert sorted(r["status"] for r in rows) == ["discarded", "expired"]
+    assert sink.requests[0].headers["X-Token"] == secret  # the header went out
+    shown = run_cli("deliveries", "--config", str(tmp_path / "destfnd.toml"), "--json")
+    assert "[redacted]" in shown.stdout
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("db*") if p.is_file())
+    logged = capfd.readouterr().err
+    for part in (secret[:12], secret[-12:]):
+        assert part not in shown.stdout, part
+        assert part.encode() not in stored, part
+        assert part not in logged, part
+
+
 @pytest.mark.parametrize("insert", [False, True])
 async def test_dispatch_a_retry_after_on_429_pauses_the_whole_destination(tmp_path, insert):
     """A rate-limited downstream (429 with Retry-After) wants every request to wait, not only
