@@ -87,7 +87,11 @@ class _ToStructlog(logging.Handler):
     """A standard-library record as a structlog line: `event` is its message, `logger` its
     name. What a client causes by sending a malformed request or going away in the middle of
     one, which aiohttp's server logs with a traceback although the daemon is fine, is an
-    `http_client_error` line at `info`, naming the error, without the traceback."""
+    `http_client_error` line at `info`, naming the error, without the traceback, nor the
+    bytes aiohttp quotes from the request (a write key, an event); at a bounded rate, as
+    anyone can send malformed requests as fast as they like."""
+
+    _client_errors = Throttle(per_s=10.0, burst=100)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -97,8 +101,11 @@ class _ToStructlog(logging.Handler):
             level = max(lv for lv in _LEVELS.values() if lv <= max(record.levelno, 10))
             fields: dict[str, Any] = {"logger": record.name}
             if exc is not None and record.name.startswith("aiohttp.") and _client_error(exc):
-                fields["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
-                log.info("http_client_error", detail=record.getMessage(), **fields)
+                more = self._client_errors.fields()
+                if more is None:
+                    return
+                fields["error"] = f"{type(exc).__name__}: {_error_words(exc)}"
+                log.info("http_client_error", detail=record.getMessage(), **fields, **more)
                 return
             if record.exc_info:
                 fields["exc_info"] = record.exc_info
@@ -115,9 +122,15 @@ def _client_error(exc: BaseException) -> bool:
     return any(c.__module__ == "aiohttp.http_exceptions" for c in type(exc).__mro__)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The error on one line: aiohttp's parse errors spread theirs over several."""
-    return " ".join(str(getattr(exc, "message", None) or exc).split())[:200]
+def _error_words(exc: BaseException) -> str:
+    """The error's own words, on one line, without what it quotes of the request: aiohttp's
+    parse errors add the bytes they stopped at (`Invalid header value char: b'Authorization:
+    Basic ...'`, `Bad status line 'POST ...'`), which may hold a write key or an event."""
+    text = " ".join(str(getattr(exc, "message", None) or exc).split())
+    quoted = min((i for i in (text.find("'"), text.find('"')) if i >= 0), default=len(text))
+    if quoted < len(text):
+        text = text[:quoted].rstrip(" :b")
+    return text[:200]
 
 
 class _Tolerant:

@@ -25,6 +25,20 @@ except ConnectionResetError:
     logging.getLogger("asyncio").exception("Task exception was never retrieved")
 logging.getLogger("somelib").log(35, "between warning and error")
 logging.getLogger("somelib").info("below the root's warning level: dropped")
+# Anyone can send malformed requests as fast as they like: a burst of lines, then a rate,
+# never the bytes aiohttp quotes (a write key here).
+import time
+quoted = "Invalid header value char:\\n\\n  b'Authorization: Basic d2tfc2VjcmV0Og=='\\n  ^"
+for _ in range(150):
+    try:
+        raise BadHttpMessage(quoted)
+    except BadHttpMessage:
+        server.exception("Error handling request from %s", "127.0.0.1")
+time.sleep(0.3)
+try:
+    raise BadHttpMessage("Bad status line 'POST /v1/track?writeKey=wk_secret HTTP/1.1'")
+except BadHttpMessage:
+    server.exception("Error handling request from %s", "127.0.0.1")
 """
 
 
@@ -34,9 +48,9 @@ def test_stdlib_records_are_one_json_line_each_and_client_errors_have_no_traceba
     )
     assert done.returncode == 0, done.stderr
     lines = [orjson.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
-    client, task, odd = lines
+    client, task, odd, *flood = lines
     assert client["event"] == "http_client_error" and client["level"] == "info"
-    assert client["error"] == "BadHttpMessage: Duplicate Content-Length: b'Content-Length: 11'"
+    assert client["error"] == "BadHttpMessage: Duplicate Content-Length"
     assert client["logger"] == "aiohttp.server" and "exception" not in client
     # The same kind of error from the daemon's own task is no client's: kept, with traceback.
     assert task["event"] == "Task exception was never retrieved" and task["level"] == "error"
@@ -46,6 +60,12 @@ def test_stdlib_records_are_one_json_line_each_and_client_errors_have_no_traceba
         "warning",
         "somelib",
     )
+    assert {line["event"] for line in flood} == {"http_client_error"}
+    assert 99 <= len(flood) <= 102  # the burst of 100 (1 went above), then 10 a second
+    assert flood[0]["error"] == "BadHttpMessage: Invalid header value char"
+    assert flood[-1]["error"] == "BadHttpMessage: Bad status line"
+    assert flood[-1]["not_logged"] >= 48
+    assert "d2tfc2VjcmV0" not in done.stderr and "wk_secret" not in done.stderr
 
 
 def test_throttle_lets_a_burst_then_a_rate_through_and_counts_the_rest():
