@@ -18,6 +18,22 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}  # fmt: skip
 
 
+# Control characters (C0 but tab, DEL, C1) as escapes: what a sender or a remote server put
+# in a messageId, a log line or a response body must not move the cursor, recolour the
+# terminal or forge a line of the output.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c != 0x09}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r"})
+# Bidirectional controls, which reorder what follows them on screen ("Trojan Source"), and
+# the Unicode line and paragraph separators.
+_BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)
+_ESCAPES.update({c: f"\\u{c:04x}" for c in _BIDI})
+
+
+def printable(value: object) -> str:
+    """`value` as text that is safe to print on a terminal, on one line."""
+    return str(value).translate(_ESCAPES)
+
+
 class Throttle:
     """Lines of one kind that someone else can make as fast as they like (any client's
     refused requests, a function's stray output): `burst` at once, then `per_s` a second (a
@@ -66,7 +82,8 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
         factory = structlog.BytesLoggerFactory(_Tolerant(sys.stderr.buffer))
     else:
-        processors.append(structlog.dev.ConsoleRenderer())
+        # On a terminal: what a client sent (a path, a header) must not drive it.
+        processors += [_printable_values, structlog.dev.ConsoleRenderer()]
         factory = structlog.PrintLoggerFactory(_Tolerant(sys.stderr))
     structlog.configure(
         processors=processors,
@@ -81,6 +98,10 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         root.removeHandler(handler)
     root.addHandler(_ToStructlog())
     root.setLevel(max(_LEVELS.get(level, logging.INFO), logging.WARNING))
+
+
+def _printable_values(_logger: Any, _name: str, event: dict) -> dict:
+    return {k: printable(v) if isinstance(v, str) else v for k, v in event.items()}
 
 
 class _ToStructlog(logging.Handler):

@@ -15,6 +15,7 @@ import orjson
 from destfnd import spec as segment_spec
 from destfnd.config import RetryPolicy, env_names, secrets_in
 from destfnd.errors import DestfndError
+from destfnd.logs import printable
 from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType, clip_error
 from destfnd.redact import Redactor, redact_tree
 from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
@@ -188,22 +189,6 @@ async def run(
         report["events"] = redact_tree(redact, out)
     ok = all(o["kind"] in ("ok", "drop") for o in reply["outcomes"])
     return RunResult(ok, report)
-
-
-# Control characters (C0 but tab, DEL, C1) as escapes: what a sender or a remote server put
-# in a messageId, a log line or a response body must not move the cursor, recolour the
-# terminal or forge a line of the output.
-_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c != 0x09}
-_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r"})
-# Bidirectional controls, which reorder what follows them on screen ("Trojan Source"), and
-# the Unicode line and paragraph separators.
-_BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)
-_ESCAPES.update({c: f"\\u{c:04x}" for c in _BIDI})
-
-
-def printable(value: object) -> str:
-    """`value` as text that is safe to print on a terminal, on one line."""
-    return str(value).translate(_ESCAPES)
 
 
 def request_lines(req: dict, indent: str) -> list[str]:

@@ -82,3 +82,21 @@ def test_throttle_lets_a_burst_then_a_rate_through_and_counts_the_rest():
     assert throttle.held == 0
     now[0] += 1000  # a long quiet: back to the burst, no more
     assert [throttle.allow() for _ in range(4)] == [0, 0, 0, None]
+
+
+def test_console_lines_escape_what_a_client_sent():
+    """On a terminal (the console format), a value from a request, such as the path of a
+    refused one, is shown escaped: a client's ESC sequences would clear the operator's
+    screen or set its title."""
+    script = (
+        "import structlog\nfrom destfnd import logs\nlogs.setup('info', 'console')\n"
+        "structlog.get_logger().info('request_rejected', path='/\\x1b[2J\\x1b]0;OWNED\\x07x')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "\x1b[2J" not in done.stderr and "\x1b]0;" not in done.stderr and "\x07" not in done.stderr
+    )
+    assert "/\\x1b[2J\\x1b]0;OWNED\\x07x" in done.stderr
