@@ -112,14 +112,21 @@ class DatabaseLock:
     the process's POSIX locks on it)."""
 
     def __init__(self, path: Path) -> None:
+        beside = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             real = Path(os.path.realpath(path))
-            self._beside: int | None = _open_regular(real.parent / f"{real.name}.lock", os.O_WRONLY)
+            beside = real.parent / f"{real.name}.lock"
+            # Not through a link: one the daemon's user (or a function, running as that user)
+            # put there would have a command run as root create a file where it leads.
+            self._beside: int | None = _open_regular(beside, os.O_WRONLY | os.O_NOFOLLOW)
+            if os.geteuid() == 0:
+                _owned_as_database(self._beside, real)
         except OSError as exc:
-            raise StoreError(
-                f"{path}: cannot create the database's lock file: {exc.strerror}"
-            ) from None
+            why = exc.strerror
+            if exc.errno == errno.ELOOP and beside is not None:
+                why = f"{beside} is a symbolic link (remove it)"
+            raise StoreError(f"{path}: cannot create the database's lock file: {why}") from None
         self._file: int | None = None
         # An empty file that was there (not one made here): see `_open_store`.
         self.found_empty = False
@@ -155,6 +162,19 @@ class DatabaseLock:
         if self._file is not None:
             os.close(self._file)
             self._file = None
+
+
+def _owned_as_database(fd: int, real: Path) -> None:
+    """The lock file `fd` owned as the database (or its folder, before there is one): a
+    command run as root must not leave a lock the daemon's user cannot open (it would not
+    start again), as SQLite gives its -wal and -shm files the database's owner."""
+    try:
+        owner = os.stat(real)
+    except FileNotFoundError:
+        owner = os.stat(real.parent)
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def _open_regular(path: Path, mode: int) -> int:

@@ -388,7 +388,9 @@ async def _check_destination(
         ready = await pool.start()
     except InitError as exc:
         problem = _load_problem(exc, dest, where, redact)
-        if spec.run_as is not None:
+        if spec.run_as is not None and any(
+            name in str(exc) for name in ("PermissionError", "ModuleNotFoundError", "ImportError")
+        ):
             problem += (
                 " (run as root, check-config loads function files as user nobody, as the"
                 " service's dynamic user would: can that user read the file's folder?)"

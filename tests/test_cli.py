@@ -565,6 +565,48 @@ def test_cli_check_config_as_root_runs_function_files_as_nobody():
         shutil.rmtree(base)
 
 
+def test_cli_run_as_root_on_the_daemons_database_leaves_its_lock_to_the_daemons_user():
+    """`sudo destfnd discard` on a database the daemon's user owns: the lock file it takes
+    is that user's (a root-owned one kept the daemon from starting again, exit 4), and a
+    symbolic link put at the lock's name (by that user, or a function running as it) is not
+    followed (root created an empty file where it led)."""
+    if os.geteuid() != 0:
+        pytest.skip("not running as root")
+    from destfnd.store import open_db
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="destfnd-lock-"))
+    try:
+        state = base / "state"
+        state.mkdir()
+        open_db(state / "db.sqlite3").close()
+        for item in (state, *state.iterdir()):
+            os.chown(item, nobody.pw_uid, nobody.pw_gid)
+        config = base / "destfnd.toml"
+        config.write_text(
+            f'[storage]\npath = "{state}/db.sqlite3"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        )
+        result = run_cli("discard", "--config", str(config), "--destination", "gone")
+        assert result.returncode == 0, result.stderr
+        lock = state / "db.sqlite3.lock"
+        assert (lock.stat().st_uid, lock.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+        lock.unlink()
+        target = base / "made-by-root"
+        lock.symlink_to(target)
+        result = run_cli("discard", "--config", str(config), "--destination", "gone")
+        assert result.returncode == 0, result.stderr  # as with a daemon running: not stale
+        assert not target.exists()
+        # What serve says of it (exit 4).
+        from destfnd.daemon import DatabaseLock
+        from destfnd.store import StoreError
+
+        with pytest.raises(StoreError, match=r"db\.sqlite3\.lock is a symbolic link"):
+            DatabaseLock(state / "db.sqlite3")
+        assert not target.exists()
+    finally:
+        shutil.rmtree(base)
+
+
 def test_cli_check_config_findings_that_depend_on_permissions_are_warnings():
     """check-config may run as another user than serve (root, for a service with a dynamic
     user): what it cannot write is a warning, saying so, not a problem. Run as nobody when
