@@ -82,8 +82,7 @@ _AUTH_CACHE_SIZE = 1024
 # and 2 KB of gzip inflate to 2 MB, so anyone could otherwise keep the event loop busy
 # without a key. Smaller bodies are parsed first, for the exact error.
 _SCAN_BODY_KEY_OVER = 64 * 1024
-_BODY_KEY = re.compile(rb'"writeKey"\s*:\s*("(?:[^"\\]|\\.){0,1024}")')
-_BODY_KEYS_TRIED = 16
+_BODY_KEYS_TRIED = 16  # "writeKey"s looked at, whatever follows each: the work is bounded
 # Ingest paths and the event type each implies (None: a batch, each message with its own).
 # /v1/b: analytics.js with deliveryStrategy "batching" posts its batches there.
 _ROUTES: dict[str, str | None] = {
@@ -114,6 +113,13 @@ class Ingest:
         self._on_commit = on_commit
         self._clock = clock
         self._sources = {s.write_key.value: s.name for s in cfg.sources}
+        # A "writeKey" member with a string no longer than the longest key as JSON may write
+        # it (each character escaped at worst: 12 for one outside the BMP): each try is
+        # bounded by that, not by the body.
+        longest = max((12 * len(key) for key in self._sources), default=0)
+        self._body_key = re.compile(
+            rb'"writeKey"\s{0,64}:\s{0,64}("(?:[^"\\]|\\.){0,%d}")' % longest
+        )
         self._rejections = Throttle(per_s=REJECTED_LINES_PER_S, burst=REJECTED_LINES_BURST)
         self._commit_failures = Throttle(per_s=1.0, burst=10)
         self._skip_invalid = cfg.server.invalid_events == "skip"
@@ -255,9 +261,15 @@ class Ingest:
 
     def _known_key_in(self, raw: bytes) -> bool:
         """Whether one of the first "writeKey"s in the text of `raw` is a source's."""
-        for tried, match in enumerate(_BODY_KEY.finditer(raw)):
-            if tried >= _BODY_KEYS_TRIED:
-                break
+        at = 0
+        for _ in range(_BODY_KEYS_TRIED):
+            at = raw.find(b'"writeKey"', at)
+            if at < 0:
+                return False
+            match = self._body_key.match(raw, at)
+            at += len(b'"writeKey"')
+            if match is None:
+                continue
             try:
                 value = orjson.loads(match.group(1))
             except orjson.JSONDecodeError:

@@ -342,6 +342,9 @@ async def test_ingest_a_big_body_with_its_write_key_at_the_end_is_accepted(
              "properties": {"pad": "x" * 1000}}
             for i in range(100)
         ]  # fmt: skip
+        # Other "writeKey"s first (a long string, not a key; not a string): looked past.
+        events[0]["properties"]["writeKey"] = "k" * 5000
+        events[1]["properties"]["writeKey"] = 12
         body = orjson.dumps({"batch": events, "sentAt": "2026-12-07T09:00:00Z"})
         assert len(body) > 100_000
         body = body[:-1] + b', "writeKey": ' + json.dumps(WRITE_KEY).encode() + b"}"
