@@ -173,8 +173,11 @@ def _owned_as_database(fd: int, real: Path) -> None:
     except FileNotFoundError:
         owner = os.stat(real.parent)
     st = os.fstat(fd)
-    if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
-        os.fchown(fd, owner.st_uid, owner.st_gid)
+    # Only a lock root owns (made now, or by an earlier command) and that has no other name:
+    # a hard link planted at the lock's name would give its file (root's) to that owner.
+    wanted = (owner.st_uid, owner.st_gid)
+    if st.st_uid == 0 and st.st_nlink == 1 and (st.st_uid, st.st_gid) != wanted:
+        os.fchown(fd, *wanted)
 
 
 def _open_regular(path: Path, mode: int) -> int:

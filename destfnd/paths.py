@@ -44,14 +44,14 @@ def open_checked(path: Path, flags: int, check: Callable[[os.stat_result], None]
 
 def irregular_companion(real: Path, ends: tuple[str, ...] = DATABASE_COMPANIONS) -> Path | None:
     """The first file kept beside the database `real` (by the ends of its name) that is
-    there but not a regular file. SQLite does not follow a link at -wal, -shm or -journal;
-    destfnd's lock does (and one linked to nothing is created where it leads)."""
+    there but not a regular file (a symbolic link included: SQLite does not follow one at
+    -wal, -shm or -journal, nor destfnd at its lock)."""
     for end in ends:
         companion = Path(f"{real}{end}")
         if not os.path.lexists(companion):
             continue
         try:
-            st = os.stat(companion) if end == ".lock" else os.lstat(companion)
+            st = os.lstat(companion)
         except FileNotFoundError:
             continue
         if not stat.S_ISREG(st.st_mode):
@@ -125,4 +125,8 @@ def database_problem(path: Path) -> PathProblem | None:
 
 def _companions_problem(path: Path, real: Path) -> PathProblem | None:
     companion = irregular_companion(real)
-    return None if companion is None else PathProblem(f"{path}: {companion} is not a regular file")
+    if companion is None:
+        return None
+    if os.path.islink(companion):
+        return PathProblem(f"{path}: {companion} is a symbolic link (remove it)")
+    return PathProblem(f"{path}: {companion} is not a regular file")

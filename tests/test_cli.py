@@ -591,6 +591,15 @@ def test_cli_run_as_root_on_the_daemons_database_leaves_its_lock_to_the_daemons_
         lock = state / "db.sqlite3.lock"
         assert (lock.stat().st_uid, lock.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
         lock.unlink()
+        # A hard link to root's file at the lock's name: used as the lock, not given away.
+        victim = base / "roots-file"
+        victim.write_text("root's")
+        victim.chmod(0o600)
+        os.link(victim, lock)
+        result = run_cli("discard", "--config", str(config), "--destination", "gone")
+        assert result.returncode == 0, result.stderr
+        assert (victim.stat().st_uid, victim.stat().st_mode & 0o777) == (0, 0o600)
+        lock.unlink()
         target = base / "made-by-root"
         lock.symlink_to(target)
         result = run_cli("discard", "--config", str(config), "--destination", "gone")
@@ -692,6 +701,8 @@ def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path)
     (tmp_path / "to-nowhere").symlink_to(tmp_path / "gone")
     (tmp_path / "linked.sqlite3").write_text("")
     (tmp_path / "linked.sqlite3-wal").symlink_to(tmp_path / "gone")  # SQLite would not follow
+    (tmp_path / "lockln.sqlite3").write_text("")
+    (tmp_path / "lockln.sqlite3.lock").symlink_to(tmp_path / "a-file")  # nor destfnd's lock
     t = tmp_path
     cases = [
         ("new/db.sqlite3", None, None),
@@ -706,8 +717,11 @@ def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path)
          f"cannot open the database: {t}/wal.sqlite3-wal is not a regular file"),
         ("to-nowhere/db.sqlite3", f"{t}/to-nowhere/db.sqlite3: cannot create it: {t}/to-nowhere "
          "is not a folder", "cannot create the database's lock file"),
-        ("linked.sqlite3", f"{t}/linked.sqlite3: {t}/linked.sqlite3-wal is not a regular file",
-         f"cannot open the database: {t}/linked.sqlite3-wal is not a regular file"),
+        ("linked.sqlite3", f"{t}/linked.sqlite3: {t}/linked.sqlite3-wal is a symbolic link "
+         "(remove it)", f"cannot open the database: {t}/linked.sqlite3-wal is not a regular file"),
+        ("lockln.sqlite3", f"{t}/lockln.sqlite3: {t}/lockln.sqlite3.lock is a symbolic link "
+         "(remove it)", f"cannot create the database's lock file: {t}/lockln.sqlite3.lock is a "
+         "symbolic link (remove it)"),
     ]  # fmt: skip
     for path, problem, served in cases:
         config = tmp_path / "destfnd.toml"
