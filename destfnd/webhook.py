@@ -40,7 +40,7 @@ from destfnd.redact import Redactor
 _RETRY_STATUSES = frozenset({408, 429})
 # Their Retry-After pauses the whole destination: rate limited, or down for maintenance.
 _PAUSE_STATUSES = frozenset({429, 503})
-_MAX_ERROR_BODY = 4096  # bytes of a failed response's body kept on the attempt
+_MAX_ERROR_BODY = 4096  # characters of a failed response's body kept on the attempt
 _MAX_DRAIN = 1024 * 1024  # bytes of a 2xx answer read (and dropped) before its connection closes
 # A server that cannot be reached pauses the destination this long, doubling while it stays so
 # (one pause for the requests that fail together), up to the last.
@@ -104,6 +104,14 @@ class Webhook:
         self._unreachable_until = now + self._unreachable_s
         return self._unreachable_s
 
+    async def _error_body(self, resp: aiohttp.ClientResponse) -> str:
+        """The first _MAX_ERROR_BODY characters of a failed response's body, redacted before
+        they are cut: the text read reaches past the cut by the longest secret, so one that
+        starts before it is there whole."""
+        window = _MAX_ERROR_BODY + self._redactor.longest  # characters
+        data = await _read_up_to(resp, 4 * window)  # (a character: 4 bytes at most)
+        return self._redactor(data.decode("utf-8", "replace")[:window])[:_MAX_ERROR_BODY]
+
     async def _post(
         self, payloads: list[bytes], batched: bool, request: dict
     ) -> tuple[Outcome, bool]:
@@ -125,10 +133,7 @@ class Webhook:
                     else:
                         # To the Event Delivery view only: it may echo the event, and the
                         # error message is logged.
-                        margin = 4 * self._redactor.longest  # bytes: 4 a character at most
-                        data = await resp.content.read(_MAX_ERROR_BODY + margin)
-                        text = self._redactor(data.decode("utf-8", "replace"))
-                        request["response_body"] = text[:_MAX_ERROR_BODY]
+                        request["response_body"] = await self._error_body(resp)
                 except TimeoutError:
                     resp.close()
                     request["response_body_error"] = "did not arrive within the timeout"
@@ -141,6 +146,17 @@ class Webhook:
         except aiohttp.ClientError as exc:
             unreachable = isinstance(exc, aiohttp.ClientConnectorError)
             return retry(ErrorType.RETRY, client_error_text(exc)), unreachable
+
+
+async def _read_up_to(resp: aiohttp.ClientResponse, size: int) -> bytes:
+    """Up to `size` bytes of the body, however the server splits its writes."""
+    data = b""
+    while len(data) < size:
+        chunk = await resp.content.read(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _outcome(resp: aiohttp.ClientResponse, redact: Redactor) -> Outcome:

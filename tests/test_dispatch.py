@@ -316,11 +316,12 @@ async def test_dispatch_a_secret_a_webhook_echoes_across_a_cut_leaves_no_part(
     Delivery view, the database and the journal."""
     secret = "hooktok_SECRET_0123456789abcdefghij"
     body = "x" * (4096 - 34) + secret
+    wide = "é" * 2241 + secret  # 2 bytes a character: the cut is in characters
     location = "https://e.example/" + "p" * (200 - 18 - 34) + secret
 
     def reply(n: int, request: object) -> Reply:
-        if n == 0:
-            return Reply(400, body=body)
+        if n < 2:
+            return Reply(400, body=[body, wide][n])
         return Reply(302, headers={"Location": location})
 
     monkeypatch.setenv("DESTFND_TEST_TOKEN", secret)
@@ -331,9 +332,9 @@ async def test_dispatch_a_secret_a_webhook_echoes_across_a_cut_leaves_no_part(
             "[destinations.retry]\nmax_attempts = 1\n"
         )
         async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
-            await send(d, 2)
-            rows = await d.wait_for_status({"discarded", "expired"}, 2)
-    assert sorted(r["status"] for r in rows) == ["discarded", "expired"]
+            await send(d, 3)
+            rows = await d.wait_for_status({"discarded", "expired"}, 3)
+    assert sorted(r["status"] for r in rows) == ["discarded", "discarded", "expired"]
     assert sink.requests[0].headers["X-Token"] == secret  # the header went out
     shown = run_cli("deliveries", "--config", str(tmp_path / "destfnd.toml"), "--json")
     assert "[redacted]" in shown.stdout
