@@ -87,6 +87,10 @@ def spec_for(dest: DestinationConfig, hidden_env: tuple[str, ...] = ()) -> Spec:
     )
 
 
+# Load failures that may be nobody's alone (see _check_destination).
+_AS_NOBODY_ONLY = ("PermissionError", "ModuleNotFoundError", "ImportError", "cannot run as user")
+
+
 def _nobody() -> int:
     try:
         return pwd.getpwnam("nobody").pw_uid
@@ -388,13 +392,15 @@ async def _check_destination(
         ready = await pool.start()
     except InitError as exc:
         problem = _load_problem(exc, dest, where, redact)
-        if spec.run_as is not None and any(
-            name in str(exc) for name in ("PermissionError", "ModuleNotFoundError", "ImportError")
-        ):
-            problem += (
-                " (run as root, check-config loads function files as user nobody, as the"
-                " service's dynamic user would: can that user read the file's folder?)"
-            )
+        if spec.run_as is not None and any(name in str(exc) for name in _AS_NOBODY_ONLY):
+            # Maybe nobody's failure only (a module, a package or Python itself it cannot
+            # read; a container that cannot switch users): serve's user may not meet it.
+            # A warning, as check-config's other findings that depend on the user.
+            return [], [
+                f"{problem} (run as root, check-config loads function files as user nobody,"
+                " never as root: check that the service's user can read the function's folder,"
+                " its modules and packages)"
+            ]
         return [problem], []
     finally:
         await pool.close()
