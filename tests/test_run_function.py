@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 from support import FIXTURES, Sink, process_running, run_cli
+
+import destfnd
 
 FUNCTION = """
 from destfnd.functions import RetryError, ValidationError, fetch
@@ -109,6 +113,26 @@ def test_run_function_workers_do_not_import_from_the_current_folder(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "outcome: delivered" in result.stdout
     assert not marker.exists()
+
+
+def test_run_function_from_a_source_checkout_runs_its_destfnd_in_the_worker(tmp_path):
+    """`python -m destfnd` run in a source tree takes destfnd from there: its workers, which
+    do not get the current folder on sys.path (-P), are given that folder, so they run the
+    same destfnd (not an installed one, nor none at all)."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(destfnd.__file__).parent, checkout / "destfnd",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    (tmp_path / "fn.py").write_text(
+        "import destfnd\ndef on_track(event, settings):\n    print(destfnd.__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-m", "destfnd", "run-function", str(tmp_path / "fn.py"), "--event",
+         "-"], input='{"type": "track", "event": "e", "userId": "u"}', capture_output=True,
+        text=True, timeout=60, cwd=checkout, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{checkout}/destfnd/__init__.py" in result.stdout, result.stdout
 
 
 def test_run_function_retryable_failure_from_fetch(files):

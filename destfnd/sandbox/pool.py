@@ -161,6 +161,18 @@ def read_code(spec: Spec) -> dict[str, str]:
     return code
 
 
+def _found_through_cwd() -> str | None:
+    """The folder this process found destfnd in, if that was its current folder (`python -m
+    destfnd` in a source checkout): workers start with -P, without it on their sys.path, so
+    they are given that folder alone, and run the same destfnd as the daemon."""
+    import destfnd
+
+    if sys.flags.safe_path or not sys.path or sys.path[0] not in ("", os.getcwd()):
+        return None
+    home = Path(destfnd.__file__).resolve().parent.parent
+    return str(home) if home == Path.cwd().resolve() else None
+
+
 async def spawn(
     spec: Spec,
     on_exit: Callable[[Worker, str], None] | None = None,
@@ -174,6 +186,8 @@ async def spawn(
     from_child_r, from_child_w = os.pipe()
     env = {k: v for k, v in os.environ.items() if k not in spec.hidden_env}
     env.update(MALLOC_ARENA_MAX="2", PYTHONUNBUFFERED="1")
+    if (home := _found_through_cwd()) is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (home, env.get("PYTHONPATH"))))
     try:
         proc = await asyncio.create_subprocess_exec(
             # -P: not the current folder first on sys.path, as -m would put it: a `uvloop.py`
