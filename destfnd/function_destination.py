@@ -6,8 +6,11 @@ Turns worker replies into Reports; never runs user code itself.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
+import re
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -87,8 +90,24 @@ def spec_for(dest: DestinationConfig, hidden_env: tuple[str, ...] = ()) -> Spec:
     )
 
 
-# Load failures that may be nobody's alone (see _check_destination).
-_AS_NOBODY_ONLY = ("PermissionError", "ModuleNotFoundError", "ImportError", "cannot run as user")
+def _maybe_nobodys_alone(error: str, spec: Spec) -> bool:
+    """Whether a load that failed as nobody may succeed as the service's user (see
+    _check_destination): what nobody may not read, a worker that could not switch users,
+    or a module nobody could not find where this process (root) finds it."""
+    if "PermissionError" in error or "cannot run as user" in error:
+        return True
+    missing = re.search(r"ModuleNotFoundError: No module named '([^']+)'", error)
+    if missing is None:
+        return False
+    folders = [str(p.parent) for p in (spec.function, spec.insert) if p is not None]
+    saved = list(sys.path)
+    sys.path[:0] = folders  # where the worker looks first (the function's folder)
+    try:  # a top-level name: found, not imported (no code of it runs here, as root)
+        return importlib.util.find_spec(missing.group(1).split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+    finally:
+        sys.path[:] = saved
 
 
 def _nobody() -> int:
@@ -392,7 +411,7 @@ async def _check_destination(
         ready = await pool.start()
     except InitError as exc:
         problem = _load_problem(exc, dest, where, redact)
-        if spec.run_as is not None and any(name in str(exc) for name in _AS_NOBODY_ONLY):
+        if spec.run_as is not None and _maybe_nobodys_alone(str(exc), spec):
             # Maybe nobody's failure only (a module, a package or Python itself it cannot
             # read; a container that cannot switch users): serve's user may not meet it.
             # A warning, as check-config's other findings that depend on the user.

@@ -562,11 +562,14 @@ def test_cli_check_config_as_root_runs_function_files_as_nobody():
         assert "warning: destinations[0].function:" in result.stderr, result.stderr
         assert "PermissionError" in result.stderr, result.stderr
         assert "loads function files as user nobody" in result.stderr
-        # A function that is wrong whoever loads it is still a problem.
-        (base / "fn.py").write_text("raise RuntimeError('broken')\n")
-        result = run_cli("check-config", "--config", str(config))
-        assert result.returncode == 3, result.stderr
-        assert "RuntimeError: broken" in result.stderr and "user nobody" not in result.stderr
+        # A function that is wrong whoever loads it is still a problem: an error of its
+        # own, or a module that root cannot find either.
+        for code, error in (("raise RuntimeError('broken')\n", "RuntimeError: broken"),
+                            ("import no_such_module_here\n", "No module named")):  # fmt: skip
+            (base / "fn.py").write_text(code)
+            result = run_cli("check-config", "--config", str(config))
+            assert result.returncode == 3, result.stderr
+            assert error in result.stderr and "user nobody" not in result.stderr
     finally:
         shutil.rmtree(base)
 
