@@ -356,11 +356,17 @@ def test_run_function_ctrl_c_exits_130_quietly_and_ends_the_worker(files):
         f"    pathlib.Path({str(started)!r}).write_text(str(os.getpid()))\n"
         "    await asyncio.sleep(60)\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "destfnd", "run-function", str(files / "slow.py"),
-         "--event", str(files / "track.json"), "--timeout", "60"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # As from a terminal: SIGINT not ignored. A test run started as a background job (`cmd &`
+    # in a script, nohup) has it ignored, and a command inherits that: Ctrl-C does nothing.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "destfnd", "run-function", str(files / "slow.py"),
+             "--event", str(files / "track.json"), "--timeout", "60"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         deadline = time.monotonic() + 30
         while not started.exists() or not started.read_text():
