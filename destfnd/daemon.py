@@ -119,12 +119,19 @@ class DatabaseLock:
             beside = real.parent / f"{real.name}.lock"
             # Not through a link: one the daemon's user (or a function, running as that user)
             # put there would have a command run as root create a file where it leads.
-            self._beside: int | None = _open_regular(beside, os.O_WRONLY | os.O_NOFOLLOW)
-            if os.geteuid() == 0:
-                _owned_as_database(self._beside, real)
+            self._beside: int | None = _create_new(beside)
+            if self._beside is not None:
+                if os.geteuid() == 0:
+                    try:
+                        _owned_as_database(self._beside, real)
+                    except OSError:
+                        os.close(self._beside)
+                        raise
+            else:  # there already: used as it is, whoever owns it
+                self._beside = _open_regular(beside, os.O_WRONLY | os.O_NOFOLLOW)
         except OSError as exc:
             why = exc.strerror
-            if exc.errno == errno.ELOOP and beside is not None:
+            if beside is not None and os.path.islink(beside):
                 why = f"{beside} is a symbolic link (remove it)"
             raise StoreError(f"{path}: cannot create the database's lock file: {why}") from None
         self._file: int | None = None
@@ -164,20 +171,26 @@ class DatabaseLock:
             self._file = None
 
 
+def _create_new(path: Path) -> int | None:
+    """`path` created now, as a new empty file (never through a link); None if it is there."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        return os.open(path, flags, 0o644)
+    except FileExistsError:
+        return None
+
+
 def _owned_as_database(fd: int, real: Path) -> None:
-    """The lock file `fd` owned as the database (or its folder, before there is one): a
-    command run as root must not leave a lock the daemon's user cannot open (it would not
-    start again), as SQLite gives its -wal and -shm files the database's owner."""
+    """The lock file `fd`, which this process has just created, owned as the database (or
+    its folder, before there is one): a command run as root must not leave a lock the
+    daemon's user cannot open (it would not start again), as SQLite gives its -wal and -shm
+    files the database's owner. Only a file made here: one that was there may be another
+    file's other name (a hard link), which this would give away."""
     try:
         owner = os.stat(real)
     except FileNotFoundError:
         owner = os.stat(real.parent)
-    st = os.fstat(fd)
-    # Only a lock root owns (made now, or by an earlier command) and that has no other name:
-    # a hard link planted at the lock's name would give its file (root's) to that owner.
-    wanted = (owner.st_uid, owner.st_gid)
-    if st.st_uid == 0 and st.st_nlink == 1 and (st.st_uid, st.st_gid) != wanted:
-        os.fchown(fd, *wanted)
+    os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def _open_regular(path: Path, mode: int) -> int:

@@ -6,7 +6,6 @@ Turns worker replies into Reports; never runs user code itself.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pwd
 import re
@@ -90,24 +89,44 @@ def spec_for(dest: DestinationConfig, hidden_env: tuple[str, ...] = ()) -> Spec:
     )
 
 
+_NOT_AS_NOBODY = ("PermissionError", "Permission denied", "cannot run as user")
+
+
 def _maybe_nobodys_alone(error: str, spec: Spec) -> bool:
     """Whether a load that failed as nobody may succeed as the service's user (see
-    _check_destination): what nobody may not read, a worker that could not switch users,
-    or a module nobody could not find where this process (root) finds it."""
-    if "PermissionError" in error or "cannot run as user" in error:
+    _check_destination): a file nobody may not read (a module, an extension's library), a
+    worker that could not switch users, or a module nobody could not find where this
+    process (root) finds it."""
+    if any(text in error for text in _NOT_AS_NOBODY):
         return True
     missing = re.search(r"ModuleNotFoundError: No module named '([^']+)'", error)
     if missing is None:
         return False
     folders = [str(p.parent) for p in (spec.function, spec.insert) if p is not None]
-    saved = list(sys.path)
-    sys.path[:0] = folders  # where the worker looks first (the function's folder)
-    try:  # a top-level name: found, not imported (no code of it runs here, as root)
-        return importlib.util.find_spec(missing.group(1).split(".")[0]) is not None
-    except (ImportError, ValueError):
-        return False
-    finally:
-        sys.path[:] = saved
+    return _on_path(missing.group(1), [*folders, *(p for p in sys.path if p)])
+
+
+def _on_path(name: str, path: list[str]) -> bool:
+    """Whether the module `name` (dotted: each package on the way) is in the folders of
+    `path`, found as the file system's finders find it, so that none of its code runs (here,
+    as root): not through sys.meta_path, where a finder may import (setuptools' shim does)."""
+    from importlib.machinery import PathFinder
+
+    parts = name.split(".")
+    if parts[0] in sys.builtin_module_names:
+        return len(parts) == 1
+    search: list[str] | None = path
+    for i in range(len(parts)):
+        if search is None:  # the one before is a module, not a package
+            return False
+        try:
+            spec = PathFinder.find_spec(".".join(parts[: i + 1]), search)
+        except (ImportError, ValueError, OSError):
+            return False
+        if spec is None:
+            return False
+        search = list(spec.submodule_search_locations or []) or None
+    return True
 
 
 def _nobody() -> int:

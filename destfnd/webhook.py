@@ -104,13 +104,25 @@ class Webhook:
         self._unreachable_until = now + self._unreachable_s
         return self._unreachable_s
 
-    async def _error_body(self, resp: aiohttp.ClientResponse) -> str:
+    async def _error_body(self, resp: aiohttp.ClientResponse, request: dict) -> None:
         """The first _MAX_ERROR_BODY characters of a failed response's body, redacted before
         they are cut: the text read reaches past the cut by the longest secret, so one that
-        starts before it is there whole."""
-        window = _MAX_ERROR_BODY + self._redactor.longest  # characters
-        data = await _read_up_to(resp, 4 * window)  # (a character: 4 bytes at most)
-        return self._redactor(data.decode("utf-8", "replace")[:window])[:_MAX_ERROR_BODY]
+        starts before it is there whole. If the rest does not come (a timeout, a cut
+        connection: raised after), what did is kept but its last characters, where a secret
+        may have begun that did not arrive whole."""
+        longest = self._redactor.longest
+        window = _MAX_ERROR_BODY + longest  # characters
+        data = bytearray()
+        try:
+            await _read_up_to(resp, data, 4 * window)  # (a character: 4 bytes at most)
+        except BaseException:
+            partial = data.decode("utf-8", "replace")
+            partial = partial[: max(0, len(partial) - longest)] if longest else partial
+            if partial:
+                request["response_body"] = self._redactor(partial)[:_MAX_ERROR_BODY]
+            raise
+        text = data.decode("utf-8", "replace")[:window]
+        request["response_body"] = self._redactor(text)[:_MAX_ERROR_BODY]
 
     async def _post(
         self, payloads: list[bytes], batched: bool, request: dict
@@ -133,7 +145,7 @@ class Webhook:
                     else:
                         # To the Event Delivery view only: it may echo the event, and the
                         # error message is logged.
-                        request["response_body"] = await self._error_body(resp)
+                        await self._error_body(resp, request)
                 except TimeoutError:
                     resp.close()
                     request["response_body_error"] = "did not arrive within the timeout"
@@ -148,15 +160,13 @@ class Webhook:
             return retry(ErrorType.RETRY, client_error_text(exc)), unreachable
 
 
-async def _read_up_to(resp: aiohttp.ClientResponse, size: int) -> bytes:
-    """Up to `size` bytes of the body, however the server splits its writes."""
-    data = b""
+async def _read_up_to(resp: aiohttp.ClientResponse, data: bytearray, size: int) -> None:
+    """Up to `size` bytes of the body into `data`, however the server splits its writes."""
     while len(data) < size:
         chunk = await resp.content.read(size - len(data))
         if not chunk:
-            break
+            return
         data += chunk
-    return data
 
 
 def _outcome(resp: aiohttp.ClientResponse, redact: Redactor) -> Outcome:

@@ -565,11 +565,25 @@ def test_cli_check_config_as_root_runs_function_files_as_nobody():
         # A function that is wrong whoever loads it is still a problem: an error of its
         # own, or a module that root cannot find either.
         for code, error in (("raise RuntimeError('broken')\n", "RuntimeError: broken"),
-                            ("import no_such_module_here\n", "No module named")):  # fmt: skip
+                            ("import no_such_module_here\n", "No module named"),
+                            ("import json.no_such_part\n", "No module named")):  # fmt: skip
             (base / "fn.py").write_text(code)
             result = run_cli("check-config", "--config", str(config))
             assert result.returncode == 3, result.stderr
             assert error in result.stderr and "user nobody" not in result.stderr
+        # Telling the two apart runs nothing as root: a module the function names is looked
+        # for, never imported (setuptools' import hook imported a `setuptools` beside it).
+        ran = base / "ran-as-root"
+        (base / "setuptools").mkdir()
+        (base / "setuptools" / "__init__.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+        (base / "setuptools" / "_distutils").mkdir()
+        (base / "setuptools" / "_distutils" / "__init__.py").write_text("")
+        (base / "fn.py").write_text(
+            "raise ModuleNotFoundError(\"No module named 'distutils'\")\n"
+            "def on_track(event, settings):\n    pass\n"
+        )
+        result = run_cli("check-config", "--config", str(config))
+        assert not ran.exists(), result.stderr
     finally:
         shutil.rmtree(base)
 

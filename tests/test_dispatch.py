@@ -229,6 +229,11 @@ STALLED_ANSWERS = {
         b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 10\r\n\r\n",
         "silent",
     ),
+    # 400 promising 100 bytes, sending what it has to say, then nothing: what came is kept.
+    "400-part-of-body": (
+        b'HTTP/1.1 400 Bad Request\r\nContent-Length: 100\r\n\r\n{"error": "x is invalid"',
+        "silent",
+    ),
 }
 
 
@@ -267,7 +272,9 @@ async def test_dispatch_the_status_decides_though_the_body_stalls(tmp_path, case
         dest = webhook("hook", f"http://127.0.0.1:{port}/in", timeout="500ms", retry=FAST_RETRY)
         async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
             await send(d, 1)
-            final = {"retrying"} if case.startswith("429") else {"delivered", "expired"}
+            final = {"429": {"retrying"}, "400": {"discarded"}}.get(
+                case[:3], {"delivered", "expired"}
+            )
             (row,) = await d.wait_for_status(final, 1)
     finally:
         done.set()
@@ -278,6 +285,9 @@ async def test_dispatch_the_status_decides_though_the_body_stalls(tmp_path, case
     ((request,),) = [a["requests"] for a in orjson.loads(shown.stdout)[0]["history"]]
     if case.startswith("200"):
         assert (row["status"], row["attempts"], row["last_error"]) == ("delivered", 1, None)
+    elif case.startswith("400"):
+        assert (row["status"], row["last_error"]) == ("discarded", "HTTP 400 Bad Request")
+        assert request["response_body"] == '{"error": "x is invalid"'
     else:
         assert (row["status"], row["last_error"]) == ("retrying", "HTTP 429 Too Many Requests")
         assert row["next_at"] - row["created_at"] >= 29_000  # Retry-After: 30

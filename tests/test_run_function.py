@@ -135,6 +135,26 @@ def test_run_function_from_a_source_checkout_runs_its_destfnd_in_the_worker(tmp_
     assert f"{checkout}/destfnd/__init__.py" in result.stdout, result.stdout
 
 
+def test_run_function_in_a_folder_deleted_meanwhile(tmp_path):
+    """A command (or serve) whose current folder was deleted (a shell left in a removed temp
+    folder, an old release's folder) still starts its workers: finding out whether destfnd
+    came from there failed on it (FileNotFoundError at every worker start)."""
+    script = Path(sys.executable).with_name("destfnd")
+    if not script.exists():
+        pytest.skip("no destfnd console script beside this Python (not a pip install)")
+    (tmp_path / "fn.py").write_text("def on_track(event, settings):\n    print('ran')\n")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    result = subprocess.run(
+        ["sh", "-c", f'cd "{gone}" && rmdir "{gone}" && exec "$0" "$@"', str(script),
+         "run-function", str(tmp_path / "fn.py"), "--event", "-"],
+        input='{"type": "track", "event": "e", "userId": "u"}', capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "outcome: delivered" in result.stdout and "ran" in result.stdout
+
+
 def test_run_function_retryable_failure_from_fetch(files):
     result = run_cli(
         "run-function", str(files / "crm.py"), "--event", str(files / "track.json"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import itertools
 import os
 import signal
@@ -161,16 +162,22 @@ def read_code(spec: Spec) -> dict[str, str]:
     return code
 
 
+@functools.cache
 def _found_through_cwd() -> str | None:
     """The folder this process found destfnd in, if that was its current folder (`python -m
     destfnd` in a source checkout): workers start with -P, without it on their sys.path, so
-    they are given that folder alone, and run the same destfnd as the daemon."""
+    they are given that folder alone, and run the same destfnd as the daemon. Once: the
+    folder may be deleted meanwhile (an old release's, say), which is no reason to fail."""
     import destfnd
 
-    if sys.flags.safe_path or not sys.path or sys.path[0] not in ("", os.getcwd()):
+    if sys.flags.safe_path or not sys.path:
         return None
-    home = Path(destfnd.__file__).resolve().parent.parent
-    return str(home) if home == Path.cwd().resolve() else None
+    try:
+        first = Path(sys.path[0] or os.getcwd()).resolve()
+        home = Path(destfnd.__file__).resolve().parent.parent
+    except OSError:  # the current folder is gone
+        return None
+    return str(home) if home == first else None
 
 
 async def spawn(
