@@ -119,16 +119,7 @@ class DatabaseLock:
             beside = real.parent / f"{real.name}.lock"
             # Not through a link: one the daemon's user (or a function, running as that user)
             # put there would have a command run as root create a file where it leads.
-            self._beside: int | None = _create_new(beside)
-            if self._beside is not None:
-                if os.geteuid() == 0:
-                    try:
-                        _owned_as_database(self._beside, real)
-                    except OSError:
-                        os.close(self._beside)
-                        raise
-            else:  # there already: used as it is, whoever owns it
-                self._beside = _open_regular(beside, os.O_WRONLY | os.O_NOFOLLOW)
+            self._beside: int | None = _open_lock(beside, real)
         except OSError as exc:
             why = exc.strerror
             if beside is not None and os.path.islink(beside):
@@ -171,13 +162,20 @@ class DatabaseLock:
             self._file = None
 
 
-def _create_new(path: Path) -> int | None:
-    """`path` created now, as a new empty file (never through a link); None if it is there."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+def _open_lock(lock: Path, real: Path) -> int:
+    """The lock file beside the database `real`, never through a link: made now if it is not
+    there (and, run as root, given the database's owner), else used as it is."""
     try:
-        return os.open(path, flags, 0o644)
-    except FileExistsError:
-        return None
+        fd = _open_regular(lock, os.O_WRONLY | os.O_EXCL | os.O_NOFOLLOW)
+    except FileExistsError:  # there already, whoever owns it
+        return _open_regular(lock, os.O_WRONLY | os.O_NOFOLLOW)
+    if os.geteuid() == 0:
+        try:
+            _owned_as_database(fd, real)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _owned_as_database(fd: int, real: Path) -> None:
