@@ -5,11 +5,12 @@ Log ids, counts and sizes; never payloads, headers or secrets.
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -83,7 +84,8 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         factory = structlog.BytesLoggerFactory(_Tolerant(sys.stderr.buffer))
     else:
         # On a terminal: what a client sent (a path, a header) must not drive it.
-        processors += [_printable_values, structlog.dev.ConsoleRenderer()]
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=_printable_traceback)
+        processors += [_printable_values, renderer]
         factory = structlog.PrintLoggerFactory(_Tolerant(sys.stderr))
     structlog.configure(
         processors=processors,
@@ -102,6 +104,14 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
 
 def _printable_values(_logger: Any, _name: str, event: dict) -> dict:
     return {k: printable(v) if isinstance(v, str) else v for k, v in event.items()}
+
+
+def _printable_traceback(out: TextIO, exc_info: Any) -> None:
+    """structlog's plain traceback, each of its lines escaped as `printable` escapes values:
+    an exception's message can hold what a client or a function wrote."""
+    text = io.StringIO()
+    structlog.dev.plain_traceback(text, exc_info)
+    out.write("\n".join(printable(line) for line in text.getvalue().split("\n")))
 
 
 class _ToStructlog(logging.Handler):

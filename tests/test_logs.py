@@ -100,3 +100,20 @@ def test_console_lines_escape_what_a_client_sent():
         "\x1b[2J" not in done.stderr and "\x1b]0;" not in done.stderr and "\x07" not in done.stderr
     )
     assert "/\\x1b[2J\\x1b]0;OWNED\\x07x" in done.stderr
+
+
+def test_console_tracebacks_escape_what_an_exception_says():
+    """A traceback on a terminal is escaped line by line, as values are: an exception's
+    message may quote what a client sent or a function wrote."""
+    script = (
+        "import structlog\nfrom destfnd import logs\nlogs.setup('info', 'console')\n"
+        "try:\n    raise ValueError('bad \\x1b]0;OWNED\\x07 name')\n"
+        "except ValueError:\n    structlog.get_logger().exception('unexpected')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "\x1b]0;" not in done.stderr and "\x07" not in done.stderr
+    assert "ValueError: bad \\x1b]0;OWNED\\x07 name" in done.stderr
+    assert "Traceback (most recent call last):\n" in done.stderr  # still one line per line
