@@ -993,7 +993,9 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
         inv = Invocation("crm", T0 + n, 1.0, "function:abc", logs, b"[]")
         done = Finished(c.delivery_id, Status.DELIVERED, T0 + n, None, None, c.attempt, T0 + n)
         sizes.append(q.finish(conn, [done], inv))
-    assert sizes == [100 * (n + 1) + 2 for n in range(6)]
+    # Logs and requests, and the row's own texts and fixed bytes.
+    row = len("crm") + len("function:abc") + q.RECORD_ROW_BYTES
+    assert sizes == [100 * (n + 1) + 2 + row for n in range(6)]
     total = q.invocations_size(conn)
     assert total == sum(sizes)
     # A delivered attempt is the delivery row itself, pointing at its invocation.
@@ -1021,6 +1023,29 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     assert conn.execute("SELECT status FROM attempts").fetchall() == [("discarded",)]
     q.prune(conn, T0 + 100, 100)
     assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
+
+
+def test_the_records_size_budget_counts_what_records_take_on_disk(conn):
+    """`storage.records_max_size` bounds the file: a webhook's records, about 100 bytes of
+    text each, are counted with their rows, within a quarter of the pages they fill."""
+    from destfnd.store.models import Invocation
+
+    request = b'[{"method":"POST","url":"http://127.0.0.1:8000/in","events":1,"status":200}]'
+    pages_before = _pages_in_use(conn)
+    counted = 0
+    for k in range(20_000):  # records alone (no outcomes): only their table grows
+        counted += q.finish(conn, [], Invocation("hook", T0 + k, 1.7, None, "", request))
+    on_disk = (_pages_in_use(conn) - pages_before) * 4096
+    assert q.invocations_size(conn) == counted
+    assert 0.75 * on_disk <= counted <= 1.25 * on_disk, (counted, on_disk)
+
+
+def _pages_in_use(conn) -> int:
+    (size,) = conn.execute("PRAGMA page_size").fetchone()
+    assert size == 4096
+    (count,) = conn.execute("PRAGMA page_count").fetchone()
+    (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+    return count - free
 
 
 def test_insert_many_gives_events_their_own_destinations(conn):
@@ -1257,9 +1282,11 @@ def test_finish_batches_records_each_destination_s_outcomes_and_returns_their_si
         ([], None),
     ]  # fmt: skip
     sizes = tx(conn, q.finish_batches, [crm_items, warehouse_items, []])
-    log_sizes = [len(f"log {n} ✓") + len(requests) for n in range(3)]
-    assert sizes == [sum(log_sizes), 2, 0]
-    assert q.invocations_size(conn) == sum(log_sizes) + 2
+    row = q.RECORD_ROW_BYTES
+    log_sizes = [len(f"log {n} ✓") + len(requests) + len("crm") + row for n in range(3)]
+    warehouse_size = 2 + len("warehouse") + len("v1") + row
+    assert sizes == [sum(log_sizes), warehouse_size, 0]
+    assert q.invocations_size(conn) == sum(log_sizes) + warehouse_size
     # Each unit's invocation is its own row, with its logs and requests as they were.
     recorded = rows(
         conn,
