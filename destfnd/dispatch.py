@@ -23,6 +23,7 @@ from destfnd.retry import decide_retry
 from destfnd.store import Claimed, Finished, Status, StoreError, Writer
 from destfnd.store import queue as q
 from destfnd.store.models import Invocation
+from destfnd.texts import sendable
 
 log = structlog.get_logger("destfnd.dispatch")
 
@@ -283,7 +284,7 @@ class Dispatcher:
             started_at,
             duration_ms,
             report.version,
-            redact(report.logs),
+            redact(sendable(report.logs)),  # (a webhook's server or a function wrote them)
             redacted_json(redact, report.requests),
         )
         finished = [
@@ -344,7 +345,9 @@ class Dispatcher:
         else:
             status, at = _OUTCOME_STATUS[outcome.kind], now
         error_type = str(outcome.error_type) if outcome.error_type else None
-        message = self._redact(outcome.message) if outcome.message else outcome.message
+        message = outcome.message
+        if message:  # a server's reason phrase may hold bytes that are not UTF-8
+            message = self._redact(sendable(message))
         if message:  # a function's error can be any size
             message = clip_error(message)
         if gave_up:

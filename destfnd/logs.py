@@ -15,6 +15,8 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
+from destfnd.texts import sendable_tree
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}  # fmt: skip
 
@@ -80,7 +82,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         structlog.processors.format_exc_info if json else structlog.dev.set_exc_info,
     ]
     if json:
-        processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
+        processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
         factory = structlog.BytesLoggerFactory(_Tolerant(sys.stderr.buffer))
     else:
         # On a terminal: what a client sent (a path, a header) must not drive it.
@@ -100,6 +102,15 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         root.removeHandler(handler)
     root.addHandler(_ToStructlog())
     root.setLevel(max(_LEVELS.get(level, logging.INFO), logging.WARNING))
+
+
+def _dumps(value: Any, **kw: Any) -> bytes:
+    """orjson's, for a line with a lone surrogate too (a server's reason phrase that was not
+    UTF-8, a path): a log line must never take the daemon down."""
+    try:
+        return orjson.dumps(value, **kw)
+    except TypeError:
+        return orjson.dumps(sendable_tree(value), **kw)
 
 
 def _printable_values(_logger: Any, _name: str, event: dict) -> dict:

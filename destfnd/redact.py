@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 
+from destfnd.texts import sendable_tree
+
 MIN_SECRET_CHARS = 4  # shorter values are too common to replace without mangling the text
 
 
@@ -126,7 +128,11 @@ def _url_encoded(secret: str) -> str:
 def redacted_json(redact: Callable[[str], str], value: Any) -> bytes:
     """`value` as JSON, secrets redacted in its strings; the text is searched first, so the
     usual case (no secret in it) costs one search, not a walk."""
-    data = orjson.dumps(value)
+    try:
+        data = orjson.dumps(value)
+    except TypeError:  # lone surrogates (a URL that was not UTF-8, say): as `sendable` has it
+        value = sendable_tree(value)
+        data = orjson.dumps(value)
     if isinstance(redact, Redactor) and not redact.maybe_in_json(data.decode()):
         return data
     return orjson.dumps(redact_tree(redact, value))

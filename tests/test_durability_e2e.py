@@ -694,3 +694,63 @@ async def test_a_pause_gives_back_what_a_claim_on_its_way_brought(make_daemon, t
         while leased_and_attempted() != (0, 10 * (100 + refused[0])):
             assert time.monotonic() < deadline, (leased_and_attempted(), refused[0])
             await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("head", "error"),
+    [
+        (b"HTTP/1.1 503 Service indisponible \xe9\r\n", "HTTP 503 Service indisponible \\xe9"),
+        (
+            b"HTTP/1.1 302 Found\r\nLocation: /caf\xe9\r\n",
+            "HTTP 302 Found to /caf\\xe9: redirects are not followed",
+        ),
+    ],
+    ids=["reason-phrase", "location"],
+)
+async def test_a_webhook_answer_in_bytes_that_are_not_utf8_is_recorded_and_the_daemon_stays_up(
+    make_daemon, tmp_path, session, head, error
+):
+    """A server's reason phrase or Location in Latin-1 (aiohttp hands them over as lone
+    surrogates): the retry is recorded with the byte written as `\\xe9`. The daemon crashed
+    writing its JSON log line or the outcome, and again at every start (the delivery it held
+    was due again)."""
+    answered = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        try:
+            request = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", request)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            answered += 1
+            writer.write(head + b"Content-Length: 0\r\n\r\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    retry = {"max_attempts": 2, "backoff_initial": "50ms", "backoff_max": "50ms"}
+    dest = webhook("hook", f"http://127.0.0.1:{port}/in", retry=retry)
+    try:
+        daemon = await make_daemon(config_text(tmp_path / "db.sqlite3", dest)).start()
+        event = {"type": "track", "event": "E", "userId": "u", "messageId": "latin-1"}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        for _ in range(200):  # 10 s at most
+            failed = [r for r in daemon.log_records() if r.get("event") == "delivery_failed"]
+            if len(failed) == 2 or daemon.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert daemon.proc.poll() is None, daemon.log_text()
+        gave_up = f"{error}; gave up: 2 attempts made (max_attempts = 2)"
+        assert [r["error"] for r in failed] == [error, gave_up]
+        assert answered == 2
+        shown = run_cli("deliveries", "--json", "--config", str(tmp_path / "destfnd.toml"))
+        (delivery,) = orjson.loads(shown.stdout)
+        assert (delivery["status"], delivery["error"]) == ("expired", failed[1]["error"])
+        assert [a["error"] for a in delivery["history"]] == [error, failed[1]["error"]]
+        assert await daemon.terminate() == 0
+    finally:
+        server.close()

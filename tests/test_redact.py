@@ -112,3 +112,13 @@ def test_a_secret_with_a_byte_that_is_no_utf8_is_redacted():
     redactor made of it must not fail (serve would not start)."""
     secret = "key-\udcff-secret"
     assert Redactor([secret])(f"x {secret} y") == "x [redacted] y"
+
+
+def test_redacted_json_writes_lone_surrogates_as_escapes():
+    """A recorded request holding a lone surrogate (a URL or header decoded from bytes that
+    were not UTF-8) is stored, not lost: orjson refuses such a string."""
+    value = [{"url": "http://h.test/caf\udce9", "headers": {"X-\ud83d": "key-secret-1"}}]
+    data = redacted_json(Redactor(["key-secret-1"]), value)
+    assert orjson.loads(data) == [
+        {"url": "http://h.test/caf\\xe9", "headers": {"X-\\ud83d": "[redacted]"}}
+    ]

@@ -687,7 +687,26 @@ def test_run_function_a_lone_surrogate_printed_does_not_leave_the_call_unanswere
                      str(files / "track.json"), "--timeout", "20", "--json")  # fmt: skip
     report = orjson.loads(result.stdout)
     assert report["outcomes"][0]["status"] == "delivered"
-    assert report["logs"] == "cut ? here\n"
+    assert report["logs"] == "cut \\ud83d here\n"
+
+
+def test_run_function_an_error_naming_bytes_that_are_not_utf8_keeps_its_outcome(files):
+    """A function's error quoting a name decoded from bytes that were not UTF-8 (a lone
+    surrogate): its own outcome, the byte written as `\\xe9`, and its logs. The whole reply
+    was replaced by "the worker could not send the result", a Retry, logs gone."""
+    (files / "latin1.py").write_text(
+        "async def on_track(event, settings):\n"
+        "    name = b'caf\\xe9'.decode('utf-8', 'surrogateescape')\n"
+        "    print('looking up', name)\n"
+        "    raise ValueError(f'no customer {name}')\n"
+    )
+    result = run_cli("run-function", str(files / "latin1.py"), "--event",
+                     str(files / "track.json"), "--json")  # fmt: skip
+    report = orjson.loads(result.stdout)
+    (outcome,) = report["outcomes"]
+    assert (outcome["status"], outcome["error_type"]) == ("discarded", "Bad Request"), outcome
+    assert outcome["message"] == "ValueError: no customer caf\\xe9"
+    assert report["logs"].startswith("looking up caf\\xe9\n"), report["logs"]
 
 
 GROUPS_PY = """

@@ -24,6 +24,7 @@ from destfnd.functions import fetching as fetch_module
 from destfnd.functions import record
 from destfnd.redact import Redactor
 from destfnd.sandbox import protocol, runtime
+from destfnd.texts import sendable, sendable_tree
 
 
 class _Capture:
@@ -426,8 +427,10 @@ class Worker:
 
 
 def _without_unsendable(reply: dict) -> dict:
-    """`reply` made sendable: each event JSON cannot hold replaced by its Bad Request outcome,
-    logs with lone surrogates replaced, requests that cannot be sent left out (noted)."""
+    """`reply` made sendable: each event JSON cannot hold replaced by its Bad Request outcome
+    (an event is passed on exactly or not at all); lone surrogates in error messages, logs
+    and recorded requests written as `sendable` writes them (`raise ValueError(name)` with a
+    name decoded from bytes that were not UTF-8 is still the function's Bad Request)."""
     events = reply.get("events") or []
     for index, event in enumerate(events):
         try:
@@ -436,12 +439,14 @@ def _without_unsendable(reply: dict) -> dict:
             what = "the insert function's result is not JSON"
             reply["outcomes"][index] = runtime.bad_request(f"{what}: {exc}")
             events[index] = None
-    reply["logs"] = reply.get("logs", "").encode("utf-8", "replace").decode("utf-8")
+    for outcome in reply.get("outcomes") or []:
+        if isinstance(outcome, dict) and isinstance(outcome.get("message"), str):
+            outcome["message"] = sendable(outcome["message"])
+    reply["logs"] = sendable(reply.get("logs", ""))
     try:
         orjson.dumps(reply.get("requests"))
-    except TypeError as exc:
-        reply["requests"] = []
-        reply["logs"] += f"[the recorded requests could not be sent: {exc}]\n"
+    except TypeError:
+        reply["requests"] = sendable_tree(reply.get("requests"))
     try:
         orjson.dumps(reply)
     except TypeError as exc:  # still: answer, so the call does not wait for its timeout
