@@ -216,6 +216,35 @@ def test_run_function_array_runs_on_batch_with_per_event_outcomes(files):
     assert report["logs"] == "batch of 3\n"
 
 
+def test_run_function_on_batch_takes_segments_status_per_event(files, tmp_path):
+    """Segment's documented partial failure, `[{"status": 200}, {"status": 400,
+    "errormessage": "Bad Request"}, ...]`: a 2xx delivered, a 5xx, 408 or 429 retried, other
+    statuses discarded. A straight port had every event of the batch discarded."""
+    (files / "statuses.py").write_text(
+        "def on_batch(events, settings):\n"
+        "    return [{'status': 200}, {'status': 400, 'errormessage': 'Bad Request'},\n"
+        "            {'status': 500, 'errormessage': 'Error processing request'},\n"
+        "            {'status': 429}, {'status': 204}, {'status': 'ok'}]\n"
+    )
+    event = {"type": "track", "event": "E", "userId": "u"}
+    (tmp_path / "six.json").write_bytes(orjson.dumps([event] * 6))
+    result = run_cli("run-function", str(files / "statuses.py"), "--event",
+                     str(tmp_path / "six.json"), "--json")  # fmt: skip
+    outcomes = orjson.loads(result.stdout)["outcomes"]
+    assert [(o["status"], o["error_type"], o["message"]) for o in outcomes[:5]] == [
+        ("delivered", None, None),
+        ("discarded", "Bad Request", "HTTP 400: Bad Request"),
+        ("retrying", "Retry", "HTTP 500: Error processing request"),
+        ("retrying", "Retry", "HTTP 429"),
+        ("delivered", None, None),
+    ]
+    assert outcomes[5]["status"] == "discarded"
+    assert outcomes[5]["message"] == (
+        "on_batch outcome [5] is {'status': 'ok'}: use None, 'ok', an error or "
+        '{"status": 500, "errormessage": "..."}'
+    )
+
+
 def test_run_function_insert_prints_the_resulting_event(files):
     result = run_cli(
         "run-function", str(files / "insert.py"), "--insert", "--event",

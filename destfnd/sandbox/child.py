@@ -396,7 +396,8 @@ class Worker:
         return results
 
     def batch_outcomes(self, returned: Any, n: int) -> list[dict]:
-        """on_batch's return: None (all ok) or one outcome per event (None/"ok" or an error)."""
+        """on_batch's return: None (all ok) or one outcome per event (None/"ok", an error, or
+        Segment's `{"status": 500, "errormessage": "..."}`)."""
         if returned is None:
             return [runtime.ok()] * n
         if not isinstance(returned, list | tuple) or len(returned) != n:
@@ -410,8 +411,12 @@ class Worker:
                 outcomes.append(runtime.ok())
             elif isinstance(item, BaseException):
                 outcomes.append(runtime.outcome_of(item))
+            elif (outcome := runtime.status_outcome(item)) is not None:
+                outcomes.append(outcome)
             else:
-                message = f"on_batch outcome [{index}] is {item!r}: use None, 'ok' or an error"
+                shown = runtime.short_repr(item)
+                message = (f"on_batch outcome [{index}] is {shown}: use None, 'ok', an error"
+                           ' or {"status": 500, "errormessage": "..."}')  # fmt: skip
                 outcomes.append(runtime.bad_request(message))
         return outcomes
 

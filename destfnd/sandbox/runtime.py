@@ -265,7 +265,7 @@ def outcome_of(exc: BaseException) -> dict:
         after = parse_retry_after(hint, time.time()) if isinstance(hint, str) else (
             retry_after_hint(hint))  # fmt: skip
         if hint is not None and after is None:
-            message += f" (retry_after_s={_short_repr(hint)} is no number of seconds: ignored)"
+            message += f" (retry_after_s={short_repr(hint)} is no number of seconds: ignored)"
         return {"kind": "retry", "error_type": "Retry", "message": message,
                 "retry_after_s": after}  # fmt: skip
     if isinstance(exc, TimeoutError):
@@ -305,12 +305,34 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return found
 
 
-def _short_repr(value: object) -> str:
+def short_repr(value: object) -> str:
     try:
         text = repr(value)
     except Exception:
         text = f"<{type(value).__name__}>"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# A status that asks for another try, as the webhook has it (PRODUCT.md): 5xx, 408, 429.
+_RETRY_STATUSES = frozenset({408, 429})
+
+
+def status_outcome(item: object) -> dict | None:
+    """Segment's per-event outcome of `onBatch`, `{"status": 200}` or `{"status": 500,
+    "errormessage": "..."}`: a 2xx delivered, a 5xx, 408 or 429 retried, another status
+    discarded (Bad Request). None: `item` is no such object."""
+    if not isinstance(item, dict) or set(item) - {"status", "errormessage"}:
+        return None
+    status = item.get("status")
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        return None
+    if 200 <= status < 300:
+        return ok()
+    text = item.get("errormessage")
+    message = f"HTTP {status}" + (f": {text}" if isinstance(text, str) and text else "")
+    if status >= 500 or status in _RETRY_STATUSES:
+        return {"kind": "retry", "error_type": "Retry", "message": message}
+    return bad_request(message)
 
 
 def unsupported(what: str) -> dict:
