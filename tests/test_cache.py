@@ -34,10 +34,33 @@ async def test_cache_load_refuses_a_ttl_that_is_no_number_before_loading():
     """It failed after loading, leaving another call waiting on the key until its timeout."""
     cache = Cache()
     calls = []
-    with pytest.raises(TypeError, match="ttl_ms must be a number, got str"):
+    expected = r"ttl_ms must be a number of milliseconds \(-1: no expiry\), got str"
+    with pytest.raises(TypeError, match=expected):
         await cache.load("k", "1000", lambda: calls.append(1))
     assert calls == []
     assert await cache.load("k", 1000, lambda: "v") == "v"
+
+
+async def test_cache_ttl_of_minus_one_or_none_is_no_expiry_as_in_segment():
+    """Segment: "If omitted or set to -1, the value will have no expiry". -1 was stored
+    expired, so a ported token cache fetched a token for every event."""
+    now = [0.0]
+    cache = Cache(clock=lambda: now[0])
+    loads = []
+
+    def token():
+        loads.append(1)
+        return f"tok{len(loads)}"
+
+    assert await cache.load("a", -1, token) == "tok1"
+    assert await cache.load("b", token) == "tok2"  # cache.load(key, fn): no ttl given
+    assert await cache.load("c", None, token) == "tok3"
+    now[0] = 10.0**9
+    assert [await cache.load(k, -1, token) for k in "abc"] == ["tok1", "tok2", "tok3"]
+    assert await cache.load("d", -5, token) == "tok4"  # another negative: expired at once
+    assert await cache.load("d", -5, token) == "tok5"
+    with pytest.raises(TypeError, match="give the function that loads the value"):
+        await cache.load("e", 1000)
 
 
 async def test_cache_waiters_load_themselves_when_the_loading_call_is_cancelled():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -25,10 +26,25 @@ class Cache:
         self._loaders: dict[str, asyncio.Task | None] = {}  # the task loading each key
         self._sweep_at = _SWEEP_MIN
 
-    async def load(self, key: str, ttl_ms: float, fn: Callable[[], Awaitable[Any] | Any]) -> Any:
-        """The cached value of `key`, or `await fn()` stored for `ttl_ms` (one load at a time)."""
-        if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int | float):
-            raise TypeError(f"cache.load: ttl_ms must be a number, got {type(ttl_ms).__name__}")
+    async def load(
+        self,
+        key: str,
+        ttl_ms: float | None = None,
+        fn: Callable[[], Awaitable[Any] | Any] | None = None,
+    ) -> Any:
+        """The cached value of `key`, or `await fn()` stored for `ttl_ms` (one load at a time).
+        As in Segment, a `ttl_ms` of -1, or none (`cache.load(key, fn)`), is no expiry."""
+        if fn is None and callable(ttl_ms):
+            ttl_ms, fn = None, ttl_ms
+        if fn is None:
+            raise TypeError("cache.load(key, ttl_ms, fn): give the function that loads the value")
+        if ttl_ms is None or (ttl_ms == -1 and not isinstance(ttl_ms, bool)):
+            ttl_ms = math.inf
+        elif isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int | float):
+            raise TypeError(
+                f"cache.load: ttl_ms must be a number of milliseconds (-1: no expiry), got"
+                f" {type(ttl_ms).__name__}"
+            )
         task = asyncio.current_task()
         while True:
             with self._lock:
