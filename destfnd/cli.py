@@ -24,7 +24,7 @@ from destfnd.config import Config, ConfigError, DestinationConfig, load_config, 
 from destfnd.errors import DestfndError
 from destfnd.store import Status, StoreBusy, StoreError, open_db, store_error
 from destfnd.store import queue as q
-from destfnd.store.db import transaction
+from destfnd.store.db import SQL, transaction
 from destfnd.store.dedupe import events_with_message_id
 
 EXIT_OK = 0
@@ -505,12 +505,21 @@ def _now_ms() -> int:
 
 
 def _event_ids(cfg: Config, message_id: str | None) -> list[int] | None:
-    """The stored events of `message_id` (from any source), or None: no filter."""
+    """The stored events of `message_id` (from any source), or None: no filter. Within the
+    dedupe window through its keys; older events (kept for `retention`) by a scan, as
+    `deliveries --message-id` finds them: they matched nothing ("nothing to do")."""
     if message_id is None:
         return None
     # As the command will write: a schema the daemon has not migrated yet is said so.
     with contextlib.closing(open_db(cfg.storage.path, update=True)) as conn:
-        return events_with_message_id(conn, [s.name for s in cfg.sources], message_id)
+        try:
+            found = events_with_message_id(conn, [s.name for s in cfg.sources], message_id)
+            if not found:
+                scan = conn.execute(SQL["events_with_message_id_scan"], (message_id,))
+                found = [event_id for (event_id,) in scan]
+        except sqlite3.Error as exc:
+            raise store_error(f"{cfg.storage.path}: cannot read", exc) from exc
+        return found
 
 
 def _in_chunks(

@@ -1034,6 +1034,41 @@ async def test_cli_retry_gives_finished_deliveries_one_more_attempt(make_daemon,
         assert await daemon.terminate() == 0
 
 
+async def test_cli_retry_by_message_id_finds_an_event_older_than_the_dedupe_window(
+    make_daemon, tmp_path, session
+):
+    """Events are kept for `retention` (7 days), their dedupe keys for `dedupe_window` (a
+    day): past the window, `retry --message-id` matched nothing ("nothing to do") while
+    `deliveries --message-id` listed the delivery. It is found by a scan, as there."""
+    from support import Reply, Sink, post, webhook
+
+    async with Sink(lambda n, r: Reply(404)) as sink:
+        config = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url))
+        daemon = await make_daemon(config).start()
+        for i in range(2):
+            event = {"userId": "u", "event": "E", "messageId": f"old-{i}"}
+            assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+        await sink.wait_for(lambda: len(sink.requests) == 2)
+        for _ in range(100):
+            if daemon.stats()["hook"]["discarded"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert await daemon.terminate() == 0
+    # What the daemon's sweep leaves once the window has passed: no keys, all flushed.
+    db = sqlite3.connect(tmp_path / "db.sqlite3")
+    with db:
+        db.execute("DELETE FROM message_ids")
+        db.execute("UPDATE dedupe_state SET flushed_through = (SELECT max(id) FROM events)")
+    db.close()
+    listed = orjson.loads(daemon.cli("deliveries", "--message-id", "old-0", "--json").stdout)
+    assert [r["message_id"] for r in listed] == ["old-0"]
+    again = daemon.cli("retry", "--status", "discarded", "--message-id", "old-0", "--json")
+    assert orjson.loads(again.stdout) == {"due_now": 1}, again.stderr
+    assert daemon.stats()["hook"]["discarded"] == 1
+    none = daemon.cli("retry", "--status", "discarded", "--message-id", "never-sent", "--json")
+    assert orjson.loads(none.stdout) == {"due_now": 0}
+
+
 def test_cli_check_config_warns_of_batches_too_big_for_a_workers_memory(tmp_path):
     """1,300 events of up to 32 KB (39 MB of them) failed every attempt in a worker at the
     default memory_limit, the worker exiting as it parsed the batch; nothing warned."""

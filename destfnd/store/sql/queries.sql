@@ -33,6 +33,10 @@ UPDATE dedupe_state SET flushed_through = ?;
 -- The events above flushed_through: their dedupe keys are only in the daemon's memory.
 SELECT id FROM events WHERE id > ? AND message_id = ?;
 
+-- name: events_with_message_id_scan
+-- An event older than the dedupe window (its key swept): a walk of the events table.
+SELECT id FROM events WHERE message_id = ?;
+
 -- name: events_since
 SELECT id, source, message_id, received_at FROM events WHERE id > ? ORDER BY id LIMIT ?;
 
