@@ -12,7 +12,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -54,6 +54,19 @@ _CLAIM_ROWS = 1000  # ... unless that is more rows than this (then one batch per
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+T = TypeVar("T")
+
+
+async def _despite_cancel(write: asyncio.Future[T]) -> T | None:
+    """What came of a write whose caller was cancelled while it was on its way: the writer
+    cannot take a write back, so it is waited for (a group: milliseconds). None if it failed,
+    or a second cancellation came first (then what it did is found at the next start)."""
+    try:
+        return await asyncio.shield(write)
+    except (Exception, asyncio.CancelledError):
+        return None
 
 
 class Dispatcher:
@@ -172,8 +185,19 @@ class Dispatcher:
                 limit = self._max_units - len(self._units)
             self._wake.clear()
             now = self._clock()
+            claim = asyncio.ensure_future(
+                self._writer.run_batched(q.claim_many, (name, now, limit))
+            )
             try:
-                claimed, next_due = await self._writer.run_batched(q.claim_many, (name, now, limit))
+                claimed, next_due = await asyncio.shield(claim)
+            except asyncio.CancelledError:
+                # Cancelled (a drain that ran out) with the claim on its way: it commits all
+                # the same, so its leases go to the final settle, which gives them back
+                # (else they stayed leased, an attempt counted that was never made).
+                done = await _despite_cancel(claim)
+                if done is not None:
+                    self._held.extend(done[0])
+                raise
             except StoreError as exc:
                 if self._held and time.monotonic() - batch_started >= self._batch.max_wait_s:
                     self._push(self._held)  # leased already: deliver it meanwhile
@@ -413,8 +437,18 @@ class Dispatcher:
                     continue
             if self._outcomes:
                 outcomes, self._outcomes = self._outcomes, []
+                write = asyncio.ensure_future(self._writer.run_batched(q.finish_batches, outcomes))
                 try:
-                    self._on_recorded(await self._writer.run_batched(q.finish_batches, outcomes))
+                    self._on_recorded(await asyncio.shield(write))
+                except asyncio.CancelledError:
+                    # The write commits all the same: settled at stop only if it did not
+                    # (else recorded twice, its first invocation records left unreferenced).
+                    sizes = await _despite_cancel(write)
+                    if sizes is None:
+                        self._outcomes[:0] = outcomes
+                    else:
+                        self._on_recorded(sizes)
+                    raise
                 except StoreError as exc:
                     self._outcomes[:0] = outcomes  # kept, to be recorded later or at stop
                     if not self._stopping:

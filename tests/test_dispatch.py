@@ -432,3 +432,58 @@ async def test_dispatch_an_unreachable_server_pauses_its_destination(tmp_path):
     # Without the pause: each of the 50 every 20-50 ms (FAST_RETRY) until max_attempts (5).
     assert 1 <= attempts <= 4 * 3, attempts
     assert {r["status"] for r in rows} <= {"pending", "retrying"}
+
+
+async def test_dispatch_cancelled_with_a_claim_on_its_way_gives_its_leases_back(tmp_path):
+    """A drain that runs out (`drain_timeout = "0s"`, a second signal) cancels a destination
+    while its claim waits for the writer: the writer commits the claim all the same, and its
+    leases were lost to the final settle, so after a clean exit rows stayed leased, each with
+    an attempt counted that was never made. The claim is now waited for and given back."""
+    import time as clock
+
+    from destfnd.config import load_config
+    from destfnd.deliverers import make_deliverer
+    from destfnd.dispatch import Dispatcher
+    from destfnd.redact import Redactor
+    from destfnd.store import Dedupe, IncomingEvent, Writer, open_db
+    from destfnd.store import queue as q
+
+    async with Sink() as sink:
+        (tmp_path / "destfnd.toml").write_text(
+            config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url))
+        )
+        dest = load_config(tmp_path / "destfnd.toml").destinations[0]
+        conn = open_db(tmp_path / "db.sqlite3")
+        events = [IncomingEvent(f"m{i}", orjson.dumps({"type": "track"})) for i in range(20)]
+        q.insert_events(conn, Dedupe(), "web", events, ["hook"], 1, 0)
+        writer = Writer(conn)
+        serving = asyncio.create_task(writer.serve())
+        deliverer = make_deliverer(dest, Redactor(), "destinations[0]")
+        await deliverer.start()
+        try:
+            # The writer busy for 0.5 s: the dispatcher's first claim waits behind it.
+            busy = asyncio.create_task(writer.run(lambda c: clock.sleep(0.5)))
+            await asyncio.sleep(0.05)
+            dispatcher = Dispatcher(dest, writer, deliverer)
+            running = asyncio.create_task(dispatcher.run())
+            for _ in range(100):  # until the claim waits in the writer's queue
+                await asyncio.sleep(0.01)
+                if writer._queue:
+                    break
+            assert writer._queue and not busy.done()
+            dispatcher.stop()
+            running.cancel()
+            async with asyncio.timeout(10):
+                await asyncio.gather(running, busy, return_exceptions=True)
+                await writer.run(lambda c: None)  # after whatever was queued has committed
+            leased = conn.execute(
+                "SELECT count(*), coalesce(sum(attempts), 0) FROM deliveries WHERE leased = 1"
+            ).fetchone()
+            assert leased == (0, 0)
+            assert conn.execute("SELECT sum(attempts) FROM deliveries").fetchone() == (0,)
+            assert sink.requests == []
+        finally:
+            writer.close()
+            async with asyncio.timeout(10):
+                await serving
+            writer.shutdown()
