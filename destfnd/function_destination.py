@@ -476,4 +476,12 @@ def warnings_of(ready: dict, dest: DestinationConfig, where: str) -> list[str]:
                 "[destinations.batch]; without it every event will be discarded as "
                 "Unsupported Event Type"
             )
+        elif "on_batch" in have and dest.batch is None:
+            # In Segment, defining onBatch is what turns batching on: a ported function
+            # would quietly send one request per event.
+            warnings.append(
+                f"{where}.function: on_batch runs only with [destinations.batch] (in Segment,"
+                " defining onBatch turns batching on); without it each event goes to its own"
+                " handler"
+            )
     return warnings

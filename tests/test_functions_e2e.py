@@ -654,6 +654,26 @@ def test_functions_check_config_says_a_function_with_only_on_batch_needs_batchin
     assert result.returncode == 0 and "only on_batch" not in result.stderr
 
 
+def test_functions_check_config_says_on_batch_beside_handlers_needs_batching(tmp_path):
+    """A function ported from Segment, where defining onBatch turns batching on: with
+    on_track beside on_batch it passed without a word and sent one request per event."""
+    (tmp_path / "fn.py").write_text(
+        "def on_batch(events, settings):\n    pass\n\n"
+        "def on_track(event, settings):\n    pass\n"
+    )
+    config = tmp_path / "destfnd.toml"
+    dest = '[[destinations]]\nname = "fn"\nfunction = "fn.py"\n'
+    config.write_text(config_text(tmp_path / "db", dest))
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "destinations[0].function: on_batch runs only with [destinations.batch]" in (
+        result.stderr
+    )
+    config.write_text(config_text(tmp_path / "db", dest + "[destinations.batch]\n"))
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0 and "on_batch runs only" not in result.stderr
+
+
 CHAIN_BATCH_INSERT_PY = """
 from destfnd.functions import DropEvent, ValidationError
 
