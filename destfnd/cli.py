@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="K",
         help="at most K (default 20, at most 10000)",
     )
-    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.add_argument("--json", action="store_true", help="print a JSON array (with each event)")
     p = command(
         "retry", cmd_retry, "make retrying deliveries due now (after fixing what they wait for)"
     )
@@ -333,7 +333,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 _DELIVERIES = """
 SELECT d.id, d.destination, d.status, d.attempts, d.created_at, d.next_at, d.finished_at,
        d.last_error_type, d.last_error, e.message_id,
-       json_extract(CAST(e.payload AS TEXT), '$.type'), d.leased
+       json_extract(CAST(e.payload AS TEXT), '$.type'), d.leased, e.payload
 FROM deliveries d JOIN events e ON e.id = d.event_id
 WHERE (:destination IS NULL OR d.destination = :destination)
   AND (:status IS NULL OR d.status = :status)
@@ -424,7 +424,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     keys = ("id", "destination", "status", "attempts", "created_at", "next_at", "finished_at",
-            "error_type", "error", "message_id", "type", "in_flight")  # fmt: skip
+            "error_type", "error", "message_id", "type", "in_flight", "event")  # fmt: skip
     records = []
     for row in rows:
         rec = dict(zip(keys, row, strict=True))
@@ -434,6 +434,9 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         # Leased: its attempt is running (its next_at is only the lease's end), or was when
         # the daemon stopped without giving it back (it runs again at the next start).
         rec["in_flight"] = bool(rec["in_flight"])
+        # The event as stored (and as the function gets it, before any insert function):
+        # to look at a rejected one, or to run it again with `run-function --event -`.
+        rec["event"] = orjson.Fragment(rec["event"])
         if rec["status"] not in (Status.PENDING, Status.RETRYING) or rec["in_flight"]:
             rec["next_at"] = None
         rec["history"] = []  # every recorded attempt: the Event Delivery view

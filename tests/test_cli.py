@@ -52,6 +52,10 @@ async def test_cli_the_bundled_example_serves_and_delivers(make_daemon, tmp_path
     assert archived["context"] == {"ip": "127.0.0.1"}  # the example's source has fill_ip = true
     (row,) = orjson.loads(daemon.cli("deliveries", "--destination", "hello", "--json").stdout)
     assert row["history"][0]["logs"] == "hello: Item Purchased by 019mr8mf4r\n"
+    # The event itself, as stored: to look at, or to run again with run-function --event -.
+    assert row["event"]["event"] == "Item Purchased"
+    assert row["event"]["messageId"] == row["message_id"]
+    assert "writeKey" not in row["event"]
     # Found by its messageId (through the dedupe keys, no scan): one delivery per destination.
     found = orjson.loads(
         daemon.cli("deliveries", "--message-id", row["message_id"], "--json").stdout
