@@ -658,8 +658,7 @@ def test_functions_check_config_says_on_batch_beside_handlers_needs_batching(tmp
     """A function ported from Segment, where defining onBatch turns batching on: with
     on_track beside on_batch it passed without a word and sent one request per event."""
     (tmp_path / "fn.py").write_text(
-        "def on_batch(events, settings):\n    pass\n\n"
-        "def on_track(event, settings):\n    pass\n"
+        "def on_batch(events, settings):\n    pass\n\ndef on_track(event, settings):\n    pass\n"
     )
     config = tmp_path / "destfnd.toml"
     dest = '[[destinations]]\nname = "fn"\nfunction = "fn.py"\n'
