@@ -298,6 +298,8 @@ class FunctionDestination:
             return None
         except CallTimedOut as exc:
             message = f"the function did not finish within {self.dest.timeout_s:g}s"
+            if self._stages == ["insert", "function"]:  # Segment gives each its own
+                message += " (its insert function and it share this `timeout`)"
             logs, requests = _record_of(exc.reply or {})  # what it printed and requested
             return _Run([retry(ErrorType.TIMEOUT, message)] * n, logs, requests, [None] * n)
         except WorkerFailed as exc:

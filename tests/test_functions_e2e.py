@@ -1658,3 +1658,26 @@ async def test_functions_a_split_ends_within_the_attempts_time(make_daemon, tmp_
     delivered = [k for k, r in rows.items() if r["status"] == "delivered"]
     assert len(delivered) >= 32, len(delivered)  # the first half without the crash, at least
     assert sorted(e["messageId"] for e in sink.delivered()) == sorted(k[1] for k in delivered)
+
+
+async def test_functions_an_insert_function_and_its_function_share_the_timeout_and_say_so(
+    make_daemon, tmp_path, session
+):
+    """Segment gives each function its own 5 s; here the two run in one call within one
+    `timeout`. The Timeout says so: it read as the function's alone."""
+    slow = "import asyncio\n\nasync def on_track(event, settings):\n    await asyncio.sleep(0.6)\n"
+    (tmp_path / "enrich.py").write_text(slow + "    return event\n")
+    (tmp_path / "send.py").write_text(slow)
+    dest = function_destination(
+        "crm", "send.py", "{}", insert_function='"enrich.py"', timeout='"1s"', _tables=FAST
+    )
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    await send(session, daemon, [{"type": "track", "event": "Slow", "messageId": "slow-1"}])
+    rows = await wait_final(daemon, 1)
+    row = rows["crm", "slow-1"]
+    assert row["status"] == "expired", row
+    assert row["error_type"] == "Timeout"
+    assert (
+        "did not finish within 1s (its insert function and it share this `timeout`)"
+        in (row["error"])
+    )

@@ -245,6 +245,29 @@ def test_run_function_on_batch_takes_segments_status_per_event(files, tmp_path):
     )
 
 
+def test_run_function_an_insert_functions_error_says_it_is_the_insert_functions(files):
+    """In front of a function, "Unsupported Event Type: EventNotSupported: internal" could
+    have come from either: the insert function's errors name it and their handler."""
+    (files / "gate.py").write_text(
+        "from destfnd.functions import DropEvent, EventNotSupported\n\n"
+        "def on_track(event, settings):\n"
+        "    if event['event'] == 'Internal Ping':\n"
+        "        raise EventNotSupported('internal')\n"
+        "    raise DropEvent('not wanted')\n"
+    )
+    for name, status, message in (
+        ("Internal Ping", "discarded",
+         "the insert function's on_track: EventNotSupported: internal"),
+        ("Other", "dropped", "not wanted"),  # a drop is the insert function's by nature
+    ):  # fmt: skip
+        event = files / "ev.json"
+        event.write_bytes(orjson.dumps({"type": "track", "event": name, "userId": "u"}))
+        result = run_cli("run-function", str(files / "gate.py"), "--insert", "--event",
+                         str(event), "--json")  # fmt: skip
+        (outcome,) = orjson.loads(result.stdout)["outcomes"]
+        assert (outcome["status"], outcome["message"]) == (status, message), outcome
+
+
 def test_run_function_insert_prints_the_resulting_event(files):
     result = run_cli(
         "run-function", str(files / "insert.py"), "--insert", "--event",

@@ -262,7 +262,7 @@ class Worker:
                                               gate=self._gate(call_id))  # fmt: skip
             except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
                 _reraise_cancel(exc)
-                return self.failed(exc, rec), None
+                return _from_insert(self.failed(exc, rec), name), None
             if not _is_event(result):
                 message = (
                     f"the insert function's {name} returned {_what(result)}, not an event: "
@@ -376,7 +376,7 @@ class Worker:
                                             gate=self._gate(call_id))  # fmt: skip
         except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
             _reraise_cancel(exc)
-            return [(self.failed(exc, rec), None)] * n
+            return [(_from_insert(self.failed(exc, rec), "on_batch"), None)] * n
         if not isinstance(returned, list | tuple) or len(returned) != n:
             message = (
                 f"the insert function's on_batch returned {_what(returned)}: return a list of"
@@ -386,7 +386,7 @@ class Worker:
         results: list[tuple[dict, Any]] = []
         for index, item in enumerate(returned):
             if isinstance(item, BaseException):
-                results.append((runtime.outcome_of(item), None))
+                results.append((_from_insert(runtime.outcome_of(item), "on_batch"), None))
             elif _is_event(item):
                 results.append((runtime.ok(), _with_message_id(item, message_ids[index])))
             else:
@@ -526,6 +526,15 @@ def _with_message_id(event: dict, message_id: Any) -> dict:
 
 def _is_event(value: Any) -> bool:
     return isinstance(value, dict) and value.get("type") in runtime.EVENT_TYPES
+
+
+def _from_insert(outcome: dict, handler: str) -> dict:
+    """An error the insert function raised, saying so: in front of a function (or a
+    webhook), "Unsupported Event Type: EventNotSupported: internal" could be either's. A
+    drop is the insert function's by nature: its reason is left as it is."""
+    if outcome.get("kind") != "drop" and outcome.get("message") is not None:
+        outcome = {**outcome, "message": f"the insert function's {handler}: {outcome['message']}"}
+    return outcome
 
 
 def _what(value: Any) -> str:
