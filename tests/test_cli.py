@@ -124,6 +124,10 @@ BAD = [
      'settings = { apiKey = 5 }\n', "destinations[0].settings.apiKey", "must be string"),
     ("function-required", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n',
      "destinations[0].settings.apiKey", "required by SETTINGS in needs_key.py"),
+    # As in Segment, where a required setting cannot be saved empty: it passed.
+    ("function-required-empty", '[[destinations]]\nname = "f"\nfunction = "needs_key.py"\n'
+     'settings = { apiKey = " " }\n', "destinations[0].settings.apiKey",
+     "required by SETTINGS in needs_key.py, and empty"),
     ("settings-decl-unknown-field", '[[destinations]]\nname = "f"\nfunction = "bad_decl.py"\n',
      "destinations[0].settings.region",
      "SETTINGS['region'] in bad_decl.py has an unknown field 'requird' (did you mean 'required'?)"),

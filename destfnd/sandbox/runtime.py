@@ -228,9 +228,15 @@ def check_settings(
                     about = f" ({spec['description']})" if spec.get("description") else ""
                     problems.append(f"settings.{key}: required by SETTINGS in {file}{about}")
                 continue
+            value = settings[key]
+            if spec.get("required") is True and isinstance(value, str) and not value.strip():
+                # As in Segment, where a required setting cannot be saved empty (an env
+                # variable set to "" for a secret, say).
+                about = f" ({spec['description']})" if spec.get("description") else ""
+                problems.append(f"settings.{key}: required by SETTINGS in {file}{about}, and empty")
+                continue
             if kind is None:
                 continue
-            value = settings[key]
             wrong_bool = isinstance(value, bool) and kind != "boolean"
             if wrong_bool or not isinstance(value, _SETTING_TYPES[kind]):
                 problems.append(f"settings.{key}: must be {kind}, got {type(value).__name__}")
