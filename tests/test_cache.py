@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
@@ -61,6 +62,22 @@ async def test_cache_ttl_of_minus_one_or_none_is_no_expiry_as_in_segment():
     assert await cache.load("d", -5, token) == "tok5"
     with pytest.raises(TypeError, match="give the function that loads the value"):
         await cache.load("e", 1000)
+
+
+async def test_cache_keeps_at_most_max_entries_the_oldest_stored_going_first(monkeypatch):
+    """A value per user with no expiry (-1) grew until the worker ran out of memory."""
+    cache_module = sys.modules[Cache.__module__]  # (destfnd.functions.cache is the instance)
+    monkeypatch.setattr(cache_module, "MAX_ENTRIES", 2_000)
+    cache = Cache()
+    await cache.load("first", -1, lambda: "v")
+    for i in range(20_000):
+        await cache.load(f"user-{i}", -1, lambda i=i: i)
+        if i % 3_000 == 0:
+            await cache.load("first", -1, lambda: "reloaded")  # used, but stored long ago
+    assert len(cache._values) <= 2_000
+    assert await cache.load("user-19999", -1, lambda: "reloaded") == 19999
+    assert await cache.load("user-0", -1, lambda: "reloaded") == "reloaded"
+    assert await cache.load("first", -1, lambda: "again") == "again"
 
 
 async def test_cache_waiters_load_themselves_when_the_loading_call_is_cancelled():

@@ -224,7 +224,7 @@ def test_run_function_on_batch_takes_segments_status_per_event(files, tmp_path):
         "def on_batch(events, settings):\n"
         "    return [{'status': 200}, {'status': 400, 'errormessage': 'Bad Request'},\n"
         "            {'status': 500, 'errormessage': 'Error processing request'},\n"
-        "            {'status': 429}, {'status': 204}, {'status': 'ok'}]\n"
+        "            {'status': 429}, {'status': 204.0, 'sent': 1}, {'status': 'ok'}]\n"
     )
     event = {"type": "track", "event": "E", "userId": "u"}
     (tmp_path / "six.json").write_bytes(orjson.dumps([event] * 6))

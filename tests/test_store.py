@@ -1283,7 +1283,8 @@ def test_finish_batches_records_each_destination_s_outcomes_and_returns_their_si
     ]  # fmt: skip
     sizes = tx(conn, q.finish_batches, [crm_items, warehouse_items, []])
     row = q.RECORD_ROW_BYTES
-    log_sizes = [len(f"log {n} ✓") + len(requests) + len("crm") + row for n in range(3)]
+    # Bytes as stored (UTF-8: "✓" takes 3), not characters.
+    log_sizes = [len(f"log {n} ✓".encode()) + len(requests) + len("crm") + row for n in range(3)]
     warehouse_size = 2 + len("warehouse") + len("v1") + row
     assert sizes == [sum(log_sizes), warehouse_size, 0]
     assert q.invocations_size(conn) == sum(log_sizes) + warehouse_size

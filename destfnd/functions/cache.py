@@ -12,6 +12,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 _SWEEP_MIN = 1024  # entries before the first sweep of expired ones
+# Entries a worker keeps at most: past it the oldest stored go, expired or not (Segment's
+# cache is bounded too). Without it a cache of a value per user with no expiry (-1) grew
+# until the worker ran out of memory_limit and was killed.
+MAX_ENTRIES = 100_000
 
 
 class Cache:
@@ -85,7 +89,11 @@ class Cache:
             now = self._clock()
             if len(self._values) >= self._sweep_at:  # expired keys go: it cannot grow
                 self._values = {k: v for k, v in self._values.items() if v[0] > now}
-                self._sweep_at = max(_SWEEP_MIN, 2 * len(self._values))
+                if len(self._values) >= MAX_ENTRIES:  # then the oldest stored, a tenth
+                    keep = list(self._values.items())[-(MAX_ENTRIES * 9 // 10) :]
+                    self._values = dict(keep)
+                self._sweep_at = min(MAX_ENTRIES, max(_SWEEP_MIN, 2 * len(self._values)))
+            self._values.pop(key, None)  # stored anew: the newest (see MAX_ENTRIES)
             self._values[key] = (now + ttl_ms / 1000, value)
         future.set_result(value)
         return value

@@ -205,8 +205,8 @@ class Worker:
             outcomes *= len(events)
             out_events *= len(events)
         for outcome in outcomes:  # an exception can hold megabytes, and secrets
-            if isinstance(outcome.get("message"), str):
-                outcome["message"] = record.clip_text(outcome["message"])
+            if isinstance(outcome.get("message"), str):  # (sendable first: it lengthens)
+                outcome["message"] = record.clip_text(sendable(outcome["message"]))
         reply["outcomes"] = outcomes
         if "function" not in stages:
             reply["events"] = out_events

@@ -325,16 +325,19 @@ _RETRY_STATUSES = frozenset({408, 429})
 
 def status_outcome(item: object) -> dict | None:
     """Segment's per-event outcome of `onBatch`, `{"status": 200}` or `{"status": 500,
-    "errormessage": "..."}`: a 2xx delivered, a 5xx, 408 or 429 retried, another status
-    discarded (Bad Request). None: `item` is no such object."""
-    if not isinstance(item, dict) or set(item) - {"status", "errormessage"}:
+    "errormessage": "..."}` (other keys, as Segment's Actions add, `errortype`, `sent`,
+    `body`, are let be): a 2xx delivered, a 5xx, 408 or 429 retried, another status
+    discarded (Bad Request). None: `item` is no such object (an event has a `type`)."""
+    if not isinstance(item, dict) or "type" in item:
         return None
     status = item.get("status")
+    if isinstance(status, float) and status.is_integer():
+        status = int(status)  # 500.0: JSON's numbers, as a port may pass them on
     if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
         return None
     if 200 <= status < 300:
         return ok()
-    text = item.get("errormessage")
+    text = item.get("errormessage", item.get("errorMessage"))
     message = f"HTTP {status}" + (f": {text}" if isinstance(text, str) and text else "")
     if status >= 500 or status in _RETRY_STATUSES:
         return {"kind": "retry", "error_type": "Retry", "message": message}

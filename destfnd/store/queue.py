@@ -138,6 +138,11 @@ def insert_many(
     return new_counts
 
 
+def _utf8_len(text: str) -> int:
+    """Bytes of `text` as SQLite stores it (UTF-8): a character of CJK logs takes 3."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _stored_events(
     conn: sqlite3.Connection, dedupe: Dedupe, keys: set[int]
 ) -> dict[int, tuple[str, str, int]]:
@@ -275,7 +280,8 @@ def finish_batches(
                 invocation_id = next_id
                 next_id += 1
                 recorded = (
-                    len(i.logs) + len(i.requests) + len(i.destination) + len(i.version or "")
+                    _utf8_len(i.logs) + len(i.requests) + _utf8_len(i.destination)
+                    + len(i.version or "")
                     + RECORD_ROW_BYTES
                 )  # fmt: skip
                 size += recorded
