@@ -89,7 +89,14 @@ def parse_settings(text: str | None) -> Settings:
     from destfnd.config_reader import Reader
     from destfnd.function_destination import plain_settings
 
-    reader = Reader(Path.cwd(), os.environ)
+    try:
+        here = Path.cwd()  # where a {"file": ...} setting is found from
+    except OSError as exc:  # it was said to be "cannot write the output"
+        raise RunError(
+            f"--settings: the current folder cannot be found ({exc.strerror}): it was deleted?"
+            " cd to one that exists"
+        ) from None
+    reader = Reader(here, os.environ)
     settings = reader.settings(raw, "--settings")
     if reader.problems:
         raise RunError("; ".join(reader.problems))

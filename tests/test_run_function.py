@@ -153,6 +153,20 @@ def test_run_function_in_a_folder_deleted_meanwhile(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "outcome: delivered" in result.stdout and "ran" in result.stdout
+    # --settings, whose {"file": ...} values are found from there: said so (it was "cannot
+    # write the output").
+    gone.mkdir()
+    result = subprocess.run(
+        ["sh", "-c", f'cd "{gone}" && rmdir "{gone}" && exec "$0" "$@"', str(script),
+         "run-function", str(tmp_path / "fn.py"), "--event", "-", "--settings", '{"a": 1}'],
+        input='{"type": "track", "event": "e", "userId": "u"}', capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr == (
+        "destfnd: --settings: the current folder cannot be found (No such file or directory):"
+        " it was deleted? cd to one that exists\n"
+    )
 
 
 def test_run_function_retryable_failure_from_fetch(files):
