@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,3 +352,30 @@ async def process_gone(pid: int, timeout_s: float = 10.0) -> bool:
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+@asynccontextmanager
+async def raw_server(
+    answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 (its port) whose `answer` writes HTTP by hand, what an
+    aiohttp server would not write (a body that stalls, bytes that are not UTF-8). A client
+    that goes away is no error; each connection is closed after its answer, and the answers
+    still running are awaited on the way out (`answer` ends them: bounded)."""
+    answering: set[asyncio.Task] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answering.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await answer(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await asyncio.gather(*answering, return_exceptions=True)

@@ -1004,23 +1004,31 @@ async def test_cli_retry_makes_retrying_deliveries_due_now(make_daemon, tmp_path
         assert await daemon.terminate() == 0
 
 
+async def _sent_and_discarded(daemon, session, sink, message_ids: list[str]) -> None:
+    """Track events posted to `daemon`, whose webhook `hook` answers 404 (at `sink`): once
+    each is discarded."""
+    from support import post
+
+    for message_id in message_ids:
+        event = {"userId": "u", "event": "E", "messageId": message_id}
+        assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
+    await sink.wait_for(lambda: len(sink.requests) == len(message_ids))
+    for _ in range(100):  # 5 s at most
+        if daemon.stats()["hook"]["discarded"] == len(message_ids):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_cli_retry_gives_finished_deliveries_one_more_attempt(make_daemon, tmp_path, session):
     """After fixing what discarded them (a 404 from a wrong path, a function's bug), the
     discarded deliveries are sent once more; one that fails again is finished again."""
-    from support import Reply, Sink, post, webhook
+    from support import Reply, Sink, webhook
 
     fixed = {"ok": False}
     async with Sink(lambda n, r: Reply(200 if fixed["ok"] else 404)) as sink:
         config = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url))
         daemon = await make_daemon(config).start()
-        for i in range(3):
-            event = {"userId": "u", "event": "E", "messageId": f"m-{i}"}
-            assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
-        await sink.wait_for(lambda: len(sink.requests) == 3)
-        for _ in range(100):
-            if daemon.stats()["hook"]["discarded"] == 3:
-                break
-            await asyncio.sleep(0.05)
+        await _sent_and_discarded(daemon, session, sink, ["m-0", "m-1", "m-2"])
         none = daemon.cli("retry", "--status", "expired")
         assert none.stdout == "no expired delivery matched: nothing to do\n"
         one = daemon.cli("retry", "--status", "discarded", "--message-id", "m-0")
@@ -1048,19 +1056,12 @@ async def test_cli_retry_by_message_id_finds_an_event_older_than_the_dedupe_wind
     """Events are kept for `retention` (7 days), their dedupe keys for `dedupe_window` (a
     day): past the window, `retry --message-id` matched nothing ("nothing to do") while
     `deliveries --message-id` listed the delivery. It is found by a scan, as there."""
-    from support import Reply, Sink, post, webhook
+    from support import Reply, Sink, webhook
 
     async with Sink(lambda n, r: Reply(404)) as sink:
         config = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url))
         daemon = await make_daemon(config).start()
-        for i in range(2):
-            event = {"userId": "u", "event": "E", "messageId": f"old-{i}"}
-            assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
-        await sink.wait_for(lambda: len(sink.requests) == 2)
-        for _ in range(100):
-            if daemon.stats()["hook"]["discarded"] == 2:
-                break
-            await asyncio.sleep(0.05)
+        await _sent_and_discarded(daemon, session, sink, ["old-0", "old-1"])
         assert await daemon.terminate() == 0
     # What the daemon's sweep leaves once the window has passed: no keys, all flushed.
     db = sqlite3.connect(tmp_path / "db.sqlite3")

@@ -18,6 +18,7 @@ from support import (
     closed_port_url,
     config_text,
     post,
+    raw_server,
     run_cli,
     running_daemon,
     webhook,
@@ -245,41 +246,31 @@ async def test_dispatch_the_status_decides_though_the_body_stalls(tmp_path, case
     head, then = STALLED_ANSWERS[case]
     posts = []
     done = asyncio.Event()
-    answering: set[asyncio.Task] = set()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        answering.add(asyncio.current_task())  # type: ignore[arg-type]
-        try:
-            await reader.readuntil(b"\r\n\r\n")  # the request's head; its body is not needed
-            posts.append(time.monotonic())
-            writer.write(head)
-            for _ in range(200 if then != "close" else 0):  # 10 s at most: bounded
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), 0.05)
-                if done.is_set():
-                    break
-                if then == "trickle":
-                    writer.write(b"x")
-                    await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+        await reader.readuntil(b"\r\n\r\n")  # the request's head; its body is not needed
+        posts.append(time.monotonic())
+        writer.write(head)
+        for _ in range(200 if then != "close" else 0):  # 10 s at most: bounded
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.05)
+            if done.is_set():
+                break
+            if then == "trickle":
+                writer.write(b"x")
+                await writer.drain()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        dest = webhook("hook", f"http://127.0.0.1:{port}/in", timeout="500ms", retry=FAST_RETRY)
-        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
-            await send(d, 1)
-            final = {"429": {"retrying"}, "400": {"discarded"}}.get(
-                case[:3], {"delivered", "expired"}
-            )
-            (row,) = await d.wait_for_status(final, 1)
-    finally:
-        done.set()
-        server.close()
-        await asyncio.gather(*answering)
+    async with raw_server(answer) as port:
+        try:
+            dest = webhook("hook", f"http://127.0.0.1:{port}/in", timeout="500ms", retry=FAST_RETRY)
+            async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+                await send(d, 1)
+                final = {"429": {"retrying"}, "400": {"discarded"}}.get(
+                    case[:3], {"delivered", "expired"}
+                )
+                (row,) = await d.wait_for_status(final, 1)
+        finally:
+            done.set()
     assert len(posts) == 1, posts
     shown = run_cli("deliveries", "--json", "--config", str(tmp_path / "destfnd.toml"))
     ((request,),) = [a["requests"] for a in orjson.loads(shown.stdout)[0]["history"]]

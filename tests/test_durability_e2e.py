@@ -26,6 +26,7 @@ from support import (
     closed_port_url,
     config_text,
     post,
+    raw_server,
     run_cli,
     webhook,
 )
@@ -718,23 +719,16 @@ async def test_a_webhook_answer_in_bytes_that_are_not_utf8_is_recorded_and_the_d
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal answered
-        try:
-            request = await reader.readuntil(b"\r\n\r\n")
-            length = re.search(rb"(?i)content-length: *(\d+)", request)
-            await reader.readexactly(int(length.group(1)) if length else 0)
-            answered += 1
-            writer.write(head + b"Content-Length: 0\r\n\r\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+        request = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", request)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        answered += 1
+        writer.write(head + b"Content-Length: 0\r\n\r\n")
+        await writer.drain()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     retry = {"max_attempts": 2, "backoff_initial": "50ms", "backoff_max": "50ms"}
-    dest = webhook("hook", f"http://127.0.0.1:{port}/in", retry=retry)
-    try:
+    async with raw_server(answer) as port:
+        dest = webhook("hook", f"http://127.0.0.1:{port}/in", retry=retry)
         daemon = await make_daemon(config_text(tmp_path / "db.sqlite3", dest)).start()
         event = {"type": "track", "event": "E", "userId": "u", "messageId": "latin-1"}
         assert (await post(session, f"{daemon.url}/v1/track", event))[0] == 200
@@ -752,5 +746,3 @@ async def test_a_webhook_answer_in_bytes_that_are_not_utf8_is_recorded_and_the_d
         assert (delivery["status"], delivery["error"]) == ("expired", failed[1]["error"])
         assert [a["error"] for a in delivery["history"]] == [error, failed[1]["error"]]
         assert await daemon.terminate() == 0
-    finally:
-        server.close()
