@@ -177,10 +177,11 @@ class FunctionDestination:
             ["function"] if dest.kind == "function" else []
         )
         self.version: str | None = None
-        # What a delivery can take (the dispatcher's guard allows for it): a call, and its
-        # re-run alone after a crash it shared or a split's calls (started within the first
-        # timeout), and the built-in destination's own behind an insert function.
-        self.timeouts = 2 + (downstream is not None)
+        # What a delivery can take (the dispatcher's guard allows for it), in `timeout`s: a
+        # call (one for each function in it), and its re-run alone after a crash it shared
+        # or a split's calls (started within the first timeout), and the built-in
+        # destination's own behind an insert function.
+        self.timeouts = 1 + len(self._stages) + (downstream is not None)
 
     async def start(self) -> None:
         """Start the workers, then the built-in destination behind an insert function. If any
@@ -297,9 +298,11 @@ class FunctionDestination:
         except NotStarted:
             return None
         except CallTimedOut as exc:
-            message = f"the function did not finish within {self.dest.timeout_s:g}s"
-            if self._stages == ["insert", "function"]:  # Segment gives each its own
-                message += " (its insert function and it share this `timeout`)"
+            limit = self.dest.timeout_s
+            message = f"the function did not finish within {limit:g}s"
+            if self._stages == ["insert", "function"]:  # each its own timeout, as in Segment
+                message = (f"the insert function and the function did not finish within"
+                           f" {2 * limit:g}s ({limit:g}s each)")  # fmt: skip
             logs, requests = _record_of(exc.reply or {})  # what it printed and requested
             return _Run([retry(ErrorType.TIMEOUT, message)] * n, logs, requests, [None] * n)
         except WorkerFailed as exc:

@@ -307,19 +307,20 @@ class Worker:
         outcomes: list[dict | None] = [None] * len(events)
         out_events: list[Any] = [None] * len(events)
         todo = list(range(len(events)))
-        # Each event through its own handler gets a share of the call's `timeout`, as Segment
+        # Each event through its own handler gets a share of the call's time, as Segment
         # runs each alone: one that hangs times out alone, not its whole batch (which was
-        # then retried together, the hanging one with it, until all expired). The insert
-        # stage gets half when the function runs after it, and a tenth is left for the reply.
+        # then retried together, the hanging one with it, until all expired). Each function
+        # has `timeout` (an insert function and the function behind it one each: the call
+        # has two, see pool.call_timeout_s), and a tenth of one is left for the reply.
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 0.9 * self.timeout_s
+        stage_count = 2 if "insert" in stages and "function" in stages else 1
+        deadline = loop.time() + (stage_count - 0.1) * self.timeout_s
         if "insert" in stages:
             insert_batch = getattr(self.insert, "on_batch", None)
             if insert_batch is not None:
                 results = await self.run_insert_batch(call_id, insert_batch, events, rec)
             else:
-                share = 0.5 if "function" in stages else 0.9
-                until = loop.time() + share * self.timeout_s
+                until = loop.time() + 0.9 * self.timeout_s
                 results = await asyncio.gather(*(
                     _within(self.run_one(call_id, events[i], ["insert"], rec), until, "insert",
                             timed_out)

@@ -68,6 +68,12 @@ class InitError(Exception):
         self.transient = transient
 
 
+def call_timeout_s(timeout_s: float, stages: list[str]) -> float:
+    """What a call may take: `timeout` for each function in it, as Segment gives an insert
+    function and the destination function behind it 5 s each (one call runs both here)."""
+    return timeout_s * (2 if "insert" in stages and "function" in stages else 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Spec:
     """What a worker runs: the files, the settings, the limits."""
@@ -517,7 +523,7 @@ class Pool:
         try:
             worker.send({"t": "call", "id": call_id, "events": events, "batch": batch,
                          "stages": stages})  # fmt: skip
-            async with asyncio.timeout(self.spec.timeout_s):
+            async with asyncio.timeout(call_timeout_s(self.spec.timeout_s, stages)):
                 # Shielded: on timeout the future stays, to take the cancelled call's reply.
                 return await asyncio.shield(future)
         except TimeoutError:
