@@ -70,6 +70,13 @@ def _run(argv: list[str] | None) -> int:
     args, unknown = _parser().parse_known_args(argv)
     if unknown:
         args.usage.error(f"unrecognized arguments: {' '.join(unknown)}")
+    for name, flag in _TEXT_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not _is_text(value):
+            # Bytes that are not UTF-8 (a terminal in another encoding): a traceback of
+            # SQLite's, which cannot take them, was what it got.
+            shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            args.usage.error(f"{flag} '{shown}': not UTF-8 text")
     # Log lines (a worker's stray output, say) go to stderr, never into a command's output;
     # serve sets its own from the config.
     logs.setup("info", "auto")
@@ -97,6 +104,19 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_CONFIG if isinstance(exc, RunError) else EXIT_ERROR
     except KeyboardInterrupt:  # Ctrl-C (serve has a handler of its own: it stops gracefully)
         return EXIT_INTERRUPTED
+
+
+# Arguments that are names or ids, compared with what the store holds (UTF-8); paths are not.
+_TEXT_ARGUMENTS = (("destination", "--destination"), ("message_id", "--message-id"),
+                   ("source", "--from"), ("to", "--to"))  # fmt: skip
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _print_problems(heading: str, problems: list[str]) -> None:

@@ -1004,6 +1004,28 @@ async def test_cli_retry_makes_retrying_deliveries_due_now(make_daemon, tmp_path
         assert await daemon.terminate() == 0
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["deliveries", "--message-id", "caf\udce9"],
+        ["retry", "--message-id", "caf\udce9"],
+        ["deliveries", "--destination", "caf\udce9"],
+        ["discard", "--destination", "caf\udce9"],
+        ["move", "--from", "caf\udce9", "--to", "hook"],
+    ],
+)
+def test_cli_a_name_or_id_in_bytes_that_are_not_utf8_is_a_usage_error(tmp_path, argv):
+    """From a terminal in another encoding: SQLite's UnicodeEncodeError came as a traceback."""
+    from support import webhook
+
+    config = tmp_path / "destfnd.toml"
+    config.write_text(config_text(tmp_path / "db.sqlite3", webhook("hook", "http://127.0.0.1:9")))
+    result = run_cli(*argv, "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.endswith(f"error: {argv[1]} 'caf\\xe9': not UTF-8 text\n")
+
+
 async def _sent_and_discarded(daemon, session, sink, message_ids: list[str]) -> None:
     """Track events posted to `daemon`, whose webhook `hook` answers 404 (at `sink`): once
     each is discarded."""
