@@ -9,6 +9,7 @@ import io
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -118,11 +119,33 @@ def _printable_values(_logger: Any, _name: str, event: dict) -> dict:
 
 
 def _printable_traceback(out: TextIO, exc_info: Any) -> None:
-    """structlog's plain traceback, each of its lines escaped as `printable` escapes values:
-    an exception's message can hold what a client or a function wrote."""
-    text = io.StringIO()
-    structlog.dev.plain_traceback(text, exc_info)
-    out.write("\n".join(printable(line) for line in text.getvalue().split("\n")))
+    """A plain traceback, each of its lines escaped as `printable` escapes values, and an
+    exception's message on one line: a message may quote what a client sent or a function
+    wrote, and its line breaks would start lines of their own (a forged log line, say)."""
+    exc = exc_info[1] if isinstance(exc_info, tuple) else exc_info
+    if not isinstance(exc, BaseException):
+        text = io.StringIO()
+        structlog.dev.plain_traceback(text, exc_info)
+        lines = text.getvalue().split("\n")
+    else:
+        shown = traceback.TracebackException.from_exception(exc)
+        _one_line_messages(shown, set())
+        lines = "".join(shown.format()).split("\n")
+    out.write("\n".join(printable(line) for line in lines))
+
+
+def _one_line_messages(shown: traceback.TracebackException, seen: set[int]) -> None:
+    """The messages of an exception, its causes and its group's members with their line
+    breaks escaped (`_str` is what `traceback` prints as the message, 3.11-3.14)."""
+    if id(shown) in seen:
+        return
+    seen.add(id(shown))
+    message = getattr(shown, "_str", None)
+    if isinstance(message, str):
+        shown._str = message.replace("\r", "\\r").replace("\n", "\\n")
+    for other in (shown.__cause__, shown.__context__, *(getattr(shown, "exceptions", None) or ())):
+        if other is not None:
+            _one_line_messages(other, seen)
 
 
 class _ToStructlog(logging.Handler):

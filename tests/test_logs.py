@@ -107,7 +107,7 @@ def test_console_tracebacks_escape_what_an_exception_says():
     message may quote what a client sent or a function wrote."""
     script = (
         "import structlog\nfrom destfnd import logs\nlogs.setup('info', 'console')\n"
-        "try:\n    raise ValueError('bad \\x1b]0;OWNED\\x07 name')\n"
+        "try:\n    raise ValueError('bad \\x1b]0;OWNED\\x07 name\\nforged: line')\n"
         "except ValueError:\n    structlog.get_logger().exception('unexpected')\n"
     )
     done = subprocess.run(
@@ -115,5 +115,7 @@ def test_console_tracebacks_escape_what_an_exception_says():
     )
     assert done.returncode == 0, done.stderr
     assert "\x1b]0;" not in done.stderr and "\x07" not in done.stderr
-    assert "ValueError: bad \\x1b]0;OWNED\\x07 name" in done.stderr
+    # Its line break too: a line of its own could pass for a log line.
+    assert "ValueError: bad \\x1b]0;OWNED\\x07 name\\nforged: line\n" in done.stderr
+    assert "\nforged: line" not in done.stderr
     assert "Traceback (most recent call last):\n" in done.stderr  # still one line per line
