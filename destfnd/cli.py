@@ -646,6 +646,12 @@ def cmd_discard(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps({"discarded": count}).decode())
         return EXIT_OK
+    if not count:  # a mistyped name or id says so, as retry's "nothing to do" does
+        from destfnd.run_function import printable
+
+        of_event = f" of event {printable(args.message_id)}" if args.message_id else ""
+        print(f"no waiting delivery of {printable(args.destination)}{of_event}: nothing to do")
+        return EXIT_OK
     noun = "delivery" if count == 1 else "deliveries"
     print(f"{count} waiting {noun} of {args.destination} discarded")
     return EXIT_OK

@@ -301,8 +301,8 @@ class FunctionDestination:
             limit = self.dest.timeout_s
             message = f"the function did not finish within {limit:g}s"
             if self._stages == ["insert", "function"]:  # each its own timeout, as in Segment
-                message = (f"the insert function and the function did not finish within"
-                           f" {2 * limit:g}s ({limit:g}s each)")  # fmt: skip
+                message = (f"the insert function and the function together did not finish"
+                           f" within {2 * limit:g}s (twice timeout)")  # fmt: skip
             logs, requests = _record_of(exc.reply or {})  # what it printed and requested
             return _Run([retry(ErrorType.TIMEOUT, message)] * n, logs, requests, [None] * n)
         except WorkerFailed as exc:

@@ -649,6 +649,9 @@ async def test_discard_finishes_the_waiting_deliveries_of_a_destination(
     assert orjson.loads(one.stdout) == {"discarded": 1}
     rest = daemon.cli("discard", "--destination", "gone")
     assert rest.stdout.startswith("1 waiting delivery of gone discarded"), rest
+    # A mistyped name or id says so (it said "0 waiting deliveries of ... discarded").
+    typo = daemon.cli("discard", "--destination", "gone", "--message-id", "m9")
+    assert typo.stdout == "no waiting delivery of gone of event m9: nothing to do\n", typo
     stats = daemon.stats()["gone"]
     assert (stats["discarded"], stats["retrying"]) == (2, 0)
     shown = orjson.loads(daemon.cli("deliveries", "--destination", "gone", "--json").stdout)

@@ -1663,9 +1663,9 @@ async def test_functions_a_split_ends_within_the_attempts_time(make_daemon, tmp_
 async def test_functions_an_insert_function_and_its_function_have_a_timeout_each(
     make_daemon, tmp_path, session
 ):
-    """As in Segment, where each function has its own 5 s: an insert function and the
-    function behind it run in one call, which has `timeout` for each. They shared one: 0.6 s
-    each against a 1 s timeout timed out at every attempt."""
+    """Segment gives each function its own 5 s: an insert function and the function behind
+    it run in one call, which has twice `timeout` for the two together. They shared one:
+    0.6 s each against a 1 s timeout timed out at every attempt."""
     sleep = "import asyncio\n\nasync def on_track(event, settings):\n    await asyncio.sleep({})\n"
     (tmp_path / "enrich.py").write_text(sleep.format(0.6) + "    return event\n")
     (tmp_path / "send.py").write_text(sleep.format(0.6))
@@ -1683,5 +1683,5 @@ async def test_functions_an_insert_function_and_its_function_have_a_timeout_each
     slow = rows["slow", "both-1"]
     assert (slow["status"], slow["error_type"]) == ("expired", "Timeout"), slow
     assert slow["error"].startswith(
-        "the insert function and the function did not finish within 2s (1s each)"
+        "the insert function and the function together did not finish within 2s (twice timeout)"
     )
