@@ -453,6 +453,11 @@ def _without_unsendable(reply: dict) -> dict:
         orjson.dumps(reply.get("requests"))
     except TypeError:
         reply["requests"] = sendable_tree(reply.get("requests"))
+        try:
+            orjson.dumps(reply["requests"])
+        except TypeError as exc:  # not for want of UTF-8: left out, and said so
+            reply["requests"] = []
+            reply["logs"] += f"[the recorded requests could not be sent: {exc}]\n"
     try:
         orjson.dumps(reply)
     except TypeError as exc:  # still: answer, so the call does not wait for its timeout
