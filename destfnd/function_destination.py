@@ -300,7 +300,7 @@ class FunctionDestination:
         except CallTimedOut as exc:
             limit = self.dest.timeout_s
             message = f"the function did not finish within {limit:g}s"
-            if self._stages == ["insert", "function"]:  # each its own timeout, as in Segment
+            if self._stages == ["insert", "function"]:  # twice timeout, for the two together
                 message = (f"the insert function and the function together did not finish"
                            f" within {2 * limit:g}s (twice timeout)")  # fmt: skip
             logs, requests = _record_of(exc.reply or {})  # what it printed and requested

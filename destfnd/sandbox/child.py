@@ -309,9 +309,9 @@ class Worker:
         todo = list(range(len(events)))
         # Each event through its own handler gets a share of the call's time, as Segment
         # runs each alone: one that hangs times out alone, not its whole batch (which was
-        # then retried together, the hanging one with it, until all expired). Each function
-        # has `timeout` (an insert function and the function behind it one each: the call
-        # has two, see pool.call_timeout_s), and a tenth of one is left for the reply.
+        # then retried together, the hanging one with it, until all expired). The call has a
+        # `timeout` for each function in it (see pool.call_timeout_s): an insert handler
+        # gets 0.9 of one, the function's handlers the rest but a tenth (for the reply).
         loop = asyncio.get_running_loop()
         stage_count = 2 if "insert" in stages and "function" in stages else 1
         deadline = loop.time() + (stage_count - 0.1) * self.timeout_s

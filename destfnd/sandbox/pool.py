@@ -69,8 +69,9 @@ class InitError(Exception):
 
 
 def call_timeout_s(timeout_s: float, stages: list[str]) -> float:
-    """What a call may take: `timeout` for each function in it, as Segment gives an insert
-    function and the destination function behind it 5 s each (one call runs both here)."""
+    """What a call may take: a `timeout` for each function in it, for them together (Segment
+    gives an insert function and the destination function behind it 5 s each; one call runs
+    both here, and either may use what the other leaves)."""
     return timeout_s * (2 if "insert" in stages and "function" in stages else 1)
 
 
