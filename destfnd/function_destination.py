@@ -303,6 +303,10 @@ class FunctionDestination:
             if self._stages == ["insert", "function"]:  # twice timeout, for the two together
                 message = (f"the insert function and the function together did not finish"
                            f" within {2 * limit:g}s (twice timeout)")  # fmt: skip
+                running = (exc.reply or {}).get("stage")
+                if running in ("insert", "function"):  # (the worker's word: checked)
+                    which = "the insert function" if running == "insert" else "the function"
+                    message += f"; {which} was still running"
             logs, requests = _record_of(exc.reply or {})  # what it printed and requested
             return _Run([retry(ErrorType.TIMEOUT, message)] * n, logs, requests, [None] * n)
         except WorkerFailed as exc:

@@ -1670,18 +1670,26 @@ async def test_functions_an_insert_function_and_its_function_have_a_timeout_each
     (tmp_path / "enrich.py").write_text(sleep.format(0.6) + "    return event\n")
     (tmp_path / "send.py").write_text(sleep.format(0.6))
     (tmp_path / "slow.py").write_text(sleep.format(1.6))
+    (tmp_path / "slow_enrich.py").write_text(sleep.format(2.5) + "    return event\n")
     dests = "".join(
         function_destination(
-            name, file, "{}", insert_function='"enrich.py"', timeout='"1s"', _tables=FAST
+            name, file, "{}", insert_function=f'"{insert}"', timeout='"1s"', _tables=FAST
         )
-        for name, file in (("crm", "send.py"), ("slow", "slow.py"))
+        for name, file, insert in (
+            ("crm", "send.py", "enrich.py"),
+            ("slow", "slow.py", "enrich.py"),
+            ("slow_insert", "send.py", "slow_enrich.py"),
+        )
     )
     daemon = await make_daemon(config_text(tmp_path / "db", dests)).start()
     await send(session, daemon, [{"type": "track", "event": "E", "messageId": "both-1"}])
-    rows = await wait_final(daemon, 2)
+    rows = await wait_final(daemon, 3)
     assert rows["crm", "both-1"]["status"] == "delivered", rows["crm", "both-1"]
-    slow = rows["slow", "both-1"]
-    assert (slow["status"], slow["error_type"]) == ("expired", "Timeout"), slow
-    assert slow["error"].startswith(
-        "the insert function and the function together did not finish within 2s (twice timeout)"
-    )
+    # The Timeout names the one still running.
+    for name, which in (("slow", "the function"), ("slow_insert", "the insert function")):
+        row = rows[name, "both-1"]
+        assert (row["status"], row["error_type"]) == ("expired", "Timeout"), row
+        assert row["error"].startswith(
+            "the insert function and the function together did not finish within 2s (twice"
+            f" timeout); {which} was still running"
+        ), row["error"]

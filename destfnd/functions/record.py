@@ -41,6 +41,7 @@ class CallRecord:
     request_count: int = 0
     request_chars: int = 0
     out_of_memory: bool = False  # a handler of the call ran out of memory (memory_limit)
+    stage: str = ""  # the one running now, "insert" or "function": told if the call times out
 
     def log(self, text: str) -> None:
         if self.truncated or not text:

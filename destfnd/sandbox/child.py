@@ -194,6 +194,8 @@ class Worker:
                 outcome, event = await self.run_one(call_id, events[0], stages, rec)
                 outcomes, out_events = [outcome], [event]
         except asyncio.CancelledError:
+            if rec.stage and not message.get("batch"):  # which of an insert function and
+                reply["stage"] = rec.stage  # its function ran out of time (one event's call)
             outcomes = [{"kind": "retry", "error_type": "Timeout", "message": "cancelled"}]
             out_events = [None]
             outcomes *= len(events)
@@ -257,6 +259,7 @@ class Worker:
             if handler is None:
                 return runtime.unsupported(f"the insert function has no {name} handler"), None
             message_id = event.get("messageId")  # before the handler may change the event
+            rec.stage = "insert"
             try:
                 result = await runtime.invoke(handler, event, self.fresh_settings(),
                                               gate=self._gate(call_id))  # fmt: skip
@@ -276,6 +279,7 @@ class Worker:
         handler = getattr(self.function, name, None)
         if handler is None:
             return runtime.unsupported(f"the function has no {name} handler"), None
+        rec.stage = "function"
         try:
             returned = await runtime.invoke(handler, event, self.fresh_settings(),
                                             gate=self._gate(call_id))  # fmt: skip
