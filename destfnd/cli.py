@@ -26,6 +26,7 @@ from destfnd.store import Status, StoreBusy, StoreError, open_db, store_error
 from destfnd.store import queue as q
 from destfnd.store.db import SQL, transaction
 from destfnd.store.dedupe import events_with_message_id
+from destfnd.texts import is_text, sendable
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the daemon failed while running
@@ -72,11 +73,10 @@ def _run(argv: list[str] | None) -> int:
         args.usage.error(f"unrecognized arguments: {' '.join(unknown)}")
     for name, flag in _TEXT_ARGUMENTS:
         value = getattr(args, name, None)
-        if isinstance(value, str) and not _is_text(value):
+        if isinstance(value, str) and not is_text(value):
             # Bytes that are not UTF-8 (a terminal in another encoding): a traceback of
             # SQLite's, which cannot take them, was what it got.
-            shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            args.usage.error(f"{flag} '{shown}': not UTF-8 text")
+            args.usage.error(f"{flag} '{sendable(value)}': not UTF-8 text")
     # Log lines (a worker's stray output, say) go to stderr, never into a command's output;
     # serve sets its own from the config.
     logs.setup("info", "auto")
@@ -109,14 +109,6 @@ def _run(argv: list[str] | None) -> int:
 # Arguments that are names or ids, compared with what the store holds (UTF-8); paths are not.
 _TEXT_ARGUMENTS = (("destination", "--destination"), ("message_id", "--message-id"),
                    ("source", "--from"), ("to", "--to"))  # fmt: skip
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _print_problems(heading: str, problems: list[str]) -> None:

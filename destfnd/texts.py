@@ -5,16 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 
+def is_text(text: str) -> bool:
+    """Whether UTF-8 can hold `text` (it has no lone surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def sendable(text: str) -> str:
     """`text` without lone surrogates, which no UTF-8 can hold: one standing for a byte that
     was not UTF-8 (Python's "surrogateescape", as aiohttp decodes a server's reason phrase
     and headers) as that byte's `\\xe9`, any other as its `\\ud83d`. Nearly every text has
     none, and is returned as it is."""
-    try:
-        text.encode()
+    if is_text(text):
         return text
-    except UnicodeEncodeError:
-        pass
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a surrogate that stands for no byte

@@ -438,9 +438,8 @@ class Worker:
 
 def _without_unsendable(reply: dict) -> dict:
     """`reply` made sendable: each event JSON cannot hold replaced by its Bad Request outcome
-    (an event is passed on exactly or not at all); lone surrogates in error messages, logs
-    and recorded requests written as `sendable` writes them (`raise ValueError(name)` with a
-    name decoded from bytes that were not UTF-8 is still the function's Bad Request)."""
+    (an event is passed on exactly or not at all); lone surrogates in logs and recorded
+    requests written as `sendable` writes them (error messages are already: see `call`)."""
     events = reply.get("events") or []
     for index, event in enumerate(events):
         try:
@@ -449,9 +448,6 @@ def _without_unsendable(reply: dict) -> dict:
             what = "the insert function's result is not JSON"
             reply["outcomes"][index] = runtime.bad_request(f"{what}: {exc}")
             events[index] = None
-    for outcome in reply.get("outcomes") or []:
-        if isinstance(outcome, dict) and isinstance(outcome.get("message"), str):
-            outcome["message"] = sendable(outcome["message"])
     reply["logs"] = sendable(reply.get("logs", ""))
     try:
         orjson.dumps(reply.get("requests"))

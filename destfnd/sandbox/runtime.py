@@ -223,16 +223,15 @@ def check_settings(
             for flag in ("required", "secret"):
                 if not isinstance(spec.get(flag, False), bool):
                     problems.append(f"{where}: {flag} must be true or false")
+            about = f" ({spec['description']})" if spec.get("description") else ""
             if key not in settings:
                 if spec.get("required"):
-                    about = f" ({spec['description']})" if spec.get("description") else ""
                     problems.append(f"settings.{key}: required by SETTINGS in {file}{about}")
                 continue
             value = settings[key]
             if spec.get("required") is True and isinstance(value, str) and not value.strip():
                 # As in Segment, where a required setting cannot be saved empty (an env
                 # variable set to "" for a secret, say).
-                about = f" ({spec['description']})" if spec.get("description") else ""
                 problems.append(f"settings.{key}: required by SETTINGS in {file}{about}, and empty")
                 continue
             if kind is None:
