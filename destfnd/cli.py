@@ -26,6 +26,7 @@ from destfnd.store import Status, StoreBusy, StoreError, open_db, store_error
 from destfnd.store import queue as q
 from destfnd.store.db import SQL, transaction
 from destfnd.store.dedupe import events_with_message_id
+from destfnd.store.lock import DatabaseLock
 from destfnd.texts import is_text, sendable
 
 EXIT_OK = 0
@@ -585,15 +586,13 @@ def _no_daemon(cfg: Config) -> Iterator[bool]:
     """True if no daemon serves the database: its lock is then held meanwhile, so none starts
     (released after SQLite's connection: closing a descriptor of the file drops this
     process's locks on it). False if one does, or if that cannot be told."""
-    from destfnd.daemon import DaemonError, DatabaseLock
-
     path = Path(cfg.storage.path)
     if not path.is_file():  # no database: open_db says so (the lock would make the file)
         yield False
         return
     try:
         lock = DatabaseLock(path)
-    except (DaemonError, StoreError):
+    except StoreError:  # held by a daemon (DatabaseInUse), or cannot be taken
         yield False
         return
     try:

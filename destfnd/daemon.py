@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import gc
-import os
 import signal
 import sqlite3
-import stat
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -20,26 +16,23 @@ from typing import Any, TypeVar
 import structlog
 from aiohttp import web
 
-from destfnd import sdnotify
+from destfnd import sdnotify, upkeep
 from destfnd.config import Config, config_secrets
 from destfnd.deliverers import start_deliverers
 from destfnd.dispatch import Deliverer, Dispatcher
 from destfnd.errors import DestfndError
 from destfnd.ingest import Ingest
 from destfnd.listen import bind_error_text
-from destfnd.paths import irregular_companion, open_checked
 from destfnd.redact import Redactor
 from destfnd.store import Dedupe, StoreError, Writer, open_db, store_error
 from destfnd.store import queue as q
 from destfnd.store.db import PROGRESS_EVERY
-from destfnd.store.dedupe import KEY_MIN, sweep_keys, sweep_rows
+from destfnd.store.lock import DatabaseLock
+from destfnd.upkeep import DatabaseWatch, Retention, save_wal
 
 log = structlog.get_logger("destfnd.daemon")
 T = TypeVar("T")
 
-_PRUNE_EVERY_S = 60.0
-_PRUNE_CHUNK = 2000  # rows per transaction, so pruning never holds the writer for long
-_KEY_SWEEP_SLICE = 20_000  # dedupe keys looked at per transaction: a few ms of the writer
 # aiohttp waits this long for requests still running once the listener closes.
 _HTTP_SHUTDOWN_S = 5.0
 _SLOW_START_S = 5.0  # opening the store took this long: say so (and what systemd was told)
@@ -53,152 +46,6 @@ _WITHOUT_HINT = (
     "renamed? destfnd move --from {name} --to NEW_NAME; removed for good? destfnd discard "
     "--destination {name}; else they wait for it to come back under this name"
 )
-_WATCH_FILE_S = 1.0  # (and the clock)
-_CLOCK_NOTE = (
-    "retry schedules and max_age are on the wall clock: stepped forward, deliveries are "
-    "older by the step and retries due early (see README, 'The clock')"
-)
-
-
-class ClockSteps:
-    """Steps of the wall clock (`settimeofday`, NTP correcting a large offset at once), seen
-    against the boot clock, which counts time suspended too: a resumed machine is no step."""
-
-    STEP_S = 2.0  # less is NTP slewing, or the loop being late
-
-    def __init__(
-        self,
-        wall: Callable[[], float] = time.time,
-        boot: Callable[[], float] = lambda: time.clock_gettime(time.CLOCK_BOOTTIME),
-    ) -> None:
-        self._wall, self._boot = wall, boot
-        self._offset = wall() - boot()
-
-    def check(self) -> float | None:
-        """The step since the last check, in seconds (back: negative); None if none."""
-        offset = self._wall() - self._boot()
-        step, self._offset = offset - self._offset, offset
-        return step if abs(step) >= self.STEP_S else None
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _database_files(path: Path) -> list[Path]:
-    """The database file and the two SQLite keeps beside it in WAL mode, which exist from
-    the moment the database is open until the last connection to it closes (beside the file
-    a symbolic link names: SQLite resolves it)."""
-    real = Path(os.path.realpath(path))
-    return [path, real.with_name(real.name + "-wal"), real.with_name(real.name + "-shm")]
-
-
-# How long a stop after the WAL was deleted tries to move what it holds into the database
-# file while other connections are in the way (within systemd's TimeoutStopSec=45s).
-_SAVE_WAL_S = 15.0
-
-
-class DatabaseLock:
-    """Exclusive locks held for the daemon's lifetime, taken before SQLite opens the file: two
-    daemons on one database would deliver everything twice, and through two names of one
-    file (hard links) each would keep a WAL of its own and corrupt it. One lock beside the
-    file (symbolic links resolved), one on the file itself (an inode has one, whatever the
-    name). flock, not SQLite's POSIX locks, which the two do not disturb; the file's own
-    descriptor stays open until SQLite has closed it (closing any descriptor of a file drops
-    the process's POSIX locks on it)."""
-
-    def __init__(self, path: Path) -> None:
-        beside = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            real = Path(os.path.realpath(path))
-            beside = real.parent / f"{real.name}.lock"
-            # Not through a link: one the daemon's user (or a function, running as that user)
-            # put there would have a command run as root create a file where it leads.
-            self._beside: int | None = _open_lock(beside, real)
-        except OSError as exc:
-            why = exc.strerror
-            if beside is not None and os.path.islink(beside):
-                why = f"{beside} is a symbolic link (remove it)"
-            raise StoreError(f"{path}: cannot create the database's lock file: {why}") from None
-        self._file: int | None = None
-        # An empty file that was there (not one made here): see `_open_store`.
-        self.found_empty = False
-        try:
-            self._take(self._beside, path)
-            existed = real.is_file()
-            try:  # an empty file is a new database to SQLite
-                self._file = _open_regular(real, os.O_RDONLY)
-            except OSError as exc:
-                raise StoreError(f"{path}: cannot open the database: {exc.strerror}") from None
-            self.found_empty = existed and os.fstat(self._file).st_size == 0
-            self._take(self._file, path)
-            companion = irregular_companion(real, ("-wal", "-shm"))  # a FIFO fails each commit
-            if companion is not None:
-                raise StoreError(
-                    f"{path}: cannot open the database: {companion} is not a regular file"
-                )
-        except BaseException:
-            self.close()
-            raise
-
-    @staticmethod
-    def _take(fd: int, path: Path) -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DaemonError(f"{path}: another destfnd is already serving this database") from None
-
-    def close(self) -> None:
-        if self._beside is not None:
-            os.close(self._beside)
-            self._beside = None
-        if self._file is not None:
-            os.close(self._file)
-            self._file = None
-
-
-def _open_lock(lock: Path, real: Path) -> int:
-    """The lock file beside the database `real`, never through a link: made now if it is not
-    there (and, run as root, given the database's owner), else used as it is."""
-    try:
-        fd = _open_regular(lock, os.O_WRONLY | os.O_EXCL | os.O_NOFOLLOW)
-    except FileExistsError:  # there already, whoever owns it
-        return _open_regular(lock, os.O_WRONLY | os.O_NOFOLLOW)
-    if os.geteuid() == 0:
-        try:
-            _owned_as_database(fd, real)
-        except OSError:
-            os.close(fd)
-            raise
-    return fd
-
-
-def _owned_as_database(fd: int, real: Path) -> None:
-    """The lock file `fd`, which this process has just created, owned as the database (or
-    its folder, before there is one): a command run as root must not leave a lock the
-    daemon's user cannot open (it would not start again), as SQLite gives its -wal and -shm
-    files the database's owner. Only a file made here: one that was there may be another
-    file's other name (a hard link), which this would give away."""
-    try:
-        owner = os.stat(real)
-    except FileNotFoundError:
-        owner = os.stat(real.parent)
-    os.fchown(fd, owner.st_uid, owner.st_gid)
-
-
-def _open_regular(path: Path, mode: int) -> int:
-    """`path`, created if need be, opened only if it is a regular file (`open_checked`)."""
-    return open_checked(path, mode | os.O_CREAT, _regular_only)
-
-
-def _regular_only(st: os.stat_result) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, "not a regular file")
 
 
 class Daemon:
@@ -210,15 +57,12 @@ class Daemon:
         self.dispatchers: dict[str, Dispatcher] = {}
         self.bound: tuple[str, int] | None = None  # listening (503 "starting" until ready)
         self.ready = False
-        self.records_bytes = 0  # logs and requests recorded, against storage.records_max_size
-        # max_age (ms) -> the invocation id up to which records were pruned by it.
-        self._records_scanned: dict[int, int] = {}
+        self._records_bytes = 0  # logs and requests recorded when the store opened
+        self.retention: Retention | None = None  # once the store is open
         self._progress: sdnotify.StartProgress | None = None  # while the store opens
         self._http_open = False
         self.failure: str | None = None  # why the daemon stopped on its own (exit 1)
-        # The database's files and their identities, taken once it is open.
-        self._db_files: list[tuple[Path, tuple[int, int] | None]] = []
-        self._wal_gone = False  # its -wal or -shm file was deleted while it ran
+        self._watch: DatabaseWatch | None = None  # its files, once it is open
         self._found_empty = False  # the database file was there, and empty
 
     @property
@@ -272,15 +116,15 @@ class Daemon:
             if progress.stopping:
                 return None
             raise
-        # At once: what goes missing from here on is caught by _watch_file.
-        self._db_files = [(f, _identity(f)) for f in _database_files(cfg.storage.path)]
+        # At once: what goes missing from here on is caught.
+        self._watch = DatabaseWatch(cfg.storage.path, self._clock)
         try:
             conn.set_progress_handler(progress.tick, PROGRESS_EVERY)
             progress.status = "starting: taking back the leases of the last run"
             recovered = q.recover(conn, self._now_ms())
             if recovered:
                 log.info("leases_recovered", deliveries=recovered)
-            self.records_bytes = q.invocations_size(conn)
+            self._records_bytes = q.invocations_size(conn)
             enabled = {d.name: d.enabled for d in self.cfg.destinations}
             for name, counts in sorted(q.status_counts(conn).items()):
                 waiting = counts.get("pending", 0) + counts.get("retrying", 0)
@@ -368,6 +212,9 @@ class Daemon:
                 return
             conn, dedupe = store
             writer = Writer(conn, dedupe)
+            retention = self.retention = Retention(
+                cfg, writer, dedupe, self._now_ms, self._records_bytes
+            )
             redactor = Redactor(config_secrets(cfg))
             # Function workers can take seconds to load (up to their 30 s limit): a stop
             # meanwhile abandons them rather than waiting, or failing the start (exit 3).
@@ -381,7 +228,7 @@ class Daemon:
                 if dest.name in deliverers:
                     self.dispatchers[dest.name] = Dispatcher(
                         dest, writer, deliverers[dest.name], clock=self._now_ms,
-                        redact=redactor, on_recorded=self._recorded,
+                        redact=redactor, on_recorded=retention.recorded,
                         summary_every_s=cfg.logging.summary_interval_s,
                         log_successes=cfg.logging.level == "debug",
                     )  # fmt: skip
@@ -392,8 +239,13 @@ class Daemon:
             try:
                 if self._http_open:
                     await runner.cleanup()
-                if writer is not None and self._wal_gone:
-                    await self._save_wal(writer)
+                if writer is not None and self._watch is not None and self._watch.wal_gone:
+                    why = await save_wal(writer)
+                    if why is not None:
+                        self.failure = (
+                            f"{self.failure}; but {why}: the events acknowledged since the "
+                            "last checkpoint may be lost"
+                        )
             finally:
                 if writer is not None:
                     writer.shutdown()
@@ -440,12 +292,13 @@ class Daemon:
                 tg.create_task(d.run(), name=f"dispatch:{name}")
                 for name, d in self.dispatchers.items()
             ]
-            pruner = tg.create_task(self._prune_loop(writer, dedupe), name="prune")
-            watcher = tg.create_task(self._watch_file(writer), name="watch-database")
+            assert self.retention is not None and self._watch is not None
+            pruner = tg.create_task(self.retention.run(), name="prune")
+            watcher = tg.create_task(self._watch_database(writer), name="watch-database")
             watchdog_s = sdnotify.watchdog_interval_s()
             watchdog = None
             if watchdog_s is not None:
-                watchdog = tg.create_task(self._watchdog(writer, watchdog_s), name="watchdog")
+                watchdog = tg.create_task(upkeep.watchdog(writer, watchdog_s), name="watchdog")
             ingest.ready = self.ready = True
             log.info(
                 "daemon_ready",
@@ -491,175 +344,11 @@ class Daemon:
                 t.cancel()
             await asyncio.wait(late)
 
-    def _recorded(self, size: int) -> None:
-        self.records_bytes += size
-
-    async def _prune_records(self, writer: Writer, finished_before: int) -> int:
-        """Attempt records go with their deliveries' retention, and sooner when they take more
-        than `records_max_size`: the oldest first. A record is at most its destination's
-        `max_age` older than the delivery finish that keeps it."""
-        ages = {d.name: int(d.retry.max_age_s * 1000) for d in self.cfg.destinations}
-        longest = max(ages.values(), default=0)
-        # First every destination's (and those no longer configured) by the longest max_age.
-        deleted_total = 0
-        while True:
-            deleted, freed = await writer.run(
-                q.prune_invocations, finished_before - longest,
-                self.cfg.storage.records_max_bytes, self.records_bytes, _PRUNE_CHUNK,
-            )  # fmt: skip
-            self.records_bytes -= freed
-            deleted_total += deleted
-            if deleted < _PRUNE_CHUNK:
-                break
-        # Then those of destinations with a shorter max_age, from among the others' records.
-        # Each scan goes on where the last one ended, so a record is looked at once per age.
-        for age in sorted(set(ages.values()) - {longest}):
-            names = frozenset(name for name, a in ages.items() if a <= age)
-            after, more = self._records_scanned.get(age, 0), True
-            while more:
-                deleted, freed, after, more = await writer.run(
-                    q.prune_invocations_of, names, finished_before - age, after, _PRUNE_CHUNK
-                )
-                self.records_bytes -= freed
-                deleted_total += deleted
-                self._records_scanned[age] = after
-        return deleted_total
-
-    async def _sweep_keys(self, writer: Writer, before: int, cursor: int, rows: int) -> int:
-        """Forget dedupe keys out of the window: `rows` keys of the key space this pass, in
-        slices of a few ms, resumed at `cursor`. Returns where the next pass starts."""
-        while rows > 0:
-            _, after = await writer.run(sweep_keys, before, cursor, _KEY_SWEEP_SLICE)
-            rows -= _KEY_SWEEP_SLICE
-            if after is None:
-                return KEY_MIN
-            cursor = after
-        return cursor
-
-    async def _prune_loop(self, writer: Writer, dedupe: Dedupe) -> None:
-        storage = self.cfg.storage
-        key_cursor, keys_flushed = KEY_MIN, 0
-        while True:
-            now = self._now_ms()
-            finished_before = now - int(storage.retention_s * 1000)
-            try:
-                records = await self._prune_records(writer, finished_before)
-                if records:
-                    log.info("records_pruned", invocations=records, kept_bytes=self.records_bytes)
-                total = 0
-                while True:
-                    deleted = await writer.run(q.prune, finished_before, _PRUNE_CHUNK)
-                    total += deleted
-                    if deleted < _PRUNE_CHUNK:
-                        break
-                if total:
-                    log.info("pruned", deliveries=total)
-                # Dedupe keys out of the window can never match again.
-                keys_before = now - int(self.cfg.server.dedupe_window_s * 1000)
-                flushed = dedupe.flushed_keys
-                rows = sweep_rows(flushed - keys_flushed)
-                key_cursor = await self._sweep_keys(writer, keys_before, key_cursor, rows)
-                keys_flushed = flushed  # only once swept: a failed pass is made up next time
-            except StoreError as exc:
-                # Even a delete needs room in the WAL: with the disk full, try next time.
-                log.warning("prune_failed", error=str(exc))
-            await asyncio.sleep(_PRUNE_EVERY_S)
-
-    async def _watch_file(self, writer: Writer) -> None:
-        """The database file deleted or replaced under the running daemon (`rm -rf var/`):
-        SQLite would go on committing to the unlinked file, and everything since would be
-        gone at the next start. Stop at once (ingest answers 503) and exit 1. The same for
-        its -wal and -shm files (`rm var/*-wal`): what the unlinked WAL holds since the last
-        checkpoint would be lost at the next start, but SQLite still has it open, and
-        `_save_wal` moves it into the file as the daemon stops. Also a step of the wall
-        clock (`_clock_stepped`), at the same pace."""
-        database = self._db_files[0][0]
-        clock = ClockSteps(self._clock)
-        while True:
-            await asyncio.sleep(_WATCH_FILE_S)
-            stepped_s = clock.check()
-            if stepped_s is not None:
-                await self._clock_stepped(writer, stepped_s)
-            for file, identity in self._db_files:
-                if _identity(file) == identity:
-                    continue
-                if file == database:
-                    self.failure = (
-                        f"{file}: the database file was deleted or replaced while the daemon "
-                        "ran; what it held (every unfinished delivery) went with it"
-                    )
-                else:
-                    self._wal_gone = True
-                    self.failure = (
-                        f"{file}: deleted or replaced while the daemon ran; the daemon stopped "
-                        "to move what the WAL held into the database file: keep SQLite's "
-                        "files out of cleanup jobs"
-                    )
-                log.error("database_file_gone", database=str(database), file=str(file))
-                self.request_stop()
-                return
-
-    async def _clock_stepped(self, writer: Writer, step_s: float) -> None:
-        """Said in the log; stepped back, the retries waiting are brought forward by the
-        step (they waited an hour more after a one-hour step back). Not forward: a step
-        forward makes them due early anyway, and the schedules of a previous run, which may
-        have had the right time, would be pushed out by the step."""
-        shifted = None
-        if step_s < 0:
-            try:
-                shifted = await writer.run(q.shift_retries, int(step_s * 1000), self._now_ms())
-            except StoreError as exc:
-                log.warning("clock_step_not_applied", error=str(exc))
-        log.warning("clock_stepped", by_s=round(step_s, 1), retries_brought_forward=shifted,
-                    note=_CLOCK_NOTE)  # fmt: skip
-
-    async def _save_wal(self, writer: Writer) -> None:
-        """After the -wal or -shm was deleted: the WAL SQLite still has open holds every
-        commit since the last checkpoint, and a restart would not find it. SQLite's own
-        checkpoint at close happens only if no other connection is open (a `destfnd stats`,
-        a backup, a shell), so checkpoint it here, until done or _SAVE_WAL_S have passed."""
-        deadline = time.monotonic() + _SAVE_WAL_S
-        while True:
-            try:
-                busy, frames, moved = await asyncio.to_thread(writer.checkpoint)
-            except sqlite3.Error as exc:
-                busy, frames, moved = 1, -1, -1
-                error = str(exc)
-            else:
-                error = None
-            if not busy and moved == frames:
-                log.info("wal_saved", frames=frames)
-                return
-            if time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.5)
-        log.error("wal_not_saved", frames=frames, moved=moved, error=error)
-        why = error or (
-            "other connections to the database kept SQLite from moving all of it "
-            f"({moved} of {frames} pages)"
-        )
-        self.failure = (
-            f"{self.failure}; but {why}: the events acknowledged since the last checkpoint "
-            "may be lost"
-        )
-
-    async def _watchdog(self, writer: Writer, every_s: float) -> None:
-        """WATCHDOG=1 every half WatchdogSec while the event loop runs and the SQLite writer
-        commits: a wedged writer (or loop) stops the pings, and systemd restarts the daemon.
-        A commit may take up to 1.5 intervals and still ping within WatchdogSec."""
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            try:
-                await asyncio.wait_for(writer.run(_nothing), every_s * 1.5)
-            except TimeoutError:
-                log.warning("watchdog_writer_slow", waited_s=every_s * 1.5)
-                continue  # no ping: systemd decides once WatchdogSec has passed
-            except StoreError as exc:
-                log.warning("watchdog_commit_failed", error=str(exc))
-            else:
-                sdnotify.notify("WATCHDOG=1")
-            await asyncio.sleep(max(0.0, every_s - (loop.time() - started)))
+    async def _watch_database(self, writer: Writer) -> None:
+        """A database file gone: stop at once (ingest answers 503), and exit 1."""
+        assert self._watch is not None
+        self.failure = await self._watch.run(writer)
+        self.request_stop()
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -684,10 +373,6 @@ async def _wait_all_or(tasks: list[asyncio.Task], hurry: asyncio.Task, timeout_s
 # ingest's throughput. Those start-up objects are frozen out of collection, and collections
 # run less often; cycles made while serving are still collected.
 _GC_THRESHOLD = (10_000, 10, 10)
-
-
-def _nothing(conn: object) -> None:
-    """An empty write transaction: proof that the writer thread still commits."""
 
 
 def _tune_gc() -> None:

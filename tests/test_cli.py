@@ -637,8 +637,8 @@ def test_cli_run_as_root_on_the_daemons_database_leaves_its_lock_to_the_daemons_
         assert result.returncode == 0, result.stderr  # as with a daemon running: not stale
         assert not target.exists()
         # What serve says of it (exit 4).
-        from destfnd.daemon import DatabaseLock
         from destfnd.store import StoreError
+        from destfnd.store.lock import DatabaseLock
 
         with pytest.raises(StoreError, match=r"db\.sqlite3\.lock is a symbolic link"):
             DatabaseLock(state / "db.sqlite3")

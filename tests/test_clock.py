@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def test_clock_steps_are_told_apart_from_slewing_and_suspend():
-    from destfnd.daemon import ClockSteps
+    from destfnd.upkeep import ClockSteps
 
     wall, boot = [1000.0], [50.0]
     steps = ClockSteps(lambda: wall[0], lambda: boot[0])

@@ -400,10 +400,11 @@ async def test_daemon_prunes_attempt_records_by_each_destinations_own_max_age(tm
         # Those 6 h old are past retention + 4 h; of those 3 h old, only the 1 h destination's
         # are past theirs. "gone", no longer configured, goes by the longest max_age.
         # (The count of bytes kept follows the commit once the daemon's loop resumes.)
-        while (len(left()) > 2 or d.daemon.records_bytes > 4) and time.monotonic() < deadline:
+        retention = d.daemon.retention
+        while (len(left()) > 2 or retention.records_bytes > 4) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert sorted(left()) == [("gone", now - 3 * hour), ("long", now - 3 * hour)]
-        assert d.daemon.records_bytes == 4
+        assert retention.records_bytes == 4
 
 
 async def test_dispatch_an_unreachable_server_pauses_its_destination(tmp_path):

@@ -1106,7 +1106,7 @@ def test_move_takes_the_leases_a_killed_daemon_left_only_when_none_runs(tmp_path
     """After a kill -9 a delivery stays leased until the next start: `move` passed it by, and
     at the start it was due again under the old name. With a daemon running (its lock held),
     a leased delivery is in flight and is left alone."""
-    from destfnd.daemon import DatabaseLock
+    from destfnd.store.lock import DatabaseLock
 
     path = tmp_path / "db.sqlite3"
     conn = open_db(path)
