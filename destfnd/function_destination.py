@@ -36,7 +36,8 @@ from destfnd.outcome import (
     retry,
 )
 from destfnd.redact import Redactor
-from destfnd.sandbox.pool import CallTimedOut, InitError, NotStarted, Pool, Spec, WorkerFailed
+from destfnd.sandbox.pool import CallTimedOut, NotStarted, Pool
+from destfnd.sandbox.process import InitError, Spec, WorkerFailed
 from destfnd.spec import EVENT_TYPES
 
 log = structlog.get_logger("destfnd.functions")

@@ -18,7 +18,8 @@ from destfnd.errors import DestfndError
 from destfnd.logs import printable
 from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType, clip_error
 from destfnd.redact import Redactor, redact_tree
-from destfnd.sandbox.pool import CallTimedOut, InitError, Pool, Spec, WorkerFailed
+from destfnd.sandbox.pool import CallTimedOut, Pool
+from destfnd.sandbox.process import InitError, Spec, WorkerFailed
 
 _DEFAULT_MAX_AGE_S = RetryPolicy().max_age_s
 _STATUS = {"ok": "delivered", "retry": "retrying", "discard": "discarded", "drop": "dropped"}

@@ -1048,7 +1048,7 @@ async def test_functions_a_worker_cancelled_while_its_pipes_open_is_not_left_run
     """A stop can land between the worker's start and its Worker object (two loop turns):
     the process must not outlive the cancelled start."""
     from destfnd.sandbox import pool as pool_module
-    from destfnd.sandbox import protocol
+    from destfnd.sandbox import process, protocol
 
     opened = asyncio.Event()
     real_open = protocol.open_pipes
@@ -1061,7 +1061,7 @@ async def test_functions_a_worker_cancelled_while_its_pipes_open_is_not_left_run
 
     monkeypatch.setattr(protocol, "open_pipes", open_then_wait)
     (tmp_path / "f.py").write_text("def on_track(event, settings):\n    pass\n")
-    spec = pool_module.Spec("t", tmp_path / "f.py", None, {}, 5.0, 512 * 2**20)
+    spec = process.Spec("t", tmp_path / "f.py", None, {}, 5.0, 512 * 2**20)
     pool = pool_module.Pool(spec)
     starting = asyncio.create_task(pool.start())
     await asyncio.wait_for(opened.wait(), 20)
@@ -1616,7 +1616,7 @@ async def test_functions_stray_output_cannot_flood_the_log(make_daemon, tmp_path
     """A function's stray output (a thread's, C code's) is logged at a bounded rate, and the
     rest counted: a thread writing in a loop made a million `worker_output` lines in 8 s,
     the daemon's CPU all theirs and the journal flooded."""
-    from destfnd.sandbox.pool import OUTPUT_LINES_BURST, OUTPUT_LINES_PER_S
+    from destfnd.sandbox.process import OUTPUT_LINES_BURST, OUTPUT_LINES_PER_S
 
     (tmp_path / "fn.py").write_text(FLOODS_STDOUT_PY)
     dest = function_destination("fn", "fn.py", "{}")

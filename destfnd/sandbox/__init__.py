@@ -1,2 +1,3 @@
-"""Worker processes that run user functions: protocol.py (frames), child.py (the worker),
-pool.py (the daemon's side: spawn, call, time out, kill, replace)."""
+"""Worker processes that run user functions: protocol.py (frames), child.py and runtime.py
+(the worker), process.py (the daemon's side of one worker: spawn, read, stop), pool.py (its
+side of a destination's workers: call, time out, replace)."""
