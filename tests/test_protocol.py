@@ -110,11 +110,11 @@ def test_protocol_a_workers_pipe_is_closed_at_eof(loop):
 
 FORK_CHECK = """
 import os, sys
-from destfnd.sandbox import child
+from destfnd.sandbox import confine
 
 from_daemon, _ = os.pipe()
 _, to_daemon = os.pipe()
-child._Forks((from_daemon, to_daemon))  # as the worker's main() does
+confine._Forks((from_daemon, to_daemon))  # as the worker does as it starts
 os.close(from_daemon)  # closed at the daemon's EOF
 user_file = open(sys.argv[1], "w")  # a function still running opens a file: same number
 assert user_file.fileno() == from_daemon, (user_file.fileno(), from_daemon)
