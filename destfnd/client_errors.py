@@ -28,4 +28,28 @@ def client_error_text(exc: aiohttp.ClientError) -> str:
             why = os_error.strerror or str(os_error) or type(os_error).__name__
         host = f"[{exc.host}]" if ":" in exc.host else exc.host  # an IPv6 address
         return f"{type(exc).__name__}: cannot connect to {host}:{exc.port}: {why}"
+    if type(exc) is aiohttp.ClientResponseError:
+        # Raised by aiohttp's parser (never by a status: neither caller checks one), with a
+        # made-up status 400 and llhttp's text over several lines, a caret under the bytes.
+        return f"{type(exc).__name__}: the answer is not valid HTTP: {_one_line(exc.message)}"
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        last = exc.history[-1].headers.get("Location", "") if exc.history else ""
+        return (
+            f"{type(exc).__name__}: more than {len(exc.history)} redirects (a loop?), the "
+            f"last to {last or exc.request_info.real_url}"
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError) and not isinstance(exc.message, str):
+        # aiohttp's text is the repr of the head it had parsed so far.
+        code = getattr(exc.message, "code", None)
+        status = f" (status {code})" if code is not None else ""
+        return (
+            f"{type(exc).__name__}: the server closed the connection before the end of its "
+            f"answer's headers{status}"
+        )
     return f"{type(exc).__name__}: {exc}"
+
+
+def _one_line(message: object) -> str:
+    """llhttp's error as one line: its lines joined, without the one that only points."""
+    lines = (line.strip() for line in str(message).splitlines())
+    return " ".join(line for line in lines if line.strip("^ "))

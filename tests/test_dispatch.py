@@ -288,6 +288,48 @@ async def test_dispatch_the_status_decides_though_the_body_stalls(tmp_path, case
     assert f"response body: {expected}" in plain, plain
 
 
+UNREADABLE_ANSWERS = {
+    # More body than its Content-Length, in the same packet: read as a next answer.
+    "bytes-past-its-length": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",
+        "ClientResponseError: the answer is not valid HTTP: Bad status line: Expected HTTP/, "
+        "RTSP/ or ICE/: b'okEXTRA'",
+    ),
+    "bad-chunk-size": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n",
+        "ClientResponseError: the answer is not valid HTTP: Invalid character in chunk size: "
+        "b'ZZZ'",
+    ),
+    "closed-in-its-head": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+        "ServerDisconnectedError: the server closed the connection before the end of its "
+        "answer's headers (status 200)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE_ANSWERS))
+async def test_dispatch_an_answer_that_is_not_valid_http_is_retried_and_says_why(tmp_path, case):
+    """An answer aiohttp cannot parse has no status to decide by: retried, its message saying
+    what was wrong on one line. It said "400, message=" (aiohttp's made-up status for its
+    parser's errors, which the server never sent) with llhttp's text over several lines, or,
+    for a connection closed in the answer's head, the repr of a parser object."""
+    answer_bytes, message = UNREADABLE_ANSWERS[case]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer_bytes)
+        await writer.drain()
+
+    async with raw_server(answer) as port:
+        dest = webhook("hook", f"http://127.0.0.1:{port}/in", timeout="2s", retry=FAST_RETRY)
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 1)
+            (row,) = await d.wait_for_status({"retrying", "expired", "delivered"}, 1)
+    assert (row["status"], row["last_error_type"]) == ("retrying", "Retry"), row
+    assert row["last_error"] == message
+
+
 async def test_dispatch_a_webhook_url_may_be_a_secret(tmp_path, monkeypatch):
     """A Slack or Zapier hook carries its token in the URL: `url = { env = "..." }` is taken,
     and the URL is redacted wherever destfnd shows it, also its path where a server echoes

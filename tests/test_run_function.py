@@ -674,6 +674,9 @@ async def on_page(event, settings):
 
 async def on_group(event, settings):  # headers as pairs, a value as bytes
     await fetch(settings["sink"] + "/ftp", headers=[("X-Raw", b"caf\\xe9")])
+
+async def on_alias(event, settings):
+    await fetch(settings["sink"] + "/loop")
 """
 
 
@@ -700,6 +703,11 @@ async def test_run_function_fetch_arguments_and_redirects(files):
 
     app.router.add_get("/ftp", to_ftp)
 
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
+
+    app.router.add_get("/loop", loop)
+
     async def content_type(request: web.Request) -> web.Response:
         return web.Response(text=",".join(request.headers.getall("Content-Type")))
 
@@ -712,7 +720,8 @@ async def test_run_function_fetch_arguments_and_redirects(files):
     (files / "args.py").write_text(FETCH_ARGS)
     events = [{"type": "track", "event": "e", "userId": "u"}, {"type": "identify", "userId": "u"},
               {"type": "page", "userId": "u"},
-              {"type": "group", "userId": "u", "groupId": "g"}]  # fmt: skip
+              {"type": "group", "userId": "u", "groupId": "g"},
+              {"type": "alias", "userId": "u", "previousId": "p"}]  # fmt: skip
     (files / "three.json").write_bytes(orjson.dumps(events))
     try:
         result = await asyncio.to_thread(
@@ -723,10 +732,15 @@ async def test_run_function_fetch_arguments_and_redirects(files):
         await runner.cleanup()
     assert result.stdout, result.stderr
     report = orjson.loads(result.stdout)
-    track, identify, page, group = report["outcomes"]
+    track, identify, page, group, alias = report["outcomes"]
     # The server's redirect is bad, not the function's URL: a failure to retry.
     assert (group["status"], group["error_type"]) == ("retrying", "Retry")
     assert "NonHttpUrlRedirectClientError" in group["message"]
+    # A redirect loop says so (it was "TooManyRedirects: 0, message=''").
+    assert (alias["status"], alias["error_type"]) == ("retrying", "Retry")
+    assert alias["message"].endswith(
+        "TooManyRedirects: more than 10 redirects (a loop?), the last to /loop"
+    ), alias
     assert track["status"] == "delivered"
     assert "status 200 True True\n" in report["logs"]
     assert "types text/plain;charset=UTF-8 | application/vnd.x+json | False\n" in report["logs"]
