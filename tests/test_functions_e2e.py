@@ -1693,3 +1693,44 @@ async def test_functions_an_insert_function_and_its_function_have_a_timeout_each
             "the insert function and the function together did not finish within 2s (twice"
             f" timeout); {which} was still running"
         ), row["error"]
+
+
+LEAVES_ITS_LOOP_PY = """
+import signal, sys, threading, time
+
+def flusher():  # a function's background thread, not a daemon thread (the default)
+    for _ in range(120):  # bounded: 60 s
+        time.sleep(0.5)
+
+def leave(signum, frame):
+    sys.exit(0)  # out of the worker's event loop, in its main thread
+
+async def on_track(event, settings):
+    if event["event"] == "leave":
+        threading.Thread(target=flusher).start()
+        signal.signal(signal.SIGALRM, leave)
+        signal.alarm(1)
+"""
+
+
+async def test_functions_a_worker_that_leaves_its_loop_but_runs_on_is_replaced(
+    make_daemon, tmp_path, session
+):
+    """A worker whose event loop ended (a function's signal handler called sys.exit) while a
+    thread of the function's kept its process alive: its pipe closed, so it answers nothing
+    more, but the daemon waited for it to exit before replacing it, forever, and every later
+    event of the destination timed out until it expired, with nothing logged. Found by a
+    fault audit."""
+    (tmp_path / "fn.py").write_text(LEAVES_ITS_LOOP_PY)
+    dest = function_destination("fn", "fn.py", "{}", timeout='"2s"')
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    await send(session, daemon, [{"type": "track", "event": "leave", "messageId": "m1"}])
+    await wait_final(daemon, 1)
+    await asyncio.sleep(2)  # the alarm has gone off: the loop has ended, the thread runs on
+    await send(session, daemon, [{"type": "track", "event": "after", "messageId": "m2"}])
+    rows = await wait_final(daemon, 2, timeout_s=20)
+    assert rows[("fn", "m2")]["status"] == "delivered", rows[("fn", "m2")]
+    assert rows[("fn", "m2")]["attempts"] == 1, rows[("fn", "m2")]
+    assert await daemon.terminate() == 0
+    (replaced,) = [r for r in daemon.log_records() if r.get("event") == "worker_replaced"]
+    assert "did not exit" in replaced["reason"], replaced

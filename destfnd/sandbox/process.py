@@ -21,6 +21,12 @@ from destfnd.sandbox import protocol
 
 log = structlog.get_logger("destfnd.sandbox")
 
+# A worker whose pipe to the daemon closed has this long to exit (as at a stop), then is killed.
+_EXIT_AFTER_EOF_S = 2.0
+_RAN_ON = (
+    f"closed its pipe to the daemon but did not exit within {_EXIT_AFTER_EOF_S:g}s (a "
+    "thread the function started kept it running?), and was killed"
+)
 _START_TIMEOUT_S = 30.0  # importing a user's function (and its packages) may take a while
 _OUTPUT_LINE_CHARS = 1000  # of stray worker output (not print(): that goes to the attempt)
 # Lines of it logged per destination (its workers together): so many at once, then so many a
@@ -291,11 +297,20 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
         worker.kill()
     finally:
         worker.retired = True
+        ran_on = False
         try:
-            code = await _exited(worker.proc)
+            try:
+                # Its loop has ended: it exits, unless a thread the function started (not a
+                # daemon thread) keeps the process alive, answering nothing: not waited for.
+                async with asyncio.timeout(_EXIT_AFTER_EOF_S):
+                    code = await _exited(worker.proc)
+            except TimeoutError:
+                ran_on = True
+                worker.kill()
+                code = await _exited(worker.proc)
         finally:  # also when cancelled while waiting (an event loop shutting down)
             worker.kill()  # what it started and left running
-        reason = _exit_reason(code)
+        reason = _RAN_ON if ran_on else _exit_reason(code)
         calls = [f for f in worker.inflight.values() if not f.done()]
         # After an out-of-memory exit the culprit nearly always has its answer: the rest are
         # victims (a call too big to read has none: it runs again in quarantine, and fails).
