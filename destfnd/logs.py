@@ -52,12 +52,20 @@ class Throttle:
         self._at = clock()
         self.held = 0  # lines held back since the last one let through
 
-    def allow(self) -> int | None:
-        """None: hold this line back (it is counted). Otherwise how many were held back
-        since the last line let through, to be told with this one (`not_logged`)."""
+    def room(self) -> int:
+        """How many lines would be let through now, one after another."""
+        self._refill()
+        return int(self._tokens)
+
+    def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._per_s)
         self._at = now
+
+    def allow(self) -> int | None:
+        """None: hold this line back (it is counted). Otherwise how many were held back
+        since the last line let through, to be told with this one (`not_logged`)."""
+        self._refill()
         if self._tokens < 1:
             self.held += 1
             return None

@@ -119,3 +119,44 @@ def test_console_tracebacks_escape_what_an_exception_says():
     assert "ValueError: bad \\x1b]0;OWNED\\x07 name\\nforged: line\n" in done.stderr
     assert "\nforged: line" not in done.stderr
     assert "Traceback (most recent call last):\n" in done.stderr  # still one line per line
+
+
+async def test_stray_output_past_the_throttle_is_counted_line_for_line():
+    """A worker's stray output beyond what the throttle lets through is counted without
+    splitting each line (that took most of the daemon's CPU under a flood): the count must
+    still be exact, across chunks and for a line too long to wait for its end."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from structlog.testing import capture_logs
+
+    from destfnd.logs import Throttle
+    from destfnd.sandbox import process
+
+    stdout = asyncio.StreamReader()
+    worker = SimpleNamespace(pid=1, proc=SimpleNamespace(stdout=stdout))
+    chunks = [
+        b"".join(b"line %d\n" % i for i in range(10)) + b"half of line 10",
+        b" and its end\nline 11\n",
+        b"L" * 70_000,  # no end yet: its start is a line (held back here), the rest dropped
+        b"LLL\nline 13\nline 14",  # the long line's end (no line of its own); 14 at EOF
+    ]
+
+    async def feed() -> None:  # a chunk at a time, each read before the next comes
+        for chunk in chunks:
+            stdout.feed_data(chunk)
+            while len(stdout._buffer):  # type: ignore[attr-defined]
+                await asyncio.sleep(0)
+        stdout.feed_eof()
+
+    clock = [0.0]
+    throttle = Throttle(per_s=1.0, burst=3, clock=lambda: clock[0])
+    with capture_logs() as logged:
+        await asyncio.gather(feed(), process._read_output(worker, "fn", str, throttle))
+    lines = [e for e in logged if e["event"] == "worker_output"]
+    assert [e["line"] for e in lines[:3]] == ["line 0", "line 1", "line 2"]
+    # 15 lines: lines 0-14 with the long one as line 12; 3 shown, the rest counted at the end.
+    assert lines[3:] == [
+        {"event": "worker_output", "log_level": "info", "destination": "fn", "pid": 1,
+         "line": "", "not_logged": 12}
+    ]  # fmt: skip
