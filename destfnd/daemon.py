@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import structlog
 from aiohttp import web
 
-from destfnd import sdnotify, upkeep
+from destfnd import descriptors, sdnotify, upkeep
 from destfnd.config import Config, config_secrets
 from destfnd.deliverers import start_deliverers
 from destfnd.dispatch import Deliverer, Dispatcher
@@ -63,6 +63,7 @@ class Daemon:
         self._http_open = False
         self.failure: str | None = None  # why the daemon stopped on its own (exit 1)
         self._watch: DatabaseWatch | None = None  # its files, once it is open
+        self._files_limit = 0  # of open file descriptors, once raised
         self._found_empty = False  # the database file was there, and empty
 
     @property
@@ -79,6 +80,7 @@ class Daemon:
             self._progress.stopping = True
 
     async def run(self) -> None:
+        self._files_limit = descriptors.raise_limit()
         lock = DatabaseLock(self.cfg.storage.path)
         self._found_empty = lock.found_empty
         try:
@@ -295,6 +297,7 @@ class Daemon:
             assert self.retention is not None and self._watch is not None
             pruner = tg.create_task(self.retention.run(), name="prune")
             watcher = tg.create_task(self._watch_database(writer), name="watch-database")
+            descriptors_watch = tg.create_task(upkeep.watch_descriptors(), name="watch-fds")
             watchdog_s = sdnotify.watchdog_interval_s()
             watchdog = None
             if watchdog_s is not None:
@@ -305,6 +308,7 @@ class Daemon:
                 listen=f"{self.bound[0]}:{self.bound[1]}",
                 destinations=list(self.dispatchers),
                 database=str(cfg.storage.path),
+                open_files_limit=self._files_limit,
             )
             sdnotify.notify("READY=1", "STATUS=accepting events")
             await self._stop.wait()
@@ -321,6 +325,7 @@ class Daemon:
             await self._drain(tasks)
             pruner.cancel()
             watcher.cancel()
+            descriptors_watch.cancel()
             # Requests still running commit before the writer closes.
             self._http_open = False
             await runner.cleanup()

@@ -20,7 +20,7 @@ import orjson
 import structlog
 from aiohttp import HttpVersion11, web
 
-from destfnd import spec
+from destfnd import descriptors, spec
 from destfnd.client_ip import ClientIP
 from destfnd.config import Config
 from destfnd.logs import Throttle
@@ -338,7 +338,7 @@ class Ingest:
                 self._commit_failed_at = self._clock()
                 more = self._commit_failures.fields()  # one a request: 575 lines a second
                 if more is not None:
-                    log.error("commit_failed", error=str(exc), **more)
+                    log.error("commit_failed", error=str(exc) + descriptors.note(), **more)
                 raise Rejected(503, "unavailable", "could not store the events; retry") from None
             self._commit_failed_at = None
             self._on_commit(destinations)

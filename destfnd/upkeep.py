@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from destfnd import sdnotify
+from destfnd import descriptors, sdnotify
 from destfnd.config import Config
 from destfnd.store import Dedupe, StoreError, Writer
 from destfnd.store import queue as q
@@ -29,6 +29,8 @@ _CLOCK_NOTE = (
     "retry schedules and max_age are on the wall clock: stepped forward, deliveries are "
     "older by the step and retries due early (see README, 'The clock')"
 )
+_DESCRIPTORS_EVERY_S = 5.0
+_DESCRIPTORS_SAID_EVERY_S = 60.0  # while they stay low
 # How long a stop after the WAL was deleted tries to move what it holds into the database
 # file while other connections are in the way (within systemd's TimeoutStopSec=45s).
 _SAVE_WAL_S = 15.0
@@ -266,6 +268,21 @@ async def watchdog(writer: Writer, every_s: float) -> None:
         else:
             sdnotify.notify("WATCHDOG=1")
         await asyncio.sleep(max(0.0, every_s - (loop.time() - started)))
+
+
+async def watch_descriptors() -> None:
+    """Said while the file descriptors run out (90% of the limit open): new connections
+    are then accepted and closed at once, unlogged, by the event loop, and SQLite's error
+    for a commit that cannot open a file names no cause."""
+    said_at = -_DESCRIPTORS_SAID_EVERY_S
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(_DESCRIPTORS_EVERY_S)
+        used = descriptors.running_out()
+        if used is not None and loop.time() - said_at >= _DESCRIPTORS_SAID_EVERY_S:
+            said_at = loop.time()
+            log.warning("file_descriptors_low", open=used[0], limit=used[1],
+                        hint="raise LimitNOFILE= in the unit, or ulimit -n")  # fmt: skip
 
 
 def _nothing(conn: object) -> None:

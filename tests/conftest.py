@@ -18,8 +18,10 @@ def daemons(tmp_path) -> Iterator[list[DaemonProcess]]:
 
 @pytest.fixture
 def make_daemon(tmp_path, daemons):
-    def make(config: str, env: dict[str, str] | None = None) -> DaemonProcess:
-        d = DaemonProcess(tmp_path, config, env)
+    def make(
+        config: str, env: dict[str, str] | None = None, open_files: tuple[int, int] | None = None
+    ) -> DaemonProcess:
+        d = DaemonProcess(tmp_path, config, env, open_files)
         daemons.append(d)
         return d
 

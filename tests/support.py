@@ -132,11 +132,26 @@ def _toml(value: object) -> str:
     return orjson.dumps(value).decode()  # JSON strings, numbers and arrays are valid TOML
 
 
+# Runs the command after it with RLIMIT_NOFILE set to its two arguments.
+_WITH_OPEN_FILES = (
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+    "os.execv(sys.argv[3], sys.argv[3:])"
+)
+
+
 class DaemonProcess:
     """The real `destfnd serve`, started from a config file in tmp_path."""
 
-    def __init__(self, tmp_path: Path, config: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: str,
+        env: dict[str, str] | None = None,
+        open_files: tuple[int, int] | None = None,  # its RLIMIT_NOFILE (soft, hard)
+    ) -> None:
         self.dir = tmp_path
+        self.open_files = open_files
         self.config = tmp_path / "destfnd.toml"
         self.config.write_text(config)
         self.log_path = tmp_path / "daemon.log"
@@ -150,8 +165,11 @@ class DaemonProcess:
         the store may still be opening)."""
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
+        argv = [sys.executable, "-m", "destfnd", "serve", "--config", str(self.config)]
+        if self.open_files is not None:
+            argv = [sys.executable, "-c", _WITH_OPEN_FILES, *map(str, self.open_files), *argv]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "destfnd", "serve", "--config", str(self.config)],
+            argv,
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,

@@ -13,6 +13,7 @@ import time
 import uuid
 from datetime import datetime
 
+import aiohttp
 import orjson
 import pytest
 from multidict import CIMultiDict
@@ -754,6 +755,46 @@ async def test_ingest_slow_and_broken_clients_are_answered_and_logged_on_one_lin
         assert [r for r in daemon.log_records() if r.get("event") == "<not json>"] == []
         assert daemon.proc.poll() is None
         assert sink.delivered() == []
+
+
+async def test_ingest_running_out_of_file_descriptors_is_said(make_daemon, tmp_path, session):
+    """Out of file descriptors, the event loop accepts and closes new connections without a
+    word, and a commit fails with SQLite's "unable to open database file": the daemon now
+    raises its soft limit to the hard one as it starts, and says when they run out."""
+    dest = '[[destinations]]\nname = "archive"\ntype = "file"\npath = "out.ndjson"\n'
+    raised = make_daemon(config_text(tmp_path / "db", dest), open_files=(64, 4096))
+    await raised.start()
+    (ready,) = [r for r in raised.log_records() if r.get("event") == "daemon_ready"]
+    assert ready["open_files_limit"] == 4096
+    assert await raised.terminate() == 0
+
+    low = make_daemon(config_text(tmp_path / "db", dest), open_files=(48, 48))
+    await low.start()
+    host, port = low.url.removeprefix("http://").split(":")
+    held = []
+    try:
+        for _ in range(60):  # more than the limit: the last ones are closed at once
+            held.append(await asyncio.open_connection(host, int(port)))
+        for _ in range(150):  # bounded: 15 s (the check runs every 5 s)
+            said = [r for r in low.log_records() if r.get("event") == "file_descriptors_low"]
+            if said:
+                break
+            await asyncio.sleep(0.1)
+        assert said, low.log_text()
+        assert (said[0]["limit"], said[0]["level"]) == (48, "warning"), said
+        assert said[0]["open"] >= 0.9 * 48
+    finally:
+        for _, writer in held:
+            writer.close()
+    # Once they are given back, it works as before.
+    for _ in range(50):  # bounded: the daemon sees the connections closed
+        with contextlib.suppress(aiohttp.ClientError):
+            status, _ = await post(session, f"{low.url}/v1/track", {"userId": "u", "event": "e"})
+            if status == 200:
+                break
+        await asyncio.sleep(0.1)
+    assert status == 200
+    assert await low.terminate() == 0
 
 
 async def test_ingest_expect_100_continue_refuses_from_the_head(make_daemon, tmp_path):
