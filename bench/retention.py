@@ -11,6 +11,12 @@ the run's own early state: once the windows have filled (after about three windo
 is measured between the second third of the run and the last. Nothing here is a test.
 
     python bench/retention.py [--minutes 12] [--rate 1000] [--retention 1m] [--every 30]
+                              [--function]
+
+With `--function`, a function destination beside the webhook (it prints a line, so each
+attempt has a record with logs and its outgoing request, and posts the event to the same
+sink): the sink then counts two deliveries per event, and RSS is the daemon's and its
+workers' together.
 """
 
 from __future__ import annotations
@@ -50,6 +56,34 @@ def _rows(db: Path) -> dict:
         conn.close()
 
 
+SOAK_FN = """\
+from destfnd.functions import fetch
+
+
+async def on_track(event, settings):
+    print("posting", event["messageId"])
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """RSS of `pid` and its children (the function workers), in MB."""
+    total = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for one in [str(pid), *children]:
+        try:
+            status = Path(f"/proc/{one}/status").read_text()
+        except OSError:
+            continue  # a worker being replaced
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return round(total, 1)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=12.0, help="how long the load runs")
@@ -58,6 +92,7 @@ def main() -> int:
     p.add_argument("--retention", default="1m", help="storage.retention and dedupe_window")
     p.add_argument("--every", type=float, default=30.0, help="seconds between samples")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--function", action="store_true", help="a function destination too")
     args = p.parse_args()
     if args.rate < args.batch or args.minutes <= 0 or args.every <= 0:
         p.error("--rate must be at least --batch; --minutes and --every must be positive")
@@ -74,6 +109,12 @@ def main() -> int:
     # Attempt records are kept `retention` plus the destination's `max_age` (or until they
     # pass `records_max_size`): the same short window here, so they level off too.
     config += f'\n[destinations.retry]\nmax_age = "{args.retention}"\n'
+    if args.function:
+        (tmp / "soak_fn.py").write_text(SOAK_FN)
+        config += (
+            f"\n{B.function_dest('fn', tmp / 'soak_fn.py', sink.url + '/in')}"
+            f'[destinations.retry]\nmax_age = "{args.retention}"\n'
+        )
     daemon = B.Daemon(tmp / "daemon", config, server_cpu)
     daemon.start()
     duration = args.minutes * 60
@@ -107,7 +148,7 @@ def main() -> int:
                 delivered=sink.count().get("events", 0),
                 db_mb=_mb(db),
                 wal_mb=_mb(db.with_name(db.name + "-wal")),
-                rss_mb=daemon.rss_mb(),
+                rss_mb=_tree_rss_mb(daemon.proc.pid) if args.function else daemon.rss_mb(),
                 **rows,
             )
             samples.append(s)
