@@ -175,6 +175,8 @@ def _outcome(resp: aiohttp.ClientResponse, redact: Redactor) -> Outcome:
     if 200 <= resp.status < 300:
         return DELIVERED
     message = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
+    if resp.status < 200:  # a 101 Switching Protocols (aiohttp's client takes it as final)
+        return retry(ErrorType.RETRY, f"{message}: not a final answer")
     if 300 <= resp.status < 400:
         # Not followed: after a 301, 302 or 303 the POST would arrive as a GET without the
         # event, and a redirect elsewhere would carry the configured headers (maybe secrets)

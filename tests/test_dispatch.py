@@ -300,6 +300,11 @@ UNREADABLE_ANSWERS = {
         "ClientResponseError: the answer is not valid HTTP: Invalid character in chunk size: "
         "b'ZZZ'",
     ),
+    # Not an answer to the POST: the event may not have been taken (it was discarded).
+    "101-switching-protocols": (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n",
+        "HTTP 101 Switching Protocols: not a final answer",
+    ),
     "closed-in-its-head": (
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
         "ServerDisconnectedError: the server closed the connection before the end of its "
@@ -309,7 +314,7 @@ UNREADABLE_ANSWERS = {
 
 
 @pytest.mark.parametrize("case", list(UNREADABLE_ANSWERS))
-async def test_dispatch_an_answer_that_is_not_valid_http_is_retried_and_says_why(tmp_path, case):
+async def test_dispatch_an_answer_not_valid_or_not_final_is_retried_and_says_why(tmp_path, case):
     """An answer aiohttp cannot parse has no status to decide by: retried, its message saying
     what was wrong on one line. It said "400, message=" (aiohttp's made-up status for its
     parser's errors, which the server never sent) with llhttp's text over several lines, or,
