@@ -202,7 +202,16 @@ def deliveries(cfg: Config, args: argparse.Namespace) -> None:
         print(f"note: no destination {args.destination!r} in the config ({known})", file=sys.stderr)
 
 
-_RETRY_CHUNK = 5000  # deliveries per transaction: the daemon's writer waits at most this long
+# The commands below change deliveries in short transactions, walking the table in id order
+# (its own order: no index to keep, nothing to sort), so the daemon's writer, which may run
+# meanwhile, is held up for a few milliseconds at a time.
+_CHUNK = 2000  # deliveries changed per transaction
+_WINDOW = 20_000  # ids walked per transaction, so one that finds few is short too
+# Between two transactions while a daemon runs, a pause of twice the last one (and at least
+# this): its writer waits for the lock in SQLite's busy handler, which tries again only every
+# so often (up to 100 ms apart), so transactions back to back kept it out until its
+# busy_timeout (5 s) ran out, and ingest answered 503 while a large `discard` ran.
+_PAUSE_MIN_S = 0.005
 
 
 def retry(cfg: Config, args: argparse.Namespace) -> None:
@@ -213,11 +222,16 @@ def retry(cfg: Config, args: argparse.Namespace) -> None:
     which = q.RetryFilter(args.status, args.destination, event_ids)
     now = _now_ms()
 
-    def chunk(conn: sqlite3.Connection, after: int) -> tuple[list[int], int]:
-        ids = q.retry_now(conn, which, now, after, _RETRY_CHUNK)
+    def bounds(conn: sqlite3.Connection) -> tuple[int, int]:
+        if args.status == "retrying":  # among the waiting ones: their index tells where
+            return q.waiting_bounds(conn, args.destination)
+        return 0, q.newest_delivery(conn)
+
+    def chunk(conn: sqlite3.Connection, after: int, until: int) -> tuple[list[int], int]:
+        ids = q.retry_now(conn, which, now, after, until, _CHUNK)
         return ids, len(ids)
 
-    _, count = _in_chunks(cfg, chunk)
+    _, count = _in_chunks(cfg, bounds, chunk, event_ids, pause=_daemon_runs(cfg))
     if args.json:
         print(orjson.dumps({"due_now": count}).decode())
     elif count:
@@ -242,33 +256,50 @@ def _event_ids(cfg: Config, message_id: str | None) -> list[int] | None:
     # As the command will write: a schema the daemon has not migrated yet is said so.
     with contextlib.closing(open_db(cfg.storage.path, update=True)) as conn:
         try:
-            found = events_with_message_id(conn, [s.name for s in cfg.sources], message_id)
-            if not found:
-                scan = conn.execute(SQL["events_with_message_id_scan"], (message_id,))
-                found = [event_id for (event_id,) in scan]
+            return _events_of(conn, cfg, message_id)
         except sqlite3.Error as exc:
             raise store_error(f"{cfg.storage.path}: cannot read", exc) from exc
-        return found
+
+
+def _events_of(conn: sqlite3.Connection, cfg: Config, message_id: str) -> list[int]:
+    """The ids of the stored events of `message_id`: through the dedupe keys, else a scan of
+    the events (one older than `dedupe_window`, kept for `retention`)."""
+    found = events_with_message_id(conn, [s.name for s in cfg.sources], message_id)
+    if not found:
+        scan = conn.execute(SQL["events_with_message_id_scan"], (message_id,))
+        found = [event_id for (event_id,) in scan]
+    return found
 
 
 def _in_chunks(
-    cfg: Config, chunk: Callable[[sqlite3.Connection, int], tuple[list[int], int]]
+    cfg: Config,
+    bounds: Callable[[sqlite3.Connection], tuple[int, int]],
+    chunk: Callable[[sqlite3.Connection, int, int], tuple[list[int], int]],
+    event_ids: list[int] | None,
+    *,
+    pause: bool,
 ) -> tuple[int, int]:
-    """`chunk(conn, after)` until it takes fewer than _RETRY_CHUNK deliveries, a transaction
-    each, so the daemon's writer, which may run meanwhile, is not held up for long. `chunk`
-    returns the ids it took (in order, from `after` on) and how many it changed. Returns
-    (deliveries taken, changed)."""
+    """`chunk(conn, after, until)` over the ids `bounds` gives when it starts (after, until],
+    a transaction each, at most _WINDOW ids and _CHUNK deliveries at a time (the deliveries
+    of `event_ids`, when given, are found through their index: any ids). `chunk` returns
+    the ids it took (in order) and how many it changed. `pause`: a daemon runs, so leave its
+    writer room between two. Returns (deliveries taken, changed)."""
     conn = open_db(cfg.storage.path, update=True)
     seen = done = 0
     try:
-        after = 0
-        while True:
+        after, end = bounds(conn)
+        window = _WINDOW if event_ids is None else end
+        while after < end:
+            until = min(after + window, end)
+            began = time.monotonic()
             with transaction(conn):
-                ids, changed = chunk(conn, after)
+                ids, changed = chunk(conn, after, until)
+            took = time.monotonic() - began
             seen, done = seen + len(ids), done + changed
-            if len(ids) < _RETRY_CHUNK:
-                return seen, done
-            after = ids[-1]
+            after = ids[-1] if len(ids) >= _CHUNK else until
+            if pause:
+                time.sleep(max(_PAUSE_MIN_S, 2 * took))
+        return seen, done
     except sqlite3.Error as exc:
         so_far = f" ({done} done before that)" if done else ""
         raise store_error(f"{cfg.storage.path}: cannot write{so_far}", exc) from exc
@@ -281,17 +312,24 @@ def _unfinished_chunks(
 ) -> tuple[int, int]:
     """`step(conn, ids)` on each chunk of `destination`'s waiting deliveries not in flight
     (those a running daemon has are left alone; with none running, those a killed one left
-    leased are taken too). Returns (deliveries seen, `step`'s sum)."""
-    until: list[int] = []  # the newest delivery at the start: not those ingested meanwhile
+    leased are taken too), those there are when it starts. Returns (deliveries seen,
+    `step`'s sum)."""
     with _no_daemon(cfg) as stale:
 
-        def chunk(conn: sqlite3.Connection, after: int) -> tuple[list[int], int]:
-            if not until:
-                until.append(q.newest_delivery(conn))
-            ids = q.unfinished(conn, destination, event_ids, after, _RETRY_CHUNK, stale, until[0])
+        def chunk(conn: sqlite3.Connection, after: int, until: int) -> tuple[list[int], int]:
+            ids = q.unfinished(conn, destination, event_ids, after, _CHUNK, stale, until)
             return ids, step(conn, ids)
 
-        return _in_chunks(cfg, chunk)
+        def bounds(conn: sqlite3.Connection) -> tuple[int, int]:
+            return q.waiting_bounds(conn, destination)
+
+        return _in_chunks(cfg, bounds, chunk, event_ids, pause=not stale)
+
+
+def _daemon_runs(cfg: Config) -> bool:
+    """Whether a daemon serves the database now (its lock is held)."""
+    with _no_daemon(cfg) as free:
+        return not free
 
 
 @contextlib.contextmanager

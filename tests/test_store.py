@@ -1404,3 +1404,61 @@ def test_claim_many_never_gives_one_delivery_twice_in_a_call(conn):
     (first, _), (second, _) = tx(conn, q.claim_many, [("crm", T0, 2), ("crm", T0, 10)])
     assert [c.message_id for c in first] == ["a", "b"]
     assert [c.message_id for c in second] == ["c"]
+
+
+def test_operator_commands_walk_the_table_by_id_not_a_destinations_backlog(conn):
+    """`move`, `discard` and `retry` take a chunk at a time by a range of ids, the table's own
+    order: through the index on due deliveries, each chunk read and sorted all of the
+    destination's backlog, so a million-delivery `discard` took minutes, holding the write
+    lock the daemon needs. With events given, through the index on event ids."""
+    insert(conn, [f"m{i}" for i in range(50)])
+    params = {"destination": "crm", "status": "retrying", "stale": 0, "after": 0, "until": 10,
+              "limit": 5, "now": T0}  # fmt: skip
+
+    def plan(name: str, events: list[int] | None) -> str:
+        query = "EXPLAIN QUERY PLAN " + SQL[name].format(**q._of_events(events))
+        return " ".join(row[3] for row in conn.execute(query, params))
+
+    for name in ("unfinished_ids", "retry_ids"):
+        walk = plan(name, None)
+        assert "INTEGER PRIMARY KEY" in walk and "TEMP B-TREE" not in walk, (name, walk)
+        assert "deliveries_by_event" in plan(name, [1, 2]), name
+
+
+def test_operator_commands_find_every_delivery_across_windows(tmp_path, monkeypatch):
+    """A destination's waiting deliveries spread over ids far apart, chunks and windows much
+    smaller than they: `discard`, `move` and `retry` find each one, those of other
+    destinations and events are left alone, and those made after the start are not taken."""
+    import argparse
+
+    from destfnd import operate
+    from destfnd.config import load_config
+
+    monkeypatch.setattr(operate, "_CHUNK", 3)
+    monkeypatch.setattr(operate, "_WINDOW", 7)
+    path = tmp_path / "db.sqlite3"
+    conn = open_db(path)
+    for i in range(40):  # crm's rows among warehouse's, with gaps wider than a window
+        insert(conn, [f"w{i}-{j}" for j in range(5)], destinations=("warehouse",))
+        insert(conn, [f"c{i}"], destinations=("crm",))
+    config = tmp_path / "destfnd.toml"
+    config.write_text(
+        f'[storage]\npath = "{path}"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[[destinations]]\nname = "warehouse"\ntype = "file"\npath = "out.ndjson"\n'
+        '[[destinations]]\nname = "crm2"\ntype = "file"\npath = "out2.ndjson"\n'
+    )
+    cfg = load_config(str(config), resolve_secrets=False)
+
+    def args(**kw: object) -> argparse.Namespace:
+        return argparse.Namespace(**{"json": True, "message_id": None, **kw})
+
+    operate.move(cfg, args(source="crm", to="crm2"))
+    assert q.status_counts(conn)["crm2"] == {"pending": 40}
+    operate.discard(cfg, args(destination="crm2"))
+    assert q.status_counts(conn)["crm2"] == {"discarded": 40}
+    assert q.status_counts(conn)["warehouse"] == {"pending": 200}
+    operate.retry(cfg, args(status="discarded", destination=None))
+    assert q.status_counts(conn)["crm2"] == {"retrying": 40}
+    operate.discard(cfg, args(destination="crm2", message_id="c17"))
+    assert q.status_counts(conn)["crm2"] == {"retrying": 39, "discarded": 1}
+    conn.close()

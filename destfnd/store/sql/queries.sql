@@ -150,9 +150,10 @@ WHERE status IN ('pending', 'retrying') AND status = 'retrying' AND leased = 0
 
 -- name: retry_ids
 -- `destfnd retry`: the next deliveries in :status (not leased right now) to make due, in id
--- order from :after. {events}: an optional "AND event_id IN (...)".
-SELECT id FROM deliveries
-WHERE status = :status AND leased = 0 AND id > :after
+-- order from :after up to :until. {events}: an optional "AND event_id IN (...)"; {scan}:
+-- NOT INDEXED without it (the table walked by id range, see queue._of_events).
+SELECT id FROM deliveries {scan}
+WHERE status = :status AND leased = 0 AND id > :after AND id <= :until
   AND (:status != 'retrying' OR next_at > :now)
   AND (:destination IS NULL OR destination = :destination) {events}
 ORDER BY id LIMIT :limit;
@@ -165,14 +166,25 @@ UPDATE deliveries SET status = 'retrying', next_at = ?, finished_at = NULL WHERE
 -- `destfnd move` and `discard`: the next unfinished deliveries of :destination not leased
 -- right now (leased too if :stale, no daemon running: a lease a killed one left), in id order
 -- from :after up to :until (the newest when the command started: not those of events ingested
--- meanwhile). {events}: an optional "AND event_id IN (...)".
-SELECT id FROM deliveries
+-- meanwhile). {events} and {scan}: as in retry_ids.
+SELECT id FROM deliveries {scan}
 WHERE destination = :destination AND status IN ('pending', 'retrying')
   AND (leased = 0 OR :stale) AND id > :after AND id <= :until {events}
 ORDER BY id LIMIT :limit;
 
 -- name: newest_delivery
 SELECT coalesce(max(id), 0) FROM deliveries;
+
+-- name: waiting_bounds
+-- The first and last id of a destination's pending and retrying deliveries: their index
+-- holds the ids, so the table is not read.
+SELECT min(id), max(id) FROM deliveries INDEXED BY deliveries_due
+WHERE destination = :destination AND status IN ('pending', 'retrying');
+
+-- name: waiting_bounds_all
+-- The same for every destination's.
+SELECT min(id), max(id) FROM deliveries INDEXED BY deliveries_due
+WHERE status IN ('pending', 'retrying');
 
 -- name: move_deliveries
 -- To destination :to, due :now, attempts kept (a lease a killed daemon left is taken back,
