@@ -134,14 +134,14 @@ def deliveries(cfg: Config, args: argparse.Namespace) -> None:
     try:
         events = ""
         if args.message_id is not None:
-            # Within the dedupe window, through its keys; older events: a scan of the events.
-            sources = [s.name for s in cfg.sources]
+            # Within the dedupe window, through its keys; older events: a scan of the events,
+            # not of every delivery joined with its event (1.3 s at 4.5M deliveries).
             try:
-                ids = events_with_message_id(conn, sources, args.message_id)
+                ids: list[int] | None = _events_of(conn, cfg, args.message_id)
             except sqlite3.OperationalError:  # a schema the daemon has not migrated yet
-                ids = []
-            if ids:
-                events = f"AND d.event_id IN ({','.join(str(int(i)) for i in ids)})"
+                ids = None  # found by the join's `e.message_id`, as before the keys
+            if ids is not None:
+                events = f"AND d.event_id IN ({','.join(str(int(i)) for i in ids) or 'NULL'})"
         rows = conn.execute(
             _DELIVERIES.format(events=events),
             {"destination": args.destination, "status": args.status,
