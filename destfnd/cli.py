@@ -20,7 +20,7 @@ import structlog
 from destfnd import __version__, logs, operate
 from destfnd.config import Config, ConfigError, DestinationConfig, load_config, parse_duration
 from destfnd.errors import DestfndError, UsageError
-from destfnd.store import Status, StoreBusy, StoreError
+from destfnd.store import Status, StoreError, StoreUnavailable
 from destfnd.texts import is_text, sendable
 
 EXIT_OK = 0
@@ -79,7 +79,7 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_CONFIG
     except StoreError as exc:
         print(f"destfnd: {exc}", file=sys.stderr)
-        return EXIT_ERROR if isinstance(exc, StoreBusy) else EXIT_STORE
+        return EXIT_ERROR if isinstance(exc, StoreUnavailable) else EXIT_STORE
     except DestfndError as exc:
         from destfnd.deliverers import DestinationStartError
         from destfnd.run_function import RunError

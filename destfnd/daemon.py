@@ -150,7 +150,7 @@ class Daemon:
                 raise
             if progress.stopping:
                 return None
-            raise store_error(f"{cfg.storage.path}: cannot start on it", exc) from exc
+            raise store_error(f"{cfg.storage.path}: cannot start on it", exc, path) from exc
         took = time.monotonic() - started
         if took >= _SLOW_START_S or progress.sent:
             log.info("slow_start", seconds=round(took, 1), timeout_extended=progress.sent)

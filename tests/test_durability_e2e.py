@@ -749,3 +749,46 @@ async def test_a_webhook_answer_in_bytes_that_are_not_utf8_is_recorded_and_the_d
         assert (delivery["status"], delivery["error"]) == ("expired", failed[1]["error"])
         assert [a["error"] for a in delivery["history"]] == [error, failed[1]["error"]]
         assert await daemon.terminate() == 0
+
+
+def test_a_full_disk_at_start_exits_1_saying_so_and_starts_once_there_is_room(small_disk):
+    """Started on a full disk, SQLite cannot make its -shm file and says "disk I/O error":
+    that was exit 4, which the unit does not restart (a database that cannot be opened needs
+    you), so the service stayed down after room was made. Now it says the disk is full and
+    exits 1, which the unit restarts; once there is room, it starts."""
+    config = small_disk / "destfnd.toml"
+    config.write_text(config_text(small_disk / "state" / "db.sqlite3",
+                                  webhook("hook", "http://127.0.0.1:9/in")))  # fmt: skip
+    # A database made by a daemon that ran and stopped (its -shm and -wal gone with it).
+    made = subprocess.run(
+        [sys.executable, "-c", "from destfnd.store import open_db; import sys; "
+         "open_db(__import__('pathlib').Path(sys.argv[1])).close()",
+         str(small_disk / "state" / "db.sqlite3")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    _fill_what_is_left(small_disk)
+    serve = [sys.executable, "-m", "destfnd", "serve", "--config", str(config)]
+    full = subprocess.run(serve, capture_output=True, text=True, timeout=60, check=False)
+    assert full.returncode == 1, full.stderr
+    assert "the disk holding it is full" in full.stderr, full.stderr
+    assert "Traceback" not in full.stderr
+    # A fresh state folder on the full disk: its lock file cannot be made either.
+    config.write_text(config.read_text().replace("/state/", "/other/"))
+    fresh = subprocess.run(serve, capture_output=True, text=True, timeout=60, check=False)
+    assert fresh.returncode == 1, fresh.stderr
+    assert "the disk holding it is full" in fresh.stderr, fresh.stderr
+    (small_disk / "filler").unlink()
+    config.write_text(config.read_text().replace("/other/", "/state/"))
+    log = small_disk.parent / "serve.log"  # not on the small disk
+    with log.open("wb") as out:
+        started = subprocess.Popen(serve, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(300):  # bounded: 30 s
+            if b"daemon_ready" in log.read_bytes() or started.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert b"daemon_ready" in log.read_bytes(), log.read_text()
+    finally:
+        started.send_signal(signal.SIGTERM)
+        assert started.wait(timeout=30) == 0

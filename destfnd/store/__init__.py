@@ -5,7 +5,14 @@ Imports nothing above it; callers hold plain values (ids, bytes), never a cursor
 
 from __future__ import annotations
 
-from destfnd.store.db import StoreBusy, StoreError, open_db, store_error
+from destfnd.store.db import (
+    StoreBusy,
+    StoreError,
+    StoreFull,
+    StoreUnavailable,
+    open_db,
+    store_error,
+)
 from destfnd.store.dedupe import Dedupe
 from destfnd.store.models import Claimed, Finished, IncomingEvent, Status
 from destfnd.store.writer import Writer
@@ -18,6 +25,8 @@ __all__ = [
     "Status",
     "StoreBusy",
     "StoreError",
+    "StoreFull",
+    "StoreUnavailable",
     "Writer",
     "open_db",
     "store_error",

@@ -18,20 +18,54 @@ class StoreError(DestfndError):
     """The SQLite store failed."""
 
 
-class StoreBusy(StoreError):
-    """Another process held a lock on the database past the busy timeout: trying again later
-    may succeed (exit 1, which the systemd unit restarts, rather than 4, which it does not)."""
+class StoreUnavailable(StoreError):
+    """The database cannot be used now, for a reason that passes: trying again later may
+    succeed (exit 1, which the systemd unit restarts, rather than 4, which it does not)."""
+
+
+class StoreBusy(StoreUnavailable):
+    """Another process held a lock on the database past the busy timeout."""
+
+
+class StoreFull(StoreUnavailable):
+    """The disk holding the database is full."""
 
 
 BUSY_HINT = " (another process holds a lock on it; trying again later may succeed)"
+_ROOM_BYTES = 1 << 20  # less free space than this, and SQLite's I/O errors are a full disk
 
 
-def store_error(text: str, exc: sqlite3.Error) -> StoreError:
-    """`text: exc` as a StoreError, a StoreBusy if the database was locked."""
+def store_error(text: str, exc: sqlite3.Error, path: Path | None = None) -> StoreError:
+    """`text: exc` as a StoreError; a StoreBusy if the database was locked, a StoreFull if
+    it failed for want of room on the disk holding `path` (SQLite says "disk I/O error" when
+    it cannot make its -shm file there)."""
     code = getattr(exc, "sqlite_errorcode", None)  # extended: SQLITE_BUSY_RECOVERY is 261
     if code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return StoreBusy(f"{text}: {exc}{BUSY_HINT}")
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        room = _room(path)
+        if room is not None:
+            return StoreFull(
+                f"{text}: {exc}: the disk holding it is full ({room}): make room, and it "
+                "starts (exit 1, which the systemd unit restarts)"
+            )
     return StoreError(f"{text}: {exc}")
+
+
+def _room(path: Path | None) -> str | None:
+    """How little room is left where `path` is, if that is too little for SQLite: else None."""
+    if path is None:
+        return None
+    try:
+        st = os.statvfs(Path(os.path.abspath(path)).parent)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free < _ROOM_BYTES:
+        return f"{free:,} bytes free"
+    if st.f_files and st.f_favail == 0:  # no inode left: no file can be made
+        return "no inode free"
+    return None
 
 
 def _load_queries() -> dict[str, str]:
@@ -141,7 +175,7 @@ def open_db(
         if conn is not None:
             conn.close()
         if isinstance(exc, sqlite3.Error):
-            raise store_error(f"{path}: cannot open the database", exc) from exc
+            raise store_error(f"{path}: cannot open the database", exc, path) from exc
         raise
 
 

@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 from destfnd.paths import irregular_companion, open_checked
-from destfnd.store.db import StoreBusy, StoreError
+from destfnd.store.db import StoreBusy, StoreError, StoreFull
 
 
 class DatabaseInUse(StoreBusy):
@@ -39,7 +39,7 @@ class DatabaseLock:
             why = exc.strerror
             if beside is not None and os.path.islink(beside):
                 why = f"{beside} is a symbolic link (remove it)"
-            raise StoreError(f"{path}: cannot create the database's lock file: {why}") from None
+            raise _error(f"{path}: cannot create the database's lock file: {why}", exc) from None
         self._file: int | None = None
         # An empty file that was there (not one made here): see `_open_store`.
         self.found_empty = False
@@ -49,7 +49,7 @@ class DatabaseLock:
             try:  # an empty file is a new database to SQLite
                 self._file = _open_regular(real, os.O_RDONLY)
             except OSError as exc:
-                raise StoreError(f"{path}: cannot open the database: {exc.strerror}") from None
+                raise _error(f"{path}: cannot open the database: {exc.strerror}", exc) from None
             self.found_empty = existed and os.fstat(self._file).st_size == 0
             self._take(self._file, path)
             companion = irregular_companion(real, ("-wal", "-shm"))  # a FIFO fails each commit
@@ -77,6 +77,13 @@ class DatabaseLock:
         if self._file is not None:
             os.close(self._file)
             self._file = None
+
+
+def _error(text: str, exc: OSError) -> StoreError:
+    """A StoreFull for want of room (exit 1: the unit restarts it), else a StoreError."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"{text}: make room, and it starts (exit 1, which the unit restarts)")
+    return StoreError(text)
 
 
 def _open_lock(lock: Path, real: Path) -> int:
