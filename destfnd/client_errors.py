@@ -35,8 +35,9 @@ def client_error_text(exc: aiohttp.ClientError) -> str:
     if isinstance(exc, aiohttp.TooManyRedirects):
         last = exc.history[-1].headers.get("Location", "") if exc.history else ""
         return (
-            f"{type(exc).__name__}: more than {len(exc.history)} redirects (a loop?), the "
-            f"last to {last or exc.request_info.real_url}"
+            # `history` ends with the redirect refused: as many as the server sent.
+            f"{type(exc).__name__}: {len(exc.history)} redirects (a loop?), the last to "
+            f"{last or exc.request_info.real_url}"
         )
     if isinstance(exc, aiohttp.ServerDisconnectedError) and not isinstance(exc.message, str):
         # aiohttp's text is the repr of the head it had parsed so far.

@@ -739,7 +739,7 @@ async def test_run_function_fetch_arguments_and_redirects(files):
     # A redirect loop says so (it was "TooManyRedirects: 0, message=''").
     assert (alias["status"], alias["error_type"]) == ("retrying", "Retry")
     assert alias["message"].endswith(
-        "TooManyRedirects: more than 10 redirects (a loop?), the last to /loop"
+        "TooManyRedirects: 10 redirects (a loop?), the last to /loop"
     ), alias
     assert track["status"] == "delivered"
     assert "status 200 True True\n" in report["logs"]

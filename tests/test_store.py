@@ -1452,13 +1452,19 @@ def test_operator_commands_find_every_delivery_across_windows(tmp_path, monkeypa
     def args(**kw: object) -> argparse.Namespace:
         return argparse.Namespace(**{"json": True, "message_id": None, **kw})
 
+    pauses: list[float] = []
+    monkeypatch.setattr(operate.time, "sleep", pauses.append)
     operate.move(cfg, args(source="crm", to="crm2"))
     assert q.status_counts(conn)["crm2"] == {"pending": 40}
     operate.discard(cfg, args(destination="crm2"))
     assert q.status_counts(conn)["crm2"] == {"discarded": 40}
     assert q.status_counts(conn)["warehouse"] == {"pending": 200}
+    # No daemon runs, and move and discard hold its lock: no daemon can start, no pause.
+    assert pauses == []
     operate.retry(cfg, args(status="discarded", destination=None))
     assert q.status_counts(conn)["crm2"] == {"retrying": 40}
+    # retry holds no lock, so a daemon may start while it runs: it pauses between chunks.
+    assert len(pauses) >= 40 // 3, pauses
     operate.discard(cfg, args(destination="crm2", message_id="c17"))
     assert q.status_counts(conn)["crm2"] == {"retrying": 39, "discarded": 1}
     conn.close()
