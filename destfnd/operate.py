@@ -207,10 +207,10 @@ def deliveries(cfg: Config, args: argparse.Namespace) -> None:
 # meanwhile, is held up for a few milliseconds at a time.
 _CHUNK = 2000  # deliveries changed per transaction
 _WINDOW = 20_000  # ids walked per transaction, so one that finds few is short too
-# Between two transactions while a daemon runs, a pause of twice the last one (and at least
-# this): its writer waits for the lock in SQLite's busy handler, which tries again only every
-# so often (up to 100 ms apart), so transactions back to back kept it out until its
-# busy_timeout (5 s) ran out, and ingest answered 503 while a large `discard` ran.
+# Between two transactions while a daemon runs (or may start), a pause of twice the last one
+# (and at least this): its writer waits for the lock in SQLite's busy handler, which tries
+# again only every so often (up to 100 ms apart), so transactions back to back kept it out
+# until its busy_timeout (5 s) ran out, and ingest answered 503 while a large `discard` ran.
 _PAUSE_MIN_S = 0.005
 
 
@@ -284,8 +284,8 @@ def _in_chunks(
     """`chunk(conn, after, until)` over the ids `bounds` gives when it starts (after, until],
     a transaction each, at most _WINDOW ids and _CHUNK deliveries at a time (the deliveries
     of `event_ids`, when given, are found through their index: any ids). `chunk` returns
-    the ids it took (in order) and how many it changed. `pause`: a daemon runs, so leave its
-    writer room between two. Returns (deliveries taken, changed)."""
+    the ids it took (in order) and how many it changed. `pause`: a daemon runs or may start,
+    so leave its writer room between two. Returns (deliveries taken, changed)."""
     conn = open_db(cfg.storage.path, update=True)
     seen = done = 0
     try:
@@ -299,7 +299,7 @@ def _in_chunks(
             took = time.monotonic() - began
             seen, done = seen + len(ids), done + changed
             after = ids[-1] if len(ids) >= _CHUNK else until
-            if pause:
+            if pause and after < end:
                 time.sleep(max(_PAUSE_MIN_S, 2 * took))
         return seen, done
     except sqlite3.Error as exc:
