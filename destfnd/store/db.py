@@ -46,8 +46,8 @@ def store_error(text: str, exc: sqlite3.Error, path: Path | None = None) -> Stor
         room = _room(path)
         if room is not None:
             return StoreFull(
-                f"{text}: {exc}: the disk holding it is full ({room}): make room, and it "
-                "starts (exit 1, which the systemd unit restarts)"
+                f"{text}: {exc}: the disk holding it is full ({room}): make room and try "
+                "again (exit 1, which the systemd unit restarts)"
             )
     return StoreError(f"{text}: {exc}")
 

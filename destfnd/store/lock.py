@@ -82,7 +82,7 @@ class DatabaseLock:
 def _error(text: str, exc: OSError) -> StoreError:
     """A StoreFull for want of room (exit 1: the unit restarts it), else a StoreError."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreFull(f"{text}: make room, and it starts (exit 1, which the unit restarts)")
+        return StoreFull(f"{text}: make room and try again (exit 1, which the unit restarts)")
     return StoreError(text)
 
 
