@@ -33,19 +33,21 @@ def _read(cfg: Config, *, min_schema: int = 0) -> sqlite3.Connection:
 def stats(cfg: Config, args: argparse.Namespace) -> None:
     """Per destination, how many deliveries stand in each status, and how many are in flight."""
     conn = _read(cfg)
+    configured = [d.name for d in cfg.destinations]
     try:
         counts = q.status_counts(conn)
         leased = q.leased_counts(conn)
+        names = configured + sorted(set(counts) - set(configured))  # removed ones still count
+        due = {} if args.json else {n: q.earliest_due(conn, n) for n in names}
     except sqlite3.Error as exc:
         raise StoreError(f"{cfg.storage.path}: cannot read: {exc}") from exc
     finally:
         conn.close()
-    configured = [d.name for d in cfg.destinations]
-    names = configured + sorted(set(counts) - set(configured))  # removed ones still count
     table = {n: {s.value: counts.get(n, {}).get(s.value, 0) for s in Status} for n in names}
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(table, option=orjson.OPT_INDENT_2) + b"\n")
         return
+    now = _now_ms()
     statuses = [s.value for s in Status]
     enabled = {d.name: d.enabled for d in cfg.destinations}
     shown = {
@@ -53,10 +55,27 @@ def stats(cfg: Config, args: argparse.Namespace) -> None:
         for n in names
     }
     width = max([len("destination"), *map(len, shown.values())])
-    print(f"{'destination':<{width}}  " + "  ".join(f"{s:>9}" for s in statuses) + "  in flight")
+    head = "  ".join(f"{s:>9}" for s in statuses)
+    print(f"{'destination':<{width}}  {head}  in flight     behind")
     for name in names:
         row = "  ".join(f"{table[name][s]:>9}" for s in statuses)
-        print(f"{shown[name]:<{width}}  {row}  {leased.get(name, 0):>9}")
+        behind = _behind(due[name], now)
+        print(f"{shown[name]:<{width}}  {row}  {leased.get(name, 0):>9}  {behind:>9}")
+
+
+def _behind(due_at: int | None, now: int) -> str:
+    """How long the earliest waiting delivery has been due ("-": none is due yet): how far
+    behind a destination is, 0s when it keeps up."""
+    if due_at is None or due_at > now:
+        return "-"
+    s = (now - due_at) // 1000
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 _DELIVERIES = """

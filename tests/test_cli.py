@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import re
 import shutil
 import socket
 import sqlite3
@@ -836,8 +837,15 @@ def test_cli_stats_table_marks_disabled_and_removed_destinations(tmp_path):
     conn.close()
     result = run_cli("stats", "--config", str(path))
     assert result.returncode == 0, result.stderr
-    rows = {line.rsplit(None, 7)[0]: line.split()[-7] for line in result.stdout.splitlines()[1:]}
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[-3:] == ["in", "flight", "behind"]
+    rows = {line.rsplit(None, 8)[0]: line.split()[-8] for line in lines[1:]}
     assert rows == {"h": "1", "off (disabled)": "0", "gone (not in config)": "1"}  # pending
+    # How long the earliest waiting delivery has been due: since 1970 here (next_at 1 ms).
+    behind = {line.rsplit(None, 8)[0]: line.split()[-1] for line in lines[1:]}
+    assert behind["off (disabled)"] == "-"
+    assert re.fullmatch(r"2\d{4}d\d\dh", behind["h"]), behind
+    assert behind["gone (not in config)"] == behind["h"]
 
 
 async def test_cli_deliveries_escapes_control_characters(make_daemon, tmp_path, session):
@@ -1139,3 +1147,13 @@ async def test_cli_serve_says_when_its_database_file_is_empty(make_daemon, tmp_p
     # new storage.path was said to be a truncated database.
     new = await make_daemon(config_text(tmp_path / "new.sqlite3", "")).start()
     assert "database_file_empty" not in {r.get("event") for r in new.log_records()}
+
+
+def test_cli_stats_behind_reads_as_a_duration():
+    from destfnd.operate import _behind
+
+    now = 10**13
+    cases = {None: "-", now + 1: "-", now: "0s", now - 59_999: "59s", now - 60_000: "1m00s",
+             now - 3_599_000: "59m59s", now - 3_600_000: "1h00m", now - 86_399_000: "23h59m",
+             now - 86_400_000: "1d00h", now - 10 * 86_400_000 - 3_600_000: "10d01h"}  # fmt: skip
+    assert {due: _behind(due, now) for due in cases} == cases

@@ -500,5 +500,10 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     return counts
 
 
+def earliest_due(conn: sqlite3.Connection, destination: str) -> int | None:
+    """When `destination`'s earliest waiting delivery is due (unix ms); None if none waits."""
+    return conn.execute(SQL["earliest_due"], (destination,)).fetchone()[0]
+
+
 def leased_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(conn.execute(SQL["leased_counts"]).fetchall())

@@ -288,6 +288,12 @@ WHERE status IN ('pending', 'retrying') GROUP BY destination, status;
 -- the daemon was restarted on it): every row counted.
 SELECT destination, status, count(*) FROM deliveries GROUP BY destination, status;
 
+-- name: earliest_due
+-- When a destination's earliest waiting delivery is due (a leased one's: when its lease ends):
+-- the first entry of the destination's part of deliveries_due, not a walk of its backlog.
+SELECT min(next_at) FROM deliveries INDEXED BY deliveries_due
+WHERE destination = ? AND status IN ('pending', 'retrying');
+
 -- name: leased_counts
 SELECT destination, count(*) FROM deliveries INDEXED BY deliveries_due
 WHERE status IN ('pending', 'retrying') AND leased = 1 GROUP BY destination;
