@@ -128,10 +128,7 @@ class Daemon:
                 log.info("leases_recovered", deliveries=recovered)
             self._records_bytes = q.invocations_size(conn)
             enabled = {d.name: d.enabled for d in self.cfg.destinations}
-            for name, counts in sorted(q.status_counts(conn).items()):
-                waiting = counts.get("pending", 0) + counts.get("retrying", 0)
-                if not waiting:
-                    continue
+            for name, waiting in sorted(q.waiting_counts(conn).items()):
                 if name not in enabled:
                     # Renamed or removed from the config: they wait for it to come back.
                     hint = _WITHOUT_HINT.format(name=name)

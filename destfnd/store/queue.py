@@ -500,6 +500,11 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     return counts
 
 
+def waiting_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """destination -> its pending and retrying deliveries (those in flight included)."""
+    return dict(conn.execute(SQL["waiting_counts"]).fetchall())
+
+
 def earliest_due(conn: sqlite3.Connection, destination: str) -> int | None:
     """When `destination`'s earliest waiting delivery is due (unix ms); None if none waits."""
     return conn.execute(SQL["earliest_due"], (destination,)).fetchone()[0]
