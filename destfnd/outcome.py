@@ -55,6 +55,14 @@ class Outcome:
 
 
 DELIVERED = Outcome(Kind.OK)
+# Statuses of an answer that ask for another try (PRODUCT.md): 5xx, 408 and 429.
+_RETRY_STATUSES = frozenset({408, 429})
+
+
+def retried_status(status: int) -> bool:
+    """Whether an HTTP status (a webhook's answer, an `on_batch` item's) is retried, rather
+    than delivered (2xx) or discarded (another 4xx)."""
+    return status >= 500 or status in _RETRY_STATUSES
 
 
 def retry(error_type: ErrorType, message: str, retry_after_s: float | None = None) -> Outcome:

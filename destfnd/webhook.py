@@ -24,6 +24,7 @@ from destfnd.outcome import (
     Report,
     discard,
     parse_retry_after,
+    retried_status,
     retry,
     same_for_all,
 )
@@ -36,8 +37,6 @@ from destfnd.paths import (
 )
 from destfnd.redact import Redactor
 
-# Retried as the contract says: server errors, request timeout, rate limiting.
-_RETRY_STATUSES = frozenset({408, 429})
 # Their Retry-After pauses the whole destination: rate limited, or down for maintenance.
 _PAUSE_STATUSES = frozenset({429, 503})
 _MAX_ERROR_BODY = 4096  # characters of a failed response's body kept on the attempt
@@ -184,7 +183,7 @@ def _outcome(resp: aiohttp.ClientResponse, redact: Redactor) -> Outcome:
         where = redact(resp.headers.get("Location", ""))[:200]
         to = f" to {where}" if where else ""
         return retry(ErrorType.RETRY, f"{message}{to}: redirects are not followed")
-    if resp.status >= 500 or resp.status in _RETRY_STATUSES:
+    if retried_status(resp.status):
         after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
         return retry(ErrorType.RETRY, message, after)
     return discard(ErrorType.BAD_REQUEST, message)

@@ -28,7 +28,7 @@ from destfnd.functions.errors import (
     RetryError,
     ValidationError,
 )
-from destfnd.outcome import parse_retry_after, retry_after_hint
+from destfnd.outcome import parse_retry_after, retried_status, retry_after_hint
 from destfnd.spec import EVENT_TYPES
 
 HANDLER_NAMES = (*(f"on_{t}" for t in EVENT_TYPES), "on_batch")
@@ -318,10 +318,6 @@ def short_repr(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# A status that asks for another try, as the webhook has it (PRODUCT.md): 5xx, 408, 429.
-_RETRY_STATUSES = frozenset({408, 429})
-
-
 def status_outcome(item: object) -> dict | None:
     """Segment's per-event outcome of `onBatch`, `{"status": 200}` or `{"status": 500,
     "errormessage": "..."}` (other keys, as Segment's Actions add, `errortype`, `sent`,
@@ -338,7 +334,7 @@ def status_outcome(item: object) -> dict | None:
         return ok()
     text = item.get("errormessage", item.get("errorMessage"))
     message = f"HTTP {status}" + (f": {text}" if isinstance(text, str) and text else "")
-    if status >= 500 or status in _RETRY_STATUSES:
+    if retried_status(status):
         return {"kind": "retry", "error_type": "Retry", "message": message}
     return bad_request(message)
 
