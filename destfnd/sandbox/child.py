@@ -262,11 +262,11 @@ class Worker:
         # Each event through its own handler gets a share of the call's time, as Segment
         # runs each alone: one that hangs times out alone, not its whole batch (which was
         # then retried together, the hanging one with it, until all expired). The call has a
-        # `timeout` for each function in it (see pool.call_timeout_s): an insert handler
+        # `timeout` for each function in it (protocol.call_timeout_s): an insert handler
         # gets 0.9 of one, the function's handlers the rest but a tenth (for the reply).
         loop = asyncio.get_running_loop()
-        stage_count = 2 if "insert" in stages and "function" in stages else 1
-        deadline = loop.time() + (stage_count - 0.1) * self.timeout_s
+        deadline = loop.time() + protocol.call_timeout_s(self.timeout_s, stages)
+        deadline -= 0.1 * self.timeout_s
         if "insert" in stages:
             insert_batch = getattr(self.insert, "on_batch", None)
             if insert_batch is not None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import structlog
 
+from destfnd.sandbox import protocol
 from destfnd.sandbox.process import (
     InitError,
     Spec,
@@ -39,13 +40,6 @@ class CallTimedOut(TimeoutError):
 
 class NotStarted(Exception):
     """The invocation was not run: it could not start in time (`Pool.call_alone`)."""
-
-
-def call_timeout_s(timeout_s: float, stages: list[str]) -> float:
-    """What a call may take: a `timeout` for each function in it, for them together (Segment
-    gives an insert function and the destination function behind it 5 s each; one call runs
-    both here, and either may use what the other leaves)."""
-    return timeout_s * (2 if "insert" in stages and "function" in stages else 1)
 
 
 class Pool:
@@ -163,7 +157,7 @@ class Pool:
         try:
             worker.send({"t": "call", "id": call_id, "events": events, "batch": batch,
                          "stages": stages})  # fmt: skip
-            async with asyncio.timeout(call_timeout_s(self.spec.timeout_s, stages)):
+            async with asyncio.timeout(protocol.call_timeout_s(self.spec.timeout_s, stages)):
                 # Shielded: on timeout the future stays, to take the cancelled call's reply.
                 return await asyncio.shield(future)
         except TimeoutError:

@@ -24,6 +24,13 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024  # far above any legitimate frame; guards a 
 _HEADER = struct.Struct(">I")
 
 
+def call_timeout_s(timeout_s: float, stages: list[str]) -> float:
+    """What a call may take, as both sides time it: a `timeout` for each function in it, for
+    them together (Segment gives an insert function and the destination function behind it
+    5 s each; one call runs both here, and either may use what the other leaves)."""
+    return timeout_s * (2 if "insert" in stages and "function" in stages else 1)
+
+
 class ProtocolError(Exception):
     """The other side sent something that is not a frame."""
 

@@ -165,8 +165,8 @@ UPDATE deliveries SET status = 'retrying', next_at = ?, finished_at = NULL WHERE
 -- name: unfinished_ids
 -- `destfnd move` and `discard`: the next unfinished deliveries of :destination not leased
 -- right now (leased too if :stale, no daemon running: a lease a killed one left), in id order
--- from :after up to :until (the newest when the command started: not those of events ingested
--- meanwhile). {events} and {scan}: as in retry_ids.
+-- from :after up to :until (a window within the waiting ids when the command started: not
+-- those of events ingested meanwhile). {events} and {scan}: as in retry_ids.
 SELECT id FROM deliveries {scan}
 WHERE destination = :destination AND status IN ('pending', 'retrying')
   AND (leased = 0 OR :stale) AND id > :after AND id <= :until {events}
