@@ -24,8 +24,9 @@ from destfnd.errors import DestfndError
 from destfnd.ingest import Ingest
 from destfnd.listen import bind_error_text
 from destfnd.redact import Redactor
-from destfnd.store import Dedupe, StoreError, Writer, open_db, store_error
+from destfnd.store import Dedupe, StoreError, Writer, backlog, open_db, store_error
 from destfnd.store import queue as q
+from destfnd.store import retention as store_retention
 from destfnd.store.db import PROGRESS_EVERY
 from destfnd.store.lock import DatabaseLock
 from destfnd.upkeep import DatabaseWatch, Retention, save_wal
@@ -126,9 +127,9 @@ class Daemon:
             recovered = q.recover(conn, self._now_ms())
             if recovered:
                 log.info("leases_recovered", deliveries=recovered)
-            self._records_bytes = q.invocations_size(conn)
+            self._records_bytes = store_retention.invocations_size(conn)
             enabled = {d.name: d.enabled for d in self.cfg.destinations}
-            for name, waiting in sorted(q.waiting_counts(conn).items()):
+            for name, waiting in sorted(backlog.waiting_counts(conn).items()):
                 if name not in enabled:
                     # Renamed or removed from the config: they wait for it to come back.
                     hint = _WITHOUT_HINT.format(name=name)

@@ -1,6 +1,6 @@
 """The operator's commands on the store, while the daemon runs or not: stats, the Event
 Delivery view (`deliveries`), retry, move, discard. Each reads or changes SQLite through
-store.queue on a connection of its own, in short transactions, and prints for people or JSON."""
+store.backlog on a connection of its own, in short transactions, and prints for people or JSON."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import orjson
 
 from destfnd.config import Config
 from destfnd.errors import UsageError
-from destfnd.store import Status, StoreError, open_db, store_error
-from destfnd.store import queue as q
+from destfnd.store import Status, StoreError, backlog, open_db, store_error
 from destfnd.store.db import SQL, transaction
 from destfnd.store.dedupe import events_with_message_id
 from destfnd.store.lock import DatabaseLock
@@ -35,10 +34,10 @@ def stats(cfg: Config, args: argparse.Namespace) -> None:
     conn = _read(cfg)
     configured = [d.name for d in cfg.destinations]
     try:
-        counts = q.status_counts(conn)
-        leased = q.leased_counts(conn)
+        counts = backlog.status_counts(conn)
+        leased = backlog.leased_counts(conn)
         names = configured + sorted(set(counts) - set(configured))  # removed ones still count
-        due = {} if args.json else {n: q.earliest_due(conn, n) for n in names}
+        due = {} if args.json else {n: backlog.earliest_due(conn, n) for n in names}
     except sqlite3.Error as exc:
         raise StoreError(f"{cfg.storage.path}: cannot read: {exc}") from exc
     finally:
@@ -238,16 +237,16 @@ def retry(cfg: Config, args: argparse.Namespace) -> None:
     takes them within a second, instead of at the end of their backoff. Finished ones
     (expired, discarded, dropped) get one more attempt each."""
     event_ids = _event_ids(cfg, args.message_id)
-    which = q.RetryFilter(args.status, args.destination, event_ids)
+    which = backlog.RetryFilter(args.status, args.destination, event_ids)
     now = _now_ms()
 
     def bounds(conn: sqlite3.Connection) -> tuple[int, int]:
         if args.status == "retrying":  # among the waiting ones: their index tells where
-            return q.waiting_bounds(conn, args.destination)
-        return 0, q.newest_delivery(conn)
+            return backlog.waiting_bounds(conn, args.destination)
+        return 0, backlog.newest_delivery(conn)
 
     def chunk(conn: sqlite3.Connection, after: int, until: int) -> tuple[list[int], int]:
-        ids = q.retry_now(conn, which, now, after, until, _CHUNK)
+        ids = backlog.retry_now(conn, which, now, after, until, _CHUNK)
         return ids, len(ids)
 
     # Paused whether a daemon runs or not: one may start meanwhile (without its lock held, as
@@ -338,11 +337,11 @@ def _unfinished_chunks(
     with _no_daemon(cfg) as stale:
 
         def chunk(conn: sqlite3.Connection, after: int, until: int) -> tuple[list[int], int]:
-            ids = q.unfinished(conn, destination, event_ids, after, _CHUNK, stale, until)
+            ids = backlog.unfinished(conn, destination, event_ids, after, _CHUNK, stale, until)
             return ids, step(conn, ids)
 
         def bounds(conn: sqlite3.Connection) -> tuple[int, int]:
-            return q.waiting_bounds(conn, destination)
+            return backlog.waiting_bounds(conn, destination)
 
         return _in_chunks(cfg, bounds, chunk, event_ids, pause=not stale)
 
@@ -374,7 +373,7 @@ def move(cfg: Config, args: argparse.Namespace) -> None:
     if args.to == args.source:
         raise UsageError("move: --from and --to name the same destination")
     seen, moved = _unfinished_chunks(
-        cfg, args.source, None, lambda conn, ids: q.move(conn, ids, args.to, _now_ms())
+        cfg, args.source, None, lambda conn, ids: backlog.move(conn, ids, args.to, _now_ms())
     )
     left = seen - moved
     if args.json:
@@ -395,7 +394,10 @@ def discard(cfg: Config, args: argparse.Namespace) -> None:
     event_ids = _event_ids(cfg, args.message_id)
     reason = "discarded by the operator (destfnd discard)"
     _, count = _unfinished_chunks(
-        cfg, args.destination, event_ids, lambda conn, ids: q.discard(conn, ids, _now_ms(), reason)
+        cfg,
+        args.destination,
+        event_ids,
+        lambda conn, ids: backlog.discard(conn, ids, _now_ms(), reason),
     )
     if args.json:
         print(orjson.dumps({"discarded": count}).decode())

@@ -17,6 +17,7 @@ from destfnd import descriptors, sdnotify
 from destfnd.config import Config
 from destfnd.store import Dedupe, StoreError, Writer
 from destfnd.store import queue as q
+from destfnd.store import retention as store_retention
 from destfnd.store.dedupe import KEY_MIN, sweep_keys, sweep_rows
 
 log = structlog.get_logger("destfnd.daemon")
@@ -70,7 +71,7 @@ class Retention:
                     log.info("records_pruned", invocations=records, kept_bytes=self.records_bytes)
                 total = 0
                 while True:
-                    deleted = await writer.run(q.prune, finished_before, _PRUNE_CHUNK)
+                    deleted = await writer.run(store_retention.prune, finished_before, _PRUNE_CHUNK)
                     total += deleted
                     if deleted < _PRUNE_CHUNK:
                         break
@@ -98,7 +99,7 @@ class Retention:
         deleted_total = 0
         while True:
             deleted, freed = await writer.run(
-                q.prune_invocations, finished_before - longest,
+                store_retention.prune_invocations, finished_before - longest,
                 self._cfg.storage.records_max_bytes, self.records_bytes, _PRUNE_CHUNK,
             )  # fmt: skip
             self.records_bytes -= freed
@@ -112,7 +113,11 @@ class Retention:
             after, more = self._records_scanned.get(age, 0), True
             while more:
                 deleted, freed, after, more = await writer.run(
-                    q.prune_invocations_of, names, finished_before - age, after, _PRUNE_CHUNK
+                    store_retention.prune_invocations_of,
+                    names,
+                    finished_before - age,
+                    after,
+                    _PRUNE_CHUNK,
                 )
                 self.records_bytes -= freed
                 deleted_total += deleted

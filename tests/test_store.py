@@ -19,7 +19,17 @@ import orjson
 import pytest
 from support import database_at_schema, run_cli
 
-from destfnd.store import Dedupe, Finished, IncomingEvent, Status, StoreError, Writer, open_db
+from destfnd.store import (
+    Dedupe,
+    Finished,
+    IncomingEvent,
+    Status,
+    StoreError,
+    Writer,
+    backlog,
+    open_db,
+    retention,
+)
 from destfnd.store import queue as q
 from destfnd.store import writer as writer_module
 from destfnd.store.db import SQL
@@ -274,11 +284,11 @@ def test_open_db_counts_again_what_an_early_trigger_lost_to_a_rename(tmp_path):
     )
     conn.execute("UPDATE deliveries SET status = 'delivered', finished_at = ?", (T0,))
     conn.execute("UPDATE deliveries SET destination = 'hook2'")
-    assert q.status_counts(conn) == {"hook": {"delivered": 1}}  # (the early trigger)
+    assert backlog.status_counts(conn) == {"hook": {"delivered": 1}}  # (the early trigger)
     conn.close()
     conn = open_db(path)
     try:
-        assert q.status_counts(conn) == {"hook2": {"delivered": 1}}
+        assert backlog.status_counts(conn) == {"hook2": {"delivered": 1}}
     finally:
         conn.close()
 
@@ -330,7 +340,7 @@ def test_insert_events_fans_out_one_delivery_per_destination(conn):
             event_id,
         )
         assert found == [("a", "pending", 0, T0), ("b", "pending", 0, T0), ("c", "pending", 0, T0)]
-    assert q.status_counts(conn) == {d: {"pending": 2} for d in ("a", "b", "c")}
+    assert backlog.status_counts(conn) == {d: {"pending": 2} for d in ("a", "b", "c")}
 
 
 def test_insert_events_stores_payload_verbatim(conn):
@@ -490,8 +500,8 @@ def test_claim_does_not_return_leased_deliveries_again(conn):
     assert len(claimed) == 2
     again, _ = tx(conn, q.claim, "crm", T0 + 3_600_000, 10)
     assert again == []
-    assert q.leased_counts(conn) == {"crm": 2}
-    assert q.status_counts(conn) == {"crm": {"pending": 2}}
+    assert backlog.leased_counts(conn) == {"crm": 2}
+    assert backlog.status_counts(conn) == {"crm": {"pending": 2}}
 
 
 def test_claim_respects_next_at_of_scheduled_retry(conn):
@@ -524,8 +534,8 @@ def test_finish_terminal_status_sets_status_and_finished_at(conn, status):
     assert row["leased"] == 0
     assert row["attempts"] == 1
     assert (row["last_error_type"], row["last_error"]) == ("Bad Request", "boom")
-    assert q.status_counts(conn) == {"crm": {str(status): 1}}
-    assert q.leased_counts(conn) == {}
+    assert backlog.status_counts(conn) == {"crm": {str(status): 1}}
+    assert backlog.leased_counts(conn) == {}
     # Finished work is never due again.
     assert tx(conn, q.claim, "crm", T0 + 10 * WINDOW_MS, 10) == ([], None)
 
@@ -542,7 +552,7 @@ def test_finish_records_many_outcomes_at_once(conn):
             Finished(c3.delivery_id, Status.DISCARDED, T0 + 1, "Message Rejected", "bad"),
         ],
     )
-    assert q.status_counts(conn) == {"crm": {"delivered": 1, "retrying": 1, "discarded": 1}}
+    assert backlog.status_counts(conn) == {"crm": {"delivered": 1, "retrying": 1, "discarded": 1}}
 
 
 def test_finish_retrying_schedules_and_keeps_delivery_unfinished(conn):
@@ -555,7 +565,7 @@ def test_finish_retrying_schedules_and_keeps_delivery_unfinished(conn):
     assert row["next_at"] == T0 + 7_000
     assert row["leased"] == 0
     assert (row["last_error_type"], row["last_error"]) == ("Timeout", "5s")
-    assert q.status_counts(conn) == {"crm": {"retrying": 1}}
+    assert backlog.status_counts(conn) == {"crm": {"retrying": 1}}
 
 
 def test_release_gives_the_attempt_back(conn):
@@ -584,9 +594,9 @@ def test_recover_after_abandoned_claim_makes_delivery_due_with_attempts_kept(db_
     conn = open_db(db_path)
     try:
         # Still leased after the restart: without recovery it would wait out the lease.
-        assert q.leased_counts(conn) == {"crm": 1}
+        assert backlog.leased_counts(conn) == {"crm": 1}
         assert tx(conn, q.recover, T0 + 100) == 1
-        assert q.leased_counts(conn) == {}
+        assert backlog.leased_counts(conn) == {}
         claimed, _ = tx(conn, q.claim, "crm", T0 + 100, 10)
         # Only the abandoned one is due, and its lost try counts; the retry keeps its time.
         assert [(x.delivery_id, x.attempt) for x in claimed] == [(c.delivery_id, 2)]
@@ -641,7 +651,7 @@ def test_prune_deletes_finished_deliveries_older_than_cutoff(conn):
         ],
     )
 
-    assert tx(conn, q.prune, T0 + 500, 100) == 1
+    assert tx(conn, retention.prune, T0 + 500, 100) == 1
     remaining = rows(
         conn,
         "SELECT e.message_id, d.status FROM deliveries d JOIN events e ON e.id = d.event_id"
@@ -654,13 +664,13 @@ def test_prune_deletes_finished_deliveries_older_than_cutoff(conn):
 def test_prune_keeps_event_until_all_its_deliveries_are_gone(conn):
     insert(conn, ["m1"], destinations=("crm", "warehouse"))
     finish_all(conn, "crm", T0 + 10)
-    assert tx(conn, q.prune, T0 + 500, 100) == 1
+    assert tx(conn, retention.prune, T0 + 500, 100) == 1
     assert rows(conn, "SELECT message_id, refs FROM events") == [("m1", 1)]
     # The warehouse delivery still has its payload to deliver.
     (c,), _ = tx(conn, q.claim, "warehouse", T0 + 600, 10)
     assert orjson.loads(c.payload)["messageId"] == "m1"
     tx(conn, q.finish, [Finished(c.delivery_id, Status.DISCARDED, T0 + 700)])
-    assert tx(conn, q.prune, T0 + 800, 100) == 1
+    assert tx(conn, retention.prune, T0 + 800, 100) == 1
     assert rows(conn, "SELECT id FROM events") == []
 
 
@@ -669,7 +679,7 @@ def test_prune_never_deletes_unfinished_deliveries(conn):
     c1, c2 = tx(conn, q.claim, "crm", T0, 2)[0]
     tx(conn, q.finish, [Finished(c1.delivery_id, Status.RETRYING, T0 + 1_000, "Retry", "x")])
     # c2 stays leased; the third is pending.
-    assert tx(conn, q.prune, T0 + 100 * WINDOW_MS, 100) == 0
+    assert tx(conn, retention.prune, T0 + 100 * WINDOW_MS, 100) == 0
     assert len(rows(conn, "SELECT id FROM deliveries")) == 3
     assert len(rows(conn, "SELECT id FROM events")) == 3
     assert c2.delivery_id in [i for (i,) in rows(conn, "SELECT id FROM deliveries")]
@@ -678,9 +688,9 @@ def test_prune_never_deletes_unfinished_deliveries(conn):
 def test_prune_respects_limit_and_can_be_called_again(conn):
     insert(conn, [f"m{i}" for i in range(5)], destinations=("crm",))
     finish_all(conn, "crm", T0 + 10)
-    assert tx(conn, q.prune, T0 + 500, 2) == 2
-    assert tx(conn, q.prune, T0 + 500, 2) == 2
-    assert tx(conn, q.prune, T0 + 500, 2) == 1
+    assert tx(conn, retention.prune, T0 + 500, 2) == 2
+    assert tx(conn, retention.prune, T0 + 500, 2) == 2
+    assert tx(conn, retention.prune, T0 + 500, 2) == 1
     assert rows(conn, "SELECT id FROM deliveries") == []
     assert rows(conn, "SELECT id FROM events") == []
 
@@ -689,7 +699,7 @@ def test_status_counts_groups_by_destination_and_status(conn):
     insert(conn, ["m1", "m2", "m3"], destinations=("crm", "warehouse"))
     (c, *_), _ = tx(conn, q.claim, "crm", T0, 1)
     tx(conn, q.finish, [Finished(c.delivery_id, Status.EXPIRED, T0 + 1)])
-    assert q.status_counts(conn) == {
+    assert backlog.status_counts(conn) == {
         "crm": {"pending": 2, "expired": 1},
         "warehouse": {"pending": 3},
     }
@@ -709,7 +719,7 @@ def test_status_counts_stay_exact_through_every_transition(conn):
     crash recovery) the counts equal a count of every row."""
 
     def check() -> None:
-        assert q.status_counts(conn) == counted_by_scan(conn)
+        assert backlog.status_counts(conn) == counted_by_scan(conn)
 
     insert(conn, [f"m{i}" for i in range(12)], destinations=("crm", "warehouse"))
     check()
@@ -733,14 +743,14 @@ def test_status_counts_stay_exact_through_every_transition(conn):
     outcomes.append(Finished(again[0].delivery_id, Status.RETRYING, T0 + 20, "Retry", "again"))
     tx(conn, q.finish, outcomes)
     check()
-    assert q.status_counts(conn)["crm"] == {
+    assert backlog.status_counts(conn)["crm"] == {
         "retrying": 1,
         "delivered": 7,  # 2 at once, then 3 retried + the released and the recovered one
         "discarded": 2,
         "expired": 1,
         "dropped": 1,
     }
-    assert q.status_counts(conn)["warehouse"] == {"pending": 12}
+    assert backlog.status_counts(conn)["warehouse"] == {"pending": 12}
     # A discarded delivery sent again by hand (SQL, as an operator might): out of the counts.
     discarded = done[1].delivery_id
     conn.execute(
@@ -750,19 +760,19 @@ def test_status_counts_stay_exact_through_every_transition(conn):
     tx(conn, q.claim, "crm", T0 + 30, 100)
     tx(conn, q.finish, [Finished(discarded, Status.DELIVERED, T0 + 31)])
     check()
-    assert q.status_counts(conn)["crm"]["discarded"] == 1
+    assert backlog.status_counts(conn)["crm"]["discarded"] == 1
     # A destination renamed by hand: its finished counts move with it.
     conn.execute("UPDATE deliveries SET destination = 'crm2' WHERE destination = 'crm'")
     check()
     conn.execute("UPDATE deliveries SET destination = 'crm' WHERE destination = 'crm2'")
     check()
     # Pruning takes finished rows out of the counts; a destination with none left disappears.
-    tx(conn, q.prune, T0 + 1_000, 3)
+    tx(conn, retention.prune, T0 + 1_000, 3)
     check()
-    while tx(conn, q.prune, T0 + 1_000, 100):
+    while tx(conn, retention.prune, T0 + 1_000, 100):
         pass
     check()
-    assert q.status_counts(conn) == {"crm": {"retrying": 1}, "warehouse": {"pending": 12}}
+    assert backlog.status_counts(conn) == {"crm": {"retrying": 1}, "warehouse": {"pending": 12}}
 
 
 def test_status_counts_upgrade_counts_existing_history(db_path):
@@ -788,14 +798,14 @@ def test_status_counts_upgrade_counts_existing_history(db_path):
     old.close()
     expected = {"crm": {"delivered": 2, "pending": 1}, "hook": {"expired": 1}}
     reader = open_db(db_path, readonly=True)
-    assert q.status_counts(reader) == expected
+    assert backlog.status_counts(reader) == expected
     reader.close()
     conn = open_db(db_path)
     assert rows(conn, "SELECT * FROM finished_counts ORDER BY 1, 2") == [
         ("crm", "delivered", 2),
         ("hook", "expired", 1),
     ]
-    assert q.status_counts(conn) == expected
+    assert backlog.status_counts(conn) == expected
     conn.close()
 
 
@@ -849,13 +859,13 @@ async def test_writer_runs_queue_functions_in_transactions(db_path):
         assert new == 1
         claimed, _ = await writer.run(q.claim, "crm", T0, 10)
         await writer.run(q.finish, [Finished(claimed[0].delivery_id, Status.DELIVERED, T0 + 1)])
-        counts = await writer.run(q.status_counts)
+        counts = await writer.run(backlog.status_counts)
     assert counts == {"crm": {"delivered": 1}}
     assert writer.groups >= 4
     # Committed: a fresh connection (a restart) sees it.
     conn = open_db(db_path)
     try:
-        assert q.status_counts(conn) == {"crm": {"delivered": 1}}
+        assert backlog.status_counts(conn) == {"crm": {"delivered": 1}}
     finally:
         conn.close()
 
@@ -864,7 +874,7 @@ async def test_writer_group_commits_concurrent_runs(db_path):
     conn = open_db(db_path)
     dedupe = Dedupe.load(conn)
     async with running_writer(conn) as writer:
-        await writer.run(q.status_counts)  # warm up: the serve task is waiting for work
+        await writer.run(backlog.status_counts)  # warm up: the serve task is waiting for work
         before = writer.groups
         results = await asyncio.gather(
             *(
@@ -875,7 +885,7 @@ async def test_writer_group_commits_concurrent_runs(db_path):
             )
         )
         groups = writer.groups - before
-        counts = await writer.run(q.status_counts)
+        counts = await writer.run(backlog.status_counts)
     assert results == [1] * 200
     assert counts == {d: {"pending": 200} for d in DESTS}
     assert 1 <= groups <= 20
@@ -895,7 +905,7 @@ async def test_writer_gathers_work_that_keeps_arriving_into_one_group(db_path, m
         )
 
     async with running_writer(conn) as writer:
-        await writer.run(q.status_counts)  # the writer now waits for work
+        await writer.run(backlog.status_counts)  # the writer now waits for work
         before = writer.groups
         # Five requests, one loop turn apart, as under load.
         assert await asyncio.gather(*(arrive_after(i, i) for i in range(5))) == [1] * 5
@@ -925,7 +935,7 @@ async def test_writer_failing_op_fails_alone_in_its_group(db_path):
     conn = open_db(db_path)
     dedupe = Dedupe.load(conn)
     async with running_writer(conn) as writer:
-        await writer.run(q.status_counts)
+        await writer.run(backlog.status_counts)
         before = writer.groups
         results = await asyncio.gather(
             ok(0),
@@ -966,7 +976,7 @@ async def test_writer_close_commits_queued_work_then_refuses_more(db_path):
             assert await asyncio.gather(*pending) == [1, 1, 1]
             await task
         with pytest.raises(StoreError):
-            await writer.run(q.status_counts)
+            await writer.run(backlog.status_counts)
     finally:
         writer.close()
         async with asyncio.timeout(10):
@@ -996,7 +1006,7 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     # Logs and requests, and the row's own texts and fixed bytes.
     row = len("crm") + len("function:abc") + q.RECORD_ROW_BYTES
     assert sizes == [100 * (n + 1) + 2 + row for n in range(6)]
-    total = q.invocations_size(conn)
+    total = retention.invocations_size(conn)
     assert total == sum(sizes)
     # A delivered attempt is the delivery row itself, pointing at its invocation.
     assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
@@ -1006,12 +1016,12 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     ).fetchall()
     assert linked == [(T0 + n,) for n in range(6)]
     # Nothing is old: only the budget prunes, oldest first, until the rest fits.
-    deleted, freed = q.prune_invocations(conn, T0 - 1, total - 250, total, 100)
+    deleted, freed = retention.prune_invocations(conn, T0 - 1, total - 250, total, 100)
     assert (deleted, freed) == (2, sizes[0] + sizes[1])
     left = [r[0] for r in conn.execute("SELECT started_at FROM invocations ORDER BY id")]
     assert left == [T0 + n for n in range(2, 6)]
     # Age prunes whatever started before the cutoff, whatever the budget.
-    deleted, _ = q.prune_invocations(conn, T0 + 4, 10**9, total - freed, 100)
+    deleted, _ = retention.prune_invocations(conn, T0 + 4, 10**9, total - freed, 100)
     assert deleted == 2
     # Pruning a delivery takes its attempts along.
     insert(conn, ["failing"], destinations=("crm",), now=T0)
@@ -1021,7 +1031,7 @@ def test_finish_records_attempts_and_prune_invocations_keeps_the_size_budget(con
     )
     q.finish(conn, [failed], Invocation("crm", T0 + 7, 1.0, None, "", b"[]"))
     assert conn.execute("SELECT status FROM attempts").fetchall() == [("discarded",)]
-    q.prune(conn, T0 + 100, 100)
+    retention.prune(conn, T0 + 100, 100)
     assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
 
 
@@ -1036,7 +1046,7 @@ def test_the_records_size_budget_counts_what_records_take_on_disk(conn):
     for k in range(20_000):  # records alone (no outcomes): only their table grows
         counted += q.finish(conn, [], Invocation("hook", T0 + k, 1.7, None, "", request))
     on_disk = (_pages_in_use(conn) - pages_before) * 4096
-    assert q.invocations_size(conn) == counted
+    assert retention.invocations_size(conn) == counted
     assert 0.75 * on_disk <= counted <= 1.25 * on_disk, (counted, on_disk)
 
 
@@ -1083,11 +1093,11 @@ def test_move_and_discard_take_waiting_deliveries_not_in_flight(conn):
     (leased,), _ = tx(conn, q.claim, "crm", T0 + 10_000, 1)
     insert(conn, ["both"], destinations=("crm", "warehouse"))
     insert(conn, ["alone"], destinations=("crm",))
-    ids = tx(conn, q.unfinished, "crm", None, 0, 100)
+    ids = tx(conn, backlog.unfinished, "crm", None, 0, 100)
     assert leased.delivery_id not in ids and len(ids) == 2
     # Not those of events ingested after the command started (its newest delivery then).
-    assert tx(conn, q.unfinished, "crm", None, 0, 100, False, ids[0]) == ids[:1]
-    assert tx(conn, q.move, ids, "warehouse", T0 + 5) == 1
+    assert tx(conn, backlog.unfinished, "crm", None, 0, 100, False, ids[0]) == ids[:1]
+    assert tx(conn, backlog.move, ids, "warehouse", T0 + 5) == 1
     by_event = rows(
         conn,
         "SELECT e.message_id, d.destination, d.next_at FROM deliveries d"
@@ -1095,11 +1105,11 @@ def test_move_and_discard_take_waiting_deliveries_not_in_flight(conn):
     )
     assert by_event == [("running", "crm", by_event[0][2]), ("both", "crm", T0),
                         ("both", "warehouse", T0), ("alone", "warehouse", T0 + 5)]  # fmt: skip
-    ids = tx(conn, q.unfinished, "warehouse", None, 0, 100)
-    assert tx(conn, q.discard, ids, T0 + 6, "by hand") == 2
-    assert q.status_counts(conn)["warehouse"] == {"discarded": 2}
+    ids = tx(conn, backlog.unfinished, "warehouse", None, 0, 100)
+    assert tx(conn, backlog.discard, ids, T0 + 6, "by hand") == 2
+    assert backlog.status_counts(conn)["warehouse"] == {"discarded": 2}
     # Finished now: pruned with the others after retention.
-    assert tx(conn, q.prune, T0 + 7, 100) == 2
+    assert tx(conn, retention.prune, T0 + 7, 100) == 2
 
 
 def test_move_takes_the_leases_a_killed_daemon_left_only_when_none_runs(tmp_path):
@@ -1148,7 +1158,9 @@ def test_prune_invocations_of_deletes_one_destinations_old_records_among_others(
     # crm's records started before T0 + 5, in scans of 2 records: the warehouse's are passed by.
     after, more, passes, gone = 0, True, 0, 0
     while more:
-        deleted, freed, after, more = tx(conn, q.prune_invocations_of, {"crm"}, T0 + 5, after, 2)
+        deleted, freed, after, more = tx(
+            conn, retention.prune_invocations_of, {"crm"}, T0 + 5, after, 2
+        )
         assert freed == 12 * deleted
         gone += deleted
         passes += 1
@@ -1157,17 +1169,22 @@ def test_prune_invocations_of_deletes_one_destinations_old_records_among_others(
     # The next scan goes on from there: records already looked at are not looked at again,
     # and a later cutoff takes the rest.
     # The scan stops before the newest record (id 10): its id would be taken again.
-    assert tx(conn, q.prune_invocations_of, {"crm"}, T0 + 100, 5, 100) == (2, 24, 9, False)
+    assert tx(conn, retention.prune_invocations_of, {"crm"}, T0 + 100, 5, 100) == (2, 24, 9, False)
     assert left() == [(d, t) for d, t in records if d == "warehouse"]
-    assert q.invocations_size(conn) == 60
+    assert retention.invocations_size(conn) == 60
     # The newest is kept however old: a record of crm after it (id 11) is found next time,
     # and one deleted would have given its id to the next (12), which the scan, gone on
     # from 11, would never have looked at.
     insert_invocation = SQL["insert_invocation"]
     conn.execute(insert_invocation, ("crm", T0 + 10, 1.0, None, "x" * 10, b"[]", 12))
-    assert tx(conn, q.prune_invocations_of, {"crm"}, T0 + 100, 9, 100) == (0, 0, 10, False)
+    assert tx(conn, retention.prune_invocations_of, {"crm"}, T0 + 100, 9, 100) == (0, 0, 10, False)
     conn.execute(insert_invocation, ("crm", T0 + 11, 1.0, None, "x" * 10, b"[]", 12))
-    assert tx(conn, q.prune_invocations_of, {"crm"}, T0 + 100, 10, 100) == (1, 12, 11, False)
+    assert tx(conn, retention.prune_invocations_of, {"crm"}, T0 + 100, 10, 100) == (
+        1,
+        12,
+        11,
+        False,
+    )
     (newest,) = conn.execute("SELECT max(id) FROM invocations").fetchone()
     assert newest == 12
 
@@ -1287,7 +1304,7 @@ def test_finish_batches_records_each_destination_s_outcomes_and_returns_their_si
     log_sizes = [len(f"log {n} ✓".encode()) + len(requests) + len("crm") + row for n in range(3)]
     warehouse_size = 2 + len("warehouse") + len("v1") + row
     assert sizes == [sum(log_sizes), warehouse_size, 0]
-    assert q.invocations_size(conn) == sum(log_sizes) + warehouse_size
+    assert retention.invocations_size(conn) == sum(log_sizes) + warehouse_size
     # Each unit's invocation is its own row, with its logs and requests as they were.
     recorded = rows(
         conn,
@@ -1309,7 +1326,7 @@ def test_finish_batches_records_each_destination_s_outcomes_and_returns_their_si
         ("discarded", "HTTP 400"),
         ("dropped", None),
     ]
-    assert q.status_counts(conn)["crm"] == {"delivered": 3}
+    assert backlog.status_counts(conn)["crm"] == {"delivered": 3}
     # Invocation ids keep counting up after the ones given here.
     conn.execute(SQL["insert_invocation"], ("crm", T0, 1.0, None, "", b"[]", 2))
     ids = [i for (i,) in rows(conn, "SELECT id FROM invocations ORDER BY id")]
@@ -1339,7 +1356,7 @@ async def test_writer_client_work_waits_for_at_most_one_group_of_other_work(db_p
         return run
 
     async with running_writer(conn) as writer:
-        await writer.run(q.status_counts)
+        await writer.run(backlog.status_counts)
         busy = asyncio.create_task(writer.run_batched(op("busy", 0.2), 0))
         await started.wait()
         # Queued while the first group runs: delivery work, then a request, then more of each.
@@ -1416,7 +1433,7 @@ def test_operator_commands_walk_the_table_by_id_not_a_destinations_backlog(conn)
               "limit": 5, "now": T0}  # fmt: skip
 
     def plan(name: str, events: list[int] | None) -> str:
-        query = "EXPLAIN QUERY PLAN " + SQL[name].format(**q._of_events(events))
+        query = "EXPLAIN QUERY PLAN " + SQL[name].format(**backlog._of_events(events))
         return " ".join(row[3] for row in conn.execute(query, params))
 
     for name in ("unfinished_ids", "retry_ids"):
@@ -1455,16 +1472,16 @@ def test_operator_commands_find_every_delivery_across_windows(tmp_path, monkeypa
     pauses: list[float] = []
     monkeypatch.setattr(operate.time, "sleep", pauses.append)
     operate.move(cfg, args(source="crm", to="crm2"))
-    assert q.status_counts(conn)["crm2"] == {"pending": 40}
+    assert backlog.status_counts(conn)["crm2"] == {"pending": 40}
     operate.discard(cfg, args(destination="crm2"))
-    assert q.status_counts(conn)["crm2"] == {"discarded": 40}
-    assert q.status_counts(conn)["warehouse"] == {"pending": 200}
+    assert backlog.status_counts(conn)["crm2"] == {"discarded": 40}
+    assert backlog.status_counts(conn)["warehouse"] == {"pending": 200}
     # No daemon runs, and move and discard hold its lock: no daemon can start, no pause.
     assert pauses == []
     operate.retry(cfg, args(status="discarded", destination=None))
-    assert q.status_counts(conn)["crm2"] == {"retrying": 40}
+    assert backlog.status_counts(conn)["crm2"] == {"retrying": 40}
     # retry holds no lock, so a daemon may start while it runs: it pauses between chunks.
     assert len(pauses) >= 40 // 3, pauses
     operate.discard(cfg, args(destination="crm2", message_id="c17"))
-    assert q.status_counts(conn)["crm2"] == {"retrying": 39, "discarded": 1}
+    assert backlog.status_counts(conn)["crm2"] == {"retrying": 39, "discarded": 1}
     conn.close()

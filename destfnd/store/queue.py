@@ -1,4 +1,6 @@
-"""The write-ahead queue's operations, each a function of the writer's connection.
+"""The write-ahead queue's own operations: events in, deliveries claimed, finished, released,
+recovered; each a function of the writer's connection (the operator's: backlog.py; pruning:
+retention.py).
 
 Everything here runs inside a writer transaction (see writer.py); nothing here awaits.
 """
@@ -6,8 +8,7 @@ Everything here runs inside a writer transaction (see writer.py); nothing here a
 from __future__ import annotations
 
 import sqlite3
-from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import orjson
@@ -24,8 +25,6 @@ LEASE_MS = 24 * 3600 * 1000
 # record holds about 100 bytes of text, and counting the texts alone let 1 GB of budget
 # take 1.4 GB of disk (measured: 129 bytes a row on disk for 95 of text).
 RECORD_ROW_BYTES = 32
-# The schema version from which finished deliveries are counted in finished_counts.
-FINISHED_COUNTS_SCHEMA = 6
 _DUE_ROWS = SQL["due_rows"].format(due=SQL["due"].rstrip().rstrip(";"))
 
 
@@ -323,94 +322,6 @@ def release(conn: sqlite3.Connection, delivery_ids: Iterable[int], now: int) -> 
     conn.executemany(SQL["release"], [(now, i) for i in delivery_ids])
 
 
-class RetryFilter(NamedTuple):
-    """Which deliveries `destfnd retry` makes due: in `status`, of `destination` and of
-    `event_ids` when given."""
-
-    status: str
-    destination: str | None
-    event_ids: list[int] | None
-
-
-def retry_now(
-    conn: sqlite3.Connection, which: RetryFilter, now: int, after: int, until: int, limit: int
-) -> list[int]:
-    """Up to `limit` deliveries `which` selects, ids from `after` (excluded) to `until`, due
-    now with their attempts kept (a finished one retrying again); their ids, in order."""
-    params = {"status": which.status, "destination": which.destination, "now": now,
-              "after": after, "until": until, "limit": limit}  # fmt: skip
-    query = SQL["retry_ids"].format(**_of_events(which.event_ids))
-    ids = [row[0] for row in conn.execute(query, params)]
-    if ids:
-        conn.execute(SQL["retry_now"].format(ids=",".join("?" * len(ids))), [now, *ids])
-    return ids
-
-
-def unfinished(
-    conn: sqlite3.Connection,
-    destination: str,
-    event_ids: list[int] | None,
-    after: int,
-    limit: int,
-    stale: bool = False,
-    until: int | None = None,
-) -> list[int]:
-    """Up to `limit` ids of `destination`'s pending and retrying deliveries (of `event_ids`
-    when given) not in flight, from id `after` on, up to id `until`, in order. `stale`: no
-    daemon runs, so the leased ones are too (a killed daemon's, taken back at the next
-    start)."""
-    params = {"destination": destination, "after": after, "limit": limit, "stale": stale,
-              "until": 2**63 - 1 if until is None else until}  # fmt: skip
-    query = SQL["unfinished_ids"].format(**_of_events(event_ids))
-    return [row[0] for row in conn.execute(query, params)]
-
-
-def _of_events(event_ids: list[int] | None) -> dict[str, str]:
-    """The `{events}` filter of retry_ids and unfinished_ids ("" for none: every event), and
-    their `{scan}`: without events, the table walked in id order over a range of ids, never
-    an index (the one on destinations' due deliveries made each call read and sort all of a
-    destination's backlog: a million-delivery `discard` took minutes); with events, through
-    the index on event ids."""
-    if event_ids is None:
-        return {"events": "", "scan": "NOT INDEXED"}
-    return {"events": f"AND event_id IN ({_id_list(event_ids) or 'NULL'})", "scan": ""}
-
-
-def _id_list(ids: Iterable[int]) -> str:
-    """Ids written into a statement (as integers: nothing else can get in)."""
-    return ",".join(str(int(i)) for i in ids)
-
-
-def newest_delivery(conn: sqlite3.Connection) -> int:
-    return conn.execute(SQL["newest_delivery"]).fetchone()[0]
-
-
-def waiting_bounds(conn: sqlite3.Connection, destination: str | None) -> tuple[int, int]:
-    """(just before the first, the last) id of the pending and retrying deliveries of
-    `destination` (of all, for None), read from their index alone; (0, 0) if none."""
-    if destination is None:
-        first, last = conn.execute(SQL["waiting_bounds_all"]).fetchone()
-    else:
-        first, last = conn.execute(SQL["waiting_bounds"], {"destination": destination}).fetchone()
-    return (0, 0) if first is None else (first - 1, last)
-
-
-def move(conn: sqlite3.Connection, ids: list[int], to: str, now: int) -> int:
-    """Deliveries `ids` go to destination `to`, due now, attempts kept; those of an event
-    `to` already has a delivery of stay. How many moved."""
-    if not ids:
-        return 0
-    query = SQL["move_deliveries"].format(ids=_id_list(ids))
-    return conn.execute(query, {"now": now, "to": to}).rowcount
-
-
-def discard(conn: sqlite3.Connection, ids: list[int], now: int, reason: str) -> int:
-    if not ids:
-        return 0
-    query = SQL["discard_deliveries"].format(ids=_id_list(ids))
-    return conn.execute(query, {"now": now, "reason": reason}).rowcount
-
-
 def shift_retries(conn: sqlite3.Connection, step_ms: int, now: int) -> int:
     """After the wall clock stepped back by -`step_ms`: the retries waiting are due that much
     sooner, as they were scheduled to be; how many."""
@@ -419,96 +330,3 @@ def shift_retries(conn: sqlite3.Connection, step_ms: int, now: int) -> int:
 
 def recover(conn: sqlite3.Connection, now: int) -> int:
     return conn.execute(SQL["recover"], (now,)).rowcount
-
-
-def prune(conn: sqlite3.Connection, finished_before: int, limit: int) -> int:
-    """Delete up to `limit` finished deliveries, their attempts, and events left with none.
-
-    Returns how many deliveries were deleted; call again while it equals `limit`.
-    """
-    deleted = conn.execute(SQL["prune_deliveries"], (finished_before, limit)).fetchall()
-    conn.executemany(SQL["delete_attempts"], [(delivery_id,) for delivery_id, _ in deleted])
-    unref = Counter(event_id for _, event_id in deleted)
-    if unref:
-        conn.executemany(SQL["unref_event"], [(n, i) for i, n in unref.items()])
-        conn.executemany(SQL["delete_unreferenced_event"], [(i,) for i in unref])
-    return len(deleted)
-
-
-def prune_invocations(
-    conn: sqlite3.Connection,
-    started_before: int,
-    max_total_bytes: int,
-    total_bytes: int,
-    limit: int,
-) -> tuple[int, int]:
-    """Delete the oldest invocation records while older than `started_before` or while the
-    records take more than `max_total_bytes`. Returns (deleted, bytes freed). The newest is
-    kept: its id is never taken again (the per-destination scans go on from ids they saw)."""
-    deleted = freed = 0
-    (newest,) = conn.execute(SQL["newest_invocation"]).fetchone()
-    for invocation_id, started_at, size in conn.execute(
-        SQL["oldest_invocations"], (limit,)
-    ).fetchall():
-        if invocation_id == newest or (
-            started_at >= started_before and total_bytes - freed <= max_total_bytes
-        ):
-            break
-        conn.execute(SQL["delete_invocation"], (invocation_id,))
-        deleted += 1
-        freed += size
-    return deleted, freed
-
-
-def prune_invocations_of(
-    conn: sqlite3.Connection,
-    destinations: Collection[str],
-    started_before: int,
-    after_id: int,
-    limit: int,
-) -> tuple[int, int, int, bool]:
-    """Delete the records of `destinations` started before `started_before`, looking at up to
-    `limit` records in id order after `after_id`; those of other destinations are passed by.
-    Returns (deleted, bytes freed, the id to go on after, whether there may be more to do):
-    the scan ends at the newest record, which it keeps (SQLite would give its id again), or
-    at one started at or after `started_before`."""
-    deleted = freed = 0
-    (newest,) = conn.execute(SQL["newest_invocation"]).fetchone()
-    rows = conn.execute(SQL["invocations_after"], (after_id, limit)).fetchall()
-    for invocation_id, destination, started_at, size in rows:
-        if started_at >= started_before or invocation_id == newest:
-            return deleted, freed, after_id, False
-        after_id = invocation_id
-        if destination in destinations:
-            conn.execute(SQL["delete_invocation"], (invocation_id,))
-            deleted += 1
-            freed += size
-    return deleted, freed, after_id, len(rows) == limit
-
-
-def invocations_size(conn: sqlite3.Connection) -> int:
-    return conn.execute(SQL["invocations_size"]).fetchone()[0]
-
-
-def status_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    """destination -> status -> deliveries; statuses without any are left out."""
-    counts: dict[str, dict[str, int]] = {}
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    query = SQL["status_counts"] if version >= FINISHED_COUNTS_SCHEMA else SQL["status_counts_scan"]
-    for destination, status, n in conn.execute(query):
-        counts.setdefault(destination, {})[status] = n
-    return counts
-
-
-def waiting_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    """destination -> its pending and retrying deliveries (those in flight included)."""
-    return dict(conn.execute(SQL["waiting_counts"]).fetchall())
-
-
-def earliest_due(conn: sqlite3.Connection, destination: str) -> int | None:
-    """When `destination`'s earliest waiting delivery is due (unix ms); None if none waits."""
-    return conn.execute(SQL["earliest_due"], (destination,)).fetchone()[0]
-
-
-def leased_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    return dict(conn.execute(SQL["leased_counts"]).fetchall())
