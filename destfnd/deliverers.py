@@ -6,7 +6,8 @@ from __future__ import annotations
 from destfnd.config import DISABLED_NOTE, Config, DestinationConfig, secret_env_names
 from destfnd.dispatch import Deliverer
 from destfnd.errors import DestfndError
-from destfnd.function_destination import FunctionDestination, FunctionLoadError, check_functions
+from destfnd.function_check import check_functions
+from destfnd.function_destination import FunctionDestination, FunctionLoadError
 from destfnd.paths import AS_THIS_USER, database_problem
 from destfnd.redact import Redactor
 from destfnd.webhook import FileSink, Webhook, file_problem
