@@ -1,7 +1,5 @@
-"""The Segment HTTP Tracking API: routes, auth, then commit and 200. A request's body is read
-by ingest_body, its events made by ingest_events.
-
-A request is all or nothing, and answered 200 only once every event of it is on disk.
+"""The Segment HTTP Tracking API: routes, auth, commit, then 200 once every event of the request
+is on disk (all or nothing; its body read by ingest_body, its events made by ingest_events).
 Bad input gets a 4xx with a JSON body naming the problem; never a 5xx, never a traceback.
 """
 
@@ -92,7 +90,7 @@ class Ingest:
         )
         self._rejections = Throttle(per_s=REJECTED_LINES_PER_S, burst=REJECTED_LINES_BURST)
         self._commit_failures = Throttle(per_s=1.0, burst=10)
-        self._messages = Messages(cfg.server)
+        self._prepare = Messages(cfg.server).prepare
         self._skips = Throttle(per_s=REJECTED_LINES_PER_S, burst=REJECTED_LINES_BURST)
         self._commit_failed_at: float | None = None  # since the last commit that worked
         self._fill_ip = frozenset(s.name for s in cfg.sources if s.fill_ip)
@@ -118,7 +116,7 @@ class Ingest:
         self._insert = functools.partial(q.insert_many, dedupe=dedupe)
 
     def app(self) -> web.Application:
-        # client_max_size bounds the raw body; the decompressed size is bounded in _body().
+        # client_max_size bounds the raw body; the decompressed size in ingest_body.read_body.
         app = web.Application(client_max_size=self._server.max_request_bytes)
         app.router.add_get("/healthz", self.healthz)
         for path, etype in _ROUTES.items():
@@ -285,7 +283,7 @@ class Ingest:
             forwarded_for = request.headers.getall("X-Forwarded-For", ())
             ip = self._client_ip.of(request.remote, forwarded_for)
         destinations = self._fanout[source]
-        events, only, skipped = self._messages.prepare(
+        events, only, skipped = self._prepare(
             body, endpoint_type, now_s, ip, destinations, self._routes[source]
         )
         # The parsed body (a few containers per event) must not stay alive while the commit

@@ -1,6 +1,6 @@
-"""A Tracking API request's bytes: its body read within the limits and decompressed, its
-JSON parsed, and the write key of its Authorization header. Knows nothing of events, sources
-or the store; what it refuses is a `Rejected`, which ingest answers.
+"""A Tracking API request's bytes: its body read within the limits and decompressed, its JSON
+parsed, its Authorization header's write key; and `Rejected` with its JSON error answer.
+Knows nothing of events, sources or the store.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""The write-ahead queue's own operations: events in, deliveries claimed, finished, released,
-recovered; each a function of the writer's connection (the operator's: backlog.py; pruning:
-retention.py).
-
-Everything here runs inside a writer transaction (see writer.py); nothing here awaits.
+"""The write-ahead queue's own operations (insert, claim, finish, release, recover), each a
+function of the writer's connection inside its transaction; nothing here awaits. The
+operator's are in backlog.py, pruning in retention.py.
 """
 
 from __future__ import annotations

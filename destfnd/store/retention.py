@@ -1,6 +1,6 @@
 """Pruning: finished deliveries with their attempts and events, and the invocation records
-(logs and requests) past their age or the size budget. Run by upkeep.py's retention, a
-batch at a time inside the writer's transactions.
+(logs and requests) past their age or the size budget, a batch at a time inside the writer's
+transactions (upkeep.py's retention; the start reads the records' size).
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ WHERE status IN ('pending', 'retrying') AND status = 'retrying' AND leased = 0
 -- name: retry_ids
 -- `destfnd retry`: the next deliveries in :status (not leased right now) to make due, in id
 -- order from :after up to :until. {events}: an optional "AND event_id IN (...)"; {scan}:
--- NOT INDEXED without it (the table walked by id range, see queue._of_events).
+-- NOT INDEXED without it (the table walked by id range, see backlog._of_events).
 SELECT id FROM deliveries {scan}
 WHERE status = :status AND leased = 0 AND id > :after AND id <= :until
   AND (:status != 'retrying' OR next_at > :now)
