@@ -109,6 +109,9 @@ class RetryPolicy:
     max_age_s: float = 4 * 3600.0
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 3600.0
+    # Each wait this many times the one before (up to backoff_max): with 5, the defaults'
+    # ten attempts span about 3 hours of max_age's 4, as Segment's do (with 2, 5 minutes).
+    backoff_multiplier: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

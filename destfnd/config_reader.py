@@ -45,7 +45,7 @@ _DESTINATION_KEYS = tuple(
     " concurrency timeout memory_limit workers settings batch retry".split()
 )
 _BATCH_KEYS = ("max_events", "max_wait")
-_RETRY_KEYS = ("max_attempts", "max_age", "backoff_initial", "backoff_max")
+_RETRY_KEYS = ("max_attempts", "max_age", "backoff_initial", "backoff_max", "backoff_multiplier")
 # Keys that only make sense for one destination type.
 _KIND_ONLY_KEYS = {"function": "function", "url": "webhook", "headers": "webhook", "path": "file"}
 # Keys of the worker processes that run a destination's function or insert function.
@@ -322,6 +322,7 @@ class Reader:
             max_age_s=g("max_age", cv.duration(), d.max_age_s),
             backoff_initial_s=initial,
             backoff_max_s=maximum,
+            backoff_multiplier=g("backoff_multiplier", cv.number(1, 100), d.backoff_multiplier),
         )
 
     def unique(self, key: str, names: list[str | None]) -> None:

@@ -59,6 +59,11 @@ def integer(lo: int, hi: int | None = None) -> Callable[[Any], int]:
     return check(in_range, f"must be an integer {bounds}")
 
 
+def number(lo: float, hi: float) -> Callable[[Any], float]:
+    in_range = lambda v: type(v) in (int, float) and lo <= v <= hi  # noqa: E731 (NaN: refused)
+    return check(in_range, f"must be a number from {lo:g} to {hi:g}", float)
+
+
 def choice(*options: str) -> Callable[[Any], str]:
     by_lower = {option.lower(): option for option in options}
     known = lambda v: isinstance(v, str) and v.lower() in by_lower  # noqa: E731

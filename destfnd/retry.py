@@ -18,6 +18,7 @@ class Policy(Protocol):
     max_age_s: float
     backoff_initial_s: float
     backoff_max_s: float
+    backoff_multiplier: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,13 +29,15 @@ class Decision:
 
 
 def backoff_s(policy: Policy, attempt: int, rng: random.Random) -> float:
-    """Randomized exponential backoff after the `attempt`-th failure ("equal jitter").
+    """Randomized exponential backoff after the `attempt`-th failure ("equal jitter"): the step
+    is backoff_initial * backoff_multiplier^(attempt-1), at most backoff_max.
 
-    Half the exponential step is fixed, half random, so retries of a burst spread out but
-    never come back sooner than half the nominal delay.
+    Half the step is fixed, half random, so retries of a burst spread out but never come back
+    sooner than half the nominal delay.
     """
-    # The exponent is capped so a large max_attempts cannot overflow the float.
-    step = min(policy.backoff_max_s, policy.backoff_initial_s * 2.0 ** min(attempt - 1, 64))
+    # The exponent is capped so a large max_attempts cannot overflow the float (100^64 fits).
+    growth = policy.backoff_multiplier ** min(attempt - 1, 64)
+    step = min(policy.backoff_max_s, policy.backoff_initial_s * growth)
     return step / 2 + rng.uniform(0, step / 2)
 
 

@@ -158,6 +158,7 @@ def test_config_values_are_parsed_and_normalized(folder: Path) -> None:
         + 'enabled = false\ntimeout = "250ms"\nmemory_limit = "1GB"\n'
         + 'integrations_key = "Google Analytics 4"\n'
         "[destinations.batch]\n"
+        "[destinations.retry]\nbackoff_multiplier = 1.5\n"
     )
     cfg = load_config(write(folder, text), environ={})
 
@@ -178,6 +179,9 @@ def test_config_values_are_parsed_and_normalized(folder: Path) -> None:
     assert dest.timeout_s == 0.25
     assert dest.memory_limit_bytes == 1024**3
     assert dest.batch == BatchConfig()
+    assert dest.retry == RetryPolicy(backoff_multiplier=1.5)
+    integer = load_config(write(folder, text.replace("1.5", "3")), environ={})
+    assert integer.destinations[0].retry.backoff_multiplier == 3.0
 
 
 BAD_CONFIGS = [
@@ -308,6 +312,12 @@ BAD_CONFIGS = [
      "destinations[0].batch.max_wait", "got a table"),
     ("retry_attempts_zero", SOURCE + DEST + "[destinations.retry]\nmax_attempts = 0\n",
      "destinations[0].retry.max_attempts", "must be an integer >= 1, got 0"),
+    ("retry_multiplier_below_1", SOURCE + DEST + "[destinations.retry]\nbackoff_multiplier = 0.5\n",
+     "destinations[0].retry.backoff_multiplier", "must be a number from 1 to 100, got 0.5"),
+    ("retry_multiplier_text", SOURCE + DEST + '[destinations.retry]\nbackoff_multiplier = "5"\n',
+     "destinations[0].retry.backoff_multiplier", "must be a number from 1 to 100, got"),
+    ("retry_multiplier_nan", SOURCE + DEST + "[destinations.retry]\nbackoff_multiplier = nan\n",
+     "destinations[0].retry.backoff_multiplier", "must be a number from 1 to 100, got"),
     ("retry_backoff_order", SOURCE + DEST + '[destinations.retry]\nbackoff_initial = "1m"\n'
      'backoff_max = "30s"\n', "destinations[0].retry.backoff_max", "must be >= backoff_initial"),
     ("retry_initial_above_default_max", SOURCE + DEST + '[destinations.retry]\n'

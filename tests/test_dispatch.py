@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from http import HTTPStatus
 
@@ -83,6 +84,25 @@ async def test_dispatch_webhook_outcome(
         if error_phrase:
             assert error_phrase in row["last_error"]
         assert rows[0]["finished_at"] is not None
+
+
+async def test_dispatch_waits_grow_by_the_configured_backoff_multiplier(tmp_path):
+    """backoff_multiplier reaches the daemon's schedule: with 10, after 50 ms steps of 50 ms,
+    500 ms and 5 s (each wait from half the step to all of it); with doubling, the third
+    wait would be at most 200 ms."""
+    retry = {"max_attempts": 4, "max_age": "1h", "backoff_initial": "50ms", "backoff_max": "1h",
+             "backoff_multiplier": 10}  # fmt: skip
+    async with Sink(lambda n, r: Reply(500) if n < 3 else Reply(200)) as sink:
+        dest = webhook("hook", sink.url, retry=retry)
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dest)) as d:
+            await send(d, 1)
+            await d.wait_for_status({"delivered"}, 1, timeout_s=30)
+    at = [r.at for r in sink.requests]
+    waits = [later - earlier for earlier, later in itertools.pairwise(at)]
+    assert len(waits) == 3, waits
+    # Each wait is at least half its step; the dispatcher may add up to its poll interval.
+    for wait, step in zip(waits, (0.05, 0.5, 5.0), strict=True):
+        assert step / 2 - 0.01 <= wait <= step + 1.5, waits
 
 
 async def test_dispatch_connection_refused_is_retried(tmp_path):

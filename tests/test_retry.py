@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from destfnd.config import RetryPolicy
 from destfnd.outcome import MAX_RETRY_AFTER_S, parse_retry_after
 from destfnd.retry import backoff_s, decide_retry
 from destfnd.store import Status
@@ -22,11 +23,13 @@ class Policy:
     max_age_s: float = 4 * 3600.0
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    backoff_multiplier: float = 2.0  # doubling: the figures below are easy to check by hand
 
 
 def step_s(policy: Policy, attempt: int) -> float:
     """The nominal (jitter-free) delay after the `attempt`-th failure."""
-    return min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
+    growth = policy.backoff_multiplier ** (attempt - 1)
+    return min(policy.backoff_max_s, policy.backoff_initial_s * growth)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -51,6 +54,43 @@ def test_backoff_s_grows_exponentially_with_attempt():
         assert 1.7 < mean_next / mean_now < 2.3
     # Attempt 10 waits around 0.75 * 0.5 * 2**9 = 192 s on average.
     assert 170 < sum(samples[10]) / 200 < 215
+
+
+def test_backoff_s_grows_by_backoff_multiplier():
+    rng = random.Random(9)
+    for multiplier in (1.0, 1.5, 5.0):
+        policy = Policy(backoff_initial_s=0.5, backoff_max_s=1e9, backoff_multiplier=multiplier)
+        for attempt in range(1, 8):
+            step = 0.5 * multiplier ** (attempt - 1)
+            delays = [backoff_s(policy, attempt, rng) for _ in range(50)]
+            assert all(step / 2 <= d <= step for d in delays), (multiplier, attempt)
+    # 1: every wait is backoff_initial's step, however many attempts were made.
+    flat = Policy(backoff_initial_s=2.0, backoff_max_s=60.0, backoff_multiplier=1.0)
+    assert all(1.0 <= backoff_s(flat, a, rng) <= 2.0 for a in (1, 5, 50, 5000))
+
+
+def test_default_policy_retries_for_hours_as_segment():
+    """Segment retries a delivery up to 9 times over 4 hours: the defaults' ten attempts,
+    each failing, spread over hours (with waits that doubled, they took 4-9 minutes), and
+    the first retries still come within seconds, for a blip. decide_retry is driven as the
+    dispatcher drives it: each attempt at the time the one before asked for."""
+    policy = RetryPolicy()
+    lasts = []
+    for seed in range(300):
+        rng = random.Random(seed)
+        now, attempt, times = NOW, 1, [NOW]
+        while True:
+            decision = decide_retry(policy, attempt=attempt, created_at=NOW, now=now, rng=rng)
+            if decision.status is not Status.RETRYING:
+                break
+            now, attempt = decision.at, attempt + 1
+            times.append(now)
+        assert decision.status is Status.EXPIRED
+        assert "max_attempts = 10" in decision.why  # all ten made: max_age never cut it short
+        assert len(times) == 10
+        assert times[1] - NOW <= 1_000 and times[3] - NOW <= 60_000, times
+        lasts.append(times[-1] - NOW)
+    assert 2 * HOUR_MS <= min(lasts) and max(lasts) <= 4 * HOUR_MS, (min(lasts), max(lasts))
 
 
 def test_backoff_s_is_capped_at_backoff_max():
