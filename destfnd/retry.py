@@ -5,6 +5,7 @@ No I/O and no clock of its own: the caller passes `now` and the random source (f
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,8 +36,10 @@ def backoff_s(policy: Policy, attempt: int, rng: random.Random) -> float:
     Half the step is fixed, half random, so retries of a burst spread out but never come back
     sooner than half the nominal delay.
     """
-    # The exponent is capped so a large max_attempts cannot overflow the float (100^64 fits).
-    growth = policy.backoff_multiplier ** min(attempt - 1, 64)
+    try:
+        growth = policy.backoff_multiplier ** (attempt - 1)
+    except OverflowError:  # a large max_attempts: far past backoff_max anyway
+        growth = math.inf
     step = min(policy.backoff_max_s, policy.backoff_initial_s * growth)
     return step / 2 + rng.uniform(0, step / 2)
 

@@ -182,6 +182,7 @@ def test_config_values_are_parsed_and_normalized(folder: Path) -> None:
     assert dest.retry == RetryPolicy(backoff_multiplier=1.5)
     integer = load_config(write(folder, text.replace("1.5", "3")), environ={})
     assert integer.destinations[0].retry.backoff_multiplier == 3.0
+    assert type(integer.destinations[0].retry.backoff_multiplier) is float
 
 
 BAD_CONFIGS = [
@@ -316,6 +317,14 @@ BAD_CONFIGS = [
      "destinations[0].retry.backoff_multiplier", "must be a number from 1 to 100, got 0.5"),
     ("retry_multiplier_text", SOURCE + DEST + '[destinations.retry]\nbackoff_multiplier = "5"\n',
      "destinations[0].retry.backoff_multiplier", "must be a number from 1 to 100, got"),
+    ("retry_multiplier_bool", SOURCE + DEST + "[destinations.retry]\nbackoff_multiplier = true\n",
+     "destinations[0].retry.backoff_multiplier", "must be a number from 1 to 100, got true"),
+    ("retry_multiplier_inf", SOURCE + DEST + "[destinations.retry]\nbackoff_multiplier = inf\n",
+     "destinations[0].retry.backoff_multiplier", "must be a number from 1 to 100, got inf"),
+    ("retry_multiplier_high", SOURCE + DEST + "[destinations.retry]\nbackoff_multiplier = 101\n",
+     "destinations[0].retry.backoff_multiplier", "must be a number from 1 to 100, got 101"),
+    ("retry_multiplier_typo", SOURCE + DEST + "[destinations.retry]\nbackoff_multipler = 3\n",
+     "destinations[0].retry.backoff_multipler", "did you mean 'backoff_multiplier'?"),
     ("retry_multiplier_nan", SOURCE + DEST + "[destinations.retry]\nbackoff_multiplier = nan\n",
      "destinations[0].retry.backoff_multiplier", "must be a number from 1 to 100, got"),
     ("retry_backoff_order", SOURCE + DEST + '[destinations.retry]\nbackoff_initial = "1m"\n'

@@ -64,6 +64,10 @@ def test_backoff_s_grows_by_backoff_multiplier():
             step = 0.5 * multiplier ** (attempt - 1)
             delays = [backoff_s(policy, attempt, rng) for _ in range(50)]
             assert all(step / 2 <= d <= step for d in delays), (multiplier, attempt)
+    # A small multiplier still reaches backoff_max, however many attempts it takes.
+    slow = Policy(backoff_initial_s=1.0, backoff_max_s=3600.0, backoff_multiplier=1.1)
+    assert 1800.0 <= backoff_s(slow, 100, rng) <= 3600.0
+    assert 1800.0 <= backoff_s(Policy(backoff_max_s=3600.0, backoff_multiplier=100.0), 10**6, rng)
     # 1: every wait is backoff_initial's step, however many attempts were made.
     flat = Policy(backoff_initial_s=2.0, backoff_max_s=60.0, backoff_multiplier=1.0)
     assert all(1.0 <= backoff_s(flat, a, rng) <= 2.0 for a in (1, 5, 50, 5000))
