@@ -1065,7 +1065,12 @@ async def test_functions_a_worker_cancelled_while_its_pipes_open_is_not_left_run
     pool = pool_module.Pool(spec)
     starting = asyncio.create_task(pool.start())
     await asyncio.wait_for(opened.wait(), 20)
-    (child,) = _our_workers()
+    # Found by its command line, which a loaded machine (Python 3.13, the full suite) once
+    # showed a moment later than the pipes opened: looked for again, for a bounded while.
+    async with asyncio.timeout(10):
+        while not (workers := _our_workers()):
+            await asyncio.sleep(0.02)
+    (child,) = workers
     starting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await starting
