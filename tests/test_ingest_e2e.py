@@ -227,6 +227,29 @@ async def test_ingest_unknown_paths_and_methods_get_json_errors(make_daemon, tmp
         assert not [r for r in daemon.log_records() if r.get("level") in ("error", "critical")]
 
 
+async def test_ingest_a_sites_cookies_in_a_large_header_are_accepted(
+    make_daemon, tmp_path, session
+):
+    """analytics.js on a first-party endpoint sends the site's cookies: 20 KB of them were a
+    plain-text 400 (aiohttp's 8 KB limit), which it does not retry. Past 64 KiB for one
+    header, or 128 headers, it is still a 400, and the daemon carries on."""
+    cookies = "; ".join(f"c{i}={'v' * 4000}" for i in range(5))  # five full-size cookies
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        headers = {"Cookie": cookies, "Origin": "https://www.example.com"}
+        body = {"userId": "u1", "event": "Cookies", "messageId": "cookie-1"}
+        assert (await post(session, f"{daemon.url}/v1/track", body, headers=headers))[0] == 200
+        await sink.wait_for(lambda: sink.delivered_ids() == {"cookie-1"})
+        huge = {"Cookie": "a=" + "v" * (64 * 1024)}
+        status, answer = await post(session, f"{daemon.url}/v1/track", body, headers=huge)
+        assert status == 400, answer
+        many = {f"X-Header-{i}": "v" for i in range(130)}
+        assert (await post(session, f"{daemon.url}/v1/track", body, headers=many))[0] == 400
+        async with session.get(f"{daemon.url}/healthz") as resp:
+            assert resp.status == 200
+        assert sink.delivered_ids() == {"cookie-1"}
+
+
 async def test_ingest_analytics_java_posts_to_v1_import_with_a_trailing_slash(
     make_daemon, tmp_path, session
 ):
