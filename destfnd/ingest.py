@@ -47,10 +47,11 @@ _NOT_BASIC_DETAIL = (
 _AUTH_CACHE_SIZE = 1024
 # A browser posting to a first-party endpoint (analytics.example.com, say) sends the site's
 # cookies along: on a heavy site 10-20 KB of them, over aiohttp's 8 KB default for a header,
-# which refused the request with a 400 that analytics.js does not retry. At most this many
-# headers (aiohttp 3.10 allowed 32,768 of that size), so a request's head stays under 8 MiB.
-_MAX_HEADER_BYTES = 64 * 1024
-_MAX_HEADERS = 128
+# which refused the request with a 400 that analytics.js does not retry. The line limit too:
+# aiohttp's pure-Python parser holds a header line that arrives in pieces to it. At most this
+# many headers (aiohttp's default is 128), so a request's head stays under 2 MiB.
+_MAX_HEADER_BYTES = 32 * 1024
+_MAX_HEADERS = 64
 # A body without an Authorization header bigger than this is parsed only if a "writeKey" of
 # one of the sources is in its text (among its first few): parsing costs about 25 ms a MB,
 # and 2 KB of gzip inflate to 2 MB, so anyone could otherwise keep the event loop busy
@@ -125,7 +126,11 @@ class Ingest:
         # client_max_size bounds the raw body; the decompressed size in ingest_body.read_body.
         app = web.Application(
             client_max_size=self._server.max_request_bytes,
-            handler_args={"max_field_size": _MAX_HEADER_BYTES, "max_headers": _MAX_HEADERS},
+            handler_args={
+                "max_field_size": _MAX_HEADER_BYTES,
+                "max_line_size": _MAX_HEADER_BYTES,
+                "max_headers": _MAX_HEADERS,
+            },
         )
         app.router.add_get("/healthz", self.healthz)
         for path, etype in _ROUTES.items():
