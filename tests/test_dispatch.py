@@ -87,9 +87,9 @@ async def test_dispatch_webhook_outcome(
 
 
 async def test_dispatch_waits_grow_by_the_configured_backoff_multiplier(tmp_path):
-    """backoff_multiplier reaches the daemon's schedule: with 10, after 50 ms steps of 50 ms,
-    500 ms and 5 s (each wait from half the step to all of it); with doubling, the third
-    wait would be at most 200 ms."""
+    """backoff_multiplier reaches the daemon's schedule: with 10 and a first step of 50 ms,
+    the steps are 50 ms, 500 ms and 5 s (each wait from half its step to all of it); with
+    doubling, the third wait would be at most 200 ms."""
     retry = {"max_attempts": 4, "max_age": "1h", "backoff_initial": "50ms", "backoff_max": "1h",
              "backoff_multiplier": 10}  # fmt: skip
     async with Sink(lambda n, r: Reply(500) if n < 3 else Reply(200)) as sink:
