@@ -18,6 +18,8 @@ from destfnd.errors import DestfndError
 DEFAULT_CONFIG_PATH = "config/destfnd.toml"
 KIB = 1024
 MIB = 1024 * KIB
+# Beyond server.max_request_size and one event: a batch's sentAt, context and sequence.
+REQUEST_ENVELOPE_BYTES = 4 * KIB
 DESTINATION_KINDS = ("function", "webhook", "file")
 
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)\s*"
@@ -79,6 +81,14 @@ class ServerConfig:
     # "refuse": an invalid event refuses its whole request (400). "skip": it is left out and
     # the rest stored, with 200, as Segment's API does (SDKs drop a batch answered 400).
     invalid_events: str = "refuse"
+
+    @property
+    def request_limit_bytes(self) -> int:
+        """The body size refused with 413: max_request_size, with room for one more event
+        and a batch's envelope. analytics-java closes a batch only after the event that
+        takes it past 500 KB, analytics-ruby's can pass it by its envelope, and both drop a
+        batch answered 4xx without retrying it."""
+        return self.max_request_bytes + self.max_event_bytes + REQUEST_ENVELOPE_BYTES
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,15 @@ from aiohttp import HttpVersion11, web
 from destfnd import descriptors, spec
 from destfnd.client_ip import ClientIP
 from destfnd.config import Config
-from destfnd.ingest_body import MALFORMED, Rejected, basic_user, error_response, loads, read_body
+from destfnd.ingest_body import (
+    MALFORMED,
+    Rejected,
+    basic_user,
+    error_response,
+    loads,
+    read_body,
+    too_large,
+)
 from destfnd.ingest_events import Messages
 from destfnd.logs import Throttle
 from destfnd.store import StoreError, Writer
@@ -125,7 +133,7 @@ class Ingest:
     def app(self) -> web.Application:
         # client_max_size bounds the raw body; the decompressed size in ingest_body.read_body.
         app = web.Application(
-            client_max_size=self._server.max_request_bytes,
+            client_max_size=self._server.request_limit_bytes,
             handler_args={
                 "max_field_size": _MAX_HEADER_BYTES,
                 "max_line_size": _MAX_HEADER_BYTES,
@@ -174,9 +182,9 @@ class Ingest:
         refused before the client sends the body; otherwise it is asked for."""
         try:
             self._check_head(request)
-            declared, limit = request.content_length, self._server.max_request_bytes
-            if declared is not None and declared > limit:
-                raise Rejected(413, "request too large", f"over {limit} bytes")
+            declared = request.content_length
+            if declared is not None and declared > self._server.request_limit_bytes:
+                raise too_large(self._server)
         except Rejected as exc:
             self._log_rejected(request, exc.status, exc.error)
             response = error_response(exc.status, exc.error, exc.detail)

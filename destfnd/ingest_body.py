@@ -38,6 +38,15 @@ def error_response(status: int, error: str, detail: str = "") -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+def too_large(server: ServerConfig) -> Rejected:
+    """The 413 for a body over `server.request_limit_bytes`."""
+    allowed = server.request_limit_bytes
+    extra = allowed - server.max_request_bytes
+    limit = f"server.max_request_size {server.max_request_bytes}"
+    detail = f"over {allowed} bytes ({limit} + {extra} of room for a batch's last event)"
+    return Rejected(413, "request too large", detail)
+
+
 # What `basic_user` makes of an `Authorization: Basic` header that does not hold base64 of
 # "writekey:" (or of "writekey:password").
 MALFORMED: Any = object()
@@ -46,19 +55,19 @@ MALFORMED: Any = object()
 async def read_body(request: web.Request, server: ServerConfig) -> bytes:
     """The body within `server`'s limits (raw size, time to arrive, decompressed size),
     decompressed if it is gzip."""
-    limit = server.max_request_bytes
+    limit = server.request_limit_bytes
     try:
         if request.content.is_eof():  # all of it has arrived (nearly always)
             raw = await request.read()
         else:
             declared = request.content_length
             if declared is not None and declared > limit:  # refused before it is sent
-                raise Rejected(413, "request too large", f"over {limit} bytes")
+                raise too_large(server)
             # A client that sends it a trickle at a time holds a connection this long.
             async with asyncio.timeout(server.body_timeout_s):
                 raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise Rejected(413, "request too large", f"over {limit} bytes") from None
+        raise too_large(server) from None
     except TimeoutError:
         within = f"the body did not arrive within {server.body_timeout_s:g}s"
         raise Rejected(408, "request timeout", within) from None

@@ -296,6 +296,80 @@ async def test_ingest_analytics_java_posts_to_v1_import_with_a_trailing_slash(
         assert java["context"]["library"]["name"] == "analytics-java"
 
 
+def _sized(message_id: str, size: int) -> dict:
+    """A track event whose compact JSON is `size` bytes, as an SDK measures it."""
+    message = {"type": "track", "event": "Big", "userId": "u", "messageId": message_id,
+               "timestamp": "2026-12-07T05:00:00.123Z", "properties": {"pad": ""}}  # fmt: skip
+    message["properties"]["pad"] = "x" * (size - len(orjson.dumps(message)))
+    assert len(orjson.dumps(message)) == size
+    return message
+
+
+def _ruby_batch() -> tuple[list[dict], bytes]:
+    """The largest batch analytics-ruby builds (MessageBatch, 2.x): messages are added until
+    their JSON, a byte for each comma, reaches 512,000 - 32,768, so one more of 32,768 bytes
+    takes it to 512,000; Transport then wraps it as {"sentAt", "batch"}."""
+    sizes = [31_000] * 15 + [14_215]  # 479,231 counted: one byte short of full
+    messages = [_sized(f"rb-{i}", size) for i, size in enumerate(sizes)]
+    messages.append(_sized("rb-last", 32_768))
+    assert sum(len(orjson.dumps(m)) + 1 for m in messages) == 512_000
+    body = orjson.dumps({"sentAt": "2026-12-07T05:00:01.000000+00:00", "batch": messages})
+    return messages, body
+
+
+def _java_batch() -> bytes:
+    """analytics-java (AnalyticsClient.enqueue) flushes a batch once it has reached
+    1024 * 500 characters, with the message that took it there: up to one message over."""
+    messages = [_sized(f"jv-{i}", 31_990) for i in range(16)] + [_sized("jv-last", 32_700)]
+    assert len(orjson.dumps(messages)) > 1024 * 500 + 30_000
+    context = {"library": {"name": "analytics-java", "version": "3.5.4"}}
+    sent_at = "2026-12-07T05:00:01.000Z"
+    return orjson.dumps({"batch": messages, "sentAt": sent_at, "context": context, "sequence": 7})
+
+
+async def test_ingest_the_largest_batches_of_segments_sdks_are_accepted(
+    make_daemon, tmp_path, session
+):
+    """analytics-ruby and analytics-java can build a batch a little over 500 KB, and drop a
+    batch answered 4xx without retrying it: a body may pass server.max_request_size by one
+    event (server.max_event_size) and 4 KB. One byte more is a 413, delivered to nobody."""
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        messages, ruby = _ruby_batch()
+        assert len(ruby) > 512_000
+        java = _java_batch()
+        headers = {"User-Agent": "analytics-ruby/2.5.0"}
+        assert await post(session, daemon.url + "/v1/import", ruby, headers=headers) == (
+            200,
+            {"success": True},
+        )
+        headers = {"User-Agent": "analytics-java/3.5.4"}
+        status, got = await post(session, daemon.url + "/v1/import/", java, headers=headers)
+        assert status == 200, got
+        # At the limit and one byte past it (the limit: 500 KB + 32 KB + 4 KB).
+        limit = 512_000 + 32_768 + 4096
+        for size, want in ((limit, 200), (limit + 1, 413)):
+            tail = f"edge-{size}"
+            batch = [_sized(f"{tail}-{i}", 32_000) for i in range(17)] + [_sized(tail, 200)]
+            body = orjson.dumps({"batch": batch})
+            batch[-1] = _sized(tail, 200 + size - len(body))
+            body = orjson.dumps({"batch": batch})
+            assert len(body) == size
+            status, got = await post(session, daemon.url + "/v1/batch", body)
+            assert status == want, (size, got)
+        assert got["detail"] == (
+            f"over {limit} bytes (server.max_request_size 512000 + 36864 of room for a "
+            "batch's last event)"
+        )
+        want_ids = {m["messageId"] for m in messages} | {f"jv-{i}" for i in range(16)}
+        want_ids |= {"jv-last", f"edge-{limit}"} | {f"edge-{limit}-{i}" for i in range(17)}
+        await sink.wait_for(lambda: sink.delivered_ids() >= want_ids)
+        await asyncio.sleep(0.3)
+        assert sink.delivered_ids() == want_ids  # none of the refused batch
+        (last,) = [e for e in sink.delivered() if e["messageId"] == "rb-last"]
+        assert last["properties"] == messages[-1]["properties"]
+
+
 async def test_ingest_invalid_events_skip_keeps_the_valid_events_of_a_batch(
     make_daemon, tmp_path, session
 ):
