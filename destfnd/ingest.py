@@ -223,7 +223,7 @@ class Ingest:
             return
         if error:
             more["error"] = error
-        # The path is the client's, up to 8 KB: a scanner's would flood the log.
+        # The path is the client's, up to 32 KiB: a scanner's would flood the log.
         log.info("request_rejected", path=request.path[:200], status=status, **more)
 
     async def _preflight(self, request: web.Request) -> web.Response:

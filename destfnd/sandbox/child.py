@@ -19,8 +19,8 @@ import orjson
 from destfnd.functions import fetching as fetch_module
 from destfnd.functions import record
 from destfnd.redact import Redactor
-from destfnd.sandbox import confine, protocol, runtime
-from destfnd.texts import sendable, sendable_tree
+from destfnd.sandbox import confine, protocol, returns, runtime
+from destfnd.texts import sendable
 
 
 class Worker:
@@ -170,7 +170,7 @@ class Worker:
         try:
             self.send(reply)
         except TypeError:  # what JSON cannot hold: an insert's event with a set, a lone
-            self.send(_without_unsendable(reply))  # surrogate printed, ...
+            self.send(returns.without_unsendable(reply))  # surrogate printed, ...
         await self.writer.drain()
         if self.exit_after_reply:
             os._exit(protocol.OUT_OF_MEMORY_EXIT)  # the daemon replaces this worker
@@ -199,7 +199,7 @@ class Worker:
         return gate
 
     async def run_one(self, call_id: int, event: Any, stages: list[str], rec) -> tuple[dict, Any]:
-        if not _is_event(event):
+        if not returns.is_event(event):
             return runtime.outcome_of(ValueError("not a Segment event")), None
         name = f"on_{event['type']}"
         if "insert" in stages:
@@ -213,14 +213,14 @@ class Worker:
                                               gate=self._gate(call_id))  # fmt: skip
             except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
                 _reraise_cancel(exc)
-                return _from_insert(self.failed(exc, rec), name), None
-            if not _is_event(result):
+                return returns.from_insert(self.failed(exc, rec), name), None
+            if not returns.is_event(result):
                 message = (
-                    f"the insert function's {name} returned {_what(result)}, not an event: "
+                    f"the insert function's {name} returned {returns.what(result)}, not an event: "
                     "return the event to pass it on, or raise DropEvent to drop it"
                 )
                 return runtime.bad_request(message), None
-            event = _with_message_id(result, message_id)
+            event = returns.with_message_id(result, message_id)
             name = f"on_{event['type']}"  # its type may be another now
         if "function" not in stages:
             return runtime.ok(), event
@@ -312,7 +312,7 @@ class Worker:
             for i in todo:
                 outcomes[i] = failure
             return outcomes, out_events
-        for i, outcome in zip(todo, self.batch_outcomes(returned, n), strict=True):
+        for i, outcome in zip(todo, returns.batch_outcomes(returned, n), strict=True):
             outcomes[i] = outcome
         return outcomes, out_events
 
@@ -329,49 +329,8 @@ class Worker:
                                             gate=self._gate(call_id))  # fmt: skip
         except BaseException as exc:  # also SystemExit, KeyboardInterrupt...
             _reraise_cancel(exc)
-            return [(_from_insert(self.failed(exc, rec), "on_batch"), None)] * n
-        if not isinstance(returned, list | tuple) or len(returned) != n:
-            message = (
-                f"the insert function's on_batch returned {_what(returned)}: return a list of"
-                f" {n}, one per event in order: the event, or an error such as DropEvent"
-            )
-            return [(runtime.bad_request(message), None)] * n
-        results: list[tuple[dict, Any]] = []
-        for index, item in enumerate(returned):
-            if isinstance(item, BaseException):
-                results.append((_from_insert(runtime.outcome_of(item), "on_batch"), None))
-            elif _is_event(item):
-                results.append((runtime.ok(), _with_message_id(item, message_ids[index])))
-            else:
-                message = (f"the insert function's on_batch item [{index}] is {_what(item)},"
-                           " not an event or an error")  # fmt: skip
-                results.append((runtime.bad_request(message), None))
-        return results
-
-    def batch_outcomes(self, returned: Any, n: int) -> list[dict]:
-        """on_batch's return: None (all ok) or one outcome per event (None/"ok", an error, or
-        Segment's `{"status": 500, "errormessage": "..."}`)."""
-        if returned is None:
-            return [runtime.ok()] * n
-        if not isinstance(returned, list | tuple) or len(returned) != n:
-            what = f"a list of {len(returned)}" if isinstance(returned, list | tuple) else (
-                type(returned).__name__)  # fmt: skip
-            message = f"on_batch returned {what}; return None or a list of {n} outcomes"
-            return [runtime.bad_request(message)] * n
-        outcomes = []
-        for index, item in enumerate(returned):
-            if item is None or item == "ok" or item is True:
-                outcomes.append(runtime.ok())
-            elif isinstance(item, BaseException):
-                outcomes.append(runtime.outcome_of(item))
-            elif (outcome := runtime.status_outcome(item)) is not None:
-                outcomes.append(outcome)
-            else:
-                shown = runtime.short_repr(item)
-                message = (f"on_batch outcome [{index}] is {shown}: use None, 'ok', an error"
-                           ' or {"status": 500, "errormessage": "..."}')  # fmt: skip
-                outcomes.append(runtime.bad_request(message))
-        return outcomes
+            return [(returns.from_insert(self.failed(exc, rec), "on_batch"), None)] * n
+        return returns.insert_results(returned, message_ids)
 
     def failed(self, exc: BaseException, rec: record.CallRecord) -> dict:
         outcome = runtime.outcome_of(exc)
@@ -382,42 +341,6 @@ class Worker:
         ):
             self.exit_after_reply = rec.out_of_memory = True
         return outcome
-
-
-def _without_unsendable(reply: dict) -> dict:
-    """`reply` made sendable: each event JSON cannot hold replaced by its Bad Request outcome
-    (an event is passed on exactly or not at all); lone surrogates in logs and recorded
-    requests written as `sendable` writes them (error messages are already: see `call`)."""
-    events = reply.get("events") or []
-    for index, event in enumerate(events):
-        try:
-            orjson.dumps(event)
-        except TypeError as exc:
-            what = "the insert function's result is not JSON"
-            reply["outcomes"][index] = runtime.bad_request(f"{what}: {exc}")
-            events[index] = None
-    reply["logs"] = sendable(reply.get("logs", ""))
-    try:
-        orjson.dumps(reply.get("requests"))
-    except TypeError:
-        reply["requests"] = sendable_tree(reply.get("requests"))
-        try:
-            orjson.dumps(reply["requests"])
-        except TypeError as exc:  # not for want of UTF-8: left out, and said so
-            reply["requests"] = []
-            reply["logs"] += f"[the recorded requests could not be sent: {exc}]\n"
-    try:
-        orjson.dumps(reply)
-    except TypeError as exc:  # still: answer, so the call does not wait for its timeout
-        message = f"the worker could not send the result: {exc}"
-        failed = {"kind": "retry", "error_type": "Retry", "message": message}
-        n = len(reply["outcomes"])
-        slim = {k: reply[k] for k in ("t", "id", "exiting") if k in reply}
-        slim.update(outcomes=[failed] * n, logs="", requests=[])
-        if "events" in reply:  # the insert stage's reply has them, one per event
-            slim["events"] = [None] * n
-        reply = slim
-    return reply
 
 
 class _CallState:
@@ -451,37 +374,6 @@ def _reraise_cancel(exc: BaseException) -> None:
     task = asyncio.current_task()
     if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
         raise exc
-
-
-def _with_message_id(event: dict, message_id: Any) -> dict:
-    """An event an insert function built anew keeps the messageId receivers dedupe on."""
-    if "messageId" not in event and message_id is not None:
-        event["messageId"] = message_id
-    return event
-
-
-def _is_event(value: Any) -> bool:
-    return isinstance(value, dict) and value.get("type") in runtime.EVENT_TYPES
-
-
-def _from_insert(outcome: dict, handler: str) -> dict:
-    """An error the insert function raised, saying so: in front of a function (or a
-    webhook), "Unsupported Event Type: EventNotSupported: internal" could be either's. A
-    drop is the insert function's by nature: its reason is left as it is."""
-    if outcome.get("kind") != "drop" and outcome.get("message") is not None:
-        outcome = {**outcome, "message": f"the insert function's {handler}: {outcome['message']}"}
-    return outcome
-
-
-def _what(value: Any) -> str:
-    """A handler's return value as an error message names it."""
-    if value is None:
-        return "nothing (None)"
-    if isinstance(value, dict):
-        return f"a dict whose type is {value.get('type')!r}"
-    if isinstance(value, list | tuple):
-        return f"a list of {len(value)}"
-    return type(value).__name__
 
 
 def _handlers(module: Any) -> list[str]:
