@@ -85,10 +85,16 @@ class ServerConfig:
     @property
     def request_limit_bytes(self) -> int:
         """The body size refused with 413: max_request_size, with room for one more event
-        and a batch's envelope. analytics-java closes a batch only after the event that
-        takes it past 500 KB, analytics-ruby's can pass it by its envelope, and both drop a
+        and a batch's envelope. analytics-java 3.0-3.1 sends a batch only once an event has
+        taken it past 500 KB, analytics-ruby's can pass it by its envelope, and both drop a
         batch answered 4xx without retrying it."""
         return self.max_request_bytes + self.max_event_bytes + REQUEST_ENVELOPE_BYTES
+
+    @property
+    def decompressed_limit_bytes(self) -> int:
+        """A gzip body's size once decompressed: max_decompressed_size, and never less than
+        what a body that is not gzip may be (max_decompressed_size may equal the request's)."""
+        return max(self.max_decompressed_bytes, self.request_limit_bytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from destfnd.config import ServerConfig
+from destfnd.config import REQUEST_ENVELOPE_BYTES, ServerConfig
 
 
 class Rejected(Exception):
@@ -40,10 +40,12 @@ def error_response(status: int, error: str, detail: str = "") -> web.Response:
 
 def too_large(server: ServerConfig) -> Rejected:
     """The 413 for a body over `server.request_limit_bytes`."""
-    allowed = server.request_limit_bytes
-    extra = allowed - server.max_request_bytes
-    limit = f"server.max_request_size {server.max_request_bytes}"
-    detail = f"over {allowed} bytes ({limit} + {extra} of room for a batch's last event)"
+    request, event = server.max_request_bytes, server.max_event_bytes
+    room = f"server.max_event_size {event} + {REQUEST_ENVELOPE_BYTES}"
+    detail = (
+        f"over {server.request_limit_bytes} bytes (server.max_request_size {request}, with"
+        f" room for a batch's last event: {room})"
+    )
     return Rejected(413, "request too large", detail)
 
 
@@ -76,7 +78,7 @@ async def read_body(request: web.Request, server: ServerConfig) -> bytes:
         return raw
     if encoding not in ("gzip", "x-gzip"):  # (x-gzip: gzip's old name, RFC 9110 8.4.1.3)
         raise Rejected(415, "unsupported Content-Encoding", f"{encoding!r}; use gzip")
-    return gunzip(raw, server.max_decompressed_bytes)
+    return gunzip(raw, server.decompressed_limit_bytes)
 
 
 def loads(raw: bytes) -> object:

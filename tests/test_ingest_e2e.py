@@ -318,11 +318,12 @@ def _ruby_batch() -> tuple[list[dict], bytes]:
 
 
 def _java_batch() -> bytes:
-    """analytics-java (AnalyticsClient.enqueue) flushes a batch once it has reached
-    1024 * 500 characters, with the message that took it there: up to one message over."""
+    """analytics-java 3.0-3.1 (AnalyticsClient.enqueue) flushes a batch once it has reached
+    1024 * 500 characters, with the message that took it there: up to one message over
+    (3.2 and later check before adding one)."""
     messages = [_sized(f"jv-{i}", 31_990) for i in range(16)] + [_sized("jv-last", 32_700)]
     assert len(orjson.dumps(messages)) > 1024 * 500 + 30_000
-    context = {"library": {"name": "analytics-java", "version": "3.5.4"}}
+    context = {"library": {"name": "analytics-java", "version": "3.1.3"}}
     sent_at = "2026-12-07T05:00:01.000Z"
     return orjson.dumps({"batch": messages, "sentAt": sent_at, "context": context, "sequence": 7})
 
@@ -330,9 +331,10 @@ def _java_batch() -> bytes:
 async def test_ingest_the_largest_batches_of_segments_sdks_are_accepted(
     make_daemon, tmp_path, session
 ):
-    """analytics-ruby and analytics-java can build a batch a little over 500 KB, and drop a
-    batch answered 4xx without retrying it: a body may pass server.max_request_size by one
-    event (server.max_event_size) and 4 KB. One byte more is a 413, delivered to nobody."""
+    """analytics-ruby and analytics-java 3.0-3.1 can build a batch a little over 500 KB, and
+    drop a batch answered 4xx without retrying it: a body may pass server.max_request_size by
+    one event (server.max_event_size) and 4 KB, gzip or not, declared with Expect or not. One
+    byte more is a 413, delivered to nobody."""
     async with Sink() as sink:
         daemon = await start(make_daemon, tmp_path, sink)
         messages, ruby = _ruby_batch()
@@ -343,7 +345,7 @@ async def test_ingest_the_largest_batches_of_segments_sdks_are_accepted(
             200,
             {"success": True},
         )
-        headers = {"User-Agent": "analytics-java/3.5.4"}
+        headers = {"User-Agent": "analytics-java/3.1.3"}
         status, got = await post(session, daemon.url + "/v1/import/", java, headers=headers)
         assert status == 200, got
         # At the limit and one byte past it (the limit: 500 KB + 32 KB + 4 KB).
@@ -358,16 +360,41 @@ async def test_ingest_the_largest_batches_of_segments_sdks_are_accepted(
             status, got = await post(session, daemon.url + "/v1/batch", body)
             assert status == want, (size, got)
         assert got["detail"] == (
-            f"over {limit} bytes (server.max_request_size 512000 + 36864 of room for a "
-            "batch's last event)"
+            f"over {limit} bytes (server.max_request_size 512000, with room for a batch's last"
+            " event: server.max_event_size 32768 + 4096)"
         )
+        # The same body gzipped: decompressed, it may be as large as one that is not.
+        edge = [_sized(f"gz-{i}", 32_000) for i in range(17)] + [_sized("gz", 200)]
+        edge[-1] = _sized("gz", 200 + limit - len(orjson.dumps({"batch": edge})))
+        gz = {"Content-Encoding": "gzip"}
+        body = gzip.compress(orjson.dumps({"batch": edge}))
+        assert await post(session, daemon.url + "/v1/batch", body, headers=gz) == (
+            200,
+            {"success": True},
+        )
+        # Declared with Expect: 100-continue, asked for at the limit, refused one byte past it.
+        head = f"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH}\r\n"
+        for size, want in ((limit, b"HTTP/1.1 100 Continue"), (limit + 1, b"HTTP/1.1 413")):
+            ask = f"{head}Expect: 100-continue\r\nContent-Length: {size}\r\n\r\n"
+            answer = await _raw(daemon.url, ask.encode())
+            assert answer.startswith(want), (size, answer[:200])
         want_ids = {m["messageId"] for m in messages} | {f"jv-{i}" for i in range(16)}
         want_ids |= {"jv-last", f"edge-{limit}"} | {f"edge-{limit}-{i}" for i in range(17)}
+        want_ids |= {"gz"} | {f"gz-{i}" for i in range(17)}
         await sink.wait_for(lambda: sink.delivered_ids() >= want_ids)
         await asyncio.sleep(0.3)
         assert sink.delivered_ids() == want_ids  # none of the refused batch
         (last,) = [e for e in sink.delivered() if e["messageId"] == "rb-last"]
         assert last["properties"] == messages[-1]["properties"]
+    # max_decompressed_size set to max_request_size: a gzip body gets the same room.
+    async with Sink() as sink:
+        server = 'max_request_size = "1MB"\nmax_decompressed_size = "1MB"\n'
+        daemon = await start(make_daemon, tmp_path / "equal", sink, server=server)
+        batch = [_sized(f"eq-{i}", 32_000) for i in range(33)]  # 1 MiB + 8 KB
+        body = gzip.compress(orjson.dumps({"batch": batch}))
+        assert len(gzip.decompress(body)) > 1024 * 1024
+        status, got = await post(session, daemon.url + "/v1/batch", body, headers=gz)
+        assert status == 200, got
 
 
 async def test_ingest_invalid_events_skip_keeps_the_valid_events_of_a_batch(
@@ -843,7 +870,7 @@ async def test_ingest_slow_and_broken_clients_are_answered_and_logged_on_one_lin
         answer = await _raw(daemon.url, f"{head}Content-Length: 100\r\n\r\n{{".encode())
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"did not arrive within 1s" in answer
-        # A declared length over max_request_size: 413 at once, without waiting for the body.
+        # A declared length over the limit: 413 at once, without waiting for the body.
         answer = await _raw(daemon.url, f"{head}Content-Length: 600000\r\n\r\n{{".encode())
         assert answer.startswith(b"HTTP/1.1 413"), answer  # (a 408 while it waited for it)
         # A connection that sends no request is closed after keepalive_timeout.

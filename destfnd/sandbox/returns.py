@@ -18,9 +18,9 @@ def batch_outcomes(returned: Any, n: int) -> list[dict]:
     if returned is None:
         return [runtime.ok()] * n
     if not isinstance(returned, list | tuple) or len(returned) != n:
-        what = f"a list of {len(returned)}" if isinstance(returned, list | tuple) else (
+        got = f"a list of {len(returned)}" if isinstance(returned, list | tuple) else (
             type(returned).__name__)  # fmt: skip
-        message = f"on_batch returned {what}; return None or a list of {n} outcomes"
+        message = f"on_batch returned {got}; return None or a list of {n} outcomes"
         return [runtime.bad_request(message)] * n
     outcomes = []
     for index, item in enumerate(returned):
@@ -96,7 +96,8 @@ def what(value: Any) -> str:
 def without_unsendable(reply: dict) -> dict:
     """`reply` made sendable: each event JSON cannot hold replaced by its Bad Request outcome
     (an event is passed on exactly or not at all); lone surrogates in logs and recorded
-    requests written as `sendable` writes them (error messages are already: see `call`)."""
+    requests written as `sendable` writes them (error messages are already: child.py's
+    Worker.call)."""
     events = reply.get("events") or []
     for index, event in enumerate(events):
         try:
