@@ -247,6 +247,8 @@ class FunctionDestination:
         except CallTimedOut as exc:
             limit = self.dest.timeout_s
             message = f"the function did not finish within {limit:g}s"
+            if self._stages == ["insert"]:  # in front of a webhook or a file
+                message = f"the insert function did not finish within {limit:g}s"
             if self._stages == ["insert", "function"]:  # twice timeout, for the two together
                 message = (f"the insert function and the function together did not finish"
                            f" within {2 * limit:g}s (twice timeout)")  # fmt: skip

@@ -1453,6 +1453,47 @@ async def test_functions_a_plain_def_out_of_its_share_gets_the_worker_replaced(
         "delivered",
     ), rows
     assert [e for e in daemon.log_records() if e.get("event") == "worker_started"]
+    # Said as it is: it was logged as out of memory (its exit code was that one).
+    reasons = [e["reason"] for e in daemon.log_records() if e.get("event") == "worker_replaced"]
+    assert reasons == [
+        "the worker process exited: a plain def handler still ran past its timeout on a thread"
+    ], reasons
+
+
+SLEEPS_AS_TOLD_PY = """
+import asyncio
+
+async def on_track(event, settings):
+    await asyncio.sleep(event["properties"]["{}"])
+    return event
+"""
+
+
+async def test_functions_an_events_function_starts_once_its_own_insert_handler_is_done(
+    make_daemon, tmp_path, session
+):
+    """In a batch, each event goes through the insert function's handler and then the
+    function's, alone: its function's handler started only once every event's insert
+    handler was done, so a neighbour's slow insert handler (within its own share) took this
+    event's time, and it timed out. Found by a new user's audit."""
+    (tmp_path / "insert.py").write_text(SLEEPS_AS_TOLD_PY.format("insert_s"))
+    (tmp_path / "fn.py").write_text(SLEEPS_AS_TOLD_PY.format("fn_s"))
+    tables = '[destinations.batch]\nmax_events = 2\nmax_wait = "300ms"\n'
+    tables += "[destinations.retry]\nmax_attempts = 1\n"
+    dest = function_destination(
+        "fn", "fn.py", "{}", insert_function='"insert.py"', timeout='"2s"', _tables=tables
+    )
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    # The call has 4 s, its function handlers until 3.8 s: "a" needs 1.0 + 2.4 s; "b" 1.7 s
+    # of insert (within its 1.8 s), which "a"'s function no longer waits for.
+    await send(session, daemon, [
+        {"type": "track", "event": "E", "messageId": "a",
+         "properties": {"insert_s": 1.0, "fn_s": 2.4}},
+        {"type": "track", "event": "E", "messageId": "b",
+         "properties": {"insert_s": 1.7, "fn_s": 0.2}},
+    ])  # fmt: skip
+    rows = await wait_final(daemon, 2)
+    assert [rows["fn", m]["status"] for m in "ab"] == ["delivered", "delivered"], rows
 
 
 async def one_batch(
@@ -1676,6 +1717,10 @@ async def test_functions_an_insert_function_and_its_function_have_a_timeout_each
     (tmp_path / "send.py").write_text(sleep.format(0.6))
     (tmp_path / "slow.py").write_text(sleep.format(1.6))
     (tmp_path / "slow_enrich.py").write_text(sleep.format(2.5) + "    return event\n")
+    # A plain def holds its thread past the timeout: its worker still says which ran.
+    (tmp_path / "stuck_enrich.py").write_text(
+        "import time\n\ndef on_track(event, settings):\n    time.sleep(2.5)\n    return event\n"
+    )
     dests = "".join(
         function_destination(
             name, file, "{}", insert_function=f'"{insert}"', timeout='"1s"', _tables=FAST
@@ -1684,14 +1729,25 @@ async def test_functions_an_insert_function_and_its_function_have_a_timeout_each
             ("crm", "send.py", "enrich.py"),
             ("slow", "slow.py", "enrich.py"),
             ("slow_insert", "send.py", "slow_enrich.py"),
+            ("stuck_insert", "send.py", "stuck_enrich.py"),
         )
     )
+    # An insert function in front of a webhook: its Timeout is its own ("the function" was).
+    dests += webhook("hook", "http://127.0.0.1:9/in", insert_function="slow_enrich.py",
+                     timeout="1s", retry={"max_attempts": 1})  # fmt: skip
     daemon = await make_daemon(config_text(tmp_path / "db", dests)).start()
     await send(session, daemon, [{"type": "track", "event": "E", "messageId": "both-1"}])
-    rows = await wait_final(daemon, 3)
+    rows = await wait_final(daemon, 5)
     assert rows["crm", "both-1"]["status"] == "delivered", rows["crm", "both-1"]
+    hook = rows["hook", "both-1"]
+    assert (hook["status"], hook["error_type"]) == ("expired", "Timeout"), hook
+    assert hook["error"].startswith("the insert function did not finish within 1s"), hook
     # The Timeout names the one still running.
-    for name, which in (("slow", "the function"), ("slow_insert", "the insert function")):
+    for name, which in (
+        ("slow", "the function"),
+        ("slow_insert", "the insert function"),
+        ("stuck_insert", "the insert function"),
+    ):
         row = rows[name, "both-1"]
         assert (row["status"], row["error_type"]) == ("expired", "Timeout"), row
         assert row["error"].startswith(

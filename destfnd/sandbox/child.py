@@ -34,7 +34,7 @@ class Worker:
         self.tasks: dict[int, asyncio.Task] = {}
         self.calls: dict[int, _CallState] = {}  # beside `tasks`: what their threads share
         self._gate_lock = threading.Lock()  # for every _CallState: threads take it too
-        self.exit_after_reply = False
+        self.exit_after_reply: int | None = None  # the exit code, once the reply is sent
         self.stuck = False  # a timed-out plain `def` handler still runs on a thread
         self.timeout_s = 10.0  # the destination's `timeout`, from init
 
@@ -165,15 +165,15 @@ class Worker:
         reply["request_count"] = rec.request_count
         if rec.out_of_memory:
             reply["out_of_memory"] = True
-        if self.exit_after_reply:
+        if self.exit_after_reply is not None:
             reply["exiting"] = True
         try:
             self.send(reply)
         except TypeError:  # what JSON cannot hold: an insert's event with a set, a lone
             self.send(returns.without_unsendable(reply))  # surrogate printed, ...
         await self.writer.drain()
-        if self.exit_after_reply:
-            os._exit(protocol.OUT_OF_MEMORY_EXIT)  # the daemon replaces this worker
+        if self.exit_after_reply is not None:
+            os._exit(self.exit_after_reply)  # the daemon replaces this worker
 
     def fresh_settings(self) -> dict:
         """The settings, a copy for each call: what one invocation changes in them (`settings
@@ -251,7 +251,9 @@ class Worker:
                 if timed_out and state is not None and state.on_thread:
                     # A plain `def` that ran out of its share still holds its thread: the
                     # worker exits after this reply and is replaced, as for a blocked call.
-                    self.stuck = self.exit_after_reply = True
+                    self.stuck = True
+                    if self.exit_after_reply is None:  # (out of memory says more)
+                        self.exit_after_reply = protocol.STUCK_EXIT
 
     async def _run_batch(
         self, call_id: int, events: list, stages: list[str], rec, timed_out: list[bool]
@@ -269,6 +271,17 @@ class Worker:
         deadline -= 0.1 * self.timeout_s
         if "insert" in stages:
             insert_batch = getattr(self.insert, "on_batch", None)
+            per_event = "function" in stages and getattr(self.function, "on_batch", None) is None
+            if insert_batch is None and per_event:
+                # Each event through its two handlers, one after the other, alone: its
+                # function's handler starts once its own insert handler is done, not once
+                # every event's is (a neighbour's slow one took this event's time).
+                until = loop.time() + 0.9 * self.timeout_s
+                results = await asyncio.gather(*(
+                    self._chain(call_id, events[i], (until, deadline), rec, timed_out)
+                    for i in todo
+                ))  # fmt: skip
+                return [outcome for outcome, _ in results], out_events
             if insert_batch is not None:
                 results = await self.run_insert_batch(call_id, insert_batch, events, rec)
             else:
@@ -316,6 +329,19 @@ class Worker:
             outcomes[i] = outcome
         return outcomes, out_events
 
+    async def _chain(
+        self, call_id: int, event: Any, ends: tuple[float, float], rec, timed_out: list[bool]
+    ) -> tuple[dict, Any]:
+        """One event of a batch through the insert function's handler, within `ends[0]`,
+        then the function's, within `ends[1]` (loop times)."""
+        insert = self.run_one(call_id, event, ["insert"], rec)
+        outcome, passed = await _within(insert, ends[0], "insert", timed_out)
+        if outcome["kind"] != "ok":
+            return outcome, None
+        return await _within(
+            self.run_one(call_id, passed, ["function"], rec), ends[1], "function", timed_out
+        )
+
     async def run_insert_batch(
         self, call_id: int, on_batch: Any, events: list, rec
     ) -> list[tuple[dict, Any]]:
@@ -339,7 +365,8 @@ class Worker:
         if isinstance(exc, MemoryError) or (
             isinstance(exc, BaseExceptionGroup) and exc.subgroup(MemoryError) is not None
         ):
-            self.exit_after_reply = rec.out_of_memory = True
+            rec.out_of_memory = True
+            self.exit_after_reply = protocol.OUT_OF_MEMORY_EXIT
         return outcome
 
 

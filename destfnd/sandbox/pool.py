@@ -175,15 +175,18 @@ class Pool:
                 # It crashed (another invocation, say) or said it exits: its on_exit replaces
                 # it, with the reason, and the others running in it learn of it then.
                 raise CallTimedOut(None) from None
-            if state == "healthy":
-                # A slow invocation, cancelled; the worker is fine and answers for it with
-                # what it printed and requested so far.
+            late = None
+            if state == "healthy" or (state == "stuck" and not shared):
+                # A slow invocation, cancelled: the worker answers for it with what it
+                # printed and requested so far (and which stage ran). Also when the handler
+                # still holds a thread (a plain def), the loop being free to answer.
                 try:
                     async with asyncio.timeout(_PING_GRACE_S):
                         late = await asyncio.shield(future)
                 except (TimeoutError, WorkerFailed):
                     late = None
-                raise CallTimedOut(late) from None
+                if state == "healthy":
+                    raise CallTimedOut(late) from None
             # The worker's loop is blocked or a thread is stuck: every invocation in it waits.
             # The others did not block it: each runs again in quarantine, at no attempt's cost
             # (once the worker is killed, the one left alone would look like its culprit).
@@ -195,7 +198,7 @@ class Pool:
             if shared:
                 raise WorkerFailed("the worker was blocked, maybe by another invocation",
                                    shared=True) from None  # fmt: skip
-            raise CallTimedOut(None) from None  # blocked: it could not answer for the call
+            raise CallTimedOut(late) from None  # (blocked: it could not answer for the call)
         except WorkerFailed as exc:
             self._replace(worker, str(exc))
             raise
@@ -208,9 +211,10 @@ class Pool:
                 future.cancel()
 
     async def _state_after_timeout(self, worker: Worker, call_id: int) -> str:
-        """Cancel the invocation, then ping: "healthy", or "blocked" (its loop cannot answer,
-        or it runs the invocation on a thread that cannot be interrupted), or "exiting" (it
-        died meanwhile, or said it exits after a reply: not blocked, which it was logged as)."""
+        """Cancel the invocation, then ping: "healthy", "blocked" (its loop cannot answer),
+        "stuck" (it answers, but runs a handler on a thread that cannot be interrupted), or
+        "exiting" (it died meanwhile, or said it exits after a reply: not blocked, which it
+        was logged as)."""
         if worker.retired:
             return "exiting"
         worker.send({"t": "cancel", "id": call_id})
@@ -227,7 +231,7 @@ class Pool:
             return "exiting" if worker.retired else "blocked"
         finally:
             worker.pings.pop(ping_id, None)
-        return "blocked" if reply.get("stuck") else "healthy"
+        return "stuck" if reply.get("stuck") else "healthy"
 
     def _replace(self, worker: Worker, reason: str) -> None:
         """Take `worker` out (killing it if alive) and start another in its place."""

@@ -314,8 +314,9 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
         calls = [f for f in worker.inflight.values() if not f.done()]
         # After an out-of-memory exit the culprit nearly always has its answer: the rest are
         # victims (a call too big to read has none: it runs again in quarantine, and fails).
+        # After a stuck one's, always.
         memory = code == protocol.OUT_OF_MEMORY_EXIT
-        shared = len(calls) > 1 or memory
+        shared = len(calls) > 1 or memory or code == protocol.STUCK_EXIT
         for future in calls:
             future.set_exception(WorkerFailed(f"the worker process {reason}", shared, memory))
         for future in worker.pings.values():
@@ -389,6 +390,8 @@ def _exit_reason(code: int | None) -> str:
             return f"was killed by signal {-code}"
     if code == protocol.OUT_OF_MEMORY_EXIT:
         return "ran out of memory (memory_limit) and exited"
+    if code == protocol.STUCK_EXIT:
+        return "exited: a plain def handler still ran past its timeout on a thread"
     return f"exited with code {code}"
 
 

@@ -20,6 +20,9 @@ import orjson
 # A worker's exit code after a MemoryError (EX_SOFTWARE): in a handler, once it has replied;
 # reading a call too big for its memory_limit, at once.
 OUT_OF_MEMORY_EXIT = 70
+# Its exit code once it has replied to a batch in which a plain `def` handler ran out of its
+# share of the timeout and still holds its thread (EX_TEMPFAIL): the daemon replaces it.
+STUCK_EXIT = 75
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # far above any legitimate frame; guards a corrupt length
 _HEADER = struct.Struct(">I")
 
