@@ -157,6 +157,8 @@ async def run(
             for miss in misses:
                 print(f"warning: {file}: {miss}", file=sys.stderr)
         problems = ready.get("settings_problems", [])
+        if ready.get("declaration_problems"):  # the file's SETTINGS, not --settings: unusable
+            raise RunError("; ".join(ready["declaration_problems"]))
         redact.add_settings(ready.get("secret_settings", []), settings)
         try:
             if problems:  # Segment's editor runs nothing and says Invalid Settings

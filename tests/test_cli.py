@@ -133,10 +133,10 @@ BAD = [
      "destinations[0].settings.region",
      "SETTINGS['region'] in bad_decl.py has an unknown field 'requird' (did you mean 'required'?)"),
     ("settings-decl-unknown-type", '[[destinations]]\nname = "f"\nfunction = "bad_decl.py"\n',
-     "destinations[0].settings.region", "unknown type 'strin' (use string, number, integer"),
+     "destinations[0].settings.region", "unknown type 'strin' (did you mean string? use string"),
     ("settings-decl-type-not-a-string",
      '[[destinations]]\nname = "f"\nfunction = "list_type.py"\n',
-     "destinations[0].settings.k", "unknown type ['string'] (use string, number"),
+     "destinations[0].settings.k", "unknown type ['string'] (did you mean string? use string"),
     # Segment's settings editor's word: a hint, as for a key one letter off.
     ("settings-decl-segments-type", '[[destinations]]\nname = "f"\nfunction = "map_type.py"\n',
      "destinations[0].settings.fields",
@@ -899,7 +899,7 @@ def test_settings_a_key_an_insert_function_without_settings_reads_is_said_to_be_
     function.SETTINGS = {"apiKey": {"type": "string", "secret": True}}  # type: ignore[attr-defined]
     insert = types.ModuleType("enrich")
     settings = {"apiKey": "k", "internalDomains": ["example.com"]}
-    problems, secrets, warnings = check_settings(
+    problems, secrets, warnings, _ = check_settings(
         [("/f/crm.py", function), ("/f/enrich.py", insert)], settings
     )
     assert (problems, secrets) == ([], ["apiKey"])

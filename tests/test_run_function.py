@@ -854,7 +854,7 @@ def test_run_function_a_function_that_starts_a_process_ends_quietly(tmp_path):
 def test_run_function_notes_a_returned_error_and_a_settings_that_is_no_dict(tmp_path):
     """A handler that returns an error instead of raising it (as on_batch returns outcomes)
     has delivered the event: the logs say so. A SETTINGS that is no dict is the problem, not
-    each setting "not declared" in it (those warnings came too)."""
+    each setting "not declared" in it (those warnings came too), and the file's: exit 3."""
     (tmp_path / "slips.py").write_text(
         "from destfnd.functions import RetryError\n\nSETTINGS = ['apiKey']\n\n"
         "def on_track(event, settings):\n    return RetryError('downstream 503')\n"
@@ -862,9 +862,9 @@ def test_run_function_notes_a_returned_error_and_a_settings_that_is_no_dict(tmp_
     (tmp_path / "event.json").write_text('{"type": "track", "userId": "u", "event": "E"}')
     result = run_cli("run-function", str(tmp_path / "slips.py"), "--event",
                      str(tmp_path / "event.json"), "--settings", '{"apiKey": "k"}')  # fmt: skip
-    assert "outcome: discarded (Invalid Settings): --settings: SETTINGS in slips.py must be a " \
-           "dict" in result.stdout, result.stdout  # fmt: skip
-    assert "not declared" not in result.stderr, result.stderr
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr == "destfnd: settings: SETTINGS in slips.py must be a dict\n"
+    assert result.stdout == ""
     (tmp_path / "slips.py").write_text(
         (tmp_path / "slips.py").read_text().replace("SETTINGS = ['apiKey']", "")
     )
@@ -875,6 +875,37 @@ def test_run_function_notes_a_returned_error_and_a_settings_that_is_no_dict(tmp_
         "  destfnd: on_track returned RetryError(...) instead of raising it: a handler that "
         "returns has delivered the event\n"
     ) in result.stdout
+
+
+def test_run_function_a_file_that_cannot_be_used_exits_3_naming_it(tmp_path):
+    """A SETTINGS declaration with a typo is the file's fault, as check-config says: it was
+    reported as Invalid Settings of `--settings` (exit 1). A file that exits as it loads
+    was "the worker exited while loading: no output", naming neither file nor exit code.
+    Found by a new user's audit."""
+    (tmp_path / "event.json").write_text('{"type": "track", "userId": "u", "event": "E"}')
+    (tmp_path / "typo.py").write_text(
+        'SETTINGS = {"region": {"type": "strin", "requird": True}}\n\n'
+        "def on_track(event, settings):\n    print('ran')\n"
+    )
+    result = run_cli("run-function", str(tmp_path / "typo.py"), "--event",
+                     str(tmp_path / "event.json"), "--settings", '{"region": "eu"}')  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr == (
+        "destfnd: settings.region: SETTINGS['region'] in typo.py has an unknown field "
+        "'requird' (did you mean 'required'?); settings.region: SETTINGS['region'] in typo.py: "
+        "unknown type 'strin' (did you mean string? use string, number, integer, boolean, "
+        "object, array)\n"
+    )
+    assert "ran" not in result.stdout
+    (tmp_path / "leaves.py").write_text("import os\n\nos._exit(4)\n")
+    result = run_cli(
+        "run-function", str(tmp_path / "leaves.py"), "--event", str(tmp_path / "event.json")
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr == (
+        f"destfnd: the worker process exited with code 4 while loading {tmp_path / 'leaves.py'}"
+        ": no output\n"
+    )
 
 
 def test_run_function_settings_read_secrets_as_the_config_does(tmp_path):

@@ -90,7 +90,8 @@ class Worker:
         unlimited = memory_limit == resource.RLIM_INFINITY
         runtime.set_threads(int(message.get("threads") or 8), 0 if unlimited else memory_limit)
         try:
-            problems, secret_keys, warnings = runtime.check_settings(modules, self.settings)
+            checked = runtime.check_settings(modules, self.settings)
+            problems, secret_keys, warnings, declaring = checked
         except Exception as exc:  # a SETTINGS declaration no check foresaw
             why = f"SETTINGS cannot be checked: {type(exc).__name__}: {exc}"
             self.send({"t": "init_error", "message": why, "stage": stage})
@@ -106,6 +107,7 @@ class Worker:
             "near_misses": {stage: runtime.near_misses(m) for stage, m in
                             (("function", self.function), ("insert", self.insert)) if m},
             "settings_problems": problems,
+            "declaration_problems": declaring,  # of them, the file's own
             "settings_warnings": warnings,
             "secret_settings": secret_keys,
         })  # fmt: skip

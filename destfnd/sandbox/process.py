@@ -240,6 +240,13 @@ async def spawn(
         await asyncio.shield(_reap(proc))
         raise
     if reply is None or reply.get("t") != "ready":
+        if reply is None:  # its pipe closed: it is ending on its own (os._exit, a crash)
+            try:
+                async with asyncio.timeout(1):
+                    await _exited(proc)
+            except TimeoutError:
+                pass
+        gone = proc.returncode  # before the kill: how it ended, if it ended on its own
         worker.kill()
         await _reap(proc)  # reaped while the loop runs
         try:
@@ -249,7 +256,10 @@ async def spawn(
             output = ""
         if reply is not None and reply.get("t") == "init_error":
             raise InitError(reply["message"], reply.get("stage"))
-        raise InitError(f"the worker exited while loading: {output[-500:] or 'no output'}")
+        files = " and ".join(str(p) for p in (spec.insert, spec.function) if p)
+        how = _exit_reason(gone) if gone is not None else "exited"
+        said = output[-500:] or "no output"
+        raise InitError(f"the worker process {how} while loading {files}: {said}")
     worker.ready = reply
     worker.on_exit = on_exit
     output = asyncio.create_task(

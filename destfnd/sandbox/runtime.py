@@ -180,10 +180,12 @@ def user_traceback(exc: BaseException) -> str:
 
 def check_settings(
     modules: list[tuple[str, ModuleType]], settings: dict
-) -> tuple[list[str], list[str], list[str]]:
+) -> tuple[list[str], list[str], list[str], list[str]]:
     """Problems of `settings` against each module's SETTINGS (and of the declarations
-    themselves), the keys declared secret, and warnings: keys no SETTINGS declares."""
+    themselves), the keys declared secret, warnings (keys no SETTINGS declares), and those
+    of the problems that are the declarations' own: a fault of the file, not of settings."""
     problems: list[str] = []
+    declaring_problems: list[str] = []  # of them, the declarations' own
     secret_keys: list[str] = []
     declared_keys: set[str] = set()
     declarations = 0
@@ -197,6 +199,7 @@ def check_settings(
         declaring.append(file)
         if not isinstance(declared, dict):  # (and no warning of keys it does not declare)
             problems.append(f"settings: SETTINGS in {file} must be a dict")
+            declaring_problems.append(problems[-1])
             continue
         declarations += 1
         declared_keys.update(map(str, declared))
@@ -204,6 +207,7 @@ def check_settings(
             where = f"settings.{key}: SETTINGS[{key!r}] in {file}"
             if not isinstance(spec, dict):
                 problems.append(f"{where} must be a dict")
+                declaring_problems.append(problems[-1])
                 continue
             if spec.get("secret"):
                 secret_keys.append(str(key))
@@ -213,16 +217,21 @@ def check_settings(
                     f"did you mean {hint[0]!r}?" if hint else f"use {', '.join(_SETTING_FIELDS)}"
                 )
                 problems.append(f"{where} has an unknown field {field!r} ({known})")
+                declaring_problems.append(problems[-1])
             kind = spec.get("type")
             if kind is not None and (not isinstance(kind, str) or kind not in _SETTING_TYPES):
                 types = ", ".join(_SETTING_TYPES)
-                meant = _SETTING_TYPE_WORDS.get(str(kind).lower().replace(" ", ""))
+                meant = _SETTING_TYPE_WORDS.get(str(kind).lower().replace(" ", "")) or next(
+                    iter(difflib.get_close_matches(str(kind), _SETTING_TYPES, n=1)), None
+                )
                 hint = f"did you mean {meant}? " if meant else ""
                 problems.append(f"{where}: unknown type {kind!r} ({hint}use {types})")
+                declaring_problems.append(problems[-1])
                 kind = None
             for flag in ("required", "secret"):
                 if not isinstance(spec.get(flag, False), bool):
                     problems.append(f"{where}: {flag} must be true or false")
+                    declaring_problems.append(problems[-1])
             about = f" ({spec['description']})" if spec.get("description") else ""
             if key not in settings:
                 if spec.get("required"):
@@ -251,7 +260,7 @@ def check_settings(
                 warnings.append(f"settings.{key}: not declared in the SETTINGS of "
                                 f"{', '.join(declaring)}{none} ({also}the function gets it "
                                 "all the same)")  # fmt: skip
-    return problems, secret_keys, warnings
+    return problems, secret_keys, warnings, declaring_problems
 
 
 def ok() -> dict:
