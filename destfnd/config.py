@@ -203,11 +203,15 @@ def config_secrets(cfg: Config) -> list[str]:
     """Every secret value that came from env, a file or a credential, without duplicates
     (inline values are not secrets: they are in the file anyway). A webhook `url` that is a
     secret comes also in the other forms its parts are shown in (normalized as the HTTP
-    client writes it in its errors; its path and query alone, as a server may echo them)."""
+    client writes it in its errors; its path and query alone, and its query's values, as a
+    server may echo them). A password in a plain `url` is one too: shown, it would be the
+    only secret of the Event Delivery view's records not redacted."""
     values = [s.value for s in _secrets(cfg) if s.origin != "inline"]
     for dest in cfg.destinations:
         if isinstance(dest.url, Secret) and dest.url.value:
             values += _url_forms(dest.url.value)
+        elif isinstance(dest.url, str):
+            values += _url_password(dest.url)
     return list(dict.fromkeys(values))
 
 
@@ -228,10 +232,24 @@ def _url_forms(text: str) -> list[str]:
         # HTTP client's errors show alone ("cannot connect to HOST"): its labels, but the
         # domain's own two; and a password in the URL.
         parts += (url.host or "").split(".")[:-2]
-        password = [url.password] if url.password else []
+        # A query's values alone: a redirect's Location may carry one to another URL.
+        parts += [v for v in url.query.values() if isinstance(v, str)]
+        parts += [p.partition("=")[2] for p in url.raw_query_string.split("&")]
     except (ValueError, TypeError):
         return []
-    return whole + password + [part for part in parts if len(part) >= _URL_PART_SECRET_CHARS]
+    long = [part for part in parts if len(part) >= _URL_PART_SECRET_CHARS]
+    return whole + _url_password(text) + long
+
+
+def _url_password(text: str) -> list[str]:
+    """The password in a URL, as written and decoded (%-escapes), if it has one."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(text).password
+    except ValueError:
+        return []
+    return list(dict.fromkeys([password, unquote(password)])) if password else []
 
 
 def secret_env_names(cfg: Config) -> tuple[str, ...]:

@@ -30,6 +30,18 @@ from destfnd.config_files import Resolver, Unavailable
 from destfnd.paths import DATABASE_COMPANIONS
 
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Headers a webhook's request sets itself: one configured cut every body to its length or
+# had the receiver refuse it, while the deliveries showed delivered or discarded.
+_SET_PER_REQUEST = "set by destfnd for each request, to frame its body: leave it out"
+_HOP_BY_HOP = "of the connection, not of the request (RFC 9110 7.6.1): leave it out"
+_FRAMING_HEADERS = {
+    "content-length": _SET_PER_REQUEST,
+    "transfer-encoding": _SET_PER_REQUEST,
+    "content-encoding": "destfnd sends the JSON as it is, not encoded: leave it out",
+    **dict.fromkeys(
+        ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"), _HOP_BY_HOP
+    ),
+}
 
 _TOP_KEYS = tuple("server storage logging sources destinations".split())
 _SERVER_KEYS = tuple(
@@ -348,6 +360,8 @@ class Reader(Resolver):
         for name, value in self.attempt(where, cv.table, raw, {}).items():
             if not _HEADER_NAME_RE.fullmatch(name):
                 self.fail(f"{where}.{name}", "not a valid HTTP header name")
+            elif name.lower() in _FRAMING_HEADERS:
+                self.fail(f"{where}.{name}", _FRAMING_HEADERS[name.lower()])
             secret = self.attempt(f"{where}.{name}", self.header_value, value, None)
             if secret is not None:
                 out.append((name, secret if secret.origin != "inline" else secret.value))

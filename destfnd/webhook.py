@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import stat
 import time
 from pathlib import Path
 
 import aiohttp
 import structlog
+from yarl import URL
 
 from destfnd import __version__
 from destfnd.client_errors import client_error_text
@@ -57,6 +59,7 @@ class Webhook:
         # which redacts it all again.
         self._redactor = redactor or Redactor()
         self._url = cfg.url.value if isinstance(cfg.url, Secret) else cfg.url
+        self._target = as_written(self._url)
         self._timeout_s = cfg.timeout_s
         self._headers = {
             "Content-Type": "application/json",
@@ -131,7 +134,7 @@ class Webhook:
         body = b"[" + b",".join(payloads) + b"]" if batched else payloads[0]
         try:
             async with self._session.post(
-                self._url, data=body, headers=self._headers, allow_redirects=False
+                self._target, data=body, headers=self._headers, allow_redirects=False
             ) as resp:
                 request["status"] = resp.status
                 # The status decides; the body is read after, within what is left of
@@ -159,6 +162,23 @@ class Webhook:
             return retry(ErrorType.RETRY, client_error_text(exc)), unreachable
 
 
+# A URL already in its encoded form: only characters a URL may hold as they are (RFC 3986),
+# and a % only before two hex digits.
+_ENCODED_URL_RE = re.compile(r"(?:[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+")
+
+
+def as_written(url: str) -> URL | str:
+    """What the request is sent to: the URL as written when it is encoded already, for a
+    signed URL checks its exact bytes (yarl would decode a %2F or %3D in its query); else
+    as yarl encodes it (a space, a letter that is not ASCII)."""
+    if _ENCODED_URL_RE.fullmatch(url):
+        try:
+            return URL(url, encoded=True)
+        except ValueError:  # (checked by the config: not expected)
+            pass
+    return url
+
+
 async def _read_up_to(resp: aiohttp.ClientResponse, data: bytearray, size: int) -> None:
     """Up to `size` bytes of the body into `data`, however the server splits its writes."""
     while len(data) < size:
@@ -181,8 +201,9 @@ def _outcome(resp: aiohttp.ClientResponse, redact: Redactor) -> Outcome:
         # event, and a redirect elsewhere would carry the configured headers (maybe secrets)
         # to another host. Retried, so nothing is lost while the url is corrected.
         where = redact(resp.headers.get("Location", ""))[:200]
-        to = f" to {where}" if where else ""
-        return retry(ErrorType.RETRY, f"{message}{to}: redirects are not followed")
+        if not where:  # a 304, say: no redirect at all
+            return retry(ErrorType.RETRY, f"{message}: a 3xx answer without a Location")
+        return retry(ErrorType.RETRY, f"{message} to {where}: redirects are not followed")
     if retried_status(resp.status):
         after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
         return retry(ErrorType.RETRY, message, after)

@@ -43,6 +43,7 @@ class Received:
     body: bytes
     headers: dict[str, str]
     status: int  # what the sink answered
+    raw_path: str = ""  # the request line's target, as it came
 
     def events(self) -> list[dict]:
         data = orjson.loads(self.body)
@@ -74,7 +75,9 @@ class Sink:
         await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
-        rec = Received(time.time(), await request.read(), dict(request.headers), 0)
+        rec = Received(
+            time.time(), await request.read(), dict(request.headers), 0, request.raw_path
+        )
         reply = self.script(len(self.requests), rec)
         rec.status = reply.status
         self.requests.append(rec)

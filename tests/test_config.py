@@ -262,6 +262,18 @@ BAD_CONFIGS = [
      "destinations[0].url", "must be an http:// or https:// URL"),
     ("webhook_url_without_host", SOURCE + HOOK.replace("http://127.0.0.1:9/in", "http:///in"),
      "destinations[0].url", "with a host"),
+    # Each was accepted, and every event retried for hours on the HTTP client's error.
+    ("webhook_url_port_out_of_range",
+     SOURCE + HOOK.replace("http://127.0.0.1:9/in", "http://127.0.0.1:99999/in"),
+     "destinations[0].url", "'http://127.0.0.1:99999/in' has no valid port (1-65535)"),
+    ("webhook_url_port_zero", SOURCE + HOOK.replace("127.0.0.1:9/", "127.0.0.1:0/"),
+     "destinations[0].url", "has no valid port (1-65535)"),
+    ("webhook_url_host_with_space",
+     SOURCE + HOOK.replace("http://127.0.0.1:9/in", "http://exa mple.com/in"),
+     "destinations[0].url", "has no valid host name: 'exa mple.com'"),
+    ("webhook_secret_url_bad_port", SOURCE + HOOK.replace('"http://127.0.0.1:9/in"',
+     '{ env = "BAD_PORT_URL" }'), "destinations[0].url",
+     "env BAD_PORT_URL must hold an http:// or https:// URL with a host"),
     ("url_on_function", SOURCE + DEST + 'url = "http://x/"\n', "destinations[0].url",
      'only allowed with type = "webhook"'),
     ("headers_on_file", SOURCE + '[[destinations]]\nname = "f"\ntype = "file"\npath = "o"\n'
@@ -278,6 +290,15 @@ BAD_CONFIGS = [
      "destinations[0].headers.Bad Name", "not a valid HTTP header name"),
     ("header_line_break", SOURCE + HOOK + 'headers = { A = "b\\r\\nX-Evil: 1" }\n',
      "destinations[0].headers.A", "line breaks"),
+    # A configured Content-Length cut every body to it, and deliveries said delivered.
+    ("header_content_length", SOURCE + HOOK + 'headers = { "Content-Length" = "40" }\n',
+     "destinations[0].headers.Content-Length", "set by destfnd for each request"),
+    ("header_transfer_encoding", SOURCE + HOOK + 'headers = { "transfer-encoding" = "x" }\n',
+     "destinations[0].headers.transfer-encoding", "set by destfnd for each request"),
+    ("header_connection", SOURCE + HOOK + 'headers = { Connection = "close" }\n',
+     "destinations[0].headers.Connection", "of the connection, not of the request"),
+    ("header_content_encoding", SOURCE + HOOK + 'headers = { "Content-Encoding" = "gzip" }\n',
+     "destinations[0].headers.Content-Encoding", "sends the JSON as it is"),
     ("settings_secret_missing", SOURCE + DEST + 'settings = { db = { pw = { env = "PW" } } }\n',
      "destinations[0].settings.db.pw", "environment variable PW is not set"),
     ("settings_not_table", SOURCE + DEST + 'settings = "x"\n', "destinations[0].settings",
@@ -369,7 +390,8 @@ def test_config_bad_value_is_reported_with_its_key_path(
     folder: Path, text: str, where: str, phrase: str
 ) -> None:
     (folder / "empty.txt").write_text("\n")
-    problems = problems_of(folder, text, environ={"EMPTY": ""})
+    environ = {"EMPTY": "", "BAD_PORT_URL": "https://hooks.example.com:70000/in"}
+    problems = problems_of(folder, text, environ=environ)
 
     matching = [p for p in problems if p.startswith(f"{where}: ")]
     assert matching, f"no problem at {where!r} in {problems}"

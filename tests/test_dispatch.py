@@ -14,6 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 from support import (
+    Received,
     Reply,
     Sink,
     closed_port_url,
@@ -62,6 +63,9 @@ async def send(d: running_daemon, n: int, prefix: str = "m") -> list[str]:
          "HTTP 302 Found to /moved: redirects are not followed"),
         ("308-not-followed-then-ok", [Reply(308, headers={"Location": "/moved"}), Reply(200)],
          FAST_RETRY, "delivered", 2, None, None),
+        # No redirect at all: it was said to be one not followed.
+        ("304-no-location", [Reply(304)], {**FAST_RETRY, "max_attempts": 1}, "expired", 1,
+         "Retry", "HTTP 304 Not Modified: a 3xx answer without a Location; gave up"),
         ("max-age-expires", [Reply(500)] * 5,
          {"max_attempts": 10, "max_age": "1s", "backoff_initial": "800ms",
           "backoff_max": "5s"}, "expired", 2, "Retry", "HTTP 500"),
@@ -373,6 +377,47 @@ async def test_dispatch_a_webhook_url_may_be_a_secret(tmp_path, monkeypatch):
     assert "POST [redacted] -> 404" in shown.stdout, shown.stdout
     assert "response body: Cannot POST [redacted]" in shown.stdout, shown.stdout
     assert "sekrit" not in shown.stdout + shown.stderr
+
+
+async def test_dispatch_a_webhook_url_goes_as_written_and_its_password_is_not_shown(
+    tmp_path, monkeypatch, capfd
+):
+    """A signed URL is checked against its exact bytes: the %2F and %3D of its query were
+    decoded on the way, so the server got another URL than the one configured and shown. A
+    password in a plain url was shown in the Event Delivery view, and a secret url's query
+    value that a redirect repeats in another URL. Found by a new user's audit."""
+    token = "ABCDEFSECRET99"
+
+    def reply(n: int, r: Received) -> Reply:
+        if r.raw_path.startswith("/in/signed"):
+            return Reply(200)
+        if r.raw_path.startswith("/in/pw"):
+            return Reply(404)
+        return Reply(307, headers={"Location": f"https://elsewhere.example/x?t={token}"})
+
+    async with Sink(reply) as sink:
+        signed = "/signed/p%2Fq?sig=a%2Bb%2Fc%3D%3D&x=1"
+        monkeypatch.setenv("DESTFND_TEST_HOOK", f"{sink.url}/s?token={token}&x=1")
+        once = {"max_attempts": 1}
+        dests = (
+            webhook("signed", sink.url + signed, retry=once)
+            + webhook("pw", sink.url.replace("//", "//bob:hunter2hunter2@") + "/pw", retry=once)
+            + '[[destinations]]\nname = "s"\ntype = "webhook"\n'
+            + 'url = { env = "DESTFND_TEST_HOOK" }\n[destinations.retry]\nmax_attempts = 1\n'
+        )
+        async with running_daemon(tmp_path, config_text(tmp_path / "db", dests)) as d:
+            await send(d, 1)
+            rows = await d.wait_for_status({"delivered", "discarded", "expired"}, 3)
+    assert sorted(r["status"] for r in rows) == ["delivered", "discarded", "expired"], rows
+    assert [r.raw_path for r in sink.requests if "/signed" in r.raw_path] == ["/in" + signed]
+    shown = run_cli("deliveries", "--config", str(tmp_path / "destfnd.toml"))
+    assert "POST http://bob:[redacted]@127.0.0.1:" in shown.stdout, shown.stdout
+    assert "HTTP 307 Temporary Redirect to https://elsewhere.example/x?t=[redacted]" in (
+        shown.stdout
+    )
+    logged = capfd.readouterr().err
+    for text in (shown.stdout, shown.stderr, logged):
+        assert "hunter2hunter2" not in text and token not in text
 
 
 async def test_dispatch_a_secret_a_webhook_echoes_across_a_cut_leaves_no_part(
