@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import re
 import stat
 import time
 from pathlib import Path
 
 import aiohttp
 import structlog
-from yarl import URL
 
 from destfnd import __version__
 from destfnd.client_errors import client_error_text
@@ -38,6 +36,7 @@ from destfnd.paths import (
     permission_only,
 )
 from destfnd.redact import Redactor
+from destfnd.urls import as_written
 
 # Their Retry-After pauses the whole destination: rate limited, or down for maintenance.
 _PAUSE_STATUSES = frozenset({429, 503})
@@ -160,23 +159,6 @@ class Webhook:
         except aiohttp.ClientError as exc:
             unreachable = isinstance(exc, aiohttp.ClientConnectorError)
             return retry(ErrorType.RETRY, client_error_text(exc)), unreachable
-
-
-# A URL already in its encoded form: only characters a URL may hold as they are (RFC 3986),
-# and a % only before two hex digits.
-_ENCODED_URL_RE = re.compile(r"(?:[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+")
-
-
-def as_written(url: str) -> URL | str:
-    """What the request is sent to: the URL as written when it is encoded already, for a
-    signed URL checks its exact bytes (yarl would decode a %2F or %3D in its query); else
-    as yarl encodes it (a space, a letter that is not ASCII)."""
-    if _ENCODED_URL_RE.fullmatch(url):
-        try:
-            return URL(url, encoded=True)
-        except ValueError:  # (checked by the config: not expected)
-            pass
-    return url
 
 
 async def _read_up_to(resp: aiohttp.ClientResponse, data: bytearray, size: int) -> None:

@@ -421,6 +421,26 @@ async def test_run_function_fetch_response_headers_are_looked_up_in_any_case(fil
     assert "Retry-After: 7 / 7" in result.stdout
 
 
+async def test_run_function_fetch_sends_an_encoded_url_as_written(files):
+    """A signed URL is checked against its exact bytes, which JavaScript's fetch keeps: the
+    %2F and %3D of its query were decoded on the way."""
+    import asyncio
+
+    (files / "post.py").write_text(
+        "from destfnd.functions import fetch\n\nasync def on_track(event, settings):\n"
+        '    await fetch(settings["endpoint"], method="POST", json=event)\n'
+    )
+    async with Sink() as sink:
+        signed = "/p%2Fq?sig=a%2Bb%2Fc%3D%3D&x=1"
+        settings = orjson.dumps({"endpoint": sink.url + signed}).decode()
+        result = await asyncio.to_thread(
+            run_cli, "run-function", str(files / "post.py"), "--event",
+            str(files / "track.json"), "--settings", settings,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r.raw_path for r in sink.requests] == ["/in" + signed]
+
+
 def test_run_function_timeout_keeps_what_the_function_printed(files):
     (files / "slow.py").write_text(
         "import asyncio\n\nasync def on_track(event, settings):\n"

@@ -19,6 +19,7 @@ from destfnd.client_errors import client_error_text
 from destfnd.config import parse_duration
 from destfnd.functions import record
 from destfnd.functions.errors import RetryError
+from destfnd.urls import as_written
 
 DEFAULT_TIMEOUT_S = 10.0  # the worker sets it to the destination's `timeout`
 _session: aiohttp.ClientSession | None = None
@@ -156,8 +157,10 @@ async def fetch(
     shared = _session_for_loop()
     session = shared or aiohttp.ClientSession()  # one request's own on another loop
     try:
+        target = as_written(url) if isinstance(url, str) else url
+        limit = aiohttp.ClientTimeout(total=timeout_s)
         async with session.request(
-            method, url, data=send, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            method, target, data=send, headers=headers, timeout=limit
         ) as resp:
             raw = await resp.read()
             response = Response(resp.status, resp.reason or "", resp.headers, raw)
