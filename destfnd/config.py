@@ -211,13 +211,16 @@ def config_secrets(cfg: Config) -> list[str]:
         if isinstance(dest.url, Secret) and dest.url.value:
             values += _url_forms(dest.url.value)
         elif isinstance(dest.url, str):
-            values += _url_password(dest.url)
+            # (From 8 characters: "test" in `admin:test@` would hide every "test" shown.)
+            values += [p for p in _url_password(dest.url) if len(p) >= 8]
     return list(dict.fromkeys(values))
 
 
 # A secret url's path or query alone is redacted only from this length: a shorter one
 # ("/api", "?json") is no token, and redacting it everywhere would mangle other text.
 _URL_PART_SECRET_CHARS = 12
+_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+=%-]+")
+_LETTER_AND_DIGIT = re.compile(r"[A-Za-z].*\d|\d.*[A-Za-z]")
 
 
 def _url_forms(text: str) -> list[str]:
@@ -232,9 +235,11 @@ def _url_forms(text: str) -> list[str]:
         # HTTP client's errors show alone ("cannot connect to HOST"): its labels, but the
         # domain's own two; and a password in the URL.
         parts += (url.host or "").split(".")[:-2]
-        # A query's values alone: a redirect's Location may carry one to another URL.
-        parts += [v for v in url.query.values() if isinstance(v, str)]
-        parts += [p.partition("=")[2] for p in url.raw_query_string.split("&")]
+        # A query's values that look like tokens, alone: a redirect's Location may carry one
+        # to another URL (not "application/json" or "Europe/Amsterdam": shown everywhere).
+        values = [v for v in url.query.values() if isinstance(v, str)]
+        values += [p.partition("=")[2] for p in url.raw_query_string.split("&")]
+        parts += [v for v in values if _TOKEN_RE.fullmatch(v) and _LETTER_AND_DIGIT.search(v)]
     except (ValueError, TypeError):
         return []
     long = [part for part in parts if len(part) >= _URL_PART_SECRET_CHARS]

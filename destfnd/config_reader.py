@@ -30,17 +30,15 @@ from destfnd.config_files import Resolver, Unavailable
 from destfnd.paths import DATABASE_COMPANIONS
 
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-# Headers a webhook's request sets itself: one configured cut every body to its length or
-# had the receiver refuse it, while the deliveries showed delivered or discarded.
+# Headers that would make a webhook's request say something else than it is: a configured
+# Content-Length cut every body to it, or had the receiver refuse it, while the deliveries
+# showed delivered or discarded. (Connection and Keep-Alive are a client's to send.)
 _SET_PER_REQUEST = "set by destfnd for each request, to frame its body: leave it out"
-_HOP_BY_HOP = "of the connection, not of the request (RFC 9110 7.6.1): leave it out"
 _FRAMING_HEADERS = {
     "content-length": _SET_PER_REQUEST,
     "transfer-encoding": _SET_PER_REQUEST,
     "content-encoding": "destfnd sends the JSON as it is, not encoded: leave it out",
-    **dict.fromkeys(
-        ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"), _HOP_BY_HOP
-    ),
+    "upgrade": "a POST of an event asks for no other protocol: leave it out",
 }
 
 _TOP_KEYS = tuple("server storage logging sources destinations".split())

@@ -295,8 +295,8 @@ BAD_CONFIGS = [
      "destinations[0].headers.Content-Length", "set by destfnd for each request"),
     ("header_transfer_encoding", SOURCE + HOOK + 'headers = { "transfer-encoding" = "x" }\n',
      "destinations[0].headers.transfer-encoding", "set by destfnd for each request"),
-    ("header_connection", SOURCE + HOOK + 'headers = { Connection = "close" }\n',
-     "destinations[0].headers.Connection", "of the connection, not of the request"),
+    ("header_upgrade", SOURCE + HOOK + 'headers = { Upgrade = "websocket" }\n',
+     "destinations[0].headers.Upgrade", "asks for no other protocol"),
     ("header_content_encoding", SOURCE + HOOK + 'headers = { "Content-Encoding" = "gzip" }\n',
      "destinations[0].headers.Content-Encoding", "sends the JSON as it is"),
     ("settings_secret_missing", SOURCE + DEST + 'settings = { db = { pw = { env = "PW" } } }\n',
@@ -598,6 +598,37 @@ def test_config_parse_size(text: str, size: int) -> None:
 def test_config_parse_size_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_size(text)
+
+
+def test_config_a_secret_urls_token_values_and_a_plain_urls_password_are_redacted(tmp_path):
+    """A secret url's query value that looks like a token is hidden alone (a redirect's
+    Location may carry it to another URL), not one that is words ("application/json"). A
+    password in a plain url is hidden from 8 characters ("test" would hide every "test");
+    Connection and Keep-Alive headers are a client's to send."""
+    from destfnd.config import config_secrets
+    from destfnd.redact import Redactor
+
+    config = tmp_path / "destfnd.toml"
+    config.write_text(
+        '[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        '[[destinations]]\nname = "s"\ntype = "webhook"\nurl = { env = "HOOK" }\n'
+        '[[destinations]]\nname = "pw"\ntype = "webhook"\n'
+        'url = "https://bob:hunter2hunter2@h.example/in"\n'
+        'headers = { Connection = "close", "Keep-Alive" = "timeout=5" }\n'
+        '[[destinations]]\nname = "short"\ntype = "webhook"\nurl = "https://a:test@h.example/"\n'
+    )
+    hook = "https://h.example/in?token=ABCDEFSECRET99&format=application/json&tz=Europe/Berlin"
+    redact = Redactor(config_secrets(load_config(config, environ={"HOOK": hook})))
+    assert redact("to https://elsewhere.example/x?t=ABCDEFSECRET99") == (
+        "to https://elsewhere.example/x?t=[redacted]"
+    )
+    assert redact("Content-Type: application/json, Europe/Berlin") == (
+        "Content-Type: application/json, Europe/Berlin"
+    )
+    assert redact("POST https://bob:hunter2hunter2@h.example/in") == (
+        "POST https://bob:[redacted]@h.example/in"
+    )
+    assert redact("a test run") == "a test run"
 
 
 def test_config_unresolved_secrets_load_without_their_environment(tmp_path):

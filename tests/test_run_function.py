@@ -917,6 +917,16 @@ def test_run_function_a_file_that_cannot_be_used_exits_3_naming_it(tmp_path):
         "object, array)\n"
     )
     assert "ran" not in result.stdout
+    # A handler's own exit code 75, destfnd's for a worker left with a stuck thread, is
+    # what it is (it was said to be a stuck thread's).
+    (tmp_path / "exits.py").write_text(
+        "import os\n\ndef on_track(event, settings):\n    os._exit(75)\n"
+    )
+    result = run_cli(
+        "run-function", str(tmp_path / "exits.py"), "--event", str(tmp_path / "event.json")
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "outcome: retrying (Retry): the worker process exited with code 75\n" in result.stdout
     (tmp_path / "leaves.py").write_text("import os\n\nos._exit(4)\n")
     result = run_cli(
         "run-function", str(tmp_path / "leaves.py"), "--event", str(tmp_path / "event.json")

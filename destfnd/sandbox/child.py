@@ -169,6 +169,7 @@ class Worker:
             reply["out_of_memory"] = True
         if self.exit_after_reply is not None:
             reply["exiting"] = True
+            reply["exit_code"] = self.exit_after_reply  # what it exits with, and why
         try:
             self.send(reply)
         except TypeError:  # what JSON cannot hold: an insert's event with a set, a lone

@@ -89,6 +89,7 @@ class Worker:
     output: asyncio.Task | None = None  # the one of `tasks` that reads its stdout
     on_exit: Callable[[Worker, str], None] | None = None
     group_killed: bool = False
+    said_exit_code: object = None  # the code a reply said it would exit with, after it
 
     @property
     def pid(self) -> int:
@@ -297,6 +298,7 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
             waiting = worker.pings if kind == "pong" else worker.inflight
             future = waiting.get(message.get("id"))
             if message.get("exiting"):
+                worker.said_exit_code = message.get("exit_code")
                 worker.retired = True  # it exits after this reply: send it nothing more
             if future is None or future.done():
                 continue  # a reply after its timeout: already recorded
@@ -320,13 +322,15 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
                 code = await _exited(worker.proc)
         finally:  # also when cancelled while waiting (an event loop shutting down)
             worker.kill()  # what it started and left running
-        reason = _RAN_ON if ran_on else _exit_reason(code)
+        # (A stuck thread's exit only when the worker said so: a handler may os._exit(75).)
+        stuck = code == protocol.STUCK_EXIT and worker.said_exit_code == code
+        reason = _RAN_ON if ran_on else _exit_reason(code, stuck)
         calls = [f for f in worker.inflight.values() if not f.done()]
         # After an out-of-memory exit the culprit nearly always has its answer: the rest are
         # victims (a call too big to read has none: it runs again in quarantine, and fails).
         # After a stuck one's, always.
         memory = code == protocol.OUT_OF_MEMORY_EXIT
-        shared = len(calls) > 1 or memory or code == protocol.STUCK_EXIT
+        shared = len(calls) > 1 or memory or stuck
         for future in calls:
             future.set_exception(WorkerFailed(f"the worker process {reason}", shared, memory))
         for future in worker.pings.values():
@@ -390,7 +394,7 @@ async def _read_output(
         throttle.held = 0
 
 
-def _exit_reason(code: int | None) -> str:
+def _exit_reason(code: int | None, stuck: bool = False) -> str:
     if code is None:
         return "stopped"
     if code < 0:
@@ -400,7 +404,7 @@ def _exit_reason(code: int | None) -> str:
             return f"was killed by signal {-code}"
     if code == protocol.OUT_OF_MEMORY_EXIT:
         return "ran out of memory (memory_limit) and exited"
-    if code == protocol.STUCK_EXIT:
+    if stuck:
         return "exited: a plain def handler still ran past its timeout on a thread"
     return f"exited with code {code}"
 

@@ -4,8 +4,8 @@ orjson object. It runs on its own pipe pair (not stdout/stderr), so output canno
 Daemon -> worker: {"t": "init", ...}, {"t": "call", "id", "events", "batch", "stages"},
 {"t": "cancel", "id"}, {"t": "ping", "id"}.
 Worker -> daemon: {"t": "ready", ...} or {"t": "init_error", "message"}, {"t": "result", "id",
-"outcomes", "events", "logs", "requests", "out_of_memory"?, "exiting"?}, {"t": "pong", "id",
-"stuck"}.
+"outcomes", "events", "logs", "requests", "out_of_memory"?, "exiting"?, "exit_code"?},
+{"t": "pong", "id", "stuck"}.
 An outcome is {"kind": ok|retry|discard|drop, "error_type", "message", "retry_after_s"}.
 """
 

@@ -221,8 +221,9 @@ def check_settings(
             kind = spec.get("type")
             if kind is not None and (not isinstance(kind, str) or kind not in _SETTING_TYPES):
                 types = ", ".join(_SETTING_TYPES)
-                meant = _SETTING_TYPE_WORDS.get(str(kind).lower().replace(" ", "")) or next(
-                    iter(difflib.get_close_matches(str(kind), _SETTING_TYPES, n=1)), None
+                word = str(kind).lower().replace(" ", "")
+                meant = _SETTING_TYPE_WORDS.get(word) or next(
+                    iter(difflib.get_close_matches(word, _SETTING_TYPES, n=1, cutoff=0.75)), None
                 )
                 hint = f"did you mean {meant}? " if meant else ""
                 problems.append(f"{where}: unknown type {kind!r} ({hint}use {types})")
