@@ -148,21 +148,22 @@ _HOST_RE = re.compile(r"[\w.-]+|[0-9A-Fa-f:.]+(%[\w.-]+)?")
 
 
 def url(value: Any) -> str:
+    no_port = f"{show(value)} has no valid port (1-65535)"
     try:
         parts = urlsplit(text(value))
-        port = parts.port  # (raises for one that is not a number, or out of range)
         host = parts.hostname
-    except ValueError as exc:  # also some malformed hosts, e.g. "http://[::1"
-        if "Port" in str(exc):  # urlsplit's: "Port out of range 0-65535", "Port could not..."
-            raise ValueError(f"{show(value)} has no valid port (1-65535)") from None
-        host = port = None
-    else:
-        if parts.scheme in ("http", "https") and host:
-            if not _HOST_RE.fullmatch(host):
-                raise ValueError(f"{show(value)} has no valid host name: {host!r}")
-            if port == 0:
-                raise ValueError(f"{show(value)} has no valid port (1-65535)")
-            return value
+    except ValueError:  # urlsplit rejects some malformed hosts, e.g. "http://[::1"
+        parts = host = None
+    try:
+        port = parts.port if parts is not None else None
+    except ValueError:  # not a number, or out of range
+        raise ValueError(no_port) from None
+    if parts is not None and parts.scheme in ("http", "https") and host:
+        if not _HOST_RE.fullmatch(host):
+            raise ValueError(f"{show(value)} has no valid host name: {host!r}")
+        if port == 0:
+            raise ValueError(no_port)
+        return value
     raise ValueError(f"must be an http:// or https:// URL with a host, got {show(value)}")
 
 

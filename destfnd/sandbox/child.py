@@ -274,12 +274,12 @@ class Worker:
         deadline -= 0.1 * self.timeout_s
         if "insert" in stages:
             insert_batch = getattr(self.insert, "on_batch", None)
+            until = loop.time() + 0.9 * self.timeout_s  # for each event's insert handler
             per_event = "function" in stages and getattr(self.function, "on_batch", None) is None
             if insert_batch is None and per_event:
                 # Each event through its two handlers, one after the other, alone: its
                 # function's handler starts once its own insert handler is done, not once
                 # every event's is (a neighbour's slow one took this event's time).
-                until = loop.time() + 0.9 * self.timeout_s
                 results = await asyncio.gather(*(
                     self._chain(call_id, events[i], (until, deadline), rec, timed_out)
                     for i in todo
@@ -288,7 +288,6 @@ class Worker:
             if insert_batch is not None:
                 results = await self.run_insert_batch(call_id, insert_batch, events, rec)
             else:
-                until = loop.time() + 0.9 * self.timeout_s
                 results = await asyncio.gather(*(
                     _within(self.run_one(call_id, events[i], ["insert"], rec), until, "insert",
                             timed_out)

@@ -186,6 +186,11 @@ def check_settings(
     of the problems that are the declarations' own: a fault of the file, not of settings."""
     problems: list[str] = []
     declaring_problems: list[str] = []  # of them, the declarations' own
+
+    def bad_declaration(problem: str) -> None:
+        problems.append(problem)
+        declaring_problems.append(problem)
+
     secret_keys: list[str] = []
     declared_keys: set[str] = set()
     declarations = 0
@@ -198,16 +203,14 @@ def check_settings(
             continue
         declaring.append(file)
         if not isinstance(declared, dict):  # (and no warning of keys it does not declare)
-            problems.append(f"settings: SETTINGS in {file} must be a dict")
-            declaring_problems.append(problems[-1])
+            bad_declaration(f"settings: SETTINGS in {file} must be a dict")
             continue
         declarations += 1
         declared_keys.update(map(str, declared))
         for key, spec in declared.items():
             where = f"settings.{key}: SETTINGS[{key!r}] in {file}"
             if not isinstance(spec, dict):
-                problems.append(f"{where} must be a dict")
-                declaring_problems.append(problems[-1])
+                bad_declaration(f"{where} must be a dict")
                 continue
             if spec.get("secret"):
                 secret_keys.append(str(key))
@@ -216,8 +219,7 @@ def check_settings(
                 known = (
                     f"did you mean {hint[0]!r}?" if hint else f"use {', '.join(_SETTING_FIELDS)}"
                 )
-                problems.append(f"{where} has an unknown field {field!r} ({known})")
-                declaring_problems.append(problems[-1])
+                bad_declaration(f"{where} has an unknown field {field!r} ({known})")
             kind = spec.get("type")
             if kind is not None and (not isinstance(kind, str) or kind not in _SETTING_TYPES):
                 types = ", ".join(_SETTING_TYPES)
@@ -226,13 +228,11 @@ def check_settings(
                     iter(difflib.get_close_matches(word, _SETTING_TYPES, n=1, cutoff=0.75)), None
                 )
                 hint = f"did you mean {meant}? " if meant else ""
-                problems.append(f"{where}: unknown type {kind!r} ({hint}use {types})")
-                declaring_problems.append(problems[-1])
+                bad_declaration(f"{where}: unknown type {kind!r} ({hint}use {types})")
                 kind = None
             for flag in ("required", "secret"):
                 if not isinstance(spec.get(flag, False), bool):
-                    problems.append(f"{where}: {flag} must be true or false")
-                    declaring_problems.append(problems[-1])
+                    bad_declaration(f"{where}: {flag} must be true or false")
             about = f" ({spec['description']})" if spec.get("description") else ""
             if key not in settings:
                 if spec.get("required"):
