@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -24,10 +23,8 @@ from destfnd.errors import DestfndError
 from destfnd.ingest import Ingest
 from destfnd.listen import bind_error_text
 from destfnd.redact import Redactor
-from destfnd.store import Dedupe, StoreError, Writer, backlog, open_db, store_error
-from destfnd.store import queue as q
-from destfnd.store import retention as store_retention
-from destfnd.store.db import PROGRESS_EVERY
+from destfnd.startup import open_store
+from destfnd.store import Dedupe, Writer
 from destfnd.store.lock import DatabaseLock
 from destfnd.upkeep import DatabaseWatch, Retention, save_wal
 
@@ -36,17 +33,10 @@ T = TypeVar("T")
 
 # aiohttp waits this long for requests still running once the listener closes.
 _HTTP_SHUTDOWN_S = 5.0
-_SLOW_START_S = 5.0  # opening the store took this long: say so (and what systemd was told)
 
 
 class DaemonError(DestfndError):
     """The daemon cannot start."""
-
-
-_WITHOUT_HINT = (
-    "renamed? destfnd move --from {name} --to NEW_NAME; removed for good? destfnd discard "
-    "--destination {name}; else they wait for it to come back under this name"
-)
 
 
 class Daemon:
@@ -92,73 +82,15 @@ class Daemon:
         if self.failure is not None:
             raise DaemonError(self.failure)
 
-    def _open_store(
-        self, progress: sdnotify.StartProgress
-    ) -> tuple[sqlite3.Connection, Dedupe] | None:
-        """Open and migrate the database, take back the leases of a previous run and read the
-        dedupe keys not yet flushed. Runs on a thread while the event loop answers 503
-        "starting". Under systemd a slow start (the first after an upgrade) keeps extending its
-        start timeout while SQLite makes progress. A stop requested meanwhile
-        (`progress.stopping`) stops it at SQLite's next progress call, rolling back the
-        statement running: None is returned."""
-        cfg = self.cfg
-        started = time.monotonic()
-        progress.status = "starting: opening and migrating the database"
-        path = Path(cfg.storage.path)
-        if self._found_empty:
-            # SQLite takes an empty file for a new database. One the daemon made is empty
-            # only if it was killed as it made it: this is more likely one truncated (a
-            # disk's or a file system's problem), or made by hand. Said, as the queue starts
-            # empty on it.
-            log.warning("database_file_empty", path=str(path))
-        try:
-            conn = open_db(
-                cfg.storage.path, synchronous=cfg.storage.synchronous, progress=progress.tick
-            )
-        except StoreError:
-            if progress.stopping:
-                return None
-            raise
-        # At once: what goes missing from here on is caught.
-        self._watch = DatabaseWatch(cfg.storage.path, self._clock)
-        try:
-            conn.set_progress_handler(progress.tick, PROGRESS_EVERY)
-            progress.status = "starting: taking back the leases of the last run"
-            recovered = q.recover(conn, self._now_ms())
-            if recovered:
-                log.info("leases_recovered", deliveries=recovered)
-            self._records_bytes = store_retention.invocations_size(conn)
-            enabled = {d.name: d.enabled for d in self.cfg.destinations}
-            for name, waiting in sorted(backlog.waiting_counts(conn).items()):
-                if name not in enabled:
-                    # Renamed or removed from the config: they wait for it to come back.
-                    hint = _WITHOUT_HINT.format(name=name)
-                    log.warning("deliveries_without_destination", destination=name,
-                                unfinished=waiting, hint=hint)  # fmt: skip
-                elif not enabled[name]:
-                    hint = "enabled = true delivers them"
-                    log.warning("deliveries_of_disabled_destination", destination=name,
-                                unfinished=waiting, hint=hint)  # fmt: skip
-            progress.status = "starting: reading the messageIds of recent events (dedupe)"
-            dedupe = Dedupe.load(conn)
-            conn.set_progress_handler(None, 0)  # the writer's statements are not start-up
-        except BaseException as exc:
-            conn.close()
-            if not isinstance(exc, sqlite3.Error):
-                raise
-            if progress.stopping:
-                return None
-            raise store_error(f"{cfg.storage.path}: cannot start on it", exc, path) from exc
-        took = time.monotonic() - started
-        if took >= _SLOW_START_S or progress.sent:
-            log.info("slow_start", seconds=round(took, 1), timeout_extended=progress.sent)
-        return conn, dedupe
-
     async def _start_store(self) -> tuple[sqlite3.Connection, Dedupe] | None:
-        """`_open_store` on a thread; None (logged) if a stop came before or meanwhile."""
+        """`open_store` on a thread; None (logged) if a stop came before or meanwhile."""
         progress = self._progress = sdnotify.StartProgress()
         progress.stopping = self._stop.is_set()
-        opening = asyncio.ensure_future(asyncio.to_thread(self._open_store, progress))
+        opening = asyncio.ensure_future(
+            asyncio.to_thread(
+                open_store, self.cfg, progress, found_empty=self._found_empty, clock=self._clock
+            )
+        )
         try:
             store = await asyncio.shield(opening)
         except asyncio.CancelledError:
@@ -166,18 +98,21 @@ class Daemon:
             with contextlib.suppress(BaseException):
                 opened = await opening
                 if opened is not None:
-                    opened[0].close()
+                    opened.conn.close()
             raise
         finally:
             self._progress = None
         if store is not None and self._stop.is_set():
-            store[0].close()
+            store.conn.close()
             store = None
             progress.status = "nothing: the store had opened"
         if store is None:
             # `interrupted`: the step a stop cut short (its statement rolled back).
             log.info("stopped_while_starting", interrupted=progress.status)
-        return store
+            return None
+        self._watch = store.watch
+        self._records_bytes = store.records_bytes
+        return store.conn, store.dedupe
 
     def _on_commit(self, destinations: tuple[str, ...]) -> None:
         for name in destinations:

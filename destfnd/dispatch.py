@@ -17,13 +17,11 @@ from typing import Protocol, TypeVar
 import structlog
 
 from destfnd.config import DestinationConfig
-from destfnd.outcome import ErrorType, Kind, Outcome, Report, clip_error, retry, same_for_all
-from destfnd.redact import redacted_json
-from destfnd.retry import decide_retry
+from destfnd.outcome import ErrorType, Report, retry, same_for_all
+from destfnd.settle import Settler
 from destfnd.store import Claimed, Finished, Status, StoreError, Writer
 from destfnd.store import queue as q
 from destfnd.store.models import Invocation
-from destfnd.texts import sendable
 
 log = structlog.get_logger("destfnd.dispatch")
 
@@ -31,11 +29,6 @@ _IDLE_POLL_S = 1.0  # re-check for due work at least this often when nothing wok
 
 # A failed store write (a full disk) is tried again after this long, doubling up to the second.
 _STORE_RETRY_S = (1.0, 10.0)
-_OUTCOME_STATUS = {
-    Kind.OK: Status.DELIVERED,
-    Kind.DISCARD: Status.DISCARDED,
-    Kind.DROP: Status.DROPPED,
-}
 
 
 class Deliverer(Protocol):
@@ -87,11 +80,8 @@ class Dispatcher:
         self._writer = writer
         self._deliverer = deliverer
         self._clock = clock
-        self._rng = rng or random.Random()
-        self._redact = redact
         self._on_recorded = on_recorded
         self._summary_every_s = summary_every_s
-        self._log_successes = log_successes
         self._batch = dest.batch
         # Units of work leased but not started: enough to keep every worker busy between claims.
         self._max_units = max(2 * dest.concurrency, 2 if self._batch else 64)
@@ -108,8 +98,11 @@ class Dispatcher:
         self._store_wait_s: dict[str, float] = {}  # op -> its last wait, while it fails
         self._workers_left = dest.concurrency
         self._paused_until = 0.0  # monotonic: no delivery starts before (the downstream asked)
-        self.counts: dict[str, int] = {}  # outcomes since start, for the periodic summary
         self._log = log.bind(destination=dest.name)
+        self._settle = Settler(
+            dest, self._log, rng=rng or random.Random(), redact=redact,
+            log_successes=log_successes,
+        )  # fmt: skip
 
     def wake(self) -> None:
         self._wake.set()
@@ -302,17 +295,9 @@ class Dispatcher:
         if report.pause_s and self._pause(report.pause_s):
             await self._give_back_waiting()
         now = self._clock()
-        redact = self._redact
-        invocation = Invocation(
-            self.dest.name,
-            started_at,
-            duration_ms,
-            report.version,
-            redact(sendable(report.logs)),  # (a webhook's server or a function wrote them)
-            redacted_json(redact, report.requests),
-        )
+        invocation = self._settle.invocation(started_at, duration_ms, report)
         finished = [
-            self._record(claimed, outcome, now, duration_ms)
+            self._settle.finished(claimed, outcome, now, duration_ms)
             for claimed, outcome in zip(unit, report.outcomes, strict=True)
         ]
         self._outcomes.append((finished, invocation))
@@ -354,51 +339,6 @@ class Dispatcher:
             self._unit_ready.set()
             self._log.warning("leases_not_released", deliveries=len(waiting))
 
-    def _record(self, c: Claimed, outcome: Outcome, now: int, duration_ms: float) -> Finished:
-        gave_up = ""
-        if outcome.kind is Kind.RETRY:
-            decision = decide_retry(
-                self.dest.retry,
-                attempt=c.attempt,
-                created_at=c.created_at,
-                now=now,
-                rng=self._rng,
-                retry_after_s=outcome.retry_after_s,
-            )
-            status, at, gave_up = decision.status, decision.at, decision.why
-        else:
-            status, at = _OUTCOME_STATUS[outcome.kind], now
-        error_type = str(outcome.error_type) if outcome.error_type else None
-        message = outcome.message
-        if message:  # a server's reason phrase may hold bytes that are not UTF-8
-            message = self._redact(sendable(message))
-        if message:  # a function's error can be any size
-            message = clip_error(message)
-        if gave_up:
-            message = f"{message}; gave up: {gave_up}" if message else f"gave up: {gave_up}"
-        finished = Finished(c.delivery_id, status, at, error_type, message, c.attempt, now)
-        key = str(status)  # a plain str: orjson refuses enum keys
-        self.counts[key] = self.counts.get(key, 0) + 1
-        if status is Status.DELIVERED and not self._log_successes:
-            return finished  # the hot path: one line per success only at level = "debug"
-        fields = {
-            "message_id": c.message_id,
-            "attempt": c.attempt,
-            "status": str(status),
-            "duration_ms": duration_ms,
-        }
-        if status is Status.DELIVERED:
-            self._log.debug("delivery_attempted", **fields)
-            return finished
-        fields.update(error_type=error_type, error=message)
-        if status is Status.RETRYING:
-            fields["retry_in_s"] = round((at - now) / 1000, 3)
-        if status is Status.DROPPED:
-            self._log.debug("delivery_attempted", **fields)
-        else:
-            self._log.warning("delivery_failed", **fields)
-        return finished
-
     async def _store_failed(self, op: str, exc: StoreError) -> None:
         """A store write failed (say the disk is full): its transaction changed nothing, so
         wait and let the caller try again, longer each time in a row, instead of crashing the
@@ -425,8 +365,8 @@ class Dispatcher:
             given_up = self._stopping and "record outcomes" in self._store_wait_s
             if not self._outcomes or given_up:
                 if self._workers_left == 0:
-                    if self.counts:  # what happened since the last summary, at shutdown
-                        self._log.info("delivery_summary", **self.counts)
+                    if counts := self._settle.summary():  # since the last one, at shutdown
+                        self._log.info("delivery_summary", **counts)
                     return  # outcomes not written yet: run() tries once more
                 self._flush_wake.clear()
                 try:
@@ -465,7 +405,7 @@ class Dispatcher:
                 self._store_wait_s.pop("record outcomes", None)
                 if any(f.status is Status.RETRYING for done, _ in outcomes for f in done):
                     self._wake.set()  # the feeder recomputes when the next retry is due
-            if time.monotonic() - last_summary >= self._summary_every_s and self.counts:
-                self._log.info("delivery_summary", **self.counts)
-                self.counts = {}
-                last_summary = time.monotonic()
+            if time.monotonic() - last_summary >= self._summary_every_s:
+                if counts := self._settle.summary():
+                    self._log.info("delivery_summary", **counts)
+                    last_summary = time.monotonic()

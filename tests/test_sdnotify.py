@@ -5,14 +5,16 @@ SQLite files."""
 from __future__ import annotations
 
 import socket
+import time
 
 import orjson
 import pytest
 from support import config_text, database_at_schema, post, webhook
 
-from destfnd.config import load_config
+from destfnd.config import Config, load_config
 from destfnd.daemon import Daemon
 from destfnd.sdnotify import StartProgress
+from destfnd.startup import open_store
 from destfnd.store import db as store_db
 from destfnd.store import open_db
 
@@ -134,10 +136,14 @@ def test_open_db_keeps_extending_the_start_timeout_through_a_long_migration(
         conn.close()
 
 
-def _daemon(tmp_path, path) -> Daemon:
+def _config(tmp_path, path) -> Config:
     cfg_path = tmp_path / "destfnd.toml"
     cfg_path.write_text(config_text(path, webhook("hook", "http://127.0.0.1:9/in")))
-    return Daemon(load_config(cfg_path))
+    return load_config(cfg_path)
+
+
+def _daemon(tmp_path, path) -> Daemon:
+    return Daemon(_config(tmp_path, path))
 
 
 def test_daemon_start_extends_while_reading_dedupe_keys(tmp_path, notify_socket):
@@ -148,7 +154,9 @@ def test_daemon_start_extends_while_reading_dedupe_keys(tmp_path, notify_socket)
     _schema_4_database(path, 20_000)
     clock = CountingClock()
     progress = StartProgress(every_s=0, clock=clock)
-    conn, dedupe = _daemon(tmp_path, path)._open_store(progress)
+    opened = open_store(_config(tmp_path, path), progress, found_empty=False, clock=time.time)
+    assert opened is not None
+    conn, dedupe = opened.conn, opened.dedupe
     try:
         (flushed,) = conn.execute("SELECT count(*) FROM message_ids").fetchone()
         assert len(dedupe.recent) + flushed == 20_000
