@@ -19,7 +19,7 @@ import orjson
 from destfnd.functions import fetching as fetch_module
 from destfnd.functions import record
 from destfnd.redact import Redactor
-from destfnd.sandbox import confine, protocol, returns, runtime
+from destfnd.sandbox import confine, protocol, returns, runtime, taxonomy
 from destfnd.texts import sendable
 
 
@@ -203,12 +203,12 @@ class Worker:
 
     async def run_one(self, call_id: int, event: Any, stages: list[str], rec) -> tuple[dict, Any]:
         if not returns.is_event(event):
-            return runtime.outcome_of(ValueError("not a Segment event")), None
+            return taxonomy.outcome_of(ValueError("not a Segment event")), None
         name = f"on_{event['type']}"
         if "insert" in stages:
             handler = getattr(self.insert, name, None)
             if handler is None:
-                return runtime.unsupported(f"the insert function has no {name} handler"), None
+                return taxonomy.unsupported(f"the insert function has no {name} handler"), None
             message_id = event.get("messageId")  # before the handler may change the event
             rec.stage = "insert"
             try:
@@ -222,14 +222,14 @@ class Worker:
                     f"the insert function's {name} returned {returns.what(result)}, not an event: "
                     "return the event to pass it on, or raise DropEvent to drop it"
                 )
-                return runtime.bad_request(message), None
+                return taxonomy.bad_request(message), None
             event = returns.with_message_id(result, message_id)
             name = f"on_{event['type']}"  # its type may be another now
         if "function" not in stages:
-            return runtime.ok(), event
+            return taxonomy.ok(), event
         handler = getattr(self.function, name, None)
         if handler is None:
-            return runtime.unsupported(f"the function has no {name} handler"), None
+            return taxonomy.unsupported(f"the function has no {name} handler"), None
         rec.stage = "function"
         try:
             returned = await runtime.invoke(handler, event, self.fresh_settings(),
@@ -242,7 +242,7 @@ class Worker:
                 f"destfnd: {name} returned {type(returned).__name__}(...) instead of raising "
                 "it: a handler that returns has delivered the event\n"
             )
-        return runtime.ok(), None
+        return taxonomy.ok(), None
 
     async def run_batch(self, call_id: int, events: list, stages: list[str], rec):
         timed_out: list[bool] = []  # events that ran out of their share of the timeout
@@ -302,7 +302,7 @@ class Worker:
                     outcomes[i] = outcome
         if "function" not in stages:
             for i in todo:
-                outcomes[i] = runtime.ok()
+                outcomes[i] = taxonomy.ok()
             return outcomes, out_events
         if not todo:  # the insert function passed none on: nothing is sent downstream
             return outcomes, out_events
@@ -361,7 +361,7 @@ class Worker:
         return returns.insert_results(returned, message_ids)
 
     def failed(self, exc: BaseException, rec: record.CallRecord) -> dict:
-        outcome = runtime.outcome_of(exc)
+        outcome = taxonomy.outcome_of(exc)
         if outcome.get("error_type") == "Bad Request":
             rec.log(runtime.user_traceback(exc))
         if isinstance(exc, MemoryError) or (

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from destfnd.sandbox import runtime
+from destfnd.sandbox import runtime, taxonomy
 from destfnd.texts import sendable, sendable_tree
 
 
@@ -16,25 +16,25 @@ def batch_outcomes(returned: Any, n: int) -> list[dict]:
     """on_batch's return: None (all ok) or one outcome per event (None/"ok", an error, or
     Segment's `{"status": 500, "errormessage": "..."}`)."""
     if returned is None:
-        return [runtime.ok()] * n
+        return [taxonomy.ok()] * n
     if not isinstance(returned, list | tuple) or len(returned) != n:
         got = f"a list of {len(returned)}" if isinstance(returned, list | tuple) else (
             type(returned).__name__)  # fmt: skip
         message = f"on_batch returned {got}; return None or a list of {n} outcomes"
-        return [runtime.bad_request(message)] * n
+        return [taxonomy.bad_request(message)] * n
     outcomes = []
     for index, item in enumerate(returned):
         if item is None or item == "ok" or item is True:
-            outcomes.append(runtime.ok())
+            outcomes.append(taxonomy.ok())
         elif isinstance(item, BaseException):
-            outcomes.append(runtime.outcome_of(item))
-        elif (outcome := runtime.status_outcome(item)) is not None:
+            outcomes.append(taxonomy.outcome_of(item))
+        elif (outcome := taxonomy.status_outcome(item)) is not None:
             outcomes.append(outcome)
         else:
-            shown = runtime.short_repr(item)
+            shown = taxonomy.short_repr(item)
             message = (f"on_batch outcome [{index}] is {shown}: use None, 'ok', an error"
                        ' or {"status": 500, "errormessage": "..."}')  # fmt: skip
-            outcomes.append(runtime.bad_request(message))
+            outcomes.append(taxonomy.bad_request(message))
     return outcomes
 
 
@@ -48,17 +48,17 @@ def insert_results(returned: Any, message_ids: list[Any]) -> list[tuple[dict, An
             f"the insert function's on_batch returned {what(returned)}: return a list of"
             f" {n}, one per event in order: the event, or an error such as DropEvent"
         )
-        return [(runtime.bad_request(message), None)] * n
+        return [(taxonomy.bad_request(message), None)] * n
     results: list[tuple[dict, Any]] = []
     for index, item in enumerate(returned):
         if isinstance(item, BaseException):
-            results.append((from_insert(runtime.outcome_of(item), "on_batch"), None))
+            results.append((from_insert(taxonomy.outcome_of(item), "on_batch"), None))
         elif is_event(item):
-            results.append((runtime.ok(), with_message_id(item, message_ids[index])))
+            results.append((taxonomy.ok(), with_message_id(item, message_ids[index])))
         else:
             message = (f"the insert function's on_batch item [{index}] is {what(item)},"
                        " not an event or an error")  # fmt: skip
-            results.append((runtime.bad_request(message), None))
+            results.append((taxonomy.bad_request(message), None))
     return results
 
 
@@ -104,7 +104,7 @@ def without_unsendable(reply: dict) -> dict:
             orjson.dumps(event)
         except TypeError as exc:
             what = "the insert function's result is not JSON"
-            reply["outcomes"][index] = runtime.bad_request(f"{what}: {exc}")
+            reply["outcomes"][index] = taxonomy.bad_request(f"{what}: {exc}")
             events[index] = None
     reply["logs"] = sendable(reply.get("logs", ""))
     try:
