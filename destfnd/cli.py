@@ -1,5 +1,5 @@
 """The `destfnd` command: serve, check-config, run-function here; the commands on the store
-(stats, deliveries, retry, move, discard) in operate.py.
+in operate.py (stats, deliveries) and interventions.py (retry, move, discard).
 
 Errors reach the user as one clear message and a named exit code, never a traceback.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import structlog
 
-from destfnd import __version__, logs, operate
+from destfnd import __version__, interventions, logs, operate
 from destfnd.config import Config, ConfigError, DestinationConfig, load_config, parse_duration
 from destfnd.errors import DestfndError, UsageError
 from destfnd.store import Status, StoreError, StoreUnavailable
@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON array (with each event)")
     p = command(
         "retry",
-        _on_store(operate.retry),
+        _on_store(interventions.retry),
         "make retrying deliveries due now (after fixing what they wait for)",
     )
     p.add_argument("--destination", metavar="N", help="only this destination's")
@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help='print {"due_now": N}')
     p = command(
-        "move", _on_store(operate.move),
+        "move", _on_store(interventions.move),
         "give a destination's waiting deliveries to another (after renaming it in the config)",
     )  # fmt: skip
     p.add_argument("--from", dest="source", metavar="OLD", required=True,
@@ -179,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="NEW", required=True, help="a destination of the config")
     p.add_argument("--json", action="store_true", help='print {"moved": N, "left": N}')
     p = command(
-        "discard", _on_store(operate.discard),
+        "discard", _on_store(interventions.discard),
         "discard a destination's waiting deliveries (one removed for good from the config)",
     )  # fmt: skip
     p.add_argument("--destination", metavar="N", required=True, help="whose")
@@ -233,7 +233,7 @@ def _seconds(text: str) -> float:
 
 
 def _on_store(command: Callable[[Config, argparse.Namespace], None]) -> Callable:
-    """A command of operate.py's: the config read without its secrets, which it never needs."""
+    """A command on the store: the config read without its secrets, which it never needs."""
 
     def run(args: argparse.Namespace) -> int:
         command(load_config(_config_path(args), resolve_secrets=False), args)

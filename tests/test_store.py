@@ -1448,11 +1448,11 @@ def test_operator_commands_find_every_delivery_across_windows(tmp_path, monkeypa
     destinations and events are left alone, and those made after the start are not taken."""
     import argparse
 
-    from destfnd import operate
+    from destfnd import interventions
     from destfnd.config import load_config
 
-    monkeypatch.setattr(operate, "_CHUNK", 3)
-    monkeypatch.setattr(operate, "_WINDOW", 7)
+    monkeypatch.setattr(interventions, "_CHUNK", 3)
+    monkeypatch.setattr(interventions, "_WINDOW", 7)
     path = tmp_path / "db.sqlite3"
     conn = open_db(path)
     for i in range(40):  # crm's rows among warehouse's, with gaps wider than a window
@@ -1470,18 +1470,18 @@ def test_operator_commands_find_every_delivery_across_windows(tmp_path, monkeypa
         return argparse.Namespace(**{"json": True, "message_id": None, **kw})
 
     pauses: list[float] = []
-    monkeypatch.setattr(operate.time, "sleep", pauses.append)
-    operate.move(cfg, args(source="crm", to="crm2"))
+    monkeypatch.setattr(interventions.time, "sleep", pauses.append)
+    interventions.move(cfg, args(source="crm", to="crm2"))
     assert backlog.status_counts(conn)["crm2"] == {"pending": 40}
-    operate.discard(cfg, args(destination="crm2"))
+    interventions.discard(cfg, args(destination="crm2"))
     assert backlog.status_counts(conn)["crm2"] == {"discarded": 40}
     assert backlog.status_counts(conn)["warehouse"] == {"pending": 200}
     # No daemon runs, and move and discard hold its lock: no daemon can start, no pause.
     assert pauses == []
-    operate.retry(cfg, args(status="discarded", destination=None))
+    interventions.retry(cfg, args(status="discarded", destination=None))
     assert backlog.status_counts(conn)["crm2"] == {"retrying": 40}
     # retry holds no lock, so a daemon may start while it runs: it pauses between chunks.
     assert len(pauses) >= 40 // 3, pauses
-    operate.discard(cfg, args(destination="crm2", message_id="c17"))
+    interventions.discard(cfg, args(destination="crm2", message_id="c17"))
     assert backlog.status_counts(conn)["crm2"] == {"retrying": 39, "discarded": 1}
     conn.close()
