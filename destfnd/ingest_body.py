@@ -82,11 +82,12 @@ async def read_body(request: web.Request, server: ServerConfig) -> bytes:
 
 
 def loads(raw: bytes) -> object:
-    """The JSON of a body; a lone surrogate escape is taken as U+FFFD (below)."""
+    """The JSON of a body; a lone surrogate escape, or a byte that is not UTF-8, inside a
+    string is taken as U+FFFD (below)."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return _loads_lone_surrogates(raw, exc)
+        return _loads_repaired(raw, exc)
 
 
 # Each escape in a JSON text, left to right (so "\\\\" is one escape and the next character
@@ -102,19 +103,27 @@ def _replace_lone(match: re.Match[bytes]) -> bytes:
     return b"\\ufffd" if match.group(1) else match.group(0)
 
 
-def _loads_lone_surrogates(raw: bytes, error: orjson.JSONDecodeError) -> object:
+def _loads_repaired(raw: bytes, error: orjson.JSONDecodeError) -> object:
     """A body orjson refused only for a lone surrogate escape (`"\\ud83d"` with no low half,
-    as JSON.stringify writes a string cut in the middle of an emoji), parsed with each lone
-    surrogate replaced by U+FFFD, as Go's encoding/json does (so nothing is lost); any other
-    malformed body is refused with orjson's error."""
-    if "surrogate" not in str(error):
+    as JSON.stringify writes a string cut in the middle of an emoji) or for bytes that are
+    not UTF-8 in a string (Latin-1 text from a hand-made client), parsed with each of them
+    replaced by U+FFFD, as Go's encoding/json (and so Segment's API) does: nothing else of
+    the request is lost. Any other malformed body is refused: with orjson's error, or, if it
+    has bytes that are not UTF-8 (one outside a string, say), with the first one's offset."""
+    if "surrogate" not in str(error):  # orjson says "surrogates not allowed" for a bad byte too
         raise Rejected(400, "malformed JSON", str(error))
+    bad: UnicodeDecodeError | None = None
+    repaired = raw
     try:
-        return orjson.loads(_ESCAPES.sub(_replace_lone, raw))
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc
+        # ASCII bytes (quotes, backslashes) are never taken into a replacement.
+        repaired = raw.decode("utf-8", "replace").encode()
+    try:
+        return orjson.loads(_ESCAPES.sub(_replace_lone, repaired))
     except orjson.JSONDecodeError as exc:
-        try:
-            raw.decode("utf-8")  # orjson says "surrogates not allowed" for any bad byte
-        except UnicodeDecodeError as bad:
+        if bad is not None:
             detail = f"the body is not UTF-8: byte {bad.start} is 0x{raw[bad.start]:02x}"
             raise Rejected(400, "malformed JSON", detail) from None
         raise Rejected(400, "malformed JSON", str(exc)) from None

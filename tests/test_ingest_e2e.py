@@ -622,8 +622,9 @@ BAD_INPUTS = [
     ("basic-no-user", "/v1/track", TRACK,
      {"Authorization": "Basic " + base64.b64encode(b":secret").decode()}, False, 401,
      "unauthorized", "HTTP Basic"),
-    ("not-utf8", "/v1/track", b'{"userId": "\xe9", "event": "e"}', {}, True, 400,
-     "malformed JSON", "not UTF-8: byte 12 is 0xe9"),
+    # Not UTF-8 outside a string (inside one, it becomes U+FFFD: see below).
+    ("not-utf8", "/v1/track", b'{"userId": "u1", "event": "e"}\xe9', {}, True, 400,
+     "malformed JSON", "not UTF-8: byte 30 is 0xe9"),
     ("timestamp-long-spaces", "/v1/track",
      {**TRACK, "timestamp": "2015-12-10" + " " * 20_000 + "x"}, {}, True, 400,
      "invalid event", "timestamp"),
@@ -817,7 +818,7 @@ async def test_ingest_fill_ip_ignores_forwarded_for_from_untrusted_peers(
         assert sink.delivered()[0]["context"] == {"ip": "127.0.0.1"}
 
 
-async def test_ingest_gzip_members_and_lone_surrogates_are_delivered(
+async def test_ingest_gzip_members_lone_surrogates_and_latin1_are_delivered(
     make_daemon, tmp_path, session
 ):
     async with Sink() as sink:
@@ -831,6 +832,11 @@ async def test_ingest_gzip_members_and_lone_surrogates_are_delivered(
         cut = b'{"userId": "u1", "event": "Cut", "messageId": "cut-1", "properties": '
         cut += b'{"title": "Caf\\u00e9 \\ud83d", "\\udc00k": "\\ud83d\\ude00"}}'
         assert (await post(session, f"{daemon.url}/v1/track", cut))[0] == 200
+        # Latin-1 bytes in strings (a shell script's curl), one cut before a quote: each is
+        # U+FFFD, as Go's encoding/json (Segment's API) reads them, and no quote is lost.
+        latin = b'{"userId": "u1", "event": "Latin", "messageId": "latin-1", "properties": '
+        latin += b'{"city": "Besan\xe7on", "caf\xe9": "x\xe2", "ok": "\xe2\x82\xac"}}'
+        assert (await post(session, f"{daemon.url}/v1/track", latin))[0] == 200
         # x-gzip: gzip's old name, which RFC 9110 asks servers to take as gzip (it was 415).
         old = orjson.dumps({"userId": "u1", "event": "Old Name", "messageId": "x-gz"})
         headers = {"Content-Encoding": "x-gzip"}
@@ -838,10 +844,13 @@ async def test_ingest_gzip_members_and_lone_surrogates_are_delivered(
             session, f"{daemon.url}/v1/track", gzip.compress(old), headers=headers
         )
         assert status == 200
-        await sink.wait_for(lambda: len(sink.delivered()) == 3)
+        await sink.wait_for(lambda: len(sink.delivered()) == 4)
         by_id = {e["messageId"]: e for e in sink.delivered()}
         assert by_id["gz-2"]["event"] == "Two Members"
         assert by_id["cut-1"]["properties"] == {"title": "Café \ufffd", "\ufffdk": "😀"}
+        assert by_id["latin-1"]["properties"] == {
+            "city": "Besan\ufffdon", "caf\ufffd": "x\ufffd", "ok": "€"
+        }
 
 
 async def _raw(url: str, request: bytes, wait_s: float = 10.0) -> bytes:
