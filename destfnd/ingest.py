@@ -77,6 +77,9 @@ _ROUTES: dict[str, str | None] = {
 # With a trailing slash too: analytics-java posts to /v1/import/ by default (a 404 it drops).
 _ROUTES |= {f"{path}/": etype for path, etype in _ROUTES.items()}
 _ALLOWED = {path: "OPTIONS, POST" for path in _ROUTES} | {"/healthz": "GET, HEAD"}
+# Runs of slashes, as an SDK makes of a configured host that ends in "/" (analytics-go
+# appends "/v1/batch" to it): taken as one, where a 404 lost the batch.
+_SLASHES = re.compile(r"//+")
 
 
 class Ingest:
@@ -121,6 +124,7 @@ class Ingest:
             for source, ds in subscribed.items()
         }
         self._auth_cache: dict[str, Any] = {}  # str, None or MALFORMED
+        self._posts: dict[str, Callable] = {}  # path -> its POST handler, for _unrouted
         self.ready = False  # /healthz and ingest answer 503 until ready and after draining
         self.draining = False
 
@@ -142,7 +146,8 @@ class Ingest:
         )
         app.router.add_get("/healthz", self.healthz)
         for path, etype in _ROUTES.items():
-            app.router.add_post(path, self._handler(etype), expect_handler=self._expect)
+            handler = self._posts[path] = self._handler(etype)
+            app.router.add_post(path, handler, expect_handler=self._expect)
             app.router.add_route("OPTIONS", path, self._preflight)
         # Last, so it only gets what no route above takes: an unknown path, or a known one
         # with another method. aiohttp's own answers to those are plain text.
@@ -200,8 +205,16 @@ class Ingest:
         request.writer.output_size = 0  # (as aiohttp's own: the answer has not begun)
         return None
 
-    async def _unrouted(self, request: web.Request) -> web.Response:
-        allowed = _ALLOWED.get(request.path)
+    async def _unrouted(self, request: web.Request) -> web.StreamResponse:
+        path = _SLASHES.sub("/", request.path)
+        if path != request.path:  # ("/v1//batch": a host configured with a trailing "/")
+            if request.method == "POST" and path in self._posts:
+                return await self._posts[path](request)
+            if request.method == "OPTIONS" and path in _ROUTES:
+                return await self._preflight(request)
+            if request.method in ("GET", "HEAD") and path == "/healthz":
+                return await self.healthz(request)
+        allowed = _ALLOWED.get(path)
         if allowed is None:
             detail = (
                 f"no endpoint at {request.path}; events go to /v1/track, /v1/identify, "

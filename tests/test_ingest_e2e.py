@@ -296,6 +296,33 @@ async def test_ingest_analytics_java_posts_to_v1_import_with_a_trailing_slash(
         assert java["context"]["library"]["name"] == "analytics-java"
 
 
+async def test_ingest_takes_runs_of_slashes_in_a_path_as_one(make_daemon, tmp_path, session):
+    """An SDK configured with a host that ends in "/" (analytics-go appends "/v1/batch" to its
+    endpoint) posts to //v1/batch: a 404 there, which SDKs drop or retry until they drop,
+    lost the batch. Each run of slashes counts as one, for POST, OPTIONS and /healthz; an
+    unknown path is still a 404, and another method a 405 naming what the path takes."""
+    async with Sink() as sink:
+        daemon = await start(make_daemon, tmp_path, sink)
+        paths = {"//v1/batch": "s-1", "/v1//b": "s-2", "/v1/b//": "s-3", "/v1///track": "s-4"}
+        for path, message_id in paths.items():
+            event = {"type": "track", "event": "Slashes", "userId": "u", "messageId": message_id}
+            body = event if path.endswith("track") else {"batch": [event]}
+            status, answer = await post(session, daemon.url + path, body)
+            assert (status, answer) == (200, {"success": True}), path
+        await sink.wait_for(lambda: sink.delivered_ids() == set(paths.values()))
+        async with session.options(f"{daemon.url}/v1//batch") as resp:
+            assert resp.status == 204
+        async with session.get(f"{daemon.url}//healthz") as resp:
+            assert resp.status == 200 and (await resp.json()) == {"status": "ok"}
+        async with session.get(f"{daemon.url}/v1//batch") as resp:
+            assert resp.status == 405 and resp.headers["Allow"] == "OPTIONS, POST"
+            assert (
+                "GET /v1//batch: this endpoint takes OPTIONS, POST" in (await resp.json())["detail"]
+            )
+        status, answer = await post(session, f"{daemon.url}/v1//trak", paths)
+        assert status == 404 and "no endpoint at /v1//trak" in answer["detail"]
+
+
 def _sized(message_id: str, size: int) -> dict:
     """A track event whose compact JSON is `size` bytes, as an SDK measures it."""
     message = {"type": "track", "event": "Big", "userId": "u", "messageId": message_id,
@@ -849,7 +876,9 @@ async def test_ingest_gzip_members_lone_surrogates_and_latin1_are_delivered(
         assert by_id["gz-2"]["event"] == "Two Members"
         assert by_id["cut-1"]["properties"] == {"title": "Café \ufffd", "\ufffdk": "😀"}
         assert by_id["latin-1"]["properties"] == {
-            "city": "Besan\ufffdon", "caf\ufffd": "x\ufffd", "ok": "€"
+            "city": "Besan\ufffdon",
+            "caf\ufffd": "x\ufffd",
+            "ok": "€",
         }
 
 
