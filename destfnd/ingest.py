@@ -9,7 +9,6 @@ import functools
 import re
 import time
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 import structlog
@@ -18,16 +17,16 @@ from aiohttp import HttpVersion11, web
 from destfnd import descriptors, spec
 from destfnd.client_ip import ClientIP
 from destfnd.config import Config
+from destfnd.ingest_auth import WriteKeys
 from destfnd.ingest_body import (
-    MALFORMED,
     Rejected,
-    basic_user,
     error_response,
     loads,
     read_body,
     too_large,
 )
 from destfnd.ingest_events import Messages
+from destfnd.ingest_pixel import PIXEL_TYPES, pixel_answer, pixel_body
 from destfnd.logs import Throttle
 from destfnd.store import StoreError, Writer
 from destfnd.store import queue as q
@@ -43,16 +42,6 @@ REJECTED_LINES_PER_S = 10.0
 _OK = orjson.dumps({"success": True})
 _SKIPPED_LISTED = 10  # reasons in the answer to a request with invalid events skipped
 _JSON = {"Content-Type": "application/json"}
-_MISSING = object()
-_MALFORMED_DETAIL = (
-    "the Authorization header is not HTTP Basic with the write key as user name "
-    "(base64 of 'WRITE_KEY:')"
-)
-_NOT_BASIC_DETAIL = (
-    "the Authorization header is not HTTP Basic (send 'Basic ' + base64 of 'WRITE_KEY:'), "
-    "and the body has no writeKey"
-)
-_AUTH_CACHE_SIZE = 1024
 # A browser posting to a first-party endpoint (analytics.example.com, say) sends the site's
 # cookies along: on a heavy site 10-20 KB of them, over aiohttp's 8 KB default for a header,
 # which refused the request with a 400 that analytics.js does not retry. The line limit too:
@@ -60,12 +49,6 @@ _AUTH_CACHE_SIZE = 1024
 # many headers (aiohttp's default is 128), so a request's head stays under 2 MiB.
 _MAX_HEADER_BYTES = 32 * 1024
 _MAX_HEADERS = 64
-# A body without an Authorization header bigger than this is parsed only if a "writeKey" of
-# one of the sources is in its text (among its first few): parsing costs about 25 ms a MB,
-# and 2 KB of gzip inflate to 2 MB, so anyone could otherwise keep the event loop busy
-# without a key. Smaller bodies are parsed first, for the exact error.
-_SCAN_BODY_KEY_OVER = 64 * 1024
-_BODY_KEYS_TRIED = 16  # "writeKey"s looked at, whatever follows each: the work is bounded
 # Ingest paths and the event type each implies (None: a batch, each message with its own).
 # /v1/b: analytics.js with deliveryStrategy "batching" posts its batches there.
 _ROUTES: dict[str, str | None] = {
@@ -76,7 +59,13 @@ _ROUTES: dict[str, str | None] = {
 }
 # With a trailing slash too: analytics-java posts to /v1/import/ by default (a 404 it drops).
 _ROUTES |= {f"{path}/": etype for path, etype in _ROUTES.items()}
-_ALLOWED = {path: "OPTIONS, POST" for path in _ROUTES} | {"/healthz": "GET, HEAD"}
+_PIXEL_ROUTES = {f"/v1/pixel/{etype}": etype for etype in PIXEL_TYPES}
+_PIXEL_ROUTES |= {f"{path}/": etype for path, etype in _PIXEL_ROUTES.items()}
+_ALLOWED = (
+    {path: "OPTIONS, POST" for path in _ROUTES}
+    | {path: "GET" for path in _PIXEL_ROUTES}
+    | {"/healthz": "GET, HEAD"}
+)
 # Runs of slashes, as an SDK makes of a configured host that ends in "/" (analytics-go
 # appends "/v1/batch" to it): taken as one, where a 404 lost the batch.
 _SLASHES = re.compile(r"//+")
@@ -98,14 +87,7 @@ class Ingest:
         self._insert: Callable | None = None
         self._on_commit = on_commit
         self._clock = clock
-        self._sources = {s.write_key.value: s.name for s in cfg.sources}
-        # A "writeKey" member with a string no longer than the longest key as JSON may write
-        # it (each character escaped at worst: 12 for one outside the BMP): each try is
-        # bounded by that, not by the body.
-        longest = max((12 * len(key) for key in self._sources), default=0)
-        self._body_key = re.compile(
-            rb'"writeKey"\s{0,64}:\s{0,64}("(?:[^"\\]|\\.){0,%d}")' % longest
-        )
+        self._keys = WriteKeys({s.write_key.value: s.name for s in cfg.sources})
         self._rejections = Throttle(per_s=REJECTED_LINES_PER_S, burst=REJECTED_LINES_BURST)
         self._commit_failures = Throttle(per_s=1.0, burst=10)
         self._prepare = Messages(cfg.server).prepare
@@ -123,8 +105,8 @@ class Ingest:
             source: tuple((d.name, d.integrations_key or d.name) for d in ds)
             for source, ds in subscribed.items()
         }
-        self._auth_cache: dict[str, Any] = {}  # str, None or MALFORMED
         self._posts: dict[str, Callable] = {}  # path -> its POST handler, for _unrouted
+        self._pixels: dict[str, Callable] = {}  # and its GET handler, for a pixel's path
         self.ready = False  # /healthz and ingest answer 503 until ready and after draining
         self.draining = False
 
@@ -149,6 +131,9 @@ class Ingest:
             handler = self._posts[path] = self._handler(etype)
             app.router.add_post(path, handler, expect_handler=self._expect)
             app.router.add_route("OPTIONS", path, self._preflight)
+        for path, etype in _PIXEL_ROUTES.items():  # no HEAD: it would record an event
+            handler = self._pixels[path] = self._pixel(etype)
+            app.router.add_get(path, handler, allow_head=False)
         # Last, so it only gets what no route above takes: an unknown path, or a known one
         # with another method. aiohttp's own answers to those are plain text.
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._unrouted)  # newlines too (%0a)
@@ -214,6 +199,8 @@ class Ingest:
                 return await self._preflight(request)
             if request.method in ("GET", "HEAD") and path == "/healthz":
                 return await self.healthz(request)
+            if request.method == "GET" and path in self._pixels:
+                return await self._pixels[path](request)
         allowed = _ALLOWED.get(path)
         if allowed is None:
             detail = (
@@ -255,63 +242,33 @@ class Ingest:
             headers["Access-Control-Allow-Headers"] = requested
         return web.Response(status=204, headers=headers)
 
-    @staticmethod
-    def _no_key_detail(request: web.Request) -> str:
-        if "Authorization" in request.headers:
-            return _NOT_BASIC_DETAIL
-        return "send the write key as HTTP Basic user name or as writeKey"
-
-    def _known_key_in(self, raw: bytes) -> bool:
-        """Whether one of the first "writeKey"s in the text of `raw` is a source's."""
-        at = 0
-        for _ in range(_BODY_KEYS_TRIED):
-            at = raw.find(b'"writeKey"', at)
-            if at < 0:
-                return False
-            match = self._body_key.match(raw, at)
-            at += len(b'"writeKey"')
-            if match is None:
-                continue
-            try:
-                value = orjson.loads(match.group(1))
-            except orjson.JSONDecodeError:
-                continue
-            if value in self._sources:
-                return True
-        return False
-
     def _check_head(self, request: web.Request) -> str | None:
         """What the request's head alone refuses (starting or draining; an Authorization
         header with an unknown or malformed write key); the header's write key, if any."""
         if not self.ready or self.draining:
             raise Rejected(503, "unavailable", "the daemon is starting or shutting down; retry")
-        header_key = self._auth(request.headers.get("Authorization"))
-        if header_key is not None and header_key not in self._sources:
-            if header_key is MALFORMED:
-                raise Rejected(401, "unauthorized", _MALFORMED_DETAIL)
-            raise Rejected(401, "unauthorized", "unknown write key")
-        return header_key
+        return self._keys.of_header(request)
 
     async def _accept(self, request: web.Request, endpoint_type: str | None) -> web.Response:
         header_key = self._check_head(request)
         raw = await read_body(request, self._server)
-        if header_key is None and len(raw) > _SCAN_BODY_KEY_OVER and not self._known_key_in(raw):
-            if b'"writeKey"' not in raw:
-                raise Rejected(401, "unauthorized", self._no_key_detail(request))
-            raise Rejected(401, "unauthorized", "unknown write key")
+        self._keys.check_big_body(request, header_key, raw)
         body = loads(raw)
-        key = header_key
-        if key is None and isinstance(body, dict):
-            key = body.get("writeKey")
-        if not isinstance(key, str) or not key:
-            if key is not None and key != "":
-                detail = f"writeKey must be a string, not {type(key).__name__}"
-            else:
-                detail = self._no_key_detail(request)
-            raise Rejected(401, "unauthorized", detail)
-        source = self._sources.get(key)
-        if source is None:
-            raise Rejected(401, "unauthorized", "unknown write key")
+        source = self._keys.source(request, header_key, body)
+        stored, skipped = self._events(request, source, body, endpoint_type)
+        # The parsed body (a few containers per event) must not stay alive while the commit
+        # is awaited: with 64 requests in flight, the cyclic collector kept walking them all.
+        del body, raw
+        await self._commit(stored)
+        if skipped:
+            return self._skipped(request, source, skipped)
+        return web.Response(body=_OK, headers=_JSON)
+
+    def _events(
+        self, request: web.Request, source: str, body: object, endpoint_type: str | None
+    ) -> tuple[q.IngestRequest | None, list[str]]:
+        """What to commit of `body` for `source` (None: nothing, as nothing subscribes to it
+        or every event was skipped), and why each event skipped was (`invalid_events`)."""
         now_s = self._clock()
         ip = None
         if source in self._fill_ip:
@@ -321,29 +278,48 @@ class Ingest:
         events, only, skipped = self._prepare(
             body, endpoint_type, now_s, ip, destinations, self._routes[source]
         )
-        # The parsed body (a few containers per event) must not stay alive while the commit
-        # is awaited: with 64 requests in flight, the cyclic collector kept walking them all.
-        del body, raw
         # Valid but subscribed to by nothing: nothing to store (nor to dedupe later).
-        if events and destinations:
-            now_ms = int(now_s * 1000)
-            cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
+        if not (events and destinations):
+            return None, skipped
+        now_ms = int(now_s * 1000)
+        cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
+        return q.IngestRequest(source, events, destinations, now_ms, cutoff, only), skipped
+
+    async def _commit(self, stored: q.IngestRequest | None) -> None:
+        if stored is None:
+            return
+        try:
+            assert self._writer is not None and self._insert is not None  # ready: attached
+            await self._writer.run_batched(self._insert, stored, urgent=True)
+        except StoreError as exc:
+            # Not the client's fault and not lost: no 200, so the client sends it again.
+            self._commit_failed_at = self._clock()
+            more = self._commit_failures.fields()  # one a request: 575 lines a second
+            if more is not None:
+                log.error("commit_failed", error=str(exc) + descriptors.note(), **more)
+            raise Rejected(503, "unavailable", "could not store the events; retry") from None
+        self._commit_failed_at = None
+        self._on_commit(stored.destinations)
+
+    def _pixel(self, endpoint_type: str):
+        async def handle(request: web.Request) -> web.Response:
+            """Segment's Tracking Pixel API: the event in the query, a GIF back (200 even
+            when refused, as Segment answers: see ingest_pixel)."""
             try:
-                stored = q.IngestRequest(source, events, destinations, now_ms, cutoff, only)
-                assert self._writer is not None and self._insert is not None  # ready: attached
-                await self._writer.run_batched(self._insert, stored, urgent=True)
-            except StoreError as exc:
-                # Not the client's fault and not lost: no 200, so the client sends it again.
-                self._commit_failed_at = self._clock()
-                more = self._commit_failures.fields()  # one a request: 575 lines a second
-                if more is not None:
-                    log.error("commit_failed", error=str(exc) + descriptors.note(), **more)
-                raise Rejected(503, "unavailable", "could not store the events; retry") from None
-            self._commit_failed_at = None
-            self._on_commit(destinations)
-        if skipped:
-            return self._skipped(request, source, skipped)
-        return web.Response(body=_OK, headers=_JSON)
+                header_key = self._check_head(request)
+                body = pixel_body(request.query.items())
+                source = self._keys.source(request, header_key, body)
+                stored, skipped = self._events(request, source, body, endpoint_type)
+                await self._commit(stored)
+            except Rejected as exc:
+                self._log_rejected(request, exc.status, exc.error)
+                return pixel_answer(exc)
+            if skipped:
+                self._skipped(request, source, skipped)  # (its log line)
+                return pixel_answer(skipped=skipped[0])
+            return pixel_answer()
+
+        return handle
 
     def _skipped(self, request: web.Request, source: str, skipped: list[str]) -> web.Response:
         """200, as Segment answers a request with invalid events among valid ones: the rest
@@ -354,18 +330,6 @@ class Ingest:
                         skipped=len(skipped), error=skipped[0], **more)  # fmt: skip
         body = {"success": True, "skipped": len(skipped), "errors": skipped[:_SKIPPED_LISTED]}
         return web.Response(body=orjson.dumps(body), headers=_JSON)
-
-    def _auth(self, header: str | None) -> str | None:
-        """The write key of an Authorization header (or MALFORMED); decoded once per
-        distinct header."""
-        if header is None:
-            return None
-        key = self._auth_cache.get(header, _MISSING)
-        if key is _MISSING:
-            if len(self._auth_cache) >= _AUTH_CACHE_SIZE:
-                self._auth_cache.clear()  # bounded: junk headers cannot grow it
-            key = self._auth_cache[header] = basic_user(header)
-        return key  # type: ignore[return-value]
 
 
 def _cors(request: web.Request, response: web.Response) -> web.Response:
