@@ -49,7 +49,17 @@ window.fetch = async (...args) => {
     await analytics.track("Browser Clicked", {button: "buy"});
     await analytics.page("Home");
     await analytics.identify("browser-user", {plan: "pro"});
-    out.textContent = "SENT " + answers.join(",") + " END";
+    // The Tracking Pixel API, as an email's <img>: one accepted, one refused (unknown key);
+    // each should load as an image (a refused one too, as at Segment), not show broken.
+    const pixel = (event) => new Promise((done) => {
+      const img = new Image();
+      img.onload = () => done("load" + img.naturalWidth);
+      img.onerror = () => done("error");
+      img.src = "http://" + api + "/pixel/track?data=" + btoa(JSON.stringify(event));
+    });
+    const opened = await pixel({writeKey: "@@KEY@@", userId: "mail-1", event: "Email Opened"});
+    const refused = await pixel({writeKey: "nope", userId: "mail-2", event: "Email Opened"});
+    out.textContent = "SENT " + answers.join(",") + " END PIXELS " + opened + "," + refused;
   } catch (e) { out.textContent = "ERROR " + e; }
 })();
 </script></body></html>
@@ -110,15 +120,18 @@ async def test_analytics_js_in_chromium_from_another_origin(make_daemon, tmp_pat
             assert sent, browser.stdout[-2000:] + browser.stderr[-2000:]
             # One POST per call, each answer readable by the page: nothing was sent twice.
             assert sent.group(1) == "200,200,200"
-            await sink.wait_for(lambda: len(sink.delivered()) == 3)
+            assert "END PIXELS load1,load1" in browser.stdout
+            await sink.wait_for(lambda: len(sink.delivered()) == 4)
         finally:
             await runner.cleanup()
-    by_type = {e["type"]: e for e in sink.delivered()}
+    (pixel,) = [e for e in sink.delivered() if e.get("userId") == "mail-1"]
+    assert (pixel["type"], pixel["event"]) == ("track", "Email Opened")
+    by_type = {e["type"]: e for e in sink.delivered() if e.get("userId") != "mail-1"}
     assert set(by_type) == {"track", "page", "identify"}
     assert by_type["track"]["event"] == "Browser Clicked"
     assert by_type["track"]["properties"] == {"button": "buy"}
     assert by_type["identify"]["traits"]["plan"] == "pro"
-    for event in sink.delivered():
+    for event in by_type.values():
         assert event["context"]["library"]["name"] == "analytics.js"
         assert event["receivedAt"] and event["messageId"]
         assert "writeKey" not in event
