@@ -136,7 +136,9 @@ class Ingest:
             app.router.add_get(path, handler, allow_head=False)
         # Last, so it only gets what no route above takes: an unknown path, or a known one
         # with another method. aiohttp's own answers to those are plain text.
-        app.router.add_route("*", r"/{tail:[\s\S]*}", self._unrouted)  # newlines too (%0a)
+        app.router.add_route(
+            "*", r"/{tail:[\s\S]*}", self._unrouted, expect_handler=self._expect_unrouted
+        )  # (newlines too: %0a)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -180,6 +182,17 @@ class Ingest:
             response = error_response(exc.status, exc.error, exc.detail)
             response.force_close()  # its body was not sent: the connection cannot go on
             return _cors(request, response)
+        return await self._continue(request)
+
+    async def _expect_unrouted(self, request: web.Request) -> web.Response | None:
+        """The catch-all route's: an ingest POST reached through a run of slashes is checked
+        as on its own path; anything else is only asked for its body (or a JSON 417)."""
+        if request.method == "POST" and _SLASHES.sub("/", request.path) in self._posts:
+            return await self._expect(request)
+        return await self._continue(request)
+
+    @staticmethod
+    async def _continue(request: web.Request) -> web.Response | None:
         if request.version < HttpVersion11:
             return None  # an HTTP/1.0 client's expectation is ignored (RFC 9110 10.1.1)
         expect = request.headers.get("Expect", "")
@@ -205,7 +218,8 @@ class Ingest:
         if allowed is None:
             detail = (
                 f"no endpoint at {request.path}; events go to /v1/track, /v1/identify, "
-                "/v1/page, /v1/screen, /v1/group, /v1/alias or /v1/batch"
+                "/v1/page, /v1/screen, /v1/group, /v1/alias or /v1/batch (POST), or to "
+                "/v1/pixel/<type> (GET)"
             )
             response = error_response(404, "not found", detail)
         else:
@@ -310,6 +324,7 @@ class Ingest:
                 body = pixel_body(request.query.items())
                 source = self._keys.source(request, header_key, body)
                 stored, skipped = self._events(request, source, body, endpoint_type)
+                del body  # (not kept while the commit is awaited: see _accept)
                 await self._commit(stored)
             except Rejected as exc:
                 self._log_rejected(request, exc.status, exc.error)

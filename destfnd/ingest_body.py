@@ -108,8 +108,8 @@ def _loads_repaired(raw: bytes, error: orjson.JSONDecodeError) -> object:
     as JSON.stringify writes a string cut in the middle of an emoji) or for bytes that are
     not UTF-8 in a string (Latin-1 text from a hand-made client), parsed with each of them
     replaced by U+FFFD, as Go's encoding/json (and so Segment's API) does: nothing else of
-    the request is lost. Any other malformed body is refused: with orjson's error, or, if it
-    has bytes that are not UTF-8 (one outside a string, say), with the first one's offset."""
+    the request is lost. Any other malformed body is refused with orjson's error on the
+    repaired text, and the offset of the first byte that is not UTF-8 if there is one."""
     if "surrogate" not in str(error):  # orjson says "surrogates not allowed" for a bad byte too
         raise Rejected(400, "malformed JSON", str(error))
     bad: UnicodeDecodeError | None = None
@@ -123,10 +123,10 @@ def _loads_repaired(raw: bytes, error: orjson.JSONDecodeError) -> object:
     try:
         return orjson.loads(_ESCAPES.sub(_replace_lone, repaired))
     except orjson.JSONDecodeError as exc:
-        if bad is not None:
-            detail = f"the body is not UTF-8: byte {bad.start} is 0x{raw[bad.start]:02x}"
-            raise Rejected(400, "malformed JSON", detail) from None
-        raise Rejected(400, "malformed JSON", str(exc)) from None
+        detail = str(exc)
+        if bad is not None:  # (perhaps the cause: one outside a string, say)
+            detail += f" (and the body is not UTF-8: byte {bad.start} is 0x{raw[bad.start]:02x})"
+        raise Rejected(400, "malformed JSON", detail) from None
 
 
 _GZIP_MEMBERS = 16

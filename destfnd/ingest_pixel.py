@@ -37,8 +37,9 @@ def pixel_body(query: Iterable[tuple[str, str]]) -> dict:
     data: list[str] = []
     for key, value in query:
         if key == "data":
-            data.append(value)
-        else:
+            if value:  # ("data=": nothing)
+                data.append(value)
+        elif key:  # ("&=x": nothing to name it by)
             _set(body, key, value)
     if len(data) > 1:
         raise Rejected(400, "invalid request", "data: given more than once")
@@ -87,29 +88,30 @@ def _set(body: dict, key: str, value: str) -> None:
 
 
 def _merge(into: dict, data: dict) -> None:
-    for key, value in data.items():
-        inner = into.get(key)
-        if isinstance(value, dict) and isinstance(inner, dict):
-            _merge(inner, value)
-        else:
-            into[key] = value
+    """`data`'s fields over `into`'s, object into object, as deep as both go (a loop: `data`
+    may be nested deeper than Python's recursion limit)."""
+    pending = [(into, data)]
+    while pending:
+        target, source = pending.pop()
+        for key, value in source.items():
+            inner = target.get(key)
+            if isinstance(value, dict) and isinstance(inner, dict):
+                pending.append((inner, value))
+            else:
+                target[key] = value
 
 
 def pixel_answer(refused: Rejected | None = None, skipped: str | None = None) -> web.Response:
-    """The GIF, with status 200 as Segment's answer even to a request it refuses (an image
-    would show broken otherwise); why it was refused goes in a header, for a person trying
-    the URL with curl. A 503 (starting, draining, events cannot be stored) stays a 503."""
+    """The GIF, with status 200 as Segment's answer even to a request it refuses, a 503 too
+    (an image would show broken otherwise, and nothing sends it again); why it was refused
+    goes in a header, for a person trying the URL with curl."""
     headers = dict(_HEADERS)
-    status = 200
     why = skipped and f"skipped: {skipped}"
     if refused is not None:
-        why = f"{refused.status} {refused.error}" + (
-            f": {refused.detail}" if refused.detail else ""
-        )
-        if refused.status == 503:
-            status = 503
+        detail = f": {refused.detail}" if refused.detail else ""
+        why = f"{refused.status} {refused.error}{detail}"
     if why:
         printable = why.encode("ascii", "backslashreplace").decode()
         printable = "".join(c if " " <= c <= "~" else " " for c in printable)
         headers[ERROR_HEADER] = printable[:_ERROR_HEADER_CHARS]
-    return web.Response(status=status, body=GIF, headers=headers)
+    return web.Response(body=GIF, headers=headers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 from destfnd.config import DestinationConfig
 from destfnd.outcome import Kind, Outcome, Report, clip_error
@@ -26,7 +27,7 @@ class Settler:
     def __init__(
         self,
         dest: DestinationConfig,
-        log,  # the dispatcher's bound logger
+        log: Any,  # the dispatcher's bound logger
         *,
         rng: random.Random,
         redact: Callable[[str], str],

@@ -321,6 +321,16 @@ async def test_ingest_takes_runs_of_slashes_in_a_path_as_one(make_daemon, tmp_pa
             )
         status, answer = await post(session, f"{daemon.url}/v1//trak", paths)
         assert status == 404 and "no endpoint at /v1//trak" in answer["detail"]
+        # Expect: 100-continue is checked there as on the path itself: an unknown key is
+        # refused before the body is sent, not asked for it; another expectation is JSON.
+        head = (b"POST //v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                b"Authorization: Basic " + base64.b64encode(b"nope:") + b"\r\n"
+                b"Expect: 100-continue\r\n\r\n")  # fmt: skip
+        answer = await _raw(daemon.url, head)
+        assert answer.startswith(b"HTTP/1.1 401") and b"unknown write key" in answer, answer
+        odd = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: foo\r\n\r\n"
+        answer = await _raw(daemon.url, odd)
+        assert answer.startswith(b"HTTP/1.1 417") and b'"expectation failed"' in answer, answer
 
 
 def _sized(message_id: str, size: int) -> dict:
@@ -652,6 +662,9 @@ BAD_INPUTS = [
     # Not UTF-8 outside a string (inside one, it becomes U+FFFD: see below).
     ("not-utf8", "/v1/track", b'{"userId": "u1", "event": "e"}\xe9', {}, True, 400,
      "malformed JSON", "not UTF-8: byte 30 is 0xe9"),
+    # A Latin-1 byte in a string is not the trouble of this one: its trailing comma is.
+    ("not-utf8-and-comma", "/v1/track", b'{"userId": "caf\xe9", "event": "e",}', {}, True,
+     400, "malformed JSON", "trailing comma"),
     ("timestamp-long-spaces", "/v1/track",
      {**TRACK, "timestamp": "2015-12-10" + " " * 20_000 + "x"}, {}, True, 400,
      "invalid event", "timestamp"),

@@ -11,7 +11,7 @@ from support import WRITE_KEY, Sink, config_text, webhook
 from yarl import URL
 
 from destfnd.ingest_body import Rejected
-from destfnd.ingest_pixel import GIF, pixel_body
+from destfnd.ingest_pixel import GIF, pixel_answer, pixel_body
 
 
 def _b64(value: dict, *, urlsafe: bool = False, pad: bool = False) -> str:
@@ -41,6 +41,34 @@ def test_dotted_parameters_nest_and_data_wins():
         "name": "from data",
         "context": {"page": {"path": "/a/", "title": "B"}, "library": {"name": "amp"}},
     }
+
+
+def test_deep_data_over_deep_parameters_merges_without_recursion():
+    """`data` can be nested deeper than Python's recursion limit (orjson reads 1,024 levels),
+    and merged over parameters as deep: this was a RecursionError, a 500 for a request
+    without any write key."""
+    depth = 1_020
+    data_text = "{" + '"a":{' * depth + '"y":"2"' + "}" * (depth + 1)
+    body = pixel_body([(".".join(["a"] * depth + ["x"]), "1"), ("data", data_text)])
+    for _ in range(depth):
+        body = body["a"]
+    assert body == {"x": "1", "y": "2"}
+
+
+def test_empty_names_and_empty_data_are_ignored():
+    query = [("", "x"), ("data", ""), ("userId", "u"), ("data", _b64({"event": "E"}))]
+    assert pixel_body(query) == {"userId": "u", "event": "E"}
+
+
+def test_a_refusal_or_a_skip_is_still_a_200_gif_saying_why():
+    for answer, why in [
+        (pixel_answer(Rejected(503, "unavailable", "starting")), "503 unavailable: starting"),
+        (pixel_answer(Rejected(401, "unauthorized")), "401 unauthorized"),
+        (pixel_answer(skipped="event: missing"), "skipped: event: missing"),
+    ]:
+        assert (answer.status, answer.body) == (200, GIF)
+        assert answer.headers["X-Destfnd-Error"] == why
+    assert "X-Destfnd-Error" not in pixel_answer().headers
 
 
 @pytest.mark.parametrize(

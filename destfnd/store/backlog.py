@@ -1,5 +1,5 @@
 """What the operator's commands do to the queue (retry, move, discard, a slice of ids at a
-time: operate.py walks the windows) and the counts `stats` and the start read.
+time: interventions.py walks the windows) and the counts `stats` and the start read.
 
 Each is a function of a connection; the writes run inside a transaction of the caller's.
 """

@@ -41,7 +41,7 @@ class DatabaseLock:
                 why = f"{beside} is a symbolic link (remove it)"
             raise _error(f"{path}: cannot create the database's lock file: {why}", exc) from None
         self._file: int | None = None
-        # An empty file that was there (not one made here): see `Daemon._open_store` (daemon.py).
+        # An empty file that was there (not one made here): see `open_store` (startup.py).
         self.found_empty = False
         try:
             self._take(self._beside, path)
