@@ -75,7 +75,10 @@ class Resolver:
 
     def path(self, value: Any) -> Path:
         """A path from the config, relative to the config file's folder."""
-        return Path(os.path.abspath(self.base / Path(cv.text(value)).expanduser()))
+        text = cv.text(value)
+        if "\0" in text:  # (the OS takes none: a traceback at each use)
+            raise ValueError("a path must not contain a NUL character")
+        return Path(os.path.abspath(self.base / Path(text).expanduser()))
 
     def file_path(self, value: Any) -> Path:
         """A file destfnd writes (created with its folders if need be): not a folder."""

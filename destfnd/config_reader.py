@@ -382,6 +382,13 @@ class Reader(Resolver):
         secret = self.secret(value, inline_ok=True)
         if "\r" in secret.value or "\n" in secret.value:  # would inject headers
             raise ValueError("header values must not contain line breaks")
+        # The HTTP client refuses any other control character but a tab at each request: every
+        # delivery failed, retried for hours. (Where, by index: the value may be a secret.)
+        bad = next((i for i, c in enumerate(secret.value) if _CONTROL.match(c)), None)
+        if bad is not None:
+            code = ord(secret.value[bad])
+            raise ValueError(f"header values must not contain control characters (0x{code:02x} "
+                             f"at index {bad})")  # fmt: skip
         return secret
 
     def settings(self, value: Any, where: str) -> dict[str, Any]:
@@ -398,6 +405,7 @@ class Reader(Resolver):
         return value
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BATCH_MEMORY_FACTOR = 16  # a worker's memory for a batch, in batch sizes (measured: ~13)
 
 

@@ -135,7 +135,7 @@ def listen(value: Any) -> tuple[str, int]:
     elif isinstance(value, str):
         host, sep, port = value.rpartition(":")
         sep = "" if ":" in host else sep  # a bare IPv6 address needs brackets
-    if sep and host and not any(c.isspace() or c in "[]/" for c in host):
+    if sep and host and not any(c.isspace() or not c.isprintable() or c in "[]/" for c in host):
         # Port 0 asks the kernel for a free port (the bound one is logged in daemon_ready).
         if port.isascii() and port.isdigit() and 0 <= int(port) <= 65535:
             return host, int(port)

@@ -290,6 +290,15 @@ BAD_CONFIGS = [
      "destinations[0].headers.Bad Name", "not a valid HTTP header name"),
     ("header_line_break", SOURCE + HOOK + 'headers = { A = "b\\r\\nX-Evil: 1" }\n',
      "destinations[0].headers.A", "line breaks"),
+    # aiohttp refuses these at each request: every delivery failed, retried until it expired.
+    ("header_control_character", SOURCE + HOOK + 'headers = { A = "tok\\u0000en" }\n',
+     "destinations[0].headers.A", "control characters (0x00 at index 3)"),
+    ("header_delete_character", SOURCE + HOOK + 'headers = { A = "x\\u007f" }\n',
+     "destinations[0].headers.A", "control characters (0x7f at index 1)"),
+    ("storage_path_nul", '[storage]\npath = "db\\u0000x"\n' + SOURCE, "storage.path",
+     "NUL character"),
+    ("file_path_nul", SOURCE + '[[destinations]]\nname = "f"\ntype = "file"\n'
+     'path = "out\\u0000.ndjson"\n', "destinations[0].path", "NUL character"),
     # A configured Content-Length cut every body to it, and deliveries said delivered.
     ("header_content_length", SOURCE + HOOK + 'headers = { "Content-Length" = "40" }\n',
      "destinations[0].headers.Content-Length", "set by destfnd for each request"),
@@ -361,6 +370,8 @@ BAD_CONFIGS = [
     ("listen_bare_ipv6", '[server]\nlisten = "::1:8088"\n' + SOURCE, "server.listen",
      '"[::1]:8088"'),
     ("listen_no_host", '[server]\nlisten = ":8088"\n' + SOURCE, "server.listen", "host:port"),
+    ("listen_nul", '[server]\nlisten = "local\\u0000host:8088"\n' + SOURCE, "server.listen",
+     "host:port"),
     ("logging_level", '[logging]\nlevel = "verbose"\n' + SOURCE, "logging.level",
      "must be one of debug, info, warning, error"),
     ("logging_format", '[logging]\nformat = "xml"\n' + SOURCE, "logging.format",
