@@ -79,7 +79,7 @@ def _event_ids(cfg: Config, message_id: str | None) -> list[int] | None:
         try:
             return events_of(conn, cfg, message_id)
         except sqlite3.Error as exc:
-            raise store_error(f"{cfg.storage.path}: cannot read", exc) from exc
+            raise store_error(f"{cfg.storage.path}: cannot read", exc, cfg.storage.path) from exc
 
 
 def _in_chunks(
@@ -113,7 +113,9 @@ def _in_chunks(
         return seen, done
     except sqlite3.Error as exc:
         so_far = f" ({done} done before that)" if done else ""
-        raise store_error(f"{cfg.storage.path}: cannot write{so_far}", exc) from exc
+        raise store_error(
+            f"{cfg.storage.path}: cannot write{so_far}", exc, cfg.storage.path
+        ) from exc
     finally:
         conn.close()
 

@@ -12,7 +12,7 @@ import time
 import orjson
 
 from destfnd.config import Config
-from destfnd.store import Status, StoreError, backlog, open_db
+from destfnd.store import Status, backlog, open_db, store_error
 from destfnd.store.db import SQL
 from destfnd.store.dedupe import events_with_message_id
 
@@ -34,7 +34,7 @@ def stats(cfg: Config, args: argparse.Namespace) -> None:
         names = configured + sorted(set(counts) - set(configured))  # removed ones still count
         due = {} if args.json else {n: backlog.earliest_due(conn, n) for n in names}
     except sqlite3.Error as exc:
-        raise StoreError(f"{cfg.storage.path}: cannot read: {exc}") from exc
+        raise store_error(f"{cfg.storage.path}: cannot read", exc, cfg.storage.path) from exc
     finally:
         conn.close()
     table = {n: {s.value: counts.get(n, {}).get(s.value, 0) for s in Status} for n in names}
@@ -162,7 +162,7 @@ def deliveries(cfg: Config, args: argparse.Namespace) -> None:
         ).fetchall()  # fmt: skip
         attempts = {row[0]: conn.execute(_ATTEMPTS, {"id": row[0]}).fetchall() for row in rows}
     except sqlite3.Error as exc:
-        raise StoreError(f"{cfg.storage.path}: cannot read: {exc}") from exc
+        raise store_error(f"{cfg.storage.path}: cannot read", exc, cfg.storage.path) from exc
     finally:
         conn.close()
     keys = ("id", "destination", "status", "attempts", "created_at", "next_at", "finished_at",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import re
@@ -739,7 +740,7 @@ def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path)
     cases = [
         ("new/db.sqlite3", None, None),
         ("a-file/db.sqlite3", f"{t}/a-file/db.sqlite3: cannot create it: {t}/a-file is not a "
-         "folder", "cannot create the database's lock file"),
+         "folder", f"cannot create the database's lock file: {t}/a-file is not a folder"),
         ("fifo", f"{t}/fifo: not a regular file", "cannot open the database: not a regular file"),
         ("locked.sqlite3", f"{t}/locked.sqlite3: {t}/locked.sqlite3.lock is not a regular file",
          "cannot create the database's lock file: not a regular file"),
@@ -748,7 +749,8 @@ def test_cli_check_config_checks_the_database_path_without_creating_it(tmp_path)
         ("wal.sqlite3", f"{t}/wal.sqlite3: {t}/wal.sqlite3-wal is not a regular file",
          f"cannot open the database: {t}/wal.sqlite3-wal is not a regular file"),
         ("to-nowhere/db.sqlite3", f"{t}/to-nowhere/db.sqlite3: cannot create it: {t}/to-nowhere "
-         "is not a folder", "cannot create the database's lock file"),
+         "is not a folder", f"cannot create the database's lock file: {t}/to-nowhere is not a "
+         "folder"),
         ("linked.sqlite3", f"{t}/linked.sqlite3: {t}/linked.sqlite3-wal is a symbolic link "
          "(remove it)", f"cannot open the database: {t}/linked.sqlite3-wal is not a regular file"),
         ("lockln.sqlite3", f"{t}/lockln.sqlite3: {t}/lockln.sqlite3.lock is a symbolic link "
@@ -1147,6 +1149,43 @@ async def test_cli_serve_says_when_its_database_file_is_empty(make_daemon, tmp_p
     # new storage.path was said to be a truncated database.
     new = await make_daemon(config_text(tmp_path / "new.sqlite3", "")).start()
     assert "database_file_empty" not in {r.get("event") for r in new.log_records()}
+
+
+def test_cli_a_failed_first_start_leaves_no_empty_database(tmp_path):
+    """A first start that fails before SQLite writes (its port in use) left the empty file its
+    lock had made: `stats` then said "no database yet", and the next start warned of an
+    empty database file, as of one a disk had truncated."""
+    db = tmp_path / "var" / "db.sqlite3"
+    config = tmp_path / "destfnd.toml"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = config_text(db, "").replace("127.0.0.1:0", f"127.0.0.1:{port}")
+        assert f"127.0.0.1:{port}" in text
+        config.write_text(text)
+        failed = run_cli("serve", "--config", str(config))
+    assert failed.returncode == 1 and "Address already in use" in failed.stderr, failed.stderr
+    assert not db.exists() and not Path(f"{db}-wal").exists()
+    assert "no database yet" in run_cli("stats", "--config", str(config)).stderr
+
+
+def test_cli_refuses_another_applications_database(tmp_path):
+    """storage.path mistyped to another application's SQLite file: destfnd's tables were added
+    to it and its journal mode made WAL, silently. Now every command refuses it, untouched."""
+    db = tmp_path / "crm.sqlite3"
+    with contextlib.closing(sqlite3.connect(db)) as other:
+        other.execute("CREATE TABLE customers (id INTEGER)")
+        other.commit()
+    before = db.read_bytes()
+    config = tmp_path / "destfnd.toml"
+    config.write_text(config_text(db, ""))
+    for command in ("serve", "stats", "deliveries"):
+        done = run_cli(command, "--config", str(config))
+        assert done.returncode != 0, (command, done.stderr)
+        assert "not a destfnd database (it holds the tables customers" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert db.read_bytes() == before and not Path(f"{db}-wal").exists()
 
 
 def test_cli_stats_behind_reads_as_a_duration():

@@ -49,7 +49,33 @@ def store_error(text: str, exc: sqlite3.Error, path: Path | None = None) -> Stor
                 f"{text}: {exc}: the disk holding it is full ({room}): make room and try "
                 "again (exit 1, which the systemd unit restarts)"
             )
+    if code is not None and code & 0xFF in _ACCESS_CODES:
+        return StoreError(f"{text}: {exc}{_access_hint(path)}")
     return StoreError(f"{text}: {exc}")
+
+
+# SQLite's words for these ("attempt to write a readonly database", "unable to open database
+# file") do not say that it is this user's permissions, nor on what.
+_ACCESS_CODES = (sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN)
+
+
+def _access_hint(path: Path | None) -> str:
+    """What this user may not do to the database's file or folder, if that is it."""
+    if path is None:
+        return ""
+    real = Path(os.path.abspath(path))
+    folder = real.parent
+    who = f"this user (uid {os.geteuid()})"
+    if not os.access(folder, os.X_OK):
+        return f" ({folder} cannot be entered by {who})"
+    if real.exists() and not os.access(real, os.R_OK):
+        return f" ({real} is not readable by {who})"
+    if real.exists() and not os.access(real, os.W_OK):
+        return f" ({real} is not writable by {who})"
+    if not os.access(folder, os.W_OK):
+        return (f" ({folder} is not writable by {who}; SQLite makes the database's -wal and "
+                "-shm files there)")  # fmt: skip
+    return ""
 
 
 def _room(path: Path | None) -> str | None:
@@ -152,6 +178,7 @@ def open_db(
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # Readers and the writer wait this long for each other's locks instead of failing.
         conn.execute("PRAGMA busy_timeout = 5000")
+        _check_ours(conn, path)
         if readonly or update:
             if update or min_schema:
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -177,6 +204,22 @@ def open_db(
         if isinstance(exc, sqlite3.Error):
             raise store_error(f"{path}: cannot open the database", exc, path) from exc
         raise
+
+
+def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    """A StoreError unless the file is destfnd's database, or a new one (no tables): a
+    storage.path mistyped to another application's SQLite file had destfnd's tables added
+    to it and its journal mode changed to WAL, without a word."""
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    tables = {name for (name,) in rows}
+    if not tables or {"events", "deliveries"} <= tables:
+        return
+    others = sorted(t for t in tables if not t.startswith("sqlite_"))
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    raise StoreError(
+        f"{path}: not a destfnd database (it holds the tables {shown}, and none of "
+        "destfnd's): is storage.path another application's database?"
+    )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

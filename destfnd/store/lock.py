@@ -39,10 +39,18 @@ class DatabaseLock:
             why = exc.strerror
             if beside is not None and os.path.islink(beside):
                 why = f"{beside} is a symbolic link (remove it)"
+            elif isinstance(exc, FileExistsError | NotADirectoryError):
+                on_the_way = [p for p in (path.parent, *path.parent.parents)
+                              if (p.is_symlink() or p.exists()) and not p.is_dir()]  # fmt: skip
+                if on_the_way:
+                    why = f"{on_the_way[-1]} is not a folder"
+            elif isinstance(exc, PermissionError) and beside is not None:
+                why = f"{beside}: {why} (uid {os.geteuid()})"
             raise _error(f"{path}: cannot create the database's lock file: {why}", exc) from None
         self._file: int | None = None
         # An empty file that was there (not one made here): see `open_store` (startup.py).
         self.found_empty = False
+        self._made: Path | None = None  # the database file, if made here (see close)
         try:
             self._take(self._beside, path)
             existed = real.is_file()
@@ -51,6 +59,7 @@ class DatabaseLock:
             except OSError as exc:
                 raise _error(f"{path}: cannot open the database: {exc.strerror}", exc) from None
             self.found_empty = existed and os.fstat(self._file).st_size == 0
+            self._made = None if existed else real
             self._take(self._file, path)
             companion = irregular_companion(real, ("-wal", "-shm"))  # a FIFO fails each commit
             if companion is not None:
@@ -71,12 +80,36 @@ class DatabaseLock:
             ) from None
 
     def close(self) -> None:
+        """Released; the database file is removed if it was made here and SQLite never wrote
+        to it (a start that failed, on a port in use, say), so that the next start does not
+        find an empty file it would have to warn of, as of one truncated."""
+        if self._made is not None and self._file is not None:
+            _remove_if_unused(self._made, self._file)
+            self._made = None
         if self._beside is not None:
             os.close(self._beside)
             self._beside = None
         if self._file is not None:
             os.close(self._file)
             self._file = None
+
+
+def _remove_if_unused(real: Path, fd: int) -> None:
+    """`real` (open as `fd`, locked) unlinked if it is still that file, empty, and has no WAL
+    beside it (one with commits in it would be the database until its checkpoint)."""
+    try:
+        st = os.fstat(fd)
+        same = os.stat(real)
+        wal = Path(f"{real}-wal")
+        if st.st_size or (st.st_dev, st.st_ino) != (same.st_dev, same.st_ino):
+            return
+        if wal.exists() and wal.stat().st_size:
+            return
+        real.unlink()
+        for companion in (wal, Path(f"{real}-shm")):
+            companion.unlink(missing_ok=True)
+    except OSError:
+        pass  # left as it is: the next start warns of an empty file, as before
 
 
 def _error(text: str, exc: OSError) -> StoreError:
