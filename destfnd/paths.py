@@ -117,10 +117,36 @@ def database_problem(path: Path) -> PathProblem | None:
                 return PathProblem(f"{path}: on a read-only file system")
             return PathProblem(f"{path}: cannot read and write it", permission_only())
         found = _unwritable(path, real.parent, "cannot keep its -wal, -shm and .lock files")
-        return found or _companions_problem(path, real)
+        return found or _companions_problem(path, real) or _foreign_problem(path, real)
     except OSError as exc:
         text = f"{path}: cannot look at it: {exc.strerror}"
         return PathProblem(text, permission_only(exc.errno))
+
+
+def _foreign_problem(path: Path, real: Path) -> PathProblem | None:
+    """Another application's SQLite file (which serve refuses), read as it is on disk:
+    `immutable` takes no lock and makes no -shm file (which, made by root, would keep the
+    daemon's user out). What only a WAL holds is not seen: a new destfnd database then."""
+    import sqlite3
+
+    from destfnd.store.db import not_ours
+
+    if os.stat(real).st_size == 0:
+        return None  # a new database, to SQLite
+    uri = f"{real.as_uri()}?immutable=1"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            why = not_ours(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        # Not SQLite, or pages a running daemon's checkpoint was moving as they were read
+        # (no lock is taken): left to serve, which opens it properly.
+        return None
+    if why is None:
+        return None
+    return PathProblem(f"{path}: {why}: is storage.path another application's database?")
 
 
 def _companions_problem(path: Path, real: Path) -> PathProblem | None:

@@ -1180,6 +1180,10 @@ def test_cli_refuses_another_applications_database(tmp_path):
     before = db.read_bytes()
     config = tmp_path / "destfnd.toml"
     config.write_text(config_text(db, ""))
+    checked = run_cli("check-config", "--config", str(config))
+    assert checked.returncode == 3, checked.stderr
+    assert "not a destfnd database (it holds the tables customers" in checked.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crm.sqlite3", "destfnd.toml"]
     for command in ("serve", "stats", "deliveries"):
         done = run_cli(command, "--config", str(config))
         assert done.returncode != 0, (command, done.stderr)

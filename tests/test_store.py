@@ -1485,3 +1485,33 @@ def test_operator_commands_find_every_delivery_across_windows(tmp_path, monkeypa
     interventions.discard(cfg, args(destination="crm2", message_id="c17"))
     assert backlog.status_counts(conn)["crm2"] == {"retrying": 39, "discarded": 1}
     conn.close()
+
+
+def test_not_ours_tells_destfnd_databases_from_other_applications(tmp_path):
+    """Every schema destfnd has made is its own, and a file with no table yet is new; a file
+    with other tables, or with destfnd's names but no schema version, is another's."""
+    import contextlib
+
+    from destfnd.store.db import _migrations, not_ours
+
+    for version in range(1, _migrations()[-1][0] + 1):
+        with contextlib.closing(database_at_schema(tmp_path / f"v{version}.db", version)) as conn:
+            assert not_ours(conn) is None, version
+
+    def made(name: str, *statements: str) -> str | None:
+        with contextlib.closing(sqlite3.connect(tmp_path / name, isolation_level=None)) as conn:
+            for statement in statements:
+                conn.execute(statement)
+            return not_ours(conn)
+
+    assert made("empty.db") is None
+    # Only SQLite's own tables left (ANALYZE, then the analyzed table dropped): still new.
+    assert made("stat.db", "CREATE TABLE t (x)", "ANALYZE", "DROP TABLE t") is None
+    assert "holds the tables customers, and no destfnd schema" in made(
+        "crm.db", "CREATE TABLE customers (id)"
+    )
+    assert "holds the tables events," in made("half.db", "CREATE TABLE events (id)")
+    look_alike = made("alike.db", "CREATE TABLE events (id)", "CREATE TABLE deliveries (id)")
+    assert "holds the tables deliveries, events," in look_alike  # no user_version: not ours
+    many = [f"CREATE TABLE t{i} (x)" for i in range(7)]
+    assert "t0, t1, t2, t3, t4 and 2 more" in made("many.db", *many)

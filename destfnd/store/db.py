@@ -60,21 +60,26 @@ _ACCESS_CODES = (sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CA
 
 
 def _access_hint(path: Path | None) -> str:
-    """What this user may not do to the database's file or folder, if that is it."""
+    """What this user may not do to the database's file or folder, if that is it (the folder
+    first: read-only commands need it writable too, for SQLite's -shm file)."""
     if path is None:
         return ""
-    real = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(path))  # SQLite keeps -wal and -shm beside the target
     folder = real.parent
     who = f"this user (uid {os.geteuid()})"
-    if not os.access(folder, os.X_OK):
+
+    def may(item: Path, mode: int) -> bool:
+        return os.access(item, mode, effective_ids=os.access in os.supports_effective_ids)
+
+    if not may(folder, os.X_OK):
         return f" ({folder} cannot be entered by {who})"
-    if real.exists() and not os.access(real, os.R_OK):
+    if real.exists() and not may(real, os.R_OK):
         return f" ({real} is not readable by {who})"
-    if real.exists() and not os.access(real, os.W_OK):
-        return f" ({real} is not writable by {who})"
-    if not os.access(folder, os.W_OK):
+    if not may(folder, os.W_OK):
         return (f" ({folder} is not writable by {who}; SQLite makes the database's -wal and "
                 "-shm files there)")  # fmt: skip
+    if real.exists() and not may(real, os.W_OK):
+        return f" ({real} is not writable by {who})"
     return ""
 
 
@@ -207,19 +212,27 @@ def open_db(
 
 
 def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
-    """A StoreError unless the file is destfnd's database, or a new one (no tables): a
-    storage.path mistyped to another application's SQLite file had destfnd's tables added
-    to it and its journal mode changed to WAL, without a word."""
+    """A StoreError unless the file is destfnd's database, or a new one: a storage.path
+    mistyped to another application's SQLite file had destfnd's tables added to it and its
+    journal mode changed to WAL, without a word."""
+    why = not_ours(conn)
+    if why is not None:
+        raise StoreError(f"{path}: {why}: is storage.path another application's database?")
+
+
+def not_ours(conn: sqlite3.Connection) -> str | None:
+    """Why the database on `conn` is not destfnd's; None if it is, or holds no table yet.
+    Every destfnd database has its `events` and `deliveries` and a `user_version` from 1
+    (each migration sets it in the transaction that makes its tables)."""
     rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    tables = {name for (name,) in rows}
-    if not tables or {"events", "deliveries"} <= tables:
-        return
-    others = sorted(t for t in tables if not t.startswith("sqlite_"))
-    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-    raise StoreError(
-        f"{path}: not a destfnd database (it holds the tables {shown}, and none of "
-        "destfnd's): is storage.path another application's database?"
-    )
+    tables = sorted(name for (name,) in rows if not name.startswith("sqlite_"))
+    if not tables:
+        return None
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version >= 1 and {"events", "deliveries"} <= set(tables):
+        return None
+    shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+    return f"not a destfnd database (it holds the tables {shown}, and no destfnd schema)"
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
