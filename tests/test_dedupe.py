@@ -219,6 +219,28 @@ def test_dedupe_key_filter_is_refilled_once_overfull_and_not_more_often(conn):
     assert insert(conn, dedupe, ids + more, now=T0 + 300) == len(ids)  # ids were swept
 
 
+def test_dedupe_flush_keeps_pace_with_keys_arriving_faster_than_a_slice(db_path):
+    """One step runs per group: with a fixed slice, keys arriving faster than a slice per group
+    (batch ingest above about 20k events/s) piled up in memory without end (10 MB/s). Each
+    step now writes at least half of what gathered meanwhile, so memory stays bounded, and
+    every key is still found."""
+    conn = open_db(db_path)
+    dedupe = Dedupe.load(conn, flush_at=8, slice_keys=2)
+    per_group, held = 10, []
+    for group in range(200):
+        insert(conn, dedupe, [f"g{group}-{i}" for i in range(per_group)], now=T0 + group)
+        if dedupe.pending():
+            dedupe.step(conn)
+        held.append(len(dedupe.recent) + len(dedupe._flushing or {}))
+    assert max(held) <= 10 * per_group, held[-10:]  # (was 1,690 at the end, and growing)
+    every = [f"g{group}-{i}" for group in range(200) for i in range(per_group)]
+    assert insert(conn, dedupe, every, now=T0 + 300) == 0  # all found: none stored twice
+    while dedupe.pending() and dedupe.due():
+        dedupe.step(conn)
+    assert keys_on_disk(conn) == len(every)
+    conn.close()
+
+
 def test_dedupe_flush_goes_in_slices_and_keys_stay_found_meanwhile(db_path):
     conn = open_db(db_path)
     dedupe = Dedupe.load(conn, flush_at=5, slice_keys=2)

@@ -26,8 +26,8 @@ from destfnd.store.db import SQL, select_in, transaction
 # up to every leaf page of message_ids, so larger flushes cost less per key (about 1 us per
 # key at 100k stored keys, 3 us at 1M, for 64k-key flushes).
 FLUSH_AT = 65_536
-# Keys per flush step: each step is its own transaction, run between two groups, so it delays
-# the next group by a few milliseconds at most.
+# Keys per flush step (at least): each step is its own transaction, run between two groups, so
+# it delays the next group by a few milliseconds, more only while keys arrive faster than that.
 FLUSH_SLICE = 4096
 _LOAD_CHUNK = 10_000
 # The key filter: 2**26 bits (8 MiB), two bits per key; 1 in 20 absent keys is still
@@ -223,7 +223,11 @@ class Dedupe:
             self._rows = sorted(self._flushing.values())
             self._written = 0
             self._through = self.high_id
-        end = self._written + self.slice_keys
+        # At least half of the keys gathered since this flush began, so that a flush keeps
+        # pace with any rate of new keys (one step runs per group): at a fixed slice, batch
+        # ingest above about 20k events/s gathered keys faster than the steps wrote them,
+        # and memory grew by 10 MB/s. A longer step is the writer's backpressure.
+        end = self._written + max(self.slice_keys, len(self.recent) // 2)
         rows = self._rows[self._written : end]
         last = end >= len(self._rows)
         for key_filter in (self.key_filter, self._filling):  # before the keys are on disk
