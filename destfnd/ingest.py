@@ -69,6 +69,10 @@ _ALLOWED = (
 # Runs of slashes, as an SDK makes of a configured host that ends in "/" (analytics-go
 # appends "/v1/batch" to it): taken as one, where a 404 lost the batch.
 _SLASHES = re.compile(r"//+")
+# Events of accepted requests waiting for their commit, in bytes, at most: a request that
+# would go over is answered 503 (an SDK sends it again), unless nothing else waits.
+PENDING_BYTES_MAX = 256 * 1024 * 1024
+_BUSY_DETAIL = "too many events are waiting to be stored (over 256 MB); retry"
 
 
 class Ingest:
@@ -106,6 +110,7 @@ class Ingest:
             for source, ds in subscribed.items()
         }
         self._posts: dict[str, Callable] = {}  # path -> its POST handler, for _unrouted
+        self._waiting_bytes = 0  # of the requests whose commit is awaited (PENDING_BYTES_MAX)
         self._pixels: dict[str, Callable] = {}  # and its GET handler, for a pixel's path
         self.ready = False  # /healthz and ingest answer 503 until ready and after draining
         self.draining = False
@@ -289,7 +294,7 @@ class Ingest:
             forwarded_for = request.headers.getall("X-Forwarded-For", ())
             ip = self._client_ip.of(request.remote, forwarded_for)
         destinations = self._fanout[source]
-        events, only, skipped = self._prepare(
+        events, only, skipped, size = self._prepare(
             body, endpoint_type, now_s, ip, destinations, self._routes[source]
         )
         # Valid but subscribed to by nothing: nothing to store (nor to dedupe later).
@@ -297,14 +302,20 @@ class Ingest:
             return None, skipped
         now_ms = int(now_s * 1000)
         cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
-        return q.IngestRequest(source, events, destinations, now_ms, cutoff, only), skipped
+        return q.IngestRequest(source, events, destinations, now_ms, cutoff, only, size), skipped
 
     async def _commit(self, stored: q.IngestRequest | None) -> None:
         if stored is None:
             return
+        size = stored.size
+        if self._waiting_bytes and self._waiting_bytes + size > PENDING_BYTES_MAX:
+            # Refused before it takes memory: what clients have in flight is bounded by the
+            # number of connections alone, and a few KB of gzip can be 8 MB of events.
+            raise Rejected(503, "unavailable", _BUSY_DETAIL)
+        self._waiting_bytes += size
         try:
             assert self._writer is not None and self._insert is not None  # ready: attached
-            await self._writer.run_batched(self._insert, stored, urgent=True)
+            await self._writer.run_batched(self._insert, stored, urgent=True, size=size)
         except StoreError as exc:
             # Not the client's fault and not lost: no 200, so the client sends it again.
             self._commit_failed_at = self._clock()
@@ -312,6 +323,8 @@ class Ingest:
             if more is not None:
                 log.error("commit_failed", error=str(exc) + descriptors.note(), **more)
             raise Rejected(503, "unavailable", "could not store the events; retry") from None
+        finally:
+            self._waiting_bytes -= size
         self._commit_failed_at = None
         self._on_commit(stored.destinations)
 

@@ -66,14 +66,14 @@ class Messages:
         ip: str | None,
         destinations: Sequence[str],
         routes: Sequence[tuple[str, str]],
-    ) -> tuple[list[IncomingEvent], list[Sequence[str]] | None, list[str]]:
+    ) -> tuple[list[IncomingEvent], list[Sequence[str]] | None, list[str], int]:
         """The events of `body`, validated, enriched and serialized; `ip` goes into the
         `context.ip` of each event that has none (Segment does so for client-side sources;
         an event that wants no address recorded sends its own, such as "0.0.0.0"). With them,
         each event's own destinations if an event's `integrations` turns some of the source's
         `destinations` off (`routes`: each with its key there), else None; and, with
         `server.invalid_events = "skip"`, why each invalid event was left out (else an
-        invalid event refuses the request)."""
+        invalid event refuses the request); and the events' bytes in all."""
         if endpoint_type is None:
             # Counted before anything is copied into each message: 2 KB of gzip can hold
             # 700,000 empty ones.
@@ -102,7 +102,11 @@ class Messages:
                 spec.enrich(
                     message, received_at, times=times, received_text=received_text, path=path
                 )
-                payload = orjson.dumps(message)
+                # A copy of exact size: orjson's output keeps the buffer it wrote into, 4 KB
+                # for a small event and about 10 times a 3 KB one's size (orjson 3.13), and
+                # the payloads wait in memory until their commit: a 2,500-event batch of
+                # small events held 10 MB instead of 1.
+                payload = memoryview(orjson.dumps(message)).tobytes()
             except (spec.SpecError, TypeError) as exc:
                 if isinstance(exc, spec.SpecError):
                     why = str(exc)
@@ -131,4 +135,4 @@ class Messages:
             if only is not None:
                 only.append(destinations if targets is None else targets)
             events.append(IncomingEvent(message["messageId"], payload))
-        return events, only, skipped
+        return events, only, skipped, total

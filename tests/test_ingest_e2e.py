@@ -17,7 +17,17 @@ import aiohttp
 import orjson
 import pytest
 from multidict import CIMultiDict
-from support import AUTH, FIXTURES, WRITE_KEY, Sink, config_text, post, run_cli, webhook
+from support import (
+    AUTH,
+    FIXTURES,
+    WRITE_KEY,
+    Sink,
+    config_text,
+    post,
+    run_cli,
+    running_daemon,
+    webhook,
+)
 
 from destfnd.spec import parse_timestamp
 
@@ -893,6 +903,43 @@ async def test_ingest_gzip_members_lone_surrogates_and_latin1_are_delivered(
             "caf\ufffd": "x\ufffd",
             "ok": "€",
         }
+
+
+async def test_ingest_refuses_with_503_what_would_pass_the_bytes_waiting_to_be_stored(
+    tmp_path, session, monkeypatch
+):
+    """What accepted requests hold in memory until their commit had no bound but the number
+    of connections (a few KB of gzip can be 8 MB of events). Over the bound a request gets a
+    503 that SDKs retry, and is not stored; one request alone is never refused for it. (The
+    bound made one byte here, so that any request arriving while another waits is over.)"""
+    from destfnd import ingest
+
+    monkeypatch.setattr(ingest, "PENDING_BYTES_MAX", 1)
+    async with Sink() as sink:
+        cfg = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url))
+        async with running_daemon(tmp_path, cfg) as daemon:
+            batches = [
+                {"batch": [{"type": "track", "userId": "u", "event": "E",
+                            "messageId": f"w{i}-{j}"} for j in range(50)]}
+                for i in range(20)
+            ]  # fmt: skip
+            answers = await asyncio.gather(
+                *(post(session, f"{daemon.url}/v1/batch", b) for b in batches)
+            )
+            statuses = [status for status, _ in answers]
+            assert 200 in statuses and 503 in statuses, statuses
+            for status, body in answers:
+                assert status in (200, 503), body
+                if status == 503:
+                    assert "too many events are waiting to be stored" in body["detail"]
+            acked = {e["messageId"] for (status, _), b in zip(answers, batches, strict=True)
+                     if status == 200 for e in b["batch"]}  # fmt: skip
+            await sink.wait_for(lambda: sink.delivered_ids() == acked)
+            stored = {row["message_id"] for row in daemon.deliveries()}
+            assert stored == acked  # the refused ones were not stored
+            # Alone, a request goes through, however big.
+            status, _ = await post(session, f"{daemon.url}/v1/batch", batches[0])
+            assert status == 200
 
 
 async def _raw(url: str, request: bytes, wait_s: float = 10.0) -> bytes:

@@ -1515,3 +1515,42 @@ def test_not_ours_tells_destfnd_databases_from_other_applications(tmp_path):
     assert "holds the tables deliveries, events," in look_alike  # no user_version: not ours
     many = [f"CREATE TABLE t{i} (x)" for i in range(7)]
     assert "t0, t1, t2, t3, t4 and 2 more" in made("many.db", *many)
+
+
+async def test_writer_keeps_a_groups_ingest_under_its_bytes_and_small_requests_first(db_path):
+    """Requests of 8 MB of events each (a few KB of gzip) went in one group, however many:
+    the commit took seconds, and a single event from another client waited behind them all.
+    A group takes every small request and big ones in order while under GROUP_BYTES (the
+    first always); the rest go in the next group, nothing lost or reordered among them."""
+    from destfnd.store.writer import GROUP_BYTES
+
+    conn = open_db(db_path)
+    groups: list[list[str]] = []
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def ingest(c: sqlite3.Connection, items: list) -> list:
+        groups.append(list(items))
+        return items
+
+    def block(c: sqlite3.Connection, items: list) -> list:
+        loop.call_soon_threadsafe(started.set)
+        import time
+
+        time.sleep(0.2)  # the writer thread is busy meanwhile: the requests below queue up
+        return items
+
+    big = GROUP_BYTES // 2 + 1  # two do not fit in one group
+    async with running_writer(conn) as writer:
+        busy = asyncio.create_task(writer.run_batched(block, "busy", urgent=True))
+        await started.wait()
+        queued = [
+            writer.run_batched(ingest, "big-1", urgent=True, size=big),
+            writer.run_batched(ingest, "big-2", urgent=True, size=big),
+            writer.run_batched(ingest, "small-1", urgent=True, size=300),
+            writer.run_batched(ingest, "big-3", urgent=True, size=big),
+            writer.run_batched(ingest, "small-2", urgent=True, size=300),
+        ]
+        done = await asyncio.gather(busy, *queued)
+    assert done == ["busy", "big-1", "big-2", "small-1", "big-3", "small-2"]
+    assert groups == [["big-1", "small-1", "small-2"], ["big-2"], ["big-3"]]

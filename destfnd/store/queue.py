@@ -37,6 +37,7 @@ class IngestRequest(NamedTuple):
     # Each event's own destinations, when an event's `integrations` turns some off (an event
     # with none left is not stored); None: every event goes to `destinations`.
     only: Sequence[Sequence[str]] | None = None
+    size: int = 0  # the events' bytes: the writer keeps a group's under GROUP_BYTES
 
 
 def insert_many(

@@ -27,6 +27,12 @@ T = TypeVar("T")
 # fsync): +10-15% single-event ingest here. A turn that brings nothing ends it, so an idle
 # daemon adds one loop turn (microseconds) to a request's latency.
 GATHER_TURNS = 16
+# A group's urgent work (ingest) holds at most this many bytes of events, unless one request
+# alone is more; what is over waits for the next group. Small requests (a single event) never
+# wait for that: they go first, so that one source posting big batches (a few KB of gzip can
+# be 8 MB of events) does not hold up everyone else's for seconds.
+GROUP_BYTES = 16 * 1024 * 1024
+SMALL_BYTES = 64 * 1024
 Op = Callable[[sqlite3.Connection], Any]  # or a _Batched item
 
 
@@ -79,7 +85,12 @@ class Writer:
         return await future
 
     async def run_batched(
-        self, fn: Callable[[sqlite3.Connection, list], list], item: Any, *, urgent: bool = False
+        self,
+        fn: Callable[[sqlite3.Connection, list], list],
+        item: Any,
+        *,
+        urgent: bool = False,
+        size: int = 0,
     ) -> Any:
         """Like `run`, for work that is cheaper done together: every item submitted with the
         same `fn` before the group starts goes to one call `fn(conn, items)`, which returns
@@ -87,11 +98,12 @@ class Writer:
 
         `urgent`: a client waits for it (ingest). When both kinds wait, every other group
         takes the urgent work alone, so a client waits for at most one group with other work
-        in it, however busy delivery keeps the writer."""
+        in it, however busy delivery keeps the writer. `size`: the item's bytes, for an
+        urgent one (see GROUP_BYTES)."""
         if self._closing:
             raise StoreError("the store is closing")
         future = asyncio.get_running_loop().create_future()
-        (self._urgent if urgent else self._queue).append((_Batched(fn, item), future))
+        (self._urgent if urgent else self._queue).append((_Batched(fn, item, size), future))
         self._wake.set()
         return await future
 
@@ -113,10 +125,11 @@ class Writer:
                     if len(self._urgent) + len(self._queue) == waiting:
                         break
                 if self._urgent and self._queue and not alone:
-                    group, self._urgent = self._urgent, []
+                    group, self._urgent = _within_bytes(self._urgent)
                     alone = True
                 else:
-                    group, self._urgent, self._queue = self._urgent + self._queue, [], []
+                    urgent, self._urgent = _within_bytes(self._urgent)
+                    group, self._queue = urgent + self._queue, []
                     alone = False
                 running = loop.run_in_executor(self._thread, self._commit, group)
                 try:
@@ -203,12 +216,33 @@ class Writer:
         return results
 
 
-class _Batched:
-    __slots__ = ("fn", "item")
+def _within_bytes(
+    urgent: list[tuple[Op, asyncio.Future]],
+) -> tuple[list[tuple[Op, asyncio.Future]], list[tuple[Op, asyncio.Future]]]:
+    """The urgent work of the next group, and what waits for the one after: every small item,
+    and big ones in order while the group stays under GROUP_BYTES (the first always)."""
+    sizes = [op.size if isinstance(op, _Batched) else 0 for op, _ in urgent]
+    if sum(sizes) <= GROUP_BYTES:
+        return urgent, []
+    taken, left = [], []
+    room, big = GROUP_BYTES, False
+    for entry, size in zip(urgent, sizes, strict=True):
+        if size <= SMALL_BYTES or size <= room or not big:
+            taken.append(entry)
+            room -= size
+            big = big or size > SMALL_BYTES
+        else:
+            left.append(entry)
+    return taken, left
 
-    def __init__(self, fn: Callable, item: Any) -> None:
+
+class _Batched:
+    __slots__ = ("fn", "item", "size")
+
+    def __init__(self, fn: Callable, item: Any, size: int = 0) -> None:
         self.fn = fn
         self.item = item
+        self.size = size
 
 
 class _OpFailed(Exception):
