@@ -168,7 +168,10 @@ async def run(
                 reply = {"outcomes": [invalid] * len(events)}
             else:
                 stages = ["insert" if insert else "function"]
-                reply = await pool.call(events, batch=batch, stages=stages)
+                # As the daemon sends them: as JSON already written, so that the call's frame
+                # adds no levels to an event as deep as ingest takes (a traceback, else).
+                sent = [orjson.Fragment(orjson.dumps(event)) for event in events]
+                reply = await pool.call(sent, batch=batch, stages=stages)
         except CallTimedOut as exc:
             message = f"did not finish within {timeout_s:g}s"
             late = exc.reply or {}  # what it printed and requested until then

@@ -616,6 +616,26 @@ def test_run_function_an_insert_result_that_is_not_json_is_a_bad_request(files):
     assert "\x1b" not in result.stdout and "\\x1b[31mred" in result.stdout  # escaped
 
 
+def test_run_function_an_insert_result_too_deep_to_send_back_fails_alone(files):
+    """An event ingest accepts (orjson writes 254 levels) sits two levels deeper in the
+    worker's reply: every event of the call failed as Retry, until they expired. Now that
+    event alone is a Bad Request, and the others of its batch pass."""
+    inner: object = 1
+    for _ in range(252):
+        inner = {"a": inner}
+    deep = {"type": "track", "event": "Deep", "userId": "u", "properties": inner}
+    orjson.dumps(deep)  # ingest takes it
+    plain = {"type": "track", "event": "Plain", "userId": "u"}
+    (files / "batch.json").write_text(orjson.dumps([plain, deep, plain]).decode())
+    (files / "keep.py").write_text("def on_track(event, settings):\n    return event\n")
+    result = run_cli("run-function", str(files / "keep.py"), "--insert", "--event",
+                     str(files / "batch.json"), "--timeout", "20")  # fmt: skip
+    out = result.stdout
+    assert "nested more than 252 levels deep" in out, out[-3000:]
+    assert out.count("Bad Request") == 1, out[-3000:]
+    assert "Retry" not in out
+
+
 def test_run_function_an_event_nested_too_deep_is_one_clear_line(files):
     deep = '{"type": "track", "event": "e", "userId": "u", "p": ' + '{"a": ' * 300 + "1"
     (files / "deep.json").write_text(deep + "}" * 301)

@@ -101,10 +101,15 @@ def without_unsendable(reply: dict) -> dict:
     events = reply.get("events") or []
     for index, event in enumerate(events):
         try:
-            orjson.dumps(event)
+            # As deep as it sits in the reply: an event JSON takes alone can be two levels
+            # too deep there, which failed every event of the call, retried until expired.
+            orjson.dumps({"events": [event]})
         except TypeError as exc:
+            why = str(exc)
+            if "Recursion" in why:  # orjson writes at most 254 levels
+                why = "nested more than 252 levels deep"
             what = "the insert function's result is not JSON"
-            reply["outcomes"][index] = taxonomy.bad_request(f"{what}: {exc}")
+            reply["outcomes"][index] = taxonomy.bad_request(f"{what}: {why}")
             events[index] = None
     reply["logs"] = sendable(reply.get("logs", ""))
     try:
