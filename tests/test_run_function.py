@@ -636,6 +636,25 @@ def test_run_function_an_insert_result_too_deep_to_send_back_fails_alone(files):
     assert "Retry" not in out
 
 
+def test_run_function_an_insert_result_over_a_megabyte_fails_alone(files):
+    """An insert function's result had no size limit: one of 30 MB went on to the daemon and
+    downstream. Over 1 MB as JSON, that event alone is a Bad Request."""
+    plain = {"type": "track", "event": "Plain", "userId": "u"}
+    (files / "two.json").write_text(orjson.dumps([plain, {**plain, "event": "Big"}]).decode())
+    (files / "grow.py").write_text(
+        "def on_track(event, settings):\n"
+        "    if event['event'] == 'Big':\n"
+        "        event['properties'] = {'blob': 'x' * 1_100_000}\n"
+        "    return event\n"
+    )
+    result = run_cli("run-function", str(files / "grow.py"), "--insert", "--event",
+                     str(files / "two.json"), "--timeout", "20")  # fmt: skip
+    out = result.stdout
+    assert "[1] outcome: discarded (Bad Request): the insert function's result is 1,1" in out
+    assert "bytes as JSON; at most 1,048,576" in out
+    assert "[0] outcome: passed on" in out
+
+
 def test_run_function_an_event_nested_too_deep_is_one_clear_line(files):
     deep = '{"type": "track", "event": "e", "userId": "u", "p": ' + '{"a": ' * 300 + "1"
     (files / "deep.json").write_text(deep + "}" * 301)

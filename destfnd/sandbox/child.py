@@ -171,9 +171,12 @@ class Worker:
             reply["exiting"] = True
             reply["exit_code"] = self.exit_after_reply  # what it exits with, and why
         try:
-            self.send(reply)
+            frame = protocol.encode(reply)
         except TypeError:  # what JSON cannot hold: an insert's event with a set, a lone
-            self.send(returns.without_unsendable(reply))  # surrogate printed, ...
+            frame = protocol.encode(returns.without_unsendable(reply))  # surrogate printed, ...
+        if reply.get("events") and len(frame) > returns.MAX_RESULT_EVENT_BYTES:
+            frame = protocol.encode(returns.without_oversized(reply))
+        self.writer.write(frame)
         await self.writer.drain()
         if self.exit_after_reply is not None:
             os._exit(self.exit_after_reply)  # the daemon replaces this worker

@@ -93,6 +93,28 @@ def what(value: Any) -> str:
     return type(value).__name__
 
 
+# An event an insert function passes on, at most (ingest takes 32 KB, server.max_event_size,
+# and an insert function may enrich it): one of many MB was a bug, and it went to the
+# daemon and downstream all the same, in frames of up to 256 MB.
+MAX_RESULT_EVENT_BYTES = 1024 * 1024
+
+
+def without_oversized(reply: dict) -> dict:
+    """`reply` with each event over MAX_RESULT_EVENT_BYTES replaced by its Bad Request
+    outcome (looked at only when the whole reply is over that: most replies are small)."""
+    events = reply.get("events") or []
+    for index, event in enumerate(events):
+        if event is None:
+            continue
+        size = len(orjson.dumps(event))
+        if size > MAX_RESULT_EVENT_BYTES:
+            message = (f"the insert function's result is {size:,} bytes as JSON; at most "
+                       f"{MAX_RESULT_EVENT_BYTES:,}")  # fmt: skip
+            reply["outcomes"][index] = taxonomy.bad_request(message)
+            events[index] = None
+    return reply
+
+
 def without_unsendable(reply: dict) -> dict:
     """`reply` made sendable: each event JSON cannot hold replaced by its Bad Request outcome
     (an event is passed on exactly or not at all); lone surrogates in logs and recorded
