@@ -31,6 +31,7 @@ from destfnd.logs import Throttle
 from destfnd.store import StoreError, Writer
 from destfnd.store import queue as q
 from destfnd.store.dedupe import Dedupe
+from destfnd.store.writer import SMALL_BYTES
 
 log = structlog.get_logger("destfnd.ingest")
 
@@ -272,6 +273,7 @@ class Ingest:
         header_key = self._check_head(request)
         raw = await read_body(request, self._server)
         self._keys.check_big_body(request, header_key, raw)
+        self._check_room(len(raw))  # before the parse: a refusal costs it nothing
         body = loads(raw)
         source = self._keys.source(request, header_key, body)
         stored, skipped = self._events(request, source, body, endpoint_type)
@@ -304,14 +306,20 @@ class Ingest:
         cutoff = now_ms - int(self._server.dedupe_window_s * 1000)
         return q.IngestRequest(source, events, destinations, now_ms, cutoff, only, size), skipped
 
+    def _check_room(self, size: int) -> None:
+        """A 503 for a request of more than SMALL_BYTES that would put the events waiting
+        for their commit over PENDING_BYTES_MAX (none if nothing else waits): without it, what
+        clients had waiting was bounded by the number of connections alone, and a few KB of
+        gzip can be 8 MB of events. Small requests (single events, pixels) always go in."""
+        if size > SMALL_BYTES and self._waiting_bytes:
+            if self._waiting_bytes + size > PENDING_BYTES_MAX:
+                raise Rejected(503, "busy", _BUSY_DETAIL)
+
     async def _commit(self, stored: q.IngestRequest | None) -> None:
         if stored is None:
             return
         size = stored.size
-        if self._waiting_bytes and self._waiting_bytes + size > PENDING_BYTES_MAX:
-            # Refused before it takes memory: what clients have in flight is bounded by the
-            # number of connections alone, and a few KB of gzip can be 8 MB of events.
-            raise Rejected(503, "unavailable", _BUSY_DETAIL)
+        self._check_room(size)
         self._waiting_bytes += size
         try:
             assert self._writer is not None and self._insert is not None  # ready: attached

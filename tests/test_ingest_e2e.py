@@ -918,9 +918,11 @@ async def test_ingest_refuses_with_503_what_would_pass_the_bytes_waiting_to_be_s
     async with Sink() as sink:
         cfg = config_text(tmp_path / "db.sqlite3", webhook("hook", sink.url))
         async with running_daemon(tmp_path, cfg) as daemon:
+            pad = "x" * 2000  # over 64 KB a request: small ones are never refused for it
             batches = [
                 {"batch": [{"type": "track", "userId": "u", "event": "E",
-                            "messageId": f"w{i}-{j}"} for j in range(50)]}
+                            "messageId": f"w{i}-{j}", "properties": {"pad": pad}}
+                           for j in range(40)]}
                 for i in range(20)
             ]  # fmt: skip
             answers = await asyncio.gather(
@@ -931,15 +933,23 @@ async def test_ingest_refuses_with_503_what_would_pass_the_bytes_waiting_to_be_s
             for status, body in answers:
                 assert status in (200, 503), body
                 if status == 503:
+                    assert body["error"] == "busy", body
                     assert "too many events are waiting to be stored" in body["detail"]
             acked = {e["messageId"] for (status, _), b in zip(answers, batches, strict=True)
                      if status == 200 for e in b["batch"]}  # fmt: skip
             await sink.wait_for(lambda: sink.delivered_ids() == acked)
             stored = {row["message_id"] for row in daemon.deliveries()}
             assert stored == acked  # the refused ones were not stored
-            # Alone, a request goes through, however big.
+            # Alone, a request goes through, however big; a small one, whatever waits.
             status, _ = await post(session, f"{daemon.url}/v1/batch", batches[0])
             assert status == 200
+            small = [{"batch": [{"type": "track", "userId": "u", "event": "S",
+                                 "messageId": f"s{i}"}]} for i in range(20)]  # fmt: skip
+            answers = await asyncio.gather(
+                *(post(session, f"{daemon.url}/v1/batch", b) for b in small),
+                *(post(session, f"{daemon.url}/v1/batch", b) for b in batches[1:5]),
+            )
+            assert [status for status, _ in answers[:20]] == [200] * 20
 
 
 async def _raw(url: str, request: bytes, wait_s: float = 10.0) -> bytes:

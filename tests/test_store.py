@@ -1554,3 +1554,25 @@ async def test_writer_keeps_a_groups_ingest_under_its_bytes_and_small_requests_f
         done = await asyncio.gather(busy, *queued)
     assert done == ["busy", "big-1", "big-2", "small-1", "big-3", "small-2"]
     assert groups == [["big-1", "small-1", "small-2"], ["big-2"], ["big-3"]]
+
+
+def test_writer_group_bytes_count_small_requests_too_and_keep_big_ones_in_order():
+    """Many small requests made one huge group again (4,000 of 60 KB: 234 MB); a big one
+    that fit the room left went ahead of an earlier one that did not."""
+    from destfnd.store.writer import GROUP_BYTES, SMALL_BYTES, _Batched, _within_bytes
+
+    def items(*sizes: int) -> list:
+        return [(_Batched(len, i, size), None) for i, size in enumerate(sizes)]
+
+    def ids(entries: list) -> list[int]:
+        return [op.item for op, _ in entries]
+
+    small = 60 * 1024
+    taken, left = _within_bytes(items(*[small] * 4000))
+    assert sum(op.size for op, _ in taken) <= GROUP_BYTES and len(taken) + len(left) == 4000
+    assert ids(taken) == list(range(len(taken)))  # in order, the rest after
+    mb = 1024 * 1024
+    taken, left = _within_bytes(items(10 * mb, 10 * mb, 5 * mb, SMALL_BYTES))
+    assert (ids(taken), ids(left)) == ([0, 3], [1, 2])
+    taken, left = _within_bytes(items(20 * mb, 20 * mb))  # one big always goes
+    assert (ids(taken), ids(left)) == ([0], [1])

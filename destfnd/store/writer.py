@@ -28,9 +28,9 @@ T = TypeVar("T")
 # daemon adds one loop turn (microseconds) to a request's latency.
 GATHER_TURNS = 16
 # A group's urgent work (ingest) holds at most this many bytes of events, unless one request
-# alone is more; what is over waits for the next group. Small requests (a single event) never
-# wait for that: they go first, so that one source posting big batches (a few KB of gzip can
-# be 8 MB of events) does not hold up everyone else's for seconds.
+# alone is more; what is over waits for the next group. Small requests (a single event, a
+# small batch) go first, so that one source posting big batches (a few KB of gzip can be
+# 8 MB of events) does not hold up everyone else's for seconds.
 GROUP_BYTES = 16 * 1024 * 1024
 SMALL_BYTES = 64 * 1024
 Op = Callable[[sqlite3.Connection], Any]  # or a _Batched item
@@ -219,20 +219,25 @@ class Writer:
 def _within_bytes(
     urgent: list[tuple[Op, asyncio.Future]],
 ) -> tuple[list[tuple[Op, asyncio.Future]], list[tuple[Op, asyncio.Future]]]:
-    """The urgent work of the next group, and what waits for the one after: every small item,
-    and big ones in order while the group stays under GROUP_BYTES (the first always)."""
+    """The urgent work of the next group, and what waits for the one after: small items first,
+    in order, then big ones in order, while the group stays under GROUP_BYTES; one big item
+    always (none waits for ever), and every item of no size (not ingest)."""
     sizes = [op.size if isinstance(op, _Batched) else 0 for op, _ in urgent]
     if sum(sizes) <= GROUP_BYTES:
         return urgent, []
-    taken, left = [], []
-    room, big = GROUP_BYTES, False
-    for entry, size in zip(urgent, sizes, strict=True):
-        if size <= SMALL_BYTES or size <= room or not big:
-            taken.append(entry)
-            room -= size
-            big = big or size > SMALL_BYTES
-        else:
-            left.append(entry)
+    take = [False] * len(urgent)
+    room = GROUP_BYTES
+    for i, size in enumerate(sizes):
+        if size <= SMALL_BYTES and size <= room:
+            take[i], room = True, room - size
+    first_big = True
+    for i, size in enumerate(sizes):
+        if size > SMALL_BYTES:
+            if size > room and not first_big:
+                break  # the rest wait, in order
+            take[i], room, first_big = True, room - size, False
+    taken = [entry for entry, yes in zip(urgent, take, strict=True) if yes]
+    left = [entry for entry, yes in zip(urgent, take, strict=True) if not yes]
     return taken, left
 
 
