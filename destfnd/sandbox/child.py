@@ -161,7 +161,7 @@ class Worker:
                 outcome["message"] = record.clip_text(sendable(outcome["message"]))
         reply["outcomes"] = outcomes
         if "function" not in stages:
-            reply["events"] = out_events
+            reply["events"] = returns.as_written(out_events, reply["outcomes"])
         reply["logs"] = rec.text()
         reply["requests"] = rec.requests
         reply["request_count"] = rec.request_count
@@ -171,12 +171,9 @@ class Worker:
             reply["exiting"] = True
             reply["exit_code"] = self.exit_after_reply  # what it exits with, and why
         try:
-            frame = protocol.encode(reply)
-        except TypeError:  # what JSON cannot hold: an insert's event with a set, a lone
-            frame = protocol.encode(returns.without_unsendable(reply))  # surrogate printed, ...
-        if reply.get("events") and len(frame) > returns.MAX_RESULT_EVENT_BYTES:
-            frame = protocol.encode(returns.without_oversized(reply))
-        self.writer.write(frame)
+            self.send(reply)
+        except TypeError:  # what JSON cannot hold: a lone surrogate printed, a request's
+            self.send(returns.without_unsendable(reply))  # header that is not text, ...
         await self.writer.drain()
         if self.exit_after_reply is not None:
             os._exit(self.exit_after_reply)  # the daemon replaces this worker

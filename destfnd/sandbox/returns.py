@@ -99,40 +99,40 @@ def what(value: Any) -> str:
 MAX_RESULT_EVENT_BYTES = 1024 * 1024
 
 
-def without_oversized(reply: dict) -> dict:
-    """`reply` with each event over MAX_RESULT_EVENT_BYTES replaced by its Bad Request
-    outcome (looked at only when the whole reply is over that: most replies are small)."""
-    events = reply.get("events") or []
+def as_written(events: list, outcomes: list[dict]) -> list:
+    """An insert function's events as the JSON the reply carries, each written on its own:
+    one JSON cannot hold (a set in it), or over MAX_RESULT_EVENT_BYTES, is that event's Bad
+    Request alone, and none is nested deeper for sitting in the reply (one as deep as ingest
+    takes failed every event of the call, retried until they expired)."""
+    written: list = []
     for index, event in enumerate(events):
         if event is None:
+            written.append(None)
             continue
-        size = len(orjson.dumps(event))
-        if size > MAX_RESULT_EVENT_BYTES:
-            message = (f"the insert function's result is {size:,} bytes as JSON; at most "
-                       f"{MAX_RESULT_EVENT_BYTES:,}")  # fmt: skip
-            reply["outcomes"][index] = taxonomy.bad_request(message)
-            events[index] = None
-    return reply
-
-
-def without_unsendable(reply: dict) -> dict:
-    """`reply` made sendable: each event JSON cannot hold replaced by its Bad Request outcome
-    (an event is passed on exactly or not at all); lone surrogates in logs and recorded
-    requests written as `sendable` writes them (error messages are already: child.py's
-    Worker.call)."""
-    events = reply.get("events") or []
-    for index, event in enumerate(events):
         try:
-            # As deep as it sits in the reply: an event JSON takes alone can be two levels
-            # too deep there, which failed every event of the call, retried until expired.
-            orjson.dumps({"events": [event]})
+            data = orjson.dumps(event)
         except TypeError as exc:
             why = str(exc)
             if "Recursion" in why:  # orjson writes at most 254 levels
-                why = "nested more than 252 levels deep"
+                why = "nested more than 254 levels deep"
             what = "the insert function's result is not JSON"
-            reply["outcomes"][index] = taxonomy.bad_request(f"{what}: {why}")
-            events[index] = None
+            outcomes[index] = taxonomy.bad_request(f"{what}: {why}")
+            written.append(None)
+            continue
+        if len(data) > MAX_RESULT_EVENT_BYTES:
+            message = (f"the insert function's result is {len(data):,} bytes as JSON; at most "
+                       f"{MAX_RESULT_EVENT_BYTES:,}")  # fmt: skip
+            outcomes[index] = taxonomy.bad_request(message)
+            written.append(None)
+            continue
+        written.append(orjson.Fragment(data))
+    return written
+
+
+def without_unsendable(reply: dict) -> dict:
+    """`reply` made sendable: lone surrogates in logs and recorded requests written as
+    `sendable` writes them (error messages are already: child.py's Worker.call; an insert
+    function's events were written by `as_written`, each on its own)."""
     reply["logs"] = sendable(reply.get("logs", ""))
     try:
         orjson.dumps(reply.get("requests"))
