@@ -70,8 +70,8 @@ _ALLOWED = (
 # Runs of slashes, as an SDK makes of a configured host that ends in "/" (analytics-go
 # appends "/v1/batch" to it): taken as one, where a 404 lost the batch.
 _SLASHES = re.compile(r"//+")
-# Events of accepted requests waiting for their commit, in bytes, at most: a request that
-# would go over is answered 503 (an SDK sends it again), unless nothing else waits.
+# Events of accepted requests waiting for their commit, in bytes, at most: a request of more
+# than SMALL_BYTES that would go over is answered 503 (SDKs send it again; see _check_room).
 PENDING_BYTES_MAX = 256 * 1024 * 1024
 _BUSY_DETAIL = "too many events are waiting to be stored (over 256 MB); retry"
 
@@ -111,8 +111,8 @@ class Ingest:
             for source, ds in subscribed.items()
         }
         self._posts: dict[str, Callable] = {}  # path -> its POST handler, for _unrouted
-        self._waiting_bytes = 0  # of the requests whose commit is awaited (PENDING_BYTES_MAX)
         self._pixels: dict[str, Callable] = {}  # and its GET handler, for a pixel's path
+        self._waiting_bytes = 0  # of the requests whose commit is awaited (PENDING_BYTES_MAX)
         self.ready = False  # /healthz and ingest answer 503 until ready and after draining
         self.draining = False
 
