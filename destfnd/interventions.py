@@ -15,15 +15,10 @@ import orjson
 
 from destfnd.config import Config
 from destfnd.errors import UsageError
-from destfnd.operate import events_of
+from destfnd.operate import events_of, now_ms
 from destfnd.store import StoreError, backlog, open_db, store_error
 from destfnd.store.db import transaction
 from destfnd.store.lock import DatabaseLock
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
 
 # The commands below change deliveries in short transactions, walking the table in id order
 # (its own order: no index to keep, nothing to sort), so the daemon's writer, which may run
@@ -43,7 +38,7 @@ def retry(cfg: Config, args: argparse.Namespace) -> None:
     (expired, discarded, dropped) get one more attempt each."""
     event_ids = _event_ids(cfg, args.message_id)
     which = backlog.RetryFilter(args.status, args.destination, event_ids)
-    now = _now_ms()
+    now = now_ms()
 
     def bounds(conn: sqlite3.Connection) -> tuple[int, int]:
         if args.status == "retrying":  # among the waiting ones: their index tells where
@@ -166,7 +161,7 @@ def move(cfg: Config, args: argparse.Namespace) -> None:
     if args.to == args.source:
         raise UsageError("move: --from and --to name the same destination")
     seen, moved = _unfinished_chunks(
-        cfg, args.source, None, lambda conn, ids: backlog.move(conn, ids, args.to, _now_ms())
+        cfg, args.source, None, lambda conn, ids: backlog.move(conn, ids, args.to, now_ms())
     )
     left = seen - moved
     if args.json:
@@ -190,7 +185,7 @@ def discard(cfg: Config, args: argparse.Namespace) -> None:
         cfg,
         args.destination,
         event_ids,
-        lambda conn, ids: backlog.discard(conn, ids, _now_ms(), reason),
+        lambda conn, ids: backlog.discard(conn, ids, now_ms(), reason),
     )
     if args.json:
         print(orjson.dumps({"discarded": count}).decode())

@@ -41,7 +41,7 @@ def stats(cfg: Config, args: argparse.Namespace) -> None:
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(table, option=orjson.OPT_INDENT_2) + b"\n")
         return
-    now = _now_ms()
+    now = now_ms()
     statuses = [s.value for s in Status]
     enabled = {d.name: d.enabled for d in cfg.destinations}
     shown = {
@@ -225,5 +225,5 @@ def events_of(conn: sqlite3.Connection, cfg: Config, message_id: str) -> list[in
     return found
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)

@@ -65,13 +65,20 @@ def permission_only(exc_errno: int | None = errno.EACCES) -> bool:
     return exc_errno == errno.EACCES and os.geteuid() != 0
 
 
+def nearest_existing(path: Path) -> Path:
+    """The nearest of `path`'s folders that is there (a link counts, leading anywhere): where
+    `mkdir(parents=True)` starts making the others, or fails if it is no folder."""
+    ancestor = path.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
 def creatable_problem(path: Path) -> PathProblem | None:
     """Why `path`, which does not exist, could not be created with its missing folders (as
     `mkdir(parents=True)` then open() would); None if it could."""
     try:
-        ancestor = path.parent
-        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
+        ancestor = nearest_existing(path)
         if not ancestor.is_dir():  # a file, or a link to no folder
             return PathProblem(f"{path}: cannot create it: {ancestor} is not a folder")
         return _unwritable(path, ancestor, "cannot create it")

@@ -9,7 +9,7 @@ import os
 import stat
 from pathlib import Path
 
-from destfnd.paths import irregular_companion, open_checked
+from destfnd.paths import irregular_companion, nearest_existing, open_checked
 from destfnd.store.db import StoreBusy, StoreError, StoreFull
 
 
@@ -40,10 +40,9 @@ class DatabaseLock:
             if beside is not None and os.path.islink(beside):
                 why = f"{beside} is a symbolic link (remove it)"
             elif isinstance(exc, FileExistsError | NotADirectoryError):
-                on_the_way = [p for p in (path.parent, *path.parent.parents)
-                              if (p.is_symlink() or p.exists()) and not p.is_dir()]  # fmt: skip
-                if on_the_way:
-                    why = f"{on_the_way[-1]} is not a folder"
+                ancestor = nearest_existing(path)  # (as check-config's creatable_problem)
+                if not ancestor.is_dir():
+                    why = f"{ancestor} is not a folder"
             elif isinstance(exc, PermissionError) and beside is not None:
                 why = f"{beside}: {why} (uid {os.geteuid()})"
             raise _error(f"{path}: cannot create the database's lock file: {why}", exc) from None
