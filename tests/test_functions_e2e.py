@@ -1678,6 +1678,52 @@ async def test_functions_stray_output_cannot_flood_the_log(make_daemon, tmp_path
     assert len(shown) + sum(r.get("not_logged", 0) for r in lines) == 3000
 
 
+FLOODS_FROM_A_THREAD_PY = """
+import os, threading
+
+def _flood(progress):
+    block = (b"x" * 63 + b"\\n") * 1024  # 64 KiB of lines
+    for i in range(1, 3201):  # 200 MiB at most
+        os.write(1, block)
+        if i % 16 == 0:  # each MiB: how many were written so far
+            with open(progress, "w") as f:
+                f.write(str(i // 16))
+
+def on_track(event, settings):
+    threading.Thread(target=_flood, args=(settings["progress"],), daemon=True).start()
+"""
+
+
+async def test_functions_a_flood_of_stray_output_is_read_at_a_bounded_rate(
+    make_daemon, tmp_path, session
+):
+    """A thread printing in a loop kept the daemon reading its output at 100% of a core for
+    as long as the worker lived. Past a burst the daemon reads it at a bounded rate, and the
+    thread's writes wait for the pipe."""
+    from destfnd.sandbox.process import OUTPUT_BYTES_BURST, OUTPUT_BYTES_PER_S
+
+    progress = tmp_path / "progress"
+    (tmp_path / "fn.py").write_text(FLOODS_FROM_A_THREAD_PY)
+    dest = function_destination("fn", "fn.py", f'{{ progress = "{progress}" }}')
+    started = time.monotonic()  # before the worker (and its reader) started
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    await send(session, daemon, [{"type": "track", "event": "e", "messageId": "m"}])
+    await wait_final(daemon, 1)
+    for _ in range(300):  # the first MiB written
+        if progress.exists():
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(3)
+    written_mib = int(progress.read_text() or 0)
+    elapsed = time.monotonic() - started
+    # What the daemon read, plus the pipe's and the reader's buffers (under 1 MiB).
+    bound = (OUTPUT_BYTES_BURST + OUTPUT_BYTES_PER_S * elapsed) / (1 << 20) + 1
+    assert written_mib <= bound, (written_mib, bound)
+    assert await daemon.terminate() == 0
+    counted = [r for r in daemon.log_records() if r.get("not_logged")]
+    assert counted, "the lines not logged are counted"
+
+
 SLOW_BATCH_CRASHES_ON_ONE_PY = """
 import asyncio, os
 from destfnd.functions import fetch

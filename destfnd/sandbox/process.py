@@ -33,6 +33,10 @@ _OUTPUT_LINE_CHARS = 1000  # of stray worker output (not print(): that goes to t
 # second (and a count of the rest).
 OUTPUT_LINES_BURST = 200
 OUTPUT_LINES_PER_S = 20.0
+# And read at most so many bytes of it, then so many a second: beyond, the worker's writes
+# wait for the pipe (a thread printing in a loop kept the daemon reading at 100% of a core).
+OUTPUT_BYTES_BURST = 16 << 20
+OUTPUT_BYTES_PER_S = 1 << 20
 
 
 class WorkerFailed(Exception):
@@ -351,11 +355,13 @@ async def _read_output(
     """What the worker writes outside an invocation's captured output (a thread's prints, a
     subprocess, C code), a log line each, secrets redacted, at most at `throttle`'s rate
     (the pool's: a worker replaced gets no burst of its own); read in chunks, so a line of
-    any length is taken (its first _OUTPUT_LINE_CHARS logged) and the worker never blocks
-    on it."""
+    any length is taken (its first _OUTPUT_LINE_CHARS logged). A flood is read at
+    OUTPUT_BYTES_PER_S, after OUTPUT_BYTES_BURST: the worker's writes wait meanwhile."""
     assert worker.proc.stdout is not None
     pending = b""
     skipping = False  # the rest of a line whose start was logged
+    loop = asyncio.get_running_loop()
+    allowance, at = float(OUTPUT_BYTES_BURST), loop.time()  # bytes that may be read at once
 
     def emit(line: bytes) -> None:
         more = throttle.fields()
@@ -366,6 +372,11 @@ async def _read_output(
                  line=redact(text)[:_OUTPUT_LINE_CHARS], **more)  # fmt: skip
 
     while chunk := await worker.proc.stdout.read(65536):
+        now = loop.time()
+        allowance = min(OUTPUT_BYTES_BURST, allowance + (now - at) * OUTPUT_BYTES_PER_S)
+        allowance, at = allowance - len(chunk), now
+        if allowance < 0:  # (the sleep is taken out of the next refill)
+            await asyncio.sleep(-allowance / OUTPUT_BYTES_PER_S)
         data = pending + chunk
         # Only the lines the throttle lets through now are split off; the rest of the chunk's
         # are counted. Splitting every line of a flood took most of the daemon's CPU: ingest
