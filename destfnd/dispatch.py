@@ -45,6 +45,12 @@ _BATCHES_PER_CLAIM = 8  # batched destinations: full batches leased per claim, a
 _CLAIM_ROWS = 1000  # ... unless that is more rows than this (then one batch per claim)
 
 
+def delivery_bound_s(timeout_s: float, deliverer: Deliverer) -> float:
+    """How long the dispatcher lets one delivery take (its guard): `timeouts` of the
+    destination's `timeout`, as the deliverer counts them (2 by default), and 5 s."""
+    return timeout_s * getattr(deliverer, "timeouts", 2) + 5
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -275,7 +281,7 @@ class Dispatcher:
         started_at = self._clock()
         started = time.monotonic()
         # The deliverer enforces `timeout` itself; this guard catches one that does not.
-        guard_s = self.dest.timeout_s * getattr(self._deliverer, "timeouts", 2) + 5
+        guard_s = delivery_bound_s(self.dest.timeout_s, self._deliverer)
         try:
             async with asyncio.timeout(guard_s):
                 report = await self._deliverer.deliver(

@@ -17,7 +17,7 @@ from destfnd.config import (
     Secret,
     secrets_in,
 )
-from destfnd.dispatch import Deliverer
+from destfnd.dispatch import Deliverer, delivery_bound_s
 from destfnd.errors import DestfndError
 from destfnd.functions import record
 from destfnd.outcome import (
@@ -190,7 +190,11 @@ class FunctionDestination:
         """One invocation; a batch that crashes its worker, or runs out of memory, is split
         (`_split`)."""
         started = time.monotonic()
-        run = await self._call(events, batched)
+        # A call caught in another's crash runs again alone if it can start before the
+        # dispatcher's guard ends the attempt (waiting there, it ended as a Timeout of a
+        # function that never ran).
+        rerun_by = started + delivery_bound_s(self.dest.timeout_s, self) - 0.5
+        run = await self._call(events, batched, rerun_by=rerun_by)
         assert run is not None  # (only a call with start_by may not start)
         if run.crashed and len(events) > 1:
             # Calls start within the attempt's first `timeout`, so that each, and the
@@ -230,14 +234,21 @@ class FunctionDestination:
         return _Run.join([_Run([], run.logs, run.requests, []), *runs])
 
     async def _call(
-        self, events: list, batched: bool, start_by: float | None = None
+        self,
+        events: list,
+        batched: bool,
+        start_by: float | None = None,
+        rerun_by: float | None = None,
     ) -> _Run | None:
-        """One call on the pool's workers; with `start_by`, alone on its quarantine worker
-        if it can start by then (None if it cannot)."""
+        """One call on the pool's workers (run again alone if caught in another's crash and
+        it can start by `rerun_by`); with `start_by`, alone on its quarantine worker if it can
+        start by then (None if it cannot)."""
         n = len(events)
         try:
             if start_by is None:
-                reply = await self.pool.call(events, batch=batched, stages=self._stages)
+                reply = await self.pool.call(
+                    events, batch=batched, stages=self._stages, rerun_by=rerun_by
+                )
             else:
                 reply = await self.pool.call_alone(
                     events, batch=batched, stages=self._stages, start_by=start_by

@@ -1724,6 +1724,43 @@ async def test_functions_a_flood_of_stray_output_is_read_at_a_bounded_rate(
     assert counted, "the lines not logged are counted"
 
 
+BLOCKS_ITS_WORKER_PY = """
+import asyncio, time
+from destfnd.functions import fetch
+
+async def on_track(event, settings):
+    if event["event"] == "block":
+        time.sleep(60)  # the worker's loop with it: killed, after its timeout and a ping
+    await asyncio.sleep(0.2)
+    await fetch(settings["sink"], method="POST", json=event)
+"""
+
+
+async def test_functions_a_rerun_that_cannot_start_in_time_says_so(make_daemon, tmp_path, session):
+    """Invocations caught in a worker that another blocked run again one at a time on the
+    quarantine worker, each culprit blocking it for its timeout and a ping. One that cannot
+    start there before the dispatcher's guard ends the attempt fails saying so; it ended as
+    the guard's Timeout ("no result within 7s"), of a function that never ran."""
+    (tmp_path / "fn.py").write_text(BLOCKS_ITS_WORKER_PY)
+    once = "[destinations.retry]\nmax_attempts = 1\n"
+    async with Sink() as sink:
+        dest = function_destination(
+            "fn", "fn.py", f'{{ sink = "{sink.url}" }}', timeout='"1s"', concurrency="8",
+            _tables=once,
+        )  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        kinds = ["block"] * 4 + ["fine"] * 2  # sent in this order, all in the one worker
+        batch = [
+            {"type": "track", "event": k, "messageId": f"{k}-{i}"} for i, k in enumerate(kinds)
+        ]
+        await send(session, daemon, batch)
+        rows = await wait_final(daemon, len(kinds), timeout_s=60)
+    fine = [r for r in rows.values() if r["event"]["event"] == "fine"]
+    for row in fine:
+        assert row["status"] == "expired", row
+        assert "could not run again alone in time" in row["history"][0]["error"], row
+
+
 SLOW_BATCH_CRASHES_ON_ONE_PY = """
 import asyncio, os
 from destfnd.functions import fetch

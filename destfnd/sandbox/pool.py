@@ -90,19 +90,31 @@ class Pool:
             for worker in workers:
                 worker.kill()
 
-    async def call(self, events: list, *, batch: bool, stages: list[str]) -> dict:
+    async def call(
+        self, events: list, *, batch: bool, stages: list[str], rerun_by: float | None = None
+    ) -> dict:
         """Run one invocation; raises TimeoutError or WorkerFailed (both retryable).
 
         An invocation caught in the crash of a worker it shared with others runs once more,
         alone, on a quarantine worker: the crash was most likely another's and should not cost
-        this event an attempt, while the one that crashed it crashes the quarantine too.
+        this event an attempt, while the one that crashed it crashes the quarantine too. If it
+        cannot start there by `rerun_by` (time.monotonic(): the quarantine is busy with the
+        others), the crash is its outcome.
         """
         try:
             return await self._call_on(await self._pick(), events, batch, stages)
         except WorkerFailed as exc:
             if not exc.shared:
                 raise
-        return await self.call_alone(events, batch=batch, stages=stages)
+            failed = exc
+        try:
+            return await self.call_alone(events, batch=batch, stages=stages, start_by=rerun_by)
+        except NotStarted:
+            message = (
+                f"{failed}; it ran other invocations too, and this one could not run again "
+                "alone in time: the quarantine worker was busy"
+            )
+            raise WorkerFailed(message, out_of_memory=failed.out_of_memory) from None
 
     async def call_alone(
         self, events: list, *, batch: bool, stages: list[str], start_by: float | None = None
