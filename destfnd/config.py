@@ -20,6 +20,9 @@ KIB = 1024
 MIB = 1024 * KIB
 # Beyond server.max_request_size and one event: a batch's sentAt, context and sequence.
 REQUEST_ENVELOPE_BYTES = 4 * KIB
+# Enrichment adds messageId, receivedAt, timestamp, originalTimestamp: this much room is left
+# beyond max_event_bytes, so an event the client kept under the limit is not refused after.
+ENRICH_ALLOWANCE_BYTES = 512
 DESTINATION_KINDS = ("function", "webhook", "file")
 
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)\s*"

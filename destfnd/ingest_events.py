@@ -11,13 +11,9 @@ from datetime import UTC, datetime
 import orjson
 
 from destfnd import spec
-from destfnd.config import ServerConfig
+from destfnd.config import ENRICH_ALLOWANCE_BYTES, ServerConfig
 from destfnd.ingest_body import Rejected
 from destfnd.store import IncomingEvent
-
-# Enrichment adds messageId, receivedAt, timestamp, originalTimestamp: this much room is left
-# for them so an event the client kept under the limit is not refused after we enriched it.
-_ENRICH_ALLOWANCE = 512
 
 
 class Messages:
@@ -87,7 +83,7 @@ class Messages:
         except spec.SpecError as exc:
             raise Rejected(400, "invalid request", str(exc)) from None
         received_at, received_text = self._received(now_s)
-        max_bytes = self._server.max_event_bytes + _ENRICH_ALLOWANCE
+        max_bytes = self._server.max_event_bytes + ENRICH_ALLOWANCE_BYTES
         prefix = "batch[{}]." if endpoint_type is None else ""
         events = []
         only: list[Sequence[str]] | None = None
@@ -123,7 +119,7 @@ class Messages:
                     413,
                     "event too large",
                     f"{where}: {len(payload)} bytes with destfnd's fields; at most "
-                    f"{self._server.max_event_bytes} + {_ENRICH_ALLOWANCE}",
+                    f"{self._server.max_event_bytes} + {ENRICH_ALLOWANCE_BYTES}",
                 )
             total += len(payload)
             if total > self._server.max_merged_bytes:

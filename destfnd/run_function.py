@@ -13,7 +13,13 @@ from typing import NamedTuple
 import orjson
 
 from destfnd import spec as segment_spec
-from destfnd.config import RetryPolicy, env_names, secrets_in
+from destfnd.config import (
+    ENRICH_ALLOWANCE_BYTES,
+    RetryPolicy,
+    ServerConfig,
+    env_names,
+    secrets_in,
+)
 from destfnd.errors import DestfndError
 from destfnd.logs import printable
 from destfnd.outcome import MAX_RETRY_AFTER_S, ErrorType, clip_error
@@ -22,6 +28,7 @@ from destfnd.sandbox.pool import CallTimedOut, Pool
 from destfnd.sandbox.process import InitError, Spec, WorkerFailed
 
 _DEFAULT_MAX_AGE_S = RetryPolicy().max_age_s
+_EVENT_LIMIT = ServerConfig()  # ingest's default limits
 _STATUS = {"ok": "delivered", "retry": "retrying", "discard": "discarded", "drop": "dropped"}
 
 
@@ -133,6 +140,16 @@ async def run(
             events[index] = segment_spec.enrich(checked, datetime.now(UTC), times=times, path=path)
         except segment_spec.SpecError as exc:
             print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
+            continue
+        size = len(orjson.dumps(events[index]))
+        if size > _EVENT_LIMIT.max_event_bytes + ENRICH_ALLOWANCE_BYTES:  # as ingest's 413
+            where = f"event [{index}]" if batch else "the event"
+            print(
+                f"warning: ingest would refuse this event: {where} is {size} bytes with "
+                f"destfnd's fields; at most {_EVENT_LIMIT.max_event_bytes} + "
+                f"{ENRICH_ALLOWANCE_BYTES} by default (server.max_event_size)",
+                file=sys.stderr,
+            )
     spec = Spec(
         hidden_env=hidden_env,
         name=file.name,

@@ -601,6 +601,21 @@ async def test_run_function_says_what_ingest_would_refuse_and_how_many_requests_
     assert "warning: ingest would refuse this event: event: required" in result.stderr
 
 
+def test_run_function_warns_of_an_event_too_large_for_ingest(files):
+    """Ingest answers 413 to an event over 32 KB with destfnd's fields; run-function passed it
+    on without a word. Each event of a batch is measured on its own."""
+    (files / "ok.py").write_text("def on_track(event, settings):\n    pass\n")
+    big = {"type": "track", "event": "e", "userId": "u", "properties": {"x": "a" * 33_500}}
+    fits = {"type": "track", "event": "e", "userId": "u", "properties": {"x": "a" * 32_000}}
+    (files / "events.json").write_bytes(orjson.dumps([fits, big]))
+    result = run_cli("run-function", str(files / "ok.py"), "--event", str(files / "events.json"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert "event [1] is 33" in warnings[0] and "at most 32768 + 512" in warnings[0], warnings
+    assert "[1] outcome: delivered" in result.stdout
+
+
 def test_run_function_an_insert_result_that_is_not_json_is_a_bad_request(files):
     """It was left unanswered (the reply could not be encoded) and ended as a timeout."""
     (files / "odd_insert.py").write_text(
