@@ -649,21 +649,67 @@ def test_cli_run_as_root_on_the_daemons_database_leaves_its_lock_to_the_daemons_
         shutil.rmtree(base)
 
 
+def _unprivileged() -> list[str]:
+    """argv that runs destfnd as this user, or as nobody when the tests run as root (who may
+    read and write anywhere); skips the test if it cannot."""
+    argv = [sys.executable, "-m", "destfnd"]
+    if os.geteuid() != 0:
+        return argv
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, without setpriv to run destfnd as nobody")
+    setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(
+        [*setpriv, sys.executable, "-c", "import destfnd"], capture_output=True, text=True,
+        timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    if probe.returncode != 0:  # an interpreter under root's home (pyenv's shared libpython)
+        pytest.skip(f"this Python cannot run as nobody: {probe.stderr.strip()[:200]}")
+    return [*setpriv, *argv]
+
+
+def test_cli_a_database_this_user_may_not_write_beside_says_so():
+    """SQLite's "attempt to write a readonly database" did not say that it is this user's
+    permissions, nor on what: stats on a database whose folder it may not write (SQLite's
+    -wal and -shm files go there) names the folder and the user."""
+    argv = _unprivileged()
+    from destfnd.store import open_db
+
+    base = Path(tempfile.mkdtemp(prefix="destfnd-perm-"))  # not under pytest's private folder
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir()
+        open_db(state / "db.sqlite3").close()
+        (state / "db.sqlite3").chmod(0o644)
+        state.chmod(0o755 if os.geteuid() == 0 else 0o555)  # (root writes it anyway)
+        config = base / "destfnd.toml"
+        config.write_text(
+            f'[storage]\npath = "{state}/db.sqlite3"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+        )
+        config.chmod(0o644)
+        stats = subprocess.run(
+            [*argv, "stats", "--config", str(config)], capture_output=True, text=True,
+            timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        (base / "state").chmod(0o755)
+        shutil.rmtree(base)
+    assert stats.returncode == 4, stats.stderr
+    uid = 65534 if os.geteuid() == 0 else os.geteuid()
+    assert stats.stderr.startswith(f"destfnd: {state}/db.sqlite3: cannot open the database: "), (
+        stats.stderr
+    )
+    assert stats.stderr.rstrip().endswith(
+        f"({state} is not writable by this user (uid {uid}); SQLite makes the database's -wal "
+        "and -shm files there)"
+    ), stats.stderr
+
+
 def test_cli_check_config_findings_that_depend_on_permissions_are_warnings():
     """check-config may run as another user than serve (root, for a service with a dynamic
     user): what it cannot write is a warning, saying so, not a problem. Run as nobody when
     the tests run as root (which may write anywhere)."""
-    argv = [sys.executable, "-m", "destfnd", "check-config", "--config"]
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root, without setpriv to run check-config as nobody")
-        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
-        probe = subprocess.run(
-            [*argv[:4], sys.executable, "-c", "import destfnd"], capture_output=True, text=True,
-            timeout=60, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        if probe.returncode != 0:  # an interpreter under root's home (pyenv's shared libpython)
-            pytest.skip(f"this Python cannot run as nobody: {probe.stderr.strip()[:200]}")
+    argv = [*_unprivileged(), "check-config", "--config"]
     base = Path(tempfile.mkdtemp(prefix="destfnd-perm-"))  # not under pytest's private folder
     try:
         base.chmod(0o755)
