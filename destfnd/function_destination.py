@@ -124,11 +124,12 @@ class FunctionDestination:
             ["function"] if dest.kind == "function" else []
         )
         self.version: str | None = None
-        # What a delivery can take (the dispatcher's guard allows for it), in `timeout`s: a
-        # call (one for each function in it), and its re-run alone after a crash it shared
-        # or a split's calls (started within the first timeout), and the built-in
-        # destination's own behind an insert function.
-        self.timeouts = 1 + len(self._stages) + (downstream is not None)
+        # What a delivery can take (the dispatcher's guard allows for it, and 5 s), in
+        # `timeout`s: a call (one for each function in it); its re-run alone after a crash
+        # it shared, which may wait for the culprit's own re-run first (each with the 2 s a
+        # timeout's ending may take; a split's calls start within the first timeout); then
+        # the built-in destination's own request behind an insert function.
+        self.timeouts = 3 * len(self._stages) + (downstream is not None)
 
     async def start(self) -> None:
         """Start the workers, then the built-in destination behind an insert function. If any
@@ -190,15 +191,17 @@ class FunctionDestination:
         """One invocation; a batch that crashes its worker, or runs out of memory, is split
         (`_split`)."""
         started = time.monotonic()
-        # A call caught in another's crash runs again alone if it can start before the
-        # dispatcher's guard ends the attempt (waiting there, it ended as a Timeout of a
-        # function that never ran).
-        rerun_by = started + delivery_bound_s(self.dest.timeout_s, self) - 0.5
-        run = await self._call(events, batched, rerun_by=rerun_by)
+        # A call caught in another's crash runs again alone, ending before the dispatcher's
+        # guard ends the attempt, and before the built-in destination's own request after
+        # it (the guard cut it short as a Timeout, also one that never started).
+        rerun_until = started + delivery_bound_s(self.dest.timeout_s, self) - 0.5
+        if self._downstream is not None:
+            rerun_until -= self.dest.timeout_s
+        run = await self._call(events, batched, rerun_until=rerun_until)
         assert run is not None  # (only a call with start_by may not start)
         if run.crashed and len(events) > 1:
             # Calls start within the attempt's first `timeout`, so that each, and the
-            # attempt, ends within the second, inside the dispatcher's guard (2 timeouts + 5 s).
+            # attempt, ends inside the dispatcher's guard (`timeouts`, and 5 s).
             split = _Split(deadline=started + self.dest.timeout_s, calls=MAX_SPLIT_CALLS)
             return await self._split(events, run, split, memory=run.crashed == "memory")
         return run
@@ -238,16 +241,16 @@ class FunctionDestination:
         events: list,
         batched: bool,
         start_by: float | None = None,
-        rerun_by: float | None = None,
+        rerun_until: float | None = None,
     ) -> _Run | None:
-        """One call on the pool's workers (run again alone if caught in another's crash and
-        it can start by `rerun_by`); with `start_by`, alone on its quarantine worker if it can
+        """One call on the pool's workers (run again alone if caught in another's crash,
+        ending by `rerun_until`); with `start_by`, alone on its quarantine worker if it can
         start by then (None if it cannot)."""
         n = len(events)
         try:
             if start_by is None:
                 reply = await self.pool.call(
-                    events, batch=batched, stages=self._stages, rerun_by=rerun_by
+                    events, batch=batched, stages=self._stages, rerun_until=rerun_until
                 )
             else:
                 reply = await self.pool.call_alone(
@@ -267,6 +270,11 @@ class FunctionDestination:
                 if running in ("insert", "function"):  # (the worker's word: checked)
                     which = "the insert function" if running == "insert" else "the function"
                     message += f"; {which} was still running"
+            if exc.cut_to_s is not None:  # a re-run, with what was left of the attempt
+                message = message.split(" within ")[0] + (
+                    f" within the {exc.cut_to_s:.1f}s left of the attempt, run again alone "
+                    "after another invocation crashed or blocked its worker"
+                )
             logs, requests = _record_of(exc.reply or {})  # what it printed and requested
             return _Run([retry(ErrorType.TIMEOUT, message)] * n, logs, requests, [None] * n)
         except WorkerFailed as exc:

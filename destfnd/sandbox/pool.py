@@ -26,16 +26,21 @@ from destfnd.sandbox.process import (
 log = structlog.get_logger("destfnd.sandbox")
 
 _PING_GRACE_S = 1.0  # a worker that cannot answer a ping this fast after a timeout is stuck
+# After a call's time is up: its cancellation's answer, or a ping, and the reply (or a kill).
+_AFTER_TIMEOUT_S = 2 * _PING_GRACE_S
+_MIN_RERUN_S = 0.5  # a re-run with less time than this left is not started
 
 
 class CallTimedOut(TimeoutError):
     """The invocation did not finish in time and was cancelled (every timeout of `Pool.call`
     is one). `reply`: what the worker sent for it once cancelled (its logs and requests so
-    far), if it answered within a grace; None if it could not."""
+    far), if it answered within a grace; None if it could not. `cut_to_s`: the time it had,
+    when less than its timeout (a re-run with what was left of the attempt)."""
 
-    def __init__(self, reply: dict | None) -> None:
+    def __init__(self, reply: dict | None, cut_to_s: float | None = None) -> None:
         super().__init__("the invocation timed out")
         self.reply = reply
+        self.cut_to_s = cut_to_s
 
 
 class NotStarted(Exception):
@@ -91,15 +96,15 @@ class Pool:
                 worker.kill()
 
     async def call(
-        self, events: list, *, batch: bool, stages: list[str], rerun_by: float | None = None
+        self, events: list, *, batch: bool, stages: list[str], rerun_until: float | None = None
     ) -> dict:
         """Run one invocation; raises TimeoutError or WorkerFailed (both retryable).
 
         An invocation caught in the crash of a worker it shared with others runs once more,
         alone, on a quarantine worker: the crash was most likely another's and should not cost
-        this event an attempt, while the one that crashed it crashes the quarantine too. If it
-        cannot start there by `rerun_by` (time.monotonic(): the quarantine is busy with the
-        others), the crash is its outcome.
+        this event an attempt, while the one that crashed it crashes the quarantine too. With
+        `rerun_until` (time.monotonic()) the re-run ends by then (see `call_alone`); if it
+        cannot start in time (the quarantine busy with the others), the crash is its outcome.
         """
         try:
             return await self._call_on(await self._pick(), events, batch, stages)
@@ -108,21 +113,32 @@ class Pool:
                 raise
             failed = exc
         try:
-            return await self.call_alone(events, batch=batch, stages=stages, start_by=rerun_by)
+            return await self.call_alone(events, batch=batch, stages=stages, until=rerun_until)
         except NotStarted:
             message = (
-                f"{failed}; it ran other invocations too, and this one could not run again "
-                "alone in time: the quarantine worker was busy"
+                f"{failed}; run again alone, it could not start in time: the quarantine worker "
+                "was busy with others, or starting"
             )
             raise WorkerFailed(message, out_of_memory=failed.out_of_memory) from None
 
     async def call_alone(
-        self, events: list, *, batch: bool, stages: list[str], start_by: float | None = None
+        self,
+        events: list,
+        *,
+        batch: bool,
+        stages: list[str],
+        start_by: float | None = None,
+        until: float | None = None,
     ) -> dict:
         """Run one invocation alone, on the quarantine worker: what crashes it crashes no
         other invocation (for a re-run after a crash). One at a time: a crash there is that
         call's own. Raises NotStarted if it cannot start by `start_by` (time.monotonic())
-        for the others waiting there."""
+        for the others waiting there. With `until`, it ends by then: it has what is left
+        of its timeout, less what a timeout's ending takes, and is not started with less
+        than _MIN_RERUN_S."""
+        if until is not None:
+            latest = until - _AFTER_TIMEOUT_S - _MIN_RERUN_S
+            start_by = latest if start_by is None else min(start_by, latest)
         if start_by is not None and time.monotonic() >= start_by:
             raise NotStarted
         lock = self._quarantine_lock
@@ -137,8 +153,9 @@ class Pool:
                     raise
         except TimeoutError:
             raise NotStarted from None
+        limit_s = None if until is None else until - time.monotonic() - _AFTER_TIMEOUT_S
         try:
-            return await self._call_on(worker, events, batch, stages)
+            return await self._call_on(worker, events, batch, stages, limit_s)
         except asyncio.CancelledError:
             # Cancelled (a stop, the dispatcher's guard) while the worker runs it: the worker
             # is stopped with it, or the next call there would share it with this one.
@@ -158,7 +175,17 @@ class Pool:
                 raise WorkerFailed(f"the function cannot be loaded: {exc}") from None
         return self._quarantine
 
-    async def _call_on(self, worker: Worker, events: list, batch: bool, stages: list[str]) -> dict:
+    async def _call_on(
+        self,
+        worker: Worker,
+        events: list,
+        batch: bool,
+        stages: list[str],
+        limit_s: float | None = None,
+    ) -> dict:
+        """One invocation on `worker`, within its timeout, or `limit_s` if that is less."""
+        timeout_s = protocol.call_timeout_s(self.spec.timeout_s, stages)
+        cut_to_s = limit_s if limit_s is not None and limit_s < timeout_s else None
         if worker.retired or worker.writer.is_closing():
             # It is exiting (it died, or said so in a reply) since it was picked: this
             # invocation never ran. Its on_exit replaces it, with its exit code in the reason.
@@ -169,7 +196,7 @@ class Pool:
         try:
             worker.send({"t": "call", "id": call_id, "events": events, "batch": batch,
                          "stages": stages})  # fmt: skip
-            async with asyncio.timeout(protocol.call_timeout_s(self.spec.timeout_s, stages)):
+            async with asyncio.timeout(timeout_s if cut_to_s is None else cut_to_s):
                 # Shielded: on timeout the future stays, to take the cancelled call's reply.
                 return await asyncio.shield(future)
         except TimeoutError:
@@ -186,7 +213,7 @@ class Pool:
                     raise failed from None
                 # It crashed (another invocation, say) or said it exits: its on_exit replaces
                 # it, with the reason, and the others running in it learn of it then.
-                raise CallTimedOut(None) from None
+                raise CallTimedOut(None, cut_to_s) from None
             late = None
             if state == "healthy" or (state == "stuck" and not shared):
                 # A slow invocation, cancelled: the worker answers for it with what it
@@ -198,7 +225,7 @@ class Pool:
                 except (TimeoutError, WorkerFailed):
                     late = None
                 if state == "healthy":
-                    raise CallTimedOut(late) from None
+                    raise CallTimedOut(late, cut_to_s) from None
             # The worker's loop is blocked or a thread is stuck: every invocation in it waits.
             # The others did not block it: each runs again in quarantine, at no attempt's cost
             # (once the worker is killed, the one left alone would look like its culprit).
@@ -210,7 +237,7 @@ class Pool:
             if shared:
                 raise WorkerFailed("the worker was blocked, maybe by another invocation",
                                    shared=True) from None  # fmt: skip
-            raise CallTimedOut(late) from None  # (blocked: it could not answer for the call)
+            raise CallTimedOut(late, cut_to_s) from None  # (blocked: it could not answer)
         except WorkerFailed as exc:
             self._replace(worker, str(exc))
             raise
