@@ -1752,6 +1752,24 @@ async def test_functions_a_flood_of_stray_output_is_read_at_a_bounded_rate(
     assert counted, "the lines not logged are counted"
 
 
+async def _once_in_one_worker(make_daemon, tmp_path, session, code, timeout, kinds):
+    """Events of the `kinds` given (their `event`), sent in this order in one batch to a
+    function destination of one worker with room for all, tried once: their final rows."""
+    (tmp_path / "fn.py").write_text(code)
+    once = "[destinations.retry]\nmax_attempts = 1\n"
+    async with Sink() as sink:
+        dest = function_destination(
+            "fn", "fn.py", f'{{ sink = "{sink.url}" }}', timeout=f'"{timeout}"',
+            concurrency="8", _tables=once,
+        )  # fmt: skip
+        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+        batch = [
+            {"type": "track", "event": k, "messageId": f"{k}-{i}"} for i, k in enumerate(kinds)
+        ]
+        await send(session, daemon, batch)
+        return await wait_final(daemon, len(kinds), timeout_s=60), daemon
+
+
 BLOCKS_ITS_WORKER_PY = """
 import asyncio, time
 from destfnd.functions import fetch
@@ -1770,20 +1788,10 @@ async def test_functions_a_rerun_that_cannot_start_in_time_says_so(make_daemon, 
     start there in time for its attempt to end within the dispatcher's guard fails saying
     so; it ended as the guard's Timeout ("no result within"), of a function that never
     ran."""
-    (tmp_path / "fn.py").write_text(BLOCKS_ITS_WORKER_PY)
-    once = "[destinations.retry]\nmax_attempts = 1\n"
-    async with Sink() as sink:
-        dest = function_destination(
-            "fn", "fn.py", f'{{ sink = "{sink.url}" }}', timeout='"1s"', concurrency="8",
-            _tables=once,
-        )  # fmt: skip
-        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
-        kinds = ["block"] * 4 + ["fine"] * 2  # sent in this order, all in the one worker
-        batch = [
-            {"type": "track", "event": k, "messageId": f"{k}-{i}"} for i, k in enumerate(kinds)
-        ]
-        await send(session, daemon, batch)
-        rows = await wait_final(daemon, len(kinds), timeout_s=60)
+    kinds = ["block"] * 4 + ["fine"] * 2
+    rows, _ = await _once_in_one_worker(
+        make_daemon, tmp_path, session, BLOCKS_ITS_WORKER_PY, "1s", kinds
+    )
     fine = [r for r in rows.values() if r["event"]["event"] == "fine"]
     for row in fine:
         assert row["status"] == "expired", row
@@ -1809,20 +1817,10 @@ async def test_functions_a_rerun_has_what_is_left_of_its_attempt(make_daemon, tm
     whose guard is 14 s. It has what is left, less a timeout's ending (or is not started),
     and says so; it ran on until the guard cut it short, as "no result within", and the
     guard's cancellation killed the quarantine worker."""
-    (tmp_path / "fn.py").write_text(CRASHES_BESIDE_SLOW_ONES_PY)
-    once = "[destinations.retry]\nmax_attempts = 1\n"
-    async with Sink() as sink:
-        dest = function_destination(
-            "fn", "fn.py", f'{{ sink = "{sink.url}" }}', timeout='"3s"', concurrency="8",
-            _tables=once,
-        )  # fmt: skip
-        daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
-        kinds = ["exit", "slow", "slow", "slow", "slow"]  # in this order in the one worker
-        batch = [
-            {"type": "track", "event": k, "messageId": f"{k}-{i}"} for i, k in enumerate(kinds)
-        ]
-        await send(session, daemon, batch)
-        rows = await wait_final(daemon, len(kinds), timeout_s=60)
+    kinds = ["exit", "slow", "slow", "slow", "slow"]
+    rows, daemon = await _once_in_one_worker(
+        make_daemon, tmp_path, session, CRASHES_BESIDE_SLOW_ONES_PY, "3s", kinds
+    )
     errors = [h["error"] or "" for r in rows.values() for h in r["history"]]
     assert not [e for e in errors if "no result within" in e], errors
     assert [rows["fn", f"slow-{i}"]["status"] for i in (1, 2, 3)] == ["delivered"] * 3, rows
