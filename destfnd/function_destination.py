@@ -260,21 +260,21 @@ class FunctionDestination:
             return None
         except CallTimedOut as exc:
             limit = self.dest.timeout_s
-            message = f"the function did not finish within {limit:g}s"
-            if self._stages == ["insert"]:  # in front of a webhook or a file
-                message = f"the insert function did not finish within {limit:g}s"
+            within = f"within {limit:g}s"
             if self._stages == ["insert", "function"]:  # twice timeout, for the two together
-                message = (f"the insert function and the function together did not finish"
-                           f" within {2 * limit:g}s (twice timeout)")  # fmt: skip
+                within = f"within {2 * limit:g}s (twice timeout)"
+            if exc.cut_to_s is not None:  # a re-run, with what was left of the attempt
+                within = (f"within the {exc.cut_to_s:.1f}s left of the attempt (run again "
+                          "alone after its worker crashed or was blocked)")  # fmt: skip
+            message = f"the function did not finish {within}"
+            if self._stages == ["insert"]:  # in front of a webhook or a file
+                message = f"the insert function did not finish {within}"
+            if self._stages == ["insert", "function"]:
+                message = f"the insert function and the function together did not finish {within}"
                 running = (exc.reply or {}).get("stage")
                 if running in ("insert", "function"):  # (the worker's word: checked)
                     which = "the insert function" if running == "insert" else "the function"
                     message += f"; {which} was still running"
-            if exc.cut_to_s is not None:  # a re-run, with what was left of the attempt
-                message = message.split(" within ")[0] + (
-                    f" within the {exc.cut_to_s:.1f}s left of the attempt, run again alone "
-                    "after another invocation crashed or blocked its worker"
-                )
             logs, requests = _record_of(exc.reply or {})  # what it printed and requested
             return _Run([retry(ErrorType.TIMEOUT, message)] * n, logs, requests, [None] * n)
         except WorkerFailed as exc:

@@ -1806,20 +1806,20 @@ async def on_track(event, settings):
     if event["event"] == "exit":
         await asyncio.sleep(0.2)  # the others are in the worker by then
         os._exit(3)
-    await asyncio.sleep(2.7)
+    await asyncio.sleep(4.3)
     await fetch(settings["sink"], method="POST", json=event)
 """
 
 
 async def test_functions_a_rerun_has_what_is_left_of_its_attempt(make_daemon, tmp_path, session):
     """The neighbours of a crash run again one after another on the quarantine worker, each
-    taking 2.7 s of its 3 s timeout: the fourth starts about 9-10.5 s into its attempt,
-    whose guard is 14 s. It has what is left, less a timeout's ending (or is not started),
-    and says so; it ran on until the guard cut it short, as "no result within", and the
+    taking 4.3 s of its 5 s timeout: the fourth starts about 14-16 s into its attempt, whose
+    guard is 20 s. It has what is left, less a timeout's ending (or is not started), and
+    says so; it ran on until the guard cut it short, as "no result within", and the
     guard's cancellation killed the quarantine worker."""
     kinds = ["exit", "slow", "slow", "slow", "slow"]
     rows, daemon = await _once_in_one_worker(
-        make_daemon, tmp_path, session, CRASHES_BESIDE_SLOW_ONES_PY, "3s", kinds
+        make_daemon, tmp_path, session, CRASHES_BESIDE_SLOW_ONES_PY, "5s", kinds
     )
     errors = [h["error"] or "" for r in rows.values() for h in r["history"]]
     assert not [e for e in errors if "no result within" in e], errors

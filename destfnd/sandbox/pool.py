@@ -107,7 +107,19 @@ class Pool:
         cannot start in time (the quarantine busy with the others), the crash is its outcome.
         """
         try:
-            return await self._call_on(await self._pick(), events, batch, stages)
+            if rerun_until is None:
+                worker = await self._pick()
+            else:  # (all being replaced: a start may take up to _START_TIMEOUT_S)
+                timeout_s = protocol.call_timeout_s(self.spec.timeout_s, stages)
+                wait_s = rerun_until - timeout_s - _AFTER_TIMEOUT_S - time.monotonic()
+                try:
+                    async with asyncio.timeout(max(wait_s, 0)):
+                        worker = await self._pick()
+                except TimeoutError:
+                    raise WorkerFailed(
+                        "no worker could take it in time: they were all starting"
+                    ) from None
+            return await self._call_on(worker, events, batch, stages)
         except WorkerFailed as exc:
             if not exc.shared:
                 raise
@@ -154,6 +166,9 @@ class Pool:
         except TimeoutError:
             raise NotStarted from None
         limit_s = None if until is None else until - time.monotonic() - _AFTER_TIMEOUT_S
+        if limit_s is not None and limit_s < _MIN_RERUN_S:  # (the loop stalled meanwhile)
+            lock.release()
+            raise NotStarted
         try:
             return await self._call_on(worker, events, batch, stages, limit_s)
         except asyncio.CancelledError:
