@@ -34,7 +34,7 @@ _STORE_RETRY_S = (1.0, 10.0)
 class Deliverer(Protocol):
     """A destination's way of delivering. One may say, as `timeouts` (an int), how many of
     the destination's `timeout` a delivery can take at most (default 2): the dispatcher's
-    guard allows for that many, and 5 s."""
+    guard allows for that many, and GUARD_SLACK_S."""
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -45,10 +45,14 @@ _BATCHES_PER_CLAIM = 8  # batched destinations: full batches leased per claim, a
 _CLAIM_ROWS = 1000  # ... unless that is more rows than this (then one batch per claim)
 
 
+# Beyond a delivery's `timeouts`: the starts of workers, a timeout's ending, the loop's lags.
+GUARD_SLACK_S = 10.0
+
+
 def delivery_bound_s(timeout_s: float, deliverer: Deliverer) -> float:
     """How long the dispatcher lets one delivery take (its guard): `timeouts` of the
-    destination's `timeout`, as the deliverer counts them (2 by default), and 5 s."""
-    return timeout_s * getattr(deliverer, "timeouts", 2) + 5
+    destination's `timeout`, as the deliverer counts them (2 by default), and GUARD_SLACK_S."""
+    return timeout_s * getattr(deliverer, "timeouts", 2) + GUARD_SLACK_S
 
 
 def now_ms() -> int:

@@ -124,7 +124,7 @@ class FunctionDestination:
             ["function"] if dest.kind == "function" else []
         )
         self.version: str | None = None
-        # What a delivery can take (the dispatcher's guard allows for it, and 5 s), in
+        # What a delivery can take (the dispatcher's guard allows for it, and 10 s), in
         # `timeout`s: a call (one for each function in it); its re-run alone after a crash
         # it shared, which may wait for the culprit's own re-run first (each with the 2 s a
         # timeout's ending may take; a split's calls start within the first timeout); then
@@ -201,7 +201,7 @@ class FunctionDestination:
         assert run is not None  # (only a call with start_by may not start)
         if run.crashed and len(events) > 1:
             # Calls start within the attempt's first `timeout`, so that each, and the
-            # attempt, ends inside the dispatcher's guard (`timeouts`, and 5 s).
+            # attempt, ends inside the dispatcher's guard (`timeouts`, and 10 s).
             split = _Split(deadline=started + self.dest.timeout_s, calls=MAX_SPLIT_CALLS)
             return await self._split(events, run, split, memory=run.crashed == "memory")
         return run

@@ -1798,37 +1798,38 @@ async def test_functions_a_rerun_that_cannot_start_in_time_says_so(make_daemon, 
         assert "run again alone, it could not start in time" in row["history"][0]["error"], row
 
 
-CRASHES_BESIDE_SLOW_ONES_PY = """
-import asyncio, os
-from destfnd.functions import fetch
+async def test_functions_a_rerun_alone_has_what_is_left_of_its_attempt(tmp_path):
+    """A re-run after a shared crash (the pool's call_alone with `until`) ends by then: it
+    has what is left, less a timeout's ending, and is not started with under 0.5 s. One
+    that waited behind others ran its whole timeout, and the dispatcher's guard cut it
+    short ("no result within"), killing the quarantine worker."""
+    from destfnd.sandbox import pool as pool_module
+    from destfnd.sandbox import process
 
-async def on_track(event, settings):
-    if event["event"] == "exit":
-        await asyncio.sleep(0.2)  # the others are in the worker by then
-        os._exit(3)
-    await asyncio.sleep(4.3)
-    await fetch(settings["sink"], method="POST", json=event)
-"""
-
-
-async def test_functions_a_rerun_has_what_is_left_of_its_attempt(make_daemon, tmp_path, session):
-    """The neighbours of a crash run again one after another on the quarantine worker, each
-    taking 4.3 s of its 5 s timeout: the fourth starts about 14-16 s into its attempt, whose
-    guard is 20 s. It has what is left, less a timeout's ending (or is not started), and
-    says so; it ran on until the guard cut it short, as "no result within", and the
-    guard's cancellation killed the quarantine worker."""
-    kinds = ["exit", "slow", "slow", "slow", "slow"]
-    rows, daemon = await _once_in_one_worker(
-        make_daemon, tmp_path, session, CRASHES_BESIDE_SLOW_ONES_PY, "5s", kinds
+    (tmp_path / "f.py").write_text(
+        "import asyncio\n\nasync def on_track(event, settings):\n"
+        "    if event['event'] == 'slow':\n        await asyncio.sleep(4)\n"
     )
-    errors = [h["error"] or "" for r in rows.values() for h in r["history"]]
-    assert not [e for e in errors if "no result within" in e], errors
-    assert [rows["fn", f"slow-{i}"]["status"] for i in (1, 2, 3)] == ["delivered"] * 3, rows
-    last = rows["fn", "slow-4"]
-    assert last["status"] == "expired", last
-    cut = "did not finish within the " in last["error"] and "s left of the attempt" in last["error"]
-    assert cut or "could not start in time" in last["error"], last
-    assert not [r for r in daemon.log_records() if r.get("event") == "deliverer_crashed"]
+    spec = process.Spec("t", tmp_path / "f.py", None, {}, 5.0, 512 * 2**20)
+    pool = pool_module.Pool(spec)
+    await pool.start()
+
+    def alone(kind: str, left_s: float):
+        event = {"type": "track", "event": kind, "userId": "u", "messageId": kind}
+        return pool.call_alone(
+            [event], batch=False, stages=["function"], until=time.monotonic() + left_s
+        )
+
+    try:
+        await alone("quick", 30)  # (the quarantine worker started: no start in what follows)
+        with pytest.raises(pool_module.CallTimedOut) as cut:
+            await alone("slow", 3.5)  # 1.5 s once a timeout's ending is set aside
+        assert cut.value.cut_to_s is not None and 1.0 < cut.value.cut_to_s <= 1.5
+        with pytest.raises(pool_module.NotStarted):
+            await alone("quick", 2.3)
+        assert (await alone("quick", 30))["outcomes"], "the quarantine worker still serves"
+    finally:
+        await pool.close()
 
 
 SLOW_BATCH_CRASHES_ON_ONE_PY = """
