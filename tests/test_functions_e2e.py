@@ -1770,6 +1770,43 @@ async def _once_in_one_worker(make_daemon, tmp_path, session, code, timeout, kin
         return await wait_final(daemon, len(kinds), timeout_s=60), daemon
 
 
+FLOODS_THEN_EXITS_PY = """
+import os
+
+def on_track(event, settings):
+    block = (b"x" * 63 + b"\\n") * 1024
+    for _ in range(160):  # 10 MiB, then the worker dies (and is replaced)
+        os.write(1, block)
+    with open(settings["progress"], "ab") as f:
+        f.write(b".")
+    os._exit(3)
+"""
+
+
+async def test_functions_workers_replaced_get_no_burst_of_stray_output_of_their_own(
+    make_daemon, tmp_path, session
+):
+    """Each worker got a burst of its own: one that flooded and crashed was read at full
+    speed again at every restart. The pool's workers share one budget."""
+    from destfnd.sandbox.process import OUTPUT_BYTES_BURST, OUTPUT_BYTES_PER_S
+
+    progress = tmp_path / "progress"  # a dot for each 10 MiB written
+    (tmp_path / "fn.py").write_text(FLOODS_THEN_EXITS_PY)
+    once = "[destinations.retry]\nmax_attempts = 1\n"
+    dest = function_destination(
+        "fn", "fn.py", f'{{ progress = "{progress}" }}', concurrency="1", _tables=once
+    )
+    started = time.monotonic()  # before the first worker (and its reader) started
+    daemon = await make_daemon(config_text(tmp_path / "db", dest)).start()
+    events = [{"type": "track", "event": "e", "messageId": f"m{i}"} for i in range(5)]
+    await send(session, daemon, events)
+    await asyncio.sleep(max(0.0, started + 6 - time.monotonic()))
+    written_mib = 10 * len(progress.read_bytes()) if progress.exists() else 0
+    elapsed = time.monotonic() - started
+    bound = (OUTPUT_BYTES_BURST + OUTPUT_BYTES_PER_S * elapsed) / (1 << 20) + 1
+    assert written_mib <= bound, (written_mib, bound)
+
+
 BLOCKS_ITS_WORKER_PY = """
 import asyncio, time
 from destfnd.functions import fetch

@@ -152,7 +152,8 @@ async def test_stray_output_past_the_throttle_is_counted_line_for_line():
     clock = [0.0]
     throttle = Throttle(per_s=1.0, burst=3, clock=lambda: clock[0])
     with capture_logs() as logged:
-        await asyncio.gather(feed(), process._read_output(worker, "fn", str, throttle))
+        limits = process.OutputLimits(lines=throttle)
+        await asyncio.gather(feed(), process._read_output(worker, "fn", str, limits))
     lines = [e for e in logged if e["event"] == "worker_output"]
     assert [e["line"] for e in lines[:3]] == ["line 0", "line 1", "line 2"]
     # 15 lines: lines 0-14 with the long one as line 12; 3 shown, the rest counted at the end.

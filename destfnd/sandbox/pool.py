@@ -14,10 +14,10 @@ import structlog
 from destfnd.sandbox import protocol
 from destfnd.sandbox.process import (
     InitError,
+    OutputLimits,
     Spec,
     Worker,
     WorkerFailed,
-    output_throttle,
     read_code,
     spawn,
     stop,
@@ -66,7 +66,7 @@ class Pool:
         self.last_init_error: str | None = None
         self._log = log.bind(destination=spec.name)
         self._code: dict[str, str] = {}  # read at start()
-        self._output = output_throttle()  # lines of stray output, for all its workers
+        self._output = OutputLimits()  # of stray output, for all its workers
 
     async def start(self) -> dict:
         """Start the workers; returns the first one's `ready` (versions, settings problems)."""

@@ -10,6 +10,7 @@ import functools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,7 +181,7 @@ async def spawn(
     on_exit: Callable[[Worker, str], None] | None = None,
     code: dict[str, str] | None = None,
     redact: Callable[[str], str] = str,  # str: the text as it is (as dispatch does)
-    output: Throttle | None = None,  # of its stray output's lines: the pool's, shared
+    output: OutputLimits | None = None,  # of its stray output: the pool's, shared
 ) -> Worker:
     """Start a worker and load the function in it (`code`: from read_code, else the files as
     they are now); raises InitError with a one-line reason."""
@@ -273,7 +274,7 @@ async def spawn(
     worker.ready = reply
     worker.on_exit = on_exit
     output = asyncio.create_task(
-        _read_output(worker, spec.name, redact, output or output_throttle()),
+        _read_output(worker, spec.name, redact, output or OutputLimits()),
         name=f"worker-output:{proc.pid}",
     )
     worker.output = output
@@ -349,21 +350,37 @@ async def _read_replies(worker: Worker, reader: asyncio.StreamReader) -> None:
             worker.on_exit(worker, f"the worker process {reason}")
 
 
-def output_throttle() -> Throttle:
+@dataclass
+class OutputLimits:
+    """How much of its workers' stray output a pool logs and reads: shared by its workers, so
+    that one replaced (a worker that floods and crashes) gets no burst of its own."""
+
     # A thread writing in a loop made a million lines in 8 s, the daemon's CPU all theirs.
-    return Throttle(per_s=OUTPUT_LINES_PER_S, burst=OUTPUT_LINES_BURST)
+    lines: Throttle = field(
+        default_factory=lambda: Throttle(per_s=OUTPUT_LINES_PER_S, burst=OUTPUT_LINES_BURST)
+    )
+    _allowance: float = OUTPUT_BYTES_BURST  # bytes that may be read at once
+    _at: float = field(default_factory=time.monotonic)
+
+    def read(self, size: int) -> float:
+        """`size` bytes read: the seconds to wait before reading more (a token bucket of
+        OUTPUT_BYTES_BURST, refilled at OUTPUT_BYTES_PER_S; a wait is taken out of the next
+        refill)."""
+        now = time.monotonic()
+        refilled = self._allowance + (now - self._at) * OUTPUT_BYTES_PER_S
+        self._allowance, self._at = min(OUTPUT_BYTES_BURST, refilled) - size, now
+        return max(0.0, -self._allowance / OUTPUT_BYTES_PER_S)
 
 
 async def _read_output(
-    worker: Worker, name: str, redact: Callable[[str], str], throttle: Throttle
+    worker: Worker, name: str, redact: Callable[[str], str], limits: OutputLimits
 ) -> None:
     """What the worker writes outside an invocation's captured output (a thread's prints, a
-    subprocess, C code), a log line each, secrets redacted, at most at `throttle`'s rate
-    (the pool's: a worker replaced gets no burst of its own); read in chunks, so a line of
-    any length is taken (its first _OUTPUT_LINE_CHARS logged). A flood is read at
-    OUTPUT_BYTES_PER_S after the worker's first OUTPUT_BYTES_BURST (each worker's own): its
-    writes wait meanwhile."""
-    loop = asyncio.get_running_loop()
+    subprocess, C code), a log line each, secrets redacted, at most at `limits.lines`'
+    rate; read in chunks, so a line of any length is taken (its first _OUTPUT_LINE_CHARS
+    logged). A flood is read at `limits`' rate of bytes: the worker's writes wait
+    meanwhile. (`limits` are the pool's: a worker replaced gets no burst of its own.)"""
+    throttle = limits.lines
 
     def emit(line: bytes) -> None:
         more = throttle.fields()
@@ -374,7 +391,7 @@ async def _read_output(
                  line=redact(text)[:_OUTPUT_LINE_CHARS], **more)  # fmt: skip
 
     try:
-        await _read_lines(worker, loop, emit, throttle)
+        await _read_lines(worker, emit, limits)
     finally:  # (also when cancelled: a stop that could not wait)
         if throttle.held:
             log.info("worker_output", destination=name, pid=worker.pid, line="",
@@ -382,19 +399,14 @@ async def _read_output(
             throttle.held = 0
 
 
-async def _read_lines(
-    worker: Worker, loop: asyncio.AbstractEventLoop, emit: Callable, throttle: Throttle
-) -> None:
+async def _read_lines(worker: Worker, emit: Callable, limits: OutputLimits) -> None:
     assert worker.proc.stdout is not None
+    throttle = limits.lines
     pending = b""
     skipping = False  # the rest of a line whose start was logged
-    allowance, at = float(OUTPUT_BYTES_BURST), loop.time()  # bytes that may be read at once
     while chunk := await worker.proc.stdout.read(65536):
-        now = loop.time()
-        allowance = min(OUTPUT_BYTES_BURST, allowance + (now - at) * OUTPUT_BYTES_PER_S)
-        allowance, at = allowance - len(chunk), now
-        if allowance < 0:  # (the sleep is taken out of the next refill)
-            await asyncio.sleep(-allowance / OUTPUT_BYTES_PER_S)
+        if wait_s := limits.read(len(chunk)):
+            await asyncio.sleep(wait_s)
         data = pending + chunk
         # Only the lines the throttle lets through now are split off; the rest of the chunk's
         # are counted. Splitting every line of a flood took most of the daemon's CPU: ingest
