@@ -6,6 +6,7 @@ Turns worker replies into Reports; never runs user code itself.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -124,7 +125,7 @@ class FunctionDestination:
             ["function"] if dest.kind == "function" else []
         )
         self.version: str | None = None
-        # What a delivery can take (the dispatcher's guard allows for it, and 10 s), in
+        # What a delivery can take (the dispatcher's guard allows for it, and GUARD_SLACK_S), in
         # `timeout`s: a call (one for each function in it); its re-run alone after a crash
         # it shared, which may wait for the culprit's own re-run first (each with the 2 s a
         # timeout's ending may take; a split's calls start within the first timeout); then
@@ -201,7 +202,7 @@ class FunctionDestination:
         assert run is not None  # (only a call with start_by may not start)
         if run.crashed and len(events) > 1:
             # Calls start within the attempt's first `timeout`, so that each, and the
-            # attempt, ends inside the dispatcher's guard (`timeouts`, and 10 s).
+            # attempt, ends inside the dispatcher's guard (`timeouts`, and GUARD_SLACK_S).
             split = _Split(deadline=started + self.dest.timeout_s, calls=MAX_SPLIT_CALLS)
             return await self._split(events, run, split, memory=run.crashed == "memory")
         return run
@@ -264,7 +265,8 @@ class FunctionDestination:
             if self._stages == ["insert", "function"]:  # twice timeout, for the two together
                 within = f"within {2 * limit:g}s (twice timeout)"
             if exc.cut_to_s is not None:  # a re-run, with what was left of the attempt
-                within = (f"within the {exc.cut_to_s:.1f}s left of the attempt (run again "
+                left = math.floor(exc.cut_to_s * 10) / 10  # (0.96 of 1 s: not "1.0")
+                within = (f"within the {left:.1f}s left of the attempt (run again "
                           "alone after its worker crashed or was blocked)")  # fmt: skip
             message = f"the function did not finish {within}"
             if self._stages == ["insert"]:  # in front of a webhook or a file

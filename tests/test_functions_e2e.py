@@ -1864,6 +1864,19 @@ async def test_functions_a_rerun_alone_has_what_is_left_of_its_attempt(tmp_path)
         assert cut.value.cut_to_s is not None and 1.0 < cut.value.cut_to_s <= 1.5
         with pytest.raises(pool_module.NotStarted):
             await alone("quick", 2.3)
+        # Too little left once it has the worker (the event loop stalled meanwhile): not
+        # started either, and the worker is left free.
+        ready = pool._quarantine_worker
+
+        async def stalled():
+            time.sleep(1.3)  # (blocking: no timer fires meanwhile)
+            return await ready()
+
+        pool._quarantine_worker = stalled
+        with pytest.raises(pool_module.NotStarted):
+            await alone("quick", 3.6)  # 1.1 s to start, 0.3 s left to run once started
+        pool._quarantine_worker = ready
+        assert not pool._quarantine_lock.locked()
         assert (await alone("quick", 30))["outcomes"], "the quarantine worker still serves"
     finally:
         await pool.close()
@@ -1882,9 +1895,10 @@ async def on_batch(events, settings):
 
 
 async def test_functions_a_split_ends_within_the_attempts_time(make_daemon, tmp_path, session):
-    """A split starts no call later than `timeout` after the start of the attempt: the
-    dispatcher's guard (twice `timeout` and 5 s) cut a longer one off and every event of the
-    batch, the delivered ones too, got "no result within", at every attempt."""
+    """A split starts no call later than `timeout` after the start of the attempt, so the
+    attempt ends within about twice `timeout` (and a timeout's ending): the dispatcher's
+    guard cut a longer one off and every event of the batch, the delivered ones too, got
+    "no result within", at every attempt (unbounded, a split here takes 11-12 s)."""
     events = [{"type": "track", "event": "Fine", "messageId": f"f{i}"} for i in range(63)]
     events.append({"type": "track", "event": "Crash", "messageId": "crash"})
     rows, sink, _daemon = await one_batch(
@@ -1892,6 +1906,8 @@ async def test_functions_a_split_ends_within_the_attempts_time(make_daemon, tmp_
     )
     errors = {r["error"] for r in rows.values() if r["status"] != "delivered"}
     assert not [e for e in errors if "no result within" in e], errors
+    longest_ms = max(h["duration_ms"] for r in rows.values() for h in r["history"])
+    assert longest_ms < 2 * 2000 + 2000 + 1500, longest_ms  # (a call's ending: 2 s at most)
     delivered = [k for k, r in rows.items() if r["status"] == "delivered"]
     assert len(delivered) >= 32, len(delivered)  # the first half without the crash, at least
     assert sorted(e["messageId"] for e in sink.delivered()) == sorted(k[1] for k in delivered)

@@ -117,7 +117,7 @@ class Pool:
                         worker = await self._pick()
                 except TimeoutError:
                     raise WorkerFailed(
-                        "no worker could take it in time: they were all starting"
+                        f"no worker was free within {max(wait_s, 0):.1f}s: all were being replaced"
                     ) from None
             return await self._call_on(worker, events, batch, stages)
         except WorkerFailed as exc:
