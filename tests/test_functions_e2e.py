@@ -1882,6 +1882,42 @@ async def test_functions_a_rerun_alone_has_what_is_left_of_its_attempt(tmp_path)
         await pool.close()
 
 
+async def test_functions_a_call_waits_for_a_free_worker_within_its_attempt(tmp_path, monkeypatch):
+    """While every worker of the pool is being replaced, a call waited for a new one as long
+    as it took to start (up to 30 s), past the dispatcher's guard: it waits within the
+    attempt's bound, then fails (Retry) saying so."""
+    from destfnd.sandbox import pool as pool_module
+    from destfnd.sandbox import process
+
+    (tmp_path / "f.py").write_text("def on_track(event, settings):\n    pass\n")
+    spec = process.Spec("t", tmp_path / "f.py", None, {}, 1.0, 512 * 2**20)
+    pool = pool_module.Pool(spec)
+    await pool.start()
+    real_spawn = pool_module.spawn
+
+    async def slow_spawn(*args, **kwargs):
+        await asyncio.sleep(3)  # a replacement that takes its time to load
+        return await real_spawn(*args, **kwargs)
+
+    monkeypatch.setattr(pool_module, "spawn", slow_spawn)
+    try:
+        (worker,) = pool.workers
+        os.kill(worker.pid, signal.SIGKILL)  # replaced: the pool has no worker for 3 s
+        async with asyncio.timeout(10):
+            while pool.workers:
+                await asyncio.sleep(0.02)
+        event = {"type": "track", "event": "e", "userId": "u", "messageId": "m"}
+        until = time.monotonic() + 1.0 + 2.0 + 0.5  # a timeout and its ending, and 0.5 s
+        with pytest.raises(
+            process.WorkerFailed, match=r"no worker was free within 0\.\ds: all were being"
+        ) as exc:
+            await pool.call([event], batch=False, stages=["function"], rerun_until=until)
+        assert not exc.value.shared
+        assert time.monotonic() < until  # (well before the replacement came)
+    finally:
+        await pool.close()
+
+
 SLOW_BATCH_CRASHES_ON_ONE_PY = """
 import asyncio, os
 from destfnd.functions import fetch
