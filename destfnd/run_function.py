@@ -125,12 +125,14 @@ async def run(
     hidden_env: tuple[str, ...] = (),
 ) -> RunResult:  # fmt: skip
     check_file(file)
+    written: list[bytes] = []  # each event as the worker gets it
     for index, event in enumerate(events):
         try:
             data = orjson.dumps(event)  # what goes to the worker: orjson writes 254 levels
         except TypeError:
             where = f"event [{index}]" if batch else "the event"
             raise RunError(f"{where} is nested more than 254 levels deep") from None
+        written.append(data)
         try:  # a copy: check turns numeric ids into strings, as ingest does
             checked = orjson.loads(data)
             path = f"[{index}]." if batch else ""
@@ -141,7 +143,8 @@ async def run(
         except segment_spec.SpecError as exc:
             print(f"warning: ingest would refuse this event: {exc}", file=sys.stderr)
             continue
-        size = len(orjson.dumps(events[index]))
+        written[index] = orjson.dumps(events[index])
+        size = len(written[index])
         if size > _EVENT_LIMIT.max_event_bytes + ENRICH_ALLOWANCE_BYTES:  # as ingest's 413
             where = f"event [{index}]" if batch else "the event"
             print(
@@ -187,7 +190,7 @@ async def run(
                 stages = ["insert" if insert else "function"]
                 # As the daemon sends them: as JSON already written, so that the call's frame
                 # adds no levels to an event as deep as ingest takes (a traceback, else).
-                sent = [orjson.Fragment(orjson.dumps(event)) for event in events]
+                sent = [orjson.Fragment(data) for data in written]
                 reply = await pool.call(sent, batch=batch, stages=stages)
         except CallTimedOut as exc:
             message = f"did not finish within {timeout_s:g}s"
